@@ -1,0 +1,57 @@
+# The project's commands. Make creates and uses its own virtualenv (.venv); nothing is
+# installed into the system Python. Real servers (Cassandra from Maven Central, etcd from
+# Debian) are fetched into ~/.cache/redledger by ledger/localcluster.py, never into the repo.
+
+PYTHON_SYS ?= python3.11
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+REGIONS    ?= r1
+PORT       ?= 50051
+
+.PHONY: help install proto run test test-fast services services-stop services-status bench chaos clean
+
+help:
+	@echo "make run              ledger on the embedded default at localhost:$(PORT)"
+	@echo "make test             whole suite (starts real Cassandra + etcd itself)"
+	@echo "make test-fast        unit + embedded-store tests only"
+	@echo "make services         start real Cassandra ($(REGIONS)) + etcd on loopback"
+	@echo "make services-status / services-stop"
+	@echo "make bench            ledger-bench on the embedded default"
+	@echo "make proto            regenerate ledger/ledgerpb from proto/"
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON_SYS) >/dev/null || { echo "need $(PYTHON_SYS)"; exit 1; }
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==24.3.1
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: $(STAMP)
+	PYTHON=$(PY) proto/generate.sh
+
+run: $(STAMP)
+	$(VENV)/bin/ledgerd dev --port $(PORT)
+
+test: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -rs
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -m "not real"
+
+services: $(STAMP)
+	$(PY) -m ledger.localcluster start --regions $(REGIONS)
+
+services-stop: $(STAMP)
+	$(PY) -m ledger.localcluster stop
+
+services-status: $(STAMP)
+	$(PY) -m ledger.localcluster status
+
+bench: $(STAMP)
+	$(VENV)/bin/ledger-bench
+
+clean:
+	rm -rf $(VENV) .ledger-dev build *.egg-info

@@ -1,0 +1,255 @@
+"""The coordinator: turns API requests into shard commands and runs the transfer protocol.
+
+It holds no durable state. Same-shard transfers (and all deposits and withdrawals, which use
+the shard's own settlement sub-account) are one ``Post`` on one shard. Cross-shard transfers:
+
+1. ``ReserveCredit`` on the credit shard (destination exists, currency matches, no overflow);
+2. ``Post`` on the debit shard: the commit point (idempotency, funds, debit, outbox credit);
+3. the debit shard's crediting pipeline applies the credit on the credit shard, exactly once.
+
+Work is batched: every phase sends one command list per shard, shards in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, replace
+from hashlib import blake2b
+from typing import Callable
+
+from ledger.core import constants as C
+from ledger.core import validate
+from ledger.core.model import (
+    KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation,
+    CreateWallet, GetTransfer, GetWallet, Post, ReserveCredit, settlement_wallet_id,
+)
+from ledger.core.status import Outcome, Status, ok, refuse
+from ledger.owner import ShardExecutor, now_ms
+from ledger.store.port import JournalStore
+from shard_router.hashing import shard_of
+
+_TRANSFER_ID = re.compile(r"t([0-9a-f]{4})[0-9a-f]{24}")
+
+
+@dataclass(slots=True, frozen=True)
+class TransferItem:
+    """One requested money movement. For deposits ``from_wallet_id`` is empty, for
+    withdrawals ``to_wallet_id`` is empty (the settlement account is filled in)."""
+
+    idempotency_key: str
+    from_wallet_id: str
+    to_wallet_id: str
+    amount_minor: int
+    currency: str
+    memo: str = ""
+    kind: str = KIND_TRANSFER
+
+
+def transfer_id_for(debit_shard: int, caller: str, idempotency_key: str) -> str:
+    """Transfer ids are derived from the key, so every retry names the same transfer, and
+    carry the debit shard, where the transfer's decision is kept."""
+    digest = blake2b(f"{caller}\x00{idempotency_key}".encode(), digest_size=12).hexdigest()
+    return f"t{debit_shard:04x}{digest}"
+
+
+class Coordinator:
+    def __init__(self, executor: ShardExecutor, history: JournalStore, shard_count: int,
+                 clock_ms: Callable[[], int] = now_ms) -> None:
+        self._executor = executor
+        self._history = history
+        self._shard_count = shard_count
+        self._clock_ms = clock_ms
+        # (caller, key) of requests this coordinator is executing: a concurrent duplicate is
+        # answered REQUEST_IN_FLIGHT instead of racing the first (no second execution).
+        self._in_flight: set[tuple[str, str]] = set()
+
+    def shard_of(self, wallet_id: str) -> int:
+        return shard_of(wallet_id, self._shard_count)
+
+    # --- wallets ----------------------------------------------------------------------------
+
+    async def create_wallet(self, caller: str, idempotency_key: str, wallet_id: str,
+                            currency: str, allow_negative: bool = False) -> Outcome:
+        bad = (validate.caller(caller) or validate.idempotency_key(idempotency_key)
+               or validate.wallet_id(wallet_id) or validate.currency(currency))
+        if bad:
+            return bad
+        command = CreateWallet(caller, idempotency_key, wallet_id, currency, allow_negative,
+                               self._clock_ms())
+        return (await self._executor.execute(self.shard_of(wallet_id), [command]))[0]
+
+    async def get_wallet(self, wallet_id: str) -> Outcome:
+        bad = validate.wallet_id(wallet_id)
+        if bad:
+            return bad
+        return (await self._executor.execute(self.shard_of(wallet_id), [GetWallet(wallet_id)]))[0]
+
+    # --- money movement ---------------------------------------------------------------------
+
+    async def deposit(self, caller: str, idempotency_key: str, wallet_id: str, amount_minor: int,
+                      currency: str, memo: str = "") -> Outcome:
+        item = TransferItem(idempotency_key, "", wallet_id, amount_minor, currency, memo,
+                            KIND_DEPOSIT)
+        return (await self.batch_transfer(caller, [item]))[0]
+
+    async def withdraw(self, caller: str, idempotency_key: str, wallet_id: str,
+                       amount_minor: int, currency: str, memo: str = "") -> Outcome:
+        item = TransferItem(idempotency_key, wallet_id, "", amount_minor, currency, memo,
+                            KIND_WITHDRAWAL)
+        return (await self.batch_transfer(caller, [item]))[0]
+
+    async def transfer(self, caller: str, item: TransferItem) -> Outcome:
+        return (await self.batch_transfer(caller, [item]))[0]
+
+    async def batch_transfer(self, caller: str, items: list[TransferItem]) -> list[Outcome]:
+        """Run independent transfers; one outcome per item, in order."""
+        bad = validate.caller(caller)
+        if bad:
+            return [bad] * len(items)
+        if len(items) > C.BATCH_TRANSFERS_MAX:
+            return [refuse(Status.BATCH_TOO_LARGE, "transfers",
+                           f"at most {C.BATCH_TRANSFERS_MAX} items per call")] * len(items)
+        now = self._clock_ms()
+        results: list[Outcome | None] = [None] * len(items)
+        posts: dict[int, Post] = {}
+        claimed: list[tuple[str, str]] = []
+        try:
+            for i, item in enumerate(items):
+                post = self._plan(caller, item, now)
+                if isinstance(post, Outcome):
+                    results[i] = post
+                    continue
+                key = (caller, item.idempotency_key)
+                if key in self._in_flight:
+                    results[i] = refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
+                                        "a request with this key is being executed")
+                    continue
+                self._in_flight.add(key)
+                claimed.append(key)
+                posts[i] = post
+            await self._reserve_credits(posts, results)
+            await self._commit(posts, results)
+        finally:
+            self._in_flight.difference_update(claimed)
+        return results  # type: ignore[return-value]
+
+    def _plan(self, caller: str, item: TransferItem, now: int) -> Post | Outcome:
+        """Validate one item and turn it into the Post for its debit shard."""
+        if item.kind == KIND_DEPOSIT:
+            bad = validate.movement(item.idempotency_key, item.to_wallet_id, item.amount_minor,
+                                    item.currency, item.memo)
+            if bad:
+                return bad
+            shard = self.shard_of(item.to_wallet_id)
+            source, target, to_shard = (settlement_wallet_id(item.currency, shard),
+                                        item.to_wallet_id, shard)
+        elif item.kind == KIND_WITHDRAWAL:
+            bad = validate.movement(item.idempotency_key, item.from_wallet_id, item.amount_minor,
+                                    item.currency, item.memo)
+            if bad:
+                return bad
+            shard = self.shard_of(item.from_wallet_id)
+            source, target, to_shard = (item.from_wallet_id,
+                                        settlement_wallet_id(item.currency, shard), shard)
+        else:
+            bad = validate.transfer(item.idempotency_key, item.from_wallet_id, item.to_wallet_id,
+                                    item.amount_minor, item.currency, item.memo)
+            if bad:
+                return bad
+            shard = self.shard_of(item.from_wallet_id)
+            source, target, to_shard = (item.from_wallet_id, item.to_wallet_id,
+                                        self.shard_of(item.to_wallet_id))
+        return Post(caller, item.idempotency_key, transfer_id_for(shard, caller,
+                    item.idempotency_key), item.kind, source, target, item.amount_minor,
+                    item.currency, item.memo, to_shard, now)
+
+    async def _by_shard(self, commands: dict[int, tuple[int, object]], wait_credit: bool = False
+                        ) -> dict[int, Outcome]:
+        """Execute ``{index: (shard, command)}``, one command list per shard, in parallel."""
+        groups: dict[int, list[tuple[int, object]]] = {}
+        for index, (shard, command) in commands.items():
+            groups.setdefault(shard, []).append((index, command))
+        answers = await asyncio.gather(*(
+            self._executor.execute(shard, [c for _, c in group], wait_credit)
+            for shard, group in groups.items()))
+        outcomes: dict[int, Outcome] = {}
+        for group, answer in zip(groups.values(), answers):
+            for (index, _), outcome in zip(group, answer):
+                outcomes[index] = outcome
+        return outcomes
+
+    async def _reserve_credits(self, posts: dict[int, Post], results: list) -> None:
+        reserve = {i: (p.to_shard, ReserveCredit(p.transfer_id, p.to_wallet_id, p.currency,
+                                                 p.amount_minor, p.now_ms))
+                   for i, p in posts.items() if p.to_shard != self.shard_of(p.from_wallet_id)
+                   and p.kind == KIND_TRANSFER}
+        if not reserve:
+            return
+        for i, outcome in (await self._by_shard(reserve)).items():
+            if outcome.ok:
+                continue
+            if outcome.status.transient():
+                results[i] = outcome
+                del posts[i]
+            else:
+                # Let the debit shard decide: a retry of a transfer committed before must get
+                # its original result, and a state refusal is recorded under the key there.
+                posts[i] = replace(posts[i], credit_refusal=(int(outcome.status), outcome.field,
+                                                            outcome.detail))
+
+    async def _commit(self, posts: dict[int, Post], results: list) -> None:
+        if not posts:
+            return
+        commit = {i: (self.shard_of(p.from_wallet_id) if p.kind != KIND_DEPOSIT
+                      else p.to_shard, p) for i, p in posts.items()}
+        outcomes = await self._by_shard(commit, wait_credit=True)
+        cancel: dict[int, tuple[int, object]] = {}
+        for i, outcome in outcomes.items():
+            results[i] = outcome
+            post = posts[i]
+            cross = post.kind == KIND_TRANSFER and post.to_shard != commit[i][0]
+            used = outcome.ok and not outcome.replayed
+            if cross and post.credit_refusal is None and not used:
+                cancel[i] = (post.to_shard, CancelReservation(post.transfer_id))
+        if cancel:
+            # Best effort: a reservation left behind only expires later.
+            asyncio.create_task(self._by_shard(cancel))
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def get_transfer(self, transfer_id: str) -> Outcome:
+        match = _TRANSFER_ID.fullmatch(transfer_id or "")
+        if match is None:
+            return refuse(Status.INVALID_ARGUMENT, "transfer_id", "is not a transfer id")
+        shard = int(match.group(1), 16)
+        if shard >= self._shard_count:
+            return refuse(Status.TRANSFER_NOT_FOUND, "transfer_id", "no transfer with this id")
+        outcome = (await self._executor.execute(shard, [GetTransfer(transfer_id)]))[0]
+        if outcome.status is Status.TRANSFER_NOT_FOUND:
+            # Past the idempotency window the owner forgets it; the history still has it.
+            stored = await self._history.get_transfer(transfer_id)
+            if stored is not None:
+                return ok(stored)
+        return outcome
+
+    async def list_entries(self, wallet_id: str, page_size: int, page_token: str) -> Outcome:
+        """A page of a wallet's history: value is ``(entries, next_page_token)``."""
+        bad = validate.wallet_id(wallet_id)
+        if bad:
+            return bad
+        if page_token and not page_token.isdigit():
+            return refuse(Status.INVALID_ARGUMENT, "page_token", "is not a token from this API")
+        after = int(page_token or 0)
+        if after == 0:
+            wallet = await self.get_wallet(wallet_id)
+            if not wallet.ok:
+                return wallet
+        size = min(page_size or C.ENTRIES_PAGE_DEFAULT, C.ENTRIES_PAGE_MAX)
+        entries = await self._history.list_entries(wallet_id, after, size + 1)
+        more = len(entries) > size
+        entries = entries[:size]
+        return ok((entries, str(entries[-1].version) if more else ""))
+
+
+__all__ = ["Coordinator", "TransferItem", "transfer_id_for", "STATE_COMMITTED"]

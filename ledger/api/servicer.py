@@ -1,0 +1,109 @@
+"""``ledger.v1.LedgerService``: each method validates, delegates to the coordinator, and
+translates the outcome (three steps, nothing else)."""
+
+from __future__ import annotations
+
+import grpc
+
+from coordinator import Coordinator, TransferItem
+from ledger.api import convert
+from ledger.api.errors import abort, status_name
+from ledger.core import constants as C
+from ledger.core.model import KIND_DEPOSIT, KIND_WITHDRAWAL
+from ledger.core.status import Outcome, Status
+from ledger.ledgerpb import ledger_pb2 as pb
+from ledger.ledgerpb import ledger_pb2_grpc as pb_grpc
+
+CALLER_METADATA = "ledger-caller"
+ANONYMOUS = "anonymous"
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller an idempotency key is scoped to (from mTLS identity once enabled)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CALLER_METADATA:
+            return value
+    return ANONYMOUS
+
+
+def _item(req: pb.TransferRequest) -> TransferItem:
+    return TransferItem(req.idempotency_key, req.from_wallet_id, req.to_wallet_id,
+                        req.amount_minor, req.currency, req.memo)
+
+
+class LedgerServicer(pb_grpc.LedgerServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._c = coordinator
+
+    async def CreateWallet(self, request, context):
+        outcome = await self._c.create_wallet(caller_of(context), request.idempotency_key,
+                                              request.wallet_id, request.currency,
+                                              request.allow_negative)
+        if not outcome.ok:
+            await abort(context, outcome)
+        return pb.CreateWalletResponse(
+            wallet=convert.wallet_to_proto(outcome.value, self._c.shard_of(request.wallet_id)),
+            replayed=outcome.replayed)
+
+    async def GetWallet(self, request, context):
+        outcome = await self._c.get_wallet(request.wallet_id)
+        if not outcome.ok:
+            await abort(context, outcome)
+        return pb.GetWalletResponse(
+            wallet=convert.wallet_to_proto(outcome.value, self._c.shard_of(request.wallet_id)))
+
+    async def Deposit(self, request, context):
+        outcome = await self._c.deposit(caller_of(context), request.idempotency_key,
+                                        request.wallet_id, request.amount_minor,
+                                        request.currency, request.memo)
+        return await self._transfer_response(outcome, context)
+
+    async def Withdraw(self, request, context):
+        outcome = await self._c.withdraw(caller_of(context), request.idempotency_key,
+                                         request.wallet_id, request.amount_minor,
+                                         request.currency, request.memo)
+        return await self._transfer_response(outcome, context)
+
+    async def Transfer(self, request, context):
+        outcome = await self._c.transfer(caller_of(context), _item(request))
+        return await self._transfer_response(outcome, context)
+
+    async def _transfer_response(self, outcome: Outcome, context) -> pb.TransferResponse:
+        if not outcome.ok:
+            await abort(context, outcome)
+        return pb.TransferResponse(transfer=convert.transfer_to_proto(outcome.value),
+                                   replayed=outcome.replayed)
+
+    async def BatchTransfer(self, request, context):
+        if len(request.transfers) > C.BATCH_TRANSFERS_MAX:
+            await abort(context, Outcome(Status.BATCH_TOO_LARGE, "transfers",
+                                         f"at most {C.BATCH_TRANSFERS_MAX} items per call "
+                                         f"(got {len(request.transfers)})"))
+        outcomes = await self._c.batch_transfer(caller_of(context),
+                                                [_item(r) for r in request.transfers])
+        results = []
+        for outcome in outcomes:
+            result = pb.TransferResult(status=int(outcome.status), field=outcome.field,
+                                       detail=outcome.detail, replayed=outcome.replayed)
+            if outcome.value is not None:
+                result.transfer.CopyFrom(convert.transfer_to_proto(outcome.value))
+            results.append(result)
+        return pb.BatchTransferResponse(results=results)
+
+    async def GetTransfer(self, request, context):
+        outcome = await self._c.get_transfer(request.transfer_id)
+        if not outcome.ok:
+            await abort(context, outcome)
+        return pb.GetTransferResponse(transfer=convert.transfer_to_proto(outcome.value))
+
+    async def ListWalletEntries(self, request, context):
+        outcome = await self._c.list_entries(request.wallet_id, request.page_size,
+                                             request.page_token)
+        if not outcome.ok:
+            await abort(context, outcome)
+        entries, next_token = outcome.value
+        return pb.ListWalletEntriesResponse(
+            entries=[convert.entry_to_proto(e) for e in entries], next_page_token=next_token)
+
+
+__all__ = ["LedgerServicer", "caller_of", "status_name", "KIND_DEPOSIT", "KIND_WITHDRAWAL"]

@@ -1,0 +1,76 @@
+"""The internal ``ShardOwnerService``: a node runs commands for the shards it owns, and the
+matching client transport other nodes' routers use."""
+
+from __future__ import annotations
+
+import grpc
+
+from ledger.core import codec
+from ledger.core.status import Outcome, Status
+from ledger.ledgerpb import shard_pb2 as spb
+from ledger.ledgerpb import shard_pb2_grpc as spb_grpc
+from shard_router.router import NotOwner
+
+# Deadline of one node-to-node call (s). The router retries elsewhere after it.
+SHARD_RPC_TIMEOUT_S = 5.0
+
+
+def _outcomes_dumps(outcomes: list[Outcome]) -> bytes:
+    return codec.dumps([[int(o.status), o.field, o.detail, o.value, o.replayed]
+                        for o in outcomes])
+
+
+def _outcomes_loads(data: bytes) -> list[Outcome]:
+    return [Outcome(Status(s), f, d, v, r) for s, f, d, v, r in codec.loads(data)]
+
+
+class ShardOwnerServicer(spb_grpc.ShardOwnerServiceServicer):
+    def __init__(self, node) -> None:
+        self._node = node
+
+    async def Execute(self, request, context):
+        if request.codec_version != codec.FORMAT_VERSION:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"codec_version {request.codec_version} is not "
+                                f"{codec.FORMAT_VERSION}")
+        owner = self._node.owners.get(request.shard)
+        if owner is None or not owner.serving:
+            info = self._node.ownership.owner(request.shard)
+            return spb.ExecuteResponse(not_owner=True, owner_hint=info.address if info else "")
+        commands = list(codec.loads(request.commands))
+        outcomes = await owner.submit_many(commands, request.wait_credit)
+        return spb.ExecuteResponse(epoch=owner.epoch, outcomes=_outcomes_dumps(outcomes))
+
+
+class GrpcShardTransport:
+    """``RemoteTransport`` over gRPC, one channel per peer address."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self._stubs: dict[str, spb_grpc.ShardOwnerServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+        self._credentials = credentials
+
+    def _stub(self, address: str) -> spb_grpc.ShardOwnerServiceStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = (grpc.aio.secure_channel(address, self._credentials) if self._credentials
+                       else grpc.aio.insecure_channel(address))
+            self._channels.append(channel)
+            stub = self._stubs[address] = spb_grpc.ShardOwnerServiceStub(channel)
+        return stub
+
+    async def execute(self, address: str, shard: int, commands: list,
+                      wait_credit: bool) -> list[Outcome]:
+        request = spb.ExecuteRequest(shard=shard, codec_version=codec.FORMAT_VERSION,
+                                     commands=codec.dumps(commands), wait_credit=wait_credit)
+        try:
+            response = await self._stub(address).Execute(request, timeout=SHARD_RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise ConnectionError(f"{address}: {exc.code().name}") from exc
+        if response.not_owner:
+            raise NotOwner(response.owner_hint)
+        return _outcomes_loads(response.outcomes)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()

@@ -1,0 +1,1 @@
+"""Console scripts: ledgerd, ledgerctl, ledger-bench, ledger-chaos."""

@@ -1,0 +1,81 @@
+"""``ledgerd``: run ledger servers.
+
+    ledgerd dev  [--port 50051] [--data-dir .ledger-dev] [--shards 256]
+    ledgerd node --region r1 [--port 50061] [--cassandra 127.0.0.1:9042] [--etcd 127.0.0.1:2379]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from ledger import server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ledgerd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="everything in one process on the embedded store")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=50051)
+    dev.add_argument("--data-dir", default=os.environ.get("LEDGER_DEV_DIR", ".ledger-dev"))
+    dev.add_argument("--shards", type=int, default=256)
+    node = sub.add_parser("node", help="a node of a region, on Cassandra and etcd")
+    node.add_argument("--region", required=True)
+    node.add_argument("--regions", default=None,
+                      help="all regions, comma separated (default: just --region)")
+    node.add_argument("--node-id", default=None)
+    node.add_argument("--host", default="127.0.0.1")
+    node.add_argument("--port", type=int, default=50061)
+    node.add_argument("--cassandra", default=os.environ.get(
+        "LEDGER_CASSANDRA", "127.0.0.1:9042"), help="contact point host:port of the region")
+    node.add_argument("--replication", default=None,
+                      help="dc=replicas,... for the keyspace (default: REGION=1)")
+    node.add_argument("--keyspace", default="ledger")
+    node.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
+    node.add_argument("--shards", type=int, default=256)
+    node.add_argument("--lease-ttl-s", type=float, default=5.0)
+    for p in (dev, node):
+        p.add_argument("--log-level", default=os.environ.get("LEDGER_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        asyncio.run(_dev(args) if args.command == "dev" else _node(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _dev(args) -> None:
+    running = await server.start_dev(args.data_dir, args.host, args.port, args.shards)
+    print(f"ledgerd dev: serving ledger.v1 on {args.host}:{running.port} "
+          f"({args.shards} shards, data in {args.data_dir})", flush=True)
+    await server.run_until_signalled(running)
+
+
+async def _node(args) -> None:
+    from ledger.store.cassandra import CassandraStore
+    from shard_router.etcd import EtcdOwnership
+
+    regions = args.regions.split(",") if args.regions else [args.region]
+    host, _, port = args.cassandra.partition(":")
+    replication = ({dc: int(n) for dc, n in (p.split("=") for p in args.replication.split(","))}
+                   if args.replication else {args.region: 1})
+    store = await CassandraStore.connect([host], int(port or 9042), local_dc=args.region,
+                                         keyspace=args.keyspace, replication=replication)
+    node_id = args.node_id or f"{args.region}-{os.getpid()}"
+    ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
+                              regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s)
+    running = await server.start(store, ownership, args.shards, args.host, args.port)
+    print(f"ledgerd node {node_id}: serving on {args.host}:{running.port}, "
+          f"{len(running.node.owners)} shards owned", flush=True)
+    await server.run_until_signalled(running)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Limits of the imperative shell (owners, node, servers), each with its unit and effect."""
+
+# Commands one group commit folds into a single journal append. More wait for the next one.
+GROUP_COMMIT_COMMANDS_MAX = 4096
+
+# Commands queued for one shard owner. Past this, new commands get OVERLOADED at once.
+OWNER_QUEUE_COMMANDS_MAX = 200_000
+
+# A snapshot is written after this many journal batches, bounding replay on takeover.
+SNAPSHOT_EVERY_BATCHES = 2_000
+
+# Credits sent to one destination shard in one ApplyCredits call of the crediting pipeline.
+CREDITS_PER_DELIVERY_MAX = 2_000
+
+# Pause of the crediting pipeline after a failed delivery before trying again (ms).
+CREDIT_RETRY_BACKOFF_MS = 50
+
+# How long a Transfer answer waits for its credit leg to land on another shard (ms). After
+# it the answer says committed with credited=false; the pipeline still delivers the credit.
+CREDIT_WAIT_MS = 2_000
+
+# How often an owner drops stale credit reservations and purges expired idempotency keys (s).
+RESERVATION_SWEEP_S = 1.0
+IDEMPOTENCY_SWEEP_S = 60.0
+
+# How long the coordinator keeps retrying a shard that has no serving owner (ms), e.g. during
+# a failover, before answering SHARD_UNAVAILABLE.
+SHARD_RETRY_DEADLINE_MS = 10_000
+SHARD_RETRY_BACKOFF_MS = 25

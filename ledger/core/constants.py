@@ -1,0 +1,28 @@
+"""Limits of the ledger core, each with its unit and what happens when it is hit."""
+
+# Largest amount or balance: signed 64-bit, as on the wire (int64). A request past it is
+# refused with INVALID_AMOUNT; a posting that would push a balance past it is refused with
+# BALANCE_OVERFLOW and changes nothing.
+AMOUNT_MINOR_MAX = 2**63 - 1
+BALANCE_MINOR_MIN = -(2**63)
+
+# Identifiers. Longer or malformed ones are refused with INVALID_ARGUMENT naming the field.
+WALLET_ID_BYTES_MAX = 64
+IDEMPOTENCY_KEY_BYTES_MAX = 128
+CALLER_BYTES_MAX = 64
+MEMO_BYTES_MAX = 256
+
+# Items per BatchTransfer call. A bigger batch is refused whole with BATCH_TOO_LARGE.
+BATCH_TRANSFERS_MAX = 10_000
+
+# Entries per ListWalletEntries page; a bigger page_size is clamped to this.
+ENTRIES_PAGE_MAX = 1_000
+ENTRIES_PAGE_DEFAULT = 100
+
+# How long a credit reservation (the prepare step of a cross-shard transfer) stays valid if
+# the coordinator never comes back to commit. After this the reservation is dropped.
+RESERVATION_TTL_MS = 30_000
+
+# How long an idempotency key and the result it guards are kept. Retries after this are
+# executed as new requests. Configurable per deployment; this is the default.
+IDEMPOTENCY_RETENTION_MS = 24 * 3600 * 1000

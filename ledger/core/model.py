@@ -1,0 +1,264 @@
+"""Plain data of the ledger: wallets, transfers, entries, and the commands and events of a shard.
+
+Commands are what a shard owner is asked to do; events are what it decided, appended to the
+shard's journal and replayed on takeover. Both are frozen, slotted dataclasses of primitives so
+that ``ledger.core.codec`` can journal them and send them between nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Transfer kinds.
+KIND_TRANSFER = "TRANSFER"
+KIND_DEPOSIT = "DEPOSIT"
+KIND_WITHDRAWAL = "WITHDRAWAL"
+KINDS = (KIND_TRANSFER, KIND_DEPOSIT, KIND_WITHDRAWAL)
+
+# Transfer states (proto ``TransferState``).
+STATE_COMMITTED = "COMMITTED"
+STATE_REFUSED = "REFUSED"
+
+# Wallet ids that start with this character are reserved for the ledger's own accounts.
+RESERVED_PREFIX = "~"
+
+
+def settlement_wallet_id(currency: str, shard: int) -> str:
+    """The settlement account of ``currency`` on ``shard``.
+
+    Money enters (Deposit) and leaves (Withdraw) the ledger through the settlement account of
+    its currency. The account is split into one sub-account per shard so that deposits and
+    withdrawals are single-shard operations; the sum of the sub-accounts is the settlement
+    account, and the double-entry invariant holds over the sum.
+    """
+    return f"{RESERVED_PREFIX}settlement:{currency}:{shard}"
+
+
+def is_settlement(wallet_id: str) -> bool:
+    return wallet_id.startswith(RESERVED_PREFIX + "settlement:")
+
+
+@dataclass(slots=True)
+class Wallet:
+    wallet_id: str
+    currency: str
+    balance_minor: int = 0
+    held_minor: int = 0
+    version: int = 0
+    allow_negative: bool = False
+    frozen: bool = False
+    created_at_ms: int = 0
+
+    @property
+    def available_minor(self) -> int:
+        return self.balance_minor - self.held_minor
+
+    def copy(self) -> "Wallet":
+        return Wallet(self.wallet_id, self.currency, self.balance_minor, self.held_minor,
+                      self.version, self.allow_negative, self.frozen, self.created_at_ms)
+
+
+@dataclass(slots=True)
+class Transfer:
+    """One money movement and its outcome, as recorded on the debit shard.
+
+    ``credited`` turns true when the credit leg of a cross-shard transfer is confirmed applied
+    on the credit shard; same-shard transfers are credited in the same journal batch.
+    """
+
+    transfer_id: str
+    kind: str
+    from_wallet_id: str
+    to_wallet_id: str
+    amount_minor: int
+    currency: str
+    memo: str
+    caller: str
+    idempotency_key: str
+    created_at_ms: int
+    state: str = STATE_COMMITTED
+    status: int = 1
+    status_field: str = ""
+    status_detail: str = ""
+    credited: bool = False
+
+    def copy(self) -> "Transfer":
+        return Transfer(self.transfer_id, self.kind, self.from_wallet_id, self.to_wallet_id,
+                        self.amount_minor, self.currency, self.memo, self.caller,
+                        self.idempotency_key, self.created_at_ms, self.state, self.status,
+                        self.status_field, self.status_detail, self.credited)
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    """One line of a wallet's history: a signed change of its balance.
+
+    ``version`` is the wallet's version after the change (1, 2, ...), so entries of a wallet
+    are numbered without gaps and ``balance_after_minor`` of the last entry is the balance.
+    """
+
+    wallet_id: str
+    version: int
+    transfer_id: str
+    kind: str
+    amount_minor: int
+    balance_after_minor: int
+    counterparty_wallet_id: str
+    currency: str
+    at_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class Credit:
+    """A credit owed by a debit shard to a wallet on another shard (an outbox item)."""
+
+    outbox_seq: int
+    transfer_id: str
+    kind: str
+    from_wallet_id: str
+    to_wallet_id: str
+    amount_minor: int
+    currency: str
+    at_ms: int
+
+
+@dataclass(slots=True)
+class IdempotencyRecord:
+    """What a (caller, idempotency key) pair was first used for on this shard."""
+
+    caller: str
+    idempotency_key: str
+    target: str  # "wallet:<id>" or "transfer:<id>"
+    fingerprint: tuple[tuple[str, object], ...]
+    created_at_ms: int
+
+
+# --- Commands ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class CreateWallet:
+    caller: str
+    idempotency_key: str
+    wallet_id: str
+    currency: str
+    allow_negative: bool
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class GetWallet:
+    wallet_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class Post:
+    """Decide a transfer on its debit shard: the commit point of every transfer.
+
+    If ``to_shard`` is this shard, the credit is applied in the same step; otherwise it is
+    put in the outbox for ``to_shard`` and delivered by the crediting pipeline.
+    """
+
+    caller: str
+    idempotency_key: str
+    transfer_id: str
+    kind: str
+    from_wallet_id: str
+    to_wallet_id: str
+    amount_minor: int
+    currency: str
+    memo: str
+    to_shard: int
+    now_ms: int
+    # Set when the credit shard refused the reservation: (status, field, detail). The debit
+    # shard still checks the idempotency key first, so a retry of a transfer that committed
+    # earlier gets its original result, not today's refusal.
+    credit_refusal: tuple[int, str, str] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ReserveCredit:
+    """Prepare the credit side of a cross-shard transfer: the destination exists, has the
+    transfer's currency, and can take the amount without overflowing. Not journaled."""
+
+    transfer_id: str
+    wallet_id: str
+    currency: str
+    amount_minor: int
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class CancelReservation:
+    transfer_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class ApplyCredits:
+    """Apply credits sent by ``from_shard``'s outbox, in outbox order, each exactly once."""
+
+    from_shard: int
+    credits: tuple[Credit, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class AckOutbox:
+    """The credit shard confirmed every credit to ``to_shard`` up to ``up_to_seq``."""
+
+    to_shard: int
+    up_to_seq: int
+
+
+@dataclass(slots=True, frozen=True)
+class GetTransfer:
+    transfer_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class ExpireIdempotency:
+    before_ms: int
+
+
+# --- Events (the journal) ---------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class WalletCreated:
+    wallet_id: str
+    currency: str
+    allow_negative: bool
+    at_ms: int
+    caller: str
+    idempotency_key: str
+
+
+@dataclass(slots=True, frozen=True)
+class TransferDecided:
+    """A transfer decided on its debit shard (committed or refused), with its outbox slot."""
+
+    transfer: Transfer
+    to_shard: int
+    outbox_seq: int  # 0 when the credit is local or the transfer was refused
+
+
+@dataclass(slots=True, frozen=True)
+class CreditsApplied:
+    from_shard: int
+    credits: tuple[Credit, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class OutboxAcked:
+    to_shard: int
+    up_to_seq: int
+
+
+@dataclass(slots=True, frozen=True)
+class IdempotencyExpired:
+    before_ms: int
+
+
+EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, IdempotencyExpired)
+COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
+                 AckOutbox, GetTransfer, ExpireIdempotency)
+READ_ONLY_COMMANDS = (GetWallet, GetTransfer, ReserveCredit, CancelReservation)

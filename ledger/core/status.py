@@ -1,0 +1,121 @@
+"""Expected outcomes as values (TigerBeetle's result enums), in precedence order.
+
+The numbers equal the ``ledger.v1.ResultStatus`` enum on the wire; a test pins that. Each
+status names the gRPC code a unary call answers with (as a name, so the core needs no grpc).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class Status(enum.IntEnum):
+    OK = 1
+
+    # INVALID_ARGUMENT: the request itself is wrong; nothing was looked up.
+    INVALID_IDEMPOTENCY_KEY = 10
+    INVALID_WALLET_ID = 11
+    INVALID_CURRENCY = 12
+    INVALID_AMOUNT = 13
+    SAME_WALLET = 14
+    BATCH_TOO_LARGE = 15
+    INVALID_ARGUMENT = 16
+
+    # NOT_FOUND
+    WALLET_NOT_FOUND = 20
+    TRANSFER_NOT_FOUND = 21
+
+    # ALREADY_EXISTS
+    WALLET_EXISTS = 30
+    IDEMPOTENCY_KEY_REUSED = 31
+
+    # FAILED_PRECONDITION: valid request, refused by the state of the ledger.
+    CURRENCY_MISMATCH = 40
+    INSUFFICIENT_FUNDS = 41
+    BALANCE_OVERFLOW = 42
+    WALLET_FROZEN = 43
+
+    # ABORTED: a request with this idempotency key is still being executed.
+    REQUEST_IN_FLIGHT = 50
+
+    # UNAVAILABLE: the shard has no serving owner right now (failover, fenced, store down).
+    SHARD_UNAVAILABLE = 60
+
+    # RESOURCE_EXHAUSTED: a bounded queue is full.
+    OVERLOADED = 70
+
+    def transient(self) -> bool:
+        """True when the same request may succeed if retried unchanged later."""
+        return self in _TRANSIENT
+
+    def grpc_code_name(self) -> str:
+        """Name of the ``grpc.StatusCode`` a unary call answers with."""
+        return _GRPC_CODE[self]
+
+    def recorded(self) -> bool:
+        """True when the outcome is a decision kept under the idempotency key.
+
+        Refusals that depend on ledger state (insufficient funds, ...) are decisions: a retry
+        with the same key returns the same refusal. Malformed requests and transient failures
+        are not recorded: nothing was decided.
+        """
+        return self is Status.OK or 40 <= self < 50 or self in (Status.WALLET_EXISTS,)
+
+
+_TRANSIENT = frozenset({Status.REQUEST_IN_FLIGHT, Status.SHARD_UNAVAILABLE, Status.OVERLOADED})
+
+_GRPC_CODE = {
+    Status.OK: "OK",
+    Status.INVALID_IDEMPOTENCY_KEY: "INVALID_ARGUMENT",
+    Status.INVALID_WALLET_ID: "INVALID_ARGUMENT",
+    Status.INVALID_CURRENCY: "INVALID_ARGUMENT",
+    Status.INVALID_AMOUNT: "INVALID_ARGUMENT",
+    Status.SAME_WALLET: "INVALID_ARGUMENT",
+    Status.BATCH_TOO_LARGE: "INVALID_ARGUMENT",
+    Status.INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    Status.WALLET_NOT_FOUND: "NOT_FOUND",
+    Status.TRANSFER_NOT_FOUND: "NOT_FOUND",
+    Status.WALLET_EXISTS: "ALREADY_EXISTS",
+    Status.IDEMPOTENCY_KEY_REUSED: "ALREADY_EXISTS",
+    Status.CURRENCY_MISMATCH: "FAILED_PRECONDITION",
+    Status.INSUFFICIENT_FUNDS: "FAILED_PRECONDITION",
+    Status.BALANCE_OVERFLOW: "FAILED_PRECONDITION",
+    Status.WALLET_FROZEN: "FAILED_PRECONDITION",
+    Status.REQUEST_IN_FLIGHT: "ABORTED",
+    Status.SHARD_UNAVAILABLE: "UNAVAILABLE",
+    Status.OVERLOADED: "RESOURCE_EXHAUSTED",
+}
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    """The answer to one command: a status, the field it concerns, why, and a value.
+
+    Attributes:
+        status: The result status.
+        field: The request field the status is about ("" when none).
+        detail: A human-readable reason, safe to show to callers (no internal state).
+        value: The result on success (a ``Wallet``, ``Transfer``, ...), else None.
+        replayed: True when this is the stored result of an earlier request with the same
+            idempotency key.
+    """
+
+    status: Status
+    field: str = ""
+    detail: str = ""
+    value: Any = None
+    replayed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+
+def ok(value: Any = None, replayed: bool = False) -> Outcome:
+    return Outcome(Status.OK, value=value, replayed=replayed)
+
+
+def refuse(status: Status, field: str = "", detail: str = "") -> Outcome:
+    return Outcome(status, field, detail)

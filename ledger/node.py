@@ -1,0 +1,92 @@
+"""A ledger node: the shard owners this node has won, wired to the store and the elector."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ledger.owner import ShardOwner
+from ledger.store.port import JournalStore
+from shard_router.ownership import Ownership
+from shard_router.router import RemoteTransport, Router
+
+log = logging.getLogger("ledger.node")
+
+
+class Node:
+    """Starts an owner for every shard the elector gives this node, stops it on loss."""
+
+    def __init__(self, store: JournalStore, ownership: Ownership,
+                 transport: RemoteTransport | None = None, **owner_options) -> None:
+        self.store = store
+        self.ownership = ownership
+        self.owners: dict[int, ShardOwner] = {}
+        self.router = Router(ownership.node_id, self.owners, ownership, transport)
+        self._owner_options = owner_options
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._changed = asyncio.Condition()
+
+    async def start(self) -> None:
+        await self.ownership.start(self._on_ownership)
+
+    async def close(self) -> None:
+        await self.ownership.close()
+        for shard in list(self.owners):
+            await self._transition(shard, 0)
+
+    async def _on_ownership(self, shard: int, epoch: int) -> None:
+        # Owners start concurrently (a takeover replays many journals at once); transitions
+        # of one shard stay in order behind its lock.
+        if epoch == 0:
+            await self._transition(shard, 0)  # a loss must be complete before we return
+        else:
+            asyncio.create_task(self._transition(shard, epoch))
+
+    async def _transition(self, shard: int, epoch: int) -> None:
+        lock = self._locks.setdefault(shard, asyncio.Lock())
+        async with lock:
+            current = self.owners.pop(shard, None)
+            if current is not None:
+                await current.stop("ownership lost" if epoch == 0 else "stopped")
+            if epoch:
+                owner = ShardOwner(shard, epoch, self.store, self.router,
+                                   on_stopped=self._owner_stopped, **self._owner_options)
+                started = time.monotonic()
+                try:
+                    await owner.start()
+                except Exception:
+                    log.exception("shard %d epoch %d failed to start", shard, epoch)
+                    release = getattr(self.ownership, "release", None)
+                    if release is not None:
+                        asyncio.create_task(release(shard))
+                else:
+                    self.owners[shard] = owner
+                    log.debug("shard %d epoch %d serving after %.0f ms", shard, epoch,
+                              (time.monotonic() - started) * 1000)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _owner_stopped(self, shard: int, epoch: int, reason: str) -> None:
+        owner = self.owners.get(shard)
+        if owner is not None and owner.epoch == epoch:
+            del self.owners[shard]
+        # Give the shard up so that it is elected again with a new epoch (here or elsewhere)
+        # and the new owner replays what the journal really holds.
+        release = getattr(self.ownership, "release", None)
+        if release is not None:
+            asyncio.create_task(release(shard))
+
+    async def wait_serving(self, shards: int | list[int], timeout_s: float) -> bool:
+        """Wait until this node serves the given shards (a count means 'that many')."""
+        def ready() -> bool:
+            serving = [s for s, o in self.owners.items() if o.serving]
+            if isinstance(shards, int):
+                return len(serving) >= shards
+            return set(shards) <= set(serving)
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)
+            except asyncio.TimeoutError:
+                return False
+        return True

@@ -1,0 +1,1 @@
+"""Storage adapters for shard journals, snapshots and materialized rows (see ``port``)."""

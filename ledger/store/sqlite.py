@@ -1,0 +1,283 @@
+"""SQLite adapter of the storage port: the embedded default of ``ledgerd dev``.
+
+One connection, owned by one writer thread. Calls from the event loop are queued to it and the
+thread commits everything it finds queued in ONE transaction (group commit across shards), each
+call inside its own savepoint so that one fenced append does not undo the others. WAL mode with
+``synchronous=FULL``: a batch is on disk when ``append`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ledger.core.model import Entry, Transfer, Wallet
+from ledger.store.port import Fenced, JournalBatch, LoadedShard, Row, StoreUnavailable
+
+# Calls folded into one transaction at most; the rest wait for the next one.
+GROUP_COMMIT_CALLS_MAX = 512
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shard_heads (
+  shard INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, head INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+  shard INTEGER NOT NULL, seq INTEGER NOT NULL, epoch INTEGER NOT NULL, events BLOB NOT NULL,
+  PRIMARY KEY (shard, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots (
+  shard INTEGER PRIMARY KEY, seq INTEGER NOT NULL, snapshot BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS wallets (
+  wallet_id TEXT PRIMARY KEY, shard INTEGER NOT NULL, currency TEXT NOT NULL,
+  balance_minor INTEGER NOT NULL, held_minor INTEGER NOT NULL, version INTEGER NOT NULL,
+  allow_negative INTEGER NOT NULL, frozen INTEGER NOT NULL, created_at_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS wallets_by_shard ON wallets (shard);
+CREATE TABLE IF NOT EXISTS wallet_entries (
+  wallet_id TEXT NOT NULL, version INTEGER NOT NULL, transfer_id TEXT NOT NULL,
+  kind TEXT NOT NULL, amount_minor INTEGER NOT NULL, balance_after_minor INTEGER NOT NULL,
+  counterparty_wallet_id TEXT NOT NULL, currency TEXT NOT NULL, at_ms INTEGER NOT NULL,
+  PRIMARY KEY (wallet_id, version)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS transfers (
+  transfer_id TEXT PRIMARY KEY, shard INTEGER NOT NULL, kind TEXT NOT NULL,
+  from_wallet_id TEXT NOT NULL, to_wallet_id TEXT NOT NULL, amount_minor INTEGER NOT NULL,
+  currency TEXT NOT NULL, memo TEXT NOT NULL, caller TEXT NOT NULL,
+  idempotency_key TEXT NOT NULL, created_at_ms INTEGER NOT NULL, state TEXT NOT NULL,
+  status INTEGER NOT NULL, status_field TEXT NOT NULL, status_detail TEXT NOT NULL,
+  credited INTEGER NOT NULL);
+"""
+
+_WALLET_COLS = ("wallet_id", "currency", "balance_minor", "held_minor", "version",
+                "allow_negative", "frozen", "created_at_ms")
+_ENTRY_COLS = ("wallet_id", "version", "transfer_id", "kind", "amount_minor",
+               "balance_after_minor", "counterparty_wallet_id", "currency", "at_ms")
+_TRANSFER_COLS = ("transfer_id", "kind", "from_wallet_id", "to_wallet_id", "amount_minor",
+                  "currency", "memo", "caller", "idempotency_key", "created_at_ms", "state",
+                  "status", "status_field", "status_detail", "credited")
+
+
+class SqliteStore:
+    """``JournalStore`` on one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = str(path)
+        self._calls: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sqlite-store", daemon=True)
+
+    @classmethod
+    async def open(cls, path: str | Path) -> "SqliteStore":
+        """Open (creating if needed) the store at ``path`` and start its writer thread."""
+        store = cls(path)
+        store._thread.start()
+        await asyncio.to_thread(store._ready.wait)
+        if store._error is not None:
+            raise StoreUnavailable(f"cannot open {path}: {store._error}")
+        return store
+
+    # --- the writer thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        except BaseException as exc:  # reported to open()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            first = self._calls.get()
+            if first is None:
+                db.close()
+                return
+            calls = [first]
+            while len(calls) < GROUP_COMMIT_CALLS_MAX:
+                try:
+                    item = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._calls.put(None)  # close after this group
+                    break
+                calls.append(item)
+            results: list[tuple[Any, BaseException | None]] = []
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for fn, args, _, _ in calls:
+                    db.execute("SAVEPOINT call")
+                    try:
+                        results.append((fn(db, *args), None))
+                        db.execute("RELEASE call")
+                    except Exception as exc:  # the call's own failure, e.g. Fenced
+                        db.execute("ROLLBACK TO call")
+                        db.execute("RELEASE call")
+                        results.append((None, exc))
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                results = [(None, StoreUnavailable(str(exc)))] * len(calls)
+            for (_, _, loop, future), (value, error) in zip(calls, results):
+                loop.call_soon_threadsafe(_settle, future, value, error)
+
+    async def _call(self, fn: Callable, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((fn, args, loop, future))
+        return await future
+
+    # --- the port -----------------------------------------------------------------------
+
+    async def fence(self, shard: int, epoch: int) -> int:
+        return await self._call(_fence, shard, epoch)
+
+    async def load(self, shard: int) -> LoadedShard:
+        return await self._call(_load, shard)
+
+    async def append(self, shard: int, epoch: int, seq: int, events: bytes,
+                     rows: Iterable[Row]) -> None:
+        await self._call(_append, shard, epoch, seq, events, list(rows))
+
+    async def write_rows(self, shard: int, rows: Iterable[Row]) -> None:
+        await self._call(_write_rows, shard, list(rows))
+
+    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> None:
+        await self._call(_save_snapshot, shard, seq, snapshot)
+
+    async def read_journal(self, shard: int, after_seq: int = 0,
+                           limit: int = 1000) -> list[JournalBatch]:
+        return await self._call(_read_journal, shard, after_seq, limit)
+
+    async def list_entries(self, wallet_id: str, after_version: int, limit: int) -> list[Entry]:
+        return await self._call(_list_entries, wallet_id, after_version, limit)
+
+    async def get_transfer(self, transfer_id: str) -> Transfer | None:
+        return await self._call(_get_transfer, transfer_id)
+
+    async def scan_wallets(self, shard: int) -> list[Wallet]:
+        return await self._call(_scan_wallets, shard)
+
+    async def close(self) -> None:
+        if self._thread.is_alive():
+            self._calls.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+
+def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+# Functions run on the writer thread, inside a savepoint of the group's transaction.
+
+def _fence(db: sqlite3.Connection, shard: int, epoch: int) -> int:
+    row = db.execute("SELECT epoch, head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
+    if row is None:
+        db.execute("INSERT INTO shard_heads (shard, epoch, head) VALUES (?, ?, 0)", (shard, epoch))
+        return 0
+    recorded, head = row
+    if recorded > epoch:
+        raise Fenced(f"shard {shard}: epoch {recorded} recorded, {epoch} is stale")
+    if recorded < epoch:
+        db.execute("UPDATE shard_heads SET epoch = ? WHERE shard = ?", (epoch, shard))
+    return head
+
+
+def _append(db: sqlite3.Connection, shard: int, epoch: int, seq: int, events: bytes,
+            rows: list[Row]) -> None:
+    row = db.execute("SELECT epoch, head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
+    if row is None or row[0] != epoch or row[1] != seq - 1:
+        found = "no fence" if row is None else f"epoch {row[0]}, head {row[1]}"
+        raise Fenced(f"shard {shard}: append of batch {seq} by epoch {epoch} refused ({found})")
+    db.execute("UPDATE shard_heads SET head = ? WHERE shard = ?", (seq, shard))
+    db.execute("INSERT INTO journal (shard, seq, epoch, events) VALUES (?, ?, ?, ?)",
+               (shard, seq, epoch, events))
+    _write_rows(db, shard, rows)
+
+
+def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
+    wallets: dict[str, Wallet] = {}
+    transfers: dict[str, Transfer] = {}
+    entries: list[Entry] = []
+    for kind, value in rows:  # later rows of the same wallet or transfer win
+        if kind == "wallet":
+            wallets[value.wallet_id] = value
+        elif kind == "transfer":
+            transfers[value.transfer_id] = value
+        else:
+            entries.append(value)
+    if wallets:
+        db.executemany(
+            "INSERT OR REPLACE INTO wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
+            + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ")",
+            [(shard, *(getattr(w, c) for c in _WALLET_COLS)) for w in wallets.values()])
+    if entries:
+        db.executemany(
+            "INSERT OR REPLACE INTO wallet_entries (" + ", ".join(_ENTRY_COLS) + ") VALUES ("
+            + ", ".join("?" * len(_ENTRY_COLS)) + ")",
+            [tuple(getattr(e, c) for c in _ENTRY_COLS) for e in entries])
+    if transfers:
+        db.executemany(
+            "INSERT OR REPLACE INTO transfers (shard, " + ", ".join(_TRANSFER_COLS)
+            + ") VALUES (" + ", ".join("?" * (len(_TRANSFER_COLS) + 1)) + ")",
+            [(shard, *(getattr(t, c) for c in _TRANSFER_COLS)) for t in transfers.values()])
+
+
+def _save_snapshot(db: sqlite3.Connection, shard: int, seq: int, snapshot: bytes) -> None:
+    db.execute("INSERT OR REPLACE INTO snapshots (shard, seq, snapshot) VALUES (?, ?, ?)",
+               (shard, seq, snapshot))
+
+
+def _load(db: sqlite3.Connection, shard: int) -> LoadedShard:
+    row = db.execute("SELECT seq, snapshot FROM snapshots WHERE shard = ?", (shard,)).fetchone()
+    snapshot_seq, snapshot = (row[0], bytes(row[1])) if row else (0, None)
+    batches = [JournalBatch(seq, epoch, bytes(events)) for seq, epoch, events in db.execute(
+        "SELECT seq, epoch, events FROM journal WHERE shard = ? AND seq > ? ORDER BY seq",
+        (shard, snapshot_seq))]
+    return LoadedShard(snapshot, snapshot_seq, batches)
+
+
+def _read_journal(db: sqlite3.Connection, shard: int, after_seq: int,
+                  limit: int) -> list[JournalBatch]:
+    return [JournalBatch(seq, epoch, bytes(events)) for seq, epoch, events in db.execute(
+        "SELECT seq, epoch, events FROM journal WHERE shard = ? AND seq > ? ORDER BY seq "
+        "LIMIT ?", (shard, after_seq, limit))]
+
+
+def _list_entries(db: sqlite3.Connection, wallet_id: str, after_version: int,
+                  limit: int) -> list[Entry]:
+    return [Entry(*row) for row in db.execute(
+        "SELECT " + ", ".join(_ENTRY_COLS) + " FROM wallet_entries WHERE wallet_id = ? "
+        "AND version > ? ORDER BY version LIMIT ?", (wallet_id, after_version, limit))]
+
+
+def _get_transfer(db: sqlite3.Connection, transfer_id: str) -> Transfer | None:
+    row = db.execute("SELECT " + ", ".join(_TRANSFER_COLS) + " FROM transfers "
+                     "WHERE transfer_id = ?", (transfer_id,)).fetchone()
+    if row is None:
+        return None
+    t = Transfer(*row)
+    t.credited = bool(t.credited)
+    return t
+
+
+def _scan_wallets(db: sqlite3.Connection, shard: int) -> list[Wallet]:
+    wallets = []
+    for row in db.execute("SELECT " + ", ".join(_WALLET_COLS) + " FROM wallets WHERE shard = ? "
+                          "ORDER BY wallet_id", (shard,)):
+        w = Wallet(*row)
+        w.allow_negative, w.frozen = bool(w.allow_negative), bool(w.frozen)
+        wallets.append(w)
+    return wallets

@@ -1,0 +1,47 @@
+"""Shared fixtures. One real Cassandra + etcd per test session (started by the project's own
+``ledger.localcluster``), never one per test; tests that use them are marked ``real``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Ports of the session's servers: apart from `make services` (9042/2379) so both can run.
+TEST_CQL_PORT = int(os.environ.get("LEDGER_TEST_CQL_PORT", "29042"))
+TEST_STORAGE_PORT = int(os.environ.get("LEDGER_TEST_STORAGE_PORT", "27000"))
+TEST_ETCD_PORT = int(os.environ.get("LEDGER_TEST_ETCD_PORT", "33791"))
+TEST_ETCD_PEER_PORT = int(os.environ.get("LEDGER_TEST_ETCD_PEER_PORT", "33801"))
+TEST_REGIONS = os.environ.get("LEDGER_TEST_REGIONS", "r1").split(",")
+
+
+@pytest.fixture(scope="session")
+def local_cluster():
+    """A real Cassandra (one datacenter per region) and etcd on loopback for the session."""
+    from ledger.localcluster import LocalCluster
+
+    run_dir = Path(tempfile.mkdtemp(prefix="ledger-test-cluster-"))
+    cluster = LocalCluster(run_dir, regions=TEST_REGIONS, etcd_client_port=TEST_ETCD_PORT,
+                           etcd_peer_port=TEST_ETCD_PEER_PORT, cql_port=TEST_CQL_PORT,
+                           storage_port=TEST_STORAGE_PORT)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    config._ledger_real_count = sum(1 for item in items if item.get_closest_marker("real"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    passed = [r for r in terminalreporter.stats.get("passed", [])
+              if "real" in getattr(r, "keywords", {})]
+    terminalreporter.write_line(
+        f"tests against real Cassandra/etcd: {len(passed)} passed "
+        f"of {getattr(config, '_ledger_real_count', 0)} collected")
