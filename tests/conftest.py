@@ -35,8 +35,9 @@ def local_cluster():
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def pytest_collection_modifyitems(config, items):
-    config._ledger_real_count = sum(1 for item in items if item.get_closest_marker("real"))
+def pytest_collection_finish(session):
+    session.config._ledger_real_count = sum(
+        1 for item in session.items if item.get_closest_marker("real"))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

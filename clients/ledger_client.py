@@ -1,0 +1,159 @@
+"""Typed asyncio client of ``ledger.v1.LedgerService``.
+
+Every call has a deadline. Mutating calls take an idempotency key (one is made when not
+given) and are retried with the SAME key on transient outcomes only (UNAVAILABLE, ABORTED,
+RESOURCE_EXHAUSTED, and DEADLINE_EXCEEDED, which may hide a success): a retry can never move
+money twice, and the answer after a retry is the ledger's original result.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+from tenacity import (
+    AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from ledger.ledgerpb import ledger_pb2 as pb
+from ledger.ledgerpb import ledger_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT_S = 10.0
+RETRY_ATTEMPTS_MAX = 8
+RETRY_TOTAL_S_MAX = 30.0
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def new_idempotency_key() -> str:
+    return uuid.uuid4().hex
+
+
+class LedgerError(Exception):
+    """A refused call: the gRPC code, the ledger's ResultStatus name and the field."""
+
+    def __init__(self, code: grpc.StatusCode, status: str, field: str, message: str) -> None:
+        super().__init__(f"{code.name} {status} {message}")
+        self.code = code
+        self.status = status
+        self.field = field
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> "LedgerError":
+        trailers = dict(exc.trailing_metadata() or ())
+        return cls(exc.code(), trailers.get("ledger-status", ""),
+                   trailers.get("ledger-field", ""), exc.details() or "")
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
+
+
+class LedgerClient:
+    def __init__(self, target: str, caller: str = "anonymous",
+                 timeout_s: float = DEFAULT_TIMEOUT_S, retries: bool = True,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                   ("grpc.max_send_message_length", 16 * 1024 * 1024)]
+        self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                         else grpc.aio.insecure_channel(target, options))
+        self._stub = pb_grpc.LedgerServiceStub(self._channel)
+        self._metadata = (("ledger-caller", caller),)
+        self._timeout_s = timeout_s
+        self._retries = retries
+
+    async def __aenter__(self) -> "LedgerClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request, retry: bool):
+        async def once():
+            return await method(request, timeout=self._timeout_s, metadata=self._metadata)
+        try:
+            if not (retry and self._retries):
+                return await once()
+            async for attempt in AsyncRetrying(
+                    retry=retry_if_exception(_transient), reraise=True,
+                    stop=stop_after_attempt(RETRY_ATTEMPTS_MAX) | stop_after_delay(
+                        RETRY_TOTAL_S_MAX),
+                    wait=wait_exponential_jitter(multiplier=0.05, max=2.0)):
+                with attempt:
+                    return await once()
+        except grpc.aio.AioRpcError as exc:
+            raise LedgerError.from_rpc(exc) from None
+
+    # --- wallets ----------------------------------------------------------------------------
+
+    async def create_wallet(self, wallet_id: str, currency: str, allow_negative: bool = False,
+                            idempotency_key: str | None = None) -> pb.CreateWalletResponse:
+        request = pb.CreateWalletRequest(idempotency_key=idempotency_key or new_idempotency_key(),
+                                         wallet_id=wallet_id, currency=currency,
+                                         allow_negative=allow_negative)
+        return await self._call(self._stub.CreateWallet, request, retry=True)
+
+    async def get_wallet(self, wallet_id: str) -> pb.Wallet:
+        response = await self._call(self._stub.GetWallet, pb.GetWalletRequest(wallet_id=wallet_id),
+                                    retry=True)
+        return response.wallet
+
+    # --- money ------------------------------------------------------------------------------
+
+    async def deposit(self, wallet_id: str, amount_minor: int, currency: str, memo: str = "",
+                      idempotency_key: str | None = None) -> pb.TransferResponse:
+        request = pb.DepositRequest(idempotency_key=idempotency_key or new_idempotency_key(),
+                                    wallet_id=wallet_id, amount_minor=amount_minor,
+                                    currency=currency, memo=memo)
+        return await self._call(self._stub.Deposit, request, retry=True)
+
+    async def withdraw(self, wallet_id: str, amount_minor: int, currency: str, memo: str = "",
+                       idempotency_key: str | None = None) -> pb.TransferResponse:
+        request = pb.WithdrawRequest(idempotency_key=idempotency_key or new_idempotency_key(),
+                                     wallet_id=wallet_id, amount_minor=amount_minor,
+                                     currency=currency, memo=memo)
+        return await self._call(self._stub.Withdraw, request, retry=True)
+
+    async def transfer(self, from_wallet_id: str, to_wallet_id: str, amount_minor: int,
+                       currency: str, memo: str = "",
+                       idempotency_key: str | None = None) -> pb.TransferResponse:
+        request = pb.TransferRequest(idempotency_key=idempotency_key or new_idempotency_key(),
+                                     from_wallet_id=from_wallet_id, to_wallet_id=to_wallet_id,
+                                     amount_minor=amount_minor, currency=currency, memo=memo)
+        return await self._call(self._stub.Transfer, request, retry=True)
+
+    async def batch_transfer(self, transfers: list[pb.TransferRequest]
+                             ) -> pb.BatchTransferResponse:
+        """One result per item. Items with transient results are NOT retried here: the
+        caller resends those items (same keys) if it wants to."""
+        for item in transfers:
+            if not item.idempotency_key:
+                item.idempotency_key = new_idempotency_key()
+        return await self._call(self._stub.BatchTransfer,
+                                pb.BatchTransferRequest(transfers=transfers), retry=True)
+
+    async def get_transfer(self, transfer_id: str) -> pb.Transfer:
+        response = await self._call(self._stub.GetTransfer,
+                                    pb.GetTransferRequest(transfer_id=transfer_id), retry=True)
+        return response.transfer
+
+    async def list_entries(self, wallet_id: str, page_size: int = 100,
+                           page_token: str = "") -> pb.ListWalletEntriesResponse:
+        return await self._call(self._stub.ListWalletEntries, pb.ListWalletEntriesRequest(
+            wallet_id=wallet_id, page_size=page_size, page_token=page_token), retry=True)
+
+    async def all_entries(self, wallet_id: str, page_size: int = 1000) -> list[pb.Entry]:
+        entries, token = [], ""
+        while True:
+            page = await self.list_entries(wallet_id, page_size, token)
+            entries.extend(page.entries)
+            token = page.next_page_token
+            if not token:
+                return entries
