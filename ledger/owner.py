@@ -13,18 +13,19 @@ a write has an unknown outcome, or when an invariant breaks: a new owner replays
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Awaitable, Callable, Protocol
 
 from ledger import constants as K
 from ledger.core import codec
+from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.core.invariants import InvariantViolation
-from ledger.core.model import AckOutbox, ApplyCredits, ExpireIdempotency, Post
+from ledger.core.model import AckOutbox, ApplyCredits, ExpireIdempotency, Post, TransferDecided
 from ledger.core.shard import ShardState
 from ledger.core.status import Outcome, Status, refuse
-from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
-from ledger.store.port import Fenced, JournalStore, StoreUnavailable, UnknownOutcome
+from ledger.store.port import Fenced, JournalStore, UnknownOutcome
 
 log = logging.getLogger("ledger.owner")
 
@@ -44,6 +45,21 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class _Request:
+    """Commands submitted together; answered together once their batch is durable."""
+
+    __slots__ = ("commands", "future", "outcomes")
+
+    def __init__(self, commands: list, future: asyncio.Future | None) -> None:
+        self.commands = commands
+        self.future = future
+        self.outcomes: list[Outcome] = []
+
+    def answer(self, outcomes: list[Outcome]) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(outcomes)
+
+
 class ShardOwner:
     """Serves one shard with one epoch. Create with ``start()``, end with ``stop()``."""
 
@@ -59,17 +75,19 @@ class ShardOwner:
         self._clock_ms = clock_ms
         self._on_stopped = on_stopped
         self._retention_ms = idempotency_retention_ms
-        self._queue: list[tuple[object, asyncio.Future]] = []
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued_commands = 0
+        self._inflight: list[_Request] = []
         self._wakeup = asyncio.Event()
         self._outbox_kick = asyncio.Event()
         self._serving = False
-        self._stop_reason = ""
         self._tasks: list[asyncio.Task] = []
         self._batches_since_snapshot = 0
-        # The batch being committed, so that stop() can answer it if cancelled mid-append.
-        self._inflight: list[tuple[object, asyncio.Future]] = []
-        # Answers of Posts waiting for their credit leg: (to_shard, outbox_seq) -> futures.
-        self._credit_waiters: dict[tuple[int, int], list[asyncio.Future]] = {}
+        # Highest outbox sequence per destination known applied there (in memory: after a
+        # restart the pipeline resends from the journaled ack, and the receiver dedupes).
+        self._delivered: dict[int, int] = {}
+        # Answers waiting for their credit leg: to_shard -> deque of (outbox_seq, future).
+        self._credit_waiters: dict[int, collections.deque] = {}
 
     @property
     def serving(self) -> bool:
@@ -115,12 +133,16 @@ class ShardOwner:
             # between its journal append and its row writes; writing them again is idempotent.
             await self._store.write_rows(self.shard, rows)
         self.state = state
+        self._delivered = {}
 
     async def stop(self, reason: str = "stopped") -> None:
-        """Stop serving: fail queued commands with SHARD_UNAVAILABLE, snapshot if healthy."""
+        """Stop serving: answer queued commands SHARD_UNAVAILABLE, snapshot if healthy.
+
+        UNAVAILABLE is not a guess about an outcome: the router sends the commands again to
+        the next owner, which replays the journal and answers retries from idempotency records.
+        """
         was_serving = self._serving
         self._serving = False
-        self._stop_reason = reason
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -131,9 +153,12 @@ class ShardOwner:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
-        self._fail_queue()
+        pending = self._inflight + list(self._queue)
+        self._inflight, self._queue, self._queued_commands = [], collections.deque(), 0
+        for request in pending:
+            request.answer([UNAVAILABLE] * len(request.commands))
         for waiters in self._credit_waiters.values():
-            for fut in waiters:
+            for _, fut in waiters:
                 if not fut.done():
                     fut.set_result(False)
         self._credit_waiters.clear()
@@ -150,72 +175,66 @@ class ShardOwner:
         if self._on_stopped is not None:
             await self._on_stopped(self.shard, self.epoch, reason)
 
-    def _fail_queue(self) -> None:
-        # UNAVAILABLE is not a guess about the outcome: it tells the router to ask the next
-        # owner, which replays the journal and answers the retry from the idempotency record.
-        queued, self._queue = self._inflight + self._queue, []
-        self._inflight = []
-        for _, fut in queued:
-            if not fut.done():
-                fut.set_result(UNAVAILABLE)
-
     # --- commands ---------------------------------------------------------------------------
 
     async def submit(self, command: object) -> Outcome:
         return (await self.submit_many([command]))[0]
 
     async def submit_many(self, commands: list, wait_credit: bool = False) -> list[Outcome]:
-        """Queue commands in order; answer each once its batch is durable.
+        """Queue commands in order; answer them once their batch is durable.
 
         Args:
             commands: Shard commands (``ledger.core.model``), applied in list order.
-            wait_credit: For cross-shard Posts that commit, wait (bounded) until the credit
-                leg is confirmed, so the answer says ``credited=True``.
+            wait_credit: For cross-shard Posts that commit, wait (bounded by CREDIT_WAIT_MS)
+                until the credit leg is applied, so the answer says ``credited=True``.
         """
         if not self._serving:
             return [UNAVAILABLE] * len(commands)
-        if len(self._queue) + len(commands) > K.OWNER_QUEUE_COMMANDS_MAX:
+        if self._queued_commands + len(commands) > K.OWNER_QUEUE_COMMANDS_MAX:
             return [OVERLOADED] * len(commands)
-        loop = asyncio.get_running_loop()
-        futures = []
-        for command in commands:
-            fut = loop.create_future()
-            self._queue.append((command, fut))
-            futures.append(fut)
-        self._wakeup.set()
-        outcomes = list(await asyncio.gather(*futures))
+        request = _Request(commands, asyncio.get_running_loop().create_future())
+        self._enqueue(request)
+        outcomes = await request.future
         if wait_credit:
             await self._await_credits(commands, outcomes)
         return outcomes
+
+    def _enqueue(self, request: _Request) -> None:
+        self._queue.append(request)
+        self._queued_commands += len(request.commands)
+        self._wakeup.set()
 
     async def _run(self) -> None:
         while self._serving:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue and self._serving:
-                batch = self._queue[:K.GROUP_COMMIT_COMMANDS_MAX]
-                del self._queue[:K.GROUP_COMMIT_COMMANDS_MAX]
-                if len(self._queue):
-                    self._wakeup.set()
+                batch: list[_Request] = []
+                size = 0
+                while self._queue and (not batch or size + len(self._queue[0].commands)
+                                       <= K.GROUP_COMMIT_COMMANDS_MAX):
+                    request = self._queue.popleft()
+                    size += len(request.commands)
+                    batch.append(request)
+                self._queued_commands -= size
                 self._inflight = batch
                 await self._commit(batch)
                 self._inflight = []
 
-    async def _commit(self, batch: list[tuple[object, asyncio.Future]]) -> None:
+    async def _commit(self, batch: list[_Request]) -> None:
         state = self.state
         events: list = []
         rows: list = []
-        outcomes: list[Outcome] = []
         try:
-            for command, _ in batch:
-                outcome, new_events = state.decide(command)
-                for event in new_events:
-                    state.evolve(event, rows)
-                events.extend(new_events)
-                outcomes.append(outcome)
+            for request in batch:
+                outcomes = request.outcomes
+                for command in request.commands:
+                    outcome, new_events = state.decide(command)
+                    for event in new_events:
+                        state.evolve(event, rows)
+                    events.extend(new_events)
+                    outcomes.append(outcome)
         except InvariantViolation as exc:
-            for _, fut in batch:
-                fut.set_result(UNAVAILABLE)
             await self._abdicate(f"invariant violated: {exc}")
             return
         if events:
@@ -225,21 +244,19 @@ class ShardOwner:
             except (Fenced, UnknownOutcome) as exc:
                 # The in-memory state is ahead of (or unknown to) the journal: never answer
                 # from it again. A new owner replays what the journal really holds.
-                for _, fut in batch:
-                    fut.set_result(UNAVAILABLE)
                 await self._abdicate(f"{type(exc).__name__}: {exc}")
                 return
             except Exception as exc:  # StoreUnavailable or a bug: nothing was written
                 log.warning("shard %d: append failed, reloading: %s", self.shard, exc)
-                for _, fut in batch:
-                    fut.set_result(UNAVAILABLE)
+                for request in batch:
+                    request.answer([UNAVAILABLE] * len(request.commands))
+                self._inflight = []
                 await self._reload_or_abdicate()
                 return
             state.seq = seq
             self._after_append(events)
-        for (_, fut), outcome in zip(batch, outcomes):
-            if not fut.done():
-                fut.set_result(outcome)
+        for request in batch:
+            request.answer(request.outcomes)
 
     async def _reload_or_abdicate(self) -> None:
         try:
@@ -256,15 +273,10 @@ class ShardOwner:
             self._batches_since_snapshot = 0
             snapshot = codec.snapshot_dumps(self.state)
             asyncio.create_task(self._store.save_snapshot(self.shard, self.state.seq, snapshot))
-        outbox_grew = False
         for event in events:
-            name = type(event).__name__
-            if name == "TransferDecided" and event.outbox_seq:
-                outbox_grew = True
-            elif name == "OutboxAcked":
-                self._release_credit_waiters(event.to_shard, event.up_to_seq)
-        if outbox_grew:
-            self._outbox_kick.set()
+            if type(event) is TransferDecided and event.outbox_seq:
+                self._outbox_kick.set()
+                return
 
     # --- crediting pipeline -----------------------------------------------------------------
 
@@ -276,17 +288,18 @@ class ShardOwner:
             if (type(command) is not Post or not outcome.ok or command.to_shard == self.shard
                     or outcome.value is None or outcome.value.credited):
                 continue
-            index = seq_index.get(command.to_shard)
+            dest = command.to_shard
+            index = seq_index.get(dest)
             if index is None:
-                index = seq_index[command.to_shard] = {
-                    c.transfer_id: seq for seq, c in self.state.outbox.get(
-                        command.to_shard, {}).items()}
+                index = seq_index[dest] = {c.transfer_id: seq for seq, c in
+                                           self.state.outbox.get(dest, {}).items()}
             seq = index.get(command.transfer_id)
-            if seq is None:  # no longer owed: already acknowledged
-                outcome.value.credited = True
+            if seq is None or seq <= self._delivered.get(dest, 0):
+                outcome.value.credited = True  # applied there already
                 continue
             fut = loop.create_future()
-            self._credit_waiters.setdefault((command.to_shard, seq), []).append(fut)
+            waiters = self._credit_waiters.setdefault(dest, collections.deque())
+            waiters.append((seq, fut))
             waits.append((i, fut))
         if not waits:
             return
@@ -295,41 +308,59 @@ class ShardOwner:
             if fut in done and fut.result():
                 outcomes[i].value.credited = True
 
-    def _release_credit_waiters(self, to_shard: int, up_to_seq: int) -> None:
-        for key in [k for k in self._credit_waiters if k[0] == to_shard and k[1] <= up_to_seq]:
-            for fut in self._credit_waiters.pop(key):
+    def _credits_landed(self, dest: int, applied: int) -> None:
+        """Credits up to ``applied`` are durable on ``dest``: answer who waits for them."""
+        if applied <= self._delivered.get(dest, 0):
+            return
+        self._delivered[dest] = applied
+        waiters = self._credit_waiters.get(dest)
+        if not waiters:
+            return
+        # Waiters arrive almost in sequence order; scan all so none is missed.
+        keep = collections.deque()
+        for seq, fut in waiters:
+            if seq <= applied:
                 if not fut.done():
                     fut.set_result(True)
+            elif not fut.done():
+                keep.append((seq, fut))
+        self._credit_waiters[dest] = keep
 
     async def _deliver(self) -> None:
-        """Drain the outbox: send credits to each destination shard in order, then journal
-        the acknowledgement. Runs until the owner stops; failures back off and retry."""
+        """Drain the outbox: send credits to each destination shard in order, answer their
+        waiters as soon as the destination made them durable, and journal the acknowledgement
+        lazily (it rides in the next group commit). Failures back off and retry."""
         while self._serving:
             await self._outbox_kick.wait()
             self._outbox_kick.clear()
-            pending = {dest: [c for _, c in sorted(items.items())[:K.CREDITS_PER_DELIVERY_MAX]]
-                       for dest, items in self.state.outbox.items() if items}
+            pending: dict[int, list] = {}
+            for dest, items in self.state.outbox.items():
+                delivered = self._delivered.get(dest, 0)
+                credits = [items[s] for s in sorted(items) if s > delivered]
+                if credits:
+                    pending[dest] = credits[:K.CREDITS_PER_DELIVERY_MAX]
             if not pending:
                 continue
             results = await asyncio.gather(
-                *(self._deliver_to(dest, credits) for dest, credits in pending.items()),
-                return_exceptions=True)
-            acks = [AckOutbox(dest, hwm) for dest, hwm in zip(pending, results)
-                    if isinstance(hwm, int) and hwm >= pending[dest][0].outbox_seq]
-            if acks:
-                await self.submit_many(acks)
-            else:
-                # No destination made progress (its owner is moving, or down): back off
+                *(self._peers.execute(dest, [ApplyCredits(self.shard, tuple(credits))])
+                  for dest, credits in pending.items()), return_exceptions=True)
+            acks = []
+            for (dest, credits), result in zip(pending.items(), results):
+                if isinstance(result, BaseException) or not result[0].ok:
+                    continue
+                applied = result[0].value
+                if applied >= credits[0].outbox_seq:
+                    self._credits_landed(dest, applied)
+                    acks.append(AckOutbox(dest, applied))
+            if acks and self._serving:
+                self._enqueue(_Request(acks, None))
+            if len(acks) < len(pending):
+                # Some destination made no progress (its owner is moving, or down): back off
                 # instead of spinning; the credits stay owed and are sent again.
                 await asyncio.sleep(K.CREDIT_RETRY_BACKOFF_MS / 1000)
-            if self.state.outbox:
+            if any(max(items, default=0) > self._delivered.get(dest, 0)
+                   for dest, items in self.state.outbox.items()):
                 self._outbox_kick.set()
-
-    async def _deliver_to(self, dest: int, credits: list) -> int:
-        outcome = (await self._peers.execute(dest, [ApplyCredits(self.shard, tuple(credits))]))[0]
-        if not outcome.ok:
-            raise StoreUnavailable(f"credit delivery to shard {dest}: {outcome.status.name}")
-        return outcome.value
 
     # --- housekeeping -----------------------------------------------------------------------
 
@@ -337,7 +368,8 @@ class ShardOwner:
         last_idempotency_sweep = time.monotonic()
         while self._serving:
             await asyncio.sleep(K.RESERVATION_SWEEP_S)
-            self.state.expire_reservations(self._clock_ms())
+            if self.state.reservations:
+                self.state.expire_reservations(self._clock_ms())
             if time.monotonic() - last_idempotency_sweep >= K.IDEMPOTENCY_SWEEP_S:
                 last_idempotency_sweep = time.monotonic()
                 await self.submit(ExpireIdempotency(self._clock_ms() - self._retention_ms))

@@ -21,6 +21,9 @@ from ledger.store.port import Fenced, JournalBatch, LoadedShard, Row, StoreUnava
 # Calls folded into one transaction at most; the rest wait for the next one.
 GROUP_COMMIT_CALLS_MAX = 512
 
+# SQLite page cache (KiB).
+CACHE_KIB = 256 * 1024
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shard_heads (
   shard INTEGER PRIMARY KEY, epoch INTEGER NOT NULL, head INTEGER NOT NULL);
@@ -56,6 +59,15 @@ _TRANSFER_COLS = ("transfer_id", "kind", "from_wallet_id", "to_wallet_id", "amou
                   "currency", "memo", "caller", "idempotency_key", "created_at_ms", "state",
                   "status", "status_field", "status_detail", "credited")
 
+_UPSERT_WALLET = (
+    "INSERT INTO wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
+    + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ") ON CONFLICT (wallet_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _WALLET_COLS[1:]))
+_UPSERT_TRANSFER = (
+    "INSERT INTO transfers (shard, " + ", ".join(_TRANSFER_COLS) + ") VALUES ("
+    + ", ".join("?" * (len(_TRANSFER_COLS) + 1)) + ") ON CONFLICT (transfer_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _TRANSFER_COLS[1:]))
+
 
 class SqliteStore:
     """``JournalStore`` on one SQLite file."""
@@ -85,6 +97,9 @@ class SqliteStore:
             db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            # History tables grow with random keys; a larger page cache keeps inserts off disk.
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            db.execute("PRAGMA temp_store=MEMORY")
             db.executescript(_SCHEMA)
         except BaseException as exc:  # reported to open()
             self._error = exc
@@ -219,20 +234,18 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
         else:
             entries.append(value)
     if wallets:
-        db.executemany(
-            "INSERT OR REPLACE INTO wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
-            + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ")",
-            [(shard, *(getattr(w, c) for c in _WALLET_COLS)) for w in wallets.values()])
+        # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
+        # (and its index entry) on every balance change.
+        db.executemany(_UPSERT_WALLET, [(shard, *(getattr(w, c) for c in _WALLET_COLS))
+                                        for w in wallets.values()])
     if entries:
         db.executemany(
             "INSERT OR REPLACE INTO wallet_entries (" + ", ".join(_ENTRY_COLS) + ") VALUES ("
             + ", ".join("?" * len(_ENTRY_COLS)) + ")",
             [tuple(getattr(e, c) for c in _ENTRY_COLS) for e in entries])
     if transfers:
-        db.executemany(
-            "INSERT OR REPLACE INTO transfers (shard, " + ", ".join(_TRANSFER_COLS)
-            + ") VALUES (" + ", ".join("?" * (len(_TRANSFER_COLS) + 1)) + ")",
-            [(shard, *(getattr(t, c) for c in _TRANSFER_COLS)) for t in transfers.values()])
+        db.executemany(_UPSERT_TRANSFER, [(shard, *(getattr(t, c) for c in _TRANSFER_COLS))
+                                          for t in transfers.values()])
 
 
 def _save_snapshot(db: sqlite3.Connection, shard: int, seq: int, snapshot: bytes) -> None:

@@ -1,0 +1,803 @@
+"""Cassandra adapter of the storage port: the production store of shard journals.
+
+Layout (keyspace ``ledger`` by default, replicated with NetworkTopologyStrategy, one datacenter
+per region):
+
+* ``journal``: one partition per shard. Static columns ``epoch`` (the writer epoch, i.e. the
+  fencing token) and ``head`` (the last batch number); one clustering row per batch ``seq``
+  holding the ``writer_epoch`` and the codec-encoded ``events``. Every change of the static
+  columns is a lightweight transaction (Paxos), so "who may append" and "which batch is next"
+  are decided by a serial quorum, never by a plain write.
+* ``snapshots``: the latest snapshot of each shard (clustering ``seq`` descending).
+* ``wallets``, ``shard_wallets``, ``wallet_entries``, ``transfers``: rows materialized from the
+  journal with plain (non-LWT) upserts. They are views: the journal is the system of record,
+  and a new owner writes the rows of the batches it replays again.
+
+Driver I/O runs on cassandra-driver's own event-loop thread; results reach asyncio through
+``loop.call_soon_threadsafe`` from the driver's callbacks, so no call blocks the event loop and
+no thread is spent per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Iterable, Sequence
+
+from cassandra import ConsistencyLevel, OperationTimedOut, RequestExecutionException, Unavailable
+from cassandra import protocol as cql_protocol
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.connection import ConnectionException
+from cassandra.policies import DCAwareRoundRobinPolicy, RetryPolicy, TokenAwarePolicy
+from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statement, dict_factory
+
+from ledger.core.model import Entry, Transfer, Wallet
+from ledger.store.port import (Fenced, JournalBatch, LoadedShard, Row, StoreUnavailable,
+                               UnknownOutcome)
+
+# --- Limits (each with its unit and what happens when it is hit) --------------------------
+
+# Client-side deadline of one statement, in seconds. Longer than the server's own timeouts
+# (write_request_timeout 2 s, cas_contention_timeout 1 s) so that the coordinator's answer,
+# which says what kind of timeout happened, normally arrives before the driver gives up.
+REQUEST_TIMEOUT_S_DEFAULT = 10.0
+# Row upserts of one append or write_rows call kept in flight at once; the rest wait for a
+# slot. Bounds the driver's request queue (and Cassandra's native-transport queue).
+ROWS_IN_FLIGHT_MAX = 256
+# Journal batches read per round trip by load/read_journal. A batch is one group commit (up
+# to a few hundred KB), so pages are counted in batches, not bytes.
+JOURNAL_PAGE_BATCHES = 64
+# Entries / wallets read per round trip by list_entries / scan_wallets.
+ROWS_PAGE_MAX = 1000
+# CAS attempts of one fence before giving up with StoreUnavailable. A retry happens only when
+# another fencer changed the epoch under us, or a CAS timed out and was found not applied.
+FENCE_ATTEMPTS_MAX = 16
+# Attempts of the SERIAL read that resolves a CAS timeout before reporting UnknownOutcome.
+RESOLVE_ATTEMPTS_MAX = 3
+
+_WALLET_COLS = ("wallet_id", "currency", "balance_minor", "held_minor", "version",
+                "allow_negative", "frozen", "created_at_ms")
+_ENTRY_COLS = ("wallet_id", "version", "transfer_id", "kind", "amount_minor",
+               "balance_after_minor", "counterparty_wallet_id", "currency", "at_ms")
+_TRANSFER_COLS = ("transfer_id", "kind", "from_wallet_id", "to_wallet_id", "amount_minor",
+                  "currency", "memo", "caller", "idempotency_key", "created_at_ms", "state",
+                  "status", "status_field", "status_detail", "credited")
+
+# Driver errors after which a CAS is known not to have been proposed: NoHostAvailable means
+# no node received the request (non-idempotent statements are never retried on another node,
+# see _NoBlindRetryPolicy), Unavailable means the coordinator refused before proposing.
+_NOT_SENT = (NoHostAvailable, Unavailable)
+# Driver errors that say "the request did not (or may not) complete": coordinator-side
+# timeouts, failures and overload (typed or raw protocol messages), client-side deadlines,
+# broken connections. Validation errors (InvalidRequest, ...) are bugs and are not caught.
+_DRIVER_ERRORS = (NoHostAvailable, RequestExecutionException, OperationTimedOut,
+                  ConnectionException, OSError, cql_protocol.RequestExecutionException,
+                  cql_protocol.ServerError)
+
+
+def _schema(keyspace: str, replication: dict[str, int]) -> list[str]:
+    repl = ", ".join([f"'class': 'NetworkTopologyStrategy'"]
+                     + [f"'{dc}': {n}" for dc, n in sorted(replication.items())])
+    ks = keyspace
+    return [
+        f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{{repl}}}",
+        # The journal partition of a shard grows by one row per group commit; a batch row is
+        # never updated, so compaction only merges immutable rows.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.journal (
+              shard int, seq bigint,
+              epoch bigint static, head bigint static,
+              writer_epoch bigint, events blob,
+              PRIMARY KEY ((shard), seq)) WITH CLUSTERING ORDER BY (seq ASC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.snapshots (
+              shard int, seq bigint, snapshot blob,
+              PRIMARY KEY ((shard), seq)) WITH CLUSTERING ORDER BY (seq DESC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.wallets (
+              wallet_id text PRIMARY KEY, shard int, currency text, balance_minor bigint,
+              held_minor bigint, version bigint, allow_negative boolean, frozen boolean,
+              created_at_ms bigint)""",
+        # The same wallet rows again, one partition per shard, so that reconciliation can read
+        # a shard's wallets with a few sequential page reads instead of one read per wallet.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.shard_wallets (
+              shard int, wallet_id text, currency text, balance_minor bigint,
+              held_minor bigint, version bigint, allow_negative boolean, frozen boolean,
+              created_at_ms bigint,
+              PRIMARY KEY ((shard), wallet_id)) WITH CLUSTERING ORDER BY (wallet_id ASC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.wallet_entries (
+              wallet_id text, version bigint, transfer_id text, kind text,
+              amount_minor bigint, balance_after_minor bigint, counterparty_wallet_id text,
+              currency text, at_ms bigint,
+              PRIMARY KEY ((wallet_id), version)) WITH CLUSTERING ORDER BY (version ASC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.transfers (
+              transfer_id text PRIMARY KEY, shard int, kind text, from_wallet_id text,
+              to_wallet_id text, amount_minor bigint, currency text, memo text, caller text,
+              idempotency_key text, created_at_ms bigint, state text, status int,
+              status_field text, status_detail text, credited boolean)""",
+    ]
+
+
+def _consistency(value: int | str) -> int:
+    """Accept ``ConsistencyLevel.QUORUM`` or its name (``"QUORUM"``), as configuration does."""
+    if isinstance(value, str):
+        return ConsistencyLevel.name_to_value[value.upper()]
+    return value
+
+
+class _NoBlindRetryPolicy(RetryPolicy):
+    """The driver's default policy, except that it never re-sends a non-idempotent statement.
+
+    The default retries any statement on the next node after a connection error. For an
+    append (a CAS) that could run the same proposal twice; the second run would then find its
+    own batch and look like a lost race. The adapter resolves such outcomes itself.
+    """
+
+    def on_request_error(self, query, consistency, error, retry_num):
+        if query is not None and not query.is_idempotent:
+            return self.RETHROW, None
+        return super().on_request_error(query, consistency, error, retry_num)
+
+    def on_write_timeout(self, query, consistency, write_type, required_responses,
+                         received_responses, retry_num):
+        if query is not None and not query.is_idempotent:
+            return self.RETHROW, None
+        return super().on_write_timeout(query, consistency, write_type, required_responses,
+                                        received_responses, retry_num)
+
+
+def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    # Runs on the event loop. The awaiting task may have been cancelled meanwhile.
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+class _Fanout:
+    """Runs many independent statements with at most ``concurrency`` in flight.
+
+    The next statement is started from the driver callback of a finished one, so thousands
+    of row upserts cost neither an asyncio task nor a thread each. Driver callbacks run on the
+    driver's thread (or inline, when a response is already there), hence the re-entrant lock.
+    The first error stops launching; the future fails once everything in flight has finished,
+    so that no write of this call is still running when the caller hears of the failure.
+    """
+
+    def __init__(self, session: Session, loop: asyncio.AbstractEventLoop,
+                 statements: Sequence[Statement], concurrency: int, timeout_s: float):
+        self._session = session
+        self._loop = loop
+        self._statements = statements
+        self._next = 0
+        self._in_flight = 0
+        self._concurrency = concurrency
+        self._timeout_s = timeout_s
+        self._error: BaseException | None = None
+        self._settled = False
+        self._lock = threading.RLock()
+        self.future: asyncio.Future = loop.create_future()
+
+    def start(self) -> asyncio.Future:
+        with self._lock:
+            while self._in_flight < self._concurrency and self._launch():
+                pass
+            self._finish_if_done()
+        return self.future
+
+    def _launch(self) -> bool:
+        # Lock held.
+        if self._error is not None or self._next >= len(self._statements):
+            return False
+        statement = self._statements[self._next]
+        self._next += 1
+        self._in_flight += 1
+        try:
+            response = self._session.execute_async(statement, timeout=self._timeout_s)
+        except Exception as exc:  # e.g. the session is shut down
+            self._in_flight -= 1
+            self._error = exc
+            return False
+        response.add_callbacks(self._on_done, self._on_error)
+        return True
+
+    def _on_done(self, _rows: Any) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._launch()
+            self._finish_if_done()
+
+    def _on_error(self, exc: BaseException) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._error is None:
+                self._error = exc
+            self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        # Lock held.
+        if self._settled or self._in_flight:
+            return
+        if self._error is not None or self._next >= len(self._statements):
+            self._settled = True
+            _call_threadsafe(self._loop, _settle, self.future, None, self._error)
+
+
+def _call_threadsafe(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        # The loop was closed while the driver was still answering: nobody is waiting.
+        pass
+
+
+class CassandraStore:
+    """``JournalStore`` on an Apache Cassandra cluster (one datacenter per region).
+
+    Build it with ``await CassandraStore.connect(...)``; close it with ``await close()``.
+
+    Consistency (all configurable, defaults chosen for RPO = 0 across regions):
+
+    * ``serial_consistency`` (default SERIAL): the Paxos phase of ``fence`` and ``append``,
+      and the reads that resolve a CAS timeout. SERIAL is a quorum of ALL replicas across
+      datacenters, so with one replica in each of three regions an appended batch is on two
+      regions before ``append`` returns and the loss of any one region loses no
+      acknowledged batch (RPO = 0), while the remaining two still form a quorum and keep
+      accepting appends. LOCAL_SERIAL would save one cross-region round trip per Paxos phase
+      (roughly halving append latency), but a batch would then be on the local region only:
+      losing that region loses every batch not yet replicated (RPO > 0, up to the hint and
+      replication lag), and worse, two regions could each fence and append the same shard,
+      because their local quorums do not intersect. Use it only with a single region.
+    * ``write_consistency`` (default QUORUM): the commit phase of the Paxos round (the moment
+      the batch becomes visible to non-serial reads) and the row upserts. Once the Paxos
+      proposal is accepted the batch is durable whatever this level is; QUORUM makes it
+      visible to the QUORUM reads of ``load`` and ``read_journal`` at once.
+    * ``read_consistency`` (default QUORUM): journal pages, snapshots and rows. QUORUM reads
+      with QUORUM writes intersect, so a read sees every acknowledged write.
+    """
+
+    def __init__(self, cluster: Cluster, session: Session, keyspace: str, *,
+                 serial_consistency: int | str = ConsistencyLevel.SERIAL,
+                 write_consistency: int | str = ConsistencyLevel.QUORUM,
+                 read_consistency: int | str = ConsistencyLevel.QUORUM,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S_DEFAULT) -> None:
+        """Use ``connect``; this wires an already connected session."""
+        self._cluster = cluster
+        self._session = session
+        self._keyspace = keyspace
+        self._serial_cl = _consistency(serial_consistency)
+        self._write_cl = _consistency(write_consistency)
+        self._read_cl = _consistency(read_consistency)
+        if self._serial_cl not in (ConsistencyLevel.SERIAL, ConsistencyLevel.LOCAL_SERIAL):
+            raise ValueError("serial_consistency must be SERIAL or LOCAL_SERIAL")
+        self._timeout_s = request_timeout_s
+        self._closed = False
+        self._prepare_all()
+
+    # --- construction -----------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, contact_points: list[str], port: int, local_dc: str,
+                      keyspace: str = "ledger", replication: dict[str, int] | None = None,
+                      create_schema: bool = True, *,
+                      serial_consistency: int | str = ConsistencyLevel.SERIAL,
+                      write_consistency: int | str = ConsistencyLevel.QUORUM,
+                      read_consistency: int | str = ConsistencyLevel.QUORUM,
+                      request_timeout_s: float = REQUEST_TIMEOUT_S_DEFAULT) -> "CassandraStore":
+        """Connect to the cluster, create the schema if asked, and prepare every statement.
+
+        Args:
+            contact_points: Addresses of some nodes (any datacenter).
+            port: The CQL native transport port.
+            local_dc: The datacenter of this process's region. Requests go to its nodes
+                first (token-aware within the datacenter); other datacenters take part only
+                through the consistency levels.
+            keyspace: Keyspace holding the tables.
+            replication: Datacenter -> replica count for ``CREATE KEYSPACE``;
+                ``{local_dc: 1}`` when omitted. Ignored for an existing keyspace.
+            create_schema: Create keyspace and tables if missing (``IF NOT EXISTS``).
+            serial_consistency: SERIAL (default) or LOCAL_SERIAL; see the class docstring.
+            write_consistency: Commit consistency of appends and consistency of row writes.
+            read_consistency: Consistency of journal, snapshot and row reads.
+            request_timeout_s: Client-side deadline of one statement.
+
+        Raises:
+            StoreUnavailable: the cluster could not be reached or the schema not created.
+        """
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=local_dc)),
+            retry_policy=_NoBlindRetryPolicy(),
+            # Rows come back as dicts because the answer to a CAS that was not applied has
+            # columns that depend on what was found; reads then map names to dataclasses.
+            row_factory=dict_factory,
+            request_timeout=request_timeout_s,
+        )
+        cluster = Cluster(contact_points=list(contact_points), port=port,
+                          execution_profiles={EXEC_PROFILE_DEFAULT: profile})
+
+        def _blocking_connect() -> Session:
+            # Connecting and DDL (which waits for schema agreement) block; they happen once,
+            # in a worker thread, never on the event loop.
+            session = cluster.connect()
+            if create_schema:
+                for ddl in _schema(keyspace, replication or {local_dc: 1}):
+                    session.execute(ddl, timeout=max(request_timeout_s, 60.0))
+            return session
+
+        try:
+            session = await asyncio.to_thread(_blocking_connect)
+            return await asyncio.to_thread(
+                cls, cluster, session, keyspace, serial_consistency=serial_consistency,
+                write_consistency=write_consistency, read_consistency=read_consistency,
+                request_timeout_s=request_timeout_s)
+        except Exception as exc:
+            await asyncio.to_thread(cluster.shutdown)
+            if isinstance(exc, ValueError):
+                raise
+            raise StoreUnavailable(f"cannot connect to Cassandra at {contact_points}:{port}: "
+                                   f"{exc}") from exc
+
+    def _prepare(self, cql: str, consistency: int, *, idempotent: bool,
+                 serial: int | None = None, paged: bool = False) -> PreparedStatement:
+        # Consistency, serial consistency and idempotence are stated on every statement
+        # (bound statements inherit them), never left to session defaults.
+        statement = self._session.prepare(cql.format(ks=self._keyspace))
+        statement.consistency_level = consistency
+        statement.serial_consistency_level = serial if serial is not None else self._serial_cl
+        statement.is_idempotent = idempotent
+        if not paged:
+            # Reads page by key (``seq > ?``, ``version > ?`` with a LIMIT below the driver's
+            # fetch size), so driver paging is never needed and stays off.
+            statement.fetch_size = None
+        return statement
+
+    def _prepare_all(self) -> None:
+        w, r, s = self._write_cl, self._read_cl, self._serial_cl
+        # --- journal: every change of the static columns is a CAS ---
+        self._q_head_serial = self._prepare(
+            "SELECT epoch, head FROM {ks}.journal WHERE shard = ? LIMIT 1", s, idempotent=True)
+        self._q_head = self._prepare(
+            "SELECT epoch, head FROM {ks}.journal WHERE shard = ? LIMIT 1", r, idempotent=True)
+        self._q_fence_new = self._prepare(
+            "UPDATE {ks}.journal SET epoch = ?, head = 0 WHERE shard = ? IF epoch = null",
+            w, idempotent=False)
+        self._q_fence = self._prepare(
+            "UPDATE {ks}.journal SET epoch = ? WHERE shard = ? IF epoch < ?",
+            w, idempotent=False)
+        self._q_advance = self._prepare(
+            "UPDATE {ks}.journal SET head = ? WHERE shard = ? IF head = ? AND epoch = ?",
+            w, idempotent=False)
+        self._q_insert_batch = self._prepare(
+            "INSERT INTO {ks}.journal (shard, seq, writer_epoch, events) VALUES (?, ?, ?, ?)",
+            w, idempotent=False)
+        self._q_batch_serial = self._prepare(
+            "SELECT writer_epoch, events FROM {ks}.journal WHERE shard = ? AND seq = ?",
+            s, idempotent=True)
+        self._q_journal = self._prepare(
+            "SELECT seq, writer_epoch, events FROM {ks}.journal WHERE shard = ? AND seq > ? "
+            "LIMIT ?", r, idempotent=True)
+        # --- snapshots ---
+        self._q_snapshot_put = self._prepare(
+            "INSERT INTO {ks}.snapshots (shard, seq, snapshot) VALUES (?, ?, ?)",
+            w, idempotent=True)
+        self._q_snapshot_drop_older = self._prepare(
+            "DELETE FROM {ks}.snapshots WHERE shard = ? AND seq < ?", w, idempotent=True)
+        self._q_snapshot_latest = self._prepare(
+            "SELECT seq, snapshot FROM {ks}.snapshots WHERE shard = ? LIMIT 1",
+            r, idempotent=True)
+        # --- rows ---
+        self._q_wallet_put = self._prepare(
+            "INSERT INTO {ks}.wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
+            + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ")", w, idempotent=True)
+        self._q_shard_wallet_put = self._prepare(
+            "INSERT INTO {ks}.shard_wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
+            + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ")", w, idempotent=True)
+        self._q_entry_put = self._prepare(
+            "INSERT INTO {ks}.wallet_entries (" + ", ".join(_ENTRY_COLS) + ") VALUES ("
+            + ", ".join("?" * len(_ENTRY_COLS)) + ")", w, idempotent=True)
+        self._q_transfer_put = self._prepare(
+            "INSERT INTO {ks}.transfers (shard, " + ", ".join(_TRANSFER_COLS) + ") VALUES ("
+            + ", ".join("?" * (len(_TRANSFER_COLS) + 1)) + ")", w, idempotent=True)
+        self._q_entries = self._prepare(
+            "SELECT " + ", ".join(_ENTRY_COLS) + " FROM {ks}.wallet_entries "
+            "WHERE wallet_id = ? AND version > ? LIMIT ?", r, idempotent=True)
+        self._q_transfer = self._prepare(
+            "SELECT " + ", ".join(_TRANSFER_COLS) + " FROM {ks}.transfers WHERE transfer_id = ?",
+            r, idempotent=True)
+        self._q_shard_wallets = self._prepare(
+            "SELECT " + ", ".join(_WALLET_COLS) + " FROM {ks}.shard_wallets "
+            "WHERE shard = ? AND wallet_id > ? LIMIT ?", r, idempotent=True)
+
+    # --- driver bridge ----------------------------------------------------------------
+
+    def _run(self, statement: Statement, params: Sequence[Any] | None = None) -> asyncio.Future:
+        """Start one statement; the returned future resolves on the event loop.
+
+        The driver calls back on its own I/O thread; ``call_soon_threadsafe`` hands the
+        result over to the loop that awaits it.
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        response = self._session.execute_async(statement, params, timeout=self._timeout_s)
+        response.add_callbacks(
+            lambda rows: _call_threadsafe(loop, _settle, future, rows, None),
+            lambda exc: _call_threadsafe(loop, _settle, future, None, exc))
+        return future
+
+    async def _read(self, statement: Statement, params: Sequence[Any]) -> list[dict]:
+        """Run a read; driver failures become ``StoreUnavailable`` (a read writes nothing)."""
+        try:
+            rows = await self._run(statement, params)
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"read failed: {type(exc).__name__}: {exc}") from exc
+        return list(rows or ())
+
+    async def _write_all(self, statements: Sequence[Statement]) -> None:
+        if not statements:
+            return
+        fanout = _Fanout(self._session, asyncio.get_running_loop(), statements,
+                         ROWS_IN_FLIGHT_MAX, self._timeout_s)
+        await fanout.start()
+
+    # --- fencing ----------------------------------------------------------------------
+
+    async def fence(self, shard: int, epoch: int) -> int:
+        """Make ``epoch`` the shard's writer epoch; return the last batch number.
+
+        One CAS installs the epoch if the recorded one is lower (or, on a new shard, if there
+        is none). Being a Paxos round, it first completes any proposal of a deposed writer
+        still in flight; after it, no lower epoch can append. A SERIAL read then learns the
+        head, which only this epoch (or a higher one, which deposes us) can move from then
+        on, so the head is exact. The CAS deliberately does not condition on the head: a
+        deposed writer that keeps appending would otherwise make every attempt fail (the
+        contract suite's fence-racing test starved such a version of this method).
+
+        Raises:
+            Fenced: a higher epoch is already recorded.
+            StoreUnavailable: the store could not be reached, or other fencers kept winning.
+                The epoch may be installed already; fencing again with it is safe.
+            UnknownOutcome: a CAS timed out and the resolving read failed too.
+        """
+        statement = self._q_fence.bind((epoch, shard, epoch))
+        for _ in range(FENCE_ATTEMPTS_MAX):
+            try:
+                result = await self._run(statement)
+            except _NOT_SENT as exc:
+                raise StoreUnavailable(f"fence of shard {shard}: {exc}") from exc
+            except _DRIVER_ERRORS as exc:
+                # Unknown outcome: a SERIAL read completes any round still in flight, so what
+                # it returns is final. Setting an epoch is idempotent: go on from there.
+                recorded, head = await self._resolve_head(shard, exc)
+            else:
+                found = result[0] if result else {}
+                if found.get("[applied]"):
+                    recorded, head = await self._serial_head(shard)
+                else:
+                    recorded, head = found.get("epoch"), None
+            if recorded is not None and recorded > epoch:
+                raise Fenced(f"shard {shard}: epoch {recorded} recorded, {epoch} is stale")
+            if recorded == epoch:
+                if head is None:
+                    recorded, head = await self._serial_head(shard)
+                    if recorded != epoch:
+                        continue  # a higher fencer came in between; the loop reports it
+                return head or 0
+            if recorded is None:
+                # A shard never fenced has no epoch to compare with: initialize it.
+                statement = self._q_fence_new.bind((epoch, shard))
+            else:
+                # Another, lower epoch won in between (or the new-shard CAS lost a race).
+                statement = self._q_fence.bind((epoch, shard, epoch))
+        raise StoreUnavailable(f"fence of shard {shard}: still contended after "
+                               f"{FENCE_ATTEMPTS_MAX} attempts")
+
+    async def _serial_head(self, shard: int) -> tuple[int | None, int | None]:
+        rows = await self._read(self._q_head_serial, (shard,))
+        return (rows[0]["epoch"], rows[0]["head"]) if rows else (None, None)
+
+    async def _resolve_head(self, shard: int,
+                            cause: BaseException) -> tuple[int | None, int | None]:
+        last: BaseException = cause
+        for _ in range(RESOLVE_ATTEMPTS_MAX):
+            try:
+                rows = list(await self._run(self._q_head_serial, (shard,)) or ())
+            except _DRIVER_ERRORS as exc:
+                last = exc
+                continue
+            return (rows[0]["epoch"], rows[0]["head"]) if rows else (None, None)
+        raise UnknownOutcome(f"shard {shard}: fence timed out ({cause!r}) and the SERIAL "
+                             f"read could not resolve it ({last!r})") from cause
+
+    # --- the journal ------------------------------------------------------------------
+
+    async def append(self, shard: int, epoch: int, seq: int, events: bytes,
+                     rows: Iterable[Row]) -> None:
+        """Durably append batch ``seq`` written by ``epoch``, then write its ``rows``.
+
+        The append is ONE conditional batch on the shard's partition: ``head = seq`` if
+        ``head = seq - 1 AND epoch = <epoch>``, plus the batch row. A deposed writer (stale
+        epoch) or a second writer of the same number (head moved) cannot append.
+
+        Raises:
+            Fenced: ``epoch`` is not the recorded epoch, or batch ``seq`` is taken (the
+                message says what was found).
+            UnknownOutcome: the append timed out and SERIAL reads could not tell whether it
+                was applied; or it was applied but its rows could not be written (the batch
+                is durable, so reporting failure would be wrong; replay writes the rows).
+            StoreUnavailable: nothing was written.
+        """
+        if seq < 1:
+            raise ValueError(f"batch numbers start at 1, got {seq}")
+        events = bytes(events)
+        # Materialize rows before the CAS so that a bad row fails before anything is written.
+        row_statements = self._row_statements(shard, rows)
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED,
+                               consistency_level=self._write_cl,
+                               serial_consistency_level=self._serial_cl)
+        # Not idempotent as a statement: run twice, the second run fails its condition.
+        batch.is_idempotent = False
+        batch.add(self._q_advance, (seq, shard, seq - 1, epoch))
+        batch.add(self._q_insert_batch, (shard, seq, epoch, events))
+        try:
+            result = await self._run(batch)
+        except _NOT_SENT as exc:
+            raise StoreUnavailable(f"append of shard {shard} batch {seq}: {exc}") from exc
+        except _DRIVER_ERRORS as exc:
+            # A CAS timeout (WriteTimeout with write_type CAS, or the client's own deadline)
+            # or a broken connection: the proposal may still be applied later.
+            await self._resolve_append(shard, epoch, seq, events, exc)
+        else:
+            found = next((r for r in (result or ()) if "epoch" in r or "head" in r), {})
+            if not (result and result[0].get("[applied]")):
+                await self._refused(shard, epoch, seq, events, found)
+        try:
+            await self._write_all(row_statements)
+        except _DRIVER_ERRORS as exc:
+            raise UnknownOutcome(f"shard {shard} batch {seq} is durable but its rows could not "
+                                 f"be written ({type(exc).__name__}: {exc}); replay rewrites "
+                                 f"them") from exc
+
+    async def _refused(self, shard: int, epoch: int, seq: int, events: bytes,
+                       found: dict) -> None:
+        """Explain a CAS that was not applied; return only if batch ``seq`` is ours anyway."""
+        recorded, head = found.get("epoch"), found.get("head")
+        if recorded == epoch and head is not None and head >= seq:
+            # Our own epoch already holds this number. If it holds exactly this batch, an
+            # earlier run of this very proposal was applied (for instance, completed by
+            # another node's Paxos round after our connection broke): that is success.
+            try:
+                if await self._batch_is(shard, epoch, seq, events):
+                    return
+            except StoreUnavailable as exc:
+                raise UnknownOutcome(f"shard {shard}: batch {seq} is taken by epoch {epoch} and "
+                                     f"the read to tell whether it is this batch failed") from exc
+        if recorded is None:
+            what = "no epoch recorded (the shard was never fenced)"
+        elif recorded != epoch:
+            what = f"epoch {recorded} recorded"
+        else:
+            what = f"head is {head}, so batch {seq} is taken or out of order"
+        raise Fenced(f"shard {shard}: append of batch {seq} by epoch {epoch} refused: {what}")
+
+    async def _batch_is(self, shard: int, epoch: int, seq: int, events: bytes) -> bool:
+        rows = await self._read(self._q_batch_serial, (shard, seq))
+        return bool(rows) and rows[0]["writer_epoch"] == epoch and rows[0]["events"] == events
+
+    async def _resolve_append(self, shard: int, epoch: int, seq: int, events: bytes,
+                              cause: BaseException) -> None:
+        """Decide a timed-out append with a SERIAL read of batch ``seq``.
+
+        A read at SERIAL runs a Paxos round on the partition: it completes any proposal
+        accepted by a quorum and supersedes one accepted by fewer (Paxos v2, and v1 since
+        CASSANDRA-12126), so once it returns, the proposal can no longer be applied and the
+        answer is final. Returns if the batch is there (success).
+
+        Raises:
+            Fenced: another writer's batch holds ``seq``.
+            StoreUnavailable: the batch is not there and never will be.
+            UnknownOutcome: every resolving read failed.
+        """
+        last: BaseException = cause
+        for _ in range(RESOLVE_ATTEMPTS_MAX):
+            try:
+                rows = list(await self._run(self._q_batch_serial, (shard, seq)) or ())
+            except _DRIVER_ERRORS as exc:
+                last = exc
+                continue
+            if not rows:
+                raise StoreUnavailable(f"append of shard {shard} batch {seq} timed out "
+                                       f"({type(cause).__name__}) and was not applied")
+            if rows[0]["writer_epoch"] == epoch and rows[0]["events"] == events:
+                return
+            raise Fenced(f"shard {shard}: batch {seq} is held by epoch "
+                         f"{rows[0]['writer_epoch']} (append by epoch {epoch} timed out)")
+        raise UnknownOutcome(f"shard {shard} batch {seq}: append timed out ({cause!r}) and "
+                             f"the SERIAL read could not resolve it ({last!r})") from cause
+
+    async def load(self, shard: int) -> LoadedShard:
+        """Read the latest snapshot and every batch after it, in order, page by page.
+
+        The head is read along and the batches are checked to run without gaps from the
+        snapshot up to at least that head, so a read that missed batches fails loudly
+        instead of handing the new owner a shortened journal.
+
+        Raises:
+            StoreUnavailable: the store could not be reached, or the journal read came back
+                incomplete.
+        """
+        snapshot_rows, head_rows = await asyncio.gather(
+            self._read(self._q_snapshot_latest, (shard,)), self._read(self._q_head, (shard,)))
+        snapshot, snapshot_seq = None, 0
+        if snapshot_rows:
+            snapshot, snapshot_seq = snapshot_rows[0]["snapshot"], snapshot_rows[0]["seq"]
+        head = (head_rows[0]["head"] if head_rows else None) or 0
+        batches: list[JournalBatch] = []
+        after = snapshot_seq
+        while True:
+            page = await self.read_journal(shard, after, JOURNAL_PAGE_BATCHES)
+            batches.extend(page)
+            if len(page) < JOURNAL_PAGE_BATCHES:
+                break
+            after = page[-1].seq
+        expected = snapshot_seq + 1
+        for batch in batches:
+            if batch.seq != expected:
+                raise StoreUnavailable(f"shard {shard}: journal read has a gap before batch "
+                                       f"{batch.seq} (expected {expected})")
+            expected += 1
+        if expected - 1 < head:
+            raise StoreUnavailable(f"shard {shard}: journal read ended at batch {expected - 1}, "
+                                   f"head is {head}")
+        return LoadedShard(snapshot, snapshot_seq, batches)
+
+    async def read_journal(self, shard: int, after_seq: int = 0,
+                           limit: int = 1000) -> list[JournalBatch]:
+        """Batches numbered above ``after_seq``, in order, at most ``limit``.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        out: list[JournalBatch] = []
+        while len(out) < limit:
+            page_max = min(limit - len(out), JOURNAL_PAGE_BATCHES)
+            rows = await self._read(self._q_journal, (shard, after_seq, page_max))
+            out.extend(JournalBatch(r["seq"], r["writer_epoch"], r["events"]) for r in rows)
+            if len(rows) < page_max:
+                break
+            after_seq = rows[-1]["seq"]
+        return out
+
+    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> None:
+        """Store a snapshot after batch ``seq``, then drop older ones.
+
+        The insert comes first, so a failure in between leaves two snapshots, never none.
+        A late snapshot of a lower ``seq`` (from a deposed writer) cannot replace a newer
+        one: load takes the highest ``seq``. A snapshot is one cell, so it must stay below
+        Cassandra's mutation size limit (half the commit log segment, 16 MB by default).
+
+        Raises:
+            StoreUnavailable: the store could not be reached (the snapshot may be written).
+        """
+        try:
+            await self._run(self._q_snapshot_put, (shard, seq, bytes(snapshot)))
+            await self._run(self._q_snapshot_drop_older, (shard, seq))
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"snapshot of shard {shard}: {exc}") from exc
+
+    # --- materialized rows ------------------------------------------------------------
+
+    def _row_statements(self, shard: int, rows: Iterable[Row]) -> list[Statement]:
+        """Bound upserts for ``rows``; of several rows with the same key the last one wins."""
+        wallets: dict[str, Wallet] = {}
+        entries: dict[tuple[str, int], Entry] = {}
+        transfers: dict[str, Transfer] = {}
+        for kind, value in rows:
+            if kind == "wallet":
+                wallets[value.wallet_id] = value
+            elif kind == "entry":
+                entries[(value.wallet_id, value.version)] = value
+            elif kind == "transfer":
+                transfers[value.transfer_id] = value
+            else:
+                raise ValueError(f"unknown row kind {kind!r}")
+        statements: list[Statement] = []
+        if wallets:
+            values = [(shard, w.wallet_id, w.currency, w.balance_minor, w.held_minor, w.version,
+                       w.allow_negative, w.frozen, w.created_at_ms) for w in wallets.values()]
+            statements.extend(self._q_wallet_put.bind(v) for v in values)
+            # All of a shard's wallets share one shard_wallets partition: one single-partition
+            # batch is one mutation on the replicas (and exempt from the batch size limits).
+            by_shard = BatchStatement(batch_type=BatchType.UNLOGGED,
+                                      consistency_level=self._write_cl,
+                                      serial_consistency_level=self._serial_cl)
+            by_shard.is_idempotent = True
+            for v in values:
+                by_shard.add(self._q_shard_wallet_put, v)
+            statements.append(by_shard)
+        # Entries of one wallet share a partition: one single-partition batch per wallet.
+        per_wallet: dict[str, list[Entry]] = {}
+        for e in entries.values():
+            per_wallet.setdefault(e.wallet_id, []).append(e)
+        for wallet_entries in per_wallet.values():
+            if len(wallet_entries) == 1:
+                e = wallet_entries[0]
+                statements.append(self._q_entry_put.bind(
+                    (e.wallet_id, e.version, e.transfer_id, e.kind, e.amount_minor,
+                     e.balance_after_minor, e.counterparty_wallet_id, e.currency, e.at_ms)))
+                continue
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED,
+                                   consistency_level=self._write_cl,
+                                   serial_consistency_level=self._serial_cl)
+            batch.is_idempotent = True
+            for e in wallet_entries:
+                batch.add(self._q_entry_put,
+                          (e.wallet_id, e.version, e.transfer_id, e.kind, e.amount_minor,
+                           e.balance_after_minor, e.counterparty_wallet_id, e.currency, e.at_ms))
+            statements.append(batch)
+        statements.extend(self._q_transfer_put.bind(
+            (shard, t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id, t.amount_minor,
+             t.currency, t.memo, t.caller, t.idempotency_key, t.created_at_ms, t.state,
+             t.status, t.status_field, t.status_detail, t.credited))
+            for t in transfers.values())
+        return statements
+
+    async def write_rows(self, shard: int, rows: Iterable[Row]) -> None:
+        """Upsert materialized rows, concurrently (idempotent; used by replay).
+
+        Raises:
+            StoreUnavailable: some rows could not be written (others may have been).
+        """
+        try:
+            await self._write_all(self._row_statements(shard, rows))
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"rows of shard {shard}: {type(exc).__name__}: "
+                                   f"{exc}") from exc
+
+    async def list_entries(self, wallet_id: str, after_version: int,
+                           limit: int) -> list[Entry]:
+        """A wallet's entries with version above ``after_version``, ascending, at most ``limit``.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        out: list[Entry] = []
+        while len(out) < limit:
+            page_max = min(limit - len(out), ROWS_PAGE_MAX)
+            rows = await self._read(self._q_entries, (wallet_id, after_version, page_max))
+            out.extend(Entry(*(r[c] for c in _ENTRY_COLS)) for r in rows)
+            if len(rows) < page_max:
+                break
+            after_version = rows[-1]["version"]
+        return out
+
+    async def get_transfer(self, transfer_id: str) -> Transfer | None:
+        """The materialized transfer, or None.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        rows = await self._read(self._q_transfer, (transfer_id,))
+        return Transfer(*(rows[0][c] for c in _TRANSFER_COLS)) if rows else None
+
+    async def scan_wallets(self, shard: int) -> list[Wallet]:
+        """Every materialized wallet of ``shard``, ordered by wallet id.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        out: list[Wallet] = []
+        after = ""
+        while True:
+            rows = await self._read(self._q_shard_wallets, (shard, after, ROWS_PAGE_MAX))
+            out.extend(Wallet(*(r[c] for c in _WALLET_COLS)) for r in rows)
+            if len(rows) < ROWS_PAGE_MAX:
+                return out
+            after = rows[-1]["wallet_id"]
+
+    async def close(self) -> None:
+        """Shut the driver down (its threads and connections). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            await asyncio.to_thread(self._cluster.shutdown)
+
+
+__all__ = ["CassandraStore"]
