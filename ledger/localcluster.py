@@ -30,9 +30,10 @@ clusters shared the 2 cores during the runs, hence the ranges:
   (~25 s with an empty ~/.m2) and `apt-get install etcd-server etcd-client` (~20 s).
   pytest tests/integration/test_localcluster.py -m real   # 5 tests, 25-55 s
 
-Durability caveats seen on 5.0.9: with commitlog_sync=periodic (default here, 10 s) a SIGKILL
-loses that node's acknowledged writes newer than the last sync (commitlog_sync="batch" keeps
-them); -Dcassandra.unsafesystem=true is NOT used because after a SIGKILL it loses tables created
+Durability caveats seen on 5.0.9: with commitlog_sync=periodic (10 s) a SIGKILL loses that
+node's acknowledged writes newer than the last sync (commitlog_sync="batch" keeps them). The
+ledger's durable mode needs acknowledged journal appends to survive, so the default here is
+commitlog_sync=group with a 15 ms window (fsync shared by concurrent writes, acked after it); -Dcassandra.unsafesystem=true is NOT used because after a SIGKILL it loses tables created
 before the kill.
 """
 
@@ -607,7 +608,7 @@ class LocalCluster:
                  cql_port: int = 9042, storage_port: int = 7000, heap_mb: int = 512,
                  jmx_base_port: int | None = None, cluster_name: str = "redledger",
                  start_timeout: float = 240.0, cassandra_version: str | None = None,
-                 commitlog_sync: str = "periodic", commitlog_sync_period_ms: int = 10000):
+                 commitlog_sync: str = "group", commitlog_sync_period_ms: int = 15):
         self.run_dir = Path(run_dir or default_run_dir()).expanduser().resolve()
         self.regions = list(regions)
         if not self.regions or len(set(self.regions)) != len(self.regions):
