@@ -22,7 +22,8 @@ from ledger.core import constants as C
 from ledger.core import validate
 from ledger.core.model import (
     KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation,
-    CreateWallet, GetTransfer, GetWallet, Post, ReserveCredit, settlement_wallet_id,
+    CaptureHold, CreateHold, CreateWallet, DecideChain, FinishChain, GetHold, GetTransfer,
+    GetWallet, Post, PrepareLinked, ReleaseHold, ReserveCredit, settlement_wallet_id,
 )
 from ledger.core.status import Outcome, Status, ok, refuse
 from ledger.owner import ShardExecutor, now_ms
@@ -30,6 +31,7 @@ from ledger.store.port import JournalStore
 from shard_router.hashing import shard_of
 
 _TRANSFER_ID = re.compile(r"t([0-9a-f]{4})[0-9a-f]{24}")
+_HOLD_ID = re.compile(r"h([0-9a-f]{4})[0-9a-f]{24}")
 
 
 @dataclass(slots=True, frozen=True)
@@ -44,13 +46,19 @@ class TransferItem:
     currency: str
     memo: str = ""
     kind: str = KIND_TRANSFER
+    linked: bool = False
 
 
-def transfer_id_for(debit_shard: int, caller: str, idempotency_key: str) -> str:
-    """Transfer ids are derived from the key, so every retry names the same transfer, and
-    carry the debit shard, where the transfer's decision is kept."""
+def transfer_id_for(debit_shard: int, caller: str, idempotency_key: str,
+                    prefix: str = "t") -> str:
+    """Transfer (and hold) ids are derived from the key, so every retry names the same
+    transfer, and carry the debit shard, where the transfer's decision is kept."""
     digest = blake2b(f"{caller}\x00{idempotency_key}".encode(), digest_size=12).hexdigest()
-    return f"t{debit_shard:04x}{digest}"
+    return f"{prefix}{debit_shard:04x}{digest}"
+
+
+def _linked_failed(detail: str = "another item of the linked chain failed") -> Outcome:
+    return refuse(Status.LINKED_ITEM_FAILED, "", detail)
 
 
 class Coordinator:
@@ -112,10 +120,31 @@ class Coordinator:
                            f"at most {C.BATCH_TRANSFERS_MAX} items per call")] * len(items)
         now = self._clock_ms()
         results: list[Outcome | None] = [None] * len(items)
+        chains: list[list[int]] = []
+        single: list[int] = []
+        chain: list[int] = []
+        for i, item in enumerate(items):
+            if item.linked or chain:
+                chain.append(i)
+                if not item.linked:
+                    chains.append(chain)
+                    chain = []
+            else:
+                single.append(i)
+        for i in chain:  # the batch ended inside a chain
+            results[i] = refuse(Status.LINKED_CHAIN_OPEN, "linked",
+                                "the last item of the batch must not be linked")
+        await asyncio.gather(self._run_single(caller, items, single, now, results),
+                             *(self._run_chain(caller, items, c, now, results) for c in chains))
+        return results  # type: ignore[return-value]
+
+    async def _run_single(self, caller: str, items: list[TransferItem], indices: list[int],
+                          now: int, results: list) -> None:
         posts: dict[int, Post] = {}
         claimed: list[tuple[str, str]] = []
         try:
-            for i, item in enumerate(items):
+            for i in indices:
+                item = items[i]
                 post = self._plan(caller, item, now)
                 if isinstance(post, Outcome):
                     results[i] = post
@@ -132,7 +161,100 @@ class Coordinator:
             await self._commit(posts, results)
         finally:
             self._in_flight.difference_update(claimed)
-        return results  # type: ignore[return-value]
+
+    def _debit_shard(self, post: Post) -> int:
+        return post.to_shard if post.kind == KIND_DEPOSIT else self.shard_of(post.from_wallet_id)
+
+    async def _run_chain(self, caller: str, items: list[TransferItem], indices: list[int],
+                         now: int, results: list) -> None:
+        """A linked chain: all items commit or none does (two-phase commit with holds).
+
+        1. reserve credits of cross-shard items; 2. prepare every item on its debit shard
+        (checks and a hold, journaled); 3. record the decision on the primary shard (the
+        debit shard of the first item): the commit point; 4. finish the items on their
+        shards. If the coordinator dies after 2, each participant asks the primary after
+        CHAIN_RESOLVE_AFTER_MS, and the primary records an abort if nobody decided.
+        """
+        posts: dict[int, Post] = {}
+        for i in indices:
+            post = self._plan(caller, items[i], now)
+            if isinstance(post, Outcome):
+                for j in indices:
+                    results[j] = post if j == i else _linked_failed()
+                return
+            posts[i] = post
+        keys = [(caller, items[i].idempotency_key) for i in indices]
+        if len(set(keys)) != len(keys) or any(k in self._in_flight for k in keys):
+            for i in indices:
+                results[i] = refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
+                                    "a request with this key is being executed")
+            return
+        self._in_flight.update(keys)
+        try:
+            await self._chain_steps(posts, indices, now, results)
+        finally:
+            self._in_flight.difference_update(keys)
+
+    async def _chain_steps(self, posts: dict[int, Post], indices: list[int], now: int,
+                           results: list) -> None:
+        first = posts[indices[0]]
+        chain_id, primary = first.transfer_id, self._debit_shard(first)
+        reserve = {i: (p.to_shard, ReserveCredit(p.transfer_id, p.to_wallet_id, p.currency,
+                                                 p.amount_minor, now))
+                   for i, p in posts.items()
+                   if p.kind == KIND_TRANSFER and p.to_shard != self._debit_shard(p)}
+        if reserve:
+            reserved = await self._by_shard(reserve)
+            failed = {i: o for i, o in reserved.items() if not o.ok}
+            if failed:
+                for i in indices:
+                    results[i] = failed.get(i) or _linked_failed()
+                cancel = {i: (reserve[i][0], CancelReservation(posts[i].transfer_id))
+                          for i, o in reserved.items() if o.ok}
+                if cancel:
+                    asyncio.create_task(self._by_shard(cancel))
+                return
+        prepared = await self._by_shard({i: (self._debit_shard(p), PrepareLinked(
+            p, chain_id, primary)) for i, p in posts.items()})
+        failures = {i: o for i, o in prepared.items()
+                    if not o.ok and o.status is not Status.REQUEST_IN_FLIGHT}
+        if not failures and any(not o.ok for o in prepared.values()):
+            # An earlier attempt of this chain is still being decided: decide nothing here
+            # (our fresh prepares carry the same chain id and are resolved with it).
+            for i in indices:
+                results[i] = prepared[i]
+            return
+        if not failures and all(o.replayed for o in prepared.values()):
+            for i in indices:
+                results[i] = prepared[i]
+            return
+        decided = (await self._executor.execute(primary, [DecideChain(chain_id, not failures,
+                                                                      now)]))[0]
+        if not decided.ok:
+            # No answer from the primary: the participants resolve the chain themselves.
+            for i in indices:
+                results[i] = decided
+            return
+        commit = bool(decided.value)
+        shards = {self._debit_shard(p) for p in posts.values()}
+        finished = await self._by_shard(
+            {s: (s, FinishChain(chain_id, commit, now)) for s in shards}, wait_credit=True)
+        transfers = {t.transfer_id: t for o in finished.values() if o.ok for t in o.value}
+        for i in indices:
+            post = posts[i]
+            if i in failures:
+                results[i] = failures[i]
+            elif prepared[i].replayed:
+                results[i] = prepared[i]
+            elif commit:
+                transfer = transfers.get(post.transfer_id) or prepared[i].value
+                transfer.state = STATE_COMMITTED
+                results[i] = ok(transfer)
+            else:
+                detail = ("another item of the linked chain failed" if failures
+                          else "the linked chain timed out before it was decided")
+                results[i] = Outcome(Status.LINKED_ITEM_FAILED, "", detail,
+                                     transfers.get(post.transfer_id))
 
     def _plan(self, caller: str, item: TransferItem, now: int) -> Post | Outcome:
         """Validate one item and turn it into the Post for its debit shard."""
@@ -201,8 +323,7 @@ class Coordinator:
     async def _commit(self, posts: dict[int, Post], results: list) -> None:
         if not posts:
             return
-        commit = {i: (self.shard_of(p.from_wallet_id) if p.kind != KIND_DEPOSIT
-                      else p.to_shard, p) for i, p in posts.items()}
+        commit = {i: (self._debit_shard(p), p) for i, p in posts.items()}
         outcomes = await self._by_shard(commit, wait_credit=True)
         cancel: dict[int, tuple[int, object]] = {}
         for i, outcome in outcomes.items():
@@ -215,6 +336,87 @@ class Coordinator:
         if cancel:
             # Best effort: a reservation left behind only expires later.
             asyncio.create_task(self._by_shard(cancel))
+
+    # --- holds ------------------------------------------------------------------------------
+
+    async def create_hold(self, caller: str, idempotency_key: str, wallet_id: str,
+                          amount_minor: int, currency: str, timeout_ms: int) -> Outcome:
+        bad = (validate.caller(caller) or validate.idempotency_key(idempotency_key)
+               or validate.wallet_id(wallet_id) or validate.amount(amount_minor)
+               or validate.currency(currency))
+        if bad:
+            return bad
+        if not 0 < timeout_ms <= C.HOLD_TIMEOUT_MS_MAX:
+            return refuse(Status.INVALID_ARGUMENT, "timeout_ms",
+                          f"must be between 1 and {C.HOLD_TIMEOUT_MS_MAX} ms")
+        shard = self.shard_of(wallet_id)
+        command = CreateHold(caller, idempotency_key, transfer_id_for(shard, caller,
+                             idempotency_key, "h"), wallet_id, amount_minor, currency,
+                             timeout_ms, self._clock_ms())
+        return (await self._executor.execute(shard, [command]))[0]
+
+    def _hold_shard(self, hold_id: str) -> int | Outcome:
+        match = _HOLD_ID.fullmatch(hold_id or "")
+        if match is None:
+            return refuse(Status.INVALID_ARGUMENT, "hold_id", "is not a hold id")
+        shard = int(match.group(1), 16)
+        if shard >= self._shard_count:
+            return refuse(Status.HOLD_NOT_FOUND, "hold_id", "no hold with this id")
+        return shard
+
+    async def get_hold(self, hold_id: str) -> Outcome:
+        shard = self._hold_shard(hold_id)
+        if isinstance(shard, Outcome):
+            return shard
+        return (await self._executor.execute(shard, [GetHold(hold_id)]))[0]
+
+    async def release_hold(self, caller: str, idempotency_key: str, hold_id: str) -> Outcome:
+        bad = validate.caller(caller) or validate.idempotency_key(idempotency_key)
+        if bad:
+            return bad
+        shard = self._hold_shard(hold_id)
+        if isinstance(shard, Outcome):
+            return shard
+        command = ReleaseHold(caller, idempotency_key, hold_id, self._clock_ms())
+        return (await self._executor.execute(shard, [command]))[0]
+
+    async def capture_hold(self, caller: str, idempotency_key: str, hold_id: str,
+                           amount_minor: int, to_wallet_id: str, memo: str = "") -> Outcome:
+        bad = (validate.caller(caller) or validate.idempotency_key(idempotency_key)
+               or validate.wallet_id(to_wallet_id, "to_wallet_id")
+               or (validate.amount(amount_minor) if amount_minor else None)
+               or validate.memo(memo))
+        if bad:
+            return bad
+        shard = self._hold_shard(hold_id)
+        if isinstance(shard, Outcome):
+            return shard
+        now = self._clock_ms()
+        to_shard = self.shard_of(to_wallet_id)
+        transfer_id = transfer_id_for(shard, caller, idempotency_key)
+        credit_refusal = None
+        reserved = False
+        if to_shard != shard:
+            hold = (await self._executor.execute(shard, [GetHold(hold_id)]))[0]
+            if not hold.ok:
+                return hold
+            if hold.value.wallet_id == to_wallet_id:
+                return refuse(Status.SAME_WALLET, "to_wallet_id", "is the hold's own wallet")
+            amount = amount_minor or hold.value.amount_minor
+            answer = (await self._executor.execute(to_shard, [ReserveCredit(
+                transfer_id, to_wallet_id, hold.value.currency, amount, now)]))[0]
+            if answer.status.transient():
+                return answer
+            if not answer.ok:
+                credit_refusal = (int(answer.status), answer.field, answer.detail)
+            reserved = answer.ok
+        command = CaptureHold(caller, idempotency_key, transfer_id, hold_id, amount_minor,
+                              to_wallet_id, to_shard, memo, now, credit_refusal)
+        outcome = (await self._executor.execute(shard, [command], wait_credit=True))[0]
+        if reserved and (not outcome.ok or outcome.replayed):
+            asyncio.create_task(self._executor.execute(to_shard, [CancelReservation(
+                transfer_id)]))
+        return outcome
 
     # --- reads ------------------------------------------------------------------------------
 

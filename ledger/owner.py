@@ -22,7 +22,11 @@ from ledger import constants as K
 from ledger.core import codec
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.core.invariants import InvariantViolation
-from ledger.core.model import AckOutbox, ApplyCredits, ExpireIdempotency, Post, TransferDecided
+from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS
+from ledger.core.model import (
+    STATE_COMMITTED, AckOutbox, ApplyCredits, DecideChain, ExpireHolds, ExpireIdempotency,
+    FinishChain, Transfer, TransferDecided,
+)
 from ledger.core.shard import ShardState
 from ledger.core.status import Outcome, Status, refuse
 from ledger.store.port import Fenced, JournalStore, UnknownOutcome
@@ -281,32 +285,34 @@ class ShardOwner:
     # --- crediting pipeline -----------------------------------------------------------------
 
     async def _await_credits(self, commands: list, outcomes: list[Outcome]) -> None:
+        """Hold answers until the credit legs of their cross-shard transfers landed."""
+        committed = []
+        for outcome in outcomes:
+            value = outcome.value if outcome.ok else None
+            for transfer in (value if isinstance(value, list) else [value]):
+                if (isinstance(transfer, Transfer) and transfer.state == STATE_COMMITTED
+                        and not transfer.credited):
+                    committed.append(transfer)
+        if not committed:
+            return
+        owed = {c.transfer_id: (dest, seq) for dest, items in self.state.outbox.items()
+                for seq, c in items.items()}
         loop = asyncio.get_running_loop()
         waits = []
-        seq_index: dict[int, dict[str, int]] = {}
-        for i, (command, outcome) in enumerate(zip(commands, outcomes)):
-            if (type(command) is not Post or not outcome.ok or command.to_shard == self.shard
-                    or outcome.value is None or outcome.value.credited):
-                continue
-            dest = command.to_shard
-            index = seq_index.get(dest)
-            if index is None:
-                index = seq_index[dest] = {c.transfer_id: seq for seq, c in
-                                           self.state.outbox.get(dest, {}).items()}
-            seq = index.get(command.transfer_id)
-            if seq is None or seq <= self._delivered.get(dest, 0):
-                outcome.value.credited = True  # applied there already
+        for transfer in committed:
+            slot = owed.get(transfer.transfer_id)
+            if slot is None or slot[1] <= self._delivered.get(slot[0], 0):
+                transfer.credited = True  # applied there already
                 continue
             fut = loop.create_future()
-            waiters = self._credit_waiters.setdefault(dest, collections.deque())
-            waiters.append((seq, fut))
-            waits.append((i, fut))
+            self._credit_waiters.setdefault(slot[0], collections.deque()).append((slot[1], fut))
+            waits.append((transfer, fut))
         if not waits:
             return
         done, _ = await asyncio.wait([f for _, f in waits], timeout=K.CREDIT_WAIT_MS / 1000)
-        for i, fut in waits:
+        for transfer, fut in waits:
             if fut in done and fut.result():
-                outcomes[i].value.credited = True
+                transfer.credited = True
 
     def _credits_landed(self, dest: int, applied: int) -> None:
         """Credits up to ``applied`` are durable on ``dest``: answer who waits for them."""
@@ -365,11 +371,29 @@ class ShardOwner:
     # --- housekeeping -----------------------------------------------------------------------
 
     async def _sweep(self) -> None:
+        """Periodic duties: drop stale credit reservations, release expired holds, resolve
+        linked chains left undecided by a dead coordinator, purge expired idempotency keys."""
         last_idempotency_sweep = time.monotonic()
         while self._serving:
             await asyncio.sleep(K.RESERVATION_SWEEP_S)
+            now = self._clock_ms()
             if self.state.reservations:
-                self.state.expire_reservations(self._clock_ms())
+                self.state.expire_reservations(now)
+            if self.state.expired_holds(now):
+                await self.submit(ExpireHolds(now))
+            for chain_id, primary in self.state.pending_chains(
+                    now - CHAIN_RESOLVE_AFTER_MS).items():
+                await self.resolve_chain(chain_id, primary)
             if time.monotonic() - last_idempotency_sweep >= K.IDEMPOTENCY_SWEEP_S:
                 last_idempotency_sweep = time.monotonic()
-                await self.submit(ExpireIdempotency(self._clock_ms() - self._retention_ms))
+                await self.submit(ExpireIdempotency(now - self._retention_ms))
+
+    async def resolve_chain(self, chain_id: str, primary: int) -> bool | None:
+        """Ask the chain's primary for its decision (it records an abort if there is none),
+        then apply it here. Returns the decision, or None if the primary did not answer."""
+        decided = (await self._peers.execute(primary, [DecideChain(
+            chain_id, False, self._clock_ms())]))[0]
+        if not decided.ok:
+            return None
+        await self.submit(FinishChain(chain_id, bool(decided.value), self._clock_ms()))
+        return bool(decided.value)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ledger.core.model import (
-    KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, Entry, Transfer, Wallet,
+    HOLD_CAPTURED, HOLD_EXPIRED, HOLD_HELD, HOLD_RELEASED, KIND_DEPOSIT, KIND_HOLD_CAPTURE,
+    KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, STATE_PENDING, STATE_REFUSED, Entry, Hold,
+    Transfer, Wallet,
 )
 from ledger.ledgerpb import ledger_pb2 as pb
 
@@ -11,6 +13,18 @@ KIND_TO_PROTO = {
     KIND_TRANSFER: pb.TRANSFER_KIND_TRANSFER,
     KIND_DEPOSIT: pb.TRANSFER_KIND_DEPOSIT,
     KIND_WITHDRAWAL: pb.TRANSFER_KIND_WITHDRAWAL,
+    KIND_HOLD_CAPTURE: pb.TRANSFER_KIND_HOLD_CAPTURE,
+}
+STATE_TO_PROTO = {
+    STATE_COMMITTED: pb.TRANSFER_STATE_COMMITTED,
+    STATE_REFUSED: pb.TRANSFER_STATE_REFUSED,
+    STATE_PENDING: pb.TRANSFER_STATE_PENDING,
+}
+HOLD_STATE_TO_PROTO = {
+    HOLD_HELD: pb.HOLD_STATE_HELD,
+    HOLD_CAPTURED: pb.HOLD_STATE_CAPTURED,
+    HOLD_RELEASED: pb.HOLD_STATE_RELEASED,
+    HOLD_EXPIRED: pb.HOLD_STATE_EXPIRED,
 }
 
 
@@ -26,8 +40,7 @@ def transfer_to_proto(t: Transfer) -> pb.Transfer:
         transfer_id=t.transfer_id, kind=KIND_TO_PROTO[t.kind], from_wallet_id=t.from_wallet_id,
         to_wallet_id=t.to_wallet_id, amount_minor=t.amount_minor, currency=t.currency,
         memo=t.memo,
-        state=(pb.TRANSFER_STATE_COMMITTED if t.state == STATE_COMMITTED
-               else pb.TRANSFER_STATE_REFUSED),
+        state=STATE_TO_PROTO[t.state],
         status=t.status, status_field=t.status_field, status_detail=t.status_detail,
         credited=t.credited, created_at_ms=t.created_at_ms, idempotency_key=t.idempotency_key)
 
@@ -38,3 +51,10 @@ def entry_to_proto(e: Entry) -> pb.Entry:
                     balance_after_minor=e.balance_after_minor,
                     counterparty_wallet_id=e.counterparty_wallet_id, currency=e.currency,
                     at_ms=e.at_ms)
+
+
+def hold_to_proto(h: Hold) -> pb.Hold:
+    return pb.Hold(hold_id=h.hold_id, wallet_id=h.wallet_id, amount_minor=h.amount_minor,
+                   currency=h.currency, state=HOLD_STATE_TO_PROTO[h.state],
+                   captured_minor=h.captured_minor, created_at_ms=h.created_at_ms,
+                   expires_at_ms=h.expires_at_ms, closed_at_ms=h.closed_at_ms)

@@ -28,7 +28,7 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
 
 def _item(req: pb.TransferRequest) -> TransferItem:
     return TransferItem(req.idempotency_key, req.from_wallet_id, req.to_wallet_id,
-                        req.amount_minor, req.currency, req.memo)
+                        req.amount_minor, req.currency, req.memo, linked=req.linked)
 
 
 class LedgerServicer(pb_grpc.LedgerServiceServicer):
@@ -104,6 +104,32 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         entries, next_token = outcome.value
         return pb.ListWalletEntriesResponse(
             entries=[convert.entry_to_proto(e) for e in entries], next_page_token=next_token)
+
+    async def CreateHold(self, request, context):
+        outcome = await self._c.create_hold(caller_of(context), request.idempotency_key,
+                                            request.wallet_id, request.amount_minor,
+                                            request.currency, request.timeout_ms)
+        return await self._hold_response(outcome, context)
+
+    async def CaptureHold(self, request, context):
+        outcome = await self._c.capture_hold(caller_of(context), request.idempotency_key,
+                                             request.hold_id, request.amount_minor,
+                                             request.to_wallet_id, request.memo)
+        return await self._transfer_response(outcome, context)
+
+    async def ReleaseHold(self, request, context):
+        outcome = await self._c.release_hold(caller_of(context), request.idempotency_key,
+                                             request.hold_id)
+        return await self._hold_response(outcome, context)
+
+    async def GetHold(self, request, context):
+        return await self._hold_response(await self._c.get_hold(request.hold_id), context)
+
+    async def _hold_response(self, outcome: Outcome, context) -> pb.HoldResponse:
+        if not outcome.ok:
+            await abort(context, outcome)
+        return pb.HoldResponse(hold=convert.hold_to_proto(outcome.value),
+                               replayed=outcome.replayed)
 
 
 __all__ = ["LedgerServicer", "caller_of", "status_name", "KIND_DEPOSIT", "KIND_WITHDRAWAL"]

@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (*model.EVENT_TYPES, *model.COMMAND_TYPES, model.Transfer, model.Credit,
-                model.Wallet, model.Entry, model.IdempotencyRecord)
+                model.Wallet, model.Entry, model.IdempotencyRecord, model.Hold)
 }
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
 
@@ -72,6 +72,9 @@ def snapshot_dumps(state: ShardState) -> bytes:
         "outbox": [[dest, list(items.values())] for dest, items in state.outbox.items()],
         "outbox_last_seq": list(state.outbox_last_seq.items()),
         "inbox_applied": list(state.inbox_applied.items()),
+        "holds": list(state.holds.values()),
+        "chains": [[chain_id, committed, at] for chain_id, (committed, at)
+                   in state.chains.items()],
     }
     return json.dumps(body, default=_default, separators=(",", ":")).encode()
 
@@ -90,4 +93,6 @@ def snapshot_loads(data: bytes | str) -> ShardState:
     state.outbox = {dest: {c.outbox_seq: c for c in items} for dest, items in body["outbox"]}
     state.outbox_last_seq = {dest: seq for dest, seq in body["outbox_last_seq"]}
     state.inbox_applied = {src: seq for src, seq in body["inbox_applied"]}
+    state.holds = {h.hold_id: h for h in body["holds"]}
+    state.chains = {chain_id: (committed, at) for chain_id, committed, at in body["chains"]}
     return state

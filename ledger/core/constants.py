@@ -26,3 +26,12 @@ RESERVATION_TTL_MS = 30_000
 # How long an idempotency key and the result it guards are kept. Retries after this are
 # executed as new requests. Configurable per deployment; this is the default.
 IDEMPOTENCY_RETENTION_MS = 24 * 3600 * 1000
+
+# Longest hold a client may ask for (ms). Longer is refused with INVALID_ARGUMENT.
+HOLD_TIMEOUT_MS_MAX = 7 * 24 * 3600 * 1000
+
+# A linked-chain item prepared this long ago without a decision is resolved by asking the
+# chain's primary shard, which records an abort if nobody decided yet (ms). Together with the
+# sweep period this bounds how long any transfer stays in doubt (the recovery timeout).
+CHAIN_RESOLVE_AFTER_MS = 5_000
+RECOVERY_TIMEOUT_MS = 10_000

@@ -13,11 +13,20 @@ from dataclasses import dataclass, field
 KIND_TRANSFER = "TRANSFER"
 KIND_DEPOSIT = "DEPOSIT"
 KIND_WITHDRAWAL = "WITHDRAWAL"
-KINDS = (KIND_TRANSFER, KIND_DEPOSIT, KIND_WITHDRAWAL)
+KIND_HOLD_CAPTURE = "HOLD_CAPTURE"
+KINDS = (KIND_TRANSFER, KIND_DEPOSIT, KIND_WITHDRAWAL, KIND_HOLD_CAPTURE)
 
 # Transfer states (proto ``TransferState``).
 STATE_COMMITTED = "COMMITTED"
 STATE_REFUSED = "REFUSED"
+# Prepared as an item of a linked chain; waits for the chain's decision.
+STATE_PENDING = "PENDING"
+
+# Hold states (proto ``HoldState``).
+HOLD_HELD = "HELD"
+HOLD_CAPTURED = "CAPTURED"
+HOLD_RELEASED = "RELEASED"
+HOLD_EXPIRED = "EXPIRED"
 
 # Wallet ids that start with this character are reserved for the ledger's own accounts.
 RESERVED_PREFIX = "~"
@@ -123,6 +132,37 @@ class Credit:
 
 
 @dataclass(slots=True)
+class Hold:
+    """Money reserved on a wallet: counted in ``held_minor`` until captured or released.
+
+    Holds made by clients expire at ``expires_at_ms``. Holds that prepare an item of a linked
+    chain (``chain_id`` set) never expire by themselves: only the chain's decision, kept on
+    ``primary_shard``, may end them (else a late commit could find its money gone).
+    """
+
+    hold_id: str
+    wallet_id: str
+    currency: str
+    amount_minor: int
+    caller: str
+    idempotency_key: str
+    created_at_ms: int
+    expires_at_ms: int
+    state: str = HOLD_HELD
+    captured_minor: int = 0
+    closed_at_ms: int = 0
+    chain_id: str = ""
+    primary_shard: int = -1
+    to_shard: int = -1
+
+    def copy(self) -> "Hold":
+        return Hold(self.hold_id, self.wallet_id, self.currency, self.amount_minor, self.caller,
+                    self.idempotency_key, self.created_at_ms, self.expires_at_ms, self.state,
+                    self.captured_minor, self.closed_at_ms, self.chain_id, self.primary_shard,
+                    self.to_shard)
+
+
+@dataclass(slots=True)
 class IdempotencyRecord:
     """What a (caller, idempotency key) pair was first used for on this shard."""
 
@@ -219,6 +259,82 @@ class ExpireIdempotency:
     before_ms: int
 
 
+@dataclass(slots=True, frozen=True)
+class CreateHold:
+    caller: str
+    idempotency_key: str
+    hold_id: str
+    wallet_id: str
+    amount_minor: int
+    currency: str
+    timeout_ms: int
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class CaptureHold:
+    """Capture all (``amount_minor`` 0) or part of a hold into ``to_wallet_id``; the rest of
+    the hold goes back to the wallet's available balance. Decided on the hold's shard."""
+
+    caller: str
+    idempotency_key: str
+    transfer_id: str
+    hold_id: str
+    amount_minor: int
+    to_wallet_id: str
+    to_shard: int
+    memo: str
+    now_ms: int
+    credit_refusal: tuple[int, str, str] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ReleaseHold:
+    caller: str
+    idempotency_key: str
+    hold_id: str
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class GetHold:
+    hold_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class ExpireHolds:
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class PrepareLinked:
+    """Prepare one item of a linked chain on its debit shard: check it as a Post would and
+    hold its amount, without deciding. ``chain_id`` is decided on ``primary_shard``."""
+
+    post: Post
+    chain_id: str
+    primary_shard: int
+
+
+@dataclass(slots=True, frozen=True)
+class DecideChain:
+    """On the chain's primary shard: record commit or abort, unless a decision exists, and
+    answer the decision in force (the commit point of a linked chain)."""
+
+    chain_id: str
+    commit: bool
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class FinishChain:
+    """Apply a chain's decision to the items prepared on this shard."""
+
+    chain_id: str
+    commit: bool
+    now_ms: int
+
+
 # --- Events (the journal) ---------------------------------------------------------------
 
 
@@ -239,6 +355,36 @@ class TransferDecided:
     transfer: Transfer
     to_shard: int
     outbox_seq: int  # 0 when the credit is local or the transfer was refused
+    closes_hold: str = ""  # a hold this decision ends (captured, or a chain item's hold)
+
+
+@dataclass(slots=True, frozen=True)
+class HoldCreated:
+    hold: Hold
+
+
+@dataclass(slots=True, frozen=True)
+class HoldReleased:
+    hold_id: str
+    state: str  # HOLD_RELEASED or HOLD_EXPIRED
+    at_ms: int
+    caller: str = ""
+    idempotency_key: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class ChainPrepared:
+    transfer: Transfer
+    to_shard: int
+    chain_id: str
+    primary_shard: int
+
+
+@dataclass(slots=True, frozen=True)
+class ChainDecided:
+    chain_id: str
+    committed: bool
+    at_ms: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -258,7 +404,8 @@ class IdempotencyExpired:
     before_ms: int
 
 
-EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, IdempotencyExpired)
+EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, IdempotencyExpired,
+               HoldCreated, HoldReleased, ChainPrepared, ChainDecided)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
-                 AckOutbox, GetTransfer, ExpireIdempotency)
-READ_ONLY_COMMANDS = (GetWallet, GetTransfer, ReserveCredit, CancelReservation)
+                 AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
+                 ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain)

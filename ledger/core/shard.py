@@ -18,14 +18,18 @@ from __future__ import annotations
 from ledger.core import constants as C
 from ledger.core.invariants import ensure
 from ledger.core.model import (
-    KIND_DEPOSIT, KIND_WITHDRAWAL, STATE_COMMITTED, STATE_REFUSED, AckOutbox, ApplyCredits,
-    CancelReservation, CreateWallet, Credit, CreditsApplied, Entry, ExpireIdempotency, GetTransfer,
-    GetWallet, IdempotencyExpired, IdempotencyRecord, OutboxAcked, Post, ReserveCredit, Transfer,
+    HOLD_CAPTURED, HOLD_EXPIRED, HOLD_HELD, HOLD_RELEASED, KIND_DEPOSIT, KIND_HOLD_CAPTURE,
+    KIND_WITHDRAWAL, STATE_COMMITTED, STATE_PENDING, STATE_REFUSED, AckOutbox, ApplyCredits,
+    CancelReservation, CaptureHold, ChainDecided, ChainPrepared, CreateHold, CreateWallet, Credit,
+    CreditsApplied, DecideChain, Entry, ExpireHolds, ExpireIdempotency, FinishChain, GetHold,
+    GetTransfer, GetWallet, Hold, HoldCreated, HoldReleased, IdempotencyExpired,
+    IdempotencyRecord, OutboxAcked, Post, PrepareLinked, ReleaseHold, ReserveCredit, Transfer,
     TransferDecided, Wallet, WalletCreated, is_settlement,
 )
 from ledger.core.status import Outcome, Status, ok, refuse
 
-Event = WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | IdempotencyExpired
+Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | IdempotencyExpired
+         | HoldCreated | HoldReleased | ChainPrepared | ChainDecided)
 
 
 def transfer_fingerprint(kind: str, from_wallet_id: str, to_wallet_id: str, amount_minor: int,
@@ -33,6 +37,18 @@ def transfer_fingerprint(kind: str, from_wallet_id: str, to_wallet_id: str, amou
     """The fields compared when an idempotency key is used again, in reporting order."""
     return (("kind", kind), ("from_wallet_id", from_wallet_id), ("to_wallet_id", to_wallet_id),
             ("amount_minor", amount_minor), ("currency", currency), ("memo", memo))
+
+
+def hold_fingerprint(wallet_id: str, amount_minor: int, currency: str,
+                     timeout_ms: int) -> tuple[tuple[str, object], ...]:
+    return (("wallet_id", wallet_id), ("amount_minor", amount_minor), ("currency", currency),
+            ("timeout_ms", timeout_ms))
+
+
+def capture_fingerprint(hold_id: str, to_wallet_id: str, amount_minor: int,
+                        memo: str) -> tuple[tuple[str, object], ...]:
+    return (("hold_id", hold_id), ("to_wallet_id", to_wallet_id), ("amount_minor", amount_minor),
+            ("memo", memo))
 
 
 def wallet_fingerprint(wallet_id: str, currency: str,
@@ -51,7 +67,8 @@ class ShardState:
     """Everything one shard knows. Mutated only by ``evolve`` (and reservations)."""
 
     __slots__ = ("shard", "seq", "wallets", "transfers", "idempotency", "outbox",
-                 "outbox_last_seq", "inbox_applied", "reservations", "incoming")
+                 "outbox_last_seq", "inbox_applied", "reservations", "incoming", "holds",
+                 "chains")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -70,6 +87,10 @@ class ShardState:
         # reservation only means its transfer has to be prepared again.
         self.reservations: dict[str, tuple[str, int, int]] = {}
         self.incoming: dict[str, int] = {}
+        # Holds, open and (within the idempotency window) closed ones.
+        self.holds: dict[str, Hold] = {}
+        # Decisions of linked chains whose primary shard this is: chain_id -> (commit, at_ms).
+        self.chains: dict[str, tuple[bool, int]] = {}
 
     # --- decide -------------------------------------------------------------------------
 
@@ -117,11 +138,7 @@ class ShardState:
             if differs:
                 return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
                               f"idempotency key was first used with a different {differs}"), []
-            original = self.transfers.get(record.target[len("transfer:"):])
-            ensure(original is not None, "idempotency record %s without its transfer",
-                   record.target)
-            return Outcome(Status(original.status), original.status_field,
-                           original.status_detail, original.copy(), replayed=True), []
+            return self._replay_transfer(record), []
 
         if cmd.credit_refusal is not None:
             status, field_name, detail = cmd.credit_refusal
@@ -147,6 +164,15 @@ class ShardState:
                 outbox_seq = self.outbox_last_seq.get(cmd.to_shard, 0) + 1
             outcome = ok(transfer.copy())
         return outcome, [TransferDecided(transfer, cmd.to_shard, outbox_seq)]
+
+    def _replay_transfer(self, record: IdempotencyRecord) -> Outcome:
+        original = self.transfers.get(record.target[len("transfer:"):])
+        ensure(original is not None, "idempotency record %s without its transfer", record.target)
+        if original.state == STATE_PENDING:
+            return refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
+                          "the linked chain of this key is being decided; retry")
+        return Outcome(Status(original.status), original.status_field, original.status_detail,
+                       original.copy(), replayed=True)
 
     def _check_post(self, cmd: Post) -> Outcome | None:
         """Why ``cmd`` must be refused, or None. Checks in precedence order."""
@@ -260,6 +286,179 @@ class ShardState:
             return ok(0), []
         return ok(), [IdempotencyExpired(cmd.before_ms)]
 
+    # --- holds --------------------------------------------------------------------------
+
+    def _decide_create_hold(self, cmd: CreateHold) -> tuple[Outcome, list[Event]]:
+        fp = hold_fingerprint(cmd.wallet_id, cmd.amount_minor, cmd.currency, cmd.timeout_ms)
+        record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
+        if record is not None:
+            differs = _first_difference(record.fingerprint, fp) or (
+                "" if record.target == "hold:" + cmd.hold_id else "idempotency_key")
+            if differs:
+                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
+                              f"idempotency key was first used with a different {differs}"), []
+            return ok(self.holds[cmd.hold_id].copy(), replayed=True), []
+        wallet = self.wallets.get(cmd.wallet_id)
+        if wallet is None:
+            return refuse(Status.WALLET_NOT_FOUND, "wallet_id", "no wallet with this id"), []
+        if wallet.currency != cmd.currency:
+            return refuse(Status.CURRENCY_MISMATCH, "currency",
+                          f"wallet_id holds {wallet.currency}"), []
+        if wallet.frozen:
+            return refuse(Status.WALLET_FROZEN, "wallet_id", "wallet is frozen"), []
+        if not wallet.allow_negative and wallet.available_minor < cmd.amount_minor:
+            return refuse(Status.INSUFFICIENT_FUNDS, "amount_minor",
+                          "wallet_id has less available than amount_minor"), []
+        hold = Hold(cmd.hold_id, cmd.wallet_id, cmd.currency, cmd.amount_minor, cmd.caller,
+                    cmd.idempotency_key, cmd.now_ms, cmd.now_ms + cmd.timeout_ms)
+        return ok(hold.copy()), [HoldCreated(hold)]
+
+    def _active_hold(self, hold_id: str, now_ms: int) -> Hold | Outcome:
+        hold = self.holds.get(hold_id)
+        if hold is None or hold.chain_id:
+            return refuse(Status.HOLD_NOT_FOUND, "hold_id", "no hold with this id")
+        if hold.state != HOLD_HELD:
+            return refuse(Status.HOLD_NOT_ACTIVE, "hold_id", f"hold is {hold.state.lower()}")
+        if now_ms >= hold.expires_at_ms:
+            return refuse(Status.HOLD_NOT_ACTIVE, "hold_id", "hold has expired")
+        return hold
+
+    def _decide_capture_hold(self, cmd: CaptureHold) -> tuple[Outcome, list[Event]]:
+        known = self.holds.get(cmd.hold_id)
+        # The fingerprint holds the amount captured: "all" (0) is the hold's amount.
+        resolved = cmd.amount_minor or (known.amount_minor if known is not None else 0)
+        fp = capture_fingerprint(cmd.hold_id, cmd.to_wallet_id, resolved, cmd.memo)
+        record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
+        if record is not None:
+            differs = _first_difference(record.fingerprint, fp)
+            if differs:
+                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
+                              f"idempotency key was first used with a different {differs}"), []
+            return self._replay_transfer(record), []
+        hold = self._active_hold(cmd.hold_id, cmd.now_ms)
+        if isinstance(hold, Outcome):
+            return hold, []
+        amount = resolved
+        refusal: Outcome | None = None
+        if amount > hold.amount_minor:
+            refusal = refuse(Status.HOLD_AMOUNT_EXCEEDED, "amount_minor",
+                             f"the hold reserves {hold.amount_minor}")
+        elif cmd.credit_refusal is not None:
+            refusal = refuse(Status(cmd.credit_refusal[0]), *cmd.credit_refusal[1:])
+        elif cmd.to_shard == self.shard:
+            target = self.wallets.get(cmd.to_wallet_id)
+            if target is None:
+                return refuse(Status.WALLET_NOT_FOUND, "to_wallet_id",
+                              "no wallet with this id"), []
+            if target.currency != hold.currency:
+                refusal = refuse(Status.CURRENCY_MISMATCH, "to_wallet_id",
+                                 f"to_wallet_id holds {target.currency}")
+            elif amount > (C.AMOUNT_MINOR_MAX - target.balance_minor
+                           - self.incoming.get(target.wallet_id, 0)):
+                refusal = refuse(Status.BALANCE_OVERFLOW, "amount_minor",
+                                 "would take to_wallet_id past the int64 range")
+        if refusal is not None and not refusal.status.recorded():
+            return refusal, []
+        transfer = Transfer(cmd.transfer_id, KIND_HOLD_CAPTURE, hold.wallet_id, cmd.to_wallet_id,
+                            amount, hold.currency, cmd.memo, cmd.caller, cmd.idempotency_key,
+                            cmd.now_ms)
+        if refusal is not None:
+            transfer.state, transfer.status = STATE_REFUSED, int(refusal.status)
+            transfer.status_field, transfer.status_detail = refusal.field, refusal.detail
+            event = TransferDecided(transfer, cmd.to_shard, 0, hold.hold_id)
+            return Outcome(refusal.status, refusal.field, refusal.detail, transfer.copy()), [event]
+        local = cmd.to_shard == self.shard
+        transfer.credited = local
+        seq = 0 if local else self.outbox_last_seq.get(cmd.to_shard, 0) + 1
+        return ok(transfer.copy()), [TransferDecided(transfer, cmd.to_shard, seq, hold.hold_id)]
+
+    def _decide_release_hold(self, cmd: ReleaseHold) -> tuple[Outcome, list[Event]]:
+        fp = (("hold_id", cmd.hold_id),)
+        record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
+        if record is not None:
+            differs = _first_difference(record.fingerprint, fp) or (
+                "" if record.target == "release:" + cmd.hold_id else "idempotency_key")
+            if differs:
+                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
+                              f"idempotency key was first used with a different {differs}"), []
+            return ok(self.holds[cmd.hold_id].copy(), replayed=True), []
+        hold = self._active_hold(cmd.hold_id, cmd.now_ms)
+        if isinstance(hold, Outcome):
+            return hold, []
+        event = HoldReleased(hold.hold_id, HOLD_RELEASED, cmd.now_ms, cmd.caller,
+                             cmd.idempotency_key)
+        released = hold.copy()
+        released.state, released.closed_at_ms = HOLD_RELEASED, cmd.now_ms
+        return ok(released), [event]
+
+    def _decide_get_hold(self, cmd: GetHold) -> tuple[Outcome, list[Event]]:
+        hold = self.holds.get(cmd.hold_id)
+        if hold is None or hold.chain_id:
+            return refuse(Status.HOLD_NOT_FOUND, "hold_id", "no hold with this id"), []
+        return ok(hold.copy()), []
+
+    def _decide_expire_holds(self, cmd: ExpireHolds) -> tuple[Outcome, list[Event]]:
+        events: list[Event] = [HoldReleased(h.hold_id, HOLD_EXPIRED, cmd.now_ms)
+                               for h in self.holds.values()
+                               if h.state == HOLD_HELD and not h.chain_id
+                               and h.expires_at_ms <= cmd.now_ms]
+        return ok(len(events)), events
+
+    def expired_holds(self, now_ms: int) -> bool:
+        return any(h.state == HOLD_HELD and not h.chain_id and h.expires_at_ms <= now_ms
+                   for h in self.holds.values())
+
+    # --- linked chains ------------------------------------------------------------------
+
+    def _decide_prepare_linked(self, cmd: PrepareLinked) -> tuple[Outcome, list[Event]]:
+        p = cmd.post
+        outcome, events = self._decide_post(p)
+        if outcome.replayed or not events:
+            return outcome, []  # replay, key reused, or an unrecorded refusal
+        if not outcome.ok:
+            # A recorded refusal (insufficient funds, ...): the item fails alone, and with it
+            # the chain; nothing is held.
+            return outcome, events
+        transfer = events[0].transfer
+        transfer.state, transfer.credited = STATE_PENDING, False
+        pending = transfer.copy()
+        return ok(pending), [ChainPrepared(transfer, p.to_shard, cmd.chain_id, cmd.primary_shard)]
+
+    def _decide_decide_chain(self, cmd: DecideChain) -> tuple[Outcome, list[Event]]:
+        decided = self.chains.get(cmd.chain_id)
+        if decided is not None:
+            return ok(decided[0]), []
+        return ok(cmd.commit), [ChainDecided(cmd.chain_id, cmd.commit, cmd.now_ms)]
+
+    def _decide_finish_chain(self, cmd: FinishChain) -> tuple[Outcome, list[Event]]:
+        events: list[Event] = []
+        finished: list[Transfer] = []
+        for hold in self.holds.values():
+            if hold.chain_id != cmd.chain_id or hold.state != HOLD_HELD:
+                continue
+            transfer = self.transfers[hold.hold_id].copy()
+            if cmd.commit:
+                transfer.state = STATE_COMMITTED
+                transfer.credited = hold.to_shard == self.shard
+                seq = 0 if transfer.credited else self.outbox_last_seq.get(hold.to_shard, 0) + 1
+                if seq:
+                    # Several items of one chain may owe the same destination.
+                    seq += sum(1 for e in events if type(e) is TransferDecided
+                               and e.to_shard == hold.to_shard and e.outbox_seq)
+            else:
+                transfer.state, transfer.status = STATE_REFUSED, int(Status.LINKED_ITEM_FAILED)
+                transfer.status_field = ""
+                transfer.status_detail = "another item of the linked chain failed"
+                seq = 0
+            events.append(TransferDecided(transfer, hold.to_shard, seq, hold.hold_id))
+            finished.append(transfer.copy())
+        return ok(finished), events
+
+    def pending_chains(self, before_ms: int) -> dict[str, int]:
+        """Chains with items prepared here before ``before_ms``: chain_id -> primary shard."""
+        return {h.chain_id: h.primary_shard for h in self.holds.values()
+                if h.chain_id and h.state == HOLD_HELD and h.created_at_ms < before_ms}
+
     # --- evolve -------------------------------------------------------------------------
 
     def evolve(self, event: Event, rows: list | None = None) -> None:
@@ -281,12 +480,34 @@ class ShardState:
     def _evolve_transfer_decided(self, e: TransferDecided, rows: list | None) -> None:
         t = e.transfer
         self.transfers[t.transfer_id] = t.copy()
-        self.idempotency[(t.caller, t.idempotency_key)] = IdempotencyRecord(
-            t.caller, t.idempotency_key, "transfer:" + t.transfer_id,
-            transfer_fingerprint(t.kind, t.from_wallet_id, t.to_wallet_id, t.amount_minor,
-                                 t.currency, t.memo), t.created_at_ms)
+        hold = self.holds.get(e.closes_hold) if e.closes_hold else None
+        if hold is not None and hold.chain_id:
+            pass  # a chain item: its key was recorded when it was prepared
+        elif t.kind == KIND_HOLD_CAPTURE:
+            self.idempotency[(t.caller, t.idempotency_key)] = IdempotencyRecord(
+                t.caller, t.idempotency_key, "transfer:" + t.transfer_id,
+                capture_fingerprint(e.closes_hold, t.to_wallet_id, t.amount_minor, t.memo),
+                t.created_at_ms)
+        else:
+            self.idempotency[(t.caller, t.idempotency_key)] = IdempotencyRecord(
+                t.caller, t.idempotency_key, "transfer:" + t.transfer_id,
+                transfer_fingerprint(t.kind, t.from_wallet_id, t.to_wallet_id, t.amount_minor,
+                                     t.currency, t.memo), t.created_at_ms)
+        # A refused capture leaves its hold alone; a chain's decision ends its item's hold.
+        if hold is not None and not hold.chain_id and t.state != STATE_COMMITTED:
+            hold = None
         if rows is not None:
             rows.append(("transfer", t.copy()))
+        if hold is not None:
+            ensure(hold.state == HOLD_HELD, "hold %s closed twice", hold.hold_id)
+            wallet = self.wallets[hold.wallet_id]
+            wallet.held_minor -= hold.amount_minor
+            ensure(wallet.held_minor >= 0, "held amount of %s below zero", wallet.wallet_id)
+            hold.state = HOLD_CAPTURED if t.state == STATE_COMMITTED else HOLD_RELEASED
+            hold.captured_minor = t.amount_minor if t.state == STATE_COMMITTED else 0
+            hold.closed_at_ms = t.created_at_ms
+            if rows is not None:
+                rows.append(("wallet", wallet.copy()))
         if t.state != STATE_COMMITTED:
             return
         self._change(t.from_wallet_id, t.currency, -t.amount_minor, t, t.to_wallet_id, rows)
@@ -319,6 +540,61 @@ class ShardState:
                                         balance, counterparty, currency, t.created_at_ms)))
             rows.append(("wallet", wallet.copy()))
 
+    def _evolve_hold_created(self, e: HoldCreated, rows: list | None) -> None:
+        hold = e.hold.copy()
+        ensure(hold.hold_id not in self.holds, "hold %s created twice", hold.hold_id)
+        wallet = self.wallets[hold.wallet_id]
+        wallet.held_minor += hold.amount_minor
+        ensure(wallet.allow_negative or wallet.available_minor >= 0,
+               "hold takes %s below zero", wallet.wallet_id)
+        self.holds[hold.hold_id] = hold
+        self.idempotency[(hold.caller, hold.idempotency_key)] = IdempotencyRecord(
+            hold.caller, hold.idempotency_key, "hold:" + hold.hold_id,
+            hold_fingerprint(hold.wallet_id, hold.amount_minor, hold.currency,
+                             hold.expires_at_ms - hold.created_at_ms), hold.created_at_ms)
+        if rows is not None:
+            rows.append(("wallet", wallet.copy()))
+
+    def _evolve_hold_released(self, e: HoldReleased, rows: list | None) -> None:
+        hold = self.holds[e.hold_id]
+        ensure(hold.state == HOLD_HELD, "hold %s released twice", e.hold_id)
+        wallet = self.wallets[hold.wallet_id]
+        wallet.held_minor -= hold.amount_minor
+        ensure(wallet.held_minor >= 0, "held amount of %s below zero", wallet.wallet_id)
+        hold.state, hold.closed_at_ms = e.state, e.at_ms
+        if e.idempotency_key:
+            self.idempotency[(e.caller, e.idempotency_key)] = IdempotencyRecord(
+                e.caller, e.idempotency_key, "release:" + e.hold_id, (("hold_id", e.hold_id),),
+                e.at_ms)
+        if rows is not None:
+            rows.append(("wallet", wallet.copy()))
+
+    def _evolve_chain_prepared(self, e: ChainPrepared, rows: list | None) -> None:
+        t = e.transfer
+        wallet = self.wallets.get(t.from_wallet_id)
+        if wallet is None:
+            ensure(is_settlement(t.from_wallet_id), "chain item from unknown wallet")
+            wallet = self.wallets[t.from_wallet_id] = Wallet(t.from_wallet_id, t.currency,
+                                                             allow_negative=True)
+        wallet.held_minor += t.amount_minor
+        ensure(wallet.allow_negative or wallet.available_minor >= 0,
+               "chain hold takes %s below zero", wallet.wallet_id)
+        self.holds[t.transfer_id] = Hold(t.transfer_id, t.from_wallet_id, t.currency,
+                                         t.amount_minor, t.caller, t.idempotency_key,
+                                         t.created_at_ms, 0, chain_id=e.chain_id,
+                                         primary_shard=e.primary_shard, to_shard=e.to_shard)
+        self.transfers[t.transfer_id] = t.copy()
+        self.idempotency[(t.caller, t.idempotency_key)] = IdempotencyRecord(
+            t.caller, t.idempotency_key, "transfer:" + t.transfer_id,
+            transfer_fingerprint(t.kind, t.from_wallet_id, t.to_wallet_id, t.amount_minor,
+                                 t.currency, t.memo), t.created_at_ms)
+        if rows is not None:
+            rows.append(("wallet", wallet.copy()))
+
+    def _evolve_chain_decided(self, e: ChainDecided, rows: list | None) -> None:
+        ensure(e.chain_id not in self.chains, "chain %s decided twice", e.chain_id)
+        self.chains[e.chain_id] = (e.committed, e.at_ms)
+
     def _evolve_credits_applied(self, e: CreditsApplied, rows: list | None) -> None:
         applied = self.inbox_applied.get(e.from_shard, 0)
         for c in e.credits:
@@ -350,8 +626,14 @@ class ShardState:
                 del self.idempotency[key]
                 if record.target.startswith("transfer:"):
                     tid = record.target[len("transfer:"):]
-                    if tid not in owed:
+                    transfer = self.transfers.get(tid)
+                    if tid not in owed and (transfer is None or transfer.state != STATE_PENDING):
                         self.transfers.pop(tid, None)
+        for hold_id in [h.hold_id for h in self.holds.values()
+                        if h.state != HOLD_HELD and h.closed_at_ms < e.before_ms]:
+            del self.holds[hold_id]
+        for chain_id in [c for c, (_, at) in self.chains.items() if at < e.before_ms]:
+            del self.chains[chain_id]
 
     # --- checks -------------------------------------------------------------------------
 
@@ -365,7 +647,13 @@ class ShardState:
 
     def check(self) -> None:
         """Assert the shard's invariants (cheap enough to run after every snapshot)."""
+        held: dict[str, int] = {}
+        for h in self.holds.values():
+            if h.state == HOLD_HELD:
+                held[h.wallet_id] = held.get(h.wallet_id, 0) + h.amount_minor
         for w in self.wallets.values():
+            ensure(w.held_minor == held.get(w.wallet_id, 0), "held amount of %s disagrees "
+                   "with its holds", w.wallet_id)
             ensure(C.BALANCE_MINOR_MIN <= w.balance_minor <= C.AMOUNT_MINOR_MAX,
                    "balance of %s out of range", w.wallet_id)
             ensure(w.allow_negative or w.balance_minor - w.held_minor >= 0,
@@ -382,6 +670,14 @@ _DECIDERS = {
     ApplyCredits: ShardState._decide_apply_credits,
     AckOutbox: ShardState._decide_ack_outbox,
     ExpireIdempotency: ShardState._decide_expire_idempotency,
+    CreateHold: ShardState._decide_create_hold,
+    CaptureHold: ShardState._decide_capture_hold,
+    ReleaseHold: ShardState._decide_release_hold,
+    GetHold: ShardState._decide_get_hold,
+    ExpireHolds: ShardState._decide_expire_holds,
+    PrepareLinked: ShardState._decide_prepare_linked,
+    DecideChain: ShardState._decide_decide_chain,
+    FinishChain: ShardState._decide_finish_chain,
 }
 
 _EVOLVERS = {
@@ -390,4 +686,8 @@ _EVOLVERS = {
     CreditsApplied: ShardState._evolve_credits_applied,
     OutboxAcked: ShardState._evolve_outbox_acked,
     IdempotencyExpired: ShardState._evolve_idempotency_expired,
+    HoldCreated: ShardState._evolve_hold_created,
+    HoldReleased: ShardState._evolve_hold_released,
+    ChainPrepared: ShardState._evolve_chain_prepared,
+    ChainDecided: ShardState._evolve_chain_decided,
 }

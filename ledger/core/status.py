@@ -22,10 +22,12 @@ class Status(enum.IntEnum):
     SAME_WALLET = 14
     BATCH_TOO_LARGE = 15
     INVALID_ARGUMENT = 16
+    LINKED_CHAIN_OPEN = 17
 
     # NOT_FOUND
     WALLET_NOT_FOUND = 20
     TRANSFER_NOT_FOUND = 21
+    HOLD_NOT_FOUND = 22
 
     # ALREADY_EXISTS
     WALLET_EXISTS = 30
@@ -36,6 +38,10 @@ class Status(enum.IntEnum):
     INSUFFICIENT_FUNDS = 41
     BALANCE_OVERFLOW = 42
     WALLET_FROZEN = 43
+    HOLD_NOT_ACTIVE = 44
+    HOLD_AMOUNT_EXCEEDED = 45
+    # An item of a linked chain that was fine by itself, refused because the chain failed.
+    LINKED_ITEM_FAILED = 46
 
     # ABORTED: a request with this idempotency key is still being executed.
     REQUEST_IN_FLIGHT = 50
@@ -75,6 +81,11 @@ _GRPC_CODE = {
     Status.SAME_WALLET: "INVALID_ARGUMENT",
     Status.BATCH_TOO_LARGE: "INVALID_ARGUMENT",
     Status.INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    Status.LINKED_CHAIN_OPEN: "INVALID_ARGUMENT",
+    Status.HOLD_NOT_FOUND: "NOT_FOUND",
+    Status.HOLD_NOT_ACTIVE: "FAILED_PRECONDITION",
+    Status.HOLD_AMOUNT_EXCEEDED: "FAILED_PRECONDITION",
+    Status.LINKED_ITEM_FAILED: "FAILED_PRECONDITION",
     Status.WALLET_NOT_FOUND: "NOT_FOUND",
     Status.TRANSFER_NOT_FOUND: "NOT_FOUND",
     Status.WALLET_EXISTS: "ALREADY_EXISTS",

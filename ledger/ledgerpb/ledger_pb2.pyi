@@ -19,14 +19,19 @@ class ResultStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESULT_STATUS_SAME_WALLET: _ClassVar[ResultStatus]
     RESULT_STATUS_BATCH_TOO_LARGE: _ClassVar[ResultStatus]
     RESULT_STATUS_INVALID_ARGUMENT: _ClassVar[ResultStatus]
+    RESULT_STATUS_LINKED_CHAIN_OPEN: _ClassVar[ResultStatus]
     RESULT_STATUS_WALLET_NOT_FOUND: _ClassVar[ResultStatus]
     RESULT_STATUS_TRANSFER_NOT_FOUND: _ClassVar[ResultStatus]
+    RESULT_STATUS_HOLD_NOT_FOUND: _ClassVar[ResultStatus]
     RESULT_STATUS_WALLET_EXISTS: _ClassVar[ResultStatus]
     RESULT_STATUS_IDEMPOTENCY_KEY_REUSED: _ClassVar[ResultStatus]
     RESULT_STATUS_CURRENCY_MISMATCH: _ClassVar[ResultStatus]
     RESULT_STATUS_INSUFFICIENT_FUNDS: _ClassVar[ResultStatus]
     RESULT_STATUS_BALANCE_OVERFLOW: _ClassVar[ResultStatus]
     RESULT_STATUS_WALLET_FROZEN: _ClassVar[ResultStatus]
+    RESULT_STATUS_HOLD_NOT_ACTIVE: _ClassVar[ResultStatus]
+    RESULT_STATUS_HOLD_AMOUNT_EXCEEDED: _ClassVar[ResultStatus]
+    RESULT_STATUS_LINKED_ITEM_FAILED: _ClassVar[ResultStatus]
     RESULT_STATUS_REQUEST_IN_FLIGHT: _ClassVar[ResultStatus]
     RESULT_STATUS_SHARD_UNAVAILABLE: _ClassVar[ResultStatus]
     RESULT_STATUS_OVERLOADED: _ClassVar[ResultStatus]
@@ -37,12 +42,22 @@ class TransferKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSFER_KIND_TRANSFER: _ClassVar[TransferKind]
     TRANSFER_KIND_DEPOSIT: _ClassVar[TransferKind]
     TRANSFER_KIND_WITHDRAWAL: _ClassVar[TransferKind]
+    TRANSFER_KIND_HOLD_CAPTURE: _ClassVar[TransferKind]
 
 class TransferState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRANSFER_STATE_UNSPECIFIED: _ClassVar[TransferState]
     TRANSFER_STATE_COMMITTED: _ClassVar[TransferState]
     TRANSFER_STATE_REFUSED: _ClassVar[TransferState]
+    TRANSFER_STATE_PENDING: _ClassVar[TransferState]
+
+class HoldState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HOLD_STATE_UNSPECIFIED: _ClassVar[HoldState]
+    HOLD_STATE_HELD: _ClassVar[HoldState]
+    HOLD_STATE_CAPTURED: _ClassVar[HoldState]
+    HOLD_STATE_RELEASED: _ClassVar[HoldState]
+    HOLD_STATE_EXPIRED: _ClassVar[HoldState]
 RESULT_STATUS_UNSPECIFIED: ResultStatus
 RESULT_STATUS_OK: ResultStatus
 RESULT_STATUS_INVALID_IDEMPOTENCY_KEY: ResultStatus
@@ -52,14 +67,19 @@ RESULT_STATUS_INVALID_AMOUNT: ResultStatus
 RESULT_STATUS_SAME_WALLET: ResultStatus
 RESULT_STATUS_BATCH_TOO_LARGE: ResultStatus
 RESULT_STATUS_INVALID_ARGUMENT: ResultStatus
+RESULT_STATUS_LINKED_CHAIN_OPEN: ResultStatus
 RESULT_STATUS_WALLET_NOT_FOUND: ResultStatus
 RESULT_STATUS_TRANSFER_NOT_FOUND: ResultStatus
+RESULT_STATUS_HOLD_NOT_FOUND: ResultStatus
 RESULT_STATUS_WALLET_EXISTS: ResultStatus
 RESULT_STATUS_IDEMPOTENCY_KEY_REUSED: ResultStatus
 RESULT_STATUS_CURRENCY_MISMATCH: ResultStatus
 RESULT_STATUS_INSUFFICIENT_FUNDS: ResultStatus
 RESULT_STATUS_BALANCE_OVERFLOW: ResultStatus
 RESULT_STATUS_WALLET_FROZEN: ResultStatus
+RESULT_STATUS_HOLD_NOT_ACTIVE: ResultStatus
+RESULT_STATUS_HOLD_AMOUNT_EXCEEDED: ResultStatus
+RESULT_STATUS_LINKED_ITEM_FAILED: ResultStatus
 RESULT_STATUS_REQUEST_IN_FLIGHT: ResultStatus
 RESULT_STATUS_SHARD_UNAVAILABLE: ResultStatus
 RESULT_STATUS_OVERLOADED: ResultStatus
@@ -67,9 +87,16 @@ TRANSFER_KIND_UNSPECIFIED: TransferKind
 TRANSFER_KIND_TRANSFER: TransferKind
 TRANSFER_KIND_DEPOSIT: TransferKind
 TRANSFER_KIND_WITHDRAWAL: TransferKind
+TRANSFER_KIND_HOLD_CAPTURE: TransferKind
 TRANSFER_STATE_UNSPECIFIED: TransferState
 TRANSFER_STATE_COMMITTED: TransferState
 TRANSFER_STATE_REFUSED: TransferState
+TRANSFER_STATE_PENDING: TransferState
+HOLD_STATE_UNSPECIFIED: HoldState
+HOLD_STATE_HELD: HoldState
+HOLD_STATE_CAPTURED: HoldState
+HOLD_STATE_RELEASED: HoldState
+HOLD_STATE_EXPIRED: HoldState
 
 class Wallet(_message.Message):
     __slots__ = ("wallet_id", "currency", "balance_minor", "held_minor", "available_minor", "version", "allow_negative", "frozen", "created_at_ms", "shard")
@@ -210,20 +237,22 @@ class WithdrawRequest(_message.Message):
     def __init__(self, idempotency_key: _Optional[str] = ..., wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., memo: _Optional[str] = ...) -> None: ...
 
 class TransferRequest(_message.Message):
-    __slots__ = ("idempotency_key", "from_wallet_id", "to_wallet_id", "amount_minor", "currency", "memo")
+    __slots__ = ("idempotency_key", "from_wallet_id", "to_wallet_id", "amount_minor", "currency", "memo", "linked")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     FROM_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
     TO_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     MEMO_FIELD_NUMBER: _ClassVar[int]
+    LINKED_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     from_wallet_id: str
     to_wallet_id: str
     amount_minor: int
     currency: str
     memo: str
-    def __init__(self, idempotency_key: _Optional[str] = ..., from_wallet_id: _Optional[str] = ..., to_wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., memo: _Optional[str] = ...) -> None: ...
+    linked: bool
+    def __init__(self, idempotency_key: _Optional[str] = ..., from_wallet_id: _Optional[str] = ..., to_wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., memo: _Optional[str] = ..., linked: _Optional[bool] = ...) -> None: ...
 
 class TransferResponse(_message.Message):
     __slots__ = ("transfer", "replayed")
@@ -288,3 +317,75 @@ class ListWalletEntriesResponse(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     next_page_token: str
     def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class Hold(_message.Message):
+    __slots__ = ("hold_id", "wallet_id", "amount_minor", "currency", "state", "captured_minor", "created_at_ms", "expires_at_ms", "closed_at_ms")
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
+    WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_MINOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    hold_id: str
+    wallet_id: str
+    amount_minor: int
+    currency: str
+    state: HoldState
+    captured_minor: int
+    created_at_ms: int
+    expires_at_ms: int
+    closed_at_ms: int
+    def __init__(self, hold_id: _Optional[str] = ..., wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., state: _Optional[_Union[HoldState, str]] = ..., captured_minor: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., closed_at_ms: _Optional[int] = ...) -> None: ...
+
+class CreateHoldRequest(_message.Message):
+    __slots__ = ("idempotency_key", "wallet_id", "amount_minor", "currency", "timeout_ms")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    wallet_id: str
+    amount_minor: int
+    currency: str
+    timeout_ms: int
+    def __init__(self, idempotency_key: _Optional[str] = ..., wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class CaptureHoldRequest(_message.Message):
+    __slots__ = ("idempotency_key", "hold_id", "amount_minor", "to_wallet_id", "memo")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    TO_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMO_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    hold_id: str
+    amount_minor: int
+    to_wallet_id: str
+    memo: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., hold_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., to_wallet_id: _Optional[str] = ..., memo: _Optional[str] = ...) -> None: ...
+
+class ReleaseHoldRequest(_message.Message):
+    __slots__ = ("idempotency_key", "hold_id")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    hold_id: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., hold_id: _Optional[str] = ...) -> None: ...
+
+class GetHoldRequest(_message.Message):
+    __slots__ = ("hold_id",)
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
+    hold_id: str
+    def __init__(self, hold_id: _Optional[str] = ...) -> None: ...
+
+class HoldResponse(_message.Message):
+    __slots__ = ("hold", "replayed")
+    HOLD_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    hold: Hold
+    replayed: bool
+    def __init__(self, hold: _Optional[_Union[Hold, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...

@@ -75,6 +75,26 @@ class LedgerServiceStub:
                 request_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.ListWalletEntriesRequest.SerializeToString,
                 response_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.ListWalletEntriesResponse.FromString,
                 _registered_method=True)
+        self.CreateHold = channel.unary_unary(
+                '/ledger.v1.LedgerService/CreateHold',
+                request_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.CreateHoldRequest.SerializeToString,
+                response_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.HoldResponse.FromString,
+                _registered_method=True)
+        self.CaptureHold = channel.unary_unary(
+                '/ledger.v1.LedgerService/CaptureHold',
+                request_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.CaptureHoldRequest.SerializeToString,
+                response_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.TransferResponse.FromString,
+                _registered_method=True)
+        self.ReleaseHold = channel.unary_unary(
+                '/ledger.v1.LedgerService/ReleaseHold',
+                request_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.ReleaseHoldRequest.SerializeToString,
+                response_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.HoldResponse.FromString,
+                _registered_method=True)
+        self.GetHold = channel.unary_unary(
+                '/ledger.v1.LedgerService/GetHold',
+                request_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.GetHoldRequest.SerializeToString,
+                response_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.HoldResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -129,6 +149,31 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateHold(self, request, context):
+        """Holds: reserve money on a wallet with a timeout, then capture all or part, or release.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CaptureHold(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseHold(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHold(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +216,26 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListWalletEntries,
                     request_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.ListWalletEntriesRequest.FromString,
                     response_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.ListWalletEntriesResponse.SerializeToString,
+            ),
+            'CreateHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateHold,
+                    request_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.CreateHoldRequest.FromString,
+                    response_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.HoldResponse.SerializeToString,
+            ),
+            'CaptureHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.CaptureHold,
+                    request_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.CaptureHoldRequest.FromString,
+                    response_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.TransferResponse.SerializeToString,
+            ),
+            'ReleaseHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseHold,
+                    request_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.ReleaseHoldRequest.FromString,
+                    response_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.HoldResponse.SerializeToString,
+            ),
+            'GetHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHold,
+                    request_deserializer=ledger_dot_ledgerpb_dot_ledger__pb2.GetHoldRequest.FromString,
+                    response_serializer=ledger_dot_ledgerpb_dot_ledger__pb2.HoldResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +454,114 @@ class LedgerService:
             '/ledger.v1.LedgerService/ListWalletEntries',
             ledger_dot_ledgerpb_dot_ledger__pb2.ListWalletEntriesRequest.SerializeToString,
             ledger_dot_ledgerpb_dot_ledger__pb2.ListWalletEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/CreateHold',
+            ledger_dot_ledgerpb_dot_ledger__pb2.CreateHoldRequest.SerializeToString,
+            ledger_dot_ledgerpb_dot_ledger__pb2.HoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CaptureHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/CaptureHold',
+            ledger_dot_ledgerpb_dot_ledger__pb2.CaptureHoldRequest.SerializeToString,
+            ledger_dot_ledgerpb_dot_ledger__pb2.TransferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/ReleaseHold',
+            ledger_dot_ledgerpb_dot_ledger__pb2.ReleaseHoldRequest.SerializeToString,
+            ledger_dot_ledgerpb_dot_ledger__pb2.HoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/GetHold',
+            ledger_dot_ledgerpb_dot_ledger__pb2.GetHoldRequest.SerializeToString,
+            ledger_dot_ledgerpb_dot_ledger__pb2.HoldResponse.FromString,
             options,
             channel_credentials,
             insecure,

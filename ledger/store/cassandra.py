@@ -21,6 +21,7 @@ no thread is spent per call.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from typing import Any, Iterable, Sequence
 
@@ -312,7 +313,12 @@ class CassandraStore:
             request_timeout=request_timeout_s,
         )
         cluster = Cluster(contact_points=list(contact_points), port=port,
-                          execution_profiles={EXEC_PROFILE_DEFAULT: profile})
+                          execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+                          # The driver writes a request in 4 KB chunks. Without TCP_NODELAY,
+                          # Nagle holds the last chunk until the server ACKs the previous one,
+                          # which the server delays by up to 40 ms: every request of 4-200 KB
+                          # (any group commit) took ~45 ms instead of ~3 ms on loopback.
+                          sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
         def _blocking_connect() -> Session:
             # Connecting and DDL (which waits for schema agreement) block; they happen once,
