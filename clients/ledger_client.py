@@ -139,6 +139,32 @@ class LedgerClient:
         return await self._call(self._stub.BatchTransfer,
                                 pb.BatchTransferRequest(transfers=transfers), retry=True)
 
+    async def create_hold(self, wallet_id: str, amount_minor: int, currency: str, timeout_ms: int,
+                          idempotency_key: str | None = None) -> pb.HoldResponse:
+        request = pb.CreateHoldRequest(idempotency_key=idempotency_key or new_idempotency_key(),
+                                       wallet_id=wallet_id, amount_minor=amount_minor,
+                                       currency=currency, timeout_ms=timeout_ms)
+        return await self._call(self._stub.CreateHold, request, retry=True)
+
+    async def capture_hold(self, hold_id: str, to_wallet_id: str, amount_minor: int = 0,
+                           memo: str = "", idempotency_key: str | None = None
+                           ) -> pb.TransferResponse:
+        request = pb.CaptureHoldRequest(idempotency_key=idempotency_key or new_idempotency_key(),
+                                        hold_id=hold_id, amount_minor=amount_minor,
+                                        to_wallet_id=to_wallet_id, memo=memo)
+        return await self._call(self._stub.CaptureHold, request, retry=True)
+
+    async def release_hold(self, hold_id: str, idempotency_key: str | None = None
+                           ) -> pb.HoldResponse:
+        request = pb.ReleaseHoldRequest(idempotency_key=idempotency_key or new_idempotency_key(),
+                                        hold_id=hold_id)
+        return await self._call(self._stub.ReleaseHold, request, retry=True)
+
+    async def get_hold(self, hold_id: str) -> pb.Hold:
+        response = await self._call(self._stub.GetHold, pb.GetHoldRequest(hold_id=hold_id),
+                                    retry=True)
+        return response.hold
+
     async def get_transfer(self, transfer_id: str) -> pb.Transfer:
         response = await self._call(self._stub.GetTransfer,
                                     pb.GetTransferRequest(transfer_id=transfer_id), retry=True)

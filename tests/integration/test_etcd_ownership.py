@@ -1,0 +1,358 @@
+"""EtcdOwnership against a real etcd: election, takeover, loss before expiry, failover, moves.
+
+Proves:
+  * two nodes of one region: every shard is owned by exactly one node, by the node the
+    rendezvous policy prefers once both are stable, and each node's listener saw exactly the
+    shards it owns;
+  * ``abandon()`` (a crash: no revoke) hands the node's shards to the other node only after the
+    lease TTL, each with a higher epoch;
+  * a node whose keep-alives stop (its link to etcd blackholed) reports the loss of every shard
+    before any other node gains one of them;
+  * failover across regions: a node of r2 takes r1's shards while r1 has no live node, gives
+    them back when an r1 node is up, ``set_home`` moves shards to a node of the target region,
+    and a crashed r1 node's shards go to r2 after the TTL;
+  * the watch cache (``owner()``, ``placements()``) agrees with what etcd holds.
+
+Uses the session's etcd from ``local_cluster`` (or ``LEDGER_TEST_ETCD_ENDPOINT`` when set, to
+run these without Cassandra). Every test uses its own key prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+from shard_router.etcd import EtcdOwnership, preferred_node
+from shard_router.local import LocalOwnership
+
+SHARDS = 8
+LEASE_TTL_S = 3.0
+GRACE_S = 1.0
+# Waits that do not involve a lease expiry: watch propagation, a grace period or two.
+SETTLE_TIMEOUT_S = 10.0
+# Takeover after a crash: the TTL, then the grace periods, then slack for a loaded machine.
+TAKEOVER_TIMEOUT_S = LEASE_TTL_S + 2 * GRACE_S + 5.0
+POLL_S = 0.05
+
+
+@pytest.fixture(scope="session")
+def etcd_endpoint(request) -> str:
+    override = os.environ.get("LEDGER_TEST_ETCD_ENDPOINT")
+    if override:
+        return override
+    return request.getfixturevalue("local_cluster").etcd_endpoint
+
+
+@dataclass
+class Recorder:
+    """Every listener call of every node, with monotonic timestamps."""
+
+    events: list[tuple[float, str, int, int]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def listener(self, node_id: str):
+        async def on_change(shard: int, epoch: int) -> None:
+            self.events.append((time.monotonic(), node_id, shard, epoch))
+            self.changed.set()
+        return on_change
+
+    def owned(self, node_id: str) -> dict[int, int]:
+        """The shards the listener was last told ``node_id`` owns."""
+        state: dict[int, int] = {}
+        for _, node, shard, epoch in self.events:
+            if node == node_id:
+                state[shard] = epoch
+        return {s: e for s, e in state.items() if e}
+
+    def first(self, node_id: str, shard: int, epoch_is_loss: bool, after: float) -> float | None:
+        for at, node, s, epoch in self.events:
+            if node == node_id and s == shard and at >= after and (epoch == 0) == epoch_is_loss:
+                return at
+        return None
+
+
+async def wait_until(recorder: Recorder, predicate, timeout_s: float, what: str) -> float:
+    """Wait for ``predicate()``; wake on listener calls, and every ``POLL_S`` for cache
+    changes, which have no event of their own. Returns the seconds waited."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while not predicate():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out after {timeout_s:.1f}s waiting for {what}")
+        recorder.changed.clear()
+        try:
+            await asyncio.wait_for(recorder.changed.wait(), min(remaining, POLL_S))
+        except TimeoutError:
+            pass
+    return time.monotonic() - started
+
+
+class BlackholeProxy:
+    """A TCP proxy to etcd that can be told to drop every byte, in both directions, while
+    keeping connections open: the node's calls hang until their deadlines, as on a partition."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._host, self._port = host, int(port)
+        self.blackhole = False
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.endpoint = ""
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.endpoint = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.blackhole:
+            return  # Accept, never answer.
+        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
+        self._writers.append(up_writer)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if not self.blackhole:
+                    writer.write(data)
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+
+@pytest.fixture
+async def cluster(etcd_endpoint):
+    """A factory of nodes under a fresh prefix; closes them all at the end."""
+    prefix = f"/test-ownership/{uuid.uuid4().hex[:12]}"
+    recorder = Recorder()
+    nodes: list[EtcdOwnership] = []
+    proxies: list[BlackholeProxy] = []
+
+    async def node(node_id: str, region: str, regions: list[str], *, start: bool = True,
+                   endpoint: str | None = None) -> EtcdOwnership:
+        n = EtcdOwnership(endpoint or etcd_endpoint, node_id, region, f"{node_id}.test:1",
+                          regions, shard_count=SHARDS, lease_ttl_s=LEASE_TTL_S,
+                          takeover_grace_s=GRACE_S, prefix=prefix)
+        nodes.append(n)
+        if start:
+            await n.start(recorder.listener(node_id))
+        return n
+
+    async def proxy() -> BlackholeProxy:
+        p = BlackholeProxy(etcd_endpoint)
+        await p.start()
+        proxies.append(p)
+        return p
+
+    client = _client(etcd_endpoint)
+    yield type("Cluster", (), {"node": staticmethod(node), "proxy": staticmethod(proxy),
+                               "recorder": recorder, "prefix": prefix, "etcd": client})()
+    for n in nodes:
+        await n.close()
+    for p in proxies:
+        await p.close()
+    client.delete_prefix(prefix + "/")
+    client.close()
+
+
+def _client(endpoint: str):
+    import pyetcd
+
+    host, _, port = endpoint.rpartition(":")
+    return pyetcd.MultiEndpointEtcd3Client(
+        endpoints=[pyetcd.Endpoint(host, int(port), secure=False, time_retry=0.0)], timeout=5.0)
+
+
+def etcd_owners(client, prefix: str) -> dict[int, tuple[str, int]]:
+    """shard -> (node_id, epoch) straight from etcd."""
+    out = {}
+    for value, meta in client.get_prefix(f"{prefix}/owner/"):
+        shard = int(meta.key.decode().rsplit("/", 1)[1])
+        out[shard] = (json.loads(value)["node_id"], meta.create_revision)
+    return out
+
+
+def etcd_homes(client, prefix: str) -> dict[int, str]:
+    out = {}
+    for value, meta in client.get_prefix(f"{prefix}/map/"):
+        out[int(meta.key.decode().rsplit("/", 1)[1])] = json.loads(value)["home_region"]
+    return out
+
+
+def cache_matches_etcd(node: EtcdOwnership, client, prefix: str) -> bool:
+    owners = etcd_owners(client, prefix)
+    cached = {s: (o.node_id, o.epoch) for s in range(SHARDS) if (o := node.owner(s))}
+    homes = etcd_homes(client, prefix)
+    return cached == owners and {p.shard: p.home_region for p in node.placements()} == homes
+
+
+def all_owned_once(*nodes: EtcdOwnership) -> bool:
+    seen: list[int] = []
+    for n in nodes:
+        seen.extend(n.owned())
+    return sorted(seen) == list(range(SHARDS))
+
+
+@pytest.mark.real
+async def test_two_nodes_one_region_split_the_shards(cluster):
+    a, b = await asyncio.gather(cluster.node("a", "r1", ["r1"]), cluster.node("b", "r1", ["r1"]))
+    rec = cluster.recorder
+
+    def settled() -> bool:
+        return (all_owned_once(a, b)
+                and all(s in (a if preferred_node(s, ["a", "b"]) == "a" else b).owned()
+                        for s in range(SHARDS)))
+
+    await wait_until(rec, settled, SETTLE_TIMEOUT_S + 2 * GRACE_S, "rendezvous placement")
+    assert set(a.owned()).isdisjoint(b.owned())
+    assert rec.owned("a") == a.owned() and rec.owned("b") == b.owned()
+    for n in (a, b):
+        await wait_until(rec, lambda n=n: cache_matches_etcd(n, cluster.etcd, cluster.prefix),
+                         SETTLE_TIMEOUT_S, f"{n.node_id}'s cache to match etcd")
+    assert {s: e for s, (_, e) in etcd_owners(cluster.etcd, cluster.prefix).items()} == \
+        {**a.owned(), **b.owned()}
+
+
+@pytest.mark.real
+async def test_abandoned_node_loses_its_shards_after_the_ttl(cluster):
+    a = await cluster.node("a", "r1", ["r1"])
+    b = await cluster.node("b", "r1", ["r1"])
+    rec = cluster.recorder
+    await wait_until(rec, lambda: all_owned_once(a, b) and a.owned() and b.owned(),
+                     SETTLE_TIMEOUT_S + 2 * GRACE_S, "both nodes to own shards")
+    before = a.owned()
+    crashed_at = time.monotonic()
+    await a.abandon()
+    took_s = await wait_until(rec, lambda: len(b.owned()) == SHARDS, TAKEOVER_TIMEOUT_S,
+                              "b to take a's shards")
+    print(f"\ntakeover after abandon(): {took_s:.2f}s (lease TTL {LEASE_TTL_S}s)")
+    # a crash is noticed only at lease expiry: at least TTL minus one keep-alive period.
+    assert took_s >= LEASE_TTL_S * (2 / 3) - 0.1
+    for shard, epoch in before.items():
+        assert b.owned()[shard] > epoch
+        gained = rec.first("b", shard, epoch_is_loss=False, after=crashed_at)
+        assert gained is not None
+    await wait_until(rec, lambda: cache_matches_etcd(b, cluster.etcd, cluster.prefix),
+                     SETTLE_TIMEOUT_S, "b's cache to match etcd")
+
+
+@pytest.mark.real
+async def test_stalled_keepalives_report_loss_before_anyone_gains(cluster):
+    link = await cluster.proxy()
+    a = await cluster.node("a", "r1", ["r1"], endpoint=link.endpoint)
+    b = await cluster.node("b", "r1", ["r1"])
+    rec = cluster.recorder
+    await wait_until(rec, lambda: all_owned_once(a, b) and a.owned() and b.owned(),
+                     SETTLE_TIMEOUT_S + 2 * GRACE_S, "both nodes to own shards")
+    before = a.owned()
+    cut_at = time.monotonic()
+    link.blackhole = True
+    await wait_until(rec, lambda: len(b.owned()) == SHARDS, TAKEOVER_TIMEOUT_S,
+                     "b to take the cut-off node's shards")
+    assert a.owned() == {}
+    for shard, epoch in before.items():
+        lost = rec.first("a", shard, epoch_is_loss=True, after=cut_at)
+        gained = rec.first("b", shard, epoch_is_loss=False, after=cut_at)
+        assert lost is not None and gained is not None
+        print(f"\nshard {shard}: a lost it {lost - cut_at:.2f}s after the cut, "
+              f"b gained it {gained - cut_at:.2f}s after (epoch {epoch} -> {b.owned()[shard]})")
+        assert lost < gained
+        assert b.owned()[shard] > epoch
+
+
+@pytest.mark.real
+async def test_failover_across_regions_and_planned_moves(cluster):
+    regions = ["r1", "r2"]
+    home = {s: regions[s % 2] for s in range(SHARDS)}
+    rec = cluster.recorder
+    # Only r2 is up: after the grace period it serves r1's shards too.
+    b = await cluster.node("b", "r2", regions)
+    await wait_until(rec, lambda: len(b.owned()) == SHARDS, SETTLE_TIMEOUT_S,
+                     "b (r2) to take r1's shards while r1 has no node")
+    failover_epochs = b.owned()
+    # r1 comes up: once it is stable, b hands r1's shards back.
+    a = await cluster.node("a", "r1", regions)
+
+    def by_home() -> bool:
+        return (all_owned_once(a, b) and all(s in (a if home[s] == "r1" else b).owned()
+                                             for s in range(SHARDS)))
+
+    await wait_until(rec, by_home, SETTLE_TIMEOUT_S, "failback to r1")
+    for shard, epoch in a.owned().items():
+        assert epoch > failover_epochs[shard]
+    # Planned moves: shard 0 to r2, shard 1 to r1.
+    old = {0: a.owned()[0], 1: b.owned()[1]}
+    await a.set_homes({0: "r2"})
+    await b.set_home(1, "r1")
+    home.update({0: "r2", 1: "r1"})
+    await wait_until(rec, by_home, SETTLE_TIMEOUT_S, "set_home moves")
+    assert a.owner(1).region == "r1" and b.owner(0).region == "r2"
+    assert b.owned()[0] > old[0] and a.owned()[1] > old[1]
+    lost0 = rec.first("a", 0, epoch_is_loss=True, after=0)
+    assert lost0 is not None and lost0 <= rec.first("b", 0, epoch_is_loss=False, after=lost0)
+    for n in (a, b):
+        await wait_until(rec, lambda n=n: cache_matches_etcd(n, cluster.etcd, cluster.prefix),
+                         SETTLE_TIMEOUT_S, f"{n.node_id}'s cache to match etcd")
+    assert etcd_homes(cluster.etcd, cluster.prefix) == home
+    # r1 crashes: r2 takes r1's shards after the TTL and the grace period.
+    r1_epochs = a.owned()
+    crashed_at = time.monotonic()
+    await a.abandon()
+    took_s = await wait_until(rec, lambda: len(b.owned()) == SHARDS, TAKEOVER_TIMEOUT_S,
+                              "r2 to take over after r1 crashed")
+    print(f"\ncross-region takeover after abandon(): {took_s:.2f}s "
+          f"(lease TTL {LEASE_TTL_S}s, grace {GRACE_S}s)")
+    assert took_s >= LEASE_TTL_S * (2 / 3) - 0.1
+    for shard, epoch in r1_epochs.items():
+        assert b.owned()[shard] > epoch
+        assert rec.first("b", shard, epoch_is_loss=False, after=crashed_at) is not None
+    await wait_until(rec, lambda: cache_matches_etcd(b, cluster.etcd, cluster.prefix),
+                     SETTLE_TIMEOUT_S, "b's cache to match etcd")
+
+
+@pytest.mark.real
+async def test_release_hands_a_shard_to_the_other_node(cluster):
+    a = await cluster.node("a", "r1", ["r1"])
+    b = await cluster.node("b", "r1", ["r1"])
+    rec = cluster.recorder
+    await wait_until(rec, lambda: all_owned_once(a, b) and a.owned() and b.owned(),
+                     SETTLE_TIMEOUT_S + 2 * GRACE_S, "both nodes to own shards")
+    shard, epoch = next(iter(a.owned().items()))
+    await a.release(shard)
+    assert shard not in a.owned()
+    await wait_until(rec, lambda: shard in b.owned(), SETTLE_TIMEOUT_S, "b to take it")
+    assert b.owned()[shard] > epoch
+
+
+async def test_local_ownership_owns_everything_until_closed():
+    calls: list[tuple[int, int]] = []
+
+    async def listener(shard: int, epoch: int) -> None:
+        calls.append((shard, epoch))
+
+    own = LocalOwnership(4, epoch=7)
+    assert own.owner(0) is None
+    await own.start(listener)
+    assert calls == [(s, 7) for s in range(4)]
+    assert own.owner(3).epoch == 7 and own.owner(3).node_id == "dev"
+    assert [p.home_region for p in own.placements()] == ["dev"] * 4
+    await own.close()
+    await own.close()
+    assert calls[4:] == [(s, 0) for s in range(4)]
+    assert own.owner(0) is None
