@@ -28,7 +28,8 @@ from typing import Any, Iterable, Sequence
 from cassandra import ConsistencyLevel, OperationTimedOut, RequestExecutionException, Unavailable
 from cassandra import protocol as cql_protocol
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
-from cassandra.connection import ConnectionException
+from cassandra.connection import ConnectionBusy, ConnectionException
+from cassandra.pool import NoConnectionsAvailable
 from cassandra.policies import DCAwareRoundRobinPolicy, RetryPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statement, dict_factory
 
@@ -42,12 +43,18 @@ from ledger.store.port import (Fenced, JournalBatch, LoadedShard, Row, StoreUnav
 # (write_request_timeout 2 s, cas_contention_timeout 1 s) so that the coordinator's answer,
 # which says what kind of timeout happened, normally arrives before the driver gives up.
 REQUEST_TIMEOUT_S_DEFAULT = 10.0
-# Row upserts of one append or write_rows call kept in flight at once; the rest wait for a
-# slot. Bounds the driver's request queue (and Cassandra's native-transport queue).
-ROWS_IN_FLIGHT_MAX = 256
+# Row-upsert requests (batches) of one append or write_rows call kept in flight at once; the
+# rest wait for a slot. Bounds the driver's request queue and Cassandra's native-transport
+# queue.
+ROWS_IN_FLIGHT_MAX = 64
 # Journal batches read per round trip by load/read_journal. A batch is one group commit (up
 # to a few hundred KB), so pages are counted in batches, not bytes.
 JOURNAL_PAGE_BATCHES = 64
+# Estimated payload bytes of one multi-partition batch of row upserts. Cassandra refuses such
+# batches above batch_size_fail_threshold (50 KiB by default) and logs a rate-limited
+# warning above batch_size_warn_threshold (5 KiB); 16 KiB keeps far from the refusal while
+# packing about a hundred rows per request.
+ROWS_BATCH_BYTES_MAX = 16 * 1024
 # Entries / wallets read per round trip by list_entries / scan_wallets.
 ROWS_PAGE_MAX = 1000
 # CAS attempts of one fence before giving up with StoreUnavailable. A retry happens only when
@@ -157,11 +164,13 @@ def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> 
 class _Fanout:
     """Runs many independent statements with at most ``concurrency`` in flight.
 
-    The next statement is started from the driver callback of a finished one, so thousands
-    of row upserts cost neither an asyncio task nor a thread each. Driver callbacks run on the
-    driver's thread (or inline, when a response is already there), hence the re-entrant lock.
-    The first error stops launching; the future fails once everything in flight has finished,
-    so that no write of this call is still running when the caller hears of the failure.
+    The next statement is started from the driver callback of a finished one, so a call with
+    many statements costs neither an asyncio task nor a thread per statement. Driver callbacks
+    run on the driver's thread (or inline, when a response is already there), hence the
+    re-entrant lock. A statement refused because the connection is busy was not sent; it is
+    started again after a short pause, until the deadline. Any other error stops launching,
+    and the future fails once everything in flight has finished, so that no write of this
+    call is still running when the caller hears of the failure.
     """
 
     def __init__(self, session: Session, loop: asyncio.AbstractEventLoop,
@@ -173,6 +182,7 @@ class _Fanout:
         self._in_flight = 0
         self._concurrency = concurrency
         self._timeout_s = timeout_s
+        self._deadline = loop.time() + timeout_s
         self._error: BaseException | None = None
         self._settled = False
         self._lock = threading.RLock()
@@ -180,35 +190,53 @@ class _Fanout:
 
     def start(self) -> asyncio.Future:
         with self._lock:
-            while self._in_flight < self._concurrency and self._launch():
+            while self._in_flight < self._concurrency and self._launch_next():
                 pass
             self._finish_if_done()
         return self.future
 
-    def _launch(self) -> bool:
+    def _launch_next(self) -> bool:
         # Lock held.
         if self._error is not None or self._next >= len(self._statements):
             return False
         statement = self._statements[self._next]
         self._next += 1
         self._in_flight += 1
+        self._send(statement, 0)
+        return True
+
+    def _send(self, statement: Statement, busy_count: int) -> None:
+        # Lock held; the statement is counted in flight.
         try:
             response = self._session.execute_async(statement, timeout=self._timeout_s)
         except Exception as exc:  # e.g. the session is shut down
-            self._in_flight -= 1
-            self._error = exc
-            return False
-        response.add_callbacks(self._on_done, self._on_error)
-        return True
+            self._on_error(exc, statement, busy_count)
+            return
+        response.add_callbacks(self._on_done, self._on_error,
+                               errback_args=(statement, busy_count))
+
+    def _resend(self, statement: Statement, busy_count: int) -> None:
+        with self._lock:
+            if self._error is not None:
+                self._in_flight -= 1
+                self._finish_if_done()
+            else:
+                self._send(statement, busy_count)
 
     def _on_done(self, _rows: Any) -> None:
         with self._lock:
             self._in_flight -= 1
-            self._launch()
+            self._launch_next()
             self._finish_if_done()
 
-    def _on_error(self, exc: BaseException) -> None:
+    def _on_error(self, exc: BaseException, statement: Statement, busy_count: int) -> None:
         with self._lock:
+            if (_connection_busy(exc) and self._error is None
+                    and self._loop.time() < self._deadline):
+                # Still counted in flight while it waits for its next try.
+                _call_threadsafe(self._loop, self._loop.call_later, _busy_pause_s(busy_count),
+                                 self._resend, statement, busy_count + 1)
+                return
             self._in_flight -= 1
             if self._error is None:
                 self._error = exc
@@ -221,6 +249,24 @@ class _Fanout:
         if self._error is not None or self._next >= len(self._statements):
             self._settled = True
             _call_threadsafe(self._loop, _settle, self.future, None, self._error)
+
+
+def _connection_busy(exc: BaseException) -> bool:
+    """True if the driver refused to send because every connection was full.
+
+    The libev connection refuses new requests while the socket's send buffer is full (large
+    group commits fill it quickly) and the pool refuses when all stream ids are taken. The
+    request never left the client, so trying again later is safe even for a CAS.
+    """
+    if not isinstance(exc, NoHostAvailable) or not exc.errors:
+        return False
+    return all(isinstance(e, (ConnectionBusy, NoConnectionsAvailable))
+               for e in exc.errors.values())
+
+
+def _busy_pause_s(busy_count: int) -> float:
+    # 1 ms, doubling up to 50 ms: the socket drains at loopback/LAN speed.
+    return min(0.001 * (2 ** busy_count), 0.05)
 
 
 def _call_threadsafe(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
@@ -256,7 +302,7 @@ class CassandraStore:
       with QUORUM writes intersect, so a read sees every acknowledged write.
     """
 
-    def __init__(self, cluster: Cluster, session: Session, keyspace: str, *,
+    def __init__(self, cluster: Cluster, session: Session, keyspace: str, local_dc: str, *,
                  serial_consistency: int | str = ConsistencyLevel.SERIAL,
                  write_consistency: int | str = ConsistencyLevel.QUORUM,
                  read_consistency: int | str = ConsistencyLevel.QUORUM,
@@ -265,6 +311,7 @@ class CassandraStore:
         self._cluster = cluster
         self._session = session
         self._keyspace = keyspace
+        self._local_dc = local_dc
         self._serial_cl = _consistency(serial_consistency)
         self._write_cl = _consistency(write_consistency)
         self._read_cl = _consistency(read_consistency)
@@ -332,7 +379,7 @@ class CassandraStore:
         try:
             session = await asyncio.to_thread(_blocking_connect)
             return await asyncio.to_thread(
-                cls, cluster, session, keyspace, serial_consistency=serial_consistency,
+                cls, cluster, session, keyspace, local_dc, serial_consistency=serial_consistency,
                 write_consistency=write_consistency, read_consistency=read_consistency,
                 request_timeout_s=request_timeout_s)
         except Exception as exc:
@@ -415,7 +462,7 @@ class CassandraStore:
 
     # --- driver bridge ----------------------------------------------------------------
 
-    def _run(self, statement: Statement, params: Sequence[Any] | None = None) -> asyncio.Future:
+    def _start(self, statement: Statement, params: Sequence[Any] | None) -> asyncio.Future:
         """Start one statement; the returned future resolves on the event loop.
 
         The driver calls back on its own I/O thread; ``call_soon_threadsafe`` hands the
@@ -428,6 +475,20 @@ class CassandraStore:
             lambda rows: _call_threadsafe(loop, _settle, future, rows, None),
             lambda exc: _call_threadsafe(loop, _settle, future, None, exc))
         return future
+
+    async def _run(self, statement: Statement, params: Sequence[Any] | None = None) -> Any:
+        """Run one statement; wait and resend while the driver's connections are full."""
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        busy_count = 0
+        while True:
+            try:
+                return await self._start(statement, params)
+            except NoHostAvailable as exc:
+                if not _connection_busy(exc) or asyncio.get_running_loop().time() >= deadline:
+                    raise
+            # Back-pressure, not synchronization: the request was not sent.
+            await asyncio.sleep(_busy_pause_s(busy_count))
+            busy_count += 1
 
     async def _read(self, statement: Statement, params: Sequence[Any]) -> list[dict]:
         """Run a read; driver failures become ``StoreUnavailable`` (a read writes nothing)."""
@@ -692,7 +753,18 @@ class CassandraStore:
     # --- materialized rows ------------------------------------------------------------
 
     def _row_statements(self, shard: int, rows: Iterable[Row]) -> list[Statement]:
-        """Bound upserts for ``rows``; of several rows with the same key the last one wins."""
+        """Upserts for ``rows``, packed into few requests; of rows with one key the last wins.
+
+        The Python driver spends about 0.25 ms of CPU per request, which dominated appends
+        with rows (300 rows: 52 ms of client CPU as single statements). So rows are packed
+        into UNLOGGED batches: a batch is not atomic across partitions, which views do not
+        need (each upsert is idempotent), but it is one request. Each batch holds upserts
+        for partitions with the same first local replica, so the coordinator the token-aware
+        policy picks for it owns them all, and stays below ``ROWS_BATCH_BYTES_MAX``, under
+        the server's multi-partition batch limit. The shard's ``shard_wallets`` rows share a
+        partition and go as one single-partition batch, which has no size limit but the
+        mutation size.
+        """
         wallets: dict[str, Wallet] = {}
         entries: dict[tuple[str, int], Entry] = {}
         transfers: dict[str, Transfer] = {}
@@ -705,46 +777,61 @@ class CassandraStore:
                 transfers[value.transfer_id] = value
             else:
                 raise ValueError(f"unknown row kind {kind!r}")
+        upserts: list[tuple[PreparedStatement, tuple, int]] = []
+        wallet_values = [(shard, w.wallet_id, w.currency, w.balance_minor, w.held_minor,
+                          w.version, w.allow_negative, w.frozen, w.created_at_ms)
+                         for w in wallets.values()]
+        for v in wallet_values:
+            upserts.append((self._q_wallet_put, v, 80 + len(v[1]) + len(v[2])))
+        for e in entries.values():
+            upserts.append((self._q_entry_put,
+                            (e.wallet_id, e.version, e.transfer_id, e.kind, e.amount_minor,
+                             e.balance_after_minor, e.counterparty_wallet_id, e.currency,
+                             e.at_ms),
+                            100 + len(e.wallet_id) + len(e.transfer_id)
+                            + len(e.counterparty_wallet_id) + len(e.kind) + len(e.currency)))
+        for t in transfers.values():
+            upserts.append((self._q_transfer_put,
+                            (shard, t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
+                             t.amount_minor, t.currency, t.memo, t.caller, t.idempotency_key,
+                             t.created_at_ms, t.state, t.status, t.status_field,
+                             t.status_detail, t.credited),
+                            160 + sum(len(x) for x in (
+                                t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
+                                t.currency, t.memo, t.caller, t.idempotency_key, t.state,
+                                t.status_field, t.status_detail))))
         statements: list[Statement] = []
-        if wallets:
-            values = [(shard, w.wallet_id, w.currency, w.balance_minor, w.held_minor, w.version,
-                       w.allow_negative, w.frozen, w.created_at_ms) for w in wallets.values()]
-            statements.extend(self._q_wallet_put.bind(v) for v in values)
-            # All of a shard's wallets share one shard_wallets partition: one single-partition
-            # batch is one mutation on the replicas (and exempt from the batch size limits).
-            by_shard = BatchStatement(batch_type=BatchType.UNLOGGED,
-                                      consistency_level=self._write_cl,
-                                      serial_consistency_level=self._serial_cl)
-            by_shard.is_idempotent = True
-            for v in values:
+        if wallet_values:
+            by_shard = self._new_rows_batch()
+            for v in wallet_values:
                 by_shard.add(self._q_shard_wallet_put, v)
             statements.append(by_shard)
-        # Entries of one wallet share a partition: one single-partition batch per wallet.
-        per_wallet: dict[str, list[Entry]] = {}
-        for e in entries.values():
-            per_wallet.setdefault(e.wallet_id, []).append(e)
-        for wallet_entries in per_wallet.values():
-            if len(wallet_entries) == 1:
-                e = wallet_entries[0]
-                statements.append(self._q_entry_put.bind(
-                    (e.wallet_id, e.version, e.transfer_id, e.kind, e.amount_minor,
-                     e.balance_after_minor, e.counterparty_wallet_id, e.currency, e.at_ms)))
-                continue
-            batch = BatchStatement(batch_type=BatchType.UNLOGGED,
-                                   consistency_level=self._write_cl,
-                                   serial_consistency_level=self._serial_cl)
-            batch.is_idempotent = True
-            for e in wallet_entries:
-                batch.add(self._q_entry_put,
-                          (e.wallet_id, e.version, e.transfer_id, e.kind, e.amount_minor,
-                           e.balance_after_minor, e.counterparty_wallet_id, e.currency, e.at_ms))
-            statements.append(batch)
-        statements.extend(self._q_transfer_put.bind(
-            (shard, t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id, t.amount_minor,
-             t.currency, t.memo, t.caller, t.idempotency_key, t.created_at_ms, t.state,
-             t.status, t.status_field, t.status_detail, t.credited))
-            for t in transfers.values())
+        open_batches: dict[Any, tuple[BatchStatement, list[int]]] = {}
+        for prepared, values, size in upserts:
+            bound = prepared.bind(values)
+            replica = self._first_local_replica(bound.routing_key)
+            batch, used = open_batches.get(replica, (None, [0]))
+            if batch is None or used[0] + size > ROWS_BATCH_BYTES_MAX:
+                batch, used = self._new_rows_batch(), [0]
+                open_batches[replica] = (batch, used)
+                statements.append(batch)
+            batch.add(bound)
+            used[0] += size
         return statements
+
+    def _new_rows_batch(self) -> BatchStatement:
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=self._write_cl,
+                               serial_consistency_level=self._serial_cl)
+        batch.is_idempotent = True  # upserts of whole rows: running one twice changes nothing
+        return batch
+
+    def _first_local_replica(self, routing_key: bytes | None) -> Any:
+        if routing_key is None:
+            return None
+        for host in self._cluster.metadata.get_replicas(self._keyspace, routing_key):
+            if host.datacenter == self._local_dc:
+                return host.endpoint
+        return None
 
     async def write_rows(self, shard: int, rows: Iterable[Row]) -> None:
         """Upsert materialized rows, concurrently (idempotent; used by replay).

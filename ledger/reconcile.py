@@ -1,0 +1,228 @@
+"""Reconciliation: prove from the store alone that the books are right, or name what is wrong.
+
+Reads every shard's journal from the first batch (not the owners' memory), replays it through
+the pure core (an event that breaks an invariant on replay is itself a finding), and checks:
+
+1. per currency, all balances (settlement accounts included) plus money in transit between
+   shards sum to zero;
+2. every committed transfer was decided once, and its credit leg applied at most once (exactly
+   once unless still in transit);
+3. no wallet below zero unless allowed;
+4. no hold past its timeout (beyond a grace for the releasing sweep);
+5. no transfer in doubt past the recovery timeout (undelivered credits, undecided chain items);
+6. materialized wallet rows agree with the journal.
+
+Journals are read one shard after another while the ledger may be running; to judge the books
+at one consistent cut, a credit whose debit lies beyond the cut read from the debit shard is set
+aside (it belongs to a later cut).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ledger.core import codec
+from ledger.core.constants import RECOVERY_TIMEOUT_MS
+from ledger.core.invariants import InvariantViolation
+from ledger.core.model import (
+    HOLD_HELD, STATE_COMMITTED, CreditsApplied, TransferDecided,
+)
+from ledger.core.shard import ShardState
+from ledger.store.port import JournalStore
+
+# Journal batches read per call.
+JOURNAL_PAGE_BATCHES = 500
+# A hold may be seen this long past its timeout before it counts as outliving it (ms): the
+# owner's sweep releases expired holds about once a second.
+HOLD_GRACE_MS = 5_000
+
+
+@dataclass
+class Finding:
+    check: str
+    shard: int
+    subject: str
+    detail: str
+
+
+@dataclass
+class Report:
+    shards: int = 0
+    batches: int = 0
+    wallets: int = 0
+    transfers_committed: int = 0
+    transfers_refused: int = 0
+    totals: dict[str, int] = field(default_factory=dict)       # balances per currency
+    in_transit: dict[str, int] = field(default_factory=dict)   # debited, not yet credited
+    findings: list[Finding] = field(default_factory=list)
+    checks: dict[str, int] = field(default_factory=dict)       # check -> findings count
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    def add(self, check: str, shard: int, subject: str, detail: str) -> None:
+        self.findings.append(Finding(check, shard, subject, detail))
+        self.checks[check] = self.checks.get(check, 0) + 1
+
+    def to_json(self) -> dict:
+        return {
+            "clean": self.clean, "shards": self.shards, "batches": self.batches,
+            "wallets": self.wallets, "transfers_committed": self.transfers_committed,
+            "transfers_refused": self.transfers_refused, "totals": self.totals,
+            "in_transit": self.in_transit, "checks": {c: self.checks.get(c, 0) for c in CHECKS},
+            "findings": [f.__dict__ for f in self.findings],
+        }
+
+
+CHECKS = ("journal_replays", "books_balance", "legs_once", "non_negative", "holds_timely", "nothing_in_doubt",
+          "rows_match_journal")
+
+
+async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = None,
+                    recovery_timeout_ms: int = RECOVERY_TIMEOUT_MS,
+                    progress: Callable[[int, int], None] | None = None) -> Report:
+    """Run every check over shards ``0..shard_count-1`` of ``store``."""
+    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    report = Report(shards=shard_count)
+    states: dict[int, ShardState] = {}
+    decided: dict[str, int] = {}          # transfer_id -> times committed
+    credited: dict[str, int] = {}         # transfer_id -> times credited
+    credits: dict[int, list] = {}         # dst shard -> [(src, Credit)]
+    for shard in range(shard_count):
+        state = ShardState(shard)
+        after = 0
+        while True:
+            page = await store.read_journal(shard, after, JOURNAL_PAGE_BATCHES)
+            for batch in page:
+                if batch.seq != state.seq + 1:
+                    report.add("legs_once", shard, f"batch {batch.seq}",
+                               f"journal gap: expected batch {state.seq + 1}")
+                for event in codec.loads(batch.events):
+                    try:
+                        state.evolve(event)
+                    except InvariantViolation as exc:
+                        report.add("journal_replays", shard, f"batch {batch.seq}", str(exc))
+                        continue
+                    kind = type(event)
+                    if kind is TransferDecided:
+                        if event.transfer.state == STATE_COMMITTED:
+                            tid = event.transfer.transfer_id
+                            decided[tid] = decided.get(tid, 0) + 1
+                            report.transfers_committed += 1
+                            if event.to_shard == shard:
+                                credited[tid] = credited.get(tid, 0) + 1
+                        elif event.transfer.state != "PENDING":
+                            report.transfers_refused += 1
+                    elif kind is CreditsApplied:
+                        for credit in event.credits:
+                            credited[credit.transfer_id] = credited.get(credit.transfer_id, 0) + 1
+                            credits.setdefault(shard, []).append((event.from_shard, credit))
+                state.seq = batch.seq
+                report.batches += 1
+            if len(page) < JOURNAL_PAGE_BATCHES:
+                break
+            after = page[-1].seq
+        states[shard] = state
+        if progress is not None:
+            progress(shard + 1, shard_count)
+
+    # A credit whose debit is not in the part of its debit shard's journal read here: if the
+    # debit shard was read before the credit shard, the debit may have been journaled after
+    # that read (a later cut) - it is set aside if the journal holds it now. Otherwise the
+    # credit has no debit, and the checks below name it.
+    beyond: dict[str, int] = {}
+    late_transfers: set[str] = set()
+    for dst, items in credits.items():
+        for src, credit in items:
+            if src not in states or credit.outbox_seq <= states[src].outbox_last_seq.get(dst, 0):
+                continue
+            if src < dst and await _journaled_after(store, src, states[src].seq, dst,
+                                                    credit.outbox_seq):
+                beyond[credit.currency] = beyond.get(credit.currency, 0) + credit.amount_minor
+                late_transfers.add(credit.transfer_id)
+
+    for shard, state in states.items():
+        for wallet in state.wallets.values():
+            report.wallets += 1
+            report.totals[wallet.currency] = (report.totals.get(wallet.currency, 0)
+                                              + wallet.balance_minor)
+            if not wallet.allow_negative and wallet.balance_minor - wallet.held_minor < 0:
+                report.add("non_negative", shard, wallet.wallet_id,
+                           f"available {wallet.balance_minor - wallet.held_minor} < 0")
+        for dst, items in state.outbox.items():
+            applied = states[dst].inbox_applied.get(shard, 0) if dst in states else 0
+            for seq, credit in items.items():
+                if seq > applied:  # not applied on the credit shard yet: in transit
+                    report.in_transit[credit.currency] = (report.in_transit.get(
+                        credit.currency, 0) + credit.amount_minor)
+                    if now - credit.at_ms > recovery_timeout_ms:
+                        report.add("nothing_in_doubt", shard, credit.transfer_id,
+                                   f"credit to shard {dst} undelivered for "
+                                   f"{(now - credit.at_ms) / 1000:.1f} s")
+        for hold in state.holds.values():
+            if hold.state != HOLD_HELD:
+                continue
+            if hold.chain_id:
+                if now - hold.created_at_ms > recovery_timeout_ms:
+                    report.add("nothing_in_doubt", shard, hold.hold_id,
+                               f"linked chain {hold.chain_id} undecided for "
+                               f"{(now - hold.created_at_ms) / 1000:.1f} s")
+            elif now > hold.expires_at_ms + HOLD_GRACE_MS:
+                report.add("holds_timely", shard, hold.hold_id,
+                           f"held {(now - hold.expires_at_ms) / 1000:.1f} s past its timeout")
+
+    for currency in set(report.totals) | set(report.in_transit) | set(beyond):
+        total = (report.totals.get(currency, 0) + report.in_transit.get(currency, 0)
+                 - beyond.get(currency, 0))
+        if total != 0:
+            report.add("books_balance", -1, currency,
+                       f"balances + in transit = {total}, not 0")
+
+    for tid, count in decided.items():
+        if count != 1:
+            report.add("legs_once", -1, tid, f"committed {count} times")
+        got = credited.get(tid, 0)
+        if got > 1:
+            report.add("legs_once", -1, tid, f"credited {got} times")
+    for tid, count in credited.items():
+        if tid not in decided and tid not in late_transfers:
+            report.add("legs_once", -1, tid, f"credited {count} times but never committed")
+
+    for shard, state in states.items():
+        rows = {w.wallet_id: w for w in await store.scan_wallets(shard)}
+        for wallet in state.wallets.values():
+            row = rows.pop(wallet.wallet_id, None)
+            if row is None:
+                report.add("rows_match_journal", shard, wallet.wallet_id,
+                           "no materialized wallet row")
+            elif row.version == wallet.version:
+                if (row.balance_minor, row.held_minor) != (wallet.balance_minor,
+                                                           wallet.held_minor):
+                    report.add("rows_match_journal", shard, wallet.wallet_id,
+                               f"row balance {row.balance_minor}/held {row.held_minor}, "
+                               f"journal {wallet.balance_minor}/{wallet.held_minor}")
+            elif row.version < wallet.version:
+                report.add("rows_match_journal", shard, wallet.wallet_id,
+                           f"row at version {row.version}, journal at {wallet.version}")
+            # A row newer than the journal cut was written after this shard was read.
+        for wallet_id in rows:
+            report.add("rows_match_journal", shard, wallet_id, "row without journal entries")
+    return report
+
+
+async def _journaled_after(store: JournalStore, shard: int, after_seq: int, to_shard: int,
+                           outbox_seq: int) -> bool:
+    """True if ``shard``'s journal after ``after_seq`` owes ``to_shard`` its ``outbox_seq``."""
+    while True:
+        page = await store.read_journal(shard, after_seq, JOURNAL_PAGE_BATCHES)
+        for batch in page:
+            for event in codec.loads(batch.events):
+                if (type(event) is TransferDecided and event.to_shard == to_shard
+                        and event.outbox_seq == outbox_seq):
+                    return True
+        if len(page) < JOURNAL_PAGE_BATCHES:
+            return False
+        after_seq = page[-1].seq
