@@ -247,9 +247,15 @@ class Coordinator:
             elif prepared[i].replayed:
                 results[i] = prepared[i]
             elif commit:
-                transfer = transfers.get(post.transfer_id) or prepared[i].value
-                transfer.state = STATE_COMMITTED
-                results[i] = ok(transfer)
+                transfer = transfers.get(post.transfer_id)
+                if transfer is None:
+                    # Committed, but this item's shard did not answer the finish: its record
+                    # is not at hand. A transient answer makes the client ask again and get
+                    # the recorded outcome, instead of a guess.
+                    results[i] = refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
+                                        "the linked chain committed; its items are finishing")
+                else:
+                    results[i] = ok(transfer)
             else:
                 detail = ("another item of the linked chain failed" if failures
                           else "the linked chain timed out before it was decided")
