@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from hashlib import blake2b
 from typing import Callable
 
+from ledger import failpoints
 from ledger.core import constants as C
 from ledger.core import validate
 from ledger.core.model import (
@@ -158,7 +159,9 @@ class Coordinator:
                 claimed.append(key)
                 posts[i] = post
             await self._reserve_credits(posts, results)
+            failpoints.hit("coordinator.after_reserve")
             await self._commit(posts, results)
+            failpoints.hit("coordinator.after_post")
         finally:
             self._in_flight.difference_update(claimed)
 
@@ -216,6 +219,7 @@ class Coordinator:
                 return
         prepared = await self._by_shard({i: (self._debit_shard(p), PrepareLinked(
             p, chain_id, primary)) for i, p in posts.items()})
+        failpoints.hit("coordinator.after_prepare")
         failures = {i: o for i, o in prepared.items()
                     if not o.ok and o.status is not Status.REQUEST_IN_FLIGHT}
         if not failures and any(not o.ok for o in prepared.values()):
@@ -236,6 +240,7 @@ class Coordinator:
                 results[i] = decided
             return
         commit = bool(decided.value)
+        failpoints.hit("coordinator.after_decide")
         shards = {self._debit_shard(p) for p in posts.values()}
         finished = await self._by_shard(
             {s: (s, FinishChain(chain_id, commit, now)) for s in shards}, wait_credit=True)

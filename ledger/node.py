@@ -26,6 +26,7 @@ class Node:
         self._owner_options = owner_options
         self._locks: dict[int, asyncio.Lock] = {}
         self._changed = asyncio.Condition()
+        self._transitions = 0  # shard gains or losses in progress
 
     async def start(self) -> None:
         await self.ownership.start(self._on_ownership)
@@ -33,11 +34,13 @@ class Node:
     async def close(self) -> None:
         await self.ownership.close()
         for shard in list(self.owners):
+            self._transitions += 1
             await self._transition(shard, 0)
 
     async def _on_ownership(self, shard: int, epoch: int) -> None:
         # Owners start concurrently (a takeover replays many journals at once); transitions
         # of one shard stay in order behind its lock.
+        self._transitions += 1
         if epoch == 0:
             await self._transition(shard, 0)  # a loss must be complete before we return
         else:
@@ -45,6 +48,14 @@ class Node:
 
     async def _transition(self, shard: int, epoch: int) -> None:
         lock = self._locks.setdefault(shard, asyncio.Lock())
+        try:
+            await self._transition_locked(lock, shard, epoch)
+        finally:
+            self._transitions -= 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _transition_locked(self, lock: asyncio.Lock, shard: int, epoch: int) -> None:
         async with lock:
             current = self.owners.pop(shard, None)
             if current is not None:
@@ -64,8 +75,6 @@ class Node:
                     self.owners[shard] = owner
                     log.debug("shard %d epoch %d serving after %.0f ms", shard, epoch,
                               (time.monotonic() - started) * 1000)
-        async with self._changed:
-            self._changed.notify_all()
 
     async def _owner_stopped(self, shard: int, epoch: int, reason: str) -> None:
         owner = self.owners.get(shard)
@@ -77,13 +86,11 @@ class Node:
         if release is not None:
             asyncio.create_task(release(shard))
 
-    async def wait_serving(self, shards: int | list[int], timeout_s: float) -> bool:
-        """Wait until this node serves the given shards (a count means 'that many')."""
+    async def wait_serving(self, shards_min: int, timeout_s: float) -> bool:
+        """Wait until no shard is being taken over and at least ``shards_min`` are served."""
         def ready() -> bool:
-            serving = [s for s, o in self.owners.items() if o.serving]
-            if isinstance(shards, int):
-                return len(serving) >= shards
-            return set(shards) <= set(serving)
+            serving = sum(1 for o in self.owners.values() if o.serving)
+            return self._transitions == 0 and serving >= shards_min
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(ready), timeout_s)

@@ -19,6 +19,7 @@ import time
 from typing import Awaitable, Callable, Protocol
 
 from ledger import constants as K
+from ledger import failpoints
 from ledger.core import codec
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.core.invariants import InvariantViolation
@@ -243,6 +244,7 @@ class ShardOwner:
             return
         if events:
             seq = state.seq + 1
+            failpoints.hit("owner.before_append")
             try:
                 await self._store.append(self.shard, self.epoch, seq, codec.dumps(events), rows)
             except (Fenced, UnknownOutcome) as exc:
@@ -258,6 +260,7 @@ class ShardOwner:
                 await self._reload_or_abdicate()
                 return
             state.seq = seq
+            failpoints.hit("owner.after_append")
             self._after_append(events)
         for request in batch:
             request.answer(request.outcomes)
@@ -355,6 +358,7 @@ class ShardOwner:
                 if isinstance(result, BaseException) or not result[0].ok:
                     continue
                 applied = result[0].value
+                failpoints.hit("owner.after_deliver")
                 if applied >= credits[0].outbox_seq:
                     self._credits_landed(dest, applied)
                     acks.append(AckOutbox(dest, applied))
