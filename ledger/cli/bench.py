@@ -255,8 +255,11 @@ def naive_cassandra(server: Server, wallets: list[str], args) -> Result:
 
     result = Result("naive cassandra LWT")
     host, _, port = server.cassandra.partition(":")
+    # TCP_NODELAY as in the ledger's store: without it, the driver's multi-packet requests
+    # wait for delayed ACKs (~40 ms each) and the baseline would look far worse than it is.
     cluster = Cluster([host], port=int(port), load_balancing_policy=DCAwareRoundRobinPolicy("r1"),
-                      protocol_version=5)
+                      protocol_version=5,
+                      sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     session = cluster.connect()
     session.execute("CREATE KEYSPACE IF NOT EXISTS naive_bench WITH replication = "
                     "{'class': 'NetworkTopologyStrategy', 'r1': 1}")

@@ -25,7 +25,7 @@ import socket
 import threading
 from typing import Any, Iterable, Sequence
 
-from cassandra import ConsistencyLevel, OperationTimedOut, RequestExecutionException, Unavailable
+from cassandra import ConsistencyLevel, OperationTimedOut, RequestExecutionException
 from cassandra import protocol as cql_protocol
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.connection import ConnectionBusy, ConnectionException
@@ -71,10 +71,6 @@ _TRANSFER_COLS = ("transfer_id", "kind", "from_wallet_id", "to_wallet_id", "amou
                   "currency", "memo", "caller", "idempotency_key", "created_at_ms", "state",
                   "status", "status_field", "status_detail", "credited")
 
-# Driver errors after which a CAS is known not to have been proposed: NoHostAvailable means
-# no node received the request (non-idempotent statements are never retried on another node,
-# see _NoBlindRetryPolicy), Unavailable means the coordinator refused before proposing.
-_NOT_SENT = (NoHostAvailable, Unavailable)
 # Driver errors that say "the request did not (or may not) complete": coordinator-side
 # timeouts, failures and overload (typed or raw protocol messages), client-side deadlines,
 # broken connections. Validation errors (InvalidRequest, ...) are bugs and are not caught.
@@ -149,6 +145,15 @@ class _NoBlindRetryPolicy(RetryPolicy):
             return self.RETHROW, None
         return super().on_write_timeout(query, consistency, write_type, required_responses,
                                         received_responses, retry_num)
+
+    def on_unavailable(self, query, consistency, required_replicas, alive_replicas,
+                       retry_num):
+        # Unavailable is not proof that a CAS did nothing: the commit phase checks liveness
+        # again after the proposal was accepted. Never re-send; resolve instead.
+        if query is not None and not query.is_idempotent:
+            return self.RETHROW, None
+        return super().on_unavailable(query, consistency, required_replicas, alive_replicas,
+                                      retry_num)
 
 
 def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
@@ -261,6 +266,20 @@ def _connection_busy(exc: BaseException) -> bool:
     if not isinstance(exc, NoHostAvailable) or not exc.errors:
         return False
     return all(isinstance(e, (ConnectionBusy, NoConnectionsAvailable))
+               for e in exc.errors.values())
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """True if no node received the request, so a CAS cannot have been proposed.
+
+    The driver raises NoHostAvailable when its query plan is exhausted. For a non-idempotent
+    statement that happens only before sending (_NoBlindRetryPolicy never moves an answered
+    request to the next host), so the per-host errors are client-side connection errors;
+    anything else in there is treated as unknown, defensively.
+    """
+    if not isinstance(exc, NoHostAvailable) or not exc.errors:
+        return False
+    return all(isinstance(e, (ConnectionBusy, NoConnectionsAvailable, ConnectionException))
                for e in exc.errors.values())
 
 
@@ -389,18 +408,16 @@ class CassandraStore:
             raise StoreUnavailable(f"cannot connect to Cassandra at {contact_points}:{port}: "
                                    f"{exc}") from exc
 
-    def _prepare(self, cql: str, consistency: int, *, idempotent: bool,
-                 serial: int | None = None, paged: bool = False) -> PreparedStatement:
+    def _prepare(self, cql: str, consistency: int, *, idempotent: bool) -> PreparedStatement:
         # Consistency, serial consistency and idempotence are stated on every statement
         # (bound statements inherit them), never left to session defaults.
         statement = self._session.prepare(cql.format(ks=self._keyspace))
         statement.consistency_level = consistency
-        statement.serial_consistency_level = serial if serial is not None else self._serial_cl
+        statement.serial_consistency_level = self._serial_cl
         statement.is_idempotent = idempotent
-        if not paged:
-            # Reads page by key (``seq > ?``, ``version > ?`` with a LIMIT below the driver's
-            # fetch size), so driver paging is never needed and stays off.
-            statement.fetch_size = None
+        # Reads page by key (``seq > ?``, ``version > ?``, ``wallet_id > ?``, each with a
+        # LIMIT), so driver paging is never needed and stays off.
+        statement.fetch_size = None
         return statement
 
     def _prepare_all(self) -> None:
@@ -528,9 +545,9 @@ class CassandraStore:
         for _ in range(FENCE_ATTEMPTS_MAX):
             try:
                 result = await self._run(statement)
-            except _NOT_SENT as exc:
-                raise StoreUnavailable(f"fence of shard {shard}: {exc}") from exc
             except _DRIVER_ERRORS as exc:
+                if _never_sent(exc):
+                    raise StoreUnavailable(f"fence of shard {shard}: {exc}") from exc
                 # Unknown outcome: a SERIAL read completes any round still in flight, so what
                 # it returns is final. Setting an epoch is idempotent: go on from there.
                 recorded, head = await self._resolve_head(shard, exc)
@@ -606,16 +623,18 @@ class CassandraStore:
         batch.add(self._q_insert_batch, (shard, seq, epoch, events))
         try:
             result = await self._run(batch)
-        except _NOT_SENT as exc:
-            raise StoreUnavailable(f"append of shard {shard} batch {seq}: {exc}") from exc
         except _DRIVER_ERRORS as exc:
-            # A CAS timeout (WriteTimeout with write_type CAS, or the client's own deadline)
-            # or a broken connection: the proposal may still be applied later.
+            if _never_sent(exc):
+                raise StoreUnavailable(f"append of shard {shard} batch {seq}: {exc}") from exc
+            # A CAS timeout (WriteTimeout with write_type CAS, or the client's own deadline),
+            # Unavailable, or a broken connection: the proposal may still be applied later.
             await self._resolve_append(shard, epoch, seq, events, exc)
         else:
-            found = next((r for r in (result or ()) if "epoch" in r or "head" in r), {})
+            # The CAS was sent exactly once (the retry policy never re-sends it), so "not
+            # applied" means someone else holds the epoch or the number, never ourselves.
             if not (result and result[0].get("[applied]")):
-                await self._refused(shard, epoch, seq, events, found)
+                found = next((r for r in (result or ()) if "epoch" in r or "head" in r), {})
+                raise self._refused(shard, epoch, seq, found)
         try:
             await self._write_all(row_statements)
         except _DRIVER_ERRORS as exc:
@@ -623,31 +642,17 @@ class CassandraStore:
                                  f"be written ({type(exc).__name__}: {exc}); replay rewrites "
                                  f"them") from exc
 
-    async def _refused(self, shard: int, epoch: int, seq: int, events: bytes,
-                       found: dict) -> None:
-        """Explain a CAS that was not applied; return only if batch ``seq`` is ours anyway."""
+    @staticmethod
+    def _refused(shard: int, epoch: int, seq: int, found: dict) -> Fenced:
+        """Explain a CAS that was not applied, from the values it found."""
         recorded, head = found.get("epoch"), found.get("head")
-        if recorded == epoch and head is not None and head >= seq:
-            # Our own epoch already holds this number. If it holds exactly this batch, an
-            # earlier run of this very proposal was applied (for instance, completed by
-            # another node's Paxos round after our connection broke): that is success.
-            try:
-                if await self._batch_is(shard, epoch, seq, events):
-                    return
-            except StoreUnavailable as exc:
-                raise UnknownOutcome(f"shard {shard}: batch {seq} is taken by epoch {epoch} and "
-                                     f"the read to tell whether it is this batch failed") from exc
         if recorded is None:
             what = "no epoch recorded (the shard was never fenced)"
         elif recorded != epoch:
             what = f"epoch {recorded} recorded"
         else:
             what = f"head is {head}, so batch {seq} is taken or out of order"
-        raise Fenced(f"shard {shard}: append of batch {seq} by epoch {epoch} refused: {what}")
-
-    async def _batch_is(self, shard: int, epoch: int, seq: int, events: bytes) -> bool:
-        rows = await self._read(self._q_batch_serial, (shard, seq))
-        return bool(rows) and rows[0]["writer_epoch"] == epoch and rows[0]["events"] == events
+        return Fenced(f"shard {shard}: append of batch {seq} by epoch {epoch} refused: {what}")
 
     async def _resolve_append(self, shard: int, epoch: int, seq: int, events: bytes,
                               cause: BaseException) -> None:

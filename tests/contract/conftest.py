@@ -35,6 +35,12 @@ class StoreCase:
         return f"{self.prefix}-{name}"
 
 
+@pytest.fixture
+def fresh_shard() -> int:
+    """A shard number no other test of this session uses (for adapter-specific tests)."""
+    return next(_SHARD_NUMBERS)
+
+
 @pytest.fixture(scope="session")
 async def cassandra_store(local_cluster):
     """A ``CassandraStore`` on the session cluster, in a keyspace of its own."""

@@ -323,3 +323,104 @@ async def test_scan_wallets_lists_exactly_the_wallets_of_one_shard(case):
     assert sorted(scanned, key=lambda w: w.wallet_id) == mine
     assert sorted(await case.store.scan_wallets(neighbour), key=lambda w: w.wallet_id) == theirs
     assert await case.store.scan_wallets(case.shard()) == []
+
+
+async def test_a_large_group_commit_writes_all_its_rows(case):
+    # Enough rows that an adapter packing them into requests needs many of them.
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    wallets = [wallet(case.id(f"w{i:04d}"), i, 1) for i in range(400)]
+    transfers = [transfer(case.id(f"t{i:04d}"), i + 1) for i in range(400)]
+    entries = [entry(w.wallet_id, 1, i + 1) for i, w in enumerate(wallets)]
+    rows = ([("wallet", w) for w in wallets] + [("transfer", t) for t in transfers]
+            + [("entry", e) for e in entries])
+    await case.store.append(shard, 1, 1, events(shard, 1) * 1000, rows)
+    assert sorted(await case.store.scan_wallets(shard), key=lambda w: w.wallet_id) == wallets
+    assert [await case.store.get_transfer(t.transfer_id) for t in transfers[::37]] \
+        == transfers[::37]
+    for e in entries[::41]:
+        assert await case.store.list_entries(e.wallet_id, 0, 10) == [e]
+
+
+# --- Cassandra only: outcomes of a CAS whose answer is lost ---------------------------------
+#
+# The faults are injected at the driver boundary of the adapter (the request really reaches
+# the real cluster, or really does not); the cluster itself is never mocked.
+
+
+def _inject(monkeypatch, store, *, lose_append_answer: bool = False,
+            drop_append: bool = False, fail_serial_reads: bool = False) -> None:
+    from cassandra import OperationTimedOut
+    from cassandra.query import BatchStatement, BoundStatement
+
+    real_start = store._start
+    state = {"append_seen": False}
+
+    def start(statement, params):
+        is_append = (isinstance(statement, BatchStatement) and not state["append_seen"]
+                     and not statement.is_idempotent)
+        if is_append:
+            state["append_seen"] = True
+            if drop_append:
+                async def dropped():
+                    raise OperationTimedOut({"injected": "request never sent"})
+                return asyncio.ensure_future(dropped())
+            if lose_append_answer:
+                applied = real_start(statement, params)
+
+                async def lost():
+                    await applied  # the CAS really completes on the cluster
+                    raise OperationTimedOut({"injected": "answer lost"})
+                return asyncio.ensure_future(lost())
+        prepared = (statement.prepared_statement if isinstance(statement, BoundStatement)
+                    else statement)
+        if fail_serial_reads and prepared is store._q_batch_serial:
+            async def failed():
+                raise OperationTimedOut({"injected": "serial read timed out"})
+            return asyncio.ensure_future(failed())
+        return real_start(statement, params)
+
+    monkeypatch.setattr(store, "_start", start)
+
+
+@pytest.mark.real
+async def test_cassandra_append_whose_answer_is_lost_is_resolved_as_applied(
+        cassandra_store, fresh_shard, monkeypatch):
+    store, shard = cassandra_store, fresh_shard
+    await store.fence(shard, 1)
+    _inject(monkeypatch, store, lose_append_answer=True)
+    await store.append(shard, 1, 1, events(shard, 1), [("transfer", transfer(f"lost-{shard}"))])
+    monkeypatch.undo()
+    assert await journal(store, shard) == [(1, 1, events(shard, 1))]
+    assert await store.get_transfer(f"lost-{shard}") == transfer(f"lost-{shard}")
+
+
+@pytest.mark.real
+async def test_cassandra_append_that_never_ran_is_resolved_as_not_applied(
+        cassandra_store, fresh_shard, monkeypatch):
+    from ledger.store.port import StoreUnavailable
+
+    store, shard = cassandra_store, fresh_shard
+    await store.fence(shard, 1)
+    _inject(monkeypatch, store, drop_append=True)
+    with pytest.raises(StoreUnavailable):
+        await store.append(shard, 1, 1, events(shard, 1), [])
+    monkeypatch.undo()
+    assert await journal(store, shard) == []
+    await store.append(shard, 1, 1, events(shard, 1, "retry"), [])
+
+
+@pytest.mark.real
+async def test_cassandra_append_that_cannot_be_resolved_is_an_unknown_outcome(
+        cassandra_store, fresh_shard, monkeypatch):
+    from ledger.store.port import UnknownOutcome
+
+    store, shard = cassandra_store, fresh_shard
+    await store.fence(shard, 1)
+    _inject(monkeypatch, store, lose_append_answer=True, fail_serial_reads=True)
+    with pytest.raises(UnknownOutcome):
+        await store.append(shard, 1, 1, events(shard, 1), [])
+    monkeypatch.undo()
+    # It had been applied: the next owner's load shows it.
+    assert await store.fence(shard, 2) == 1
+    assert [b.seq for b in (await store.load(shard)).batches] == [1]

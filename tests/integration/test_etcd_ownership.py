@@ -88,7 +88,8 @@ async def wait_until(recorder: Recorder, predicate, timeout_s: float, what: str)
             raise AssertionError(f"timed out after {timeout_s:.1f}s waiting for {what}")
         recorder.changed.clear()
         try:
-            await asyncio.wait_for(recorder.changed.wait(), min(remaining, POLL_S))
+            async with asyncio.timeout(min(remaining, POLL_S)):
+                await recorder.changed.wait()
         except TimeoutError:
             pass
     return time.monotonic() - started

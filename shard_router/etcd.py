@@ -1,0 +1,827 @@
+"""Shard map and shard owners kept in etcd: the ``Ownership`` adapter for real clusters.
+
+Key layout (all under ``prefix``, default ``/redledger``)::
+
+    {prefix}/map/{shard:05d}    {"home_region": "r1"}                       no lease
+    {prefix}/owner/{shard:05d}  {"node_id": .., "region": .., "address": ..}  owner's lease
+    {prefix}/nodes/{node_id}    {"region": .., "address": ..}                node's lease
+
+Election: a node wins a shard with the transaction ``create_revision(owner key) == 0 ->
+put(owner key, lease)``. The key's create revision is the shard's epoch (fencing token). etcd
+revisions only grow, so a shard won again always gets a higher epoch than any before it.
+
+Safety: an owner key lives exactly as long as its node's lease. The lease can expire at etcd no
+earlier than ``TTL`` after etcd received the last successful keep-alive, which is after this
+node *sent* it. So this node counts its own deadline from the moment it sends each keep-alive,
+minus a safety margin for clock-rate drift and scheduling delay, and reports the loss of every
+shard when that deadline passes. A node therefore stops serving before any other node can win
+its shards. A node paused longer than that (GC, SIGSTOP) cannot notice in time; the journal
+store's epoch check is what stops it then.
+
+Which node campaigns for an unowned shard is a pure, deterministic policy (``plan_shard``):
+rendezvous hashing of (shard, node id) over the live nodes of the shard's home region, with
+backups in the same region after ``takeover_grace_s`` and, when the home region has no live
+node, nodes of other regions (failover). The compare-and-swap makes any race safe; the policy
+only keeps races rare and load spread.
+
+pyetcd is synchronous, so its calls run in a small thread pool; its watch thread hands
+responses to the event loop with ``call_soon_threadsafe``. All state below is touched only on
+the event loop, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import functools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+import grpc
+import pyetcd
+from pyetcd import events as etcd_events
+from pyetcd import exceptions as etcd_exceptions
+from pyetcd import transactions as etcd_txn
+
+from shard_router.ownership import OwnerInfo, OwnershipListener, ShardPlacement
+
+log = logging.getLogger(__name__)
+
+# Every unary etcd call gives up after this long; the loop that made it retries.
+ETCD_RPC_TIMEOUT_S = 2.0
+# Worker threads for blocking pyetcd calls. Keep-alives, campaigns and the watch setup may
+# block at the same time; more than this queue behind each other.
+ETCD_THREADS = 4
+# Operations per transaction. etcd refuses transactions above --max-txn-ops (default 128).
+TXN_OPS_MAX = 64
+# The local lease deadline ends this long before the lease can expire at etcd:
+# max(ttl * fraction, minimum). It absorbs clock-rate drift and event loop delays.
+SAFETY_MARGIN_FRACTION = 0.2
+SAFETY_MARGIN_S_MIN = 0.5
+# Keep-alives are sent every ttl * this fraction.
+KEEPALIVE_FRACTION = 1 / 3
+# Grace timers are checked at least this often even when the watch reports nothing.
+RECONCILE_TICK_S_MAX = 0.5
+# Backoff between retries of a failed etcd step (watch setup, new lease, reconcile round).
+RETRY_BACKOFF_S_MIN = 0.1
+RETRY_BACKOFF_S_MAX = 2.0
+# A shard handed to a better-ranked node of its region is not handed on again for balance
+# within this many grace periods, so a sick-but-registered node cannot cause endless churn.
+REBALANCE_COOLDOWN_GRACES = 10
+# After ``release(shard)`` this node leaves the shard to others for this many grace periods
+# (then reclaims it if nobody did, so a drained shard is never left unowned for good).
+RELEASE_HOLD_GRACES = 3
+# ``close()`` waits at most this long for loss callbacks before revoking the lease anyway.
+CLOSE_LISTENER_TIMEOUT_S = 5.0
+# ``close()`` waits at most this long for its background loops to stop after cancelling them.
+TASK_STOP_TIMEOUT_S = 5.0
+
+_ETCD_ERRORS = (etcd_exceptions.Etcd3Exception, grpc.RpcError, ValueError)
+
+T = TypeVar("T")
+
+
+class EtcdOwnershipError(RuntimeError):
+    """etcd could not be reached or refused a request while joining or moving shards."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional core: the campaign policy, no I/O.
+# ---------------------------------------------------------------------------------------------
+
+
+def node_rank(shard: int, node_id: str) -> int:
+    """Rendezvous rank of a node for a shard: stable across processes and versions."""
+    digest = blake2b(f"{shard}/{node_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def preferred_node(shard: int, node_ids: Iterable[str]) -> str | None:
+    """The node with the best rank for ``shard`` among ``node_ids`` (None if empty)."""
+    return max(node_ids, key=lambda n: (node_rank(shard, n), n), default=None)
+
+
+class Action(enum.Enum):
+    NONE = "none"
+    CAMPAIGN = "campaign"    # try to win the shard
+    RELEASE = "release"      # planned move or failback: shard homed elsewhere and a home node is up
+    REBALANCE = "rebalance"  # a better-ranked node of the home region is up and stable
+    LOST = "lost"            # etcd no longer shows this node's ownership: stop serving
+    CLEAN_STALE = "clean"    # an owner key of ours that we do not serve: delete it
+
+
+@dataclass(slots=True, frozen=True)
+class ShardView:
+    """What one node knows about one shard at one moment."""
+
+    shard: int
+    home_region: str
+    owner_node_id: str | None  # None when no owner key exists
+    owner_epoch: int
+    owner_lease: int
+    absent_for_s: float        # how long the owner key has been seen absent (0 if present)
+    my_epoch: int              # epoch this node serves the shard with, 0 if it does not
+    since_rebalance_s: float   # time since this node last handed the shard on for balance
+    held: bool                 # this node was asked to release the shard and holds off
+
+
+def plan_shard(view: ShardView, *, me: str, my_region: str, lease_id: int,
+               live_for_s: Mapping[str, tuple[str, float]], grace_s: float,
+               rebalance: bool) -> Action:
+    """Decide what this node does about one shard.
+
+    Args:
+        view: The shard as this node sees it.
+        me: This node's id.
+        my_region: This node's region.
+        lease_id: This node's current lease.
+        live_for_s: Every live node (this one included): node id -> (region, seconds it has
+            been seen live).
+        grace_s: ``takeover_grace_s``.
+        rebalance: Whether owners hand shards to better-ranked nodes of the home region.
+    """
+    home_nodes = [n for n, (region, _) in live_for_s.items() if region == view.home_region]
+    stable_home = [n for n in home_nodes if live_for_s[n][1] >= grace_s]
+    if view.my_epoch:
+        if view.owner_node_id != me or view.owner_epoch != view.my_epoch:
+            return Action.LOST
+        if my_region != view.home_region:
+            # Hand over only to a node that has been up a while, so a flapping home node does
+            # not bounce the shard back and forth.
+            return Action.RELEASE if stable_home else Action.NONE
+        if (rebalance and view.since_rebalance_s >= REBALANCE_COOLDOWN_GRACES * grace_s
+                and preferred_node(view.shard, [*stable_home, me]) != me):
+            return Action.REBALANCE
+        return Action.NONE
+    if view.owner_node_id is not None:
+        # A key of ours that we do not serve: left by a lost lease, a release whose delete
+        # failed, or a campaign whose answer timed out. Delete it and campaign afresh, so the
+        # shard is never served under an epoch that was already given up.
+        if view.owner_node_id == me:
+            return Action.CLEAN_STALE
+        return Action.NONE
+    if view.held:
+        return Action.NONE
+    if my_region == view.home_region:
+        if preferred_node(view.shard, home_nodes) == me or view.absent_for_s >= grace_s:
+            return Action.CAMPAIGN
+        return Action.NONE
+    if home_nodes:
+        return Action.NONE  # The home region is up; its nodes claim their own shards.
+    if view.absent_for_s >= grace_s:
+        others = [n for n, (region, _) in live_for_s.items() if region != view.home_region]
+        if preferred_node(view.shard, others) == me or view.absent_for_s >= 2 * grace_s:
+            return Action.CAMPAIGN
+    return Action.NONE
+
+
+def default_home(shard: int, regions: Sequence[str]) -> str:
+    """The home region a fresh shard map gives ``shard``."""
+    return regions[shard % len(regions)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Imperative shell.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Session:
+    """One lease and the deadline until which this node may serve under it."""
+
+    lease_id: int
+    opened_at: float  # monotonic
+    deadline: float   # monotonic; past it the lease may be gone at etcd
+    lost: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class _OwnerRecord:
+    node_id: str
+    region: str
+    address: str
+    epoch: int  # the key's create revision
+    lease: int
+
+
+@dataclass(slots=True)
+class _NodeRecord:
+    region: str
+    address: str
+    first_seen: float  # monotonic, local
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class EtcdOwnership:
+    """Elects shard owners through etcd leases and keeps the shard map in etcd.
+
+    Args:
+        endpoint: etcd client address, ``host:port``.
+        node_id: This node's unique id.
+        region: This node's region.
+        address: ``host:port`` of this node's gRPC server, published to routers.
+        regions: All regions; a fresh shard map places shard ``s`` in
+            ``regions[s % len(regions)]``.
+        shard_count: Number of virtual shards (fixed for the life of a ledger).
+        lease_ttl_s: Lease TTL. etcd rounds it up to whole seconds and to its minimum (about
+            2 s with default timing); the local deadline uses the smaller of asked and granted.
+        takeover_grace_s: How long an unowned shard waits for its preferred node before backups
+            of the home region, and then other regions, campaign.
+        prefix: Root of every key this adapter uses.
+        rebalance: Hand shards to better-ranked nodes of the home region once they are stable.
+    """
+
+    def __init__(self, endpoint: str, node_id: str, region: str, address: str,
+                 regions: list[str], shard_count: int = 256, lease_ttl_s: float = 5.0,
+                 takeover_grace_s: float = 2.0, prefix: str = "/redledger", *,
+                 rebalance: bool = True) -> None:
+        if not regions:
+            raise ValueError("regions must not be empty")
+        if shard_count <= 0:
+            raise ValueError("shard_count must be positive")
+        if lease_ttl_s < 2.0:
+            raise ValueError("lease_ttl_s must be at least 2 s (etcd's minimum lease TTL)")
+        if takeover_grace_s <= 0:
+            raise ValueError("takeover_grace_s must be positive")
+        if not node_id or "/" in node_id:
+            raise ValueError("node_id must be non-empty and contain no '/'")
+        host, _, port = endpoint.rpartition(":")
+        self.node_id = node_id
+        self.region = region
+        self.address = address
+        self._regions = list(regions)
+        self._shard_count = shard_count
+        self._ttl_s = float(lease_ttl_s)
+        self._grace_s = float(takeover_grace_s)
+        self._margin_s = max(self._ttl_s * SAFETY_MARGIN_FRACTION, SAFETY_MARGIN_S_MIN)
+        self._keepalive_period_s = self._ttl_s * KEEPALIVE_FRACTION
+        if self._keepalive_period_s >= self._ttl_s - self._margin_s:
+            raise ValueError("lease_ttl_s too small for its safety margin")
+        self._rebalance = rebalance
+        self._root = prefix.rstrip("/") + "/"
+        self._host, self._port = host or "127.0.0.1", int(port)
+
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._kv: Any = None      # client for unary calls
+        self._watcher: Any = None  # separate client, so unary errors never tear down the watch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: OwnershipListener | None = None
+
+        # Cache of etcd, fed by list + watch.
+        self._homes: dict[int, str] = {}
+        self._owners: dict[int, _OwnerRecord] = {}
+        self._nodes: dict[str, _NodeRecord] = {}
+        self._absent_since: dict[int, float] = {}
+        self._cache_rev = 0
+        self._watch_gen = 0
+        self._watch_id: int | None = None
+        self._watch_broken = asyncio.Event()
+        self._changed = asyncio.Event()
+
+        # This node's ownership.
+        self._session: _Session | None = None
+        self._owned: dict[int, int] = {}
+        self._rebalanced_at: dict[int, float] = {}
+        self._hold_until: dict[int, float] = {}
+        self._tails: dict[int, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    # -- Ownership port --------------------------------------------------------------------
+
+    async def start(self, listener: OwnershipListener) -> None:
+        """Join: write the shard map if absent, watch, take a lease and campaign.
+
+        Returns after the first round of campaigns, so shards won in it have been reported
+        (their gain callbacks are scheduled; they run in order per shard).
+
+        Raises:
+            EtcdOwnershipError: etcd was unreachable or refused a request.
+        """
+        if self._loop is not None:
+            raise RuntimeError("start() called twice")
+        self._loop = asyncio.get_running_loop()
+        self._listener = listener
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=ETCD_THREADS, thread_name_prefix=f"etcd-{self.node_id}")
+        self._kv = self._client()
+        self._watcher = self._client()
+        try:
+            await self._init_map()
+            await self._relist_and_watch()
+            await self._open_session()
+            await self._reconcile_once()
+        except _ETCD_ERRORS as exc:
+            await self._shutdown(revoke=True)
+            raise EtcdOwnershipError(f"cannot join etcd at {self._host}:{self._port}") from exc
+        self._tasks = [
+            asyncio.create_task(self._keepalive_loop(), name=f"etcd-keepalive-{self.node_id}"),
+            asyncio.create_task(self._watchdog_loop(), name=f"etcd-watchdog-{self.node_id}"),
+            asyncio.create_task(self._watch_loop(), name=f"etcd-watch-{self.node_id}"),
+            asyncio.create_task(self._reconcile_loop(), name=f"etcd-reconcile-{self.node_id}"),
+        ]
+
+    async def close(self) -> None:
+        """Report the loss of every shard, then revoke the lease so others take over at once."""
+        await self._shutdown(revoke=True)
+
+    async def abandon(self) -> None:
+        """Stop as a crashed node would: no revoke, so others wait for the lease to expire.
+
+        The listener still hears the losses (an in-process server must stop writing), but etcd
+        is not told anything. Used by tests and chaos drills.
+        """
+        await self._shutdown(revoke=False)
+
+    def owner(self, shard: int) -> OwnerInfo | None:
+        rec = self._owners.get(shard)
+        if rec is None:
+            return None
+        return OwnerInfo(shard=shard, node_id=rec.node_id, region=rec.region,
+                         address=rec.address, epoch=rec.epoch)
+
+    def placements(self) -> list[ShardPlacement]:
+        return [ShardPlacement(shard=s, home_region=self._home(s))
+                for s in range(self._shard_count)]
+
+    # -- Extras: planned moves, draining, introspection --------------------------------------
+
+    def owned(self) -> dict[int, int]:
+        """Shards this node serves now: shard -> epoch."""
+        return dict(self._owned)
+
+    def live_nodes(self) -> dict[str, str]:
+        """Live nodes as last seen: node id -> region."""
+        return {n: rec.region for n, rec in self._nodes.items()}
+
+    async def set_home(self, shard: int, region: str) -> None:
+        """Move ``shard``'s home to ``region``. The current owner hands it over once a node
+        of ``region`` is live and stable; that node then campaigns.
+
+        Raises:
+            ValueError: unknown shard or region.
+            EtcdOwnershipError: etcd refused or was unreachable.
+        """
+        await self.set_homes({shard: region})
+
+    async def set_homes(self, mapping: dict[int, str]) -> None:
+        """Move many shards' homes, one transaction per chunk of ``TXN_OPS_MAX``."""
+        for shard, region in mapping.items():
+            self._check_shard(shard)
+            if region not in self._regions:
+                raise ValueError(f"unknown region {region!r}")
+        items = sorted(mapping.items())
+        try:
+            for chunk in _chunks(items, TXN_OPS_MAX):
+                puts = [etcd_txn.Put(self._map_key(s), json.dumps({"home_region": r}))
+                        for s, r in chunk]
+                await self._call(self._kv.transaction, compare=[], success=puts, failure=[])
+        except _ETCD_ERRORS as exc:
+            raise EtcdOwnershipError("cannot update the shard map") from exc
+
+    async def release(self, shard: int) -> None:
+        """Give ``shard`` up (for draining): report the loss, then delete the owner key.
+
+        This node then leaves the shard to others for ``RELEASE_HOLD_GRACES`` grace periods.
+        Does nothing if this node does not own the shard.
+        """
+        self._check_shard(shard)
+        self._hold_until[shard] = time.monotonic() + RELEASE_HOLD_GRACES * self._grace_s
+        if shard in self._owned:
+            await self._release_many([shard], rebalanced=False)
+
+    # -- Keys and cache ----------------------------------------------------------------------
+
+    def _map_key(self, shard: int) -> str:
+        return f"{self._root}map/{shard:05d}"
+
+    def _owner_key(self, shard: int) -> str:
+        return f"{self._root}owner/{shard:05d}"
+
+    def _node_key(self) -> str:
+        return f"{self._root}nodes/{self.node_id}"
+
+    def _home(self, shard: int) -> str:
+        return self._homes.get(shard) or default_home(shard, self._regions)
+
+    def _check_shard(self, shard: int) -> None:
+        if not 0 <= shard < self._shard_count:
+            raise ValueError(f"shard {shard} out of range 0..{self._shard_count - 1}")
+
+    def _client(self) -> Any:
+        # time_retry=0: pyetcd otherwise refuses every call for 300 s after one failed call to
+        # an endpoint, which would turn a short etcd restart into a five-minute outage.
+        endpoint = pyetcd.Endpoint(self._host, self._port, secure=False, time_retry=0.0)
+        return pyetcd.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=ETCD_RPC_TIMEOUT_S)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._loop is None or self._executor is None:
+            raise RuntimeError("EtcdOwnership used before start() or after close()")
+        return await self._loop.run_in_executor(
+            self._executor, functools.partial(fn, *args, **kwargs))
+
+    def _apply_kv(self, key: bytes, value: bytes, create_rev: int, lease: int, deleted: bool,
+                  now: float) -> None:
+        """Fold one key's state into the cache. Malformed keys and values are skipped."""
+        name = key.decode(errors="replace")
+        if not name.startswith(self._root):
+            return
+        kind, _, rest = name[len(self._root):].partition("/")
+        try:
+            if kind == "nodes":
+                if deleted:
+                    self._nodes.pop(rest, None)
+                    return
+                doc = json.loads(value)
+                known = self._nodes.get(rest)
+                self._nodes[rest] = _NodeRecord(str(doc["region"]), str(doc.get("address", "")),
+                                                known.first_seen if known else now)
+                return
+            shard = int(rest)
+            if not 0 <= shard < self._shard_count:
+                return
+            if kind == "map":
+                if deleted:
+                    self._homes.pop(shard, None)
+                else:
+                    self._homes[shard] = str(json.loads(value)["home_region"])
+            elif kind == "owner":
+                if deleted:
+                    self._owners.pop(shard, None)
+                    self._absent_since[shard] = now
+                else:
+                    doc = json.loads(value)
+                    self._owners[shard] = _OwnerRecord(
+                        str(doc["node_id"]), str(doc.get("region", "")),
+                        str(doc.get("address", "")), create_rev, lease)
+                    self._absent_since.pop(shard, None)
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring malformed etcd key %s", name)
+
+    async def _relist_and_watch(self) -> None:
+        """Rebuild the cache from one consistent read, then watch from the next revision."""
+        self._watch_gen += 1
+        gen = self._watch_gen
+        old_watch, self._watch_id = self._watch_id, None
+        if old_watch is not None:
+            try:
+                await self._call(self._watcher.cancel_watch, old_watch)
+            except _ETCD_ERRORS:
+                pass  # The stream it lived on is gone anyway.
+        response = await self._call(self._kv.get_prefix_response, self._root)
+        now = time.monotonic()
+        old_absent, old_nodes = self._absent_since, self._nodes
+        self._homes, self._owners, self._nodes = {}, {}, {}
+        for kv in response.kvs:
+            self._apply_kv(kv.key, kv.value, kv.create_revision, kv.lease, False, now)
+        for name, rec in self._nodes.items():
+            if name in old_nodes:
+                rec.first_seen = old_nodes[name].first_seen
+        self._absent_since = {s: old_absent.get(s, now) for s in range(self._shard_count)
+                              if s not in self._owners}
+        self._cache_rev = response.header.revision
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("EtcdOwnership used before start()")
+
+        def on_response(resp: Any) -> None:  # runs on pyetcd's watch thread
+            try:
+                loop.call_soon_threadsafe(self._on_watch, gen, resp)
+            except RuntimeError:
+                pass  # The loop is closed: this node is gone.
+
+        self._watch_id = await self._call(
+            self._watcher.add_watch_prefix_callback, self._root, on_response,
+            start_revision=self._cache_rev + 1)
+        self._changed.set()
+
+    def _on_watch(self, gen: int, resp: Any) -> None:
+        if gen != self._watch_gen or self._closed:
+            return  # A response of a watch we replaced.
+        events = getattr(resp, "events", None)
+        if events is None:
+            # pyetcd reports a broken stream, a compaction or a shutdown as an exception or
+            # None in place of a response; any of them means re-list and watch again.
+            log.info("etcd watch of %s ended (%r); re-listing", self.node_id, resp)
+            self._watch_broken.set()
+            return
+        now = time.monotonic()
+        for ev in events:
+            deleted = isinstance(ev, etcd_events.DeleteEvent)
+            self._apply_kv(ev.key, ev.value, ev.create_revision, ev.lease, deleted, now)
+        self._cache_rev = max(self._cache_rev, resp.header.revision)
+        self._changed.set()
+
+    # -- Background loops --------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        while not self._closed:
+            await self._watch_broken.wait()
+            self._watch_broken.clear()
+            backoff_s = RETRY_BACKOFF_S_MIN
+            while not self._closed:
+                try:
+                    await self._relist_and_watch()
+                    break
+                except _ETCD_ERRORS as exc:
+                    log.warning("etcd re-list failed for %s: %r", self.node_id, exc)
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+
+    async def _open_session(self) -> None:
+        """Revoke the previous lease (best effort), take a new one and register this node."""
+        old = self._session
+        if old is not None:
+            try:
+                await self._call(self._kv.revoke_lease, old.lease_id)
+            except _ETCD_ERRORS:
+                pass  # Expired already, or etcd is away: its keys go at TTL or as stale keys.
+        sent_at = time.monotonic()
+        lease = await self._call(self._kv.lease, math.ceil(self._ttl_s))
+        ttl_s = min(float(lease.ttl), self._ttl_s)
+        session = _Session(lease.id, opened_at=sent_at, deadline=sent_at + ttl_s - self._margin_s)
+        node_doc = json.dumps({"region": self.region, "address": self.address})
+        try:
+            await self._call(self._kv.put, self._node_key(), node_doc, lease=lease.id)
+        except _ETCD_ERRORS:
+            try:
+                await self._call(self._kv.revoke_lease, lease.id)
+            except _ETCD_ERRORS:
+                pass
+            raise
+        self._session = session
+        self._changed.set()
+        log.info("node %s holds lease %x", self.node_id, lease.id)
+
+    def _refresh(self, lease_id: int) -> int | None:
+        for response in self._kv.refresh_lease(lease_id):
+            return int(response.TTL)
+        return None
+
+    async def _keepalive_loop(self) -> None:
+        backoff_s = RETRY_BACKOFF_S_MIN
+        while not self._closed:
+            session = self._session
+            if session is None or session.lost:
+                try:
+                    await self._open_session()
+                    backoff_s = RETRY_BACKOFF_S_MIN
+                except _ETCD_ERRORS as exc:
+                    log.warning("node %s cannot get a lease: %r", self.node_id, exc)
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+                continue
+            # The deadline counts from the send time: etcd received the keep-alive later, so
+            # its lease expiry is later than ours.
+            sent_at = time.monotonic()
+            try:
+                ttl = await self._call(self._refresh, session.lease_id)
+            except _ETCD_ERRORS as exc:
+                log.warning("node %s keep-alive failed: %r", self.node_id, exc)
+                ttl = None
+            if session is self._session and not session.lost:
+                if ttl is not None and ttl > 0:
+                    ttl_s = min(float(ttl), self._ttl_s)
+                    session.deadline = max(session.deadline, sent_at + ttl_s - self._margin_s)
+                elif ttl is not None:
+                    self._lose_session(session, "lease expired at etcd")
+                    continue
+            if ttl:
+                backoff_s = RETRY_BACKOFF_S_MIN
+                await asyncio.sleep(self._keepalive_period_s)
+            else:
+                # Retry soon, so one lost keep-alive does not cost the lease, but back off so a
+                # long etcd outage does not become a busy loop.
+                await asyncio.sleep(min(backoff_s, self._keepalive_period_s))
+                backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+
+    async def _watchdog_loop(self) -> None:
+        """Report every loss once the local lease deadline passes without a keep-alive."""
+        while not self._closed:
+            session = self._session
+            now = time.monotonic()
+            if session is None or session.lost:
+                await asyncio.sleep(RETRY_BACKOFF_S_MIN)
+                continue
+            if now >= session.deadline:
+                self._lose_session(session, "keep-alives late; lease may expire")
+                continue
+            await asyncio.sleep(session.deadline - now)
+
+    def _lose_session(self, session: _Session, reason: str) -> None:
+        session.lost = True
+        if self._owned:
+            log.warning("node %s gives up %d shards: %s", self.node_id, len(self._owned), reason)
+        self._lose_all()
+        self._changed.set()
+
+    def _lose_all(self) -> None:
+        owned, self._owned = self._owned, {}
+        for shard in sorted(owned):
+            self._notify(shard, 0)
+
+    async def _reconcile_loop(self) -> None:
+        tick_s = min(RECONCILE_TICK_S_MAX, self._grace_s / 4)
+        backoff_s = RETRY_BACKOFF_S_MIN
+        while not self._closed:
+            # asyncio.timeout rather than wait_for: on Python 3.11, wait_for can swallow a
+            # cancellation that arrives as the inner wait completes, and close() would hang.
+            try:
+                async with asyncio.timeout(tick_s):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            try:
+                await self._reconcile_once()
+                backoff_s = RETRY_BACKOFF_S_MIN
+            except _ETCD_ERRORS as exc:
+                log.warning("node %s reconcile failed: %r", self.node_id, exc)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+
+    async def _reconcile_once(self) -> None:
+        session = self._session
+        if session is None or session.lost:
+            return
+        now = time.monotonic()
+        live = {n: (rec.region, now - rec.first_seen) for n, rec in self._nodes.items()}
+        live[self.node_id] = (self.region, now - session.opened_at)
+        plan: dict[Action, list[int]] = {a: [] for a in Action}
+        # Epochs of stale keys are taken now: the cache may change during the awaits below.
+        stale_epochs: dict[int, int] = {}
+        for shard in range(self._shard_count):
+            rec = self._owners.get(shard)
+            absent_since = self._absent_since.get(shard)
+            rebalanced_at = self._rebalanced_at.get(shard)
+            view = ShardView(
+                shard=shard, home_region=self._home(shard),
+                owner_node_id=rec.node_id if rec else None,
+                owner_epoch=rec.epoch if rec else 0, owner_lease=rec.lease if rec else 0,
+                absent_for_s=now - absent_since if absent_since is not None and not rec else 0.0,
+                my_epoch=self._owned.get(shard, 0),
+                since_rebalance_s=math.inf if rebalanced_at is None else now - rebalanced_at,
+                held=self._hold_until.get(shard, 0.0) > now)
+            action = plan_shard(view, me=self.node_id, my_region=self.region,
+                                lease_id=session.lease_id, live_for_s=live,
+                                grace_s=self._grace_s, rebalance=self._rebalance)
+            plan[action].append(shard)
+            if action is Action.CLEAN_STALE and rec is not None:
+                stale_epochs[shard] = rec.epoch
+        for shard in plan[Action.LOST]:
+            log.warning("node %s lost shard %d (owner key changed)", self.node_id, shard)
+            self._owned.pop(shard, None)
+            self._notify(shard, 0)
+        if plan[Action.RELEASE]:
+            await self._release_many(plan[Action.RELEASE], rebalanced=False)
+        if plan[Action.REBALANCE]:
+            await self._release_many(plan[Action.REBALANCE], rebalanced=True)
+        if stale_epochs:
+            await self._delete_owner_keys(stale_epochs)
+        if plan[Action.CAMPAIGN]:
+            await self._campaign(plan[Action.CAMPAIGN], session)
+
+    # -- Election steps ----------------------------------------------------------------------
+
+    async def _campaign(self, shards: list[int], session: _Session) -> None:
+        """Try to win ``shards``: one create-if-absent sub-transaction per shard."""
+        owner_doc = json.dumps({"node_id": self.node_id, "region": self.region,
+                                "address": self.address})
+        for chunk in _chunks(shards, TXN_OPS_MAX):
+            subs = [etcd_txn.Txn(compare=[etcd_txn.Create(self._owner_key(s)) == 0],
+                                 success=[etcd_txn.Put(self._owner_key(s), owner_doc,
+                                                       lease=session.lease_id),
+                                          etcd_txn.Get(self._owner_key(s))],
+                                 failure=[])
+                    for s in chunk]
+            _, responses = await self._call(self._kv.transaction, compare=[], success=subs,
+                                            failure=[])
+            for shard, response in zip(chunk, responses):
+                sub = response.response_txn
+                if not sub.succeeded:
+                    continue  # Someone else won; the watch tells us who.
+                kv = sub.responses[1].response_range.kvs[0]
+                # The cache may already hold newer news of this key from the watch.
+                if kv.mod_revision > self._cache_rev:
+                    self._apply_kv(kv.key, kv.value, kv.create_revision, kv.lease, False,
+                                   time.monotonic())
+                # A win that comes back after the deadline is not served: the lease may be
+                # gone. The key is then cleaned up as stale under the next lease.
+                if (session is self._session and not session.lost
+                        and time.monotonic() < session.deadline and not self._closed):
+                    self._owned[shard] = kv.create_revision
+                    self._notify(shard, kv.create_revision)
+
+    async def _release_many(self, shards: list[int], *, rebalanced: bool) -> None:
+        """Hand shards over: report each loss and wait for it, then delete the owner keys."""
+        epochs: dict[int, int] = {}
+        deliveries = []
+        now = time.monotonic()
+        for shard in shards:
+            epoch = self._owned.pop(shard, 0)
+            if not epoch:
+                continue
+            epochs[shard] = epoch
+            if rebalanced:
+                self._rebalanced_at[shard] = now
+            deliveries.append(self._notify(shard, 0))
+        if deliveries:
+            await asyncio.wait(deliveries)
+        await self._delete_owner_keys(epochs)
+
+    async def _delete_owner_keys(self, epochs: Mapping[int, int]) -> None:
+        """Delete owner keys, each only if it still carries the given epoch."""
+        items = sorted(epochs.items())
+        for chunk in _chunks(items, TXN_OPS_MAX):
+            subs = [etcd_txn.Txn(compare=[etcd_txn.Create(self._owner_key(s)) == epoch],
+                                 success=[etcd_txn.Delete(self._owner_key(s))], failure=[])
+                    for s, epoch in chunk]
+            await self._call(self._kv.transaction, compare=[], success=subs, failure=[])
+
+    async def _init_map(self) -> None:
+        """Create every absent shard-map key; present keys are left as they are."""
+        shards = list(range(self._shard_count))
+        for chunk in _chunks(shards, TXN_OPS_MAX):
+            subs = [etcd_txn.Txn(
+                compare=[etcd_txn.Create(self._map_key(s)) == 0],
+                success=[etcd_txn.Put(self._map_key(s), json.dumps(
+                    {"home_region": default_home(s, self._regions)}))],
+                failure=[]) for s in chunk]
+            await self._call(self._kv.transaction, compare=[], success=subs, failure=[])
+
+    # -- Listener delivery -------------------------------------------------------------------
+
+    def _notify(self, shard: int, epoch: int) -> asyncio.Task[None]:
+        """Schedule ``listener(shard, epoch)`` after every earlier callback for that shard."""
+        previous = self._tails.get(shard)
+        task = asyncio.create_task(self._deliver(previous, shard, epoch))
+        self._tails[shard] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._tails.get(shard) is done:
+                del self._tails[shard]
+
+        task.add_done_callback(forget)
+        return task
+
+    async def _deliver(self, previous: asyncio.Task[None] | None, shard: int,
+                       epoch: int) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # Never raises, and never cancels the previous one.
+        if self._listener is None:
+            raise RuntimeError("EtcdOwnership reports ownership before start()")
+        try:
+            await self._listener(shard, epoch)
+        except Exception:
+            log.exception("ownership listener failed for shard %d epoch %d", shard, epoch)
+
+    # -- Shutdown ----------------------------------------------------------------------------
+
+    async def _shutdown(self, *, revoke: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            # Bounded: a loop stuck in a call returns within ETCD_RPC_TIMEOUT_S anyway, and
+            # the loops also stop on ``_closed``.
+            _, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_TIMEOUT_S)
+            for task in stuck:
+                log.warning("node %s: %s did not stop", self.node_id, task.get_name())
+        self._tasks = []
+        self._lose_all()
+        pending = list(self._tails.values())
+        if pending:
+            await asyncio.wait(pending, timeout=CLOSE_LISTENER_TIMEOUT_S)
+        session, self._session = self._session, None
+        if self._executor is not None:
+            # A lost session is revoked too: its loss is reported already, and revoking frees
+            # its shards at once instead of at TTL.
+            if revoke and session is not None:
+                try:
+                    await self._call(self._kv.revoke_lease, session.lease_id)
+                except _ETCD_ERRORS as exc:
+                    log.warning("node %s could not revoke its lease: %r", self.node_id, exc)
+            executor, self._executor = self._executor, None
+            await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(self._close_clients, executor))
+
+    def _close_clients(self, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+        executor.shutdown(wait=True)
+        for client in (self._watcher, self._kv):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # Closing a channel that failed may raise; nothing to do.
+                    log.debug("closing etcd client failed", exc_info=True)

@@ -1,0 +1,61 @@
+"""In-process ``Ownership`` for the embedded default (``ledgerd dev``): one node owns every shard.
+
+There is no elector, so nothing can depose this node; the epoch is given by the caller (for
+example one more than the highest epoch the journal has seen), so that a restarted dev node
+still fences out whatever ran before it.
+"""
+
+from __future__ import annotations
+
+from shard_router.ownership import OwnerInfo, OwnershipListener, ShardPlacement
+
+
+class LocalOwnership:
+    """Owns all ``shard_count`` shards with one ``epoch`` from ``start()`` until ``close()``.
+
+    Args:
+        shard_count: Number of virtual shards.
+        epoch: The fencing token every shard is served with; must be positive.
+        node_id: This node's id.
+        region: The only region; it is every shard's home.
+    """
+
+    def __init__(self, shard_count: int, epoch: int, node_id: str = "dev",
+                 region: str = "dev") -> None:
+        if shard_count <= 0:
+            raise ValueError("shard_count must be positive")
+        if epoch <= 0:
+            raise ValueError("epoch must be positive (0 means 'lost' to listeners)")
+        self.node_id = node_id
+        self.region = region
+        self._shard_count = shard_count
+        self._epoch = epoch
+        self._listener: OwnershipListener | None = None
+        self._owned = False
+
+    async def start(self, listener: OwnershipListener) -> None:
+        """Report the gain of every shard, in shard order, and return when all are reported."""
+        if self._listener is not None:
+            raise RuntimeError("start() called twice")
+        self._listener = listener
+        self._owned = True
+        for shard in range(self._shard_count):
+            await listener(shard, self._epoch)
+
+    async def close(self) -> None:
+        """Report the loss of every shard. Calling it again does nothing."""
+        if not self._owned or self._listener is None:
+            return
+        self._owned = False
+        for shard in range(self._shard_count):
+            await self._listener(shard, 0)
+
+    def owner(self, shard: int) -> OwnerInfo | None:
+        if not self._owned or not 0 <= shard < self._shard_count:
+            return None
+        return OwnerInfo(shard=shard, node_id=self.node_id, region=self.region, address="",
+                         epoch=self._epoch)
+
+    def placements(self) -> list[ShardPlacement]:
+        return [ShardPlacement(shard=s, home_region=self.region)
+                for s in range(self._shard_count)]
