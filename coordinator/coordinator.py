@@ -31,6 +31,11 @@ from ledger.owner import ShardExecutor, now_ms
 from ledger.store.port import JournalStore
 from shard_router.hashing import shard_of
 
+# How long ListWalletEntries waits for history rows that lag the journal, and how often it
+# looks again (ms). After the wait it answers with what is written.
+HISTORY_WAIT_MS = 2_000
+HISTORY_POLL_MS = 10
+
 _TRANSFER_ID = re.compile(r"t([0-9a-f]{4})[0-9a-f]{24}")
 _HOLD_ID = re.compile(r"h([0-9a-f]{4})[0-9a-f]{24}")
 
@@ -454,12 +459,20 @@ class Coordinator:
         if page_token and not page_token.isdigit():
             return refuse(Status.INVALID_ARGUMENT, "page_token", "is not a token from this API")
         after = int(page_token or 0)
-        if after == 0:
-            wallet = await self.get_wallet(wallet_id)
-            if not wallet.ok:
-                return wallet
+        wallet = await self.get_wallet(wallet_id)
+        if not wallet.ok:
+            return wallet
         size = min(page_size or C.ENTRIES_PAGE_DEFAULT, C.ENTRIES_PAGE_MAX)
-        entries = await self._history.list_entries(wallet_id, after, size + 1)
+        # History rows are written behind the journal (bounded lag). The wallet's version,
+        # read from its owner, says how many entries exist: wait for them, so a caller reads
+        # its own writes.
+        wanted = min(size + 1, max(wallet.value.version - after, 0))
+        deadline = self._clock_ms() + HISTORY_WAIT_MS
+        while True:
+            entries = await self._history.list_entries(wallet_id, after, size + 1)
+            if len(entries) >= wanted or self._clock_ms() >= deadline:
+                break
+            await asyncio.sleep(HISTORY_POLL_MS / 1000)
         more = len(entries) > size
         entries = entries[:size]
         return ok((entries, str(entries[-1].version) if more else ""))

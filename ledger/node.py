@@ -62,7 +62,10 @@ class Node:
                 await current.stop("ownership lost" if epoch == 0 else "stopped")
             if epoch:
                 owner = ShardOwner(shard, epoch, self.store, self.router,
-                                   on_stopped=self._owner_stopped, **self._owner_options)
+                                   on_stopped=self._owner_stopped,
+                                   lease_valid=getattr(self.ownership, "lease_valid",
+                                                       lambda: True),
+                                   **self._owner_options)
                 started = time.monotonic()
                 try:
                     await owner.start()

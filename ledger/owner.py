@@ -71,8 +71,10 @@ class ShardOwner:
     def __init__(self, shard: int, epoch: int, store: JournalStore, peers: ShardExecutor,
                  clock_ms: Callable[[], int] = now_ms,
                  on_stopped: Callable[[int, int, str], Awaitable[None]] | None = None,
-                 idempotency_retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> None:
+                 idempotency_retention_ms: int = IDEMPOTENCY_RETENTION_MS,
+                 lease_valid: Callable[[], bool] = lambda: True) -> None:
         self.shard = shard
+        self._lease_valid = lease_valid
         self.epoch = epoch
         self.state = ShardState(shard)
         self._store = store
@@ -262,6 +264,12 @@ class ShardOwner:
             state.seq = seq
             failpoints.hit("owner.after_append")
             self._after_append(events)
+        if not self._lease_valid():
+            # Paused past our lease: another owner may already serve this shard, so nothing
+            # may be answered from our state (reads included). The journaled batch stands;
+            # the router retries on the new owner, which answers from the journal.
+            await self._abdicate("lease no longer valid")
+            return
         for request in batch:
             request.answer(request.outcomes)
 

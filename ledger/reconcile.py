@@ -19,6 +19,7 @@ aside (it belongs to a later cut).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,6 +35,10 @@ from ledger.store.port import JournalStore
 
 # Journal batches read per call.
 JOURNAL_PAGE_BATCHES = 500
+# How long rows behind the journal may take to catch up before they count (s), and how often
+# they are looked at again meanwhile.
+ROWS_SETTLE_S = 5.0
+ROWS_SETTLE_POLL_S = 0.2
 # A hold may be seen this long past its timeout before it counts as outliving it (ms): the
 # owner's sweep releases expired holds about once a second.
 HOLD_GRACE_MS = 5_000
@@ -192,25 +197,40 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
             report.add("legs_once", -1, tid, f"credited {count} times but never committed")
 
     for shard, state in states.items():
-        rows = {w.wallet_id: w for w in await store.scan_wallets(shard)}
-        for wallet in state.wallets.values():
-            row = rows.pop(wallet.wallet_id, None)
-            if row is None:
-                report.add("rows_match_journal", shard, wallet.wallet_id,
-                           "no materialized wallet row")
-            elif row.version == wallet.version:
-                if (row.balance_minor, row.held_minor) != (wallet.balance_minor,
-                                                           wallet.held_minor):
-                    report.add("rows_match_journal", shard, wallet.wallet_id,
-                               f"row balance {row.balance_minor}/held {row.held_minor}, "
-                               f"journal {wallet.balance_minor}/{wallet.held_minor}")
-            elif row.version < wallet.version:
-                report.add("rows_match_journal", shard, wallet.wallet_id,
-                           f"row at version {row.version}, journal at {wallet.version}")
-            # A row newer than the journal cut was written after this shard was read.
-        for wallet_id in rows:
-            report.add("rows_match_journal", shard, wallet_id, "row without journal entries")
+        # Rows are written behind the journal (a bounded lag): a row behind its journal is
+        # looked at again for a few seconds before it counts as a discrepancy.
+        settle_until = time.monotonic() + ROWS_SETTLE_S
+        while True:
+            problems = _row_problems(state, await store.scan_wallets(shard))
+            behind = [p for p in problems if p[2]]
+            if not behind or time.monotonic() >= settle_until:
+                break
+            await asyncio.sleep(ROWS_SETTLE_POLL_S)
+        for wallet_id, detail, _ in problems:
+            report.add("rows_match_journal", shard, wallet_id, detail)
     return report
+
+
+def _row_problems(state: ShardState, scanned: list) -> list[tuple[str, str, bool]]:
+    """(wallet, what is wrong, whether the row is merely behind the journal)."""
+    problems = []
+    rows = {w.wallet_id: w for w in scanned}
+    for wallet in state.wallets.values():
+        row = rows.pop(wallet.wallet_id, None)
+        if row is None:
+            problems.append((wallet.wallet_id, "no materialized wallet row", True))
+        elif row.version == wallet.version:
+            if (row.balance_minor, row.held_minor) != (wallet.balance_minor, wallet.held_minor):
+                problems.append((wallet.wallet_id,
+                                 f"row balance {row.balance_minor}/held {row.held_minor}, "
+                                 f"journal {wallet.balance_minor}/{wallet.held_minor}", False))
+        elif row.version < wallet.version:
+            problems.append((wallet.wallet_id, f"row at version {row.version}, journal at "
+                             f"{wallet.version}", True))
+        # A row newer than the journal cut was written after this shard was read.
+    for wallet_id in rows:
+        problems.append((wallet_id, "row without journal entries", False))
+    return problems
 
 
 async def _journaled_after(store: JournalStore, shard: int, after_seq: int, to_shard: int,

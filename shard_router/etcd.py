@@ -618,6 +618,15 @@ class EtcdOwnership:
                 continue
             await asyncio.sleep(session.deadline - now)
 
+    def lease_valid(self) -> bool:
+        """True while this node's lease is surely alive at etcd (before the local deadline).
+
+        Owners check it before answering: a node paused past its lease (SIGSTOP, a long GC)
+        must not answer as owner after it resumes, even before the watchdog reports the loss.
+        """
+        session = self._session
+        return session is not None and not session.lost and time.monotonic() < session.deadline
+
     def _lose_session(self, session: _Session, reason: str) -> None:
         session.lost = True
         if self._owned:

@@ -34,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--cassandra", default=os.environ.get(
         "LEDGER_CASSANDRA", "127.0.0.1:9042"), help="contact point host:port of the region")
     node.add_argument("--replication", default=None,
-                      help="dc=replicas,... for the keyspace (default: REGION=1)")
+                      help="dc=replicas,... for the keyspace (default: one per region)")
     node.add_argument("--keyspace", default="ledger")
     node.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
     node.add_argument("--shards", type=int, default=256)
+    node.add_argument("--etcd-prefix", default="/redledger")
     node.add_argument("--lease-ttl-s", type=float, default=5.0)
+    node.add_argument("--takeover-grace-s", type=float, default=2.0)
     for p in (dev, node):
         p.add_argument("--log-level", default=os.environ.get("LEDGER_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
@@ -65,12 +67,13 @@ async def _node(args) -> None:
     regions = args.regions.split(",") if args.regions else [args.region]
     host, _, port = args.cassandra.partition(":")
     replication = ({dc: int(n) for dc, n in (p.split("=") for p in args.replication.split(","))}
-                   if args.replication else {args.region: 1})
+                   if args.replication else {region: 1 for region in regions})
     store = await CassandraStore.connect([host], int(port or 9042), local_dc=args.region,
                                          keyspace=args.keyspace, replication=replication)
     node_id = args.node_id or f"{args.region}-{os.getpid()}"
     ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
-                              regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s)
+                              regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
+                              takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix)
     running = await server.start(store, ownership, args.shards, args.host, args.port)
     print(f"ledgerd node {node_id}: serving on {args.host}:{running.port}, "
           f"{len(running.node.owners)} shards owned", flush=True)

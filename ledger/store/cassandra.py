@@ -21,6 +21,7 @@ no thread is spent per call.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from typing import Any, Iterable, Sequence
@@ -36,6 +37,8 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statem
 from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.port import (Fenced, JournalBatch, LoadedShard, Row, StoreUnavailable,
                                UnknownOutcome)
+
+log = logging.getLogger("ledger.store.cassandra")
 
 # --- Limits (each with its unit and what happens when it is hit) --------------------------
 
@@ -62,6 +65,12 @@ ROWS_PAGE_MAX = 1000
 FENCE_ATTEMPTS_MAX = 16
 # Attempts of the SERIAL read that resolves a CAS timeout before reporting UnknownOutcome.
 RESOLVE_ATTEMPTS_MAX = 3
+# Journal batches of one shard whose rows may wait for the materializer. An append past it
+# waits for the rows to catch up (backpressure), so the lag of the views stays bounded.
+ROWS_LAG_BATCHES_MAX = 64
+# Pause before the materializer retries rows that failed to write (s). Rows are idempotent
+# upserts; they are retried until written or the store closes (then replay rewrites them).
+ROWS_RETRY_BACKOFF_S = 0.2
 
 _WALLET_COLS = ("wallet_id", "currency", "balance_minor", "held_minor", "version",
                 "allow_negative", "frozen", "created_at_ms")
@@ -338,6 +347,13 @@ class CassandraStore:
             raise ValueError("serial_consistency must be SERIAL or LOCAL_SERIAL")
         self._timeout_s = request_timeout_s
         self._closed = False
+        # Rows waiting to be materialized, per shard, in journal order, and the writer task
+        # of each shard (one at a time per shard, so a later row never lands before an
+        # earlier one of the same key).
+        self._rows_pending: dict[int, list[tuple[int, list]]] = {}
+        self._rows_writer: dict[int, asyncio.Task] = {}
+        self._rows_done: dict[int, int] = {}
+        self._rows_changed = asyncio.Condition()
         self._prepare_all()
 
     # --- construction -----------------------------------------------------------------
@@ -612,8 +628,7 @@ class CassandraStore:
         if seq < 1:
             raise ValueError(f"batch numbers start at 1, got {seq}")
         events = bytes(events)
-        # Materialize rows before the CAS so that a bad row fails before anything is written.
-        row_statements = self._row_statements(shard, rows)
+        rows = list(rows)
         batch = BatchStatement(batch_type=BatchType.UNLOGGED,
                                consistency_level=self._write_cl,
                                serial_consistency_level=self._serial_cl)
@@ -621,6 +636,7 @@ class CassandraStore:
         batch.is_idempotent = False
         batch.add(self._q_advance, (seq, shard, seq - 1, epoch))
         batch.add(self._q_insert_batch, (shard, seq, epoch, events))
+        await self._rows_room(shard)
         try:
             result = await self._run(batch)
         except _DRIVER_ERRORS as exc:
@@ -635,12 +651,52 @@ class CassandraStore:
             if not (result and result[0].get("[applied]")):
                 found = next((r for r in (result or ()) if "epoch" in r or "head" in r), {})
                 raise self._refused(shard, epoch, seq, found)
-        try:
-            await self._write_all(row_statements)
-        except _DRIVER_ERRORS as exc:
-            raise UnknownOutcome(f"shard {shard} batch {seq} is durable but its rows could not "
-                                 f"be written ({type(exc).__name__}: {exc}); replay rewrites "
-                                 f"them") from exc
+        # The batch is durable: its rows are views, written behind the commit path (a row
+        # write costs more than the journal append, and it needs no serial quorum).
+        self._rows_enqueue(shard, seq, rows)
+
+    # --- the materializer ----------------------------------------------------------------
+
+    async def _rows_room(self, shard: int) -> None:
+        pending = self._rows_pending.get(shard)
+        if pending and len(pending) >= ROWS_LAG_BATCHES_MAX:
+            async with self._rows_changed:
+                await self._rows_changed.wait_for(
+                    lambda: len(self._rows_pending.get(shard, ())) < ROWS_LAG_BATCHES_MAX
+                    or self._closed)
+
+    def _rows_enqueue(self, shard: int, seq: int, rows: list) -> None:
+        self._rows_pending.setdefault(shard, []).append((seq, rows))
+        writer = self._rows_writer.get(shard)
+        if writer is None or writer.done():
+            self._rows_writer[shard] = asyncio.create_task(self._rows_drain(shard))
+
+    async def _rows_drain(self, shard: int) -> None:
+        """Write the shard's pending rows, oldest first, coalescing what is queued."""
+        while not self._closed:
+            pending = self._rows_pending.get(shard)
+            if not pending:
+                return
+            taken = list(pending)
+            rows = [row for _, batch_rows in taken for row in batch_rows]
+            try:
+                await self._write_all(self._row_statements(shard, rows))
+            except _DRIVER_ERRORS as exc:
+                log.warning("shard %d: rows not written yet (%s); retrying", shard, exc)
+                await asyncio.sleep(ROWS_RETRY_BACKOFF_S)
+                continue
+            del pending[:len(taken)]
+            async with self._rows_changed:
+                self._rows_done[shard] = max(self._rows_done.get(shard, 0), taken[-1][0])
+                self._rows_changed.notify_all()
+
+    async def flush_rows(self, shard: int, seq: int) -> None:
+        """Wait until the rows of the shard's batches up to ``seq`` are written."""
+        def done() -> bool:
+            pending = self._rows_pending.get(shard)
+            return self._closed or not pending or pending[0][0] > seq
+        async with self._rows_changed:
+            await self._rows_changed.wait_for(done)
 
     @staticmethod
     def _refused(shard: int, epoch: int, seq: int, found: dict) -> Fenced:
@@ -749,6 +805,9 @@ class CassandraStore:
         Raises:
             StoreUnavailable: the store could not be reached (the snapshot may be written).
         """
+        # A snapshot bounds replay, and replay is what rewrites rows lost in a crash: the
+        # rows of every batch it covers must be written first.
+        await self.flush_rows(shard, seq)
         try:
             await self._run(self._q_snapshot_put, (shard, seq, bytes(snapshot)))
             await self._run(self._q_snapshot_drop_older, (shard, seq))
@@ -892,9 +951,17 @@ class CassandraStore:
             after = rows[-1]["wallet_id"]
 
     async def close(self) -> None:
-        """Shut the driver down (its threads and connections). Idempotent."""
-        if not self._closed:
+        """Write pending rows (bounded wait), then shut the driver down. Idempotent."""
+        writers = [t for t in self._rows_writer.values() if not t.done()]
+        if writers and not self._closed:
+            await asyncio.wait(writers, timeout=self._timeout_s)
+        async with self._rows_changed:
             self._closed = True
+            self._rows_changed.notify_all()
+        for task in self._rows_writer.values():
+            task.cancel()
+        if not getattr(self, "_shut", False):
+            self._shut = True
             await asyncio.to_thread(self._cluster.shutdown)
 
 

@@ -82,14 +82,20 @@ class JournalStore(Protocol):
 
         The batch is durable when this returns (in the Cassandra adapter: accepted by a
         serial quorum spanning regions). ``rows`` are the materialized rows the batch
-        changes; they are written before this returns, but only the journal is
-        authoritative: on load, rows of batches after the snapshot are written again.
+        changes. They are views: an adapter may write them in the same transaction (SQLite)
+        or behind the journal, in journal order per shard and with a bounded lag
+        (Cassandra); ``save_snapshot`` writes them first, and on load the rows of batches
+        after the snapshot are written again.
 
         Raises:
             Fenced: ``epoch`` is not the recorded epoch, or batch ``seq`` exists.
             UnknownOutcome: the append timed out and a serial read could not tell.
             StoreUnavailable: nothing was written.
         """
+        ...
+
+    async def flush_rows(self, shard: int, seq: int) -> None:
+        """Return once the rows of the shard's batches up to ``seq`` are written."""
         ...
 
     async def write_rows(self, shard: int, rows: Iterable[Row]) -> None:

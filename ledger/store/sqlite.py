@@ -161,6 +161,9 @@ class SqliteStore:
                      rows: Iterable[Row]) -> None:
         await self._call(_append, shard, epoch, seq, events, list(rows))
 
+    async def flush_rows(self, shard: int, seq: int) -> None:
+        """Rows are written in the append's own transaction: nothing is ever pending."""
+
     async def write_rows(self, shard: int, rows: Iterable[Row]) -> None:
         await self._call(_write_rows, shard, list(rows))
 

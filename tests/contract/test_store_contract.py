@@ -113,7 +113,8 @@ async def test_stale_epoch_after_a_newer_fence_writes_nothing(case):
         await case.store.append(shard, 1, 2, events(shard, 2, "old"),
                                 [("transfer", transfer(tid)), ("wallet", wallet(wid, 5))])
     assert await journal(case.store, shard) == [(1, 1, events(shard, 1))]
-    # The refused batch's rows were not written either.
+    # The refused batch's rows were not written either (not even later).
+    await case.store.flush_rows(shard, 2)
     assert await case.store.get_transfer(tid) is None
     assert await case.store.scan_wallets(shard) == []
     # The new writer continues where the journal is.
@@ -249,11 +250,12 @@ async def test_read_journal_honours_after_seq_and_limit(case):
 # --- materialized rows ----------------------------------------------------------------------
 
 
-async def test_append_writes_its_rows_before_returning(case):
+async def test_append_writes_its_rows_once_flushed(case):
     shard, wid, tid = case.shard(), case.id("w"), case.id("t")
     await case.store.fence(shard, 1)
     await case.store.append(shard, 1, 1, events(shard, 1), [
         ("wallet", wallet(wid, 100, 1)), ("entry", entry(wid, 1)), ("transfer", transfer(tid))])
+    await case.store.flush_rows(shard, 1)
     assert await case.store.scan_wallets(shard) == [wallet(wid, 100, 1)]
     assert await case.store.list_entries(wid, 0, 10) == [entry(wid, 1)]
     assert await case.store.get_transfer(tid) == transfer(tid)
@@ -335,6 +337,7 @@ async def test_a_large_group_commit_writes_all_its_rows(case):
     rows = ([("wallet", w) for w in wallets] + [("transfer", t) for t in transfers]
             + [("entry", e) for e in entries])
     await case.store.append(shard, 1, 1, events(shard, 1) * 1000, rows)
+    await case.store.flush_rows(shard, 1)
     assert sorted(await case.store.scan_wallets(shard), key=lambda w: w.wallet_id) == wallets
     assert [await case.store.get_transfer(t.transfer_id) for t in transfers[::37]] \
         == transfers[::37]
@@ -391,6 +394,7 @@ async def test_cassandra_append_whose_answer_is_lost_is_resolved_as_applied(
     _inject(monkeypatch, store, lose_append_answer=True)
     await store.append(shard, 1, 1, events(shard, 1), [("transfer", transfer(f"lost-{shard}"))])
     monkeypatch.undo()
+    await store.flush_rows(shard, 1)
     assert await journal(store, shard) == [(1, 1, events(shard, 1))]
     assert await store.get_transfer(f"lost-{shard}") == transfer(f"lost-{shard}")
 

@@ -82,12 +82,16 @@ def test_status(cluster: LocalCluster):
 
 
 def test_kill_and_restart_region(cluster: LocalCluster):
-    # The commit log syncs in groups (15 ms windows) before acknowledging, so the row
-    # acknowledged above survives a SIGKILL without waiting for any sync period.
-    cluster.kill_region("r1")
-    assert not cluster.status()["cassandra-r1"]["running"]
-    cluster.start_region("r1")  # same data dir: the row written above is still there
-    rows = cql_query("127.0.0.1", CQL, "SELECT v FROM lc_test.kv WHERE k = 'a'")
-    assert rows == [(1,)]
+    # SIGKILL, like a crashed machine; the node comes back on the same data directory. With
+    # the periodic commit log (Cassandra's default) the newest unsynced writes of a killed
+    # node may be gone - the ledger relies on replication across regions for those - but the
+    # schema is synced when it changes, so the keyspace and table are there.
+    region = cluster.regions[-1]
+    host = cluster.contact_points[region]
+    cluster.kill_region(region)
+    assert not cluster.status()[f"cassandra-{region}"]["running"]
+    cluster.start_region(region)
+    assert cql_query(host, CQL, "SELECT table_name FROM system_schema.tables WHERE "
+                                "keyspace_name = 'lc_test'") == [("kv",)]
     cluster.start()  # idempotent: everything runs already
     assert all(s["running"] for s in cluster.status().values())
