@@ -44,6 +44,7 @@ class NodeProcess:
     takeover_grace_s: float = 1.0
     env: dict = field(default_factory=dict)
     log_dir: Path | None = None
+    role: str = "full"  # or "coordinator": serves the API, owns no shards
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
@@ -68,6 +69,7 @@ class NodeProcess:
                "--shards", str(self.shards), "--lease-ttl-s", str(self.lease_ttl_s),
                "--takeover-grace-s", str(self.takeover_grace_s),
                "--replication", ",".join(f"{r}=1" for r in self.regions),
+               "--role", self.role,
                "--log-level", env.get("LEDGER_LOG_LEVEL", "WARNING")]
         # stdout carries only the serving line; logs go to a file (or nowhere).
         if self.log_dir is not None:
@@ -129,7 +131,7 @@ class Deployment:
     def __init__(self, cluster, regions: list[str] | None = None, nodes_per_region: int = 1,
                  shards: int = 16, cql_port: int | None = None, lease_ttl_s: float = 3.0,
                  takeover_grace_s: float = 1.0, log_dir: Path | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, coordinators_per_region: int = 0) -> None:
         self.cluster = cluster
         self.regions = list(regions or cluster.regions)
         self.shards = shards
@@ -145,6 +147,12 @@ class Deployment:
                     f"{cluster.contact_points[region]}:{port}", cluster.etcd_endpoint,
                     self.keyspace, self.prefix, shards, lease_ttl_s, takeover_grace_s,
                     log_dir=log_dir))
+            for i in range(coordinators_per_region):
+                self.nodes.append(NodeProcess(
+                    f"{region}-c{i}", region, self.regions,
+                    f"{cluster.contact_points[region]}:{port}", cluster.etcd_endpoint,
+                    self.keyspace, self.prefix, shards, lease_ttl_s, takeover_grace_s,
+                    log_dir=log_dir, role="coordinator"))
 
     @property
     def addresses(self) -> list[str]:
@@ -152,6 +160,14 @@ class Deployment:
 
     def in_region(self, region: str) -> list[NodeProcess]:
         return [n for n in self.nodes if n.region == region]
+
+    @property
+    def owners(self) -> list[NodeProcess]:
+        return [n for n in self.nodes if n.role == "full"]
+
+    @property
+    def coordinators(self) -> list[NodeProcess]:
+        return [n for n in self.nodes if n.role == "coordinator"]
 
     def start(self) -> None:
         # The first node creates the keyspace and the shard map; the rest join after it.

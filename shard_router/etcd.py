@@ -244,7 +244,7 @@ class EtcdOwnership:
     def __init__(self, endpoint: str, node_id: str, region: str, address: str,
                  regions: list[str], shard_count: int = 256, lease_ttl_s: float = 5.0,
                  takeover_grace_s: float = 2.0, prefix: str = "/redledger", *,
-                 rebalance: bool = True) -> None:
+                 rebalance: bool = True, campaign: bool = True) -> None:
         if not regions:
             raise ValueError("regions must not be empty")
         if shard_count <= 0:
@@ -268,6 +268,9 @@ class EtcdOwnership:
         if self._keepalive_period_s >= self._ttl_s - self._margin_s:
             raise ValueError("lease_ttl_s too small for its safety margin")
         self._rebalance = rebalance
+        # campaign=False: a coordinator-only node. It reads the map and the owners (to route)
+        # but takes no lease, registers no node key and never owns a shard.
+        self._campaign_enabled = campaign
         self._root = prefix.rstrip("/") + "/"
         self._host, self._port = host or "127.0.0.1", int(port)
 
@@ -319,11 +322,16 @@ class EtcdOwnership:
         try:
             await self._init_map()
             await self._relist_and_watch()
-            await self._open_session()
-            await self._reconcile_once()
+            if self._campaign_enabled:
+                await self._open_session()
+                await self._reconcile_once()
         except _ETCD_ERRORS as exc:
             await self._shutdown(revoke=True)
             raise EtcdOwnershipError(f"cannot join etcd at {self._host}:{self._port}") from exc
+        if not self._campaign_enabled:
+            self._tasks = [asyncio.create_task(self._watch_loop(),
+                                               name=f"etcd-watch-{self.node_id}")]
+            return
         self._tasks = [
             asyncio.create_task(self._keepalive_loop(), name=f"etcd-keepalive-{self.node_id}"),
             asyncio.create_task(self._watchdog_loop(), name=f"etcd-watchdog-{self.node_id}"),

@@ -15,7 +15,7 @@ TEST_CQL_PORT = int(os.environ.get("LEDGER_TEST_CQL_PORT", "29042"))
 TEST_STORAGE_PORT = int(os.environ.get("LEDGER_TEST_STORAGE_PORT", "27000"))
 TEST_ETCD_PORT = int(os.environ.get("LEDGER_TEST_ETCD_PORT", "33791"))
 TEST_ETCD_PEER_PORT = int(os.environ.get("LEDGER_TEST_ETCD_PEER_PORT", "33801"))
-TEST_REGIONS = os.environ.get("LEDGER_TEST_REGIONS", "r1").split(",")
+TEST_REGIONS = os.environ.get("LEDGER_TEST_REGIONS", "r1,r2,r3").split(",")
 
 
 @pytest.fixture(scope="session")

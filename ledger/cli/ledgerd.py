@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
     node.add_argument("--shards", type=int, default=256)
     node.add_argument("--etcd-prefix", default="/redledger")
+    node.add_argument("--role", choices=["full", "coordinator"], default="full",
+                      help="coordinator: serve the API and route, own no shards")
     node.add_argument("--lease-ttl-s", type=float, default=5.0)
     node.add_argument("--takeover-grace-s", type=float, default=2.0)
     for p in (dev, node):
@@ -73,7 +75,8 @@ async def _node(args) -> None:
     node_id = args.node_id or f"{args.region}-{os.getpid()}"
     ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
-                              takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix)
+                              takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix,
+                              campaign=args.role == "full")
     running = await server.start(store, ownership, args.shards, args.host, args.port)
     print(f"ledgerd node {node_id}: serving on {args.host}:{running.port}, "
           f"{len(running.node.owners)} shards owned", flush=True)
