@@ -244,7 +244,8 @@ class EtcdOwnership:
     def __init__(self, endpoint: str, node_id: str, region: str, address: str,
                  regions: list[str], shard_count: int = 256, lease_ttl_s: float = 5.0,
                  takeover_grace_s: float = 2.0, prefix: str = "/redledger", *,
-                 rebalance: bool = True, campaign: bool = True) -> None:
+                 rebalance: bool = True, campaign: bool = True,
+                 sticky_failover: bool = True) -> None:
         if not regions:
             raise ValueError("regions must not be empty")
         if shard_count <= 0:
@@ -271,6 +272,8 @@ class EtcdOwnership:
         # campaign=False: a coordinator-only node. It reads the map and the owners (to route)
         # but takes no lease, registers no node key and never owns a shard.
         self._campaign_enabled = campaign
+        # sticky_failover: shards taken over from a dead region stay (failback on command).
+        self._sticky_failover = sticky_failover
         self._root = prefix.rstrip("/") + "/"
         self._host, self._port = host or "127.0.0.1", int(port)
 
@@ -282,6 +285,8 @@ class EtcdOwnership:
 
         # Cache of etcd, fed by list + watch.
         self._homes: dict[int, str] = {}
+        # Where a shard lived before an unplanned failover moved its home (for failback).
+        self._origins: dict[int, str] = {}
         self._owners: dict[int, _OwnerRecord] = {}
         self._nodes: dict[str, _NodeRecord] = {}
         self._absent_since: dict[int, float] = {}
@@ -382,8 +387,16 @@ class EtcdOwnership:
         """
         await self.set_homes({shard: region})
 
-    async def set_homes(self, mapping: dict[int, str]) -> None:
-        """Move many shards' homes, one transaction per chunk of ``TXN_OPS_MAX``."""
+    def origin(self, shard: int) -> str | None:
+        """The region a shard lived in before an unplanned failover took it away."""
+        return self._origins.get(shard)
+
+    async def set_homes(self, mapping: dict[int, str],
+                        origins: dict[int, str] | None = None) -> None:
+        """Move many shards' homes, one transaction per chunk of ``TXN_OPS_MAX``.
+
+        ``origins`` records, per shard, the region it is moved away from after a failover
+        (``ledgerctl failback`` moves such shards home again); omitted, it is cleared."""
         for shard, region in mapping.items():
             self._check_shard(shard)
             if region not in self._regions:
@@ -391,7 +404,9 @@ class EtcdOwnership:
         items = sorted(mapping.items())
         try:
             for chunk in _chunks(items, TXN_OPS_MAX):
-                puts = [etcd_txn.Put(self._map_key(s), json.dumps({"home_region": r}))
+                puts = [etcd_txn.Put(self._map_key(s), json.dumps(
+                    {"home_region": r, **({"origin": origins[s]} if origins and s in origins
+                                          else {})}))
                         for s, r in chunk]
                 await self._call(self._kv.transaction, compare=[], success=puts, failure=[])
         except _ETCD_ERRORS as exc:
@@ -461,8 +476,14 @@ class EtcdOwnership:
             if kind == "map":
                 if deleted:
                     self._homes.pop(shard, None)
+                    self._origins.pop(shard, None)
                 else:
-                    self._homes[shard] = str(json.loads(value)["home_region"])
+                    doc = json.loads(value)
+                    self._homes[shard] = str(doc["home_region"])
+                    if doc.get("origin"):
+                        self._origins[shard] = str(doc["origin"])
+                    else:
+                        self._origins.pop(shard, None)
             elif kind == "owner":
                 if deleted:
                     self._owners.pop(shard, None)
@@ -714,6 +735,7 @@ class EtcdOwnership:
         """Try to win ``shards``: one create-if-absent sub-transaction per shard."""
         owner_doc = json.dumps({"node_id": self.node_id, "region": self.region,
                                 "address": self.address})
+        taken_over: list[int] = []
         for chunk in _chunks(shards, TXN_OPS_MAX):
             subs = [etcd_txn.Txn(compare=[etcd_txn.Create(self._owner_key(s)) == 0],
                                  success=[etcd_txn.Put(self._owner_key(s), owner_doc,
@@ -738,6 +760,21 @@ class EtcdOwnership:
                         and time.monotonic() < session.deadline and not self._closed):
                     self._owned[shard] = kv.create_revision
                     self._notify(shard, kv.create_revision)
+                    if self._sticky_failover and self._home(shard) != self.region:
+                        taken_over.append(shard)
+        if taken_over:
+            # An unplanned failover: the shard now lives here until an operator moves it
+            # back (`ledgerctl failback`), so a region that flaps does not drag its shards
+            # back and forth. The old home is kept as the origin.
+            origins = {s: self._home(s) for s in taken_over}
+            try:
+                await self.set_homes({s: self.region for s in taken_over}, origins)
+                log.warning("node %s took over shards %s from %s", self.node_id, taken_over,
+                            sorted(set(origins.values())))
+            except EtcdOwnershipError:
+                log.warning("node %s could not record the failover of shards %s; they will "
+                            "return to their home region when it is back", self.node_id,
+                            taken_over)
 
     async def _release_many(self, shards: list[int], *, rebalanced: bool) -> None:
         """Hand shards over: report each loss and wait for it, then delete the owner keys."""

@@ -1,9 +1,10 @@
 """``ledgerctl``: operator and finance commands.
 
-    ledgerctl reconcile [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--json]
-    ledgerctl shards    --etcd HOST:PORT [--cassandra HOST:PORT --dc DC]
-    ledgerctl failover  --from REGION --to REGION --etcd HOST:PORT
-    ledgerctl move-shard SHARD --to REGION --etcd HOST:PORT
+    ledgerctl reconcile  [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--json]
+    ledgerctl shards     --etcd HOST:PORT --regions r1,r2,r3 [--cassandra HOST:PORT --dc DC]
+    ledgerctl failover   --from REGION --to REGION --etcd HOST:PORT --regions ...
+    ledgerctl failback   --region REGION --etcd HOST:PORT --regions ...
+    ledgerctl move-shard SHARD --to REGION --etcd HOST:PORT --regions ...
 """
 
 from __future__ import annotations
@@ -96,6 +97,128 @@ async def _reconcile(args) -> int:
         await store.close()
 
 
+# --- shard map and ownership ------------------------------------------------------------
+
+# How long failover / failback / move-shard wait for the new owners (s).
+MOVE_TIMEOUT_S = 60.0
+
+
+def _etcd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
+    p.add_argument("--etcd-prefix", default="/redledger")
+    p.add_argument("--regions", default=os.environ.get("LEDGER_REGIONS", "r1"),
+                   help="all regions, comma separated")
+    p.add_argument("--shards", type=int, default=256)
+
+
+async def _view(args):
+    """A read-only view of the shard map and owners (never campaigns, owns nothing)."""
+    from shard_router.etcd import EtcdOwnership
+
+    view = EtcdOwnership(args.etcd, f"ledgerctl-{os.getpid()}", "-", "",
+                         args.regions.split(","), shard_count=args.shards,
+                         prefix=args.etcd_prefix, campaign=False)
+
+    async def ignore(shard: int, epoch: int) -> None:
+        return None
+    await view.start(ignore)
+    return view
+
+
+async def _shards(args) -> int:
+    view = await _view(args)
+    store = await _open_store(args) if args.cassandra or args.data_dir else None
+    try:
+        rows = []
+        for p in view.placements():
+            owner = view.owner(p.shard)
+            position = await store.journal_position(p.shard) if store else None
+            rows.append({
+                "shard": p.shard, "home": p.home_region, "origin": view.origin(p.shard) or "",
+                "owner": owner.node_id if owner else "", "owner_region": owner.region
+                if owner else "", "epoch": owner.epoch if owner else 0,
+                "journal_epoch": position[0] if position else None,
+                "journal_head": position[1] if position else None,
+                "replay_batches": position[1] - position[2] if position else None})
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'shard':>5}  {'home':<6}{'origin':<8}{'owner':<22}{'region':<8}"
+                  f"{'epoch':>10}{'journal head':>14}{'to replay':>11}")
+            for r in rows:
+                head = "-" if r["journal_head"] is None else r["journal_head"]
+                replay = "-" if r["replay_batches"] is None else r["replay_batches"]
+                print(f"{r['shard']:>5}  {r['home']:<6}{r['origin']:<8}"
+                      f"{r['owner'] or 'NONE':<22}{r['owner_region']:<8}{r['epoch']:>10}"
+                      f"{head:>14}{replay:>11}")
+            unowned = sum(1 for r in rows if not r["owner"])
+            by_region: dict[str, int] = {}
+            for r in rows:
+                by_region[r["owner_region"] or "none"] = by_region.get(
+                    r["owner_region"] or "none", 0) + 1
+            print(f"\n{len(rows)} shards; owned per region: {by_region}; unowned: {unowned}")
+        return 0 if all(r["owner"] for r in rows) else 1
+    finally:
+        await view.close()
+        if store is not None:
+            await store.close()
+
+
+async def _move(args, mapping: dict[int, str], origins: dict[int, str] | None,
+                view) -> int:
+    """Re-home shards and wait until each is served by a node of its new home region."""
+    if not mapping:
+        print("nothing to move")
+        return 0
+    started = time.monotonic()
+    await view.set_homes(mapping, origins)
+    print(f"moving {len(mapping)} shards ...", flush=True)
+    while True:
+        pending = [s for s, r in mapping.items()
+                   if (view.owner(s) is None or view.owner(s).region != r)]
+        if not pending:
+            print(f"done: {len(mapping)} shards served by their new home regions after "
+                  f"{time.monotonic() - started:.1f} s")
+            return 0
+        if time.monotonic() - started > MOVE_TIMEOUT_S:
+            print(f"timeout: {len(pending)} shards not yet served by their new region "
+                  f"(no live node there?): {pending[:20]}")
+            return 1
+        await asyncio.sleep(0.2)
+
+
+async def _failover(args) -> int:
+    view = await _view(args)
+    try:
+        if args.to not in args.regions.split(","):
+            raise SystemExit(f"ledgerctl: unknown region {args.to}")
+        mapping = {p.shard: args.to for p in view.placements() if p.home_region == args.src}
+        # A planned failover remembers where the shards came from, for failback.
+        return await _move(args, mapping, {s: args.src for s in mapping}, view)
+    finally:
+        await view.close()
+
+
+async def _failback(args) -> int:
+    view = await _view(args)
+    try:
+        mapping = {p.shard: args.region for p in view.placements()
+                   if view.origin(p.shard) == args.region}
+        return await _move(args, mapping, None, view)
+    finally:
+        await view.close()
+
+
+async def _move_shard(args) -> int:
+    view = await _view(args)
+    try:
+        if not 0 <= args.shard < args.shards:
+            raise SystemExit(f"ledgerctl: shard must be 0..{args.shards - 1}")
+        return await _move(args, {args.shard: args.to}, None, view)
+    finally:
+        await view.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledgerctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,10 +226,28 @@ def main(argv: list[str] | None = None) -> int:
     rec = sub.add_parser("reconcile", help="prove the books from the store; exit 1 if not")
     _store_args(rec)
     rec.add_argument("--json", action="store_true", help="machine-readable report")
+    shards = sub.add_parser("shards", help="shard map: homes, owners, epochs, journal heads")
+    _etcd_args(shards)
+    shards.add_argument("--cassandra", default=None, help="also read journal heads: HOST:PORT")
+    shards.add_argument("--dc", default="r1")
+    shards.add_argument("--keyspace", default="ledger")
+    shards.add_argument("--data-dir", default=None)
+    shards.add_argument("--json", action="store_true")
+    failover = sub.add_parser("failover", help="planned handover of a region's shards")
+    _etcd_args(failover)
+    failover.add_argument("--from", dest="src", required=True)
+    failover.add_argument("--to", required=True)
+    failback = sub.add_parser("failback", help="move shards home to a recovered region")
+    _etcd_args(failback)
+    failback.add_argument("--region", required=True)
+    move = sub.add_parser("move-shard", help="re-home one shard")
+    _etcd_args(move)
+    move.add_argument("shard", type=int)
+    move.add_argument("--to", required=True)
     args = parser.parse_args(argv)
-    if args.command == "reconcile":
-        return asyncio.run(_reconcile(args))
-    return 2
+    handlers = {"reconcile": _reconcile, "shards": _shards, "failover": _failover,
+                "failback": _failback, "move-shard": _move_shard}
+    return asyncio.run(handlers[args.command](args))
 
 
 if __name__ == "__main__":

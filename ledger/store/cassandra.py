@@ -473,6 +473,8 @@ class CassandraStore:
         self._q_snapshot_latest = self._prepare(
             "SELECT seq, snapshot FROM {ks}.snapshots WHERE shard = ? LIMIT 1",
             r, idempotent=True)
+        self._q_snapshot_seq = self._prepare(
+            "SELECT seq FROM {ks}.snapshots WHERE shard = ? LIMIT 1", r, idempotent=True)
         # --- rows ---
         self._q_wallet_put = self._prepare(
             "INSERT INTO {ks}.wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
@@ -743,6 +745,14 @@ class CassandraStore:
                          f"{rows[0]['writer_epoch']} (append by epoch {epoch} timed out)")
         raise UnknownOutcome(f"shard {shard} batch {seq}: append timed out ({cause!r}) and "
                              f"the SERIAL read could not resolve it ({last!r})") from cause
+
+    async def journal_position(self, shard: int) -> tuple[int, int, int]:
+        """(epoch, last batch number, batch number of the latest snapshot) of a shard."""
+        heads, snaps = await asyncio.gather(self._read(self._q_head, (shard,)),
+                                            self._read(self._q_snapshot_seq, (shard,)))
+        epoch = (heads[0]["epoch"] or 0) if heads else 0
+        head = (heads[0]["head"] or 0) if heads else 0
+        return epoch, head, (snaps[0]["seq"] if snaps else 0)
 
     async def load(self, shard: int) -> LoadedShard:
         """Read the latest snapshot and every batch after it, in order, page by page.

@@ -94,6 +94,10 @@ class JournalStore(Protocol):
         """
         ...
 
+    async def journal_position(self, shard: int) -> tuple[int, int, int]:
+        """(writer epoch, last batch number, batch number of the latest snapshot)."""
+        ...
+
     async def flush_rows(self, shard: int, seq: int) -> None:
         """Return once the rows of the shard's batches up to ``seq`` are written."""
         ...

@@ -161,6 +161,9 @@ class SqliteStore:
                      rows: Iterable[Row]) -> None:
         await self._call(_append, shard, epoch, seq, events, list(rows))
 
+    async def journal_position(self, shard: int) -> tuple[int, int, int]:
+        return await self._call(_journal_position, shard)
+
     async def flush_rows(self, shard: int, seq: int) -> None:
         """Rows are written in the append's own transaction: nothing is ever pending."""
 
@@ -249,6 +252,12 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     if transfers:
         db.executemany(_UPSERT_TRANSFER, [(shard, *(getattr(t, c) for c in _TRANSFER_COLS))
                                           for t in transfers.values()])
+
+
+def _journal_position(db: sqlite3.Connection, shard: int) -> tuple[int, int, int]:
+    head = db.execute("SELECT epoch, head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
+    snap = db.execute("SELECT seq FROM snapshots WHERE shard = ?", (shard,)).fetchone()
+    return (head[0] if head else 0, head[1] if head else 0, snap[0] if snap else 0)
 
 
 def _save_snapshot(db: sqlite3.Connection, shard: int, seq: int, snapshot: bytes) -> None:

@@ -287,14 +287,25 @@ async def test_failover_across_regions_and_planned_moves(cluster):
     await wait_until(rec, lambda: len(b.owned()) == SHARDS, SETTLE_TIMEOUT_S,
                      "b (r2) to take r1's shards while r1 has no node")
     failover_epochs = b.owned()
-    # r1 comes up: once it is stable, b hands r1's shards back.
+    # The takeover is recorded in the map: r1's shards now live in r2, r1 kept as origin.
+    await wait_until(rec, lambda: all(b.origin(s) == "r1" for s in range(SHARDS)
+                                      if home[s] == "r1"), SETTLE_TIMEOUT_S,
+                     "the failover to be recorded in the map")
+    # r1 comes up: its shards stay in r2 (no flapping) until the operator fails back.
     a = await cluster.node("a", "r1", regions)
 
     def by_home() -> bool:
         return (all_owned_once(a, b) and all(s in (a if home[s] == "r1" else b).owned()
                                              for s in range(SHARDS)))
 
-    await wait_until(rec, by_home, SETTLE_TIMEOUT_S, "failback to r1")
+    await wait_until(rec, lambda: all_owned_once(a, b) and len(b.owned()) == SHARDS,
+                     SETTLE_TIMEOUT_S, "r2 to keep every shard while r1 rejoins")
+    assert not a.owned()
+    failback = {s: b.origin(s) for s in range(SHARDS) if b.origin(s)}
+    assert set(failback.values()) == {"r1"}
+    await a.set_homes(failback)
+    await wait_until(rec, by_home, SETTLE_TIMEOUT_S, "failback to r1 on command")
+    assert all(a.origin(s) is None for s in range(SHARDS))
     for shard, epoch in a.owned().items():
         assert epoch > failover_epochs[shard]
     # Planned moves: shard 0 to r2, shard 1 to r1.
@@ -312,6 +323,7 @@ async def test_failover_across_regions_and_planned_moves(cluster):
                          SETTLE_TIMEOUT_S, f"{n.node_id}'s cache to match etcd")
     assert etcd_homes(cluster.etcd, cluster.prefix) == home
     # r1 crashes: r2 takes r1's shards after the TTL and the grace period.
+    home.update({s: "r2" for s in range(SHARDS)})
     r1_epochs = a.owned()
     crashed_at = time.monotonic()
     await a.abandon()
