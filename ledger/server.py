@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -26,6 +27,17 @@ from ledger.node import Node
 from ledger.store.port import JournalStore
 
 log = logging.getLogger("ledger.server")
+
+# The owners keep every wallet, idempotency record and recent transfer in memory: millions of
+# long-lived objects. With CPython's default thresholds a full collection walks all of them
+# every few thousand allocations, and throughput fell by half within seconds of load
+# (measured: 5000-transfer batches went from 4.5 s to 11.9 s). Young collections stay
+# frequent; full ones become rare, and what exists at start-up is frozen out of them.
+GC_THRESHOLDS = (100_000, 50, 1_000)
+
+
+def tune_gc() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
 
 # Messages up to this size are accepted (a full BatchTransfer of 10,000 items fits).
 GRPC_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
@@ -81,11 +93,14 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
     await server.start()
     started = time.monotonic()
     await node.start()
+    tune_gc()
     if await node.wait_serving(shards_min, serve_timeout_s):
         log.info("serving %d shards after %.2f s", len(node.owners), time.monotonic() - started)
     else:
         log.warning("serving %d shards (%d expected) after %.0f s", len(node.owners),
                     shards_min, serve_timeout_s)
+    gc.collect()
+    gc.freeze()  # the replayed state is long-lived: keep it out of future collections
     for name in ("", SERVICE_NAMES[0]):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Running(server, node, store, coordinator, bound, health, [transport.close])
