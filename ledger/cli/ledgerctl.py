@@ -104,6 +104,8 @@ MOVE_TIMEOUT_S = 60.0
 
 
 def _etcd_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=os.environ.get("LEDGER_CONFIG"),
+                   help="TOML deployment file (ledger/config.py): etcd, regions, shards")
     p.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
     p.add_argument("--etcd-prefix", default="/redledger")
     p.add_argument("--regions", default=os.environ.get("LEDGER_REGIONS", "r1"),
@@ -114,6 +116,12 @@ def _etcd_args(p: argparse.ArgumentParser) -> None:
 async def _view(args):
     """A read-only view of the shard map and owners (never campaigns, owns nothing)."""
     from shard_router.etcd import EtcdOwnership
+
+    if getattr(args, "config", None):
+        from ledger import config
+        cfg = config.load(args.config)
+        args.etcd, args.etcd_prefix = cfg.etcd_endpoints[0], cfg.etcd_prefix
+        args.regions, args.shards = ",".join(r.name for r in cfg.regions), cfg.shards
 
     view = EtcdOwnership(args.etcd, f"ledgerctl-{os.getpid()}", "-", "",
                          args.regions.split(","), shard_count=args.shards,

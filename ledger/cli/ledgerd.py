@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--data-dir", default=os.environ.get("LEDGER_DEV_DIR", ".ledger-dev"))
     dev.add_argument("--shards", type=int, default=256)
     node = sub.add_parser("node", help="a node of a region, on Cassandra and etcd")
+    node.add_argument("--config", default=os.environ.get("LEDGER_CONFIG"),
+                      help="TOML file with regions, Cassandra, etcd (ledger/config.py); "
+                           "flags below override it")
     node.add_argument("--region", required=True)
     node.add_argument("--regions", default=None,
                       help="all regions, comma separated (default: just --region)")
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in (dev, node):
         p.add_argument("--log-level", default=os.environ.get("LEDGER_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
+    # Which flags were given explicitly: they win over the configuration file.
+    args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
+                   for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
@@ -62,15 +68,45 @@ async def _dev(args) -> None:
     await server.run_until_signalled(running)
 
 
+def _apply_config(args) -> None:
+    """Fill flags the operator did not give from the configuration file."""
+    from ledger import config
+
+    cfg = config.load(args.config)
+    region = cfg.region(args.region)
+    given = set(getattr(args, "_given", ()))
+    if "regions" not in given:
+        args.regions = ",".join(r.name for r in cfg.regions)
+    if "cassandra" not in given:
+        args.cassandra = region.cassandra[0]
+        args.contact_points = list(region.cassandra)
+    if "replication" not in given:
+        args.replication = ",".join(f"{dc}={n}" for dc, n in cfg.replication.items())
+    if "etcd" not in given:
+        args.etcd = cfg.etcd_endpoints[0]
+    for flag, value in (("etcd_prefix", cfg.etcd_prefix), ("shards", cfg.shards),
+                        ("keyspace", cfg.keyspace), ("lease_ttl_s", cfg.lease_ttl_s),
+                        ("takeover_grace_s", cfg.takeover_grace_s)):
+        if flag not in given:
+            setattr(args, flag, value)
+    args.datacenter = region.datacenter
+
+
 async def _node(args) -> None:
     from ledger.store.cassandra import CassandraStore
     from shard_router.etcd import EtcdOwnership
+
+    if args.config:
+        _apply_config(args)
 
     regions = args.regions.split(",") if args.regions else [args.region]
     host, _, port = args.cassandra.partition(":")
     replication = ({dc: int(n) for dc, n in (p.split("=") for p in args.replication.split(","))}
                    if args.replication else {region: 1 for region in regions})
-    store = await CassandraStore.connect([host], int(port or 9042), local_dc=args.region,
+    contact_points = getattr(args, "contact_points", None) or [host]
+    store = await CassandraStore.connect([c.partition(":")[0] for c in contact_points],
+                                         int(port or 9042),
+                                         local_dc=getattr(args, "datacenter", args.region),
                                          keyspace=args.keyspace, replication=replication)
     node_id = args.node_id or f"{args.region}-{os.getpid()}"
     ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
