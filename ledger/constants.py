@@ -12,6 +12,10 @@ SNAPSHOT_EVERY_BATCHES = 2_000
 # Credits sent to one destination shard in one ApplyCredits call of the crediting pipeline.
 CREDITS_PER_DELIVERY_MAX = 2_000
 
+# How long an acknowledgement of delivered credits may wait for a group commit to ride in
+# before it is journaled on its own (ms).
+ACK_DELAY_MS = 200
+
 # Pause of the crediting pipeline after a failed delivery before trying again (ms).
 CREDIT_RETRY_BACKOFF_MS = 50
 

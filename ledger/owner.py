@@ -95,6 +95,9 @@ class ShardOwner:
         self._delivered: dict[int, int] = {}
         # Answers waiting for their credit leg: to_shard -> deque of (outbox_seq, future).
         self._credit_waiters: dict[int, collections.deque] = {}
+        # Acknowledgements of delivered credits not yet journaled: to_shard -> highest seq.
+        self._acks_pending: dict[int, int] = {}
+        self._ack_timer: asyncio.TimerHandle | None = None
 
     @property
     def serving(self) -> bool:
@@ -169,6 +172,10 @@ class ShardOwner:
                 if not fut.done():
                     fut.set_result(False)
         self._credit_waiters.clear()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._acks_pending.clear()  # the next owner redelivers; the receiver dedupes
         if was_serving and reason == "stopped":
             try:
                 await self._store.save_snapshot(self.shard, self.state.seq,
@@ -215,10 +222,14 @@ class ShardOwner:
         while self._serving:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while self._queue and self._serving:
-                batch: list[_Request] = []
+            # Pending acknowledgements ride along with queued commands; alone, they wait for
+            # their timer (ACK_DELAY_MS).
+            while self._serving and (self._queue or (self._acks_pending
+                                                     and self._ack_timer is None)):
+                acks = self._take_acks()
+                batch: list[_Request] = [acks] if acks else []
                 size = 0
-                while self._queue and (not batch or size + len(self._queue[0].commands)
+                while self._queue and (size == 0 or size + len(self._queue[0].commands)
                                        <= K.GROUP_COMMIT_COMMANDS_MAX):
                     request = self._queue.popleft()
                     size += len(request.commands)
@@ -361,24 +372,46 @@ class ShardOwner:
             results = await asyncio.gather(
                 *(self._peers.execute(dest, [ApplyCredits(self.shard, tuple(credits))])
                   for dest, credits in pending.items()), return_exceptions=True)
-            acks = []
+            progressed = 0
             for (dest, credits), result in zip(pending.items(), results):
                 if isinstance(result, BaseException) or not result[0].ok:
                     continue
                 applied = result[0].value
                 failpoints.hit("owner.after_deliver")
                 if applied >= credits[0].outbox_seq:
+                    progressed += 1
                     self._credits_landed(dest, applied)
-                    acks.append(AckOutbox(dest, applied))
-            if acks and self._serving:
-                self._enqueue(_Request(acks, None))
-            if len(acks) < len(pending):
+                    self._ack_later(dest, applied)
+            if progressed < len(pending):
                 # Some destination made no progress (its owner is moving, or down): back off
                 # instead of spinning; the credits stay owed and are sent again.
                 await asyncio.sleep(K.CREDIT_RETRY_BACKOFF_MS / 1000)
             if any(max(items, default=0) > self._delivered.get(dest, 0)
                    for dest, items in self.state.outbox.items()):
                 self._outbox_kick.set()
+
+    def _ack_later(self, dest: int, applied: int) -> None:
+        """Journal the acknowledgement lazily: it only lets the outbox forget delivered
+        credits (the receiver already dedupes), so it rides in the next group commit, or in
+        its own after ACK_DELAY_MS if the shard stays idle: one journal append less per
+        delivery round under load."""
+        if applied > self._acks_pending.get(dest, 0):
+            self._acks_pending[dest] = applied
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(
+                K.ACK_DELAY_MS / 1000, self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_timer = None
+        if self._acks_pending and self._serving:
+            self._wakeup.set()
+
+    def _take_acks(self) -> _Request | None:
+        if not self._acks_pending:
+            return None
+        acks = [AckOutbox(dest, hwm) for dest, hwm in sorted(self._acks_pending.items())]
+        self._acks_pending.clear()
+        return _Request(acks, None)
 
     # --- housekeeping -----------------------------------------------------------------------
 

@@ -637,14 +637,6 @@ class ShardState:
 
     # --- checks -------------------------------------------------------------------------
 
-    def owed_minor(self) -> dict[str, int]:
-        """Money debited here whose credit is not yet confirmed, per currency."""
-        owed: dict[str, int] = {}
-        for items in self.outbox.values():
-            for c in items.values():
-                owed[c.currency] = owed.get(c.currency, 0) + c.amount_minor
-        return owed
-
     def check(self) -> None:
         """Assert the shard's invariants (cheap enough to run after every snapshot)."""
         held: dict[str, int] = {}
