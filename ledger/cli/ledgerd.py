@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--replication", default=None,
                       help="dc=replicas,... for the keyspace (default: one per region)")
     node.add_argument("--keyspace", default="ledger")
+    node.add_argument("--durability", choices=["durable", "local"], default="durable",
+                      help="durable: journal appends are a serial quorum across regions "
+                           "(RPO 0 on a region loss); local: LOCAL_SERIAL/LOCAL_QUORUM, "
+                           "faster across cities, RPO > 0 (see README)")
     node.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
     node.add_argument("--shards", type=int, default=256)
     node.add_argument("--etcd-prefix", default="/redledger")
@@ -107,7 +111,11 @@ async def _node(args) -> None:
     store = await CassandraStore.connect([c.partition(":")[0] for c in contact_points],
                                          int(port or 9042),
                                          local_dc=getattr(args, "datacenter", args.region),
-                                         keyspace=args.keyspace, replication=replication)
+                                         keyspace=args.keyspace, replication=replication,
+                                         **({} if args.durability == "durable" else dict(
+                                             serial_consistency="LOCAL_SERIAL",
+                                             write_consistency="LOCAL_QUORUM",
+                                             read_consistency="LOCAL_QUORUM")))
     node_id = args.node_id or f"{args.region}-{os.getpid()}"
     ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
