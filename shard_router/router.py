@@ -72,6 +72,9 @@ class Router:
         if info is None or info.node_id == self._node_id or self._transport is None:
             return None
         try:
-            return await self._transport.execute(info.address, shard, commands, wait_credit)
+            outcomes = await self._transport.execute(info.address, shard, commands, wait_credit)
         except (NotOwner, ConnectionError):
             return None
+        if all(o.status is Status.SHARD_UNAVAILABLE for o in outcomes):
+            return None  # that owner stopped under us: route again
+        return outcomes
