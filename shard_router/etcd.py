@@ -287,6 +287,10 @@ class EtcdOwnership:
         self._homes: dict[int, str] = {}
         # Where a shard lived before an unplanned failover moved its home (for failback).
         self._origins: dict[int, str] = {}
+        # The region of the last owner seen per shard: a takeover is a failover (recorded,
+        # failback on command) only if the shard was last served in its home region. A
+        # region that has simply not started yet gets its shards back when it comes up.
+        self._last_owner_region: dict[int, str] = {}
         self._owners: dict[int, _OwnerRecord] = {}
         self._nodes: dict[str, _NodeRecord] = {}
         self._absent_since: dict[int, float] = {}
@@ -494,6 +498,7 @@ class EtcdOwnership:
                         str(doc["node_id"]), str(doc.get("region", "")),
                         str(doc.get("address", "")), create_rev, lease)
                     self._absent_since.pop(shard, None)
+                    self._last_owner_region[shard] = str(doc.get("region", ""))
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed etcd key %s", name)
 
@@ -736,6 +741,8 @@ class EtcdOwnership:
         owner_doc = json.dumps({"node_id": self.node_id, "region": self.region,
                                 "address": self.address})
         taken_over: list[int] = []
+        served_at_home = {s for s in shards
+                          if self._last_owner_region.get(s) == self._home(s)}
         for chunk in _chunks(shards, TXN_OPS_MAX):
             subs = [etcd_txn.Txn(compare=[etcd_txn.Create(self._owner_key(s)) == 0],
                                  success=[etcd_txn.Put(self._owner_key(s), owner_doc,
@@ -760,7 +767,8 @@ class EtcdOwnership:
                         and time.monotonic() < session.deadline and not self._closed):
                     self._owned[shard] = kv.create_revision
                     self._notify(shard, kv.create_revision)
-                    if self._sticky_failover and self._home(shard) != self.region:
+                    if (self._sticky_failover and self._home(shard) != self.region
+                            and shard in served_at_home):
                         taken_over.append(shard)
         if taken_over:
             # An unplanned failover: the shard now lives here until an operator moves it

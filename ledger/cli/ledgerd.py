@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 
 from ledger import server
 
@@ -96,6 +97,28 @@ def _apply_config(args) -> None:
     args.datacenter = region.datacenter
 
 
+# A node that cannot reach its store or etcd at start keeps trying for this long (s), like
+# a process supervisor would restart it; a region's Cassandra node may take minutes to return.
+STARTUP_RETRY_S = 300.0
+
+
+async def _retrying(connect, what: str):
+    from ledger.store.port import StoreError
+
+    deadline = time.monotonic() + STARTUP_RETRY_S
+    delay = 0.5
+    while True:
+        try:
+            return await connect()
+        except (StoreError, OSError, ConnectionError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logging.getLogger("ledgerd").warning("%s not reachable yet (%s); retrying in "
+                                                 "%.1f s", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 async def _node(args) -> None:
     from ledger.store.cassandra import CassandraStore
     from shard_router.etcd import EtcdOwnership
@@ -108,14 +131,13 @@ async def _node(args) -> None:
     replication = ({dc: int(n) for dc, n in (p.split("=") for p in args.replication.split(","))}
                    if args.replication else {region: 1 for region in regions})
     contact_points = getattr(args, "contact_points", None) or [host]
-    store = await CassandraStore.connect([c.partition(":")[0] for c in contact_points],
-                                         int(port or 9042),
-                                         local_dc=getattr(args, "datacenter", args.region),
-                                         keyspace=args.keyspace, replication=replication,
-                                         **({} if args.durability == "durable" else dict(
-                                             serial_consistency="LOCAL_SERIAL",
-                                             write_consistency="LOCAL_QUORUM",
-                                             read_consistency="LOCAL_QUORUM")))
+    levels = ({} if args.durability == "durable" else dict(
+        serial_consistency="LOCAL_SERIAL", write_consistency="LOCAL_QUORUM",
+        read_consistency="LOCAL_QUORUM"))
+    store = await _retrying(lambda: CassandraStore.connect(
+        [c.partition(":")[0] for c in contact_points], int(port or 9042),
+        local_dc=getattr(args, "datacenter", args.region), keyspace=args.keyspace,
+        replication=replication, **levels), "Cassandra")
     node_id = args.node_id or f"{args.region}-{os.getpid()}"
     ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,

@@ -282,32 +282,22 @@ async def test_failover_across_regions_and_planned_moves(cluster):
     regions = ["r1", "r2"]
     home = {s: regions[s % 2] for s in range(SHARDS)}
     rec = cluster.recorder
-    # Only r2 is up: after the grace period it serves r1's shards too.
+    # Only r2 is up: after the grace period it serves r1's shards too. r1 never served
+    # them, so this is a cold start, not a failover: nothing is recorded in the map.
     b = await cluster.node("b", "r2", regions)
     await wait_until(rec, lambda: len(b.owned()) == SHARDS, SETTLE_TIMEOUT_S,
                      "b (r2) to take r1's shards while r1 has no node")
-    failover_epochs = b.owned()
-    # The takeover is recorded in the map: r1's shards now live in r2, r1 kept as origin.
-    await wait_until(rec, lambda: all(b.origin(s) == "r1" for s in range(SHARDS)
-                                      if home[s] == "r1"), SETTLE_TIMEOUT_S,
-                     "the failover to be recorded in the map")
-    # r1 comes up: its shards stay in r2 (no flapping) until the operator fails back.
+    assert all(b.origin(s) is None for s in range(SHARDS))
+    cold_epochs = b.owned()
     a = await cluster.node("a", "r1", regions)
 
-    def by_home() -> bool:
+    def by_home(a=a) -> bool:
         return (all_owned_once(a, b) and all(s in (a if home[s] == "r1" else b).owned()
                                              for s in range(SHARDS)))
 
-    await wait_until(rec, lambda: all_owned_once(a, b) and len(b.owned()) == SHARDS,
-                     SETTLE_TIMEOUT_S, "r2 to keep every shard while r1 rejoins")
-    assert not a.owned()
-    failback = {s: b.origin(s) for s in range(SHARDS) if b.origin(s)}
-    assert set(failback.values()) == {"r1"}
-    await a.set_homes(failback)
-    await wait_until(rec, by_home, SETTLE_TIMEOUT_S, "failback to r1 on command")
-    assert all(a.origin(s) is None for s in range(SHARDS))
+    await wait_until(rec, by_home, SETTLE_TIMEOUT_S, "r1's shards to go to r1 when it starts")
     for shard, epoch in a.owned().items():
-        assert epoch > failover_epochs[shard]
+        assert epoch > cold_epochs[shard]
     # Planned moves: shard 0 to r2, shard 1 to r1.
     old = {0: a.owned()[0], 1: b.owned()[1]}
     await a.set_homes({0: "r2"})
@@ -322,8 +312,8 @@ async def test_failover_across_regions_and_planned_moves(cluster):
         await wait_until(rec, lambda n=n: cache_matches_etcd(n, cluster.etcd, cluster.prefix),
                          SETTLE_TIMEOUT_S, f"{n.node_id}'s cache to match etcd")
     assert etcd_homes(cluster.etcd, cluster.prefix) == home
-    # r1 crashes: r2 takes r1's shards after the TTL and the grace period.
-    home.update({s: "r2" for s in range(SHARDS)})
+    # r1 crashes: r2 takes r1's shards after the TTL and the grace period - a failover,
+    # recorded in the map with r1 as origin.
     r1_epochs = a.owned()
     crashed_at = time.monotonic()
     await a.abandon()
@@ -335,6 +325,19 @@ async def test_failover_across_regions_and_planned_moves(cluster):
     for shard, epoch in r1_epochs.items():
         assert b.owned()[shard] > epoch
         assert rec.first("b", shard, epoch_is_loss=False, after=crashed_at) is not None
+    await wait_until(rec, lambda: all(b.origin(s) == "r1" for s in r1_epochs),
+                     SETTLE_TIMEOUT_S, "the failover to be recorded in the map")
+    # r1 comes back: its shards stay in r2 (no flapping) until the operator fails back.
+    a2 = await cluster.node("a2", "r1", regions)
+    await wait_until(rec, lambda: all_owned_once(a2, b) and len(b.owned()) == SHARDS,
+                     SETTLE_TIMEOUT_S, "r2 to keep every shard while r1 rejoins")
+    assert not a2.owned()
+    failback = {s: b.origin(s) for s in range(SHARDS) if b.origin(s)}
+    assert failback == {s: "r1" for s in r1_epochs}
+    await a2.set_homes(failback)
+    home.update(failback)
+    await wait_until(rec, lambda: by_home(a2), SETTLE_TIMEOUT_S, "failback to r1 on command")
+    assert all(a2.origin(s) is None for s in range(SHARDS))
     await wait_until(rec, lambda: cache_matches_etcd(b, cluster.etcd, cluster.prefix),
                      SETTLE_TIMEOUT_S, "b's cache to match etcd")
 
