@@ -229,9 +229,12 @@ class Coordinator:
                     if not o.ok and o.status is not Status.REQUEST_IN_FLIGHT}
         if not failures and any(not o.ok for o in prepared.values()):
             # An earlier attempt of this chain is still being decided: decide nothing here
-            # (our fresh prepares carry the same chain id and are resolved with it).
+            # (our fresh prepares carry the same chain id and are resolved with it). A fresh
+            # prepare is only PENDING: answering it OK would report an undecided item as done.
             for i in indices:
-                results[i] = prepared[i]
+                results[i] = (prepared[i] if prepared[i].replayed or not prepared[i].ok
+                              else refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
+                                          "the linked chain of this key is being decided"))
             return
         if not failures and all(o.replayed for o in prepared.values()):
             for i in indices:
