@@ -23,9 +23,11 @@ from ledger.core import constants as C
 from ledger.core import validate
 from ledger.core.model import (
     KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation,
-    CaptureHold, CreateHold, CreateWallet, DecideChain, FinishChain, GetHold, GetTransfer,
+    CaptureHold, ClaimKey, CreateHold, CreateWallet, DecideChain, FinishChain, GetHold,
+    GetTransfer,
     GetWallet, Post, PrepareLinked, ReleaseHold, ReserveCredit, settlement_wallet_id,
 )
+from ledger.core.shard import capture_fingerprint, transfer_fingerprint
 from ledger.core.status import Outcome, Status, ok, refuse
 from ledger.owner import ShardExecutor, now_ms
 from ledger.store.port import JournalStore
@@ -80,6 +82,26 @@ class Coordinator:
 
     def shard_of(self, wallet_id: str) -> int:
         return shard_of(wallet_id, self._shard_count)
+
+    def key_shard(self, caller: str, idempotency_key: str) -> int:
+        """The shard an idempotency key is claimed on (see ``ClaimKey``)."""
+        return shard_of(f"\x00key\x00{caller}\x00{idempotency_key}", self._shard_count)
+
+    async def _claim_keys(self, caller: str, posts: dict[int, Post]) -> dict[int, Outcome]:
+        """Claim each Post's key on its key shard; returns the refusals (and transient
+        failures) by index. A key whose shard is the debit shard needs no claim: the debit
+        shard's own record, checked by the Post and by every claim there, covers it."""
+        claims = {}
+        for i, p in posts.items():
+            key_shard = self.key_shard(caller, p.idempotency_key)
+            if key_shard != self._debit_shard(p):
+                fingerprint = transfer_fingerprint(p.kind, p.from_wallet_id, p.to_wallet_id,
+                                                   p.amount_minor, p.currency, p.memo)
+                claims[i] = (key_shard, ClaimKey(caller, p.idempotency_key, fingerprint,
+                                                 p.transfer_id, p.now_ms))
+        if not claims:
+            return {}
+        return {i: o for i, o in (await self._by_shard(claims)).items() if not o.ok}
 
     # --- wallets ----------------------------------------------------------------------------
 
@@ -163,6 +185,9 @@ class Coordinator:
                 self._in_flight.add(key)
                 claimed.append(key)
                 posts[i] = post
+            for i, refusal in (await self._claim_keys(caller, posts)).items():
+                results[i] = refusal
+                del posts[i]
             await self._reserve_credits(posts, results)
             failpoints.hit("coordinator.after_reserve")
             await self._commit(posts, results)
@@ -206,6 +231,13 @@ class Coordinator:
     async def _chain_steps(self, posts: dict[int, Post], indices: list[int], now: int,
                            results: list) -> None:
         first = posts[indices[0]]
+        refused = await self._claim_keys(first.caller, posts)
+        if refused:
+            # Nothing is prepared yet: the chain fails before it starts.
+            transient = next((o for o in refused.values() if o.status.transient()), None)
+            for i in indices:
+                results[i] = transient or refused.get(i) or _linked_failed()
+            return
         chain_id, primary = first.transfer_id, self._debit_shard(first)
         reserve = {i: (p.to_shard, ReserveCredit(p.transfer_id, p.to_wallet_id, p.currency,
                                                  p.amount_minor, now))
@@ -413,6 +445,14 @@ class Coordinator:
         now = self._clock_ms()
         to_shard = self.shard_of(to_wallet_id)
         transfer_id = transfer_id_for(shard, caller, idempotency_key)
+        key_shard = self.key_shard(caller, idempotency_key)
+        if key_shard != shard:
+            claim = (await self._executor.execute(key_shard, [ClaimKey(
+                caller, idempotency_key, capture_fingerprint(hold_id, to_wallet_id,
+                                                             amount_minor, memo),
+                transfer_id, now)]))[0]
+            if not claim.ok:
+                return claim
         credit_refusal = None
         reserved = False
         if to_shard != shard:

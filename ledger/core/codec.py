@@ -73,6 +73,7 @@ def snapshot_dumps(state: ShardState) -> bytes:
         "outbox_last_seq": list(state.outbox_last_seq.items()),
         "inbox_applied": list(state.inbox_applied.items()),
         "holds": list(state.holds.values()),
+        "claims": list(state.claims.values()),
         "chains": [[chain_id, committed, at] for chain_id, (committed, at)
                    in state.chains.items()],
     }
@@ -94,5 +95,8 @@ def snapshot_loads(data: bytes | str) -> ShardState:
     state.outbox_last_seq = {dest: seq for dest, seq in body["outbox_last_seq"]}
     state.inbox_applied = {src: seq for src, seq in body["inbox_applied"]}
     state.holds = {h.hold_id: h for h in body["holds"]}
+    for record in body.get("claims", ()):
+        record.fingerprint = _tuples(record.fingerprint)
+        state.claims[(record.caller, record.idempotency_key)] = record
     state.chains = {chain_id: (committed, at) for chain_id, committed, at in body["chains"]}
     return state

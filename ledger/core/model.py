@@ -260,6 +260,23 @@ class ExpireIdempotency:
 
 
 @dataclass(slots=True, frozen=True)
+class ClaimKey:
+    """Claim an idempotency key for one money movement on the key's own shard.
+
+    A key's decision is kept on the debit shard; a retry that names another debit wallet
+    would reach another shard and never see it. So before executing, the coordinator claims
+    (caller, key) with the request's fingerprint on the shard the key hashes to: the first
+    claim wins, a claim with another payload is refused naming the field, and the same
+    payload passes (the debit shard then answers the retry from its record)."""
+
+    caller: str
+    idempotency_key: str
+    fingerprint: tuple
+    transfer_id: str
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
 class CreateHold:
     caller: str
     idempotency_key: str
@@ -381,6 +398,15 @@ class ChainPrepared:
 
 
 @dataclass(slots=True, frozen=True)
+class KeyClaimed:
+    caller: str
+    idempotency_key: str
+    fingerprint: tuple
+    transfer_id: str
+    at_ms: int
+
+
+@dataclass(slots=True, frozen=True)
 class ChainDecided:
     chain_id: str
     committed: bool
@@ -405,7 +431,8 @@ class IdempotencyExpired:
 
 
 EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, IdempotencyExpired,
-               HoldCreated, HoldReleased, ChainPrepared, ChainDecided)
+               HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
-                 ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain)
+                 ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
+                 ClaimKey)

@@ -20,7 +20,8 @@ from ledger.core.invariants import ensure
 from ledger.core.model import (
     HOLD_CAPTURED, HOLD_EXPIRED, HOLD_HELD, HOLD_RELEASED, KIND_DEPOSIT, KIND_HOLD_CAPTURE,
     KIND_WITHDRAWAL, STATE_COMMITTED, STATE_PENDING, STATE_REFUSED, AckOutbox, ApplyCredits,
-    CancelReservation, CaptureHold, ChainDecided, ChainPrepared, CreateHold, CreateWallet, Credit,
+    CancelReservation, CaptureHold, ChainDecided, ChainPrepared, ClaimKey, CreateHold,
+    CreateWallet, Credit, KeyClaimed,
     CreditsApplied, DecideChain, Entry, ExpireHolds, ExpireIdempotency, FinishChain, GetHold,
     GetTransfer, GetWallet, Hold, HoldCreated, HoldReleased, IdempotencyExpired,
     IdempotencyRecord, OutboxAcked, Post, PrepareLinked, ReleaseHold, ReserveCredit, Transfer,
@@ -29,7 +30,7 @@ from ledger.core.model import (
 from ledger.core.status import Outcome, Status, ok, refuse
 
 Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | IdempotencyExpired
-         | HoldCreated | HoldReleased | ChainPrepared | ChainDecided)
+         | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed)
 
 
 def transfer_fingerprint(kind: str, from_wallet_id: str, to_wallet_id: str, amount_minor: int,
@@ -68,7 +69,7 @@ class ShardState:
 
     __slots__ = ("shard", "seq", "wallets", "transfers", "idempotency", "outbox",
                  "outbox_last_seq", "inbox_applied", "reservations", "incoming", "holds",
-                 "chains")
+                 "chains", "claims")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -91,6 +92,8 @@ class ShardState:
         self.holds: dict[str, Hold] = {}
         # Decisions of linked chains whose primary shard this is: chain_id -> (commit, at_ms).
         self.chains: dict[str, tuple[bool, int]] = {}
+        # Idempotency keys claimed here for money movements decided on other shards.
+        self.claims: dict[tuple[str, str], IdempotencyRecord] = {}
 
     # --- decide -------------------------------------------------------------------------
 
@@ -282,9 +285,24 @@ class ShardState:
         return ok(), [OutboxAcked(cmd.to_shard, cmd.up_to_seq)]
 
     def _decide_expire_idempotency(self, cmd: ExpireIdempotency) -> tuple[Outcome, list[Event]]:
-        if not any(r.created_at_ms < cmd.before_ms for r in self.idempotency.values()):
+        if not any(r.created_at_ms < cmd.before_ms for r in self.idempotency.values()) and \
+                not any(r.created_at_ms < cmd.before_ms for r in self.claims.values()):
             return ok(0), []
         return ok(), [IdempotencyExpired(cmd.before_ms)]
+
+    def _decide_claim_key(self, cmd: ClaimKey) -> tuple[Outcome, list[Event]]:
+        key = (cmd.caller, cmd.idempotency_key)
+        # The key may have been claimed here, or used by a request decided on this shard.
+        for record in (self.claims.get(key), self.idempotency.get(key)):
+            if record is None:
+                continue
+            differs = _first_difference(record.fingerprint, cmd.fingerprint)
+            if differs:
+                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
+                              f"idempotency key was first used with a different {differs}"), []
+            return ok(record.target, replayed=True), []
+        return ok(), [KeyClaimed(cmd.caller, cmd.idempotency_key, cmd.fingerprint,
+                                 cmd.transfer_id, cmd.now_ms)]
 
     # --- holds --------------------------------------------------------------------------
 
@@ -591,6 +609,10 @@ class ShardState:
         if rows is not None:
             rows.append(("wallet", wallet.copy()))
 
+    def _evolve_key_claimed(self, e: KeyClaimed, rows: list | None) -> None:
+        self.claims[(e.caller, e.idempotency_key)] = IdempotencyRecord(
+            e.caller, e.idempotency_key, "transfer:" + e.transfer_id, e.fingerprint, e.at_ms)
+
     def _evolve_chain_decided(self, e: ChainDecided, rows: list | None) -> None:
         ensure(e.chain_id not in self.chains, "chain %s decided twice", e.chain_id)
         self.chains[e.chain_id] = (e.committed, e.at_ms)
@@ -634,6 +656,8 @@ class ShardState:
             del self.holds[hold_id]
         for chain_id in [c for c, (_, at) in self.chains.items() if at < e.before_ms]:
             del self.chains[chain_id]
+        for key in [k for k, r in self.claims.items() if r.created_at_ms < e.before_ms]:
+            del self.claims[key]
 
     # --- checks -------------------------------------------------------------------------
 
@@ -670,6 +694,7 @@ _DECIDERS = {
     PrepareLinked: ShardState._decide_prepare_linked,
     DecideChain: ShardState._decide_decide_chain,
     FinishChain: ShardState._decide_finish_chain,
+    ClaimKey: ShardState._decide_claim_key,
 }
 
 _EVOLVERS = {
@@ -682,4 +707,5 @@ _EVOLVERS = {
     HoldReleased: ShardState._evolve_hold_released,
     ChainPrepared: ShardState._evolve_chain_prepared,
     ChainDecided: ShardState._evolve_chain_decided,
+    KeyClaimed: ShardState._evolve_key_claimed,
 }

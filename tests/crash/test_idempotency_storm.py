@@ -19,8 +19,9 @@ Proves that nothing executes twice and every answer tells the truth:
 * sending everything again moves nothing; reconciliation of the keyspace is clean and counts
   exactly one commit per distinct key (legs_once counts commits per transfer id).
 
-The last test is a minimal reproduction of a bug found while writing this file: a key reused
-with a payload whose DEBIT wallet is on another shard executes again (strict xfail).
+`test_key_reused_with_debit_wallet_on_another_shard` reproduces a bug found while writing this
+file, now fixed: a key reused with a payload whose DEBIT wallet is on another shard is refused
+as well (the key is claimed on its own shard before anything executes).
 """
 
 from __future__ import annotations
@@ -393,10 +394,9 @@ async def test_concurrent_duplicates_execute_once(local_cluster):
         await asyncio.to_thread(deployment.stop)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: idempotency keys are recorded on the debit shard "
-                   "only, so a key reused with a debit wallet on another shard executes again "
-                   "instead of ALREADY_EXISTS naming from_wallet_id")
 async def test_key_reused_with_debit_wallet_on_another_shard(tmp_path):
+    """A key is claimed on its own shard before anything executes, so a reuse whose debit
+    wallet lives on another shard is refused too (found by this test; fixed by ClaimKey)."""
     from ledger import server
 
     running = await server.start_dev(tmp_path, port=0, shard_count=SHARDS)
@@ -413,6 +413,13 @@ async def test_key_reused_with_debit_wallet_on_another_shard(tmp_path):
                 await client.transfer(b, dst, 100, CURRENCY, idempotency_key="reused")
             assert (reused.value.code, reused.value.field) == (grpc.StatusCode.ALREADY_EXISTS,
                                                                "from_wallet_id")
+            with pytest.raises(LedgerError) as reused:
+                await client.deposit(dst, 5, CURRENCY, idempotency_key="reused")
+            assert reused.value.code == grpc.StatusCode.ALREADY_EXISTS
+            again = await client.transfer(a, dst, 100, CURRENCY, idempotency_key="reused")
+            assert again.replayed
+            balances = {w: (await client.get_wallet(w)).balance_minor for w in (a, b, dst)}
+            assert balances == {a: 900, b: 1_000, dst: 1_100}
     finally:
         await running.close(grace_s=0.1)
 
