@@ -17,7 +17,8 @@ help:
 	@echo "make test-fast        unit + embedded-store tests only"
 	@echo "make services         start real Cassandra ($(REGIONS)) + etcd on loopback"
 	@echo "make services-status / services-stop"
-	@echo "make bench            ledger-bench on the embedded default"
+	@echo "make bench            ledger-bench on the embedded default and on Cassandra + etcd"
+	@echo "make chaos            every ledger-chaos drill; report in chaos-out/"
 	@echo "make proto            regenerate ledger/ledgerpb from proto/"
 
 $(STAMP): pyproject.toml
@@ -51,7 +52,11 @@ services-status: $(STAMP)
 	$(PY) -m ledger.localcluster status
 
 bench: $(STAMP)
-	$(VENV)/bin/ledger-bench
+	$(VENV)/bin/ledger-bench --backend embedded
+	$(VENV)/bin/ledger-bench --backend cassandra
+
+chaos: $(STAMP)
+	$(VENV)/bin/ledger-chaos --out chaos-out
 
 clean:
 	rm -rf $(VENV) .ledger-dev build *.egg-info
