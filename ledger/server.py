@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from coordinator import Coordinator
 from ledger.api.servicer import LedgerServicer
+from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.api.shard_service import GrpcShardTransport, ShardOwnerServicer
 from ledger.ledgerpb import ledger_pb2, shard_pb2, ledger_pb2_grpc, shard_pb2_grpc
 from ledger.node import Node
@@ -69,10 +70,11 @@ class Running:
 
 
 async def start(store: JournalStore, ownership, shard_count: int, host: str, port: int,
-                serve_timeout_s: float = 60.0, shards_min: int = 0) -> Running:
+                serve_timeout_s: float = 60.0, shards_min: int = 0,
+                retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> Running:
     """Start node and gRPC server; return once the node serves its shards (or timeout)."""
     transport = GrpcShardTransport()
-    node = Node(store, ownership, transport)
+    node = Node(store, ownership, transport, idempotency_retention_ms=retention_ms)
     coordinator = Coordinator(node.router, store, shard_count)
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
@@ -107,7 +109,8 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
 
 
 async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 50051,
-                    shard_count: int = 256) -> Running:
+                    shard_count: int = 256,
+                    retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> Running:
     """The embedded default: one process, SQLite file, this process owns every shard."""
     from ledger.store.sqlite import SqliteStore
     from shard_router.local import LocalOwnership
@@ -116,7 +119,8 @@ async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 5
     # Epochs must grow across restarts; the start time in ms does (a clock set back makes the
     # store refuse the stale epoch, loudly, rather than let two writers interleave).
     ownership = LocalOwnership(shard_count, epoch=time.time_ns() // 1_000_000)
-    return await start(store, ownership, shard_count, host, port, shards_min=shard_count)
+    return await start(store, ownership, shard_count, host, port, shards_min=shard_count,
+                       retention_ms=retention_ms)
 
 
 async def run_until_signalled(running: Running) -> None:

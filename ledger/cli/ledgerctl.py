@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.reconcile import CHECKS, Report, reconcile
 
 
@@ -87,6 +88,7 @@ async def _reconcile(args) -> int:
     try:
         started = time.monotonic()
         report = await reconcile(store, args.shards,
+                                 recovery_timeout_ms=int(args.recovery_timeout_s * 1000),
                                  progress=None if args.json else _progress)
         if args.json:
             print(json.dumps(report.to_json(), indent=2))
@@ -234,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     rec = sub.add_parser("reconcile", help="prove the books from the store; exit 1 if not")
     _store_args(rec)
     rec.add_argument("--json", action="store_true", help="machine-readable report")
+    rec.add_argument("--recovery-timeout-s", type=float, default=RECOVERY_TIMEOUT_MS / 1000,
+                     help="a transfer in doubt longer than this is a discrepancy")
     shards = sub.add_parser("shards", help="shard map: homes, owners, epochs, journal heads")
     _etcd_args(shards)
     shards.add_argument("--cassandra", default=None, help="also read journal heads: HOST:PORT")

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--takeover-grace-s", type=float, default=2.0)
     for p in (dev, node):
         p.add_argument("--log-level", default=os.environ.get("LEDGER_LOG_LEVEL", "INFO"))
+        p.add_argument("--idempotency-retention-h", type=float, default=24.0,
+                       help="how long idempotency keys and their results are kept (hours)")
     args = parser.parse_args(argv)
     # Which flags were given explicitly: they win over the configuration file.
     args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
@@ -66,8 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _retention_ms(args) -> int:
+    if args.idempotency_retention_h <= 0:
+        raise SystemExit("ledgerd: --idempotency-retention-h must be positive")
+    return int(args.idempotency_retention_h * 3600 * 1000)
+
+
 async def _dev(args) -> None:
-    running = await server.start_dev(args.data_dir, args.host, args.port, args.shards)
+    running = await server.start_dev(args.data_dir, args.host, args.port, args.shards,
+                                     retention_ms=_retention_ms(args))
     print(f"ledgerd dev: serving ledger.v1 on {args.host}:{running.port} "
           f"({args.shards} shards, data in {args.data_dir})", flush=True)
     await server.run_until_signalled(running)
@@ -143,7 +152,8 @@ async def _node(args) -> None:
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
                               takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix,
                               campaign=args.role == "full")
-    running = await server.start(store, ownership, args.shards, args.host, args.port)
+    running = await server.start(store, ownership, args.shards, args.host, args.port,
+                                 retention_ms=_retention_ms(args))
     print(f"ledgerd node {node_id}: serving on {args.host}:{running.port}, "
           f"{len(running.node.owners)} shards owned", flush=True)
     await server.run_until_signalled(running)

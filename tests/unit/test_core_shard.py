@@ -128,3 +128,29 @@ def test_apply_credits_refuses_wallet_that_does_not_exist_loudly():
     credit = Credit(1, "t", "TRANSFER", "a", "ghost", 5, "CNY", 1)
     with pytest.raises(InvariantViolation):
         s.decide(ApplyCredits(3, (credit,)))
+
+
+def test_expired_idempotency_keys_are_purged_and_the_key_runs_anew():
+    from ledger.core.model import ExpireIdempotency
+    s = funded()
+    first = run(s, post("old", "alice", "bob", 10))
+    assert run(s, post("old", "alice", "bob", 10)).replayed
+    run(s, ExpireIdempotency(before_ms=2))  # every record here was made at time 1
+    assert ("svc", "old") not in s.idempotency and first.value.transfer_id not in s.transfers
+    again = run(s, post("old", "alice", "bob", 10))
+    assert again.ok and not again.replayed
+    assert s.wallets["bob"].balance_minor == 20
+
+
+def test_claim_key_first_payload_wins():
+    from ledger.core.model import ClaimKey
+    from ledger.core.shard import transfer_fingerprint
+    s = ShardState(5)
+    fp = transfer_fingerprint("TRANSFER", "a", "b", 10, "CNY", "")
+    assert not run(s, ClaimKey("svc", "k", fp, "t1", 1)).replayed
+    assert run(s, ClaimKey("svc", "k", fp, "t1", 1)).replayed
+    other = run(s, ClaimKey("svc", "k", transfer_fingerprint("TRANSFER", "c", "b", 10, "CNY", ""),
+                            "t2", 1))
+    assert other.status is Status.IDEMPOTENCY_KEY_REUSED and other.field == "from_wallet_id"
+    restored = codec.snapshot_loads(codec.snapshot_dumps(s))
+    assert run(restored, ClaimKey("svc", "k", fp, "t1", 1)).replayed
