@@ -65,6 +65,11 @@ def transfer_id_for(debit_shard: int, caller: str, idempotency_key: str,
     return f"{prefix}{debit_shard:04x}{digest}"
 
 
+def key_shard_of(caller: str, idempotency_key: str, shard_count: int) -> int:
+    """The shard a (caller, idempotency key) is claimed on."""
+    return shard_of(f"\x00key\x00{caller}\x00{idempotency_key}", shard_count)
+
+
 def _linked_failed(detail: str = "another item of the linked chain failed") -> Outcome:
     return refuse(Status.LINKED_ITEM_FAILED, "", detail)
 
@@ -85,7 +90,7 @@ class Coordinator:
 
     def key_shard(self, caller: str, idempotency_key: str) -> int:
         """The shard an idempotency key is claimed on (see ``ClaimKey``)."""
-        return shard_of(f"\x00key\x00{caller}\x00{idempotency_key}", self._shard_count)
+        return key_shard_of(caller, idempotency_key, self._shard_count)
 
     async def _claim_keys(self, caller: str, posts: dict[int, Post]) -> dict[int, Outcome]:
         """Claim each Post's key on its key shard; returns the refusals (and transient

@@ -33,6 +33,7 @@ import pytest
 from clients import LedgerClient, LedgerError
 from clients.bank import MultiClient
 from clients.harness import Deployment
+from coordinator.coordinator import key_shard_of
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.ledgerpb import ledger_pb2 as pb
 from ledger.reconcile import reconcile
@@ -66,6 +67,14 @@ class Case:
     # second node takes its shards over (the coordinator failpoints kill the node that took
     # the API call, whichever node owns the shards).
     nodes: int
+    # True: the idempotency key hashes to another shard than the debit shard, so the key is
+    # first claimed there (a journal append of its own, which an owner failpoint may hit
+    # first). False: the key's shard is the debit shard and no claim is made.
+    claim: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.failpoint + ("+claim" if self.claim else "")
 
 
 CASES = [
@@ -73,6 +82,10 @@ CASES = [
     Case("coordinator.after_post", False, "replayed", 2),
     Case("owner.before_append", False, "fresh", 1),
     Case("owner.after_append", False, "replayed", 1),
+    # The claim is journaled, then the owner dies before the transfer is: nothing moved, the
+    # retry's claim matches and the transfer commits afresh.
+    Case("owner.after_append", False, "fresh", 1, claim=True),
+    Case("owner.before_append", False, "fresh", 1, claim=True),
     Case("owner.after_deliver", False, "replayed", 1),
     Case("coordinator.after_prepare", True, "aborted", 2),
     Case("coordinator.after_decide", True, "replayed", 2),
@@ -158,7 +171,16 @@ def wait_dead(node, timeout_s: float = 60.0) -> int:
     return node.proc.wait(timeout=timeout_s)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.failpoint for c in CASES])
+def single_key(case: Case, debit_shard: int) -> str:
+    """An idempotency key that is (or is not, per the case) claimed on another shard."""
+    for i in range(10_000):
+        key = f"single-{i}"
+        if (key_shard_of(CALLER, key, SHARDS) != debit_shard) == case.claim:
+            return key
+    raise AssertionError("no key found")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 async def test_crash_at_failpoint(local_cluster, tmp_path, case: Case):
     region = local_cluster.regions[0]
     deployment = Deployment(local_cluster, regions=[region], nodes_per_region=case.nodes,
@@ -180,6 +202,7 @@ async def test_crash_at_failpoint(local_cluster, tmp_path, case: Case):
         else:
             request = None
             moves = [(a, b, 250)]
+        key = single_key(case, shard_of(a, SHARDS))
 
         # Restart the node with the failpoint armed; a clean stop gives the shards up at once.
         node.stop()
@@ -189,7 +212,7 @@ async def test_crash_at_failpoint(local_cluster, tmp_path, case: Case):
             if case.chain:
                 send = first.batch_transfer(request)
             else:
-                send = first.transfer(a, b, 250, CURRENCY, idempotency_key="single")
+                send = first.transfer(a, b, 250, CURRENCY, idempotency_key=key)
             with pytest.raises(LedgerError) as lost:
                 await send
         assert lost.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
@@ -218,7 +241,7 @@ async def test_crash_at_failpoint(local_cluster, tmp_path, case: Case):
                 assert all(r.replayed for r in results)
             else:
                 response = await client.call(lambda c: c.transfer(
-                    a, b, 250, CURRENCY, idempotency_key="single"), ANSWER_DEADLINE_S)
+                    a, b, 250, CURRENCY, idempotency_key=key), ANSWER_DEADLINE_S)
                 committed = response.transfer.state == pb.TRANSFER_STATE_COMMITTED
                 assert committed
                 assert response.replayed == (case.expect == "replayed")
@@ -247,7 +270,7 @@ async def test_crash_at_failpoint(local_cluster, tmp_path, case: Case):
                 assert all(r.replayed for r in again)
             else:
                 again = await client.call(lambda c: c.transfer(
-                    a, b, 250, CURRENCY, idempotency_key="single"))
+                    a, b, 250, CURRENCY, idempotency_key=key))
                 assert again.replayed and again.transfer.transfer_id == transfer_ids[0]
             assert await wait_balances(client, expected) == seen
         finally:
