@@ -178,9 +178,20 @@ class Deployment:
         for node in rest:
             node.wait_serving()
 
-    def stop(self) -> None:
+    def stop(self, drop_keyspace: bool = False) -> None:
+        """Stop every node; optionally drop the deployment's keyspace. A long-lived test
+        cluster holds every keyspace's tables in its heap, so tests drop what they made."""
         for node in self.nodes:
             node.stop()
+        if drop_keyspace:
+            from ledger.localcluster import cql_query
+            region = self.regions[0]
+            try:
+                cql_query(self.cluster.contact_points[region],
+                          getattr(self.cluster, "cql_port", 9042),
+                          f"DROP KEYSPACE IF EXISTS {self.keyspace}", 60.0)
+            except Exception:  # best effort: a leftover keyspace only costs memory
+                pass
 
     def store_args(self) -> dict:
         region = self.regions[0]

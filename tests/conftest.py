@@ -16,6 +16,9 @@ TEST_STORAGE_PORT = int(os.environ.get("LEDGER_TEST_STORAGE_PORT", "27000"))
 TEST_ETCD_PORT = int(os.environ.get("LEDGER_TEST_ETCD_PORT", "33791"))
 TEST_ETCD_PEER_PORT = int(os.environ.get("LEDGER_TEST_ETCD_PEER_PORT", "33801"))
 TEST_REGIONS = os.environ.get("LEDGER_TEST_REGIONS", "r1,r2,r3").split(",")
+# Heap per Cassandra node (MB). 512 MB ran out during a full run: every test keyspace adds
+# tables held in the heap (the node crashed on OutOfMemoryError); tests also drop theirs.
+TEST_HEAP_MB = int(os.environ.get("LEDGER_TEST_HEAP_MB", "1024"))
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +29,7 @@ def local_cluster():
     run_dir = Path(tempfile.mkdtemp(prefix="ledger-test-cluster-"))
     cluster = LocalCluster(run_dir, regions=TEST_REGIONS, etcd_client_port=TEST_ETCD_PORT,
                            etcd_peer_port=TEST_ETCD_PEER_PORT, cql_port=TEST_CQL_PORT,
-                           storage_port=TEST_STORAGE_PORT)
+                           storage_port=TEST_STORAGE_PORT, heap_mb=TEST_HEAP_MB)
     try:
         cluster.start()
         yield cluster

@@ -153,4 +153,4 @@ async def test_bank_survives_random_sigkills(local_cluster, tmp_path):
             await bank.close()
         if store is not None:
             await store.close()
-        await asyncio.to_thread(deployment.stop)
+        await asyncio.to_thread(deployment.stop, True)

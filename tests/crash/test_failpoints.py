@@ -288,4 +288,4 @@ async def test_crash_at_failpoint(local_cluster, tmp_path, case: Case):
     finally:
         if store is not None:
             await store.close()
-        await asyncio.to_thread(deployment.stop)
+        await asyncio.to_thread(deployment.stop, True)

@@ -391,7 +391,7 @@ async def test_concurrent_duplicates_execute_once(local_cluster):
             await multi.close()
         if store is not None:
             await store.close()
-        await asyncio.to_thread(deployment.stop)
+        await asyncio.to_thread(deployment.stop, True)
 
 
 async def test_key_reused_with_debit_wallet_on_another_shard(tmp_path):

@@ -3,6 +3,7 @@ Cassandra + etcd started by the project's scripts. The same API tests run on bot
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -26,7 +27,9 @@ async def _start_cassandra_backend(local_cluster):
     ownership = EtcdOwnership(local_cluster.etcd_endpoint, f"node-{keyspace}", region,
                               "127.0.0.1:0", [region], shard_count=SHARDS, lease_ttl_s=5.0,
                               prefix=f"/e2e/{keyspace}")
-    return await server.start(store, ownership, SHARDS, "127.0.0.1", 0)
+    running = await server.start(store, ownership, SHARDS, "127.0.0.1", 0)
+    running.keyspace = keyspace
+    return running
 
 
 @pytest.fixture(params=["embedded", pytest.param("cassandra", marks=pytest.mark.real)])
@@ -39,6 +42,13 @@ async def ledger_server(request, tmp_path):
         yield running
     finally:
         await running.close(grace_s=0.5)
+        if request.param == "cassandra":
+            # Every keyspace's tables live in the test cluster's heap: drop what we made.
+            from ledger.localcluster import cql_query
+            cluster = request.getfixturevalue("local_cluster")
+            region = cluster.regions[0]
+            await asyncio.to_thread(cql_query, cluster.contact_points[region], cluster.cql_port,
+                                    f"DROP KEYSPACE IF EXISTS {running.keyspace}", 60.0)
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ def deployment(local_cluster):
     try:
         yield d
     finally:
-        d.stop()
+        d.stop(drop_keyspace=True)
 
 
 async def test_failover_failback_and_move_shard_under_load(deployment):
