@@ -262,21 +262,24 @@ class Coordinator:
         prepared = await self._by_shard({i: (self._debit_shard(p), PrepareLinked(
             p, chain_id, primary)) for i, p in posts.items()})
         failpoints.hit("coordinator.after_prepare")
+        in_flight = refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
+                           "the linked chain of this key is being decided")
         failures = {i: o for i, o in prepared.items()
                     if not o.ok and o.status is not Status.REQUEST_IN_FLIGHT}
-        if not failures and any(not o.ok for o in prepared.values()):
-            # An earlier attempt of this chain is still being decided: decide nothing here
-            # (our fresh prepares carry the same chain id and are resolved with it). A fresh
-            # prepare is only PENDING: answering it OK would report an undecided item as done.
+        pending = {i: o for i, o in prepared.items() if o.status is Status.REQUEST_IN_FLIGHT}
+        if not failures and pending and any(o.value != chain_id for o in pending.values()):
+            # Items prepared for another chain (the same keys linked differently) are being
+            # decided: decide nothing here. Our fresh prepares carry our chain id and are
+            # resolved with it; a fresh prepare is only PENDING, never answered OK.
             for i in indices:
-                results[i] = (prepared[i] if prepared[i].replayed or not prepared[i].ok
-                              else refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
-                                          "the linked chain of this key is being decided"))
+                results[i] = (prepared[i] if prepared[i].replayed else in_flight)
             return
         if not failures and all(o.replayed for o in prepared.values()):
             for i in indices:
                 results[i] = prepared[i]
             return
+        # Every item is prepared (by us, or by an earlier attempt of this same chain) or one
+        # failed: decide. The primary keeps the first decision, whoever asks.
         decided = (await self._executor.execute(primary, [DecideChain(chain_id, not failures,
                                                                       now)]))[0]
         if not decided.ok:
@@ -285,6 +288,13 @@ class Coordinator:
                 results[i] = decided
             return
         commit = bool(decided.value)
+        if commit and failures:
+            # Another attempt of this chain prepared what failed for us and committed first:
+            # our view is stale. A transient answer makes the client ask again and get the
+            # recorded outcome.
+            for i in indices:
+                results[i] = in_flight
+            return
         failpoints.hit("coordinator.after_decide")
         shards = {self._debit_shard(p) for p in posts.values()}
         finished = await self._by_shard(

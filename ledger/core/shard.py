@@ -431,6 +431,12 @@ class ShardState:
     def _decide_prepare_linked(self, cmd: PrepareLinked) -> tuple[Outcome, list[Event]]:
         p = cmd.post
         outcome, events = self._decide_post(p)
+        if outcome.status is Status.REQUEST_IN_FLIGHT:
+            # Prepared before and still undecided: say under which chain, so a coordinator
+            # retrying the same chain may decide it (the primary keeps the first decision).
+            hold = self.holds.get(p.transfer_id)
+            return Outcome(Status.REQUEST_IN_FLIGHT, outcome.field, outcome.detail,
+                           hold.chain_id if hold is not None else None), []
         if outcome.replayed or not events:
             return outcome, []  # replay, key reused, or an unrecorded refusal
         if not outcome.ok:

@@ -13,7 +13,7 @@ Proves that nothing executes twice and every answer tells the truth:
   REQUEST_IN_FLIGHT; a copy with a different payload gets ALREADY_EXISTS naming the field that
   differs (or REQUEST_IN_FLIGHT), never an execution; no item of a chain is reported OK unless
   the chain committed (copies of a chain racing on two coordinators can each prepare part of
-  it: then neither decides, and the participants abort it after CHAIN_RESOLVE_AFTER_MS);
+  it; either may then decide it, and the primary keeps the first decision);
 * balances equal one application per distinct key (and each chain's items all or none), with
   nothing held; GetTransfer of each id is COMMITTED with the winning payload;
 * sending everything again moves nothing; reconciliation of the keyspace is clean and counts
@@ -441,11 +441,10 @@ class _DelayPrepares:
         return await self._inner.execute(shard, commands, wait_credit)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: two live coordinators running the same linked "
-                   "chain can each prepare part of it; each sees REQUEST_IN_FLIGHT for the "
-                   "rest and decides nothing, so the participants abort a chain whose items "
-                   "were all valid")
 async def test_chain_retried_on_two_live_coordinators_still_commits(tmp_path):
+    """Found by this file, now fixed: two coordinators running the same chain each prepare
+    part of it; a prepare answered "pending under the same chain" lets either one decide, so
+    the valid chain commits instead of being aborted by the participants."""
     from coordinator.coordinator import Coordinator, TransferItem
     from ledger import server
 
