@@ -169,7 +169,7 @@ class BankWorkload:
                 await self._transfer(op, deadline_s=min(OP_DEADLINE_S,
                                                         deadline - time.monotonic()))
 
-    async def check(self, settle_timeout_s: float = 60.0) -> list[str]:
+    async def check(self, settle_timeout_s: float = 120.0) -> list[str]:
         """The replay check and the per-transfer checks; returns the problems found."""
         problems = self.result.problems
         expected = {w: self.config.initial_minor for w in self.wallets}
@@ -183,8 +183,11 @@ class BankWorkload:
         # for balances to reach the replayed values rather than sleeping.
         deadline = time.monotonic() + settle_timeout_s
         while True:
-            final = {w: (await self.client.call(lambda c, w=w: c.get_wallet(w))).balance_minor
-                     for w in self.wallets}
+            # Reads get the whole settle window: after a storm of restarts a shard may still
+            # be changing hands, and this is a check of balances, not of availability.
+            final = {w: (await self.client.call(lambda c, w=w: c.get_wallet(w),
+                                                max(settle_timeout_s, OP_DEADLINE_S)))
+                     .balance_minor for w in self.wallets}
             if final == expected or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)

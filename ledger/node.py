@@ -13,6 +13,9 @@ from shard_router.router import RemoteTransport, Router
 
 log = logging.getLogger("ledger.node")
 
+# A takeover slower than this is logged as a warning (s).
+SLOW_TAKEOVER_S = 3.0
+
 
 class Node:
     """Starts an owner for every shard the elector gives this node, stops it on loss."""
@@ -76,8 +79,10 @@ class Node:
                         asyncio.create_task(release(shard))
                 else:
                     self.owners[shard] = owner
-                    log.debug("shard %d epoch %d serving after %.0f ms", shard, epoch,
-                              (time.monotonic() - started) * 1000)
+                    took_s = time.monotonic() - started
+                    (log.warning if took_s > SLOW_TAKEOVER_S else log.debug)(
+                        "shard %d epoch %d serving after %.0f ms (replayed to batch %d)",
+                        shard, epoch, took_s * 1000, owner.state.seq)
 
     async def _owner_stopped(self, shard: int, epoch: int, reason: str) -> None:
         owner = self.owners.get(shard)
