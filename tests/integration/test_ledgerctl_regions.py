@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -51,10 +52,21 @@ def deployment(local_cluster):
         d.stop(drop_keyspace=True)
 
 
+async def settled_table(deployment, timeout_s: float = 60.0) -> list[dict]:
+    """The shard table once every shard is served in its home region (nodes start one after
+    another, so the first may serve everything until the others come up)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        table = await asyncio.to_thread(shard_table, deployment)
+        if all(r["owner"] and r["owner_region"] == r["home"] for r in table):
+            return table
+        assert time.monotonic() < deadline, table
+        await asyncio.sleep(0.5)
+
+
 async def test_failover_failback_and_move_shard_under_load(deployment):
     src, dst = deployment.regions[0], deployment.regions[1]
-    before = shard_table(deployment)
-    assert all(r["owner"] and r["owner_region"] == r["home"] for r in before)
+    before = await settled_table(deployment)
     assert all(r["journal_epoch"] == r["epoch"] for r in before)
     moved = [r["shard"] for r in before if r["home"] == src]
     assert moved
