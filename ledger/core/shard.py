@@ -57,6 +57,11 @@ def wallet_fingerprint(wallet_id: str, currency: str,
     return (("wallet_id", wallet_id), ("currency", currency), ("allow_negative", allow_negative))
 
 
+def _key_reused(field_name: str) -> Outcome:
+    return refuse(Status.IDEMPOTENCY_KEY_REUSED, field_name,
+                  f"idempotency key was first used with a different {field_name}")
+
+
 def _first_difference(old: tuple, new: tuple) -> str:
     for (name, a), (_, b) in zip(old, new):
         if a != b:
@@ -109,8 +114,7 @@ class ShardState:
             differs = _first_difference(record.fingerprint, fp) or (
                 "" if record.target == "wallet:" + cmd.wallet_id else "wallet_id")
             if differs:
-                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
-                              f"idempotency key was first used with a different {differs}"), []
+                return _key_reused(differs), []
             return ok(self.wallets[cmd.wallet_id].copy(), replayed=True), []
         if cmd.wallet_id in self.wallets:
             return refuse(Status.WALLET_EXISTS, "wallet_id", "a wallet with this id exists"), []
@@ -139,8 +143,7 @@ class ShardState:
         if record is not None:
             differs = _first_difference(record.fingerprint, fp)
             if differs:
-                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
-                              f"idempotency key was first used with a different {differs}"), []
+                return _key_reused(differs), []
             return self._replay_transfer(record), []
 
         if cmd.credit_refusal is not None:
@@ -298,8 +301,7 @@ class ShardState:
                 continue
             differs = _first_difference(record.fingerprint, cmd.fingerprint)
             if differs:
-                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
-                              f"idempotency key was first used with a different {differs}"), []
+                return _key_reused(differs), []
             return ok(record.target, replayed=True), []
         return ok(), [KeyClaimed(cmd.caller, cmd.idempotency_key, cmd.fingerprint,
                                  cmd.transfer_id, cmd.now_ms)]
@@ -313,8 +315,7 @@ class ShardState:
             differs = _first_difference(record.fingerprint, fp) or (
                 "" if record.target == "hold:" + cmd.hold_id else "idempotency_key")
             if differs:
-                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
-                              f"idempotency key was first used with a different {differs}"), []
+                return _key_reused(differs), []
             return ok(self.holds[cmd.hold_id].copy(), replayed=True), []
         wallet = self.wallets.get(cmd.wallet_id)
         if wallet is None:
@@ -350,8 +351,7 @@ class ShardState:
         if record is not None:
             differs = _first_difference(record.fingerprint, fp)
             if differs:
-                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
-                              f"idempotency key was first used with a different {differs}"), []
+                return _key_reused(differs), []
             return self._replay_transfer(record), []
         hold = self._active_hold(cmd.hold_id, cmd.now_ms)
         if isinstance(hold, Outcome):
@@ -397,8 +397,7 @@ class ShardState:
             differs = _first_difference(record.fingerprint, fp) or (
                 "" if record.target == "release:" + cmd.hold_id else "idempotency_key")
             if differs:
-                return refuse(Status.IDEMPOTENCY_KEY_REUSED, differs,
-                              f"idempotency key was first used with a different {differs}"), []
+                return _key_reused(differs), []
             return ok(self.holds[cmd.hold_id].copy(), replayed=True), []
         hold = self._active_hold(cmd.hold_id, cmd.now_ms)
         if isinstance(hold, Outcome):

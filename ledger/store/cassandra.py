@@ -36,6 +36,7 @@ from cassandra.policies import (ConstantReconnectionPolicy, DCAwareRoundRobinPol
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statement, dict_factory
 
 from ledger.core.model import Entry, Transfer, Wallet
+from ledger.store.bridge import settle as _settle
 from ledger.store.port import (Fenced, JournalBatch, LoadedShard, Row, StoreUnavailable,
                                UnknownOutcome)
 
@@ -166,16 +167,6 @@ class _NoBlindRetryPolicy(RetryPolicy):
             return self.RETHROW, None
         return super().on_unavailable(query, consistency, required_replicas, alive_replicas,
                                       retry_num)
-
-
-def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
-    # Runs on the event loop. The awaiting task may have been cancelled meanwhile.
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
 
 
 class _Fanout:

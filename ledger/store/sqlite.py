@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ledger.core.model import Entry, Transfer, Wallet
+from ledger.store.bridge import settle as _settle
 from ledger.store.port import Fenced, JournalBatch, LoadedShard, Row, StoreUnavailable
 
 # Calls folded into one transaction at most; the rest wait for the next one.
@@ -190,15 +191,6 @@ class SqliteStore:
         if self._thread.is_alive():
             self._calls.put(None)
             await asyncio.to_thread(self._thread.join)
-
-
-def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
 
 
 # Functions run on the writer thread, inside a savepoint of the group's transaction.
