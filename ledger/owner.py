@@ -418,7 +418,8 @@ class ShardOwner:
     async def _sweep(self) -> None:
         """Periodic duties: drop stale credit reservations, release expired holds, resolve
         linked chains left undecided by a dead coordinator, purge expired idempotency keys."""
-        last_idempotency_sweep = time.monotonic()
+        loop = asyncio.get_running_loop()  # loop time: simulations run it on a virtual clock
+        last_idempotency_sweep = loop.time()
         while self._serving:
             await asyncio.sleep(K.RESERVATION_SWEEP_S)
             now = self._clock_ms()
@@ -429,8 +430,8 @@ class ShardOwner:
             for chain_id, primary in self.state.pending_chains(
                     now - CHAIN_RESOLVE_AFTER_MS).items():
                 await self.resolve_chain(chain_id, primary)
-            if time.monotonic() - last_idempotency_sweep >= K.IDEMPOTENCY_SWEEP_S:
-                last_idempotency_sweep = time.monotonic()
+            if loop.time() - last_idempotency_sweep >= K.IDEMPOTENCY_SWEEP_S:
+                last_idempotency_sweep = loop.time()
                 await self.submit(ExpireIdempotency(now - self._retention_ms))
 
     async def resolve_chain(self, chain_id: str, primary: int) -> bool | None:

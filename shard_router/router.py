@@ -9,7 +9,6 @@ next, until a deadline, and only then answers SHARD_UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Protocol
 
 from ledger import constants as K
@@ -49,13 +48,14 @@ class Router:
 
     async def execute(self, shard: int, commands: list, wait_credit: bool = False
                       ) -> list[Outcome]:
-        deadline = time.monotonic() + self._retry_deadline_s
+        loop = asyncio.get_running_loop()  # loop time: simulations run it on a virtual clock
+        deadline = loop.time() + self._retry_deadline_s
         backoff_s = K.SHARD_RETRY_BACKOFF_MS / 1000
         while True:
             outcomes = await self._try(shard, commands, wait_credit)
             if outcomes is not None:
                 return outcomes
-            if time.monotonic() + backoff_s > deadline:
+            if loop.time() + backoff_s > deadline:
                 return [UNAVAILABLE] * len(commands)
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 0.5)

@@ -19,6 +19,10 @@ TEST_REGIONS = os.environ.get("LEDGER_TEST_REGIONS", "r1,r2,r3").split(",")
 # Heap per Cassandra node (MB). 512 MB ran out during a full run: every test keyspace adds
 # tables held in the heap (the node crashed on OutOfMemoryError); tests also drop theirs.
 TEST_HEAP_MB = int(os.environ.get("LEDGER_TEST_HEAP_MB", "1024"))
+# Development only: a run directory whose cluster is started if needed and left running after
+# the session, so several pytest runs (or several developers' runs) share one cluster. CI
+# leaves it unset and gets a fresh cluster that is stopped at the end.
+KEEP_CLUSTER_DIR = os.environ.get("LEDGER_TEST_KEEP_CLUSTER_DIR", "")
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +30,16 @@ def local_cluster():
     """A real Cassandra (one datacenter per region) and etcd on loopback for the session."""
     from ledger.localcluster import LocalCluster
 
-    run_dir = Path(tempfile.mkdtemp(prefix="ledger-test-cluster-"))
+    keep = bool(KEEP_CLUSTER_DIR)
+    run_dir = (Path(KEEP_CLUSTER_DIR) if keep
+               else Path(tempfile.mkdtemp(prefix="ledger-test-cluster-")))
     cluster = LocalCluster(run_dir, regions=TEST_REGIONS, etcd_client_port=TEST_ETCD_PORT,
                            etcd_peer_port=TEST_ETCD_PEER_PORT, cql_port=TEST_CQL_PORT,
                            storage_port=TEST_STORAGE_PORT, heap_mb=TEST_HEAP_MB)
+    if keep:
+        cluster.start()  # idempotent: starts only what is not running
+        yield cluster
+        return
     try:
         cluster.start()
         yield cluster
