@@ -30,7 +30,7 @@ from ledger.core.model import (
 )
 from ledger.core.shard import ShardState
 from ledger.core.status import Outcome, Status, refuse
-from ledger.store.port import Fenced, JournalStore, UnknownOutcome
+from ledger.store.port import Fenced, JournalStore, StoreUnavailable, UnknownOutcome
 
 log = logging.getLogger("ledger.owner")
 
@@ -93,6 +93,12 @@ class ShardOwner:
         # Highest outbox sequence per destination known applied there (in memory: after a
         # restart the pipeline resends from the journaled ack, and the receiver dedupes).
         self._delivered: dict[int, int] = {}
+        # Highest outbox sequence per destination that is DURABLE in the journal. The live
+        # state runs ahead of the journal while an append is in flight; the crediting
+        # pipeline sends nothing above this mark, so a credit never leaves the owner before
+        # the debit that owes it is durable (if that append then fails, the reload replays
+        # the journal and the same sequence numbers are given to other transfers).
+        self._durable_outbox: dict[int, int] = {}
         # Answers waiting for their credit leg: to_shard -> deque of (outbox_seq, future).
         self._credit_waiters: dict[int, collections.deque] = {}
         # Acknowledgements of delivered credits not yet journaled: to_shard -> highest seq.
@@ -144,6 +150,7 @@ class ShardOwner:
             await self._store.write_rows(self.shard, rows)
         self.state = state
         self._delivered = {}
+        self._durable_outbox = dict(state.outbox_last_seq)
 
     async def stop(self, reason: str = "stopped") -> None:
         """Stop serving: answer queued commands SHARD_UNAVAILABLE, snapshot if healthy.
@@ -259,7 +266,11 @@ class ShardOwner:
             seq = state.seq + 1
             failpoints.hit("owner.before_append")
             try:
+                if failpoints.fault("owner.append_unavailable"):
+                    raise StoreUnavailable(f"failpoint: append of batch {seq} not written")
                 await self._store.append(self.shard, self.epoch, seq, codec.dumps(events), rows)
+                if failpoints.fault("owner.append_unknown"):
+                    raise UnknownOutcome(f"failpoint: batch {seq} written, outcome unknown")
             except (Fenced, UnknownOutcome) as exc:
                 # The in-memory state is ahead of (or unknown to) the journal: never answer
                 # from it again. A new owner replays what the journal really holds.
@@ -299,10 +310,15 @@ class ShardOwner:
             self._batches_since_snapshot = 0
             snapshot = codec.snapshot_dumps(self.state)
             asyncio.create_task(self._store.save_snapshot(self.shard, self.state.seq, snapshot))
+        kick = False
+        durable = self._durable_outbox
         for event in events:
             if type(event) is TransferDecided and event.outbox_seq:
-                self._outbox_kick.set()
-                return
+                if event.outbox_seq > durable.get(event.to_shard, 0):
+                    durable[event.to_shard] = event.outbox_seq
+                kick = True
+        if kick:
+            self._outbox_kick.set()
 
     # --- crediting pipeline -----------------------------------------------------------------
 
@@ -363,8 +379,7 @@ class ShardOwner:
             self._outbox_kick.clear()
             pending: dict[int, list] = {}
             for dest, items in self.state.outbox.items():
-                delivered = self._delivered.get(dest, 0)
-                credits = [items[s] for s in sorted(items) if s > delivered]
+                credits = self._deliverable(dest, items)
                 if credits:
                     pending[dest] = credits[:K.CREDITS_PER_DELIVERY_MAX]
             if not pending:
@@ -386,9 +401,15 @@ class ShardOwner:
                 # Some destination made no progress (its owner is moving, or down): back off
                 # instead of spinning; the credits stay owed and are sent again.
                 await asyncio.sleep(K.CREDIT_RETRY_BACKOFF_MS / 1000)
-            if any(max(items, default=0) > self._delivered.get(dest, 0)
-                   for dest, items in self.state.outbox.items()):
+            if any(self._deliverable(dest, items) for dest, items in self.state.outbox.items()):
                 self._outbox_kick.set()
+
+    def _deliverable(self, dest: int, items: dict) -> list:
+        """Credits owed to ``dest`` that may leave now, in order: durable in the journal
+        (at or below the durable mark) and not yet known applied there."""
+        delivered = self._delivered.get(dest, 0)
+        durable = self._durable_outbox.get(dest, 0)
+        return [items[s] for s in sorted(items) if delivered < s <= durable]
 
     def _ack_later(self, dest: int, applied: int) -> None:
         """Journal the acknowledgement lazily: it only lets the outbox forget delivered

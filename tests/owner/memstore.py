@@ -1,0 +1,109 @@
+"""An in-memory ``JournalStore`` for owner-level tests: no threads, no I/O, so a test that
+lets the event loop run until nothing is ready sees one deterministic interleaving.
+
+It keeps the port's contract (epoch fencing, gap-free batch numbers, snapshots) and lets a
+test hold an append at the door and decide how it ends (``gate``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ledger.store.port import Fenced, JournalBatch, LoadedShard
+
+
+@dataclass
+class Gate:
+    """Holds one append: ``entered`` is set when it arrives; it proceeds on ``release``.
+    With ``error`` set it then raises that error; ``write_first`` writes the batch before
+    raising (an append that landed but whose answer was lost)."""
+
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+    write_first: bool = False
+
+
+class MemStore:
+    def __init__(self) -> None:
+        self.epochs: dict[int, int] = {}
+        self.journals: dict[int, list[JournalBatch]] = {}
+        self.snapshots: dict[int, tuple[int, bytes]] = {}
+        self.rows: dict[int, list] = {}
+        self.gates: dict[tuple[int, int], Gate] = {}
+        self.appends = 0
+
+    def gate(self, shard: int, seq: int, **kwargs) -> Gate:
+        gate = Gate(**kwargs)
+        self.gates[(shard, seq)] = gate
+        return gate
+
+    async def fence(self, shard: int, epoch: int) -> int:
+        recorded = self.epochs.get(shard, 0)
+        if recorded > epoch:
+            raise Fenced(f"shard {shard}: epoch {recorded} recorded, {epoch} is stale")
+        self.epochs[shard] = epoch
+        return len(self.journals.get(shard, []))
+
+    async def load(self, shard: int) -> LoadedShard:
+        snap_seq, snap = self.snapshots.get(shard, (0, None))
+        batches = [b for b in self.journals.get(shard, []) if b.seq > snap_seq]
+        return LoadedShard(snap, snap_seq, batches)
+
+    def _write(self, shard: int, epoch: int, seq: int, events: bytes, rows) -> None:
+        journal = self.journals.setdefault(shard, [])
+        if self.epochs.get(shard) != epoch or len(journal) != seq - 1:
+            raise Fenced(f"shard {shard}: append of {seq} by epoch {epoch} refused")
+        journal.append(JournalBatch(seq, epoch, bytes(events)))
+        self.rows.setdefault(shard, []).extend(rows)
+        self.appends += 1
+
+    async def append(self, shard: int, epoch: int, seq: int, events: bytes, rows) -> None:
+        gate = self.gates.pop((shard, seq), None)
+        if gate is not None:
+            gate.entered.set()
+            await gate.release.wait()
+            if gate.write_first:
+                self._write(shard, epoch, seq, events, list(rows))
+            if gate.error is not None:
+                raise gate.error
+            if gate.write_first:
+                return
+        self._write(shard, epoch, seq, events, list(rows))
+
+    async def journal_position(self, shard: int) -> tuple[int, int, int]:
+        return (self.epochs.get(shard, 0), len(self.journals.get(shard, [])),
+                self.snapshots.get(shard, (0, None))[0])
+
+    async def flush_rows(self, shard: int, seq: int) -> None:
+        return None
+
+    async def write_rows(self, shard: int, rows, *args, **kwargs) -> None:
+        self.rows.setdefault(shard, []).extend(rows)
+
+    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> None:
+        if seq >= self.snapshots.get(shard, (0, b""))[0]:
+            self.snapshots[shard] = (seq, bytes(snapshot))
+
+    async def read_journal(self, shard: int, after_seq: int = 0, limit: int = 1000):
+        return [b for b in self.journals.get(shard, []) if b.seq > after_seq][:limit]
+
+    async def list_entries(self, wallet_id: str, after_version: int, limit: int):
+        return []
+
+    async def get_transfer(self, transfer_id: str):
+        return None
+
+    async def scan_wallets(self, shard: int):
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+async def settle(rounds: int = 200) -> None:
+    """Let every ready callback run. With ``MemStore`` and in-process peers nothing waits on
+    a thread or a socket, so after this the system is quiet unless a timer is pending."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
