@@ -27,7 +27,8 @@ from ledger.core.model import (
     GetTransfer,
     GetWallet, Post, PrepareLinked, ReleaseHold, ReserveCredit, settlement_wallet_id,
 )
-from ledger.core.shard import capture_fingerprint, transfer_fingerprint
+from ledger.core.shard import (capture_fingerprint, hold_fingerprint, release_fingerprint,
+                               transfer_fingerprint, wallet_fingerprint)
 from ledger.core.status import Outcome, Status, ok, refuse
 from ledger.owner import ShardExecutor, now_ms
 from ledger.store.port import JournalStore
@@ -108,6 +109,19 @@ class Coordinator:
             return {}
         return {i: o for i, o in (await self._by_shard(claims)).items() if not o.ok}
 
+    async def _claim_key(self, caller: str, idempotency_key: str, decided_on: int,
+                         fingerprint: tuple, target: str, now: int) -> Outcome | None:
+        """Claim a key on its own shard for a request decided on shard ``decided_on``;
+        returns the refusal (or transient failure), or None when the request may go on. A
+        key whose shard is ``decided_on`` needs no claim: the deciding shard checks its own
+        records and claims."""
+        key_shard = self.key_shard(caller, idempotency_key)
+        if key_shard == decided_on:
+            return None
+        claim = (await self._executor.execute(key_shard, [ClaimKey(
+            caller, idempotency_key, fingerprint, "", now, target)]))[0]
+        return None if claim.ok else claim
+
     # --- wallets ----------------------------------------------------------------------------
 
     async def create_wallet(self, caller: str, idempotency_key: str, wallet_id: str,
@@ -116,9 +130,15 @@ class Coordinator:
                or validate.wallet_id(wallet_id) or validate.currency(currency))
         if bad:
             return bad
+        now = self._clock_ms()
+        shard = self.shard_of(wallet_id)
+        refused = await self._claim_key(caller, idempotency_key, shard, wallet_fingerprint(
+            wallet_id, currency, allow_negative), "wallet:" + wallet_id, now)
+        if refused is not None:
+            return refused
         command = CreateWallet(caller, idempotency_key, wallet_id, currency, allow_negative,
-                               self._clock_ms())
-        return (await self._executor.execute(self.shard_of(wallet_id), [command]))[0]
+                               now)
+        return (await self._executor.execute(shard, [command]))[0]
 
     async def get_wallet(self, wallet_id: str) -> Outcome:
         bad = validate.wallet_id(wallet_id)
@@ -416,9 +436,14 @@ class Coordinator:
             return refuse(Status.INVALID_ARGUMENT, "timeout_ms",
                           f"must be between 1 and {C.HOLD_TIMEOUT_MS_MAX} ms")
         shard = self.shard_of(wallet_id)
-        command = CreateHold(caller, idempotency_key, transfer_id_for(shard, caller,
-                             idempotency_key, "h"), wallet_id, amount_minor, currency,
-                             timeout_ms, self._clock_ms())
+        now = self._clock_ms()
+        hold_id = transfer_id_for(shard, caller, idempotency_key, "h")
+        refused = await self._claim_key(caller, idempotency_key, shard, hold_fingerprint(
+            wallet_id, amount_minor, currency, timeout_ms), "hold:" + hold_id, now)
+        if refused is not None:
+            return refused
+        command = CreateHold(caller, idempotency_key, hold_id, wallet_id, amount_minor,
+                             currency, timeout_ms, now)
         return (await self._executor.execute(shard, [command]))[0]
 
     def _hold_shard(self, hold_id: str) -> int | Outcome:
@@ -443,7 +468,12 @@ class Coordinator:
         shard = self._hold_shard(hold_id)
         if isinstance(shard, Outcome):
             return shard
-        command = ReleaseHold(caller, idempotency_key, hold_id, self._clock_ms())
+        now = self._clock_ms()
+        refused = await self._claim_key(caller, idempotency_key, shard,
+                                        release_fingerprint(hold_id), "release:" + hold_id, now)
+        if refused is not None:
+            return refused
+        command = ReleaseHold(caller, idempotency_key, hold_id, now)
         return (await self._executor.execute(shard, [command]))[0]
 
     async def capture_hold(self, caller: str, idempotency_key: str, hold_id: str,
@@ -461,22 +491,23 @@ class Coordinator:
         to_shard = self.shard_of(to_wallet_id)
         transfer_id = transfer_id_for(shard, caller, idempotency_key)
         key_shard = self.key_shard(caller, idempotency_key)
-        if key_shard != shard:
-            claim = (await self._executor.execute(key_shard, [ClaimKey(
-                caller, idempotency_key, capture_fingerprint(hold_id, to_wallet_id,
-                                                             amount_minor, memo),
-                transfer_id, now)]))[0]
-            if not claim.ok:
-                return claim
-        credit_refusal = None
-        reserved = False
-        if to_shard != shard:
+        hold = None
+        if to_shard != shard or (key_shard != shard and not amount_minor):
             hold = (await self._executor.execute(shard, [GetHold(hold_id)]))[0]
             if not hold.ok:
                 return hold
+        # "All" (0) is claimed as the amount it stands for, as the hold's shard records it,
+        # so a retry naming the amount and one saying "all" are the same request everywhere.
+        amount = amount_minor or (hold.value.amount_minor if hold is not None else 0)
+        refused = await self._claim_key(caller, idempotency_key, shard, capture_fingerprint(
+            hold_id, to_wallet_id, amount, memo), "transfer:" + transfer_id, now)
+        if refused is not None:
+            return refused
+        credit_refusal = None
+        reserved = False
+        if to_shard != shard:
             if hold.value.wallet_id == to_wallet_id:
                 return refuse(Status.SAME_WALLET, "to_wallet_id", "is the hold's own wallet")
-            amount = amount_minor or hold.value.amount_minor
             answer = (await self._executor.execute(to_shard, [ReserveCredit(
                 transfer_id, to_wallet_id, hold.value.currency, amount, now)]))[0]
             if answer.status.transient():

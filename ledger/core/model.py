@@ -168,7 +168,7 @@ class IdempotencyRecord:
 
     caller: str
     idempotency_key: str
-    target: str  # "wallet:<id>" or "transfer:<id>"
+    target: str  # "wallet:<id>", "transfer:<id>", "hold:<id>" or "release:<hold id>"
     fingerprint: tuple[tuple[str, object], ...]
     created_at_ms: int
 
@@ -274,6 +274,9 @@ class ClaimKey:
     fingerprint: tuple
     transfer_id: str
     now_ms: int
+    # What the key is used for ("wallet:<id>", "hold:<id>", "release:<hold id>"); empty for
+    # a money movement, whose target is "transfer:<transfer_id>".
+    target: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -404,6 +407,7 @@ class KeyClaimed:
     fingerprint: tuple
     transfer_id: str
     at_ms: int
+    target: str = ""  # as in ClaimKey
 
 
 @dataclass(slots=True, frozen=True)

@@ -62,6 +62,15 @@ def _key_reused(field_name: str) -> Outcome:
                   f"idempotency key was first used with a different {field_name}")
 
 
+def release_fingerprint(hold_id: str) -> tuple[tuple[str, object], ...]:
+    return (("hold_id", hold_id),)
+
+
+def claim_target(cmd) -> str:
+    """The idempotency target a ``ClaimKey`` stands for."""
+    return cmd.target or "transfer:" + cmd.transfer_id
+
+
 def _first_difference(old: tuple, new: tuple) -> str:
     for (name, a), (_, b) in zip(old, new):
         if a != b:
@@ -107,8 +116,27 @@ class ShardState:
         handler = _DECIDERS[type(cmd)]
         return handler(self, cmd)
 
+    def _claimed_for_other(self, caller: str, key: str, fingerprint: tuple,
+                           target: str) -> Outcome | None:
+        """The refusal if (caller, key) was claimed here for another request.
+
+        A key is claimed on its own shard (``ClaimKey``) when the request it guards is
+        decided on another shard. A request decided HERE with that key must honour the
+        claim too, or a key first used for a movement decided elsewhere could be used again
+        for one decided on the key's own shard, and both would execute."""
+        record = self.claims.get((caller, key))
+        if record is None:
+            return None
+        differs = _first_difference(record.fingerprint, fingerprint) or (
+            "" if record.target == target else "idempotency_key")
+        return _key_reused(differs) if differs else None
+
     def _decide_create_wallet(self, cmd: CreateWallet) -> tuple[Outcome, list[Event]]:
         fp = wallet_fingerprint(cmd.wallet_id, cmd.currency, cmd.allow_negative)
+        claimed = self._claimed_for_other(cmd.caller, cmd.idempotency_key, fp,
+                                          "wallet:" + cmd.wallet_id)
+        if claimed is not None:
+            return claimed, []
         record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
         if record is not None:
             differs = _first_difference(record.fingerprint, fp) or (
@@ -145,6 +173,10 @@ class ShardState:
             if differs:
                 return _key_reused(differs), []
             return self._replay_transfer(record), []
+        claimed = self._claimed_for_other(cmd.caller, cmd.idempotency_key, fp,
+                                          "transfer:" + cmd.transfer_id)
+        if claimed is not None:
+            return claimed, []
 
         if cmd.credit_refusal is not None:
             status, field_name, detail = cmd.credit_refusal
@@ -296,20 +328,26 @@ class ShardState:
     def _decide_claim_key(self, cmd: ClaimKey) -> tuple[Outcome, list[Event]]:
         key = (cmd.caller, cmd.idempotency_key)
         # The key may have been claimed here, or used by a request decided on this shard.
+        target = claim_target(cmd)
         for record in (self.claims.get(key), self.idempotency.get(key)):
             if record is None:
                 continue
-            differs = _first_difference(record.fingerprint, cmd.fingerprint)
+            differs = _first_difference(record.fingerprint, cmd.fingerprint) or (
+                "" if record.target == target else "idempotency_key")
             if differs:
                 return _key_reused(differs), []
             return ok(record.target, replayed=True), []
         return ok(), [KeyClaimed(cmd.caller, cmd.idempotency_key, cmd.fingerprint,
-                                 cmd.transfer_id, cmd.now_ms)]
+                                 cmd.transfer_id, cmd.now_ms, cmd.target)]
 
     # --- holds --------------------------------------------------------------------------
 
     def _decide_create_hold(self, cmd: CreateHold) -> tuple[Outcome, list[Event]]:
         fp = hold_fingerprint(cmd.wallet_id, cmd.amount_minor, cmd.currency, cmd.timeout_ms)
+        claimed = self._claimed_for_other(cmd.caller, cmd.idempotency_key, fp,
+                                          "hold:" + cmd.hold_id)
+        if claimed is not None:
+            return claimed, []
         record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
         if record is not None:
             differs = _first_difference(record.fingerprint, fp) or (
@@ -353,6 +391,10 @@ class ShardState:
             if differs:
                 return _key_reused(differs), []
             return self._replay_transfer(record), []
+        claimed = self._claimed_for_other(cmd.caller, cmd.idempotency_key, fp,
+                                          "transfer:" + cmd.transfer_id)
+        if claimed is not None:
+            return claimed, []
         hold = self._active_hold(cmd.hold_id, cmd.now_ms)
         if isinstance(hold, Outcome):
             return hold, []
@@ -391,7 +433,11 @@ class ShardState:
         return ok(transfer.copy()), [TransferDecided(transfer, cmd.to_shard, seq, hold.hold_id)]
 
     def _decide_release_hold(self, cmd: ReleaseHold) -> tuple[Outcome, list[Event]]:
-        fp = (("hold_id", cmd.hold_id),)
+        fp = release_fingerprint(cmd.hold_id)
+        claimed = self._claimed_for_other(cmd.caller, cmd.idempotency_key, fp,
+                                          "release:" + cmd.hold_id)
+        if claimed is not None:
+            return claimed, []
         record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
         if record is not None:
             differs = _first_difference(record.fingerprint, fp) or (
@@ -616,7 +662,7 @@ class ShardState:
 
     def _evolve_key_claimed(self, e: KeyClaimed, rows: list | None) -> None:
         self.claims[(e.caller, e.idempotency_key)] = IdempotencyRecord(
-            e.caller, e.idempotency_key, "transfer:" + e.transfer_id, e.fingerprint, e.at_ms)
+            e.caller, e.idempotency_key, claim_target(e), e.fingerprint, e.at_ms)
 
     def _evolve_chain_decided(self, e: ChainDecided, rows: list | None) -> None:
         ensure(e.chain_id not in self.chains, "chain %s decided twice", e.chain_id)
