@@ -31,6 +31,7 @@ from ledger.core.shard import (capture_fingerprint, hold_fingerprint, release_fi
                                transfer_fingerprint, wallet_fingerprint)
 from ledger.core.status import Outcome, Status, ok, refuse
 from ledger.owner import ShardExecutor, now_ms
+from ledger.tasks import spawn
 from ledger.store.port import JournalStore
 from shard_router.hashing import shard_of
 
@@ -277,7 +278,7 @@ class Coordinator:
                 cancel = {i: (reserve[i][0], CancelReservation(posts[i].transfer_id))
                           for i, o in reserved.items() if o.ok}
                 if cancel:
-                    asyncio.create_task(self._by_shard(cancel))
+                    spawn(self._by_shard(cancel), "cancel-reservations")
                 return
         prepared = await self._by_shard({i: (self._debit_shard(p), PrepareLinked(
             p, chain_id, primary)) for i, p in posts.items()})
@@ -421,7 +422,7 @@ class Coordinator:
                 cancel[i] = (post.to_shard, CancelReservation(post.transfer_id))
         if cancel:
             # Best effort: a reservation left behind only expires later.
-            asyncio.create_task(self._by_shard(cancel))
+            spawn(self._by_shard(cancel), "cancel-reservations")
 
     # --- holds ------------------------------------------------------------------------------
 
@@ -519,8 +520,8 @@ class Coordinator:
                               to_wallet_id, to_shard, memo, now, credit_refusal)
         outcome = (await self._executor.execute(shard, [command], wait_credit=True))[0]
         if reserved and (not outcome.ok or outcome.replayed):
-            asyncio.create_task(self._executor.execute(to_shard, [CancelReservation(
-                transfer_id)]))
+            spawn(self._executor.execute(to_shard, [CancelReservation(transfer_id)]),
+                  "cancel-reservation")
         return outcome
 
     # --- reads ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import logging
 import time
 
 from ledger.owner import ShardOwner
+from ledger.tasks import spawn
 from ledger.store.port import JournalStore
 from shard_router.ownership import Ownership
 from shard_router.router import RemoteTransport, Router
@@ -47,7 +48,7 @@ class Node:
         if epoch == 0:
             await self._transition(shard, 0)  # a loss must be complete before we return
         else:
-            asyncio.create_task(self._transition(shard, epoch))
+            spawn(self._transition(shard, epoch), f"takeover-{shard}")
 
     async def _transition(self, shard: int, epoch: int) -> None:
         lock = self._locks.setdefault(shard, asyncio.Lock())
@@ -76,7 +77,7 @@ class Node:
                     log.exception("shard %d epoch %d failed to start", shard, epoch)
                     release = getattr(self.ownership, "release", None)
                     if release is not None:
-                        asyncio.create_task(release(shard))
+                        spawn(release(shard), f"release-{shard}")
                 else:
                     self.owners[shard] = owner
                     took_s = time.monotonic() - started
@@ -92,7 +93,7 @@ class Node:
         # and the new owner replays what the journal really holds.
         release = getattr(self.ownership, "release", None)
         if release is not None:
-            asyncio.create_task(release(shard))
+            spawn(release(shard), f"release-{shard}")
 
     async def wait_serving(self, shards_min: int, timeout_s: float) -> bool:
         """Wait until no shard is being taken over and at least ``shards_min`` are served."""

@@ -124,11 +124,28 @@ class ShardOwner:
                          f"{self.state.seq} during takeover")
         self.state.check()
         self._serving = True
-        self._tasks = [asyncio.create_task(self._run(), name=f"owner-{self.shard}"),
-                       asyncio.create_task(self._deliver(), name=f"credits-{self.shard}"),
-                       asyncio.create_task(self._sweep(), name=f"sweep-{self.shard}")]
+        self._tasks = [
+            asyncio.create_task(self._supervised(self._run(), "commit loop"),
+                                name=f"owner-{self.shard}"),
+            asyncio.create_task(self._supervised(self._deliver(), "crediting pipeline"),
+                                name=f"credits-{self.shard}"),
+            asyncio.create_task(self._supervised(self._sweep(), "sweep"),
+                                name=f"sweep-{self.shard}")]
         if self.state.outbox:
             self._outbox_kick.set()
+
+    async def _supervised(self, coro: Awaitable[None], what: str) -> None:
+        """Run one of the owner's loops. A loop that fails (a bug, an unexpected error) does
+        not vanish: the failure is logged and the owner gives the shard up, so that a new
+        owner (here or on another node) replays the journal and serves it."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("shard %d epoch %d: %s failed", self.shard, self.epoch, what)
+            if self._serving:
+                await self._abdicate(f"{what} failed: {exc!r}")
 
     async def _replay(self) -> None:
         loaded = await self._store.load(self.shard)
@@ -142,12 +159,14 @@ class ShardOwner:
                 state.evolve(event, rows)
             state.seq = batch.seq
             if len(rows) > 10_000:
-                await self._store.write_rows(self.shard, rows)
+                await self._store.write_rows(self.shard, rows, state.seq)
                 rows = []
         if rows:
             # Rows of batches after the snapshot may be missing if the last owner died
             # between its journal append and its row writes; writing them again is idempotent.
-            await self._store.write_rows(self.shard, rows)
+            # Each is written as of the last batch replayed (state.seq): the value it holds is
+            # its key's value at that position, so it never replaces a newer row.
+            await self._store.write_rows(self.shard, rows, state.seq)
         self.state = state
         self._delivered = {}
         self._durable_outbox = dict(state.outbox_last_seq)
@@ -389,7 +408,13 @@ class ShardOwner:
                   for dest, credits in pending.items()), return_exceptions=True)
             progressed = 0
             for (dest, credits), result in zip(pending.items(), results):
-                if isinstance(result, BaseException) or not result[0].ok:
+                if isinstance(result, BaseException):
+                    # Transport errors are answered by the router as UNAVAILABLE; anything
+                    # raised here is unexpected: say so, and retry after the backoff.
+                    log.warning("shard %d: delivery to shard %d failed: %r", self.shard, dest,
+                                result)
+                    continue
+                if not result[0].ok:
                     continue
                 applied = result[0].value
                 failpoints.hit("owner.after_deliver")

@@ -7,7 +7,15 @@ still fences out whatever ran before it.
 
 from __future__ import annotations
 
+import asyncio
+
 from shard_router.ownership import OwnerInfo, OwnershipListener, ShardPlacement
+
+# Pause before a shard given up by its owner (after a failure) is granted again, doubling per
+# release of that shard up to the maximum (s): a shard whose owner keeps failing does not
+# spin, and one that failed once is back at once.
+REGRANT_PAUSE_S = 0.05
+REGRANT_PAUSE_MAX_S = 5.0
 
 
 class LocalOwnership:
@@ -32,6 +40,8 @@ class LocalOwnership:
         self._epoch = epoch
         self._listener: OwnershipListener | None = None
         self._owned = False
+        self._epochs: dict[int, int] = {}  # shards re-granted after a release
+        self._releases: dict[int, int] = {}
 
     async def start(self, listener: OwnershipListener) -> None:
         """Report the gain of every shard, in shard order, and return when all are reported."""
@@ -50,11 +60,24 @@ class LocalOwnership:
         for shard in range(self._shard_count):
             await self._listener(shard, 0)
 
+    async def release(self, shard: int) -> None:
+        """Give ``shard`` up after its owner stopped on a failure, and grant it again with
+        the next epoch (after a pause that doubles per release), so that a new owner
+        fences the journal, replays it and serves: the single-node form of a failover."""
+        if not self._owned or self._listener is None:
+            return
+        count = self._releases[shard] = self._releases.get(shard, 0) + 1
+        await asyncio.sleep(min(REGRANT_PAUSE_S * 2 ** (count - 1), REGRANT_PAUSE_MAX_S))
+        if not self._owned:
+            return
+        epoch = self._epochs[shard] = self._epochs.get(shard, self._epoch) + 1
+        await self._listener(shard, epoch)
+
     def owner(self, shard: int) -> OwnerInfo | None:
         if not self._owned or not 0 <= shard < self._shard_count:
             return None
         return OwnerInfo(shard=shard, node_id=self.node_id, region=self.region, address="",
-                         epoch=self._epoch)
+                         epoch=self._epochs.get(shard, self._epoch))
 
     def placements(self) -> list[ShardPlacement]:
         return [ShardPlacement(shard=s, home_region=self.region)

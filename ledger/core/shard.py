@@ -71,6 +71,17 @@ def claim_target(cmd) -> str:
     return cmd.target or "transfer:" + cmd.transfer_id
 
 
+def _debit_overflow(wallet: Wallet, amount: int) -> str | None:
+    """For a wallet that may go negative, which stored amount a debit or hold of ``amount``
+    would take out of int64, or None. Holds count as spent: the available amount (balance
+    minus held) stays within int64, and so does every balance a capture can leave."""
+    if wallet.balance_minor - wallet.held_minor - amount < C.BALANCE_MINOR_MIN:
+        return "available balance"
+    if wallet.held_minor + amount > C.AMOUNT_MINOR_MAX:
+        return "held amount"
+    return None
+
+
 def _first_difference(old: tuple, new: tuple) -> str:
     for (name, a), (_, b) in zip(old, new):
         if a != b:
@@ -177,6 +188,9 @@ class ShardState:
                                           "transfer:" + cmd.transfer_id)
         if claimed is not None:
             return claimed, []
+        kept = self._kept_transfer(cmd.transfer_id, fp)
+        if kept is not None:
+            return kept, []
 
         if cmd.credit_refusal is not None:
             status, field_name, detail = cmd.credit_refusal
@@ -202,6 +216,21 @@ class ShardState:
                 outbox_seq = self.outbox_last_seq.get(cmd.to_shard, 0) + 1
             outcome = ok(transfer.copy())
         return outcome, [TransferDecided(transfer, cmd.to_shard, outbox_seq)]
+
+    def _kept_transfer(self, transfer_id: str, fp: tuple) -> Outcome | None:
+        """A transfer this key names that outlived its key record (its credit still owed,
+        or its chain undecided, past the retention window): answer from it, never decide
+        the same transfer id twice."""
+        kept = self.transfers.get(transfer_id)
+        if kept is None:
+            return None
+        differs = _first_difference(transfer_fingerprint(
+            kept.kind, kept.from_wallet_id, kept.to_wallet_id, kept.amount_minor, kept.currency,
+            kept.memo), fp)
+        if differs:
+            return _key_reused(differs)
+        return self._replay_transfer(IdempotencyRecord(kept.caller, kept.idempotency_key,
+                                                       "transfer:" + transfer_id, fp, 0))
 
     def _replay_transfer(self, record: IdempotencyRecord) -> Outcome:
         original = self.transfers.get(record.target[len("transfer:"):])
@@ -232,9 +261,10 @@ class ShardState:
         if source.frozen:
             return refuse(Status.WALLET_FROZEN, "from_wallet_id", "wallet is frozen")
         if source.allow_negative:
-            if source.balance_minor - cmd.amount_minor < C.BALANCE_MINOR_MIN:
+            overflow = _debit_overflow(source, cmd.amount_minor)
+            if overflow is not None:
                 return refuse(Status.BALANCE_OVERFLOW, "amount_minor",
-                              "would take from_wallet_id below the int64 range")
+                              f"would take from_wallet_id's {overflow} out of the int64 range")
         elif source.available_minor < cmd.amount_minor:
             return refuse(Status.INSUFFICIENT_FUNDS, "amount_minor",
                           "from_wallet_id has less available than amount_minor")
@@ -355,6 +385,17 @@ class ShardState:
             if differs:
                 return _key_reused(differs), []
             return ok(self.holds[cmd.hold_id].copy(), replayed=True), []
+        existing = self.holds.get(cmd.hold_id)
+        if existing is not None:
+            # The hold this key names is still here, its key record is not (the retry came
+            # after the idempotency retention window; holds may last longer): answer from the
+            # hold itself, never create it twice.
+            differs = _first_difference(hold_fingerprint(
+                existing.wallet_id, existing.amount_minor, existing.currency,
+                existing.expires_at_ms - existing.created_at_ms), fp)
+            if differs:
+                return _key_reused(differs), []
+            return ok(existing.copy(), replayed=True), []
         wallet = self.wallets.get(cmd.wallet_id)
         if wallet is None:
             return refuse(Status.WALLET_NOT_FOUND, "wallet_id", "no wallet with this id"), []
@@ -363,7 +404,12 @@ class ShardState:
                           f"wallet_id holds {wallet.currency}"), []
         if wallet.frozen:
             return refuse(Status.WALLET_FROZEN, "wallet_id", "wallet is frozen"), []
-        if not wallet.allow_negative and wallet.available_minor < cmd.amount_minor:
+        if wallet.allow_negative:
+            overflow = _debit_overflow(wallet, cmd.amount_minor)
+            if overflow is not None:
+                return refuse(Status.BALANCE_OVERFLOW, "amount_minor",
+                              f"would take wallet_id's {overflow} out of the int64 range"), []
+        elif wallet.available_minor < cmd.amount_minor:
             return refuse(Status.INSUFFICIENT_FUNDS, "amount_minor",
                           "wallet_id has less available than amount_minor"), []
         hold = Hold(cmd.hold_id, cmd.wallet_id, cmd.currency, cmd.amount_minor, cmd.caller,
@@ -395,6 +441,10 @@ class ShardState:
                                           "transfer:" + cmd.transfer_id)
         if claimed is not None:
             return claimed, []
+        if cmd.transfer_id in self.transfers:
+            # Decided before, key record purged (past retention): the hold is closed now.
+            return refuse(Status.HOLD_NOT_ACTIVE, "hold_id",
+                          "this capture was decided before the idempotency retention window"), []
         hold = self._active_hold(cmd.hold_id, cmd.now_ms)
         if isinstance(hold, Outcome):
             return hold, []
@@ -603,6 +653,7 @@ class ShardState:
         ensure(wallet.allow_negative or delta > 0 or balance - wallet.held_minor >= 0,
                "wallet %s would go below zero", wallet_id)
         wallet.balance_minor = balance
+        _ensure_in_range(wallet)
         wallet.version += 1
         if rows is not None:
             rows.append(("entry", Entry(wallet_id, wallet.version, t.transfer_id, t.kind, delta,
@@ -614,6 +665,7 @@ class ShardState:
         ensure(hold.hold_id not in self.holds, "hold %s created twice", hold.hold_id)
         wallet = self.wallets[hold.wallet_id]
         wallet.held_minor += hold.amount_minor
+        _ensure_in_range(wallet)
         ensure(wallet.allow_negative or wallet.available_minor >= 0,
                "hold takes %s below zero", wallet.wallet_id)
         self.holds[hold.hold_id] = hold
@@ -646,6 +698,7 @@ class ShardState:
             wallet = self.wallets[t.from_wallet_id] = Wallet(t.from_wallet_id, t.currency,
                                                              allow_negative=True)
         wallet.held_minor += t.amount_minor
+        _ensure_in_range(wallet)
         ensure(wallet.allow_negative or wallet.available_minor >= 0,
                "chain hold takes %s below zero", wallet.wallet_id)
         self.holds[t.transfer_id] = Hold(t.transfer_id, t.from_wallet_id, t.currency,
@@ -721,10 +774,19 @@ class ShardState:
         for w in self.wallets.values():
             ensure(w.held_minor == held.get(w.wallet_id, 0), "held amount of %s disagrees "
                    "with its holds", w.wallet_id)
-            ensure(C.BALANCE_MINOR_MIN <= w.balance_minor <= C.AMOUNT_MINOR_MAX,
-                   "balance of %s out of range", w.wallet_id)
+            _ensure_in_range(w)
             ensure(w.allow_negative or w.balance_minor - w.held_minor >= 0,
                    "wallet %s below zero", w.wallet_id)
+
+
+def _ensure_in_range(w: Wallet) -> None:
+    """Every stored amount of a wallet fits the journal's and the views' int64 columns."""
+    ensure(C.BALANCE_MINOR_MIN <= w.balance_minor <= C.AMOUNT_MINOR_MAX,
+           "balance of %s out of int64", w.wallet_id)
+    ensure(0 <= w.held_minor <= C.AMOUNT_MINOR_MAX, "held amount of %s out of range",
+           w.wallet_id)
+    ensure(w.balance_minor - w.held_minor >= C.BALANCE_MINOR_MIN,
+           "available balance of %s out of int64", w.wallet_id)
 
 
 _DECIDERS = {
