@@ -3,8 +3,6 @@ no elector) ``LocalOwnership.release`` grants it again with the next epoch."""
 
 from __future__ import annotations
 
-import asyncio
-
 from ledger.node import Node
 from shard_router.local import LocalOwnership
 from tests.owner.memstore import MemStore
@@ -19,11 +17,9 @@ async def test_abdicated_shard_is_served_again_with_a_higher_epoch():
         first = node.owners[1]
         await first._abdicate("test: a background loop failed")
         assert not first.serving
-
-        async def back() -> None:
-            while not (1 in node.owners and node.owners[1].serving):
-                await asyncio.sleep(0.01)
-        await asyncio.wait_for(back(), 10)
+        # Waits on the node's ownership transitions (no polling): true once shard 1 is
+        # taken over again and both shards serve.
+        assert await node.wait_serving(2, 10)
         assert node.owners[1].epoch == 6 and store.epochs[1] == 6
         assert node.ownership.owner(1).epoch == 6
     finally:
