@@ -72,6 +72,12 @@ def key_shard_of(caller: str, idempotency_key: str, shard_count: int) -> int:
     return shard_of(f"\x00key\x00{caller}\x00{idempotency_key}", shard_count)
 
 
+def refused_for_good(outcome: Outcome) -> bool:
+    """True when the debit shard refused a transfer and recorded it under its key: it can
+    never commit, so no credit will use its reservation."""
+    return not outcome.ok and outcome.status.recorded()
+
+
 def _linked_failed(detail: str = "another item of the linked chain failed") -> Outcome:
     return refuse(Status.LINKED_ITEM_FAILED, "", detail)
 
@@ -211,10 +217,15 @@ class Coordinator:
                 self._in_flight.add(key)
                 claimed.append(key)
                 posts[i] = post
-            for i, refusal in (await self._claim_keys(caller, posts)).items():
+            # Key claims and credit reservations go to different shards and do not depend on
+            # each other: one round trip for both. A reservation whose key claim is refused
+            # is not cancelled here (a concurrent attempt with the same key may share it):
+            # its credit shard drops it after asking the debit shard (ResolveReservations).
+            refused, _ = await asyncio.gather(self._claim_keys(caller, posts),
+                                              self._reserve_credits(posts, results))
+            for i, refusal in refused.items():
                 results[i] = refusal
-                del posts[i]
-            await self._reserve_credits(posts, results)
+                posts.pop(i, None)
             failpoints.hit("coordinator.after_reserve")
             await self._commit(posts, results)
             failpoints.hit("coordinator.after_post")
@@ -273,13 +284,13 @@ class Coordinator:
             reserved = await self._by_shard(reserve)
             failed = {i: o for i, o in reserved.items() if not o.ok}
             if failed:
+                # Reservations made are left to their credit shards' resolution (see
+                # _run_single): nothing is prepared, so they are dropped.
                 for i in indices:
                     results[i] = failed.get(i) or _linked_failed()
-                cancel = {i: (reserve[i][0], CancelReservation(posts[i].transfer_id))
-                          for i, o in reserved.items() if o.ok}
-                if cancel:
-                    spawn(self._by_shard(cancel), "cancel-reservations")
                 return
+            for i, o in reserved.items():
+                posts[i] = replace(posts[i], reserved_at_ms=o.value)
         prepared = await self._by_shard({i: (self._debit_shard(p), PrepareLinked(
             p, chain_id, primary)) for i, p in posts.items()})
         failpoints.hit("coordinator.after_prepare")
@@ -396,7 +407,10 @@ class Coordinator:
         if not reserve:
             return
         for i, outcome in (await self._by_shard(reserve)).items():
+            if i not in posts:
+                continue
             if outcome.ok:
+                posts[i] = replace(posts[i], reserved_at_ms=outcome.value)
                 continue
             if outcome.status.transient():
                 results[i] = outcome
@@ -416,12 +430,12 @@ class Coordinator:
         for i, outcome in outcomes.items():
             results[i] = outcome
             post = posts[i]
-            cross = post.kind == KIND_TRANSFER and post.to_shard != commit[i][0]
-            used = outcome.ok and not outcome.replayed
-            if cross and post.credit_refusal is None and not used:
-                cancel[i] = (post.to_shard, CancelReservation(post.transfer_id))
+            if post.reserved_at_ms and refused_for_good(outcome):
+                cancel[i] = (post.to_shard, CancelReservation(post.transfer_id,
+                                                              post.reserved_at_ms))
         if cancel:
-            # Best effort: a reservation left behind only expires later.
+            # Best effort: a reservation left behind is dropped by its credit shard after it
+            # asked the debit shard (ResolveReservations).
             spawn(self._by_shard(cancel), "cancel-reservations")
 
     # --- holds ------------------------------------------------------------------------------
@@ -505,7 +519,7 @@ class Coordinator:
         if refused is not None:
             return refused
         credit_refusal = None
-        reserved = False
+        reserved_at = 0
         if to_shard != shard:
             if hold.value.wallet_id == to_wallet_id:
                 return refuse(Status.SAME_WALLET, "to_wallet_id", "is the hold's own wallet")
@@ -515,12 +529,12 @@ class Coordinator:
                 return answer
             if not answer.ok:
                 credit_refusal = (int(answer.status), answer.field, answer.detail)
-            reserved = answer.ok
+            reserved_at = answer.value if answer.ok else 0
         command = CaptureHold(caller, idempotency_key, transfer_id, hold_id, amount_minor,
-                              to_wallet_id, to_shard, memo, now, credit_refusal)
+                              to_wallet_id, to_shard, memo, now, credit_refusal, reserved_at)
         outcome = (await self._executor.execute(shard, [command], wait_credit=True))[0]
-        if reserved and (not outcome.ok or outcome.replayed):
-            spawn(self._executor.execute(to_shard, [CancelReservation(transfer_id)]),
+        if reserved_at and refused_for_good(outcome):
+            spawn(self._executor.execute(to_shard, [CancelReservation(transfer_id, reserved_at)]),
                   "cancel-reservation")
         return outcome
 

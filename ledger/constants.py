@@ -23,6 +23,10 @@ CREDIT_RETRY_BACKOFF_MS = 50
 # it the answer says committed with credited=false; the pipeline still delivers the credit.
 CREDIT_WAIT_MS = 2_000
 
+# Stale credit reservations one owner asks one debit shard about in one ResolveReservations
+# call; more are asked about on the next sweep.
+RESERVATIONS_PER_RESOLVE_MAX = 2_000
+
 # How often an owner drops stale credit reservations and purges expired idempotency keys (s).
 RESERVATION_SWEEP_S = 1.0
 IDEMPOTENCY_SWEEP_S = 60.0
@@ -31,3 +35,13 @@ IDEMPOTENCY_SWEEP_S = 60.0
 # a failover, before answering SHARD_UNAVAILABLE.
 SHARD_RETRY_DEADLINE_MS = 10_000
 SHARD_RETRY_BACKOFF_MS = 25
+
+# Largest gRPC message (bytes) sent or received anywhere: the public server, the internal
+# ShardOwnerService server, the node-to-node channel and the Python client all use it. A
+# larger message fails with RESOURCE_EXHAUSTED. The largest valid BatchTransfer must always
+# fit, on every hop: built with every field at its byte maximum and made of the characters the
+# internal JSON codec escapes most (memo of control characters: 6 bytes each), its 10,000
+# items measured 22.9 MiB as the node-to-node answer, 21.7 MiB as the node-to-node request
+# and 7.5 MiB as the public answer (tests/e2e/test_limits.py builds it). A typical hot-wallet
+# batch answers 3-7 MiB, above gRPC's default 4 MiB receive limit.
+GRPC_MESSAGE_BYTES_MAX = 32 * 1024 * 1024

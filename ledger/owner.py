@@ -23,10 +23,10 @@ from ledger import failpoints
 from ledger.core import codec
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.core.invariants import InvariantViolation
-from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS
+from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS, RESERVATION_TTL_MS
 from ledger.core.model import (
-    STATE_COMMITTED, AckOutbox, ApplyCredits, DecideChain, ExpireHolds, ExpireIdempotency,
-    FinishChain, Transfer, TransferDecided,
+    STATE_COMMITTED, AckOutbox, ApplyCredits, DecideChain, DropReservations, ExpireHolds,
+    ExpireIdempotency, FinishChain, ResolveReservations, Transfer, TransferDecided,
 )
 from ledger.core.shard import ShardState
 from ledger.core.status import Outcome, Status, refuse
@@ -104,6 +104,8 @@ class ShardOwner:
         # Acknowledgements of delivered credits not yet journaled: to_shard -> highest seq.
         self._acks_pending: dict[int, int] = {}
         self._ack_timer: asyncio.TimerHandle | None = None
+        # When each stale reservation may be asked about again (loop time, s).
+        self._next_ask: dict[tuple[str, int], float] = {}
 
     @property
     def serving(self) -> bool:
@@ -470,7 +472,7 @@ class ShardOwner:
             await asyncio.sleep(K.RESERVATION_SWEEP_S)
             now = self._clock_ms()
             if self.state.reservations:
-                self.state.expire_reservations(now)
+                await self._resolve_reservations(now)
             if self.state.expired_holds(now):
                 await self.submit(ExpireHolds(now))
             for chain_id, primary in self.state.pending_chains(
@@ -479,6 +481,35 @@ class ShardOwner:
             if loop.time() - last_idempotency_sweep >= K.IDEMPOTENCY_SWEEP_S:
                 last_idempotency_sweep = loop.time()
                 await self.submit(ExpireIdempotency(now - self._retention_ms))
+
+    async def _resolve_reservations(self, now: int) -> None:
+        """Ask the debit shards of reservations older than RESERVATION_TTL_MS whether a
+        credit is still coming under them; drop those that no credit will use. (A debit
+        shard that never decided the transfer fences it: a late Post is then refused.) Each
+        reservation is asked about at most once per RESERVATION_TTL_MS."""
+        loop_now = asyncio.get_running_loop().time()
+        ask: dict[int, list[tuple[str, int]]] = {}
+        for debit, items in self.state.stale_reservations(now - RESERVATION_TTL_MS).items():
+            due = [item for item in items if self._next_ask.get(item, 0.0) <= loop_now]
+            for item in due:
+                self._next_ask[item] = loop_now + RESERVATION_TTL_MS / 1000
+            if due:
+                ask[debit] = due[:K.RESERVATIONS_PER_RESOLVE_MAX]
+        if not ask:
+            return
+        answers = await asyncio.gather(*(
+            self._peers.execute(debit, [ResolveReservations(tuple(items), now)])
+            for debit, items in ask.items()), return_exceptions=True)
+        drop: list[tuple[str, int]] = []
+        for items, answer in zip(ask.values(), answers):
+            if isinstance(answer, BaseException) or not answer[0].ok:
+                continue  # asked again after the pause
+            drop.extend(item for item, keep in zip(items, answer[0].value) if not keep)
+        if drop:
+            await self.submit(DropReservations(tuple(drop)))
+        live = set((tid, at) for tid, (_, _, at) in self.state.reservations.items())
+        for item in [i for i in self._next_ask if i not in live]:
+            del self._next_ask[item]
 
     async def resolve_chain(self, chain_id: str, primary: int) -> bool | None:
         """Ask the chain's primary for its decision (it records an abort if there is none),

@@ -9,8 +9,11 @@ type's fields change; readers refuse journals of a newer version.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from typing import Any
+import operator
+import zlib
+from typing import Any, Callable, Iterator
 
 from ledger.core import model
 from ledger.core.shard import ShardState
@@ -60,27 +63,222 @@ def loads(data: bytes | str) -> Any:
     return _tuples(json.loads(data, object_hook=_hook))
 
 
+# --- snapshots -------------------------------------------------------------------------------
+#
+# A snapshot is the journaled part of a shard's state after some batch. Format 2 (written
+# since snapshots are built off the event loop and stored in chunks):
+#
+#   b"LSNAP2\n" + zlib stream of newline-separated JSON lines:
+#     {"format": 2, "shard": S, "seq": N}                       header
+#     ["<section>", [record, record, ...]]                       at most RECORDS_PER_LINE each
+#     ["end", {"<section>": count, ...}]                         trailer: counts per section
+#
+# A record is the list of a dataclass's field values in declaration order (no type tags), so
+# it must change with the model exactly like the journal codec (FORMAT_VERSION). Sections come
+# in a fixed order and records in the state's dict order, so the same state always gives the
+# same bytes (deterministic: two builders of one snapshot write identical chunks). The
+# trailer makes a cut-off snapshot fail loudly instead of loading as a smaller state. zlib
+# (level 1) shrinks the JSON about 12x (100 k kept transfers: 42 MiB -> 3.5 MiB), which is
+# what a snapshot costs in store writes and reads. Format 1 (one JSON object with type
+# tags) is still read.
+
+SNAPSHOT_FORMAT = 2
+_SNAPSHOT_MAGIC = b"LSNAP2\n"
+# Records per JSON line: big enough that json does the work in C, small enough that encoding
+# and decoding hand the GIL around often (they run in a worker thread next to the event loop).
+SNAPSHOT_RECORDS_PER_LINE = 1000
+# zlib level: 1 compresses JSON ~12x at ~4x the speed of the default level 6.
+SNAPSHOT_ZLIB_LEVEL = 1
+# Compressed bytes decompressed per step while loading (bounds the memory of a load to about
+# one step's output plus the state being built).
+_SNAPSHOT_READ_STEP = 256 * 1024
+
+def _fields_getter(cls: type) -> Callable[[Any], tuple]:
+    return operator.attrgetter(*_FIELDS[cls])
+
+
+def _snapshot_records(state: ShardState) -> Iterator[tuple[str, list]]:
+    wallet, transfer, record, hold, credit = (
+        _fields_getter(model.Wallet), _fields_getter(model.Transfer),
+        _fields_getter(model.IdempotencyRecord), _fields_getter(model.Hold),
+        _fields_getter(model.Credit))
+    yield "wallets", [wallet(w) for w in state.wallets.values()]
+    yield "transfers", [transfer(t) for t in state.transfers.values()]
+    yield "idempotency", [record(r) for r in state.idempotency.values()]
+    yield "claims", [record(r) for r in state.claims.values()]
+    yield "holds", [hold(h) for h in state.holds.values()]
+    yield "outbox", [(dest, *credit(c)) for dest, items in state.outbox.items()
+                     for c in items.values()]
+    yield "outbox_last_seq", list(state.outbox_last_seq.items())
+    yield "inbox_applied", list(state.inbox_applied.items())
+    yield "chains", [(chain_id, committed, at) for chain_id, (committed, at)
+                     in state.chains.items()]
+    yield "reservations", [(tid, wallet_id, amount, at) for tid, (wallet_id, amount, at)
+                           in state.reservations.items()]
+    yield "fenced", [(tid, reserved_at, at) for tid, (reserved_at, at)
+                     in state.fenced.items()]
+
+
+def snapshot_lines(state: ShardState) -> Iterator[bytes]:
+    """The uncompressed lines of a format-2 snapshot of ``state``, one at a time."""
+    dump = functools.partial(json.dumps, separators=(",", ":"))
+    yield dump({"format": SNAPSHOT_FORMAT, "shard": state.shard, "seq": state.seq}).encode() \
+        + b"\n"
+    counts: dict[str, int] = {}
+    for section, records in _snapshot_records(state):
+        counts[section] = len(records)
+        for i in range(0, len(records), SNAPSHOT_RECORDS_PER_LINE):
+            yield dump([section, records[i:i + SNAPSHOT_RECORDS_PER_LINE]]).encode() + b"\n"
+    yield dump(["end", counts]).encode() + b"\n"
+
+
 def snapshot_dumps(state: ShardState) -> bytes:
-    """Encode the journaled part of a shard's state (reservations are not journaled)."""
-    body = {
-        "v": FORMAT_VERSION,
-        "shard": state.shard,
-        "seq": state.seq,
-        "wallets": list(state.wallets.values()),
-        "transfers": list(state.transfers.values()),
-        "idempotency": list(state.idempotency.values()),
-        "outbox": [[dest, list(items.values())] for dest, items in state.outbox.items()],
-        "outbox_last_seq": list(state.outbox_last_seq.items()),
-        "inbox_applied": list(state.inbox_applied.items()),
-        "holds": list(state.holds.values()),
-        "claims": list(state.claims.values()),
-        "chains": [[chain_id, committed, at] for chain_id, (committed, at)
-                   in state.chains.items()],
-    }
-    return json.dumps(body, default=_default, separators=(",", ":")).encode()
+    """Encode the journaled part of a shard's state (all of it but nothing in memory only).
+
+    Deterministic: the same state gives the same bytes. CPU-heavy for big states (about
+    1.2 s for 100 k kept transfers): run it off the event loop (``ledger.compaction``).
+    """
+    compressor = zlib.compressobj(SNAPSHOT_ZLIB_LEVEL)
+    out = [_SNAPSHOT_MAGIC]
+    for line in snapshot_lines(state):
+        out.append(compressor.compress(line))
+    out.append(compressor.flush())
+    return b"".join(out)
 
 
 def snapshot_loads(data: bytes | str) -> ShardState:
+    """Decode a snapshot (format 2, or the older format 1).
+
+    Raises:
+        ValueError: not a snapshot, a newer format, or cut off / inconsistent.
+    """
+    if isinstance(data, str) or bytes(data[:1]) == b"{":
+        return _snapshot_loads_v1(data)
+    data = bytes(data)
+    if not data.startswith(_SNAPSHOT_MAGIC):
+        raise ValueError("not a ledger snapshot (unknown magic)")
+    state: ShardState | None = None
+    counts: dict[str, int] = {}
+    ended = False
+    for line in _snapshot_stream_lines(data):
+        if ended:
+            raise ValueError("snapshot has data after its trailer")
+        if state is None:
+            header = json.loads(line)
+            if header.get("format", 0) > SNAPSHOT_FORMAT:
+                raise ValueError(f"snapshot format {header.get('format')} is newer than "
+                                 f"this build")
+            state = ShardState(header["shard"])
+            state.seq = header["seq"]
+            continue
+        section, records = json.loads(line)
+        if section == "end":
+            seen = {name: counts.get(name, 0) for name in records}
+            if seen != records or set(counts) - set(records):
+                raise ValueError(f"snapshot counts {counts} disagree with its trailer "
+                                 f"{records}")
+            ended = True
+            continue
+        _SECTION_LOADERS[section](state, records)
+        counts[section] = counts.get(section, 0) + len(records)
+    if state is None or not ended:
+        raise ValueError("snapshot is cut off (no trailer)")
+    return state
+
+
+def _snapshot_stream_lines(data: bytes) -> Iterator[bytes]:
+    """The lines of a format-2 snapshot, decompressed a step at a time."""
+    decompressor = zlib.decompressobj()
+    tail = b""
+    try:
+        for pos in range(len(_SNAPSHOT_MAGIC), len(data), _SNAPSHOT_READ_STEP):
+            lines = (tail + decompressor.decompress(data[pos:pos + _SNAPSHOT_READ_STEP])
+                     ).split(b"\n")
+            tail = lines.pop()
+            yield from lines
+        lines = (tail + decompressor.flush()).split(b"\n")
+    except zlib.error as exc:
+        raise ValueError(f"snapshot is corrupt: {exc}") from exc
+    if lines.pop() or not decompressor.eof:
+        raise ValueError("snapshot is cut off (compressed stream incomplete)")
+    yield from lines
+
+
+def _load_wallets(state: ShardState, records: list) -> None:
+    wallets = state.wallets
+    for r in records:
+        w = model.Wallet(*r)
+        wallets[w.wallet_id] = w
+
+
+def _load_transfers(state: ShardState, records: list) -> None:
+    transfers = state.transfers
+    for r in records:
+        t = model.Transfer(*r)
+        transfers[t.transfer_id] = t
+
+
+def _records(records: list) -> Iterator[model.IdempotencyRecord]:
+    # A fingerprint is a tuple of (field name, primitive value) pairs (ledger.core.shard).
+    for caller, key, target, fingerprint, created_at_ms in records:
+        yield model.IdempotencyRecord(caller, key, target, tuple(map(tuple, fingerprint)),
+                                      created_at_ms)
+
+
+def _load_idempotency(state: ShardState, records: list) -> None:
+    for record in _records(records):
+        state.idempotency[(record.caller, record.idempotency_key)] = record
+
+
+def _load_claims(state: ShardState, records: list) -> None:
+    for record in _records(records):
+        state.claims[(record.caller, record.idempotency_key)] = record
+
+
+def _load_holds(state: ShardState, records: list) -> None:
+    for r in records:
+        h = model.Hold(*r)
+        state.holds[h.hold_id] = h
+
+
+def _load_outbox(state: ShardState, records: list) -> None:
+    for r in records:
+        c = model.Credit(*r[1:])
+        state.outbox.setdefault(r[0], {})[c.outbox_seq] = c
+
+
+def _load_outbox_last_seq(state: ShardState, records: list) -> None:
+    state.outbox_last_seq.update((dest, seq) for dest, seq in records)
+
+
+def _load_inbox_applied(state: ShardState, records: list) -> None:
+    state.inbox_applied.update((src, seq) for src, seq in records)
+
+
+def _load_chains(state: ShardState, records: list) -> None:
+    state.chains.update((chain_id, (committed, at)) for chain_id, committed, at in records)
+
+
+def _load_reservations(state: ShardState, records: list) -> None:
+    for tid, wallet_id, amount, at in records:
+        state.reservations[tid] = (wallet_id, amount, at)
+        state.incoming[wallet_id] = state.incoming.get(wallet_id, 0) + amount
+
+
+def _load_fenced(state: ShardState, records: list) -> None:
+    state.fenced.update((tid, (reserved_at, at)) for tid, reserved_at, at in records)
+
+
+_SECTION_LOADERS = {
+    "wallets": _load_wallets, "transfers": _load_transfers, "idempotency": _load_idempotency,
+    "claims": _load_claims, "holds": _load_holds, "outbox": _load_outbox,
+    "outbox_last_seq": _load_outbox_last_seq, "inbox_applied": _load_inbox_applied,
+    "chains": _load_chains, "reservations": _load_reservations, "fenced": _load_fenced,
+}
+
+
+def _snapshot_loads_v1(data: bytes | str) -> ShardState:
+    """Format 1: one JSON object with type-tagged records (written before format 2)."""
     body = json.loads(data, object_hook=_hook)
     if body["v"] > FORMAT_VERSION:
         raise ValueError(f"snapshot format {body['v']} is newer than this build")

@@ -19,8 +19,11 @@ BATCH_TRANSFERS_MAX = 10_000
 ENTRIES_PAGE_MAX = 1_000
 ENTRIES_PAGE_DEFAULT = 100
 
-# How long a credit reservation (the prepare step of a cross-shard transfer) stays valid if
-# the coordinator never comes back to commit. After this the reservation is dropped.
+# How old a credit reservation (the prepare step of a cross-shard transfer) gets before its
+# credit shard asks the debit shard whether a credit is still coming under it (ms). It is
+# dropped only when the answer is no (the transfer was refused, its credit landed, or it was
+# never decided and is now fenced), never by time alone: a committed credit always finds its
+# headroom, so no credit can overflow its receiver.
 RESERVATION_TTL_MS = 30_000
 
 # How long an idempotency key and the result it guards are kept. Retries after this are

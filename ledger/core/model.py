@@ -129,6 +129,8 @@ class Credit:
     amount_minor: int
     currency: str
     at_ms: int
+    # The credit shard's reservation this credit was committed under (see ReserveCredit).
+    reserved_at_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -154,12 +156,13 @@ class Hold:
     chain_id: str = ""
     primary_shard: int = -1
     to_shard: int = -1
+    reserved_at_ms: int = 0  # a chain item's credit reservation on to_shard
 
     def copy(self) -> "Hold":
         return Hold(self.hold_id, self.wallet_id, self.currency, self.amount_minor, self.caller,
                     self.idempotency_key, self.created_at_ms, self.expires_at_ms, self.state,
                     self.captured_minor, self.closed_at_ms, self.chain_id, self.primary_shard,
-                    self.to_shard)
+                    self.to_shard, self.reserved_at_ms)
 
 
 @dataclass(slots=True)
@@ -214,12 +217,17 @@ class Post:
     # shard still checks the idempotency key first, so a retry of a transfer that committed
     # earlier gets its original result, not today's refusal.
     credit_refusal: tuple[int, str, str] | None = None
+    # The credit shard's reservation (its ``at_ms``) this transfer commits under; 0 when the
+    # credit is local or was refused.
+    reserved_at_ms: int = 0
 
 
 @dataclass(slots=True, frozen=True)
 class ReserveCredit:
     """Prepare the credit side of a cross-shard transfer: the destination exists, has the
-    transfer's currency, and can take the amount without overflowing. Not journaled."""
+    transfer's currency, and can take the amount without overflowing. Journaled: the
+    reservation holds the destination's headroom until the credit lands or the debit shard
+    says it never will (``ResolveReservations``). Answers the reservation's ``at_ms``."""
 
     transfer_id: str
     wallet_id: str
@@ -230,7 +238,28 @@ class ReserveCredit:
 
 @dataclass(slots=True, frozen=True)
 class CancelReservation:
+    """Drop a reservation whose transfer was refused for good (a recorded refusal)."""
+
     transfer_id: str
+    reserved_at_ms: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class ResolveReservations:
+    """On a debit shard: for each (transfer_id, reserved_at_ms) the credit shard holds a
+    reservation for, answer whether a credit under it is still coming (keep it) or not (drop
+    it). A transfer never decided here is fenced: a later Post under that reservation is
+    refused, so the answer "drop" stays true."""
+
+    items: tuple[tuple[str, int], ...]
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class DropReservations:
+    """On a credit shard: drop reservations the debit shard said no credit will use."""
+
+    items: tuple[tuple[str, int], ...]
 
 
 @dataclass(slots=True, frozen=True)
@@ -306,6 +335,7 @@ class CaptureHold:
     memo: str
     now_ms: int
     credit_refusal: tuple[int, str, str] | None = None
+    reserved_at_ms: int = 0  # as in Post
 
 
 @dataclass(slots=True, frozen=True)
@@ -376,6 +406,7 @@ class TransferDecided:
     to_shard: int
     outbox_seq: int  # 0 when the credit is local or the transfer was refused
     closes_hold: str = ""  # a hold this decision ends (captured, or a chain item's hold)
+    reserved_at_ms: int = 0  # the credit shard's reservation the credit is owed under
 
 
 @dataclass(slots=True, frozen=True)
@@ -398,6 +429,28 @@ class ChainPrepared:
     to_shard: int
     chain_id: str
     primary_shard: int
+    reserved_at_ms: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class CreditReserved:
+    transfer_id: str
+    wallet_id: str
+    amount_minor: int
+    at_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class ReservationsDropped:
+    items: tuple[tuple[str, int], ...]  # (transfer_id, reserved_at_ms)
+
+
+@dataclass(slots=True, frozen=True)
+class ReservationsFenced:
+    """Reservations whose transfer was never decided here: Posts under them are refused."""
+
+    items: tuple[tuple[str, int], ...]
+    at_ms: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -435,8 +488,9 @@ class IdempotencyExpired:
 
 
 EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, IdempotencyExpired,
-               HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed)
+               HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed,
+               CreditReserved, ReservationsDropped, ReservationsFenced)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
                  ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
-                 ClaimKey)
+                 ClaimKey, ResolveReservations, DropReservations)

@@ -25,12 +25,23 @@ from ledger.core.model import (
     CreditsApplied, DecideChain, Entry, ExpireHolds, ExpireIdempotency, FinishChain, GetHold,
     GetTransfer, GetWallet, Hold, HoldCreated, HoldReleased, IdempotencyExpired,
     IdempotencyRecord, OutboxAcked, Post, PrepareLinked, ReleaseHold, ReserveCredit, Transfer,
-    TransferDecided, Wallet, WalletCreated, is_settlement,
+    TransferDecided, Wallet, WalletCreated, is_settlement, CreditReserved, DropReservations,
+    ReservationsDropped, ReservationsFenced, ResolveReservations,
 )
 from ledger.core.status import Outcome, Status, ok, refuse
 
 Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | IdempotencyExpired
-         | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed)
+         | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed
+         | CreditReserved | ReservationsDropped | ReservationsFenced)
+
+
+def debit_shard_of(transfer_id: str) -> int:
+    """The shard that decides a transfer: ids carry it in hex after their one-letter prefix
+    (``coordinator.transfer_id_for``); -1 for an id of another form."""
+    try:
+        return int(transfer_id[1:5], 16)
+    except ValueError:
+        return -1
 
 
 def transfer_fingerprint(kind: str, from_wallet_id: str, to_wallet_id: str, amount_minor: int,
@@ -94,7 +105,7 @@ class ShardState:
 
     __slots__ = ("shard", "seq", "wallets", "transfers", "idempotency", "outbox",
                  "outbox_last_seq", "inbox_applied", "reservations", "incoming", "holds",
-                 "chains", "claims")
+                 "chains", "claims", "fenced")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -109,8 +120,9 @@ class ShardState:
         self.outbox_last_seq: dict[int, int] = {}
         # Highest outbox sequence applied here, per source shard (exactly-once credits).
         self.inbox_applied: dict[int, int] = {}
-        # Credit reservations of cross-shard transfers in flight. Not journaled: a lost
-        # reservation only means its transfer has to be prepared again.
+        # Credit reservations of cross-shard transfers (journaled): transfer_id -> (wallet_id,
+        # amount, reserved_at_ms). Each holds headroom on its wallet until its credit lands,
+        # or the debit shard says no credit will come; ``incoming`` sums them per wallet.
         self.reservations: dict[str, tuple[str, int, int]] = {}
         self.incoming: dict[str, int] = {}
         # Holds, open and (within the idempotency window) closed ones.
@@ -119,6 +131,8 @@ class ShardState:
         self.chains: dict[str, tuple[bool, int]] = {}
         # Idempotency keys claimed here for money movements decided on other shards.
         self.claims: dict[tuple[str, str], IdempotencyRecord] = {}
+        # Reservations fenced here as a debit shard: transfer_id -> (reserved_at_ms, at_ms).
+        self.fenced: dict[str, tuple[int, int]] = {}
 
     # --- decide -------------------------------------------------------------------------
 
@@ -191,6 +205,9 @@ class ShardState:
         kept = self._kept_transfer(cmd.transfer_id, fp)
         if kept is not None:
             return kept, []
+        lapsed = self._lapsed(cmd.transfer_id, cmd.reserved_at_ms)
+        if lapsed is not None:
+            return lapsed, []
 
         if cmd.credit_refusal is not None:
             status, field_name, detail = cmd.credit_refusal
@@ -215,7 +232,8 @@ class ShardState:
             else:
                 outbox_seq = self.outbox_last_seq.get(cmd.to_shard, 0) + 1
             outcome = ok(transfer.copy())
-        return outcome, [TransferDecided(transfer, cmd.to_shard, outbox_seq)]
+        return outcome, [TransferDecided(transfer, cmd.to_shard, outbox_seq, "",
+                                         cmd.reserved_at_ms if outbox_seq else 0)]
 
     def _kept_transfer(self, transfer_id: str, fp: tuple) -> Outcome | None:
         """A transfer this key names that outlived its key record (its credit still owed,
@@ -290,22 +308,73 @@ class ShardState:
         if wallet.currency != cmd.currency:
             return refuse(Status.CURRENCY_MISMATCH, "currency",
                           f"to_wallet_id holds {wallet.currency}"), []
-        if cmd.transfer_id in self.reservations:
-            return ok(), []
+        held = self.reservations.get(cmd.transfer_id)
+        if held is not None:
+            # Reserved before (a retry, or a concurrent attempt of the same key): the same
+            # reservation, if it is the same credit.
+            if held[0] != cmd.wallet_id:
+                return _key_reused("to_wallet_id"), []
+            if held[1] != cmd.amount_minor:
+                return _key_reused("amount_minor"), []
+            return ok(held[2]), []
         incoming = self.incoming.get(cmd.wallet_id, 0)
         if cmd.amount_minor > C.AMOUNT_MINOR_MAX - wallet.balance_minor - incoming:
             return refuse(Status.BALANCE_OVERFLOW, "amount_minor",
                           "would take to_wallet_id past the int64 range"), []
-        # Reservations live outside the journal; decide() is otherwise pure, and this is the
-        # one in-memory side effect, applied at once because it is never replayed.
-        self.reservations[cmd.transfer_id] = (cmd.wallet_id, cmd.amount_minor,
-                                              cmd.now_ms + C.RESERVATION_TTL_MS)
-        self.incoming[cmd.wallet_id] = incoming + cmd.amount_minor
-        return ok(), []
+        return ok(cmd.now_ms), [CreditReserved(cmd.transfer_id, cmd.wallet_id, cmd.amount_minor,
+                                               cmd.now_ms)]
 
     def _decide_cancel_reservation(self, cmd: CancelReservation) -> tuple[Outcome, list[Event]]:
-        self._drop_reservation(cmd.transfer_id)
-        return ok(), []
+        held = self.reservations.get(cmd.transfer_id)
+        if held is None or held[2] != cmd.reserved_at_ms:
+            return ok(), []
+        return ok(), [ReservationsDropped(((cmd.transfer_id, cmd.reserved_at_ms),))]
+
+    def _decide_drop_reservations(self, cmd: DropReservations) -> tuple[Outcome, list[Event]]:
+        items = tuple((tid, at) for tid, at in cmd.items
+                      if (held := self.reservations.get(tid)) is not None and held[2] == at)
+        return ok(len(items)), [ReservationsDropped(items)] if items else []
+
+    def stale_reservations(self, before_ms: int) -> dict[int, list[tuple[str, int]]]:
+        """Reservations made before ``before_ms``, by the debit shard that decides them (the
+        shard is in the transfer id): the credit shard asks it whether a credit is coming."""
+        out: dict[int, list[tuple[str, int]]] = {}
+        for tid, (_, _, at) in self.reservations.items():
+            if at < before_ms and debit_shard_of(tid) >= 0:
+                out.setdefault(debit_shard_of(tid), []).append((tid, at))
+        return out
+
+    def _decide_resolve_reservations(self, cmd: ResolveReservations
+                                     ) -> tuple[Outcome, list[Event]]:
+        """Keep (True) or drop (False) each reservation asked about; see the command."""
+        owed = {c.transfer_id: c for items in self.outbox.values() for c in items.values()}
+        answers: list[bool] = []
+        fence: list[tuple[str, int]] = []
+        for tid, at in cmd.items:
+            transfer = self.transfers.get(tid)
+            if transfer is None:
+                fenced = self.fenced.get(tid)
+                if fenced is None or fenced[0] != at:
+                    fence.append((tid, at))
+                answers.append(False)
+            elif transfer.state == STATE_PENDING:
+                answers.append(True)  # a chain item: its decision may still commit it
+            elif transfer.state == STATE_COMMITTED:
+                credit = owed.get(tid)
+                answers.append(credit is not None and credit.reserved_at_ms in (at, 0))
+            else:
+                answers.append(False)  # refused for good
+        events: list[Event] = [ReservationsFenced(tuple(fence), cmd.now_ms)] if fence else []
+        return ok(tuple(answers)), events
+
+    def _lapsed(self, transfer_id: str, reserved_at_ms: int) -> Outcome | None:
+        """A Post under a reservation the debit shard fenced (its credit shard asked, and
+        it had not been decided): refused, not recorded; the client's retry reserves anew."""
+        fenced = self.fenced.get(transfer_id)
+        if reserved_at_ms and fenced is not None and fenced[0] == reserved_at_ms:
+            return refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
+                          "the credit reservation of this transfer lapsed; retry")
+        return None
 
     def _drop_reservation(self, transfer_id: str) -> None:
         reservation = self.reservations.pop(transfer_id, None)
@@ -316,13 +385,6 @@ class ShardState:
                 self.incoming[wallet_id] = left
             else:
                 del self.incoming[wallet_id]
-
-    def expire_reservations(self, now_ms: int) -> int:
-        """Drop reservations past their deadline; returns how many were dropped."""
-        expired = [tid for tid, (_, _, deadline) in self.reservations.items() if deadline <= now_ms]
-        for transfer_id in expired:
-            self._drop_reservation(transfer_id)
-        return len(expired)
 
     def _decide_apply_credits(self, cmd: ApplyCredits) -> tuple[Outcome, list[Event]]:
         applied = self.inbox_applied.get(cmd.from_shard, 0)
@@ -351,7 +413,8 @@ class ShardState:
 
     def _decide_expire_idempotency(self, cmd: ExpireIdempotency) -> tuple[Outcome, list[Event]]:
         if not any(r.created_at_ms < cmd.before_ms for r in self.idempotency.values()) and \
-                not any(r.created_at_ms < cmd.before_ms for r in self.claims.values()):
+                not any(r.created_at_ms < cmd.before_ms for r in self.claims.values()) and \
+                not any(at < cmd.before_ms for _, at in self.fenced.values()):
             return ok(0), []
         return ok(), [IdempotencyExpired(cmd.before_ms)]
 
@@ -445,6 +508,9 @@ class ShardState:
             # Decided before, key record purged (past retention): the hold is closed now.
             return refuse(Status.HOLD_NOT_ACTIVE, "hold_id",
                           "this capture was decided before the idempotency retention window"), []
+        lapsed = self._lapsed(cmd.transfer_id, cmd.reserved_at_ms)
+        if lapsed is not None:
+            return lapsed, []
         hold = self._active_hold(cmd.hold_id, cmd.now_ms)
         if isinstance(hold, Outcome):
             return hold, []
@@ -480,7 +546,8 @@ class ShardState:
         local = cmd.to_shard == self.shard
         transfer.credited = local
         seq = 0 if local else self.outbox_last_seq.get(cmd.to_shard, 0) + 1
-        return ok(transfer.copy()), [TransferDecided(transfer, cmd.to_shard, seq, hold.hold_id)]
+        return ok(transfer.copy()), [TransferDecided(transfer, cmd.to_shard, seq, hold.hold_id,
+                                                     cmd.reserved_at_ms if seq else 0)]
 
     def _decide_release_hold(self, cmd: ReleaseHold) -> tuple[Outcome, list[Event]]:
         fp = release_fingerprint(cmd.hold_id)
@@ -541,7 +608,8 @@ class ShardState:
         transfer = events[0].transfer
         transfer.state, transfer.credited = STATE_PENDING, False
         pending = transfer.copy()
-        return ok(pending), [ChainPrepared(transfer, p.to_shard, cmd.chain_id, cmd.primary_shard)]
+        return ok(pending), [ChainPrepared(transfer, p.to_shard, cmd.chain_id, cmd.primary_shard,
+                                           p.reserved_at_ms)]
 
     def _decide_decide_chain(self, cmd: DecideChain) -> tuple[Outcome, list[Event]]:
         decided = self.chains.get(cmd.chain_id)
@@ -569,7 +637,8 @@ class ShardState:
                 transfer.status_field = ""
                 transfer.status_detail = "another item of the linked chain failed"
                 seq = 0
-            events.append(TransferDecided(transfer, hold.to_shard, seq, hold.hold_id))
+            events.append(TransferDecided(transfer, hold.to_shard, seq, hold.hold_id,
+                                          hold.reserved_at_ms if seq else 0))
             finished.append(transfer.copy())
         return ok(finished), events
 
@@ -638,7 +707,7 @@ class ShardState:
             self.outbox_last_seq[e.to_shard] = e.outbox_seq
             self.outbox.setdefault(e.to_shard, {})[e.outbox_seq] = Credit(
                 e.outbox_seq, t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
-                t.amount_minor, t.currency, t.created_at_ms)
+                t.amount_minor, t.currency, t.created_at_ms, e.reserved_at_ms)
 
     def _change(self, wallet_id: str, currency: str, delta: int, t: Transfer,
                 counterparty: str, rows: list | None) -> None:
@@ -704,7 +773,8 @@ class ShardState:
         self.holds[t.transfer_id] = Hold(t.transfer_id, t.from_wallet_id, t.currency,
                                          t.amount_minor, t.caller, t.idempotency_key,
                                          t.created_at_ms, 0, chain_id=e.chain_id,
-                                         primary_shard=e.primary_shard, to_shard=e.to_shard)
+                                         primary_shard=e.primary_shard, to_shard=e.to_shard,
+                                         reserved_at_ms=e.reserved_at_ms)
         self.transfers[t.transfer_id] = t.copy()
         self.idempotency[(t.caller, t.idempotency_key)] = IdempotencyRecord(
             t.caller, t.idempotency_key, "transfer:" + t.transfer_id,
@@ -732,6 +802,22 @@ class ShardState:
                          c.amount_minor, c.currency, "", "", "", c.at_ms, credited=True)
             self._change(c.to_wallet_id, c.currency, c.amount_minor, t, c.from_wallet_id, rows)
         self.inbox_applied[e.from_shard] = applied
+
+    def _evolve_credit_reserved(self, e: CreditReserved, rows: list | None) -> None:
+        ensure(e.transfer_id not in self.reservations, "reservation %s made twice",
+               e.transfer_id)
+        self.reservations[e.transfer_id] = (e.wallet_id, e.amount_minor, e.at_ms)
+        self.incoming[e.wallet_id] = self.incoming.get(e.wallet_id, 0) + e.amount_minor
+
+    def _evolve_reservations_dropped(self, e: ReservationsDropped, rows: list | None) -> None:
+        for tid, at in e.items:
+            held = self.reservations.get(tid)
+            if held is not None and held[2] == at:
+                self._drop_reservation(tid)
+
+    def _evolve_reservations_fenced(self, e: ReservationsFenced, rows: list | None) -> None:
+        for tid, at in e.items:
+            self.fenced[tid] = (at, e.at_ms)
 
     def _evolve_outbox_acked(self, e: OutboxAcked, rows: list | None) -> None:
         pending = self.outbox.get(e.to_shard, {})
@@ -762,6 +848,8 @@ class ShardState:
             del self.chains[chain_id]
         for key in [k for k, r in self.claims.items() if r.created_at_ms < e.before_ms]:
             del self.claims[key]
+        for tid in [t for t, (_, at) in self.fenced.items() if at < e.before_ms]:
+            del self.fenced[tid]
 
     # --- checks -------------------------------------------------------------------------
 
@@ -771,10 +859,17 @@ class ShardState:
         for h in self.holds.values():
             if h.state == HOLD_HELD:
                 held[h.wallet_id] = held.get(h.wallet_id, 0) + h.amount_minor
+        incoming: dict[str, int] = {}
+        for wallet_id, amount, _ in self.reservations.values():
+            incoming[wallet_id] = incoming.get(wallet_id, 0) + amount
+        ensure(incoming == self.incoming, "incoming credits disagree with the reservations")
         for w in self.wallets.values():
             ensure(w.held_minor == held.get(w.wallet_id, 0), "held amount of %s disagrees "
                    "with its holds", w.wallet_id)
             _ensure_in_range(w)
+            # Every credit on its way here holds a reservation: landing cannot overflow.
+            ensure(w.balance_minor + incoming.get(w.wallet_id, 0) <= C.AMOUNT_MINOR_MAX,
+                   "credits reserved for %s exceed its headroom", w.wallet_id)
             ensure(w.allow_negative or w.balance_minor - w.held_minor >= 0,
                    "wallet %s below zero", w.wallet_id)
 
@@ -808,6 +903,8 @@ _DECIDERS = {
     DecideChain: ShardState._decide_decide_chain,
     FinishChain: ShardState._decide_finish_chain,
     ClaimKey: ShardState._decide_claim_key,
+    ResolveReservations: ShardState._decide_resolve_reservations,
+    DropReservations: ShardState._decide_drop_reservations,
 }
 
 _EVOLVERS = {
@@ -821,4 +918,7 @@ _EVOLVERS = {
     ChainPrepared: ShardState._evolve_chain_prepared,
     ChainDecided: ShardState._evolve_chain_decided,
     KeyClaimed: ShardState._evolve_key_claimed,
+    CreditReserved: ShardState._evolve_credit_reserved,
+    ReservationsDropped: ShardState._evolve_reservations_dropped,
+    ReservationsFenced: ShardState._evolve_reservations_fenced,
 }

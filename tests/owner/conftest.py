@@ -15,18 +15,20 @@ class Peers:
 
     def __init__(self) -> None:
         self.owners: dict[int, ShardOwner] = {}
-        self.held: dict[int, Gate] = {}
+        self.held: dict[int, tuple[Gate, type | None]] = {}
         self.calls: list[tuple[int, list]] = []
 
-    def hold(self, shard: int) -> Gate:
+    def hold(self, shard: int, command: type | None = None) -> Gate:
+        """Hold the next call to ``shard`` (whose first command is a ``command``, if given)."""
         gate = Gate()
-        self.held[shard] = gate
+        self.held[shard] = (gate, command)
         return gate
 
     async def execute(self, shard: int, commands: list, wait_credit: bool = False):
         self.calls.append((shard, list(commands)))
-        gate = self.held.pop(shard, None)
-        if gate is not None:
+        gate, kind = self.held.get(shard, (None, None))
+        if gate is not None and (kind is None or type(commands[0]) is kind):
+            del self.held[shard]
             gate.entered.set()
             await gate.release.wait()
         return await self.owners[shard].submit_many(commands, wait_credit)

@@ -154,3 +154,16 @@ def test_claim_key_first_payload_wins():
     assert other.status is Status.IDEMPOTENCY_KEY_REUSED and other.field == "from_wallet_id"
     restored = codec.snapshot_loads(codec.snapshot_dumps(s))
     assert run(restored, ClaimKey("svc", "k", fp, "t1", 1)).replayed
+
+
+def test_reservations_and_fences_survive_a_snapshot():
+    from ledger.core.model import ReserveCredit, ResolveReservations
+    credit = ShardState(2)
+    run(credit, CreateWallet("svc", "w-c", "carol", "CNY", False, 1))
+    assert run(credit, ReserveCredit("t0001aa", "carol", "CNY", 40, 7)).value == 7
+    debit = ShardState(1)
+    assert run(debit, ResolveReservations((("t0001bb", 9),), 100)).value == (False,)
+    again = codec.snapshot_loads(codec.snapshot_dumps(credit))
+    assert again.reservations == {"t0001aa": ("carol", 40, 7)}
+    assert again.incoming == {"carol": 40}
+    assert codec.snapshot_loads(codec.snapshot_dumps(debit)).fenced == {"t0001bb": (9, 100)}
