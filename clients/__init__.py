@@ -6,6 +6,8 @@
         await ledger.deposit("alice", 10_000, "CNY")
 """
 
-from clients.ledger_client import LedgerClient, LedgerError, new_idempotency_key
+from clients.ledger_client import (LedgerClient, LedgerError, LedgerOutcomeUnknown,
+                                   LedgerRefused, LedgerUnavailable, new_idempotency_key)
 
-__all__ = ["LedgerClient", "LedgerError", "new_idempotency_key"]
+__all__ = ["LedgerClient", "LedgerError", "LedgerOutcomeUnknown", "LedgerRefused",
+           "LedgerUnavailable", "new_idempotency_key"]

@@ -17,6 +17,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from ledger.constants import GRPC_MESSAGE_BYTES_MAX
 from ledger.ledgerpb import ledger_pb2 as pb
 from ledger.ledgerpb import ledger_pb2_grpc as pb_grpc
 
@@ -33,7 +34,20 @@ def new_idempotency_key() -> str:
 
 
 class LedgerError(Exception):
-    """A refused call: the gRPC code, the ledger's ResultStatus name and the field."""
+    """A call that did not succeed: the gRPC code, the ledger's ResultStatus name, the field.
+
+    Catch the subclasses to tell what it means for the request:
+
+    * ``LedgerRefused``: the ledger answered and refused (bad input, insufficient funds, key
+      reused with another payload, ...). The answer is final: retrying the same request
+      gives the same refusal (a state refusal is recorded under the idempotency key).
+    * ``LedgerOutcomeUnknown``: a money movement (or other mutating call) got only transient
+      answers (UNAVAILABLE, ABORTED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED) until
+      the retries ran out. It may or may not have been executed. Send it again with the same
+      ``idempotency_key`` (within the retention window) to learn its outcome; never with a
+      new key, which could execute it twice.
+    * ``LedgerUnavailable``: a read got only transient answers; nothing was changed.
+    """
 
     def __init__(self, code: grpc.StatusCode, status: str, field: str, message: str) -> None:
         super().__init__(f"{code.name} {status} {message}")
@@ -49,16 +63,47 @@ class LedgerError(Exception):
                    trailers.get("ledger-field", ""), exc.details() or "")
 
 
+class LedgerRefused(LedgerError):
+    """The ledger refused the request; the refusal is final (see ``LedgerError``)."""
+
+
+class LedgerOutcomeUnknown(LedgerError):
+    """A mutating call whose outcome is unknown: retry with the same idempotency key."""
+
+    idempotency_key: str = ""
+    attempts: int = 0
+
+
+class LedgerUnavailable(LedgerError):
+    """A read that got only transient answers; nothing was changed."""
+
+
+# Codes that say "not answered (yet)" rather than "refused". CANCELLED and DEADLINE_EXCEEDED
+# may hide a request that ran.
+UNKNOWN_OUTCOME_CODES = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED}
+
+
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
+
+
+def _error(exc: grpc.aio.AioRpcError, request: Any, attempts: int) -> LedgerError:
+    key = getattr(request, "idempotency_key", "")
+    if exc.code() not in UNKNOWN_OUTCOME_CODES:
+        return LedgerRefused.from_rpc(exc)
+    if not key and not getattr(request, "transfers", None):
+        return LedgerUnavailable.from_rpc(exc)
+    error = LedgerOutcomeUnknown.from_rpc(exc)
+    error.idempotency_key, error.attempts = key, attempts
+    return error
 
 
 class LedgerClient:
     def __init__(self, target: str, caller: str = "anonymous",
                  timeout_s: float = DEFAULT_TIMEOUT_S, retries: bool = True,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        options = [("grpc.max_receive_message_length", 16 * 1024 * 1024),
-                   ("grpc.max_send_message_length", 16 * 1024 * 1024)]
+        options = [("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
+                   ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX)]
         self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
                          else grpc.aio.insecure_channel(target, options))
         self._stub = pb_grpc.LedgerServiceStub(self._channel)
@@ -76,7 +121,11 @@ class LedgerClient:
         await self._channel.close()
 
     async def _call(self, method, request, retry: bool):
+        attempts = 0
+
         async def once():
+            nonlocal attempts
+            attempts += 1
             return await method(request, timeout=self._timeout_s, metadata=self._metadata)
         try:
             if not (retry and self._retries):
@@ -89,7 +138,7 @@ class LedgerClient:
                 with attempt:
                     return await once()
         except grpc.aio.AioRpcError as exc:
-            raise LedgerError.from_rpc(exc) from None
+            raise _error(exc, request, attempts) from None
 
     # --- wallets ----------------------------------------------------------------------------
 
