@@ -22,7 +22,7 @@ from ledger import failpoints
 from ledger.core import constants as C
 from ledger.core import validate
 from ledger.core.model import (
-    KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation,
+    KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation, ChainFinished,
     CaptureHold, ClaimKey, CreateHold, CreateWallet, DecideChain, FinishChain, GetHold,
     GetTransfer,
     GetWallet, Post, PrepareLinked, ReleaseHold, ReserveCredit, settlement_wallet_id,
@@ -312,8 +312,9 @@ class Coordinator:
             return
         # Every item is prepared (by us, or by an earlier attempt of this same chain) or one
         # failed: decide. The primary keeps the first decision, whoever asks.
-        decided = (await self._executor.execute(primary, [DecideChain(chain_id, not failures,
-                                                                      now)]))[0]
+        shards = {self._debit_shard(p) for p in posts.values()}
+        decided = (await self._executor.execute(primary, [DecideChain(
+            chain_id, not failures, now, tuple(sorted(shards)))]))[0]
         if not decided.ok:
             # No answer from the primary: the participants resolve the chain themselves.
             for i in indices:
@@ -328,9 +329,14 @@ class Coordinator:
                 results[i] = in_flight
             return
         failpoints.hit("coordinator.after_decide")
-        shards = {self._debit_shard(p) for p in posts.values()}
         finished = await self._by_shard(
             {s: (s, FinishChain(chain_id, commit, now)) for s in shards}, wait_credit=True)
+        if commit:
+            done = [ChainFinished(chain_id, s) for s, o in finished.items() if o.ok]
+            if done:
+                # Lets the primary forget the decision once every participant finished;
+                # a lost report only keeps it longer (participants report again on recovery).
+                spawn(self._executor.execute(primary, done), "chain-finished")
         transfers = {t.transfer_id: t for o in finished.values() if o.ok for t in o.value}
         for i in indices:
             post = posts[i]

@@ -25,7 +25,7 @@ from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.core.invariants import InvariantViolation
 from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS, RESERVATION_TTL_MS
 from ledger.core.model import (
-    STATE_COMMITTED, AckOutbox, ApplyCredits, DecideChain, DropReservations, ExpireHolds,
+    STATE_COMMITTED, AckOutbox, ApplyCredits, ChainFinished, DecideChain, DropReservations, ExpireHolds,
     ExpireIdempotency, FinishChain, ResolveReservations, Transfer, TransferDecided,
 )
 from ledger.core.shard import ShardState
@@ -518,5 +518,7 @@ class ShardOwner:
             chain_id, False, self._clock_ms())]))[0]
         if not decided.ok:
             return None
-        await self.submit(FinishChain(chain_id, bool(decided.value), self._clock_ms()))
+        finished = await self.submit(FinishChain(chain_id, bool(decided.value), self._clock_ms()))
+        if finished.ok and decided.value:
+            await self._peers.execute(primary, [ChainFinished(chain_id, self.shard)])
         return bool(decided.value)

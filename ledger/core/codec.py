@@ -117,6 +117,9 @@ def _snapshot_records(state: ShardState) -> Iterator[tuple[str, list]]:
                            in state.reservations.items()]
     yield "fenced", [(tid, reserved_at, at) for tid, (reserved_at, at)
                      in state.fenced.items()]
+    yield "chain_waiting", [(chain_id, sorted(shards)) for chain_id, shards
+                            in state.chain_waiting.items()]
+    yield "chains_purged_before", [state.chains_purged_before]
 
 
 def snapshot_lines(state: ShardState) -> Iterator[bytes]:
@@ -269,11 +272,20 @@ def _load_fenced(state: ShardState, records: list) -> None:
     state.fenced.update((tid, (reserved_at, at)) for tid, reserved_at, at in records)
 
 
+def _load_chain_waiting(state: ShardState, records: list) -> None:
+    state.chain_waiting.update((chain_id, set(shards)) for chain_id, shards in records)
+
+
+def _load_chains_purged_before(state: ShardState, records: list) -> None:
+    state.chains_purged_before = max([state.chains_purged_before, *records])
+
+
 _SECTION_LOADERS = {
     "wallets": _load_wallets, "transfers": _load_transfers, "idempotency": _load_idempotency,
     "claims": _load_claims, "holds": _load_holds, "outbox": _load_outbox,
     "outbox_last_seq": _load_outbox_last_seq, "inbox_applied": _load_inbox_applied,
     "chains": _load_chains, "reservations": _load_reservations, "fenced": _load_fenced,
+    "chain_waiting": _load_chain_waiting, "chains_purged_before": _load_chains_purged_before,
 }
 
 

@@ -374,6 +374,17 @@ class DecideChain:
     chain_id: str
     commit: bool
     now_ms: int
+    # The shards holding the chain's items. A commit decision is kept until each of them
+    # reported its items finished (ChainFinished), so no participant can ever find it gone.
+    participants: tuple[int, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class ChainFinished:
+    """On the chain's primary: ``shard`` applied the chain's commit to its items."""
+
+    chain_id: str
+    shard: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -468,6 +479,13 @@ class ChainDecided:
     chain_id: str
     committed: bool
     at_ms: int
+    participants: tuple[int, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class ChainParticipantFinished:
+    chain_id: str
+    shard: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -489,8 +507,9 @@ class IdempotencyExpired:
 
 EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, IdempotencyExpired,
                HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed,
-               CreditReserved, ReservationsDropped, ReservationsFenced)
+               CreditReserved, ReservationsDropped, ReservationsFenced,
+               ChainParticipantFinished)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
                  ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
-                 ClaimKey, ResolveReservations, DropReservations)
+                 ClaimKey, ResolveReservations, DropReservations, ChainFinished)

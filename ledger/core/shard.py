@@ -26,13 +26,15 @@ from ledger.core.model import (
     GetTransfer, GetWallet, Hold, HoldCreated, HoldReleased, IdempotencyExpired,
     IdempotencyRecord, OutboxAcked, Post, PrepareLinked, ReleaseHold, ReserveCredit, Transfer,
     TransferDecided, Wallet, WalletCreated, is_settlement, CreditReserved, DropReservations,
-    ReservationsDropped, ReservationsFenced, ResolveReservations,
+    ReservationsDropped, ReservationsFenced, ResolveReservations, ChainFinished,
+    ChainParticipantFinished,
 )
 from ledger.core.status import Outcome, Status, ok, refuse
 
 Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | IdempotencyExpired
          | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed
-         | CreditReserved | ReservationsDropped | ReservationsFenced)
+         | CreditReserved | ReservationsDropped | ReservationsFenced
+         | ChainParticipantFinished)
 
 
 def debit_shard_of(transfer_id: str) -> int:
@@ -105,7 +107,7 @@ class ShardState:
 
     __slots__ = ("shard", "seq", "wallets", "transfers", "idempotency", "outbox",
                  "outbox_last_seq", "inbox_applied", "reservations", "incoming", "holds",
-                 "chains", "claims", "fenced")
+                 "chains", "claims", "fenced", "chain_waiting", "chains_purged_before")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -133,6 +135,12 @@ class ShardState:
         self.claims: dict[tuple[str, str], IdempotencyRecord] = {}
         # Reservations fenced here as a debit shard: transfer_id -> (reserved_at_ms, at_ms).
         self.fenced: dict[str, tuple[int, int]] = {}
+        # Committed chains whose participants have not all finished: chain_id -> shards.
+        # Their decisions are kept past the retention window until these report finished.
+        self.chain_waiting: dict[str, set[int]] = {}
+        # Chain decisions before this time (ms) may have been purged: a commit asked for a
+        # chain stamped before it is refused (decided abort), since an abort may be forgotten.
+        self.chains_purged_before = 0
 
     # --- decide -------------------------------------------------------------------------
 
@@ -414,7 +422,9 @@ class ShardState:
     def _decide_expire_idempotency(self, cmd: ExpireIdempotency) -> tuple[Outcome, list[Event]]:
         if not any(r.created_at_ms < cmd.before_ms for r in self.idempotency.values()) and \
                 not any(r.created_at_ms < cmd.before_ms for r in self.claims.values()) and \
-                not any(at < cmd.before_ms for _, at in self.fenced.values()):
+                not any(at < cmd.before_ms for _, at in self.fenced.values()) and \
+                not any(at < cmd.before_ms and c not in self.chain_waiting
+                        for c, (_, at) in self.chains.items()):
             return ok(0), []
         return ok(), [IdempotencyExpired(cmd.before_ms)]
 
@@ -615,7 +625,17 @@ class ShardState:
         decided = self.chains.get(cmd.chain_id)
         if decided is not None:
             return ok(decided[0]), []
-        return ok(cmd.commit), [ChainDecided(cmd.chain_id, cmd.commit, cmd.now_ms)]
+        # Presumed abort: a missing decision means abort, so abort decisions may be purged
+        # after the retention window. A commit asked for a chain stamped before the purge
+        # could contradict a forgotten abort: it becomes an abort.
+        commit = cmd.commit and cmd.now_ms >= self.chains_purged_before
+        return ok(commit), [ChainDecided(cmd.chain_id, commit, cmd.now_ms,
+                                         tuple(cmd.participants) if commit else ())]
+
+    def _decide_chain_finished(self, cmd: ChainFinished) -> tuple[Outcome, list[Event]]:
+        if cmd.shard not in self.chain_waiting.get(cmd.chain_id, ()):
+            return ok(), []
+        return ok(), [ChainParticipantFinished(cmd.chain_id, cmd.shard)]
 
     def _decide_finish_chain(self, cmd: FinishChain) -> tuple[Outcome, list[Event]]:
         events: list[Event] = []
@@ -790,6 +810,16 @@ class ShardState:
     def _evolve_chain_decided(self, e: ChainDecided, rows: list | None) -> None:
         ensure(e.chain_id not in self.chains, "chain %s decided twice", e.chain_id)
         self.chains[e.chain_id] = (e.committed, e.at_ms)
+        if e.committed and e.participants:
+            self.chain_waiting[e.chain_id] = set(e.participants)
+
+    def _evolve_chain_participant_finished(self, e: ChainParticipantFinished,
+                                           rows: list | None) -> None:
+        waiting = self.chain_waiting.get(e.chain_id)
+        if waiting is not None:
+            waiting.discard(e.shard)
+            if not waiting:
+                del self.chain_waiting[e.chain_id]
 
     def _evolve_credits_applied(self, e: CreditsApplied, rows: list | None) -> None:
         applied = self.inbox_applied.get(e.from_shard, 0)
@@ -844,8 +874,10 @@ class ShardState:
         for hold_id in [h.hold_id for h in self.holds.values()
                         if h.state != HOLD_HELD and h.closed_at_ms < e.before_ms]:
             del self.holds[hold_id]
-        for chain_id in [c for c, (_, at) in self.chains.items() if at < e.before_ms]:
+        for chain_id in [c for c, (_, at) in self.chains.items()
+                         if at < e.before_ms and c not in self.chain_waiting]:
             del self.chains[chain_id]
+        self.chains_purged_before = max(self.chains_purged_before, e.before_ms)
         for key in [k for k, r in self.claims.items() if r.created_at_ms < e.before_ms]:
             del self.claims[key]
         for tid in [t for t, (_, at) in self.fenced.items() if at < e.before_ms]:
@@ -905,6 +937,7 @@ _DECIDERS = {
     ClaimKey: ShardState._decide_claim_key,
     ResolveReservations: ShardState._decide_resolve_reservations,
     DropReservations: ShardState._decide_drop_reservations,
+    ChainFinished: ShardState._decide_chain_finished,
 }
 
 _EVOLVERS = {
@@ -921,4 +954,5 @@ _EVOLVERS = {
     CreditReserved: ShardState._evolve_credit_reserved,
     ReservationsDropped: ShardState._evolve_reservations_dropped,
     ReservationsFenced: ShardState._evolve_reservations_fenced,
+    ChainParticipantFinished: ShardState._evolve_chain_participant_finished,
 }
