@@ -6,8 +6,25 @@ GROUP_COMMIT_COMMANDS_MAX = 4096
 # Commands queued for one shard owner. Past this, new commands get OVERLOADED at once.
 OWNER_QUEUE_COMMANDS_MAX = 200_000
 
-# A snapshot is written after this many journal batches, bounding replay on takeover.
+# Snapshots (ledger.compaction) bound replay on takeover; the journal they cover is then
+# truncated. One is due after this many journal batches or events since the latest one...
 SNAPSHOT_EVERY_BATCHES = 2_000
+SNAPSHOT_EVERY_EVENTS = 100_000
+# ...and once at least this many events per record of the state (wallets, kept transfers,
+# holds) were journaled since: building a snapshot costs about as much per record as replay
+# costs per event, so this keeps compaction CPU within about twice the replay CPU of the
+# journal it removes, and replay after a takeover within ~1/ratio events per record.
+SNAPSHOT_EVENTS_PER_RECORD_MIN = 0.5
+# Journal batches read and folded per step of a compaction (one worker-thread call).
+COMPACTION_PAGE_BATCHES = 64
+# Compactions running at once in one process (each holds a copy of its shard's state).
+COMPACTIONS_CONCURRENT_MAX = 2
+# One compaction's deadline (s), its attempts before it waits for the next due point, and the
+# pause after a failed attempt (doubling up to the maximum; also the wait after giving up).
+SNAPSHOT_TIMEOUT_S = 600.0
+SNAPSHOT_ATTEMPTS_MAX = 4
+SNAPSHOT_RETRY_BACKOFF_S = 1.0
+SNAPSHOT_RETRY_BACKOFF_MAX_S = 60.0
 
 # Credits sent to one destination shard in one ApplyCredits call of the crediting pipeline.
 CREDITS_PER_DELIVERY_MAX = 2_000

@@ -7,9 +7,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import gc
 import logging
+import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from coordinator import Coordinator
+from ledger import constants as K
 from ledger.api.servicer import LedgerServicer
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.api.shard_service import GrpcShardTransport, ShardOwnerServicer
@@ -40,8 +45,79 @@ GC_THRESHOLDS = (100_000, 50, 1_000)
 def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
-# Messages up to this size are accepted (a full BatchTransfer of 10,000 items fits).
-GRPC_MESSAGE_BYTES_MAX = 16 * 1024 * 1024
+# Messages up to this size are sent and accepted (the largest BatchTransfer fits; see
+# ledger/constants.py). The node-to-node channel uses the same limit.
+GRPC_MESSAGE_BYTES_MAX = K.GRPC_MESSAGE_BYTES_MAX
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
+    # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind too and
+    # the kernel would spread connections over both. Without it, a taken port fails to bind.
+    ("grpc.so_reuseport", 0),
+)
+# The exclusive lock of a ``ledgerd dev`` data directory (holds the pid of its holder).
+DATA_DIR_LOCK_FILE = "ledgerd.lock"
+
+
+class StartupRefused(Exception):
+    """The server must not start; the message says why, for an operator."""
+
+
+class PortInUse(StartupRefused):
+    pass
+
+
+class DataDirLocked(StartupRefused):
+    pass
+
+
+def _why_not_bound(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on (gRPC only says that it failed)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    reasons = []
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return (f"port {port} is already in use (another ledgerd, or another "
+                            f"program, listens on it); stop it or choose another --port")
+                reasons.append(exc.strerror or str(exc))
+    return "; ".join(reasons) or "gRPC could not bind it"
+
+
+def lock_data_dir(data_dir: str | Path):
+    """Take the exclusive lock of a data directory for the life of this process.
+
+    Returns the open lock file: closing it (or the process ending, however it ends) releases
+    the lock. Raises ``DataDirLocked`` naming the directory and the holder's pid.
+    """
+    directory = Path(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = open(directory / DATA_DIR_LOCK_FILE, "a+")  # not inherited by child processes
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise StartupRefused(f"cannot lock data directory {directory}: {exc}") from exc
+        by = f"ledgerd pid {holder}" if holder.isdigit() else "another ledgerd"
+        raise DataDirLocked(f"data directory {directory} is in use by {by}; stop it or "
+                            f"choose another --data-dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 SERVICE_NAMES = (
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     shard_pb2.DESCRIPTOR.services_by_name["ShardOwnerService"].full_name,
@@ -59,14 +135,20 @@ class Running:
     port: int
     health: HealthServicer
     closers: list = field(default_factory=list)
+    # Released after the store is closed (the data directory's lock).
+    releases: list = field(default_factory=list)
 
     async def close(self, grace_s: float = 2.0) -> None:
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
-        await self.node.close()
-        for closer in self.closers:
-            await closer()
-        await self.store.close()
+        try:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace_s)
+            await self.node.close()
+            for closer in self.closers:
+                await closer()
+            await self.store.close()
+        finally:
+            for release in self.releases:
+                release()
 
 
 async def start(store: JournalStore, ownership, shard_count: int, host: str, port: int,
@@ -76,10 +158,7 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
     transport = GrpcShardTransport()
     node = Node(store, ownership, transport, idempotency_retention_ms=retention_ms)
     coordinator = Coordinator(node.router, store, shard_count)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
-        ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
-    ])
+    server = grpc.aio.server(options=list(SERVER_OPTIONS))
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(coordinator), server)
     shard_pb2_grpc.add_ShardOwnerServiceServicer_to_server(ShardOwnerServicer(node), server)
     health = HealthServicer()
@@ -87,9 +166,13 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
     reflection.enable_server_reflection(
         SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                          reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        await server.stop(None)
+        raise PortInUse(f"cannot listen on {host}:{port}: {_why_not_bound(host, port)}")
     for name in ("", SERVICE_NAMES[0]):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
@@ -111,16 +194,32 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
 async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 50051,
                     shard_count: int = 256,
                     retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> Running:
-    """The embedded default: one process, SQLite file, this process owns every shard."""
+    """The embedded default: one process, SQLite file, this process owns every shard.
+
+    Raises ``DataDirLocked`` when another process serves ``data_dir`` (it owns every shard of
+    that journal: two would both believe they do), ``PortInUse`` when the port is taken.
+    """
     from ledger.store.sqlite import SqliteStore
     from shard_router.local import LocalOwnership
 
-    store = await SqliteStore.open(Path(data_dir) / "ledger.sqlite3")
-    # Epochs must grow across restarts; the start time in ms does (a clock set back makes the
-    # store refuse the stale epoch, loudly, rather than let two writers interleave).
-    ownership = LocalOwnership(shard_count, epoch=time.time_ns() // 1_000_000)
-    return await start(store, ownership, shard_count, host, port, shards_min=shard_count,
-                       retention_ms=retention_ms)
+    lock = lock_data_dir(data_dir)
+    try:
+        store = await SqliteStore.open(Path(data_dir) / "ledger.sqlite3")
+        try:
+            # Epochs must grow across restarts; the start time in ms does (a clock set back
+            # makes the store refuse the stale epoch, loudly, rather than let two writers
+            # interleave).
+            ownership = LocalOwnership(shard_count, epoch=time.time_ns() // 1_000_000)
+            running = await start(store, ownership, shard_count, host, port,
+                                  shards_min=shard_count, retention_ms=retention_ms)
+        except BaseException:
+            await store.close()
+            raise
+    except BaseException:
+        lock.close()
+        raise
+    running.releases.append(lock.close)
+    return running
 
 
 async def run_until_signalled(running: Running) -> None:

@@ -3,16 +3,26 @@ matching client transport other nodes' routers use."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
+from ledger import constants as K
 from ledger.core import codec
 from ledger.core.status import Outcome, Status
 from ledger.ledgerpb import shard_pb2 as spb
 from ledger.ledgerpb import shard_pb2_grpc as spb_grpc
 from shard_router.router import NotOwner
 
+log = logging.getLogger("ledger.shard_service")
+
 # Deadline of one node-to-node call (s). The router retries elsewhere after it.
 SHARD_RPC_TIMEOUT_S = 5.0
+
+# The node-to-node channel takes messages as large as the servers do (gRPC's default receive
+# limit is 4 MiB; an owner's answer to a full batch is several times that).
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", K.GRPC_MESSAGE_BYTES_MAX),
+                   ("grpc.max_send_message_length", K.GRPC_MESSAGE_BYTES_MAX))
 
 
 def _outcomes_dumps(outcomes: list[Outcome]) -> bytes:
@@ -53,8 +63,9 @@ class GrpcShardTransport:
     def _stub(self, address: str) -> spb_grpc.ShardOwnerServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = (grpc.aio.secure_channel(address, self._credentials) if self._credentials
-                       else grpc.aio.insecure_channel(address))
+            channel = (grpc.aio.secure_channel(address, self._credentials, CHANNEL_OPTIONS)
+                       if self._credentials
+                       else grpc.aio.insecure_channel(address, CHANNEL_OPTIONS))
             self._channels.append(channel)
             stub = self._stubs[address] = spb_grpc.ShardOwnerServiceStub(channel)
         return stub
@@ -66,6 +77,11 @@ class GrpcShardTransport:
         try:
             response = await self._stub(address).Execute(request, timeout=SHARD_RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # A message above the limit fails the same way on every resend: say so loudly.
+                log.error("shard %d at %s: %s (limit %d bytes, request %d bytes)", shard,
+                          address, exc.details(), K.GRPC_MESSAGE_BYTES_MAX,
+                          request.ByteSize())
             raise ConnectionError(f"{address}: {exc.code().name}") from exc
         if response.not_owner:
             raise NotOwner(response.owner_hint)

@@ -2,6 +2,11 @@
 
     ledgerd dev  [--port 50051] [--data-dir .ledger-dev] [--shards 256]
     ledgerd node --region r1 [--port 50061] [--cassandra 127.0.0.1:9042] [--etcd 127.0.0.1:2379]
+                 [--regions r1,r2,r3] [--replication r1=1,r2=1,r3=1] [--single-region-dev]
+
+In the durable mode a node refuses to start (with the reason) when the keyspace's replication
+cannot keep an acknowledged transfer through the loss of a region; ``--single-region-dev``
+accepts that, for development on one region only.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import sys
 import time
 
 from ledger import server
+
+# Exit status of a ledgerd that refused to start (port in use, data directory locked).
+EXIT_REFUSED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="durable: journal appends are a serial quorum across regions "
                            "(RPO 0 on a region loss); local: LOCAL_SERIAL/LOCAL_QUORUM, "
                            "faster across cities, RPO > 0 (see README)")
+    node.add_argument("--single-region-dev", action="store_true",
+                      help="development and tests only: serve in the durable mode although "
+                           "the keyspace cannot survive the loss of a region (e.g. one "
+                           "region, {r1: 1}); without it such a node refuses to start")
     node.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
     node.add_argument("--shards", type=int, default=256)
     node.add_argument("--etcd-prefix", default="/redledger")
@@ -68,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_dev(args) if args.command == "dev" else _node(args))
     except KeyboardInterrupt:
         pass
+    except server.StartupRefused as exc:
+        # A taken port or a data directory another process serves: say so, no traceback.
+        print(f"ledgerd {args.command}: refusing to start: {exc}", file=sys.stderr, flush=True)
+        return EXIT_REFUSED
     return 0
 
 
@@ -99,6 +115,7 @@ def _apply_config(args) -> None:
         args.contact_points = list(region.cassandra)
     if "replication" not in given:
         args.replication = ",".join(f"{dc}={n}" for dc, n in cfg.replication.items())
+    args.datacenters = [r.datacenter for r in cfg.regions]
     if "etcd" not in given:
         args.etcd = cfg.etcd_endpoints[0]
     for flag, value in (("etcd_prefix", cfg.etcd_prefix), ("shards", cfg.shards),
@@ -116,12 +133,15 @@ STARTUP_RETRY_S = 300.0
 
 async def _retrying(connect, what: str):
     from ledger.store.port import StoreError
+    from ledger.store.replication import UnsafeReplication
 
     deadline = time.monotonic() + STARTUP_RETRY_S
     delay = 0.5
     while True:
         try:
             return await connect()
+        except UnsafeReplication:
+            raise  # a setup error, not an outage: retrying cannot fix it
         except (StoreError, OSError, ConnectionError) as exc:
             if time.monotonic() + delay > deadline:
                 raise
@@ -138,25 +158,45 @@ async def _node(args) -> None:
     if args.config:
         _apply_config(args)
 
+    from ledger.store.replication import UnsafeReplication
+
     regions = args.regions.split(",") if args.regions else [args.region]
+    # The Cassandra datacenter of every region (the config may name them differently).
+    datacenters = getattr(args, "datacenters", None) or regions
     host, _, port = args.cassandra.partition(":")
-    replication = ({dc: int(n) for dc, n in (p.split("=") for p in args.replication.split(","))}
-                   if args.replication else {region: 1 for region in regions})
+    try:
+        # Without --replication: one replica in every region's datacenter.
+        replication = ({dc: int(n) for dc, n in (p.split("=") for p in
+                                                   args.replication.split(","))}
+                       if args.replication else {dc: 1 for dc in datacenters})
+    except ValueError:
+        raise SystemExit(f"ledgerd node: --replication must be dc=replicas,... "
+                         f"(got {args.replication!r})")
     contact_points = getattr(args, "contact_points", None) or [host]
     levels = ({} if args.durability == "durable" else dict(
         serial_consistency="LOCAL_SERIAL", write_consistency="LOCAL_QUORUM",
         read_consistency="LOCAL_QUORUM"))
-    store = await _retrying(lambda: CassandraStore.connect(
-        [c.partition(":")[0] for c in contact_points], int(port or 9042),
-        local_dc=getattr(args, "datacenter", args.region), keyspace=args.keyspace,
-        replication=replication, **levels), "Cassandra")
+    try:
+        store = await _retrying(lambda: CassandraStore.connect(
+            [c.partition(":")[0] for c in contact_points], int(port or 9042),
+            local_dc=getattr(args, "datacenter", args.region), keyspace=args.keyspace,
+            replication=replication, regions=datacenters,
+            require_region_survival=not args.single_region_dev, **levels), "Cassandra")
+    except UnsafeReplication as exc:
+        # The durable mode on a keyspace that loses data with a region: main() prints the
+        # reason and exits with EXIT_REFUSED, before any shard is taken.
+        raise server.StartupRefused(str(exc)) from None
     node_id = args.node_id or f"{args.region}-{os.getpid()}"
     ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
                               takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix,
                               campaign=args.role == "full")
-    running = await server.start(store, ownership, args.shards, args.host, args.port,
-                                 retention_ms=_retention_ms(args))
+    try:
+        running = await server.start(store, ownership, args.shards, args.host, args.port,
+                                     retention_ms=_retention_ms(args))
+    except BaseException:
+        await store.close()
+        raise
     print(f"ledgerd node {node_id}: serving on {args.host}:{running.port}, "
           f"{len(running.node.owners)} shards owned", flush=True)
     await server.run_until_signalled(running)
