@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Protocol
 
 from ledger import constants as K
 from ledger import failpoints
+from ledger.compaction import Compactor
 from ledger.core import codec
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.core.invariants import InvariantViolation
@@ -89,7 +90,8 @@ class ShardOwner:
         self._outbox_kick = asyncio.Event()
         self._serving = False
         self._tasks: list[asyncio.Task] = []
-        self._batches_since_snapshot = 0
+        # Snapshots of the durable journal, built off the event loop (ledger.compaction).
+        self._compactor = Compactor(shard, store)
         # Highest outbox sequence per destination known applied there (in memory: after a
         # restart the pipeline resends from the journaled ack, and the receiver dedupes).
         self._delivered: dict[int, int] = {}
@@ -174,12 +176,11 @@ class ShardOwner:
         self._durable_outbox = dict(state.outbox_last_seq)
 
     async def stop(self, reason: str = "stopped") -> None:
-        """Stop serving: answer queued commands SHARD_UNAVAILABLE, snapshot if healthy.
+        """Stop serving: answer queued commands SHARD_UNAVAILABLE, end background work.
 
         UNAVAILABLE is not a guess about an outcome: the router sends the commands again to
         the next owner, which replays the journal and answers retries from idempotency records.
         """
-        was_serving = self._serving
         self._serving = False
         current = asyncio.current_task()
         for task in self._tasks:
@@ -204,12 +205,11 @@ class ShardOwner:
             self._ack_timer.cancel()
             self._ack_timer = None
         self._acks_pending.clear()  # the next owner redelivers; the receiver dedupes
-        if was_serving and reason == "stopped":
-            try:
-                await self._store.save_snapshot(self.shard, self.state.seq,
-                                                codec.snapshot_dumps(self.state))
-            except Exception:  # a snapshot is an optimisation; the journal is complete
-                log.warning("shard %d: snapshot on stop failed", self.shard, exc_info=True)
+        # No snapshot of the live state here: it may hold a batch whose append was still in
+        # flight when the commit loop was cancelled (a snapshot of it could hold money the
+        # journal never gets, or make a replay apply that batch twice). Snapshots are built
+        # from the durable journal only; a running one is cancelled (it is an optimisation).
+        await self._compactor.close()
 
     async def _abdicate(self, reason: str) -> None:
         log.error("shard %d epoch %d stops serving: %s", self.shard, self.epoch, reason)
@@ -326,11 +326,9 @@ class ShardOwner:
             await self._abdicate(f"reload failed: {exc}")
 
     def _after_append(self, events: list) -> None:
-        self._batches_since_snapshot += 1
-        if self._batches_since_snapshot >= K.SNAPSHOT_EVERY_BATCHES:
-            self._batches_since_snapshot = 0
-            snapshot = codec.snapshot_dumps(self.state)
-            asyncio.create_task(self._store.save_snapshot(self.shard, self.state.seq, snapshot))
+        # The batch is durable (its append returned): a snapshot up to it may be built, from
+        # the journal, in the background, when due (one at a time, supervised).
+        self._compactor.note_append(self.state.seq, len(events), self.state)
         kick = False
         durable = self._durable_outbox
         for event in events:

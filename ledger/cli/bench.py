@@ -104,7 +104,8 @@ class Server:
             cmd = [sys.executable, "-m", "ledger.cli.ledgerd", "node", "--region", "r1",
                    "--port", str(self.port), "--cassandra", self.cassandra, "--etcd", self.etcd,
                    "--keyspace", f"bench_{os.getpid()}", "--shards", str(args.shards),
-                   "--log-level", "WARNING"]
+                   # One region ({r1: 1}): accepted for a benchmark, not for production.
+                   "--single-region-dev", "--log-level", "WARNING"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         line = self.proc.stdout.readline()

@@ -2,6 +2,8 @@
 
     ledgerctl reconcile  [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--json]
     ledgerctl shards     --etcd HOST:PORT --regions r1,r2,r3 [--cassandra HOST:PORT --dc DC]
+    ledgerctl replication --cassandra HOST:PORT [--dc DC] [--keyspace K] [--regions r1,r2,r3]
+                          [--config FILE] [--json]
     ledgerctl failover   --from REGION --to REGION --etcd HOST:PORT --regions ...
     ledgerctl failback   --region REGION --etcd HOST:PORT --regions ...
     ledgerctl move-shard SHARD --to REGION --etcd HOST:PORT --regions ...
@@ -35,8 +37,13 @@ async def _open_store(args):
     if args.cassandra:
         from ledger.store.cassandra import CassandraStore
         host, _, port = args.cassandra.partition(":")
+        regions = getattr(args, "regions", None)
+        # An operator tool reads and reports; it never refuses an unsafe keyspace (the
+        # verdict is in store.replication_verdict, shown by `shards` and `replication`).
         return await CassandraStore.connect([host], int(port or 9042), local_dc=args.dc,
-                                            keyspace=args.keyspace, create_schema=False)
+                                            keyspace=args.keyspace, create_schema=False,
+                                            regions=regions.split(",") if regions else None,
+                                            require_region_survival=False)
     from ledger.store.sqlite import SqliteStore
     path = os.path.join(args.data_dir or ".ledger-dev", "ledger.sqlite3")
     if not os.path.exists(path):
@@ -167,11 +174,58 @@ async def _shards(args) -> int:
                 by_region[r["owner_region"] or "none"] = by_region.get(
                     r["owner_region"] or "none", 0) + 1
             print(f"\n{len(rows)} shards; owned per region: {by_region}; unowned: {unowned}")
+            verdict = getattr(store, "replication_verdict", None)
+            if verdict is not None:
+                print(f"keyspace {args.keyspace}: {verdict.describe()}")
         return 0 if all(r["owner"] for r in rows) else 1
     finally:
         await view.close()
         if store is not None:
             await store.close()
+
+
+async def _replication(args) -> int:
+    """Show the keyspace's replication and whether an acknowledged commit survives the loss
+    of any one region. Exit 0 if it does, 1 if not (usable as a deployment check)."""
+    if args.config:
+        from ledger import config
+        cfg = config.load(args.config)
+        given = set(getattr(args, "_given", ()))
+        if "regions" not in given:
+            args.regions = ",".join(r.datacenter for r in cfg.regions)
+        if "keyspace" not in given:
+            args.keyspace = cfg.keyspace
+        if not args.cassandra:
+            args.cassandra = cfg.regions[0].cassandra[0]
+            if "dc" not in given:
+                args.dc = cfg.regions[0].datacenter
+    if not args.cassandra:
+        raise SystemExit("ledgerctl replication: --cassandra HOST:PORT (or --config) is "
+                         "required")
+    store = await _open_store(args)
+    try:
+        verdict = store.replication_verdict
+        doc = {"keyspace": args.keyspace,
+               "regions": args.regions.split(",") if args.regions else [],
+               **verdict.as_dict()}
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            print(f"keyspace {args.keyspace}")
+            print(f"{'datacenter':<14}{'replicas':>9}")
+            for dc, n in sorted(verdict.replication.items()):
+                print(f"{dc:<14}{n:>9}")
+            print(f"total {verdict.total} replicas; a SERIAL/QUORUM commit needs "
+                  f"{verdict.quorum}")
+            if verdict.survives_region_loss:
+                print("survives the loss of any one region: yes")
+            else:
+                print("survives the loss of any one region: NO")
+                for reason in verdict.reasons:
+                    print(f"  - {reason}")
+        return 0 if verdict.survives_region_loss else 1
+    finally:
+        await store.close()
 
 
 async def _move(args, mapping: dict[int, str], origins: dict[int, str] | None,
@@ -245,6 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     shards.add_argument("--keyspace", default="ledger")
     shards.add_argument("--data-dir", default=None)
     shards.add_argument("--json", action="store_true")
+    repl = sub.add_parser("replication", help="the keyspace's replication and whether it "
+                          "survives the loss of a region; exit 1 if not")
+    repl.add_argument("--config", default=os.environ.get("LEDGER_CONFIG"),
+                      help="TOML deployment file: regions (datacenters), keyspace, Cassandra")
+    repl.add_argument("--cassandra", default=os.environ.get("LEDGER_CASSANDRA"),
+                      help="a Cassandra contact point HOST:PORT")
+    repl.add_argument("--dc", default=os.environ.get("LEDGER_REGION", "r1"),
+                      help="the local datacenter to connect through")
+    repl.add_argument("--keyspace", default="ledger")
+    repl.add_argument("--regions", default=os.environ.get("LEDGER_REGIONS"),
+                      help="the datacenters of all regions, comma separated: each must hold "
+                           "replicas")
+    repl.add_argument("--json", action="store_true")
     failover = sub.add_parser("failover", help="planned handover of a region's shards")
     _etcd_args(failover)
     failover.add_argument("--from", dest="src", required=True)
@@ -257,8 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     move.add_argument("shard", type=int)
     move.add_argument("--to", required=True)
     args = parser.parse_args(argv)
+    # Which flags were given explicitly: they win over a configuration file.
+    args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
+                   for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     handlers = {"reconcile": _reconcile, "shards": _shards, "failover": _failover,
-                "failback": _failback, "move-shard": _move_shard}
+                "failback": _failback, "move-shard": _move_shard,
+                "replication": _replication}
     return asyncio.run(handlers[args.command](args))
 
 

@@ -8,10 +8,15 @@ per region):
   holding the ``writer_epoch`` and the codec-encoded ``events``. Every change of the static
   columns is a lightweight transaction (Paxos), so "who may append" and "which batch is next"
   are decided by a serial quorum, never by a plain write.
-* ``snapshots``: the latest snapshot of each shard (clustering ``seq`` descending).
+* ``snapshot_parts`` and ``snapshot_marks``: snapshots of each shard, stored in parts of
+  ``SNAPSHOT_PART_BYTES`` (a snapshot is far larger than one mutation may be) and counted only
+  once their completion mark is written. The journal batches a complete snapshot covers are
+  then deleted with one range tombstone (``truncate_journal``); the static epoch and head stay.
 * ``wallets``, ``shard_wallets``, ``wallet_entries``, ``transfers``: rows materialized from the
-  journal with plain (non-LWT) upserts. They are views: the journal is the system of record,
-  and a new owner writes the rows of the batches it replays again.
+  journal with plain (non-LWT) upserts, each stamped ``USING TIMESTAMP`` with the journal
+  position of its batch (``ROW_TIMESTAMP_BASE``), so an older batch's row never overwrites a
+  newer one. They are views: the journal is the system of record, and a new owner writes the
+  rows of the batches it replays again.
 
 Driver I/O runs on cassandra-driver's own event-loop thread; results reach asyncio through
 ``loop.call_soon_threadsafe`` from the driver's callbacks, so no call blocks the event loop and
@@ -21,6 +26,7 @@ no thread is spent per call.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
 import threading
@@ -35,10 +41,13 @@ from cassandra.policies import (ConstantReconnectionPolicy, DCAwareRoundRobinPol
                                 RetryPolicy, TokenAwarePolicy)
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statement, dict_factory
 
+from ledger import failpoints
 from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
-from ledger.store.port import (Fenced, JournalBatch, LoadedShard, Row, StoreUnavailable,
-                               UnknownOutcome)
+from ledger.store.port import (Fenced, JournalBatch, LoadedShard, PositionedRow, Row,
+                               StoreUnavailable, UnknownOutcome, rows_at)
+from ledger.store.replication import (ReplicationVerdict, UnsafeReplication, check_replication,
+                                      default_replication, parse_replication)
 
 log = logging.getLogger("ledger.store.cassandra")
 
@@ -55,6 +64,17 @@ ROWS_IN_FLIGHT_MAX = 64
 # Journal batches read per round trip by load/read_journal. A batch is one group commit (up
 # to a few hundred KB), so pages are counted in batches, not bytes.
 JOURNAL_PAGE_BATCHES = 64
+# Bytes of one snapshot part: one mutation each, far below Cassandra's limit (half the commit
+# log segment: 16 MiB by default), and a size where a QUORUM insert costs little more per byte
+# than a larger one (notes: ~62 inserts/s of 1 MB, about 60 MB/s, on one node here).
+SNAPSHOT_PART_BYTES = 1024 * 1024
+# Parts of one snapshot written at once, and read per round trip (a read answers at most
+# this many MiB).
+SNAPSHOT_PARTS_IN_FLIGHT = 4
+SNAPSHOT_PARTS_PER_READ = 4
+# Loads of a snapshot (and of a shard) started again because a newer snapshot replaced the one
+# being read, before giving up with StoreUnavailable.
+SNAPSHOT_LOAD_ATTEMPTS_MAX = 5
 # Estimated payload bytes of one multi-partition batch of row upserts. Cassandra refuses such
 # batches above batch_size_fail_threshold (50 KiB by default) and logs a rate-limited
 # warning above batch_size_warn_threshold (5 KiB); 16 KiB keeps far from the refusal while
@@ -75,6 +95,28 @@ ROWS_LAG_BATCHES_MAX = 64
 # Pause before the materializer retries rows that failed to write (s). Rows are idempotent
 # upserts; they are retried until written or the store closes (then replay rewrites them).
 ROWS_RETRY_BACKOFF_S = 0.2
+# Write timestamp of a materialized row: the journal position (batch ``seq``) of the batch
+# that produced it, plus this base. Cassandra keeps, per cell, the write with the highest
+# timestamp, so a row of an older batch (a deposed owner's late row writer, a replay) can never
+# overwrite a row of a newer batch, whatever order the writes arrive in. Every view row
+# belongs to one shard (a wallet and its entries to the wallet's shard, a transfer to the
+# shard that decided it), and batch numbers of a shard only grow (they continue across owners),
+# so the order is total per row. The base (2**60 us, far beyond any wall-clock time in
+# microseconds, about 1.8e15 today) makes every journal-stamped write win over rows that an
+# older version of this adapter wrote with the driver's wall-clock timestamps, so an existing
+# keyspace converges as rows are rewritten (appends, replays) instead of freezing. The flip
+# side: a hand-made repair through cqlsh without ``USING TIMESTAMP`` above the base is
+# silently ignored; repair views by replay (a new owner rewrites the rows after the latest
+# snapshot) or in a fresh keyspace. Nothing else writes these tables. Cassandra 5's optional
+# guardrail ``maximum_timestamp_fail_threshold`` must stay unset (it is by default).
+ROW_TIMESTAMP_BASE = 1 << 60
+
+
+def _row_timestamp(seq: int) -> int:
+    """The write timestamp of the rows of batch ``seq`` (see ``ROW_TIMESTAMP_BASE``)."""
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ValueError(f"a row's journal position must be a batch number >= 0, got {seq!r}")
+    return ROW_TIMESTAMP_BASE + seq
 
 _WALLET_COLS = ("wallet_id", "currency", "balance_minor", "held_minor", "version",
                 "allow_negative", "frozen", "created_at_ms")
@@ -105,8 +147,17 @@ def _schema(keyspace: str, replication: dict[str, int]) -> list[str]:
               epoch bigint static, head bigint static,
               writer_epoch bigint, events blob,
               PRIMARY KEY ((shard), seq)) WITH CLUSTERING ORDER BY (seq ASC)""",
-        f"""CREATE TABLE IF NOT EXISTS {ks}.snapshots (
-              shard int, seq bigint, snapshot blob,
+        # A snapshot is written in parts, each one mutation far below the 16 MiB limit, then
+        # marked complete by one small row; only marked snapshots count. Parts are keyed by the
+        # snapshot's digest, so two saves of one seq with different bytes never mix. Older
+        # snapshots of a shard go with one range delete per table. (Keyspaces made before
+        # these tables also have a ``snapshots`` table; it is no longer read.)
+        f"""CREATE TABLE IF NOT EXISTS {ks}.snapshot_parts (
+              shard int, seq bigint, digest blob, part int, data blob,
+              PRIMARY KEY ((shard), seq, digest, part))
+              WITH CLUSTERING ORDER BY (seq DESC, digest ASC, part ASC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.snapshot_marks (
+              shard int, seq bigint, digest blob, parts int, size bigint,
               PRIMARY KEY ((shard), seq)) WITH CLUSTERING ORDER BY (seq DESC)""",
         f"""CREATE TABLE IF NOT EXISTS {ks}.wallets (
               wallet_id text PRIMARY KEY, shard int, currency text, balance_minor bigint,
@@ -132,11 +183,83 @@ def _schema(keyspace: str, replication: dict[str, int]) -> list[str]:
     ]
 
 
+def _snapshot_digest(snapshot: bytes) -> bytes:
+    return hashlib.sha256(snapshot).digest()[:16]
+
+
+def _snapshot_split(snapshot: bytes, part_bytes: int) -> tuple[bytes, list[bytes]]:
+    """(digest, parts) of a snapshot; run in a worker thread (hashing 40 MB takes ~0.1 s)."""
+    return _snapshot_digest(snapshot), [snapshot[i:i + part_bytes]
+                                        for i in range(0, len(snapshot), part_bytes)] or [b""]
+
+
+def _snapshot_consistency(write: int, serial: int) -> int:
+    """Consistency of snapshot parts, marks and journal truncation.
+
+    They delete journal batches, so they must be as durable as an append: QUORUM (all
+    datacenters) with SERIAL appends, LOCAL_QUORUM with LOCAL_SERIAL; the configured write
+    consistency if it is stronger still.
+    """
+    if write in (ConsistencyLevel.ALL, ConsistencyLevel.EACH_QUORUM, ConsistencyLevel.QUORUM):
+        return write
+    return (ConsistencyLevel.QUORUM if serial == ConsistencyLevel.SERIAL
+            else ConsistencyLevel.LOCAL_QUORUM)
+
+
 def _consistency(value: int | str) -> int:
     """Accept ``ConsistencyLevel.QUORUM`` or its name (``"QUORUM"``), as configuration does."""
     if isinstance(value, str):
         return ConsistencyLevel.name_to_value[value.upper()]
     return value
+
+
+class _MissingKeyspace(Exception):
+    """connect: the keyspace is not there (reported as StoreUnavailable)."""
+
+
+def _unquoted(keyspace: str) -> str:
+    """The name ``system_schema`` stores: CQL folds unquoted names to lower case."""
+    return keyspace[1:-1] if keyspace.startswith('"') else keyspace.lower()
+
+
+def _replication_verdict(cluster: Cluster, options: dict, serial_consistency: int | str,
+                         write_consistency: int | str,
+                         regions: list[str] | None) -> ReplicationVerdict:
+    """Judge the keyspace's replication as read back from ``system_schema.keyspaces``."""
+    strategy, replicas = parse_replication(options)
+    nodes: dict[str, int] = {}
+    for host in cluster.metadata.all_hosts():
+        if host.datacenter:
+            nodes[host.datacenter] = nodes.get(host.datacenter, 0) + 1
+    return check_replication(
+        replicas, strategy=strategy, regions=regions, nodes=nodes or None,
+        serial_consistency=ConsistencyLevel.value_to_name[_consistency(serial_consistency)],
+        commit_consistency=ConsistencyLevel.value_to_name[_consistency(write_consistency)])
+
+
+def _enforce_replication(keyspace: str, verdict: ReplicationVerdict,
+                         serial_consistency: int | str, required: bool) -> None:
+    """Refuse (durable mode) or log a keyspace that cannot survive a region loss."""
+    if verdict.survives_region_loss:
+        log.info("keyspace %s: %s", keyspace, verdict.describe())
+        return
+    if _consistency(serial_consistency) != ConsistencyLevel.SERIAL:
+        log.warning("keyspace %s (local durability mode, RPO > 0 by choice): %s", keyspace,
+                    verdict.describe())
+        return
+    if not required:
+        log.warning("keyspace %s: %s. Accepted for single-region development only: an "
+                    "acknowledged transfer is NOT safe from the loss of a region", keyspace,
+                    verdict.describe())
+        return
+    raise UnsafeReplication(
+        f"keyspace {keyspace}: {verdict.describe()}. The durable mode serves only a keyspace "
+        f"that keeps acknowledged transfers through the loss of a region. "
+        f"Fix: ALTER KEYSPACE {keyspace} WITH replication = {{'class': "
+        f"'NetworkTopologyStrategy', ...}} so that no datacenter holds a quorum and losing "
+        f"any one leaves a quorum (e.g. one replica in each of three regions), then run a "
+        f"full repair; or, for single-region development only, --single-region-dev "
+        f"(require_region_survival=False)")
 
 
 class _NoBlindRetryPolicy(RetryPolicy):
@@ -324,6 +447,9 @@ class CassandraStore:
       with QUORUM writes intersect, so a read sees every acknowledged write.
     """
 
+    # What ``connect`` found about the keyspace's replication (ledger.store.replication).
+    replication_verdict: ReplicationVerdict | None = None
+
     def __init__(self, cluster: Cluster, session: Session, keyspace: str, local_dc: str, *,
                  serial_consistency: int | str = ConsistencyLevel.SERIAL,
                  write_consistency: int | str = ConsistencyLevel.QUORUM,
@@ -347,6 +473,10 @@ class CassandraStore:
         self._rows_pending: dict[int, list[tuple[int, list]]] = {}
         self._rows_writer: dict[int, asyncio.Task] = {}
         self._rows_done: dict[int, int] = {}
+        # The error that stopped a shard's row writer (not a driver error: a bug, e.g. a value
+        # the driver cannot encode). Appends of the shard then fail with StoreUnavailable
+        # instead of waiting for rows that will never be written; the next fence clears it.
+        self._rows_failed: dict[int, BaseException] = {}
         self._rows_changed = asyncio.Condition()
         self._prepare_all()
 
@@ -359,8 +489,11 @@ class CassandraStore:
                       serial_consistency: int | str = ConsistencyLevel.SERIAL,
                       write_consistency: int | str = ConsistencyLevel.QUORUM,
                       read_consistency: int | str = ConsistencyLevel.QUORUM,
-                      request_timeout_s: float = REQUEST_TIMEOUT_S_DEFAULT) -> "CassandraStore":
-        """Connect to the cluster, create the schema if asked, and prepare every statement.
+                      request_timeout_s: float = REQUEST_TIMEOUT_S_DEFAULT,
+                      regions: Iterable[str] | None = None,
+                      require_region_survival: bool = True) -> "CassandraStore":
+        """Connect to the cluster, create the schema if asked, check the keyspace's
+        replication, and prepare every statement.
 
         Args:
             contact_points: Addresses of some nodes (any datacenter).
@@ -369,16 +502,30 @@ class CassandraStore:
                 first (token-aware within the datacenter); other datacenters take part only
                 through the consistency levels.
             keyspace: Keyspace holding the tables.
-            replication: Datacenter -> replica count for ``CREATE KEYSPACE``;
-                ``{local_dc: 1}`` when omitted. Ignored for an existing keyspace.
+            replication: Datacenter -> replica count for ``CREATE KEYSPACE``; one replica
+                per datacenter of ``regions`` (``{local_dc: 1}`` without ``regions``) when
+                omitted. Ignored for an existing keyspace: what counts is the replication
+                the keyspace really has, read back from ``system_schema.keyspaces``.
             create_schema: Create keyspace and tables if missing (``IF NOT EXISTS``).
             serial_consistency: SERIAL (default) or LOCAL_SERIAL; see the class docstring.
             write_consistency: Commit consistency of appends and consistency of row writes.
             read_consistency: Consistency of journal, snapshot and row reads.
             request_timeout_s: Client-side deadline of one statement.
+            regions: The datacenters of every region of the deployment. Each must hold
+                replicas of the keyspace (checked), and they make the default replication.
+            require_region_survival: In the durable mode (``serial_consistency`` SERIAL),
+                refuse a keyspace whose replication cannot keep an acknowledged batch
+                through the loss of any one region (``ledger.store.replication``). False is
+                for single-region development and tests (``{r1: 1}``) and for tools that
+                only report it (``ledgerctl``): a warning is logged instead. In the local
+                durability mode (LOCAL_SERIAL) nothing is refused; the verdict is logged.
+                The verdict is kept as ``store.replication_verdict`` either way.
 
         Raises:
-            StoreUnavailable: the cluster could not be reached or the schema not created.
+            UnsafeReplication: durable mode, ``require_region_survival``, and the keyspace
+                cannot survive a region loss (the message says why). Not transient.
+            StoreUnavailable: the cluster could not be reached, the schema not created, or
+                the keyspace does not exist (``create_schema=False``).
         """
         profile = ExecutionProfile(
             # Requests go to the local datacenter; when its node is down they fall back to one
@@ -410,25 +557,42 @@ class CassandraStore:
                           # (any group commit) took ~45 ms instead of ~3 ms on loopback.
                           sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
-        def _blocking_connect() -> Session:
+        regions = list(regions) if regions is not None else None
+
+        def _blocking_connect() -> tuple[Session, dict]:
             # Connecting and DDL (which waits for schema agreement) block; they happen once,
             # in a worker thread, never on the event loop.
             session = cluster.connect()
             if create_schema:
-                for ddl in _schema(keyspace, replication or {local_dc: 1}):
+                for ddl in _schema(keyspace, replication
+                                   or default_replication(local_dc, regions)):
                     session.execute(ddl, timeout=max(request_timeout_s, 60.0))
-            return session
+            # What the keyspace really has: CREATE ... IF NOT EXISTS keeps an existing one.
+            found = session.execute(
+                "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
+                (_unquoted(keyspace),), timeout=max(request_timeout_s, 60.0)).one()
+            if found is None:
+                raise _MissingKeyspace(f"keyspace {keyspace} does not exist (create it with "
+                                       f"a node that creates the schema, or ledgerd node)")
+            return session, dict(found["replication"])
 
         try:
-            session = await asyncio.to_thread(_blocking_connect)
-            return await asyncio.to_thread(
+            session, options = await asyncio.to_thread(_blocking_connect)
+            verdict = _replication_verdict(cluster, options, serial_consistency,
+                                           write_consistency, regions)
+            _enforce_replication(keyspace, verdict, serial_consistency, require_region_survival)
+            store = await asyncio.to_thread(
                 cls, cluster, session, keyspace, local_dc, serial_consistency=serial_consistency,
                 write_consistency=write_consistency, read_consistency=read_consistency,
                 request_timeout_s=request_timeout_s)
+            store.replication_verdict = verdict
+            return store
         except Exception as exc:
             await asyncio.to_thread(cluster.shutdown)
-            if isinstance(exc, ValueError):
+            if isinstance(exc, (ValueError, UnsafeReplication)):
                 raise
+            if isinstance(exc, _MissingKeyspace):
+                raise StoreUnavailable(str(exc)) from None
             raise StoreUnavailable(f"cannot connect to Cassandra at {contact_points}:{port}: "
                                    f"{exc}") from exc
 
@@ -469,30 +633,43 @@ class CassandraStore:
         self._q_journal = self._prepare(
             "SELECT seq, writer_epoch, events FROM {ks}.journal WHERE shard = ? AND seq > ? "
             "LIMIT ?", r, idempotent=True)
-        # --- snapshots ---
-        self._q_snapshot_put = self._prepare(
-            "INSERT INTO {ks}.snapshots (shard, seq, snapshot) VALUES (?, ?, ?)",
-            w, idempotent=True)
-        self._q_snapshot_drop_older = self._prepare(
-            "DELETE FROM {ks}.snapshots WHERE shard = ? AND seq < ?", w, idempotent=True)
-        self._q_snapshot_latest = self._prepare(
-            "SELECT seq, snapshot FROM {ks}.snapshots WHERE shard = ? LIMIT 1",
+        # --- snapshots and truncation (as durable as an append: see _snapshot_consistency) ---
+        d = _snapshot_consistency(w, s)
+        self._q_snapshot_part_put = self._prepare(
+            "INSERT INTO {ks}.snapshot_parts (shard, seq, digest, part, data) "
+            "VALUES (?, ?, ?, ?, ?)", d, idempotent=True)
+        self._q_snapshot_mark_put = self._prepare(
+            "INSERT INTO {ks}.snapshot_marks (shard, seq, digest, parts, size) "
+            "VALUES (?, ?, ?, ?, ?)", d, idempotent=True)
+        self._q_snapshot_parts_drop_older = self._prepare(
+            "DELETE FROM {ks}.snapshot_parts WHERE shard = ? AND seq < ?", d, idempotent=True)
+        self._q_snapshot_marks_drop_older = self._prepare(
+            "DELETE FROM {ks}.snapshot_marks WHERE shard = ? AND seq < ?", d, idempotent=True)
+        self._q_snapshot_mark_latest = self._prepare(
+            "SELECT seq, digest, parts, size FROM {ks}.snapshot_marks WHERE shard = ? LIMIT 1",
             r, idempotent=True)
-        self._q_snapshot_seq = self._prepare(
-            "SELECT seq FROM {ks}.snapshots WHERE shard = ? LIMIT 1", r, idempotent=True)
+        self._q_snapshot_parts = self._prepare(
+            "SELECT part, data FROM {ks}.snapshot_parts WHERE shard = ? AND seq = ? "
+            "AND digest = ? AND part >= ? LIMIT ?", r, idempotent=True)
+        self._q_journal_truncate = self._prepare(
+            "DELETE FROM {ks}.journal WHERE shard = ? AND seq <= ?", d, idempotent=True)
         # --- rows ---
+        # Every row upsert is stamped with its batch's journal position (ROW_TIMESTAMP_BASE).
         self._q_wallet_put = self._prepare(
             "INSERT INTO {ks}.wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
-            + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ")", w, idempotent=True)
+            + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ") USING TIMESTAMP ?",
+            w, idempotent=True)
         self._q_shard_wallet_put = self._prepare(
             "INSERT INTO {ks}.shard_wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
-            + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ")", w, idempotent=True)
+            + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ") USING TIMESTAMP ?",
+            w, idempotent=True)
         self._q_entry_put = self._prepare(
             "INSERT INTO {ks}.wallet_entries (" + ", ".join(_ENTRY_COLS) + ") VALUES ("
-            + ", ".join("?" * len(_ENTRY_COLS)) + ")", w, idempotent=True)
+            + ", ".join("?" * len(_ENTRY_COLS)) + ") USING TIMESTAMP ?", w, idempotent=True)
         self._q_transfer_put = self._prepare(
             "INSERT INTO {ks}.transfers (shard, " + ", ".join(_TRANSFER_COLS) + ") VALUES ("
-            + ", ".join("?" * (len(_TRANSFER_COLS) + 1)) + ")", w, idempotent=True)
+            + ", ".join("?" * (len(_TRANSFER_COLS) + 1)) + ") USING TIMESTAMP ?",
+            w, idempotent=True)
         self._q_entries = self._prepare(
             "SELECT " + ", ".join(_ENTRY_COLS) + " FROM {ks}.wallet_entries "
             "WHERE wallet_id = ? AND version > ? LIMIT ?", r, idempotent=True)
@@ -567,6 +744,7 @@ class CassandraStore:
                 The epoch may be installed already; fencing again with it is safe.
             UnknownOutcome: a CAS timed out and the resolving read failed too.
         """
+        self._rows_forget_failure(shard)
         statement = self._q_fence.bind((epoch, shard, epoch))
         for _ in range(FENCE_ATTEMPTS_MAX):
             try:
@@ -668,45 +846,101 @@ class CassandraStore:
     # --- the materializer ----------------------------------------------------------------
 
     async def _rows_room(self, shard: int) -> None:
+        """Wait while the shard's rows lag too far behind its journal.
+
+        Raises:
+            StoreUnavailable: the shard's row writer stopped on an error (before anything of
+                the append is written, so the caller's batch is simply not appended).
+        """
+        self._raise_if_rows_failed(shard)
         pending = self._rows_pending.get(shard)
         if pending and len(pending) >= ROWS_LAG_BATCHES_MAX:
             async with self._rows_changed:
                 await self._rows_changed.wait_for(
                     lambda: len(self._rows_pending.get(shard, ())) < ROWS_LAG_BATCHES_MAX
-                    or self._closed)
+                    or self._closed or shard in self._rows_failed)
+            self._raise_if_rows_failed(shard)
+
+    def _raise_if_rows_failed(self, shard: int) -> None:
+        failure = self._rows_failed.get(shard)
+        if failure is not None:
+            raise StoreUnavailable(
+                f"shard {shard}: the row writer stopped on {type(failure).__name__}: "
+                f"{failure}; appends are refused until the shard is fenced and loaded again "
+                f"(its replay rewrites the rows)") from failure
+
+    def _rows_forget_failure(self, shard: int) -> None:
+        """A new owner (or a reload) is fencing the shard: start the rows afresh.
+
+        The rows still pending after a failure are dropped: their batches come after the
+        latest snapshot (``save_snapshot`` flushes rows first, and ``flush_rows`` fails while
+        the writer is stopped), so the replay that follows the fence writes them again.
+        """
+        if self._rows_failed.pop(shard, None) is not None:
+            self._rows_pending.pop(shard, None)
 
     def _rows_enqueue(self, shard: int, seq: int, rows: list) -> None:
         self._rows_pending.setdefault(shard, []).append((seq, rows))
+        if shard in self._rows_failed:
+            return  # kept for nobody: the next fence drops them and replay rewrites them
         writer = self._rows_writer.get(shard)
         if writer is None or writer.done():
-            self._rows_writer[shard] = asyncio.create_task(self._rows_drain(shard))
+            self._rows_writer[shard] = asyncio.create_task(self._rows_drain(shard),
+                                                           name=f"rows-{shard}")
 
     async def _rows_drain(self, shard: int) -> None:
-        """Write the shard's pending rows, oldest first, coalescing what is queued."""
-        while not self._closed:
-            pending = self._rows_pending.get(shard)
-            if not pending:
-                return
-            taken = list(pending)
-            rows = [row for _, batch_rows in taken for row in batch_rows]
-            try:
-                await self._write_all(self._row_statements(shard, rows))
-            except _DRIVER_ERRORS as exc:
-                log.warning("shard %d: rows not written yet (%s); retrying", shard, exc)
-                await asyncio.sleep(ROWS_RETRY_BACKOFF_S)
-                continue
-            del pending[:len(taken)]
+        """Write the shard's pending rows, oldest first, coalescing what is queued.
+
+        Driver errors (timeouts, unavailable replicas) are retried until the rows are written
+        or the store closes. Any other error is a bug (e.g. a value the driver cannot encode)
+        and would fail the same way again: it is logged with the shard and recorded, so the
+        shard's appends fail with StoreUnavailable at once (``_rows_room``) and ``flush_rows``
+        raises, instead of everything waiting forever for rows that are never written.
+        """
+        try:
+            while not self._closed:
+                pending = self._rows_pending.get(shard)
+                if not pending:
+                    return
+                taken = list(pending)
+                # Each row carries the position of the batch that produced it.
+                rows = [(kind, value, seq) for seq, batch_rows in taken
+                        for kind, value in batch_rows]
+                try:
+                    await self._write_all(self._row_statements(shard, rows))
+                except _DRIVER_ERRORS as exc:
+                    log.warning("shard %d: rows not written yet (%s); retrying", shard, exc)
+                    await asyncio.sleep(ROWS_RETRY_BACKOFF_S)
+                    continue
+                del pending[:len(taken)]
+                async with self._rows_changed:
+                    self._rows_done[shard] = max(self._rows_done.get(shard, 0), taken[-1][0])
+                    self._rows_changed.notify_all()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("shard %d: the row writer stopped: %s: %s; the shard's appends are "
+                      "refused until it is fenced and loaded again", shard,
+                      type(exc).__name__, exc, exc_info=exc)
             async with self._rows_changed:
-                self._rows_done[shard] = max(self._rows_done.get(shard, 0), taken[-1][0])
+                self._rows_failed[shard] = exc
                 self._rows_changed.notify_all()
 
     async def flush_rows(self, shard: int, seq: int) -> None:
-        """Wait until the rows of the shard's batches up to ``seq`` are written."""
-        def done() -> bool:
+        """Wait until the rows of the shard's batches up to ``seq`` are written.
+
+        Raises:
+            StoreUnavailable: the shard's row writer stopped before writing them.
+        """
+        def written() -> bool:
             pending = self._rows_pending.get(shard)
             return self._closed or not pending or pending[0][0] > seq
+
         async with self._rows_changed:
-            await self._rows_changed.wait_for(done)
+            await self._rows_changed.wait_for(
+                lambda: written() or shard in self._rows_failed)
+        if not written():
+            self._raise_if_rows_failed(shard)
 
     @staticmethod
     def _refused(shard: int, epoch: int, seq: int, found: dict) -> Fenced:
@@ -754,46 +988,98 @@ class CassandraStore:
     async def journal_position(self, shard: int) -> tuple[int, int, int]:
         """(epoch, last batch number, batch number of the latest snapshot) of a shard."""
         heads, snaps = await asyncio.gather(self._read(self._q_head, (shard,)),
-                                            self._read(self._q_snapshot_seq, (shard,)))
+                                            self._read(self._q_snapshot_mark_latest, (shard,)))
         epoch = (heads[0]["epoch"] or 0) if heads else 0
         head = (heads[0]["head"] or 0) if heads else 0
         return epoch, head, (snaps[0]["seq"] if snaps else 0)
 
     async def load(self, shard: int) -> LoadedShard:
-        """Read the latest snapshot and every batch after it, in order, page by page.
+        """Read the latest complete snapshot and every batch after it, in order, page by page.
 
         The head is read along and the batches are checked to run without gaps from the
         snapshot up to at least that head, so a read that missed batches fails loudly
-        instead of handing the new owner a shortened journal.
+        instead of handing the new owner a shortened journal. If the journal starts after
+        the snapshot read (another owner's compaction saved a newer snapshot and truncated
+        the journal meanwhile), the load starts again from the newer snapshot.
 
         Raises:
-            StoreUnavailable: the store could not be reached, or the journal read came back
-                incomplete.
+            StoreUnavailable: the store could not be reached, the journal read came back
+                incomplete, or it raced truncations ``SNAPSHOT_LOAD_ATTEMPTS_MAX`` times.
         """
-        snapshot_rows, head_rows = await asyncio.gather(
-            self._read(self._q_snapshot_latest, (shard,)), self._read(self._q_head, (shard,)))
-        snapshot, snapshot_seq = None, 0
-        if snapshot_rows:
-            snapshot, snapshot_seq = snapshot_rows[0]["snapshot"], snapshot_rows[0]["seq"]
-        head = (head_rows[0]["head"] if head_rows else None) or 0
-        batches: list[JournalBatch] = []
-        after = snapshot_seq
-        while True:
-            page = await self.read_journal(shard, after, JOURNAL_PAGE_BATCHES)
-            batches.extend(page)
-            if len(page) < JOURNAL_PAGE_BATCHES:
-                break
-            after = page[-1].seq
-        expected = snapshot_seq + 1
-        for batch in batches:
-            if batch.seq != expected:
-                raise StoreUnavailable(f"shard {shard}: journal read has a gap before batch "
-                                       f"{batch.seq} (expected {expected})")
-            expected += 1
-        if expected - 1 < head:
-            raise StoreUnavailable(f"shard {shard}: journal read ended at batch {expected - 1}, "
-                                   f"head is {head}")
-        return LoadedShard(snapshot, snapshot_seq, batches)
+        for _ in range(SNAPSHOT_LOAD_ATTEMPTS_MAX):
+            head_rows = await self._read(self._q_head, (shard,))
+            snapshot_seq, snapshot = await self.load_snapshot(shard)
+            head = (head_rows[0]["head"] if head_rows else None) or 0
+            batches: list[JournalBatch] = []
+            after = snapshot_seq
+            while True:
+                page = await self.read_journal(shard, after, JOURNAL_PAGE_BATCHES)
+                batches.extend(page)
+                if len(page) < JOURNAL_PAGE_BATCHES:
+                    break
+                after = page[-1].seq
+            if ((not batches and head > snapshot_seq)
+                    or (batches and batches[0].seq > snapshot_seq + 1)):
+                # The first batches after the snapshot are missing: truncated under us if a
+                # newer snapshot covers them now (load again from it), else a broken read.
+                newer, _ = await self._latest_mark_seq(shard)
+                if newer > snapshot_seq:
+                    continue
+            expected = snapshot_seq + 1
+            for batch in batches:
+                if batch.seq != expected:
+                    raise StoreUnavailable(f"shard {shard}: journal read has a gap before "
+                                           f"batch {batch.seq} (expected {expected})")
+                expected += 1
+            if expected - 1 < head:
+                raise StoreUnavailable(f"shard {shard}: journal read ended at batch "
+                                       f"{expected - 1}, head is {head}")
+            return LoadedShard(snapshot, snapshot_seq, batches)
+        raise StoreUnavailable(f"shard {shard}: the journal was truncated under every one of "
+                               f"{SNAPSHOT_LOAD_ATTEMPTS_MAX} loads")
+
+    async def _latest_mark_seq(self, shard: int) -> tuple[int, dict | None]:
+        rows = await self._read(self._q_snapshot_mark_latest, (shard,))
+        return (rows[0]["seq"], rows[0]) if rows else (0, None)
+
+    async def load_snapshot(self, shard: int) -> tuple[int, bytes | None]:
+        """(seq, bytes) of the latest complete snapshot, or (0, None).
+
+        Reads the newest completion mark, then its parts (``SNAPSHOT_PARTS_PER_READ`` per
+        round trip), and checks their number, size and digest. Parts dropped under the read
+        (a newer snapshot completed meanwhile) make it start again from the newer mark.
+
+        Raises:
+            StoreUnavailable: the store could not be reached, the parts kept vanishing, or
+                they do not match their mark (a damaged snapshot is never loaded).
+        """
+        for _ in range(SNAPSHOT_LOAD_ATTEMPTS_MAX):
+            seq, mark = await self._latest_mark_seq(shard)
+            if mark is None:
+                return 0, None
+            digest, count = mark["digest"], mark["parts"]
+            parts: list[bytes] = []
+            while len(parts) < count:
+                rows = await self._read(self._q_snapshot_parts, (
+                    shard, seq, digest, len(parts),
+                    min(SNAPSHOT_PARTS_PER_READ, count - len(parts))))
+                if not rows or rows[0]["part"] != len(parts):
+                    break
+                parts.extend(r["data"] for r in rows)
+            if len(parts) < count:
+                newer, _ = await self._latest_mark_seq(shard)
+                if newer > seq:
+                    continue  # replaced while we read it: read the newer one
+                raise StoreUnavailable(f"shard {shard}: snapshot {seq} is marked complete "
+                                       f"with {count} parts, but only {len(parts)} were read")
+            snapshot = b"".join(parts)
+            found = await asyncio.to_thread(_snapshot_digest, snapshot)
+            if len(snapshot) != mark["size"] or found != digest:
+                raise StoreUnavailable(f"shard {shard}: snapshot {seq} does not match its "
+                                       f"mark ({len(snapshot)} bytes, {mark['size']} marked)")
+            return seq, snapshot
+        raise StoreUnavailable(f"shard {shard}: snapshots kept being replaced during "
+                               f"{SNAPSHOT_LOAD_ATTEMPTS_MAX} reads")
 
     async def read_journal(self, shard: int, after_seq: int = 0,
                            limit: int = 1000) -> list[JournalBatch]:
@@ -812,30 +1098,81 @@ class CassandraStore:
             after_seq = rows[-1]["seq"]
         return out
 
-    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> None:
-        """Store a snapshot after batch ``seq``, then drop older ones.
+    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> bool:
+        """Store a snapshot after batch ``seq`` in parts, mark it complete, drop older ones.
 
-        The insert comes first, so a failure in between leaves two snapshots, never none.
-        A late snapshot of a lower ``seq`` (from a deposed writer) cannot replace a newer
-        one: load takes the highest ``seq``. A snapshot is one cell, so it must stay below
-        Cassandra's mutation size limit (half the commit log segment, 16 MB by default).
+        Order: the rows of the batches up to ``seq`` (views: once the journal before the
+        snapshot is truncated, no replay rewrites them), the parts (``SNAPSHOT_PART_BYTES``
+        each, ``SNAPSHOT_PARTS_IN_FLIGHT`` at a time), then the completion mark, then one
+        range delete of older parts and marks. A failure before the mark leaves the previous
+        snapshot in force (the parts are garbage the next save's range delete drops); one
+        after it leaves a complete snapshot. Parts and mark are written at QUORUM (in the
+        local durability mode LOCAL_QUORUM): as durable as a journal append, because the
+        journal they cover is deleted next.
+
+        Returns:
+            False if a complete snapshot at ``seq`` or above exists (nothing is written).
 
         Raises:
-            StoreUnavailable: the store could not be reached (the snapshot may be written).
+            StoreUnavailable: the store could not be reached (some parts may be written).
         """
-        # A snapshot bounds replay, and replay is what rewrites rows lost in a crash: the
-        # rows of every batch it covers must be written first.
         await self.flush_rows(shard, seq)
+        latest, _ = await self._latest_mark_seq(shard)
+        if latest >= seq:
+            return False
+        digest, parts = await asyncio.to_thread(_snapshot_split, bytes(snapshot),
+                                                SNAPSHOT_PART_BYTES)
+        statements = [self._q_snapshot_part_put.bind((shard, seq, digest, i, part))
+                      for i, part in enumerate(parts)]
         try:
-            await self._run(self._q_snapshot_put, (shard, seq, bytes(snapshot)))
-            await self._run(self._q_snapshot_drop_older, (shard, seq))
+            await _Fanout(self._session, asyncio.get_running_loop(), statements,
+                          SNAPSHOT_PARTS_IN_FLIGHT, self._timeout_s).start()
+            if failpoints.fault("store.snapshot_before_marker"):
+                raise StoreUnavailable(f"failpoint: snapshot of shard {shard} at {seq}: parts "
+                                       f"written, mark not")
+            await self._run(self._q_snapshot_mark_put,
+                            (shard, seq, digest, len(parts), len(snapshot)))
         except _DRIVER_ERRORS as exc:
-            raise StoreUnavailable(f"snapshot of shard {shard}: {exc}") from exc
+            raise StoreUnavailable(f"snapshot of shard {shard} at {seq}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+        try:
+            await self._run(self._q_snapshot_marks_drop_older, (shard, seq))
+            await self._run(self._q_snapshot_parts_drop_older, (shard, seq))
+        except _DRIVER_ERRORS as exc:  # the snapshot is complete; the next save drops them
+            log.warning("shard %d: older snapshots not dropped yet: %s", shard, exc)
+        return True
+
+    async def truncate_journal(self, shard: int, through_seq: int) -> None:
+        """Delete the batches numbered ``through_seq`` and below: ONE range tombstone.
+
+        The static epoch and head are not touched (a range delete of clustering rows leaves
+        the partition's static row). Reads start after the latest snapshot (``seq > ?``), so
+        they seek past the tombstoned range instead of scanning it.
+
+        Raises:
+            ValueError: no complete snapshot at ``through_seq`` or above.
+            StoreUnavailable: the store could not be reached.
+        """
+        latest, _ = await self._latest_mark_seq(shard)
+        if latest < through_seq:
+            raise ValueError(f"shard {shard}: no complete snapshot covers batch {through_seq} "
+                             f"(latest: {latest or 'none'}); the journal stays")
+        try:
+            await self._run(self._q_journal_truncate, (shard, through_seq))
+        except _DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"truncation of shard {shard} through {through_seq}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
 
     # --- materialized rows ------------------------------------------------------------
 
-    def _row_statements(self, shard: int, rows: Iterable[Row]) -> list[Statement]:
-        """Upserts for ``rows``, packed into few requests; of rows with one key the last wins.
+    def _row_statements(self, shard: int,
+                        rows: Iterable[tuple[str, Any, int]]) -> list[Statement]:
+        """Upserts for ``rows`` (kind, value, batch seq), packed into few requests.
+
+        Every upsert is stamped ``USING TIMESTAMP`` with its batch's journal position
+        (``_row_timestamp``), so a row of an older batch never overwrites one of a newer
+        batch, whatever order requests arrive in. Of rows with one key, the one of the
+        highest batch wins, and among those the last.
 
         The Python driver spends about 0.25 ms of CPU per request, which dominated appends
         with rows (300 rows: 52 ms of client CPU as single statements). So rows are packed
@@ -847,37 +1184,44 @@ class CassandraStore:
         partition and go as one single-partition batch, which has no size limit but the
         mutation size.
         """
-        wallets: dict[str, Wallet] = {}
-        entries: dict[tuple[str, int], Entry] = {}
-        transfers: dict[str, Transfer] = {}
-        for kind, value in rows:
+        wallets: dict[str, tuple[Wallet, int]] = {}
+        entries: dict[tuple[str, int], tuple[Entry, int]] = {}
+        transfers: dict[str, tuple[Transfer, int]] = {}
+
+        def keep(table: dict, key: Any, value: Any, seq: int) -> None:
+            held = table.get(key)
+            if held is None or held[1] <= seq:
+                table[key] = (value, seq)
+
+        for kind, value, seq in rows:
+            ts = _row_timestamp(seq)
             if kind == "wallet":
-                wallets[value.wallet_id] = value
+                keep(wallets, value.wallet_id, value, ts)
             elif kind == "entry":
-                entries[(value.wallet_id, value.version)] = value
+                keep(entries, (value.wallet_id, value.version), value, ts)
             elif kind == "transfer":
-                transfers[value.transfer_id] = value
+                keep(transfers, value.transfer_id, value, ts)
             else:
                 raise ValueError(f"unknown row kind {kind!r}")
         upserts: list[tuple[PreparedStatement, tuple, int]] = []
         wallet_values = [(shard, w.wallet_id, w.currency, w.balance_minor, w.held_minor,
-                          w.version, w.allow_negative, w.frozen, w.created_at_ms)
-                         for w in wallets.values()]
+                          w.version, w.allow_negative, w.frozen, w.created_at_ms, ts)
+                         for w, ts in wallets.values()]
         for v in wallet_values:
             upserts.append((self._q_wallet_put, v, 80 + len(v[1]) + len(v[2])))
-        for e in entries.values():
+        for e, ts in entries.values():
             upserts.append((self._q_entry_put,
                             (e.wallet_id, e.version, e.transfer_id, e.kind, e.amount_minor,
                              e.balance_after_minor, e.counterparty_wallet_id, e.currency,
-                             e.at_ms),
+                             e.at_ms, ts),
                             100 + len(e.wallet_id) + len(e.transfer_id)
                             + len(e.counterparty_wallet_id) + len(e.kind) + len(e.currency)))
-        for t in transfers.values():
+        for t, ts in transfers.values():
             upserts.append((self._q_transfer_put,
                             (shard, t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
                              t.amount_minor, t.currency, t.memo, t.caller, t.idempotency_key,
                              t.created_at_ms, t.state, t.status, t.status_field,
-                             t.status_detail, t.credited),
+                             t.status_detail, t.credited, ts),
                             160 + sum(len(x) for x in (
                                 t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
                                 t.currency, t.memo, t.caller, t.idempotency_key, t.state,
@@ -915,14 +1259,19 @@ class CassandraStore:
                 return host.endpoint
         return None
 
-    async def write_rows(self, shard: int, rows: Iterable[Row]) -> None:
-        """Upsert materialized rows, concurrently (idempotent; used by replay).
+    async def write_rows(self, shard: int, rows: Iterable[Row | PositionedRow],
+                         seq: int | None = None) -> None:
+        """Upsert materialized rows as of journal batch ``seq``, concurrently (idempotent;
+        used by replay). Each upsert is stamped with its row's position (its own third
+        element, else ``seq``), so it never replaces a row of a newer batch.
 
         Raises:
+            ValueError: a row has no position.
             StoreUnavailable: some rows could not be written (others may have been).
         """
+        positioned = rows_at(rows, seq)
         try:
-            await self._write_all(self._row_statements(shard, rows))
+            await self._write_all(self._row_statements(shard, positioned))
         except _DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"rows of shard {shard}: {type(exc).__name__}: "
                                    f"{exc}") from exc

@@ -3,6 +3,9 @@
 Every adapter (``sqlite``, ``cassandra``) implements ``JournalStore`` and passes the same
 contract suite (``tests/contract``). The journal of a shard is a sequence of batches numbered
 1, 2, 3, ... without gaps; each batch holds the codec-encoded events of one group commit.
+Snapshots (``save_snapshot``) bound what a new owner replays; the batches a complete snapshot
+covers may then be truncated (``truncate_journal``), so the journal's first batch is the one
+after the latest snapshot, or 1 (``ledger.compaction``).
 """
 
 from __future__ import annotations
@@ -54,6 +57,26 @@ class LoadedShard:
 
 
 Row = tuple[str, Wallet | Entry | Transfer]
+# A row with the journal position (batch ``seq``) of the batch that produced it.
+PositionedRow = tuple[str, Wallet | Entry | Transfer, int]
+
+
+def rows_at(rows: Iterable[Row | PositionedRow], seq: int | None) -> list[PositionedRow]:
+    """``write_rows``' rows as (kind, value, seq): a row's own seq, else ``seq``.
+
+    Raises:
+        ValueError: a row has no position and ``seq`` is None.
+    """
+    out: list[PositionedRow] = []
+    for row in rows:
+        if len(row) == 3:
+            out.append(row)  # type: ignore[arg-type]
+        elif seq is None:
+            raise ValueError("write_rows needs the journal position of its rows: pass seq= "
+                             "(the batch the rows are as of) or (kind, value, seq) rows")
+        else:
+            out.append((row[0], row[1], seq))
+    return out
 
 
 class JournalStore(Protocol):
@@ -73,7 +96,26 @@ class JournalStore(Protocol):
         ...
 
     async def load(self, shard: int) -> LoadedShard:
-        """Read the latest snapshot and every batch after it, in order."""
+        """Read the latest complete snapshot and every batch after it, in order.
+
+        The batches run without gaps from the snapshot's ``seq + 1`` to the journal head. A
+        snapshot saved and a journal truncated while the load runs (another owner's
+        compaction) do not make it fail or miss batches: it starts again from the newer
+        snapshot (a bounded number of times).
+
+        Raises:
+            StoreUnavailable: the store could not be reached, or the read kept racing
+                truncations, or came back incomplete.
+        """
+        ...
+
+    async def load_snapshot(self, shard: int) -> tuple[int, bytes | None]:
+        """(seq, bytes) of the latest complete snapshot, or (0, None) if there is none.
+
+        Raises:
+            StoreUnavailable: the store could not be reached, or the snapshot's parts were
+                dropped under the read more often than retried (a newer one replaced it).
+        """
         ...
 
     async def append(self, shard: int, epoch: int, seq: int, events: bytes,
@@ -84,8 +126,12 @@ class JournalStore(Protocol):
         serial quorum spanning regions). ``rows`` are the materialized rows the batch
         changes. They are views: an adapter may write them in the same transaction (SQLite)
         or behind the journal, in journal order per shard and with a bounded lag
-        (Cassandra); ``save_snapshot`` writes them first, and on load the rows of batches
-        after the snapshot are written again.
+        (Cassandra), each stamped with position ``seq`` so that a late write of an older
+        batch (a deposed owner's row writer) never replaces a newer row; ``save_snapshot``
+        writes them first, and on load the rows of batches after the snapshot are written
+        again. If rows cannot be written for a reason other than the store being
+        unreachable, later appends of the shard fail with ``StoreUnavailable`` until the
+        shard is fenced again; they never wait forever.
 
         Raises:
             Fenced: ``epoch`` is not the recorded epoch, or batch ``seq`` exists.
@@ -95,24 +141,77 @@ class JournalStore(Protocol):
         ...
 
     async def journal_position(self, shard: int) -> tuple[int, int, int]:
-        """(writer epoch, last batch number, batch number of the latest snapshot)."""
+        """(writer epoch, last batch number, batch number of the latest complete snapshot)."""
         ...
 
     async def flush_rows(self, shard: int, seq: int) -> None:
         """Return once the rows of the shard's batches up to ``seq`` are written."""
         ...
 
-    async def write_rows(self, shard: int, rows: Iterable[Row]) -> None:
-        """Upsert materialized rows (idempotent; used when replaying after a load)."""
+    async def write_rows(self, shard: int, rows: Iterable[Row | PositionedRow],
+                         seq: int | None = None) -> None:
+        """Upsert materialized rows as of journal batch ``seq`` (used by replay after a load).
+
+        Each row carries a journal position: its own third element, else ``seq``. ``seq``
+        may be the last batch replayed so far: a row then states its key's value as of that
+        batch, which is true for every row the batches up to ``seq`` produced. An adapter
+        must never let a row of an older position replace one of a newer position of the
+        same key (a deposed owner's late writes, replays of older batches): Cassandra
+        stamps each upsert with its position as the write timestamp; SQLite already holds
+        the rows of every journaled batch (written in the append's own transaction) and
+        skips rows at or below the shard's journal head. Idempotent.
+
+        Raises:
+            ValueError: a row has no position (neither its own nor ``seq``).
+            StoreUnavailable: some rows could not be written (others may have been).
+        """
         ...
 
-    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> None:
-        """Store a snapshot of the state after batch ``seq``. Older snapshots may be dropped."""
+    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> bool:
+        """Store a snapshot of the state after batch ``seq``, then drop older snapshots.
+
+        ``snapshot`` may be far larger than one store write may be (Cassandra refuses a
+        mutation above 16 MiB): an adapter stores it in parts, and the snapshot counts
+        (for ``load``, ``load_snapshot``, ``truncate_journal``) only once every part and,
+        last, a small completion marker are durable, as durable as a journal append. A save
+        that fails midway leaves the previous snapshot in force; its parts are garbage that a
+        later save drops. The rows of the batches up to ``seq`` are written first (they are
+        views; once the journal before the snapshot is truncated, no replay rewrites them).
+
+        A snapshot never replaces a newer one: if a complete snapshot at ``seq`` or above
+        exists (a deposed owner's late save), nothing is written and False is returned.
+        Two saves of one ``seq`` hold the same state (snapshots are built from the durable
+        journal and encoded deterministically); either may win.
+
+        Returns:
+            True if the snapshot is complete and the latest.
+
+        Raises:
+            StoreUnavailable: the store could not be reached (some parts may be written).
+        """
+        ...
+
+    async def truncate_journal(self, shard: int, through_seq: int) -> None:
+        """Delete the journal batches numbered ``through_seq`` and below.
+
+        Only batches a complete snapshot covers may go: ``through_seq`` must not exceed the
+        latest complete snapshot's ``seq``. The shard's epoch and head stay. Idempotent.
+
+        Raises:
+            ValueError: no complete snapshot at ``through_seq`` or above.
+            StoreUnavailable: the store could not be reached (some batches may be deleted,
+                always the oldest first or all at once, never leaving a hole).
+        """
         ...
 
     async def read_journal(self, shard: int, after_seq: int = 0,
                            limit: int = 1000) -> list[JournalBatch]:
-        """Batches with number greater than ``after_seq``, in order, at most ``limit``."""
+        """Batches with number greater than ``after_seq``, in order, at most ``limit``.
+
+        Batches up to the latest complete snapshot may have been truncated: a reader that
+        wants the whole history starts from ``load_snapshot`` and reads after its ``seq``
+        (``ledger.reconcile`` does); reading from 0 returns what is left.
+        """
         ...
 
     async def list_entries(self, wallet_id: str, after_version: int,

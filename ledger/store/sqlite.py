@@ -15,9 +15,11 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ledger import failpoints
 from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
-from ledger.store.port import Fenced, JournalBatch, LoadedShard, Row, StoreUnavailable
+from ledger.store.port import (Fenced, JournalBatch, LoadedShard, PositionedRow, Row,
+                               StoreUnavailable, rows_at)
 
 # Calls folded into one transaction at most; the rest wait for the next one.
 GROUP_COMMIT_CALLS_MAX = 512
@@ -168,11 +170,29 @@ class SqliteStore:
     async def flush_rows(self, shard: int, seq: int) -> None:
         """Rows are written in the append's own transaction: nothing is ever pending."""
 
-    async def write_rows(self, shard: int, rows: Iterable[Row]) -> None:
-        await self._call(_write_rows, shard, list(rows))
+    async def write_rows(self, shard: int, rows: Iterable[Row | PositionedRow],
+                         seq: int | None = None) -> None:
+        """Upsert rows of positions above the shard's journal head (see the port).
 
-    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> None:
-        await self._call(_save_snapshot, shard, seq, snapshot)
+        The rows of every journaled batch were written by its append, in the same
+        transaction, so they are here already and at least as new as any replayed row: rows
+        at or below the head are skipped (a deposed owner's late replay cannot roll them
+        back, and a replay writes nothing). Rows above the head only come from callers that
+        write rows without a journal (tests); they are upserted.
+        """
+        await self._call(_write_positioned_rows, shard, rows_at(rows, seq))
+
+    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> bool:
+        """Store the snapshot as one row, in one transaction: it is complete or absent, so
+        SQLite needs no parts or marker (a blob may be up to 1 GB). A snapshot of a lower
+        ``seq`` than the stored one is refused (False): it never replaces a newer one."""
+        return await self._call(_save_snapshot, shard, seq, bytes(snapshot))
+
+    async def load_snapshot(self, shard: int) -> tuple[int, bytes | None]:
+        return await self._call(_load_snapshot, shard)
+
+    async def truncate_journal(self, shard: int, through_seq: int) -> None:
+        await self._call(_truncate_journal, shard, through_seq)
 
     async def read_journal(self, shard: int, after_seq: int = 0,
                            limit: int = 1000) -> list[JournalBatch]:
@@ -220,6 +240,13 @@ def _append(db: sqlite3.Connection, shard: int, epoch: int, seq: int, events: by
     _write_rows(db, shard, rows)
 
 
+def _write_positioned_rows(db: sqlite3.Connection, shard: int,
+                           rows: list[PositionedRow]) -> None:
+    row = db.execute("SELECT head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
+    head = row[0] if row else 0
+    _write_rows(db, shard, [(kind, value) for kind, value, seq in rows if seq > head])
+
+
 def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     wallets: dict[str, Wallet] = {}
     transfers: dict[str, Transfer] = {}
@@ -252,9 +279,29 @@ def _journal_position(db: sqlite3.Connection, shard: int) -> tuple[int, int, int
     return (head[0] if head else 0, head[1] if head else 0, snap[0] if snap else 0)
 
 
-def _save_snapshot(db: sqlite3.Connection, shard: int, seq: int, snapshot: bytes) -> None:
+def _save_snapshot(db: sqlite3.Connection, shard: int, seq: int, snapshot: bytes) -> bool:
+    row = db.execute("SELECT seq FROM snapshots WHERE shard = ?", (shard,)).fetchone()
+    if row is not None and row[0] >= seq:
+        return False  # a newer (or the same) snapshot is there: a late save changes nothing
     db.execute("INSERT OR REPLACE INTO snapshots (shard, seq, snapshot) VALUES (?, ?, ?)",
                (shard, seq, snapshot))
+    if failpoints.fault("store.snapshot_before_marker"):
+        # The whole save is one savepoint: failing here rolls it back (nothing half-saved).
+        raise StoreUnavailable(f"failpoint: snapshot of shard {shard} at {seq} not completed")
+    return True
+
+
+def _load_snapshot(db: sqlite3.Connection, shard: int) -> tuple[int, bytes | None]:
+    row = db.execute("SELECT seq, snapshot FROM snapshots WHERE shard = ?", (shard,)).fetchone()
+    return (row[0], bytes(row[1])) if row else (0, None)
+
+
+def _truncate_journal(db: sqlite3.Connection, shard: int, through_seq: int) -> None:
+    row = db.execute("SELECT seq FROM snapshots WHERE shard = ?", (shard,)).fetchone()
+    if row is None or row[0] < through_seq:
+        raise ValueError(f"shard {shard}: no snapshot covers batch {through_seq} "
+                         f"(latest: {row[0] if row else 'none'}); the journal stays")
+    db.execute("DELETE FROM journal WHERE shard = ? AND seq <= ?", (shard, through_seq))
 
 
 def _load(db: sqlite3.Connection, shard: int) -> LoadedShard:

@@ -1,0 +1,138 @@
+"""The Cassandra row writer (materialized views behind the journal), on the real cluster.
+
+* Defect 9: a deposed owner's row writer that writes late must not roll the views back. Each
+  row upsert is stamped with its batch's journal position (``USING TIMESTAMP``), so a newer
+  batch's row wins whatever order the writes arrive in.
+* Defect 3 (its row-writer part): a row writer stopped by an error that is not a driver error
+  must not leave the shard stalled: flushes and appends fail with ``StoreUnavailable``, and a
+  new fence (a reload or a new owner) starts the rows afresh.
+
+Two ``CassandraStore`` instances on one keyspace play the deposed and the new owner, like two
+nodes. The deposed one's row writer is held at a gate (an ``asyncio.Event``) so that "late"
+is an order of events, not a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from ledger.core.model import Entry, Transfer, Wallet
+from ledger.store.port import StoreUnavailable
+
+pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
+
+# A bound for awaits that must not hang (the failure mode under test is a hang).
+NO_HANG_S = 30.0
+
+
+def wallet(wallet_id: str, balance_minor: int = 0, version: int = 0, **kw) -> Wallet:
+    return Wallet(wallet_id, "CNY", balance_minor=balance_minor, version=version, **kw)
+
+
+def entry(wallet_id: str, version: int, amount_minor: int = 100) -> Entry:
+    return Entry(wallet_id, version, f"t{version}", "TRANSFER", amount_minor,
+                 amount_minor * version, "~settlement:CNY:0", "CNY", 1_700_000_000_000 + version)
+
+
+def transfer(transfer_id: str, **kw) -> Transfer:
+    return Transfer(transfer_id, "TRANSFER", "alice", "bob", 100, "CNY", "memo", "caller",
+                    f"key-{transfer_id}", 1_700_000_000_000, **kw)
+
+
+def events(shard: int, seq: int) -> bytes:
+    return f"w:{shard}:{seq}".encode() * 8
+
+
+async def journal(store, shard: int) -> list[tuple[int, int, bytes]]:
+    return [(b.seq, b.epoch, b.events) for b in await store.read_journal(shard, 0, 1000)]
+
+
+async def _second_store(local_cluster, store):
+    from ledger.store.cassandra import CassandraStore
+
+    return await CassandraStore.connect(
+        [local_cluster.contact_points["r1"]], local_cluster.cql_port, local_dc="r1",
+        keyspace=store._keyspace, create_schema=False, require_region_survival=False)
+
+
+async def _writetime(store, table: str, column: str, key_column: str, key: str) -> int:
+    rows = await asyncio.to_thread(
+        store._session.execute,
+        f"SELECT WRITETIME({column}) AS ts FROM {store._keyspace}.{table} "
+        f"WHERE {key_column} = %s", (key,))
+    return rows.one()["ts"]
+
+
+async def test_a_deposed_owners_late_row_writer_cannot_roll_back_newer_rows(
+        cassandra_store, local_cluster, fresh_shard, monkeypatch):
+    new_owner, shard = cassandra_store, fresh_shard
+    wid, tid = f"late-w-{shard}", f"late-t-{shard}"
+    old_rows = [("wallet", wallet(wid, 100, 1)), ("entry", entry(wid, 1, 100)),
+                ("transfer", transfer(tid, state="PENDING"))]
+    new_rows = [("wallet", wallet(wid, 70, 2, held_minor=20)), ("entry", entry(wid, 2, -30)),
+                ("transfer", transfer(tid, state="COMMITTED", credited=True))]
+    deposed = await _second_store(local_cluster, new_owner)
+    gate, holding = asyncio.Event(), asyncio.Event()
+    real_write_all = deposed._write_all
+
+    async def late_write_all(statements):
+        holding.set()
+        await gate.wait()
+        await real_write_all(statements)
+
+    monkeypatch.setattr(deposed, "_write_all", late_write_all)
+    try:
+        await deposed.fence(shard, 1)
+        await deposed.append(shard, 1, 1, events(shard, 1), old_rows)  # acknowledged
+        await asyncio.wait_for(holding.wait(), NO_HANG_S)  # its rows wait at the gate
+        # The deposed owner loses the shard; the new owner appends the next batch.
+        await new_owner.fence(shard, 2)
+        await new_owner.append(shard, 2, 2, events(shard, 2), new_rows)
+        await new_owner.flush_rows(shard, 2)
+        assert await new_owner.scan_wallets(shard) == [wallet(wid, 70, 2, held_minor=20)]
+        # Now the deposed owner's row writer writes batch 1's rows, after batch 2's.
+        gate.set()
+        await asyncio.wait_for(deposed.flush_rows(shard, 1), NO_HANG_S)
+        assert await new_owner.scan_wallets(shard) == [wallet(wid, 70, 2, held_minor=20)]
+        assert await new_owner.get_transfer(tid) == transfer(tid, state="COMMITTED",
+                                                             credited=True)
+        assert await new_owner.list_entries(wid, 0, 10) == [entry(wid, 1, 100),
+                                                             entry(wid, 2, -30)]
+        # The stamps are the journal positions (see ROW_TIMESTAMP_BASE).
+        from ledger.store.cassandra import ROW_TIMESTAMP_BASE
+        assert await _writetime(new_owner, "wallets", "balance_minor", "wallet_id", wid) \
+            == ROW_TIMESTAMP_BASE + 2
+        assert await _writetime(new_owner, "transfers", "state", "transfer_id", tid) \
+            == ROW_TIMESTAMP_BASE + 2
+    finally:
+        gate.set()
+        await deposed.close()
+
+
+async def test_a_row_writer_stopped_by_a_bug_fails_appends_instead_of_stalling(
+        cassandra_store, fresh_shard, caplog):
+    store, shard = cassandra_store, fresh_shard
+    wid = f"bad-w-{shard}"
+    await store.fence(shard, 1)
+    # A balance past int64: the driver cannot encode it (a TypeError, not a driver error).
+    # The batch itself is durable; only its rows cannot be written.
+    with caplog.at_level(logging.ERROR, logger="ledger.store.cassandra"):
+        await store.append(shard, 1, 1, events(shard, 1), [("wallet", wallet(wid, 2 ** 63, 1))])
+        with pytest.raises(StoreUnavailable, match=f"shard {shard}: the row writer stopped "
+                                                   f"on TypeError"):
+            await asyncio.wait_for(store.flush_rows(shard, 1), NO_HANG_S)
+    assert any(f"shard {shard}: the row writer stopped: TypeError" in r.getMessage()
+               for r in caplog.records)
+    # The next append fails at once, before writing anything (no wait for the lag bound).
+    with pytest.raises(StoreUnavailable, match="appends are refused until the shard is fenced"):
+        await asyncio.wait_for(store.append(shard, 1, 2, events(shard, 2), []), NO_HANG_S)
+    assert await journal(store, shard) == [(1, 1, events(shard, 1))]
+    # A reload fences again (same epoch here): the rows start afresh, appends work again.
+    assert await store.fence(shard, 1) == 1
+    good = wallet(wid, 5, 2)
+    await store.append(shard, 1, 2, events(shard, 2), [("wallet", good)])
+    await asyncio.wait_for(store.flush_rows(shard, 2), NO_HANG_S)
+    assert await store.scan_wallets(shard) == [good]
