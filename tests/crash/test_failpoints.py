@@ -74,17 +74,29 @@ class Case:
     # first claimed there (a journal append of its own, which an owner failpoint may hit
     # first). False: the key's shard is the debit shard and no claim is made.
     claim: bool = False
+    # The failpoint acts on its nth hit: the owner appends a cross-shard transfer's credit
+    # reservation (on the credit shard) before its debit (on the debit shard).
+    nth: int = 1
+
+    @property
+    def spec(self) -> str:
+        return self.failpoint + (f"@{self.nth}" if self.nth > 1 else "")
 
     @property
     def id(self) -> str:
-        return self.failpoint + ("+claim" if self.claim else "")
+        return self.spec + ("+claim" if self.claim else "")
 
 
 CASES = [
     Case("coordinator.after_reserve", False, "fresh", 2),
     Case("coordinator.after_post", False, "replayed", 2),
     Case("owner.before_append", False, "fresh", 1),
-    Case("owner.after_append", False, "replayed", 1),
+    # The credit reservation is journaled, then the owner dies: the retry reuses it and
+    # commits afresh.
+    Case("owner.after_append", False, "fresh", 1),
+    # The reservation and the debit are journaled, then the owner dies: the retry gets the
+    # record.
+    Case("owner.after_append", False, "replayed", 1, nth=2),
     # The claim is journaled, then the owner dies before the transfer is: nothing moved, the
     # retry's claim matches and the transfer commits afresh.
     Case("owner.after_append", False, "fresh", 1, claim=True),
@@ -209,7 +221,7 @@ async def test_crash_at_failpoint(local_cluster, tmp_path, case: Case):
 
         # Restart the node with the failpoint armed; a clean stop gives the shards up at once.
         node.stop()
-        start_node(node, case.failpoint)
+        start_node(node, case.spec)
         async with LedgerClient(node.address, caller=CALLER, timeout_s=30.0,
                                 retries=False) as first:
             if case.chain:
