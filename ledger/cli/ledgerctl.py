@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from ledger.store.port import StoreError
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.reconcile import CHECKS, Report, reconcile
 
@@ -330,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"reconcile": _reconcile, "shards": _shards, "failover": _failover,
                 "failback": _failback, "move-shard": _move_shard,
                 "replication": _replication}
-    return asyncio.run(handlers[args.command](args))
+    try:
+        return asyncio.run(handlers[args.command](args))
+    except StoreError as exc:
+        # The store could not be reached or is not a ledger: say so, without a traceback.
+        print(f"ledgerctl {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
