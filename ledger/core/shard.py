@@ -499,6 +499,17 @@ class ShardState:
             return refuse(Status.HOLD_NOT_ACTIVE, "hold_id", "hold has expired")
         return hold
 
+    def _expiry_made_durable(self, hold_id: str, now_ms: int) -> list[Event]:
+        """A capture or release refused because its hold has expired (by the request's
+        clock) while the sweep has not yet expired it: journal the expiry with the refusal.
+        Otherwise an older copy of a request, stamped before the expiry and delivered late,
+        could still capture or release the hold the caller was told had expired."""
+        hold = self.holds.get(hold_id)
+        if (hold is None or hold.chain_id or hold.state != HOLD_HELD
+                or now_ms < hold.expires_at_ms):
+            return []
+        return [HoldReleased(hold_id, HOLD_EXPIRED, now_ms)]
+
     def _decide_capture_hold(self, cmd: CaptureHold) -> tuple[Outcome, list[Event]]:
         known = self.holds.get(cmd.hold_id)
         # The fingerprint holds the amount captured: "all" (0) is the hold's amount.
@@ -523,7 +534,7 @@ class ShardState:
             return lapsed, []
         hold = self._active_hold(cmd.hold_id, cmd.now_ms)
         if isinstance(hold, Outcome):
-            return hold, []
+            return hold, self._expiry_made_durable(cmd.hold_id, cmd.now_ms)
         amount = resolved
         refusal: Outcome | None = None
         if amount > hold.amount_minor:
@@ -574,7 +585,7 @@ class ShardState:
             return ok(self.holds[cmd.hold_id].copy(), replayed=True), []
         hold = self._active_hold(cmd.hold_id, cmd.now_ms)
         if isinstance(hold, Outcome):
-            return hold, []
+            return hold, self._expiry_made_durable(cmd.hold_id, cmd.now_ms)
         event = HoldReleased(hold.hold_id, HOLD_RELEASED, cmd.now_ms, cmd.caller,
                              cmd.idempotency_key)
         released = hold.copy()
