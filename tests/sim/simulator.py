@@ -1,372 +1,974 @@
-"""A seeded, deterministic simulation of the ledger's core under injected faults.
+"""A seeded fault simulation of the real ledger: real owners, nodes, routers and coordinators.
 
-The real ``Coordinator`` runs unchanged against simulated shards: each shard is the pure
-``ShardState`` plus a durable journal (a list of event batches). Every coordinator-to-shard
-call becomes a pending message; the simulator picks, with a seeded RNG, which message happens
-next and what goes wrong with it:
+What runs is the production code: ``ledger.node.Node`` (one per simulated node) starting and
+stopping real ``ShardOwner``s as the simulated elector gives and takes shards, each node's real
+``Router`` and ``Coordinator``, the real core and codec. What is simulated is everything around
+them, on a virtual clock (``vtime.VirtualClockLoop``) so that seconds of timeouts, leases and
+retries pass in microseconds and the same seed gives the same trace:
 
-* the request is lost (nothing executes; the caller sees SHARD_UNAVAILABLE),
-* the reply is lost (the commands executed and are journaled; the caller sees UNAVAILABLE),
-* the journal append has an unknown outcome (written or not) and the shard owner crashes,
-* a shard owner crashes between steps (in-memory state and reservations lost; replay),
-* a coordinator crashes between steps (its operation is abandoned mid-protocol),
-* credit deliveries of the crediting pipeline are lost, duplicated or delivered stale.
+* the store (``store.FaultyStore``): appends that fail before writing, fail after writing,
+  are lost with an unknown outcome, are slow, or hang past a lease; fences, loads and
+  snapshots that fail; store outages;
+* the network between nodes (``network.Network``): requests and replies lost, requests
+  duplicated and reordered, nodes partitioned;
+* the elector (``Simulation.elect``): shards moved between nodes, re-elected in place, nodes
+  paused past their lease (their owners deposed mid-batch), nodes crashed (owners dropped,
+  writes in flight landing or not) and restarted, each takeover with a higher epoch;
+* clients: a seeded workload of transfers (same and cross shard), deposits, withdrawals,
+  batches with linked chains, holds (create, capture, release, expiry), wallet creations,
+  reads, and idempotency keys used again (same payload; other amount, source, destination,
+  wallet or hold), each retried with its key while the answer is transient.
 
-Clients retry every unknown outcome with the same idempotency key until they get a definitive
-answer. At the end the simulator drains everything and checks: books sum to zero; every
-acknowledged transfer applied exactly once and every refused one never; final balances equal
-initial balances plus acknowledged transfers (the replay check); replaying journals rebuilds
-the live state. The trace of one seed is the same on every run.
+The oracle (``oracle.Oracle``) folds every durable batch as it lands and checks the invariants
+after each one; clients report every definitive answer to it. At the end the faults heal,
+everything drains, and the end state is checked (see ``Simulation.check_end``).
+
+Each seed also draws which faults are on and how often (swarm testing): a seed that never
+loses a reply explores other interleavings than one that loses many.
+
+Why three nodes rather than one router over local owners: the faults then sit where they sit
+in production, on the wire between nodes (a coordinator and an owner on one node call each
+other directly, as they do in ``ledgerd``), and the code on both ends of that wire is the real
+one: the router's retries on ``NotOwner`` and lost connections, stale ownership views, the
+node's takeovers, losses and releases, and per-node leases (a paused node loses every shard at
+once, as under SIGSTOP). Each seed draws the router's retry deadline (50 ms to 2 s), so many
+lost messages reach the coordinator and the client as SHARD_UNAVAILABLE.
+
+What a step costs: the oracle folds each durable batch once (its own books, incrementally),
+and the simulation keeps one running ``ShardState`` fold and a small digest per batch and
+shard (to check snapshots against the journal they claim to summarize); the whole journal is
+replayed from scratch only at the end. About 0.3 s of CPU per seed.
+
+What the harness changes in the code under test, and why (no file of it is edited):
+``ledger.constants.SNAPSHOT_EVERY_BATCHES`` is lowered per seed so that snapshots, truncation
+and loads from snapshots happen in short runs; ``COMPACTION_IN_PROCESS`` is turned off and the
+loop's default executor runs ``asyncio.to_thread`` work inline (a worker process or thread
+would finish at a moment no seed decides); each ``Node``'s router is rebuilt with the seed's
+retry deadline (``Node`` fixes it at 10 s); a node crash stops its owners and cancels every
+task the node started (found through a task factory), since ``Node`` has no crash.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import hashlib
+import logging
 import random
+import weakref
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
-from coordinator import Coordinator, TransferItem
-from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS
-from ledger.core.invariants import ensure
+from coordinator.coordinator import Coordinator, TransferItem, key_shard_of, transfer_id_for
+from ledger import constants as ledger_constants
+from ledger.core import codec
+from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
-    STATE_COMMITTED, AckOutbox, ApplyCredits, DecideChain, FinishChain, TransferDecided,
-    settlement_wallet_id,
+    KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, settlement_wallet_id,
 )
 from ledger.core.shard import ShardState
-from ledger.core.status import Outcome, Status, refuse
-from shard_router import shard_of
+from ledger.core.status import Outcome
+from ledger.node import Node
+from ledger.store.port import JournalBatch
+from shard_router.hashing import shard_of
+from shard_router.ownership import OwnerInfo
+from shard_router.router import Router
+from tests.sim.network import NetFaults, Network, NodeOwnership, NodeTransport
+from tests.sim.oracle import Execution, Oracle
+from tests.sim.store import FaultyStore, StoreFaults
+from tests.sim.vtime import VirtualClockLoop
 
-UNAVAILABLE = refuse(Status.SHARD_UNAVAILABLE, "", "simulated")
-QUIESCE_ROUNDS = 25
+CALLER = "sim"
+# Virtual time 0 is this wall-clock instant (ms): hold and chain deadlines look real.
+EPOCH_MS = 1_700_000_000_000
+# After the faults heal, clients must finish and credits drain within these (virtual s).
+CONVERGE_S_MAX = 300.0
+DRAIN_S_MAX = 120.0
+# The fault phase ends when every client is done or after this long (virtual s).
+FAULT_PHASE_S_MAX = 90.0
+# A run (setup included) that has not ended after this long has failed (virtual s).
+RUN_S_MAX = 60.0 + FAULT_PHASE_S_MAX + CONVERGE_S_MAX + DRAIN_S_MAX + 30.0
 
+_NODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("sim_node", default=None)
 
-@dataclass
-class Faults:
-    lose_request: float = 0.03
-    lose_reply: float = 0.03
-    unknown_append: float = 0.02
-    crash_shard: float = 0.01
-    crash_coordinator: float = 0.02
-    lose_delivery: float = 0.1
-    duplicate_delivery: float = 0.05
-
-
-@dataclass
-class SimShard:
-    shard: int
-    journal: list[list] = field(default_factory=list)
-    state: ShardState | None = None
-    crashes: int = 0
-
-    def __post_init__(self) -> None:
-        self.state = ShardState(self.shard)
-
-    def replay(self) -> ShardState:
-        state = ShardState(self.shard)
-        for batch in self.journal:
-            for event in batch:
-                state.evolve(event)
-            state.seq += 1
-        return state
-
-    def crash_and_recover(self) -> None:
-        self.crashes += 1
-        self.state = self.replay()
-
-    def execute(self, commands: list, rng: random.Random, faults: Faults) -> list[Outcome] | None:
-        """Run commands as an owner's group commit would; None if the outcome is unknown."""
-        state = self.state
-        events: list = []
-        outcomes = []
-        for command in commands:
-            outcome, new = state.decide(command)
-            for event in new:
-                state.evolve(event)
-            events.extend(new)
-            outcomes.append(outcome)
-        if events:
-            if rng.random() < faults.unknown_append:
-                if rng.random() < 0.5:
-                    self.journal.append(events)  # it landed after all
-                self.crash_and_recover()
-                return None
-            self.journal.append(events)
-            state.seq += 1
-        return outcomes
+NEMESIS_KINDS = ("move", "reelect", "pause", "crash", "partition", "outage")
+# What clients do, and how often (relative weights).
+WORKLOAD = {"transfer": 30, "deposit_or_withdraw": 8, "batch": 12, "hold": 12, "reuse": 20,
+            "create_wallet": 4, "read": 6}
 
 
 @dataclass
-class Pending:
-    shard: int
-    commands: list
-    future: asyncio.Future
+class SimConfig:
+    """Everything one seed decides before it runs."""
+
+    seed: int
+    shard_count: int = 4
+    node_count: int = 3
+    clients: int = 5
+    ops_per_client: int = 14
+    think_s_max: float = 0.3  # a client's pause between two requests, at most
+    # A credit applied before its debit is durable fails the run at once (else only the
+    # damage it does is checked: see ``Oracle``).
+    strict_durability: bool = True
+    router_deadline_ms: int = 300
+    snapshot_every_batches: int = 2_000
+    store: StoreFaults = field(default_factory=StoreFaults)
+    net: NetFaults = field(default_factory=NetFaults)
+    nemesis_interval_s: float = 1.5
+    nemesis: dict[str, float] = field(default_factory=lambda: dict.fromkeys(NEMESIS_KINDS, 1.0))
+    workload: dict[str, float] = field(default_factory=lambda: dict(WORKLOAD))
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "SimConfig":
+        rng = random.Random(f"config/{seed}")
+
+        def maybe(low: float, high: float, on: float = 0.7) -> float:
+            return rng.uniform(low, high) if rng.random() < on else 0.0
+
+        store = StoreFaults(
+            append_unavailable=maybe(0.01, 0.04), append_unknown_written=maybe(0.003, 0.02),
+            append_unknown_lost=maybe(0.003, 0.02), append_slow=rng.uniform(0.03, 0.2),
+            append_timeout_unavailable=maybe(0.01, 0.05),
+            append_hang=maybe(0.002, 0.01, 0.5), fence_unavailable=maybe(0.02, 0.15),
+            load_unavailable=maybe(0.02, 0.15), snapshot_unavailable=maybe(0.05, 0.3, 0.4),
+            delay_s_max=rng.choice([0.002, 0.01]))
+        net = NetFaults(lose_request=maybe(0.01, 0.06), lose_reply=maybe(0.01, 0.06),
+                        duplicate=maybe(0.01, 0.06), reorder=maybe(0.05, 0.3))
+        return cls(
+            seed=seed, shard_count=rng.choice([3, 4, 5, 6]), node_count=3,
+            clients=rng.choice([5, 7, 9]), ops_per_client=rng.choice([8, 12, 16]),
+            think_s_max=rng.choice([0.05, 0.3]),
+            router_deadline_ms=rng.choice([50, 300, 2_000]),
+            snapshot_every_batches=rng.choice([4, 16, 64]), store=store, net=net,
+            nemesis_interval_s=rng.choice([0.5, 1.5, 4.0]),
+            nemesis={k: rng.choice([0.0, 1.0, 2.0]) for k in NEMESIS_KINDS})
 
 
-class SimExecutor:
-    """The coordinator's ``ShardExecutor``: every call waits for the simulator to run it."""
+@dataclass
+class SimNode:
+    node_id: str
+    ownership: NodeOwnership
+    node: Node
+    coordinator: Coordinator
+    incarnation: int = 0
+    alive: bool = True
+    paused: bool = False
 
+
+def _digest(state: ShardState) -> tuple:
+    """What a snapshot must agree on with the journal it claims to summarize."""
+    return (tuple(sorted((w.wallet_id, w.balance_minor, w.held_minor, w.version)
+                         for w in state.wallets.values())),
+            tuple(sorted((d, tuple(sorted(items))) for d, items in state.outbox.items())),
+            tuple(sorted(state.outbox_last_seq.items())),
+            tuple(sorted(state.inbox_applied.items())),
+            tuple(sorted((h.hold_id, h.state) for h in state.holds.values())),
+            tuple(sorted(state.chains)), len(state.transfers), len(state.idempotency),
+            len(state.claims))
+
+
+class _TraceHandler(logging.Handler):
     def __init__(self, sim: "Simulation") -> None:
+        super().__init__(logging.WARNING)
         self._sim = sim
 
-    async def execute(self, shard: int, commands: list, wait_credit: bool = False
-                      ) -> list[Outcome]:
-        future = asyncio.get_running_loop().create_future()
-        self._sim.pending.append(Pending(shard, list(commands), future))
-        return await future
-
-
-class NoHistory:
-    async def get_transfer(self, transfer_id):
-        return None
-
-    async def list_entries(self, wallet_id, after_version, limit):
-        return []
-
-
-@dataclass
-class Op:
-    """One client request, retried with the same key until the answer is definitive."""
-
-    key: str
-    items: list[TransferItem]
-    outcome: list[Outcome] | None = None
-    attempts: int = 0
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        line = f"{record.name}: {message}"
+        if "stops serving: " in message:
+            reason = message.split("stops serving: ", 1)[1].split(":", 1)[0]
+            self._sim.count(f"owner stopped: {reason}")
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            line += f" ({type(exc).__name__}: {exc})"
+        self._sim.log(line)
 
 
 class Simulation:
-    def __init__(self, seed: int, shards: int = 4, wallets: int = 8, ops: int = 60,
-                 faults: Faults | None = None) -> None:
-        self.seed = seed
-        self.rng = random.Random(seed)
-        self.faults = faults or Faults()
-        self.shard_count = shards
-        self.shards = [SimShard(s) for s in range(shards)]
-        self.wallets = [f"w{i}" for i in range(wallets)]
-        self.pending: list[Pending] = []
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        seed = config.seed
+        self.rng = random.Random(f"nemesis/{seed}")
+        self.workload_rng = random.Random(f"workload/{seed}")
         self.trace: list[str] = []
-        self.now_ms = 1_000_000
-        self.coordinator = Coordinator(SimExecutor(self), NoHistory(), shards,
-                                       clock_ms=lambda: self.now_ms)
-        self.op_count = ops
-        self.initial: dict[str, int] = {}
-        self.ops: list[Op] = []
+        self.counts: dict[str, int] = {}
+        self.oracle = Oracle(self._violated, config.strict_durability)
+        self.store = FaultyStore(random.Random(f"store/{seed}"), StoreFaults(),
+                                 self._on_batch, self._on_snapshot, self.log, self._on_hang)
+        self.network = Network(self, random.Random(f"net/{seed}"), NetFaults())
+        self.nodes: dict[str, SimNode] = {}
+        self.assigned: dict[int, tuple[str, int]] = {}
+        self.epochs: dict[int, int] = {}
+        self._reelecting: set[int] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._node_tasks: dict[str, weakref.WeakSet] = {}
+        self.folds: dict[int, ShardState] = {}
+        self.digests: dict[int, list[tuple]] = {}
+        self.background_errors: list[str] = []
+        self.healing = False
+        self.failure: str | None = None
+        self._failed: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # The workload's view of the ledger: wallets it may use, and what it did before.
+        self.wallets: dict[str, list[str]] = {"CNY": [], "USD": []}
+        self.singles: list[tuple[str, TransferItem]] = []
+        self.holds: list[dict] = []
+        self.captures: list[dict] = []
+        self.releases: list[tuple[str, str]] = []
+        self.creations: list[tuple[str, str, str]] = []
+        self._keys = 0
+        self.ops_done = 0
+        self.retries = 0
 
-    # --- the scheduler ------------------------------------------------------------------
+    # --- plumbing -----------------------------------------------------------------------
+
+    def now_s(self) -> float:
+        return self.loop.time() if self.loop is not None else 0.0
+
+    def clock_ms(self) -> int:
+        return EPOCH_MS + int(self.now_s() * 1000)
 
     def log(self, line: str) -> None:
-        self.trace.append(f"{self.now_ms} {line}")
+        self.trace.append(f"{self.now_s():9.4f} {line}")
 
-    async def _quiesce(self) -> None:
-        for _ in range(QUIESCE_ROUNDS):
-            await asyncio.sleep(0)
+    def count(self, kind: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
 
-    def _deliver_one(self) -> None:
-        p = self.pending.pop(self.rng.randrange(len(self.pending)))
-        if p.future.done():
-            return
-        names = ",".join(type(c).__name__ for c in p.commands)
-        roll = self.rng.random()
-        if roll < self.faults.lose_request:
-            self.log(f"lost request to shard {p.shard}: {names}")
-            p.future.set_result([UNAVAILABLE] * len(p.commands))
-            return
-        outcomes = self.shards[p.shard].execute(p.commands, self.rng, self.faults)
-        if outcomes is None:
-            self.log(f"unknown append on shard {p.shard}: {names}; owner crashed")
-            p.future.set_result([UNAVAILABLE] * len(p.commands))
-            return
-        if self.rng.random() < self.faults.lose_reply:
-            self.log(f"lost reply from shard {p.shard}: {names}")
-            p.future.set_result([UNAVAILABLE] * len(p.commands))
-            return
-        self.log(f"shard {p.shard} ran {names}: "
-                 + ",".join(o.status.name for o in outcomes))
-        p.future.set_result(outcomes)
+    def _violated(self, message: str) -> None:
+        self.log(f"VIOLATION {message}")
+        if self.failure is None:
+            self.failure = message
+            if self._failed is not None:
+                self._failed.set()
 
-    def _pipeline_step(self) -> None:
-        """The crediting pipeline of one shard: deliver its outbox, maybe badly; ack."""
-        src = self.shards[self.rng.randrange(self.shard_count)]
-        for dest, items in sorted(src.state.outbox.items()):
-            if not items:
-                continue
-            credits = tuple(items[s] for s in sorted(items))
-            if self.rng.random() < 0.3 and len(credits) > 1:
-                credits = credits[1:]  # stale/partial delivery: starts past the next one
-            if self.rng.random() < self.faults.lose_delivery:
-                self.log(f"lost delivery {src.shard}->{dest}")
-                continue
-            times = 2 if self.rng.random() < self.faults.duplicate_delivery else 1
-            for _ in range(times):
-                outcomes = self.shards[dest].execute([ApplyCredits(src.shard, credits)],
-                                                     self.rng, self.faults)
-                if outcomes is None:
-                    self.log(f"unknown append delivering {src.shard}->{dest}")
-                    break
-                applied = outcomes[0].value
-                self.log(f"delivered {src.shard}->{dest} up to {applied}")
-                if applied and self.rng.random() > self.faults.lose_reply:
-                    src.execute([AckOutbox(dest, applied)], self.rng, self.faults)
+    def spawn(self, coro: Awaitable, node: str | None = None) -> asyncio.Task:
+        """A kept task (optionally belonging to a node: it dies with the node)."""
+        token = _NODE.set(node)
+        try:
+            task = asyncio.ensure_future(coro)
+        finally:
+            _NODE.reset(token)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
 
-    def _recovery_step(self) -> None:
-        """The owners' sweep: resolve linked chains left undecided."""
-        for shard in self.shards:
-            for chain_id, primary in sorted(shard.state.pending_chains(
-                    self.now_ms - CHAIN_RESOLVE_AFTER_MS).items()):
-                decided = self.shards[primary].execute([DecideChain(chain_id, False,
-                                                                    self.now_ms)],
-                                                       self.rng, self.faults)
-                if decided is None:
-                    continue
-                shard.execute([FinishChain(chain_id, bool(decided[0].value), self.now_ms)],
-                              self.rng, self.faults)
-                self.log(f"shard {shard.shard} resolved chain {chain_id[:10]}: "
-                         f"{'commit' if decided[0].value else 'abort'}")
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self._violated(f"simulation task failed: {type(exc).__name__}: {exc}")
+
+    def _task_factory(self, loop, coro, context=None):
+        task = (asyncio.Task(coro, loop=loop) if context is None
+                else asyncio.Task(coro, loop=loop, context=context))
+        node = _NODE.get() if context is None else context.get(_NODE)
+        if node is not None:
+            self._node_tasks.setdefault(node, weakref.WeakSet()).add(task)
+        return task
+
+    def _exception_handler(self, loop, context) -> None:
+        # Exceptions of tasks nobody awaited: reported at garbage collection, so kept out of
+        # the trace (their timing is not deterministic) and listed apart.
+        exc = context.get("exception")
+        self.background_errors.append(f"{context.get('message')}: {exc!r}")
+
+    # --- durable state, as it lands -----------------------------------------------------
+
+    def _on_batch(self, shard: int, batch: JournalBatch) -> None:
+        self.log(f"append shard {shard} #{batch.seq} epoch {batch.epoch}")
+        self.oracle.on_append(shard, batch)
+        state = self.folds.setdefault(shard, ShardState(shard))
+        try:
+            for event in codec.loads(batch.events):
+                state.evolve(event)
+            state.seq = batch.seq
+        except InvariantViolation as exc:
+            self._violated(f"shard {shard}: journal batch {batch.seq} cannot be replayed: {exc}")
+            return
+        digests = self.digests.setdefault(shard, [_digest(ShardState(shard))])
+        digests.append(_digest(state))
+
+    def _on_snapshot(self, shard: int, seq: int, snapshot: bytes) -> None:
+        digests = self.digests.get(shard, [_digest(ShardState(shard))])
+        self.count("snapshot")
+        if seq >= len(digests):
+            self._violated(f"shard {shard}: snapshot at batch {seq}, past the journal head "
+                           f"{len(digests) - 1}")
+            return
+        if _digest(codec.snapshot_loads(snapshot)) != digests[seq]:
+            self._violated(f"shard {shard}: snapshot saved as 'after batch {seq}' is not the "
+                           f"state after batch {seq} of the journal")
+
+    # --- the elector --------------------------------------------------------------------
+
+    def _eligible(self) -> list[str]:
+        return [n for n, node in self.nodes.items() if node.alive and not node.paused]
+
+    async def _on_node(self, node_id: str, call: Callable[[], Awaitable]) -> None:
+        token = _NODE.set(node_id)
+        try:
+            await call()
+        finally:
+            _NODE.reset(token)
+
+    async def elect(self, shard: int, node_id: str) -> None:
+        """Give ``shard`` to ``node_id`` with a new, higher epoch (a won election)."""
+        epoch = self.epochs[shard] = self.epochs.get(shard, 0) + 1
+        self.assigned[shard] = (node_id, epoch)
+        self.log(f"elect shard {shard} epoch {epoch} on {node_id}")
+        info = OwnerInfo(shard, node_id, "sim", node_id, epoch)
+        for node in self.nodes.values():
+            self.loop.call_later(self.rng.uniform(0, 0.05), node.ownership.learn, info)
+        node = self.nodes[node_id]
+        await self._on_node(node_id, lambda: node.ownership.listener(shard, epoch))
+
+    async def _lose(self, node_id: str, shard: int) -> None:
+        node = self.nodes[node_id]
+        await self._on_node(node_id, lambda: node.ownership.listener(shard, 0))
+
+    async def _release(self, node_id: str, shard: int) -> None:
+        """A node gave a shard up (its owner stopped, or failed to start): elect again."""
+        if self.assigned.get(shard, ("", 0))[0] != node_id or shard in self._reelecting:
+            return
+        self._reelecting.add(shard)
+        self.spawn(self._reelect_later(shard, self.assigned[shard]))
+
+    async def _reelect_later(self, shard: int, was: tuple[str, int],
+                             delay_s: tuple[float, float] = (0.02, 0.5)) -> None:
+        try:
+            await asyncio.sleep(self.rng.uniform(*delay_s))
+            if self.assigned.get(shard) != was:
+                return
+            eligible = self._eligible()
+            if was[0] in eligible and self.rng.random() < 0.5:
+                target = was[0]
+            else:
+                target = self.rng.choice(eligible)
+            self.count("re-election")
+            await self.elect(shard, target)
+        finally:
+            self._reelecting.discard(shard)
+
+    def _new_node(self, node_id: str, incarnation: int) -> SimNode:
+        ownership = NodeOwnership(node_id, self.config.shard_count, self._release)
+        for shard, (owner_node, epoch) in self.assigned.items():
+            ownership.learn(OwnerInfo(shard, owner_node, "sim", owner_node, epoch))
+        transport = NodeTransport(self.network, node_id)
+        node = Node(self.store, ownership, transport, clock_ms=self.clock_ms)
+        # The node's router, with the seed's retry deadline (owners are given node.router).
+        node.router = Router(node_id, node.owners, ownership, transport,
+                             retry_deadline_ms=self.config.router_deadline_ms)
+        coordinator = Coordinator(node.router, self.store, self.config.shard_count,
+                                  clock_ms=self.clock_ms)
+        return SimNode(node_id, ownership, node, coordinator, incarnation)
+
+    async def _start_node(self, node_id: str, incarnation: int) -> None:
+        sim_node = self.nodes[node_id] = self._new_node(node_id, incarnation)
+        await self._on_node(node_id, sim_node.node.start)
+
+    # --- the nemesis --------------------------------------------------------------------
+
+    async def nemesis(self) -> None:
+        kinds = [k for k in NEMESIS_KINDS if self.config.nemesis.get(k)]
+        weights = [self.config.nemesis[k] for k in kinds]
+        while kinds and not self.healing:
+            await asyncio.sleep(self.rng.expovariate(1 / self.config.nemesis_interval_s))
+            if self.healing:
+                return
+            kind = self.rng.choices(kinds, weights)[0]
+            await getattr(self, "_nemesis_" + kind)()
+
+    def _down_count(self) -> int:
+        return sum(1 for n in self.nodes.values() if not n.alive or n.paused)
+
+    def _unserved(self) -> list[int]:
+        unserved = []
+        for shard, (node_id, _) in sorted(self.assigned.items()):
+            owner = self.nodes[node_id].node.owners.get(shard)
+            if owner is None or not owner.serving:
+                unserved.append(shard)
+        return unserved
+
+    def _note_mid_batch(self, shards: list[int]) -> None:
+        """Count owners deposed while their append is in flight."""
+        for shard in shards:
+            if self.store.appending.get(shard):
+                self.count("deposed mid-batch")
+
+    async def _nemesis_move(self) -> None:
+        shard = self.rng.randrange(self.config.shard_count)
+        old, _ = self.assigned[shard]
+        targets = [n for n in self._eligible() if n != old]
+        if not targets or shard in self._reelecting:
+            return
+        target = self.rng.choice(targets)
+        self.count("move")
+        self.log(f"nemesis: move shard {shard} {old} -> {target}")
+        self._note_mid_batch([shard])
+        self._reelecting.add(shard)
+        try:
+            if self.nodes[old].alive:
+                await self._lose(old, shard)
+            await self.elect(shard, target)
+        finally:
+            self._reelecting.discard(shard)
+
+    async def _nemesis_reelect(self) -> None:
+        shard = self.rng.randrange(self.config.shard_count)
+        node_id, _ = self.assigned[shard]
+        if node_id not in self._eligible() or shard in self._reelecting:
+            return
+        self.count("re-elect in place")
+        self.log(f"nemesis: re-elect shard {shard} in place on {node_id}")
+        await self.elect(shard, node_id)
+
+    async def _nemesis_pause(self) -> None:
+        """The node stops renewing its lease (paused, or cut from the elector): its owners
+        lose their lease at once, mid-batch or not, and are deposed."""
+        eligible = self._eligible()
+        if self._down_count() or len(eligible) < 2:
+            return
+        node_id = self.rng.choice(eligible)
+        self.pause(node_id)
+
+    def pause(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        if node.paused or not node.alive:
+            return
+        self.count("pause")
+        self.log(f"nemesis: pause {node_id} past its lease")
+        self._note_mid_batch([s for s, (n, _) in self.assigned.items() if n == node_id])
+        node.paused = True
+        node.ownership.lease_ok = False
+        for shard, (owner, _) in sorted(self.assigned.items()):
+            if owner == node_id:
+                self._reelecting.add(shard)
+                self.spawn(self._reelect_later(shard, self.assigned[shard], (0.0, 0.3)))
+        self.spawn(self._resume_later(node_id, node.incarnation))
+
+    async def _resume_later(self, node_id: str, incarnation: int) -> None:
+        await asyncio.sleep(self.rng.uniform(0.5, 4.0))
+        await self.resume(node_id, incarnation)
+
+    async def resume(self, node_id: str, incarnation: int) -> None:
+        node = self.nodes[node_id]
+        if not node.paused or node.incarnation != incarnation:
+            return
+        self.log(f"{node_id} resumes: its lost shards are reported lost")
+        for shard in range(self.config.shard_count):
+            if self.assigned.get(shard, ("", 0))[0] != node_id:
+                await self._lose(node_id, shard)
+        node.paused = False
+        node.ownership.lease_ok = True
+
+    def _on_hang(self, shard: int, epoch: int) -> None:
+        """An append hangs: sometimes the node hangs with it, past its lease."""
+        owner_node, owner_epoch = self.assigned.get(shard, ("", 0))
+        if (owner_epoch == epoch and not self.healing and self.rng.random() < 0.7
+                and self._down_count() == 0 and len(self._eligible()) >= 2):
+            self.pause(owner_node)
+
+    async def _nemesis_crash(self) -> None:
+        eligible = self._eligible()
+        if self._down_count() or len(eligible) < 2:
+            return
+        await self.crash(self.rng.choice(eligible))
+
+    async def crash(self, node_id: str) -> None:
+        node = self.nodes[node_id]
+        self.count("crash")
+        self.log(f"nemesis: crash {node_id}")
+        self._note_mid_batch([s for s, (n, _) in self.assigned.items() if n == node_id])
+        node.alive = False
+        node.ownership.lease_ok = False
+        node.incarnation += 1
+        current = asyncio.current_task()
+        for owner in list(node.node.owners.values()):
+            await owner.stop("node crashed")
+        for task in list(self._node_tasks.pop(node_id, ())):
+            if task is not current and not task.done():
+                task.cancel()
+        for shard, (owner, _) in sorted(self.assigned.items()):
+            if owner == node_id:
+                self._reelecting.add(shard)
+                self.spawn(self._reelect_later(shard, self.assigned[shard], (0.2, 2.0)))
+        self.spawn(self._restart_later(node_id, node.incarnation))
+
+    async def _restart_later(self, node_id: str, incarnation: int) -> None:
+        await asyncio.sleep(self.rng.uniform(0.3, 3.0))
+        await self.restart(node_id, incarnation)
+
+    async def restart(self, node_id: str, incarnation: int) -> None:
+        if self.nodes[node_id].alive or self.nodes[node_id].incarnation != incarnation:
+            return
+        self.log(f"{node_id} restarts")
+        await self._start_node(node_id, incarnation)
+
+    async def _nemesis_partition(self) -> None:
+        node_id = self.rng.choice(sorted(self.nodes))
+        seconds = self.rng.uniform(0.2, 2.0)
+        self.count("partition")
+        self.log(f"nemesis: partition {node_id} for {seconds:.2f}s")
+        self.network.partitioned.add(node_id)
+        self.spawn(self._heal_partition_later(node_id, seconds))
+
+    async def _heal_partition_later(self, node_id: str, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self.network.partitioned.discard(node_id)
+
+    async def _nemesis_outage(self) -> None:
+        self.count("store outage")
+        self.store.outage(self.rng.uniform(0.05, 1.0))
+
+    async def heal(self) -> None:
+        """Every fault ends: nodes come back, the store and network behave."""
+        self.healing = True
+        self.log("heal")
+        self.store.faults = StoreFaults()
+        self.store.outage_until_s = 0.0
+        self.network.faults = NetFaults()
+        self.network.partitioned.clear()
+        for node_id, node in sorted(self.nodes.items()):
+            if not node.alive:
+                await self.restart(node_id, node.incarnation)
+            elif node.paused:
+                await self.resume(node_id, node.incarnation)
 
     # --- clients ------------------------------------------------------------------------
 
-    async def _client(self, op: Op) -> None:
-        while True:
-            op.attempts += 1
-            if len(op.items) == 1:
-                outcome = [await self.coordinator.transfer("sim", op.items[0])]
-            else:
-                outcome = await self.coordinator.batch_transfer("sim", op.items)
-            if all(not o.status.transient() for o in outcome):
-                op.outcome = outcome
-                self.log(f"client {op.key}: " + ",".join(o.status.name for o in outcome))
-                return
-            self.log(f"client {op.key}: unknown, retrying")
-            await self._quiesce()
+    def _key(self) -> str:
+        self._keys += 1
+        return f"k{self._keys}"
 
-    def _new_op(self, n: int) -> Op:
-        rng = self.rng
-        def item(i: int) -> TransferItem:
-            a, b = rng.sample(self.wallets, 2)
-            return TransferItem(f"op{n}-{i}", a, b, rng.choice([1, 5, 50, 300, 2_000]), "CNY",
-                                linked=False)
-        kind = rng.random()
-        if kind < 0.15:  # a linked chain of two or three items
-            items = [item(i) for i in range(rng.choice([2, 3]))]
-            items = [dataclasses.replace(it, linked=i < len(items) - 1)
-                     for i, it in enumerate(items)]
-            return Op(f"op{n}", items)
-        return Op(f"op{n}", [item(0)])
+    async def _attempt(self, call: Callable[[Coordinator], Awaitable]) -> object | None:
+        """One try through a random live node's coordinator; None if that node died."""
+        live = sorted(n for n, node in self.nodes.items() if node.alive)
+        node_id = self.workload_rng.choice(live)
+        task = self.spawn(call(self.nodes[node_id].coordinator), node=node_id)
+        await asyncio.wait([task])
+        if task.cancelled():
+            return None
+        return task.result()
+
+    async def request(self, label: str, call: Callable[[Coordinator], Awaitable]):
+        """Send until the answer is definitive (the client library's retry, same key)."""
+        while True:
+            result = await self._attempt(call)
+            outcomes = result if isinstance(result, list) else [result]
+            if result is not None and all(not o.status.transient() for o in outcomes):
+                self.log(f"client {label}: " + ",".join(o.status.name for o in outcomes))
+                return result
+            self.retries += 1
+            await asyncio.sleep(self.workload_rng.uniform(0.02, 0.3))
+
+    def _funded(self, currency: str) -> list[str]:
+        return self.wallets[currency]
+
+    def _plan(self, key: str, item: TransferItem) -> tuple[Execution, str]:
+        """The execution and transfer id the ledger must record for ``item`` (as planned by
+        the coordinator: settlement sub-accounts of the wallet's shard, id from the key)."""
+        if item.kind == KIND_DEPOSIT:
+            shard = shard_of(item.to_wallet_id, self.config.shard_count)
+            source, target = settlement_wallet_id(item.currency, shard), item.to_wallet_id
+        elif item.kind == KIND_WITHDRAWAL:
+            shard = shard_of(item.from_wallet_id, self.config.shard_count)
+            source, target = item.from_wallet_id, settlement_wallet_id(item.currency, shard)
+        else:
+            shard = shard_of(item.from_wallet_id, self.config.shard_count)
+            source, target = item.from_wallet_id, item.to_wallet_id
+        return (("move", (item.kind, source, target, item.amount_minor, item.currency,
+                          item.memo)), transfer_id_for(shard, CALLER, key))
+
+    def _answered_items(self, items: list[TransferItem], outcomes: list[Outcome]) -> None:
+        for item, outcome in zip(items, outcomes):
+            execution, transfer_id = self._plan(item.idempotency_key, item)
+            self.oracle.answered(CALLER, item.idempotency_key, execution, outcome, transfer_id)
+
+    def _amount(self) -> int:
+        return self.workload_rng.choice([1, 7, 50, 120, 400, 900, 2_500, 6_000])
+
+    def _pair(self, same_shard: bool | None = None) -> tuple[str, str, str] | None:
+        rng = self.workload_rng
+        currency = rng.choice(["CNY", "CNY", "USD"])
+        wallets = self._funded(currency)
+        if len(wallets) < 2:
+            return None
+        source = rng.choice(wallets)
+        shards = self.config.shard_count
+        choices = [w for w in wallets if w != source]
+        if same_shard is not None:
+            narrowed = [w for w in choices
+                        if (shard_of(w, shards) == shard_of(source, shards)) == same_shard]
+            choices = narrowed or choices
+        return source, rng.choice(choices), currency
+
+    async def op_transfer(self) -> None:
+        pair = self._pair(self.workload_rng.random() < 0.3)
+        if pair is None:
+            return
+        source, target, currency = pair
+        key = self._key()
+        item = TransferItem(key, source, target, self._amount(), currency)
+        self.singles.append((key, item))
+        outcome = await self.request(key, lambda c: c.transfer(CALLER, item))
+        self._answered_items([item], [outcome])
+
+    async def op_deposit_or_withdraw(self) -> None:
+        rng = self.workload_rng
+        currency = rng.choice(["CNY", "USD"])
+        wallet = rng.choice(self._funded(currency))
+        key = self._key()
+        amount = self._amount()
+        if rng.random() < 0.5:
+            item = TransferItem(key, "", wallet, amount, currency, kind=KIND_DEPOSIT)
+            call = lambda c: c.deposit(CALLER, key, wallet, amount, currency)  # noqa: E731
+        else:
+            item = TransferItem(key, wallet, "", amount, currency, kind=KIND_WITHDRAWAL)
+            call = lambda c: c.withdraw(CALLER, key, wallet, amount, currency)  # noqa: E731
+        self.singles.append((key, item))
+        outcome = await self.request(key, call)
+        self._answered_items([item], [outcome])
+
+    async def op_batch(self) -> None:
+        """Independent items and linked chains in one BatchTransfer."""
+        rng = self.workload_rng
+        items: list[TransferItem] = []
+        for _ in range(rng.randint(2, 5)):
+            pair = self._pair(rng.random() < 0.3)
+            if pair is None:
+                return
+            items.append(TransferItem(self._key(), pair[0], pair[1], self._amount(), pair[2]))
+        # Link runs of items into chains: item i linked means it chains with item i + 1.
+        linked = [rng.random() < 0.5 for _ in items[:-1]] + [False]
+        items = [dataclasses.replace(it, linked=flag) for it, flag in zip(items, linked)]
+        label = f"batch {items[0].idempotency_key}..{items[-1].idempotency_key}"
+        outcomes = await self.request(label, lambda c: c.batch_transfer(CALLER, items))
+        self._answered_items(items, outcomes)
+        self._check_chains(items, outcomes)
+
+    def _check_chains(self, items: list[TransferItem], outcomes: list[Outcome]) -> None:
+        chain: list[Outcome] = []
+        for item, outcome in zip(items, outcomes):
+            chain.append(outcome)
+            if not item.linked:
+                if len(chain) > 1 and len({o.ok for o in chain}) > 1:
+                    self.oracle.fail(f"linked chain answered partly OK: "
+                                     f"{[o.status.name for o in chain]}")
+                chain = []
+
+    async def op_hold(self) -> None:
+        """Create a hold, then capture (all or part), release, or let it expire."""
+        rng = self.workload_rng
+        currency = rng.choice(["CNY", "USD"])
+        wallet = rng.choice(self._funded(currency))
+        amount, timeout_ms = self._amount(), rng.choice([300, 1_500, 5_000])
+        key = self._key()
+        hold_id = transfer_id_for(shard_of(wallet, self.config.shard_count), CALLER, key, "h")
+        outcome = await self.request(key, lambda c: c.create_hold(
+            CALLER, key, wallet, amount, currency, timeout_ms))
+        self.oracle.answered(CALLER, key, ("hold", (wallet, amount, currency, timeout_ms)),
+                             outcome)
+        if not outcome.ok:
+            return
+        if outcome.value.hold_id != hold_id:
+            self.oracle.fail(f"hold of key {key} answered as {outcome.value.hold_id}")
+        hold = dict(key=key, hold_id=hold_id, wallet=wallet, amount=amount, currency=currency,
+                    timeout_ms=timeout_ms)
+        self.holds.append(hold)
+        await asyncio.sleep(rng.uniform(0, timeout_ms * 1.2 / 1000))
+        roll = rng.random()
+        if roll < 0.5:
+            targets = [w for w in self._funded(currency) if w != wallet]
+            part = rng.choice([0, 0, max(1, amount // 3), amount])
+            await self.capture(dict(key=self._key(), hold=hold, to=rng.choice(targets),
+                                    amount=part))
+        elif roll < 0.8:
+            await self.release(self._key(), hold)
+
+    async def capture(self, capture: dict) -> None:
+        hold, key = capture["hold"], capture["key"]
+        self.captures.append(capture)
+        outcome = await self.request(key, lambda c: c.capture_hold(
+            CALLER, key, hold["hold_id"], capture["amount"], capture["to"]))
+        resolved = capture["amount"] or hold["amount"]
+        transfer_id = transfer_id_for(shard_of(hold["wallet"], self.config.shard_count),
+                                      CALLER, key)
+        self.oracle.answered(CALLER, key, ("capture", (hold["hold_id"], capture["to"],
+                                                       resolved, "")), outcome,
+                             transfer_id if outcome.ok else "")
+
+    async def release(self, key: str, hold: dict) -> None:
+        self.releases.append((key, hold["hold_id"]))
+        outcome = await self.request(key, lambda c: c.release_hold(CALLER, key,
+                                                                   hold["hold_id"]))
+        self.oracle.answered(CALLER, key, ("release", (hold["hold_id"],)), outcome)
+
+    async def op_create_wallet(self) -> None:
+        rng = self.workload_rng
+        wallet = f"u{self._keys + 1}"
+        currency = rng.choice(["CNY", "USD"])
+        if self.creations and rng.random() < 0.4:
+            key = rng.choice(self.creations)[0]  # the same key, another wallet
+        else:
+            key = self._key()
+        self.creations.append((key, wallet, currency))
+        outcome = await self.request(key, lambda c: c.create_wallet(CALLER, key, wallet,
+                                                                    currency))
+        self.oracle.answered(CALLER, key, ("wallet", (wallet, currency, False)), outcome)
+        if outcome.ok and not outcome.replayed:
+            self.wallets[currency].append(wallet)
+
+    async def op_read(self) -> None:
+        wallet = self.workload_rng.choice(self._funded("CNY") + self._funded("USD"))
+        outcome = await self.request(f"read {wallet}", lambda c: c.get_wallet(wallet))
+        if outcome.ok:
+            self.oracle.read(wallet, outcome.value.version, outcome.value.balance_minor)
+
+    async def op_reuse(self) -> None:
+        """Send an earlier request's idempotency key again: with the same payload, or with
+        another amount, source wallet (preferably on the key's own shard), destination,
+        wallet, or hold."""
+        rng = self.workload_rng
+        shards = self.config.shard_count
+        roll = rng.random()
+        if roll < 0.6 and self.singles:
+            key, item = rng.choice(self.singles)
+            key_shard = key_shard_of(CALLER, key, shards)
+            variant = rng.choice(["same", "amount", "source", "source", "target"])
+            wallets = [w for w in self._funded(item.currency)
+                       if w not in (item.from_wallet_id, item.to_wallet_id)]
+            if variant == "amount":
+                item = dataclasses.replace(item, amount_minor=item.amount_minor + 1)
+            elif variant == "source" and wallets and item.kind == KIND_TRANSFER:
+                on_key_shard = [w for w in wallets if shard_of(w, shards) == key_shard]
+                item = dataclasses.replace(item, from_wallet_id=rng.choice(on_key_shard
+                                                                           or wallets))
+            elif variant == "target" and wallets and item.kind == KIND_TRANSFER:
+                item = dataclasses.replace(item, to_wallet_id=rng.choice(wallets))
+            self.count(f"reuse {variant}")
+            outcome = await self.request(f"reuse {key}", lambda c: c.transfer(CALLER, item))
+            self._answered_items([item], [outcome])
+        elif roll < 0.75 and self.holds:
+            hold = dict(rng.choice(self.holds))
+            others = [w for w in self._funded(hold["currency"]) if w != hold["wallet"]]
+            if rng.random() < 0.7 and others:
+                hold["wallet"] = rng.choice(others)
+            key = hold["key"]
+            self.count("reuse hold")
+            outcome = await self.request(f"reuse {key}", lambda c: c.create_hold(
+                CALLER, key, hold["wallet"], hold["amount"], hold["currency"],
+                hold["timeout_ms"]))
+            self.oracle.answered(CALLER, key, ("hold", (hold["wallet"], hold["amount"],
+                                                        hold["currency"],
+                                                        hold["timeout_ms"])), outcome)
+        elif roll < 0.9 and self.captures:
+            capture = dict(rng.choice(self.captures))
+            variant = rng.choice(["same", "explicit", "target", "hold"])
+            if variant == "explicit" and capture["amount"] == 0:
+                capture["amount"] = capture["hold"]["amount"]
+            elif variant == "target":
+                others = [w for w in self._funded(capture["hold"]["currency"])
+                          if w not in (capture["to"], capture["hold"]["wallet"])]
+                capture["to"] = rng.choice(others) if others else capture["to"]
+            elif variant == "hold":
+                capture["hold"] = rng.choice(self.holds)
+            if capture["to"] == capture["hold"]["wallet"]:
+                return
+            self.count(f"reuse capture {variant}")
+            await self.capture(capture)
+        elif self.releases and self.holds:
+            key, _ = rng.choice(self.releases)
+            self.count("reuse release")
+            await self.release(key, rng.choice(self.holds))
+
+    async def client(self, number: int) -> None:
+        rng = self.workload_rng
+        ops = [(getattr(self, "op_" + name), weight)
+               for name, weight in self.config.workload.items() if weight]
+        for _ in range(self.config.ops_per_client):
+            await asyncio.sleep(rng.uniform(0, self.config.think_s_max))
+            op = rng.choices([o for o, _ in ops], [w for _, w in ops])[0]
+            await op()
+            self.ops_done += 1
+
+    async def setup(self) -> None:
+        """Wallets and their first deposits, before any fault."""
+        shards = self.config.shard_count
+        plan = [(f"w{i}", "CNY") for i in range(2 * shards)] + [
+            (f"x{i}", "USD") for i in range(shards)]
+        for wallet, currency in plan:
+            key = self._key()
+            outcome = await self.request(key, lambda c: c.create_wallet(CALLER, key, wallet,
+                                                                        currency))
+            self.oracle.answered(CALLER, key, ("wallet", (wallet, currency, False)), outcome)
+            self.wallets[currency].append(wallet)
+        for wallet, currency in plan:
+            key = self._key()
+            item = TransferItem(key, "", wallet, self.workload_rng.choice([2_000, 8_000]),
+                                currency, kind=KIND_DEPOSIT)
+            outcome = await self.request(key, lambda c: c.deposit(
+                CALLER, key, wallet, item.amount_minor, currency))
+            self._answered_items([item], [outcome])
 
     # --- the run ------------------------------------------------------------------------
 
-    def _fund(self) -> None:
-        from ledger.core.model import CreateWallet, Post
-        for w in self.wallets:
-            s = self.shards[shard_of(w, self.shard_count)]
-            s.execute([CreateWallet("setup", "c-" + w, w, "CNY", False, 0)], random.Random(0),
-                      Faults(unknown_append=0))
-            amount = self.rng.choice([500, 1_000, 5_000])
-            s.execute([Post("setup", "d-" + w, "dep-" + w, "DEPOSIT",
-                            settlement_wallet_id("CNY", s.shard), w, amount, "CNY", "",
-                            s.shard, 0)], random.Random(0), Faults(unknown_append=0))
-            self.initial[w] = amount
+    async def main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.loop.set_task_factory(self._task_factory)
+        self.loop.set_exception_handler(self._exception_handler)
+        self._failed = asyncio.Event()
+        work = self.spawn(self._run())
+        failed = asyncio.ensure_future(self._failed.wait())
+        await asyncio.wait([work, failed], timeout=RUN_S_MAX,
+                           return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+        if not work.done() and self.failure is None:
+            self._violated(f"the run did not end within {RUN_S_MAX:.0f}s virtual; shards "
+                           f"without a serving owner: {self._unserved()}")
+        self.store.inert = True
+        if self.failure is None and work.done() and work.exception() is not None:
+            exc = work.exception()
+            self.failure = f"the run raised {type(exc).__name__}: {exc}"
 
-    async def run(self) -> "Simulation":
-        self._fund()
-        tasks: dict[str, asyncio.Task] = {}
-        started = 0
-        steps = 0
-        while started < self.op_count or tasks or self.pending:
-            steps += 1
-            ensure(steps < 200_000, "simulation did not converge")
-            self.now_ms += self.rng.randrange(1, 50)
-            if started < self.op_count and self.rng.random() < 0.3:
-                op = self._new_op(started)
-                self.ops.append(op)
-                tasks[op.key] = asyncio.create_task(self._client(op))
-                started += 1
-            await self._quiesce()
-            tasks = {k: t for k, t in tasks.items() if not t.done()}
-            roll = self.rng.random()
-            if roll < self.faults.crash_shard:
-                victim = self.shards[self.rng.randrange(self.shard_count)]
-                victim.crash_and_recover()
-                self.log(f"shard {victim.shard} owner crashed")
-            elif roll < self.faults.crash_shard + self.faults.crash_coordinator and tasks:
-                key = self.rng.choice(sorted(tasks))
-                tasks.pop(key).cancel()
-                self.log(f"coordinator of {key} crashed")
-                await self._quiesce()
-                # The client notices and retries with the same key.
-                op = next(o for o in self.ops if o.key == key)
-                tasks[key] = asyncio.create_task(self._client(op))
-            elif self.pending and self.rng.random() < 0.8:
-                self._deliver_one()
-            else:
-                self._pipeline_step()
-            if steps % 20 == 0:
-                self._recovery_step()
-        # Drain: time passes, pipelines and sweeps run without faults until nothing is owed.
-        self.faults = Faults(0, 0, 0, 0, 0, 0, 0)
-        for _ in range(50):
-            self.now_ms += CHAIN_RESOLVE_AFTER_MS + 1
-            self._recovery_step()
-            for _ in range(self.shard_count * 3):
-                self._pipeline_step()
-            if all(not s.state.outbox for s in self.shards):
-                break
-        return self
+    async def _run(self) -> None:
+        for i in range(self.config.node_count):
+            await self._start_node(f"n{i}", 0)
+        for shard in range(self.config.shard_count):
+            await self.elect(shard, f"n{shard % self.config.node_count}")
+        await self.setup()
+        self.log("faults on")
+        self.store.faults = self.config.store
+        self.network.faults = self.config.net
+        nemesis = self.spawn(self.nemesis())
+        clients = [self.spawn(self.client(i)) for i in range(self.config.clients)]
+        await asyncio.wait(clients, timeout=FAULT_PHASE_S_MAX)
+        await self.heal()
+        await nemesis
+        healed_at = self.now_s()
+        done, pending = await asyncio.wait(clients, timeout=CONVERGE_S_MAX)
+        if pending:
+            self._violated(f"{len(pending)} clients still retrying {CONVERGE_S_MAX:.0f}s after "
+                           f"the faults healed; shards without a serving owner: "
+                           f"{self._unserved()}")
+            return
+        while self.oracle.in_doubt():
+            if self.now_s() - healed_at > CONVERGE_S_MAX + DRAIN_S_MAX:
+                self._violated(f"still in doubt after draining: {self.oracle.in_doubt()[:3]}")
+                return
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3.0)  # acknowledgements and sweeps settle
+        await self.check_end()
 
-    # --- checks -------------------------------------------------------------------------
-
-    def check(self) -> None:
-        for shard in self.shards:
-            replayed = shard.replay()
-            live = {w.wallet_id: (w.balance_minor, w.held_minor) for w in
-                    shard.state.wallets.values()}
-            again = {w.wallet_id: (w.balance_minor, w.held_minor) for w in
-                     replayed.wallets.values()}
-            ensure(live == again, "shard %d: replay differs from live state", shard.shard)
-            ensure(not shard.state.outbox, "shard %d still owes credits", shard.shard)
-            ensure(not shard.state.pending_chains(self.now_ms + 1),
-                   "shard %d has undecided chain items", shard.shard)
-            shard.state.check()
-        balances: dict[str, int] = {}
-        for shard in self.shards:
-            for w in shard.state.wallets.values():
-                balances[w.wallet_id] = w.balance_minor
-        ensure(sum(balances.values()) == 0, "books do not balance: %d", sum(balances.values()))
-        committed: dict[str, int] = {}
-        for shard in self.shards:
-            for batch in shard.journal:
-                for event in batch:
-                    if (type(event) is TransferDecided
-                            and event.transfer.state == STATE_COMMITTED):
-                        tid = event.transfer.transfer_id
-                        committed[tid] = committed.get(tid, 0) + 1
-        ensure(all(n == 1 for n in committed.values()), "a transfer committed twice")
-        expected = dict(self.initial)
-        acknowledged = 0
-        for op in self.ops:
-            ensure(op.outcome is not None, "operation %s never answered", op.key)
-            for item, outcome in zip(op.items, op.outcome):
-                tid = outcome.value.transfer_id if outcome.value is not None else None
-                if outcome.ok:
-                    acknowledged += 1
-                    ensure(committed.get(tid) == 1, "acknowledged %s not applied once", tid)
-                    expected[item.from_wallet_id] -= item.amount_minor
-                    expected[item.to_wallet_id] += item.amount_minor
-                elif tid is not None:
-                    ensure(tid not in committed, "refused %s was applied", tid)
-        for w in self.wallets:
-            ensure(balances[w] == expected[w], "replay check: %s has %d, expected %d", w,
-                   balances[w], expected[w])
-        self.acknowledged = acknowledged
+    async def check_end(self) -> None:
+        """After healing and draining: nothing in doubt, every acknowledged request executed
+        once and nothing else, balances = replay of acknowledged requests, and each shard's
+        serving owner, the journal replayed from scratch, the journal replayed from its
+        snapshot, and the oracle all agree."""
+        self.oracle.final({}, self.clock_ms())
+        for shard in range(self.config.shard_count):
+            node_id, epoch = self.assigned[shard]
+            owner = self.nodes[node_id].node.owners.get(shard)
+            for _ in range(200):
+                if (owner is not None and owner.serving
+                        and not self.store.busy.get(shard)):
+                    break
+                await asyncio.sleep(0.05)
+                owner = self.nodes[node_id].node.owners.get(shard)
+            if owner is None or not owner.serving or owner.epoch != epoch:
+                self.oracle.fail(f"shard {shard}: no serving owner of epoch {epoch} after "
+                                 f"healing")
+                continue
+            journal = self.store.journals[shard]
+            replayed = ShardState(shard)
+            for batch in journal.history:
+                for event in codec.loads(batch.events):
+                    replayed.evolve(event)
+                replayed.seq = batch.seq
+            replayed.check()
+            if _digest(owner.state) != _digest(replayed):
+                self.oracle.fail(f"shard {shard}: the serving owner's state differs from its "
+                                 f"journal replayed")
+            if _digest(self.folds[shard]) != _digest(replayed):
+                self.oracle.fail(f"shard {shard}: replay differs from the running fold")
+            loaded = await self.store.load(shard)
+            from_snapshot = (codec.snapshot_loads(loaded.snapshot) if loaded.snapshot
+                             else ShardState(shard))
+            for batch in loaded.batches:
+                for event in codec.loads(batch.events):
+                    from_snapshot.evolve(event)
+            if _digest(from_snapshot) != _digest(replayed):
+                self.oracle.fail(f"shard {shard}: snapshot + tail differs from the journal")
+            for wallet in replayed.wallets.values():
+                found = self.oracle.wallets.get(wallet.wallet_id)
+                if found is None or (found.balance, found.held) != (wallet.balance_minor,
+                                                                    wallet.held_minor):
+                    self.oracle.fail(f"wallet {wallet.wallet_id}: journal replay and oracle "
+                                     f"disagree")
 
     def digest(self) -> str:
         return hashlib.sha256("\n".join(self.trace).encode()).hexdigest()
 
 
-def simulate(seed: int, **kwargs) -> Simulation:
-    """Run one seed to the end (in a fresh event loop) and check it; returns the simulation."""
-    sim = Simulation(seed, **kwargs)
-    asyncio.run(sim.run())
-    sim.check()
-    return sim
+@dataclass
+class Result:
+    seed: int
+    config: SimConfig
+    failure: str | None
+    trace: list[str]
+    counts: dict[str, int]
+    net_counts: dict[str, int]
+    store_counts: dict[str, int]
+    appends: int
+    ops_done: int
+    retries: int
+    background_errors: list[str]
+    virtual_s: float
+
+    def digest(self) -> str:
+        return hashlib.sha256("\n".join(self.trace).encode()).hexdigest()
+
+    def explain(self, lines: int = 60) -> str:
+        return (f"seed {self.seed} failed at {self.virtual_s:.3f}s virtual: {self.failure}\n"
+                f"replay it: .venv/bin/python -m tests.sim {self.seed} [--trace]\n"
+                f"config: {self.config}\nlast trace lines:\n"
+                + "\n".join(self.trace[-lines:]))
+
+
+def simulate(seed: int, config: SimConfig | None = None) -> Result:
+    """Run one seed to its end (its own virtual-clock event loop) and return what it found."""
+    config = config or SimConfig.from_seed(seed)
+    sim = Simulation(config)
+    # Snapshots often enough to be exercised, and built inline: a worker process would
+    # finish at a moment no seed decides (and costs a process start per compaction).
+    patches = {"SNAPSHOT_EVERY_BATCHES": config.snapshot_every_batches,
+               "COMPACTION_IN_PROCESS": False}
+    saved_constants = {name: getattr(ledger_constants, name) for name in patches
+                       if hasattr(ledger_constants, name)}
+    for name in saved_constants:
+        setattr(ledger_constants, name, patches[name])
+    loggers = [logging.getLogger(name) for name in ("ledger", "shard_router", "coordinator")]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    handler = _TraceHandler(sim)
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.WARNING)
+        lg.propagate = False
+    try:
+        with asyncio.Runner(loop_factory=VirtualClockLoop) as runner:
+            runner.run(sim.main())
+            virtual_s = sim.now_s()
+    finally:
+        for name, value in saved_constants.items():
+            setattr(ledger_constants, name, value)
+        for lg, (level, propagate) in zip(loggers, saved):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+    return Result(seed, config, sim.failure, sim.trace, dict(sim.counts),
+                  dict(sim.network.counts), dict(sim.store.counts), sim.oracle.appends,
+                  sim.ops_done, sim.retries,
+                  sim.background_errors, virtual_s)
+
+
+__all__ = ["SimConfig", "Simulation", "Result", "simulate"]
