@@ -63,6 +63,7 @@ class BankResult:
     reads: list[tuple[float, int, int]] = field(default_factory=list)  # (t, total, negatives)
     final: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # acknowledged, not COMMITTED as answered
 
     def counts(self) -> dict[str, int]:
         out = {"ok": 0, "refused": 0, "unknown": 0}
@@ -74,8 +75,9 @@ class BankResult:
 class MultiClient:
     """Clients for every node; a request goes to the next node when one cannot answer."""
 
-    def __init__(self, targets: list[str], caller: str) -> None:
-        self.clients = [LedgerClient(t, caller=caller, timeout_s=CALL_TIMEOUT_S, retries=False)
+    def __init__(self, targets: list[str], caller: str,
+                 call_timeout_s: float = CALL_TIMEOUT_S) -> None:
+        self.clients = [LedgerClient(t, caller=caller, timeout_s=call_timeout_s, retries=False)
                         for t in targets]
         self._next = 0
 
@@ -203,9 +205,19 @@ class BankWorkload:
                 problems.append(f"read at {t:.1f} s saw {negatives} negative balances")
         for op in self.result.ops:
             if op.result == "ok":
-                transfer = await self.client.call(lambda c: c.get_transfer(op.transfer_id))
+                try:
+                    transfer = await self.client.call(lambda c: c.get_transfer(op.transfer_id))
+                except LedgerError as exc:
+                    if exc.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    self.result.lost.append(op.key)
+                    problems.append(f"{op.key}: acknowledged as {op.transfer_id}, which the "
+                                    f"ledger does not know (lost)")
+                    continue
                 if (transfer.state != pb.TRANSFER_STATE_COMMITTED or transfer.amount_minor
-                        != op.amount or transfer.from_wallet_id != op.src):
+                        != op.amount or transfer.from_wallet_id != op.src
+                        or transfer.to_wallet_id != op.dst):
+                    self.result.lost.append(op.key)
                     problems.append(f"{op.key}: acknowledged but recorded as {transfer}")
             elif op.result == "refused" and op.detail == "RESULT_STATUS_INSUFFICIENT_FUNDS":
                 # The recorded refusal is what a retry returns: never a second execution.

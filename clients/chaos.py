@@ -4,6 +4,7 @@
                  [--cassandra-ports CQL[,STORAGE]] [--etcd-ports CLIENT[,PEER]]
                  [--run-dir DIR] [--keep-cluster] [--keep-data] [--seed N]
                  [--nodes-per-region N] [--coordinators N] [--shards N]
+                 [--load RATE] [--load-single-share F] [--load-batch N] [--load-wallets N]
 
 Scenarios (default: every one but ``random``):
 
@@ -26,6 +27,17 @@ through every node, warms up, injects its fault while the workload runs, heals (
 was killed), waits until every shard is served again, keeps the workload running for a
 recovery window, then settles every unanswered request, runs the bank's replay check, checks
 that writer epochs never go back in any journal, and reconciles the store.
+
+With ``--load RATE`` a transfer load (``clients.load``) runs beside the bank on wallets of its
+own: concurrent ``Transfer`` calls and ``BatchTransfer`` calls at RATE transfers a second
+together (``--load-single-share`` of it as single calls), every request resent with its key
+until answered. After the run every acknowledged load transfer is read back with
+``GetTransfer`` (COMMITTED, its amount and wallets: otherwise it is *lost*), the load's
+wallets must hold their initial balances plus the acknowledged transfers, and reconcile must
+count exactly one commit per funding deposit and acknowledged transfer (bank and load: nothing
+committed twice, nothing committed that was refused). Per fault window the report gives the
+load's acknowledged transfers during the window, how many of them are lost (must be 0), and
+the longest gap without an acknowledged transfer.
 
 Verdict: PASS iff the bank check found no problem (no acknowledged transfer lost, none applied
 twice, nothing left unanswered), reconcile is clean, the journals are fenced, and the fault was
@@ -60,6 +72,7 @@ from pathlib import Path
 from clients.bank import BankConfig, BankWorkload
 from clients.harness import Deployment, NodeProcess
 from clients.ledger_client import LedgerClient, LedgerError
+from clients.load import LoadConfig, LoadWorkload
 from shard_router.hashing import shard_of
 
 SCENARIOS = ("kill-owner", "pause-owner", "kill-coordinator", "kill-cassandra-node",
@@ -112,6 +125,13 @@ class DrillConfig:
     workers: int = 8
     seed: int = 1
     keep_data: bool = False          # keep a passed drill's keyspace (failed ones are kept)
+    # Transfer load beside the bank (clients.load); 0 = none.
+    load_rate: float = 0.0           # transfers/s, Transfer + BatchTransfer items together
+    load_single_share: float = 0.2   # share of load_rate sent as single Transfer calls
+    load_single_concurrency: int = 32
+    load_batch: int = 200            # items per BatchTransfer call
+    load_batch_inflight: int = 4
+    load_wallets: int = 256
 
     @property
     def fault_hold_s(self) -> float:
@@ -143,10 +163,13 @@ class ScenarioReport:
     series: dict = field(default_factory=dict)         # per-second figures (see _series)
     duration_s: float = 0.0
     ops_plot: list = field(default_factory=list)       # (started, finished, result), for the picture
+    load: dict = field(default_factory=dict)           # the transfer load's figures (--load)
+    load_plot: list = field(default_factory=list)      # (started, finished, result) of load ops
 
     def to_json(self) -> dict:
         out = asdict(self)
         out.pop("ops_plot")
+        out.pop("load_plot")
         return out
 
 
@@ -278,6 +301,7 @@ class Drill:
         self.deployment.nodes = [n for n in self.deployment.nodes
                                  if n.role == "full" or n in kept]
         self.workload: BankWorkload | None = None
+        self.load: LoadWorkload | None = None
         self.watcher: OwnerWatcher | None = None
         self.probes = probe_wallets(config.shards)
         self._probe_clients: dict[str, LedgerClient] = {}
@@ -476,6 +500,9 @@ class Drill:
                                and all(served["owners"][s][2] > e for s, e in shards.items())),
             "old_epoch_batches_at_resume": {str(s): n for s, n in old_batches.items()},
             "owns_after_resume": {str(s): e for s, e in after.items()},
+            # Every shard the node owned when paused, and who owns it once it is awake.
+            "owners_after_resume": {str(s): list(self.watcher.owners[s]) if s in
+                                    self.watcher.owners else None for s in sorted(shards)},
             "log_after_resume": lines[:40],
             "stale_append_probe": probe,
         }
@@ -646,7 +673,7 @@ class Drill:
             [self.cluster.contact_points[r] for r in self.regions
              if r not in self._cassandra_down],
             port=self.cluster.cql_port, local_dc=region, keyspace=self.deployment.keyspace,
-            create_schema=False)
+            create_schema=False, require_region_survival=len(self.regions) > 1)
 
     @staticmethod
     async def _read_all(store, shard: int) -> list:
@@ -686,7 +713,17 @@ class Drill:
             self.watcher.start()
             placed = await self.restore_homes(0.0, "initial placement")
             report.measured["initial_placement_s"] = placed
+            if config.load_rate > 0:
+                self.load = LoadWorkload(self.deployment.addresses, LoadConfig(
+                    rate=config.load_rate, single_share=config.load_single_share,
+                    single_concurrency=config.load_single_concurrency,
+                    batch_size=config.load_batch, batch_inflight=config.load_batch_inflight,
+                    wallets=config.load_wallets, prefix=f"load-{self.name}",
+                    seed=self.rng.randrange(1 << 30)), caller="chaos-load")
+                await self.load.setup()
             await self.workload.setup()
+            if self.load is not None:
+                self.load.t0 = self.workload.t0  # one clock for the report
             # Times of the report count from the workload's start; what happened before it
             # (deployment start, initial placement) has negative times.
             shift = self.workload.t0 - self.watcher.t0
@@ -695,6 +732,8 @@ class Drill:
                                     for c in self.watcher.changes]
             stop = asyncio.Event()
             load = asyncio.create_task(self.workload.run(stop))
+            traffic = (asyncio.create_task(self.load.run(stop)) if self.load is not None
+                       else None)
             try:
                 await self._hold_until(config.warmup_s)
                 for i, step in enumerate(steps):
@@ -713,12 +752,19 @@ class Drill:
             finally:
                 stop.set()
                 await load
+                if traffic is not None:
+                    await traffic
                 report.counts_run = self.workload.result.counts()
                 report.ops_plot = [(op.started, op.finished, op.result)
                                    for op in self.workload.result.ops]
+                if self.load is not None:
+                    report.load["counts_run"] = self.load.counts()
             await self.workload.settle(timeout_s=SETTLE_TIMEOUT_S)
             report.problems.extend(await self.workload.check())
             report.counts_final = self.workload.result.counts()
+            if self.load is not None:
+                await self.load.settle(timeout_s=SETTLE_TIMEOUT_S)
+                report.problems.extend(f"{self.name}: {p}" for p in await self.load.check())
             await self._verify_store()
         except Exception as exc:
             report.problems.append(f"{self.name}: drill error {type(exc).__name__}: {exc}")
@@ -733,6 +779,10 @@ class Drill:
         if self.watcher is not None:
             report.ownership_changes = [list(c) for c in self.watcher.changes]
         report.series = _series(report.ops_plot)
+        if self.load is not None:
+            report.load_plot = [(op.started, op.finished, op.result) for op in self.load.ops]
+            report.load.update(self.load.figures())
+            report.load["series"] = _series(report.load_plot)
         self._summarize()
         report.verdict = "PASS" if not report.problems and report.reconcile.get("clean") \
             else "FAIL"
@@ -749,6 +799,17 @@ class Drill:
             self.report.reconcile = result.to_json()
             if not result.clean:
                 self.problem(f"reconcile found {len(result.findings)} findings")
+            # Exactly once, counted by the store: one commit per funding deposit and per
+            # acknowledged transfer, and nothing else (every request was answered by now).
+            expected = len(self.workload.wallets) + self.workload.result.counts()["ok"]
+            if self.load is not None:
+                expected += len(self.load.wallets) + self.load.counts()["ok"]
+            self.report.evidence["commits_expected"] = expected
+            self.report.evidence["commits_in_journals"] = result.transfers_committed
+            if result.transfers_committed != expected:
+                self.problem(f"the journals hold {result.transfers_committed} committed "
+                             f"transfers, the acknowledged ones (and funding deposits) are "
+                             f"{expected}")
             fenced = True
             for shard in range(self.config.shards):
                 batches = await self._read_all(store, shard)
@@ -776,6 +837,8 @@ class Drill:
             await self.watcher.stop()
         if self.workload is not None:
             await self.workload.close()
+        if self.load is not None:
+            await self.load.close()
         for client in self._probe_clients.values():
             await client.close()
         await asyncio.to_thread(self.deployment.stop)
@@ -807,10 +870,27 @@ class Drill:
         if failover and failover["max"] is not None:
             report.measured["failover_target_s"] = FAILOVER_TARGET_S
             report.measured["failover_within_target"] = failover["max"] <= FAILOVER_TARGET_S
+        lost_bank = set(self.workload.result.lost) if self.workload is not None else set()
+        report.measured["lost"] = len(lost_bank) + (len(self.load.lost) if self.load else 0)
         for window in report.windows:
             end = window.end_s if window.end_s is not None else window.start_s
             window.notes["ack_gap_max_s"] = _ack_gap(report.ops_plot, window.start_s,
                                                      end + RECOVERY_MIN_S)
+            if self.workload is not None:
+                window.notes["lost"] = sum(
+                    1 for op in self.workload.result.ops if op.key in lost_bank
+                    and window.start_s <= op.finished <= end)
+            if self.load is not None:
+                lost = set(self.load.lost)
+                acked = [op for op in self.load.ops
+                         if op.result == "ok" and window.start_s <= op.finished <= end]
+                window.notes["load_acked"] = len(acked)
+                window.notes["load_lost"] = sum(1 for op in acked if op.key in lost)
+                window.notes["lost"] += window.notes["load_lost"]
+                window.notes["load_ack_gap_max_s"] = _ack_gap(
+                    report.load_plot, window.start_s, end + RECOVERY_MIN_S)
+                window.notes["any_ack_gap_max_s"] = _ack_gap(
+                    report.ops_plot + report.load_plot, window.start_s, end + RECOVERY_MIN_S)
             lat = sorted((f - s) * 1000 for s, f, r in report.ops_plot
                          if r != "unknown" and window.start_s <= s <= end)
             window.notes["latency_ms_p99_in_window"] = (round(_pct(lat, 0.99), 1)
@@ -902,9 +982,12 @@ def _svg_frame(duration: float, windows: list[FaultWindow], y_label: str,
     return out
 
 
-def throughput_svg(report: ScenarioReport) -> str:
-    s = report.series
-    duration = max(1.0, float(s.get("seconds") or 1))
+def throughput_svg(report: ScenarioReport, series: dict | None = None,
+                   label: str = "acknowledged transfers / s") -> str:
+    """Acknowledged and refused transfers per second: the bank's, or another ``series``
+    (the load's) on the same time axis."""
+    s = series if series is not None else report.series
+    duration = max(1.0, float(max(report.series.get("seconds") or 1, s.get("seconds") or 1)))
     peak = max([*s.get("ok", []), *s.get("refused", []), 1])
     top = _nice(peak)
     ph, pw = _H - _MT - _MB, _W - _ML - _MR
@@ -912,7 +995,7 @@ def throughput_svg(report: ScenarioReport) -> str:
     def y(v: float) -> float:
         return _MT + ph - ph * v / top
 
-    out = _svg_frame(duration, report.windows, "acknowledged transfers / s",
+    out = _svg_frame(duration, report.windows, label,
                      [(top * i / 4, f"{top * i / 4:g}") for i in range(5)], y)
     bw = pw / duration
     for sec, (ok, ref) in enumerate(zip(s["ok"], s["refused"])):
@@ -1009,6 +1092,10 @@ def _ms_label(ms: float) -> str:
     return f"{ms / 1000:g} s" if ms >= 1000 else f"{ms:g} ms"
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def render_html(run: RunReport) -> str:
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>ledger-chaos</title>",
              "<style>body{font-family:sans-serif;margin:20px;color:#222}"
@@ -1025,15 +1112,26 @@ def render_html(run: RunReport) -> str:
              f"windows (from the fault to its heal); a dashed line marks when every shard of "
              f"the failed owner answered again through another node.</p>",
              "<table><tr><th>scenario</th><th>verdict</th><th>ok</th><th>refused</th>"
-             "<th>unknown (run / final)</th><th>failover s</th><th>reconcile</th></tr>"]
+             "<th>unknown (run / final)</th><th>failover s</th><th>load ok (ok/s)</th>"
+             "<th>load acked in fault</th><th>lost</th><th>longest gap s (load / bank)</th>"
+             "<th>reconcile</th></tr>"]
     for s in run.scenarios:
         fo = (s.measured.get("failover_s") or {}).get("max")
+        faults = [w for w in s.windows if w.fault != "failback"]
+        load = s.load or {}
+        load_cell = (f"{load['counts']['ok']} ({load['ok_per_s']})" if load.get("counts")
+                     else "-")
+        in_fault = (", ".join(str(w.notes.get("load_acked", "-")) for w in faults)
+                    if load else "-")
+        gaps = ", ".join(f"{_fmt(w.notes.get('load_ack_gap_max_s'))} / "
+                         f"{_fmt(w.notes.get('ack_gap_max_s'))}" for w in faults) or "-"
         parts.append(
             f"<tr><td><a href='#{s.name}'>{s.name}</a></td><td><span class='v {s.verdict}'>"
             f"{s.verdict}</span></td><td>{s.counts_final.get('ok', '-')}</td>"
             f"<td>{s.counts_final.get('refused', '-')}</td>"
             f"<td>{s.counts_run.get('unknown', '-')} / {s.counts_final.get('unknown', '-')}</td>"
-            f"<td>{'-' if fo is None else f'{fo:.2f}'}</td>"
+            f"<td>{'-' if fo is None else f'{fo:.2f}'}</td><td>{load_cell}</td>"
+            f"<td>{in_fault}</td><td>{s.measured.get('lost', '-')}</td><td>{gaps}</td>"
             f"<td>{'clean' if s.reconcile.get('clean') else 'NOT clean'}</td></tr>")
     parts.append("</table>")
     for s in run.scenarios:
@@ -1041,6 +1139,10 @@ def render_html(run: RunReport) -> str:
                      f"{s.verdict}</span></h2>")
         parts.append(throughput_svg(s))
         parts.append("<br>")
+        if s.load.get("series"):
+            parts.append(throughput_svg(s, s.load["series"],
+                                        "load: acknowledged transfers / s"))
+            parts.append("<br>")
         parts.append(latency_svg(s))
         rows = "".join(
             f"<tr><td>{html.escape(w.fault)}</td><td>{html.escape(w.target)}</td>"
@@ -1049,6 +1151,9 @@ def render_html(run: RunReport) -> str:
             for w in s.windows)
         parts.append("<table><tr><th>fault</th><th>target</th><th>start s</th><th>end s</th>"
                      f"<th>notes</th></tr>{rows}</table>")
+        if s.load:
+            figures = {k: v for k, v in s.load.items() if k != "series"}
+            parts.append(f"<pre>load: {html.escape(json.dumps(figures))}</pre>")
         parts.append(f"<pre>measured: {html.escape(json.dumps(s.measured))}\n"
                      f"problems: {html.escape(json.dumps(s.problems[:20], indent=1))}</pre>")
     parts.append("</body></html>")
@@ -1142,6 +1247,14 @@ def summary_line(s: ScenarioReport) -> str:
     gaps = [w.notes.get("ack_gap_max_s") for w in s.windows]
     if gaps:
         parts.append("ack_gap_max_s=" + ",".join(f"{g:.1f}" for g in gaps if g is not None))
+    if s.load.get("counts"):
+        faults = [w for w in s.windows if w.fault != "failback"]
+        parts.append(f"load ok={s.load['counts']['ok']} ({s.load['ok_per_s']}/s) "
+                     f"acked_in_fault=" + ",".join(str(w.notes.get("load_acked"))
+                                                   for w in faults)
+                     + " load_gap_s=" + ",".join(_fmt(w.notes.get("load_ack_gap_max_s"))
+                                                 for w in faults))
+    parts.append(f"lost={s.measured.get('lost', '-')}")
     parts.append("reconcile=" + ("clean" if s.reconcile.get("clean") else "NOT-clean"))
     parts.append(f"{s.duration_s:.0f}s")
     text = "  ".join(parts)
@@ -1184,6 +1297,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="coordinator-only nodes in all (spread over regions)")
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--heap-mb", type=int, default=512)
+    parser.add_argument("--load", type=float, default=0.0, metavar="RATE",
+                        help="transfer load beside the bank: RATE transfers/s through "
+                             "Transfer and BatchTransfer, every acknowledged one checked "
+                             "(default 0: none)")
+    parser.add_argument("--load-single-share", type=float, default=0.2,
+                        help="share of the load sent as single Transfer calls")
+    parser.add_argument("--load-singles", type=int, default=32,
+                        help="single Transfer calls in flight at most")
+    parser.add_argument("--load-batch", type=int, default=200,
+                        help="items per BatchTransfer call")
+    parser.add_argument("--load-batch-inflight", type=int, default=4,
+                        help="BatchTransfer calls in flight at most")
+    parser.add_argument("--load-wallets", type=int, default=256)
     args = parser.parse_args(argv)
     scenarios = args.scenarios or list(SCENARIOS)
     for name in scenarios:
@@ -1207,7 +1333,12 @@ def main(argv: list[str] | None = None) -> int:
     config = DrillConfig(out_dir=Path(args.out), seconds=args.seconds, seed=args.seed,
                          nodes_per_region=args.nodes_per_region,
                          coordinators=args.coordinators, shards=args.shards,
-                         keep_data=args.keep_data)
+                         keep_data=args.keep_data, load_rate=args.load,
+                         load_single_share=args.load_single_share,
+                         load_single_concurrency=args.load_singles,
+                         load_batch=args.load_batch,
+                         load_batch_inflight=args.load_batch_inflight,
+                         load_wallets=args.load_wallets)
     print(f"cluster in {run_dir}: starting (or reusing)", file=sys.stderr, flush=True)
     run: RunReport | None = None
     try:

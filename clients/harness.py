@@ -69,6 +69,9 @@ class NodeProcess:
                "--shards", str(self.shards), "--lease-ttl-s", str(self.lease_ttl_s),
                "--takeover-grace-s", str(self.takeover_grace_s),
                "--replication", ",".join(f"{r}=1" for r in self.regions),
+               # One region cannot survive a region loss: a durable node refuses that
+               # unless told it is a single-region (test) deployment.
+               *(["--single-region-dev"] if len(self.regions) == 1 else []),
                "--role", self.role,
                "--log-level", env.get("LEDGER_LOG_LEVEL", "WARNING")]
         # stdout carries only the serving line; logs go to a file (or nowhere).
@@ -197,4 +200,5 @@ class Deployment:
         region = self.regions[0]
         return dict(contact_points=[self.cluster.contact_points[region]],
                     port=getattr(self.cluster, "cql_port", 9042), local_dc=region,
-                    keyspace=self.keyspace)
+                    keyspace=self.keyspace, regions=list(self.regions),
+                    require_region_survival=len(self.regions) > 1)

@@ -15,8 +15,15 @@ SNAPSHOT_EVERY_EVENTS = 100_000
 # costs per event, so this keeps compaction CPU within about twice the replay CPU of the
 # journal it removes, and replay after a takeover within ~1/ratio events per record.
 SNAPSHOT_EVENTS_PER_RECORD_MIN = 0.5
-# Journal batches read and folded per step of a compaction (one worker-thread call).
+# Journal batches read per round trip by a compaction, and journal bytes one compaction
+# reads at most (a longer journal is compacted in rounds of about this much: memory bound).
 COMPACTION_PAGE_BATCHES = 64
+COMPACTION_JOURNAL_BYTES_MAX = 256 * 1024 * 1024
+# Build snapshots (decode, fold, encode) in a worker process rather than a thread of this
+# one: a thread shares the GIL and the garbage collector with the event loop, and stalled it
+# for up to 161 ms (100 k kept transfers, loaded 2-core box) where a process stalled it for
+# about as long as an idle loop is late anyway (README "Snapshots and replay").
+COMPACTION_IN_PROCESS = True
 # Compactions running at once in one process (each holds a copy of its shard's state).
 COMPACTIONS_CONCURRENT_MAX = 2
 # One compaction's deadline (s), its attempts before it waits for the next due point, and the

@@ -20,6 +20,8 @@ does while everything else keeps running. The n-th hit and every later one until
 * ``owner.append_unavailable``   the journal append fails before writing (StoreUnavailable)
 * ``owner.append_unknown``       the journal append is written, then reported as an unknown
                                  outcome (UnknownOutcome), as after an unresolved CAS timeout
+* ``store.snapshot_before_marker``  a snapshot's parts are written, its completion mark is
+                                 not (StoreUnavailable): the previous snapshot stays in force
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Reconciliation: prove from the store alone that the books are right, or name what is wrong.
 
-Reads every shard's journal from the first batch (not the owners' memory), replays it through
-the pure core (an event that breaks an invariant on replay is itself a finding), and checks:
+Reads every shard's latest snapshot and its journal after it (not the owners' memory; the
+journal before a snapshot is truncated), replays it through the pure core (an event that
+breaks an invariant on replay is itself a finding), and checks:
 
 1. per currency, all balances (settlement accounts included) plus money in transit between
    shards sum to zero;
@@ -24,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ledger.compaction import CompactionError
+from ledger.compaction import decode as decode_snapshot
 from ledger.core import codec
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.core.invariants import InvariantViolation
@@ -55,7 +58,8 @@ class Finding:
 @dataclass
 class Report:
     shards: int = 0
-    batches: int = 0
+    batches: int = 0              # journal batches read (after each shard's snapshot)
+    snapshot_batches: int = 0     # batches covered by the snapshots read instead
     wallets: int = 0
     transfers_committed: int = 0
     transfers_refused: int = 0
@@ -75,6 +79,7 @@ class Report:
     def to_json(self) -> dict:
         return {
             "clean": self.clean, "shards": self.shards, "batches": self.batches,
+            "snapshot_batches": self.snapshot_batches,
             "wallets": self.wallets, "transfers_committed": self.transfers_committed,
             "transfers_refused": self.transfers_refused, "totals": self.totals,
             "in_transit": self.in_transit, "checks": {c: self.checks.get(c, 0) for c in CHECKS},
@@ -96,43 +101,34 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
     decided: dict[str, int] = {}          # transfer_id -> times committed
     credited: dict[str, int] = {}         # transfer_id -> times credited
     credits: dict[int, list] = {}         # dst shard -> [(src, Credit)]
+    before_snapshot: set[str] = set()     # credits whose debit a snapshot holds
+    snapshot_outbox: dict[int, dict[int, int]] = {}
     for shard in range(shard_count):
-        state = ShardState(shard)
-        after = 0
-        while True:
-            page = await store.read_journal(shard, after, JOURNAL_PAGE_BATCHES)
-            for batch in page:
-                if batch.seq != state.seq + 1:
-                    report.add("legs_once", shard, f"batch {batch.seq}",
-                               f"journal gap: expected batch {state.seq + 1}")
-                for event in codec.loads(batch.events):
-                    try:
-                        state.evolve(event)
-                    except InvariantViolation as exc:
-                        report.add("journal_replays", shard, f"batch {batch.seq}", str(exc))
-                        continue
-                    kind = type(event)
-                    if kind is TransferDecided:
-                        if event.transfer.state == STATE_COMMITTED:
-                            tid = event.transfer.transfer_id
-                            decided[tid] = decided.get(tid, 0) + 1
-                            report.transfers_committed += 1
-                            if event.to_shard == shard:
-                                credited[tid] = credited.get(tid, 0) + 1
-                        elif event.transfer.state != "PENDING":
-                            report.transfers_refused += 1
-                    elif kind is CreditsApplied:
-                        for credit in event.credits:
-                            credited[credit.transfer_id] = credited.get(credit.transfer_id, 0) + 1
-                            credits.setdefault(shard, []).append((event.from_shard, credit))
-                state.seq = batch.seq
-                report.batches += 1
-            if len(page) < JOURNAL_PAGE_BATCHES:
-                break
-            after = page[-1].seq
+        read = await _read_shard(store, shard)
+        state = read.state
+        for check, subject, detail in read.findings:
+            report.add(check, shard, subject, detail)
+        report.batches += read.batches
+        report.snapshot_batches += read.snapshot_seq
+        report.transfers_committed += read.committed
+        report.transfers_refused += read.refused
+        for tid, count in read.decided.items():
+            decided[tid] = decided.get(tid, 0) + count
+        for tid, count in read.credited.items():
+            credited[tid] = credited.get(tid, 0) + count
+        if read.credits:
+            credits[shard] = read.credits
+        snapshot_outbox[shard] = read.snapshot_outbox
         states[shard] = state
         if progress is not None:
             progress(shard + 1, shard_count)
+    # A credit applied after its credit shard's snapshot whose debit its debit shard's
+    # snapshot already holds (the journal of that debit is truncated): the debit shard's
+    # outbox sequence says it was decided there; its transfer record may be purged already.
+    for dst, items in credits.items():
+        for src, credit in items:
+            if credit.outbox_seq <= snapshot_outbox.get(src, {}).get(dst, 0):
+                before_snapshot.add(credit.transfer_id)
 
     # A credit whose debit is not in the part of its debit shard's journal read here: if the
     # debit shard was read before the credit shard, the debit may have been journaled after
@@ -193,7 +189,7 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
         if got > 1:
             report.add("legs_once", -1, tid, f"credited {got} times")
     for tid, count in credited.items():
-        if tid not in decided and tid not in late_transfers:
+        if tid not in decided and tid not in late_transfers and tid not in before_snapshot:
             report.add("legs_once", -1, tid, f"credited {count} times but never committed")
 
     for shard, state in states.items():
@@ -246,3 +242,100 @@ async def _journaled_after(store: JournalStore, shard: int, after_seq: int, to_s
         if len(page) < JOURNAL_PAGE_BATCHES:
             return False
         after_seq = page[-1].seq
+
+
+# Reads of one shard started again because a compaction truncated its journal meanwhile.
+SHARD_READ_ATTEMPTS_MAX = 5
+
+
+@dataclass
+class _ShardRead:
+    """One shard's snapshot and journal after it, folded, with what the checks need."""
+
+    state: ShardState
+    snapshot_seq: int = 0
+    snapshot_outbox: dict[int, int] = field(default_factory=dict)  # its outbox_last_seq
+    batches: int = 0
+    committed: int = 0
+    refused: int = 0
+    decided: dict[str, int] = field(default_factory=dict)
+    credited: dict[str, int] = field(default_factory=dict)
+    credits: list = field(default_factory=list)          # [(src shard, Credit)]
+    findings: list = field(default_factory=list)         # [(check, subject, detail)]
+    truncated: bool = False   # the journal after the snapshot was gone: read again
+
+
+async def _read_shard(store: JournalStore, shard: int) -> _ShardRead:
+    """Fold the shard's latest snapshot and the journal after it.
+
+    Transfers the snapshot holds (those within the idempotency retention) count as decided
+    once, so a second decision of one in the journal after it is still found; what was
+    purged before the snapshot can no longer be checked (it was checked by the reconciliations
+    that ran while its journal existed). A compaction that truncates the journal during the
+    read makes it start again from the newer snapshot.
+    """
+    read = _ShardRead(ShardState(shard))
+    for _ in range(SHARD_READ_ATTEMPTS_MAX):
+        read = await _read_shard_once(store, shard)
+        if not read.truncated:
+            return read
+    read.findings.append(("journal_replays", f"shard {shard}", "the journal kept being "
+                          "truncated by compactions during the read; run again"))
+    return read
+
+
+async def _read_shard_once(store: JournalStore, shard: int) -> _ShardRead:
+    snapshot_seq, snapshot = await store.load_snapshot(shard)
+    try:
+        state = await asyncio.to_thread(decode_snapshot, shard, snapshot, snapshot_seq)
+    except (ValueError, KeyError, TypeError, CompactionError) as exc:
+        read = _ShardRead(ShardState(shard), snapshot_seq)
+        read.findings.append(("journal_replays", f"snapshot {snapshot_seq}",
+                              f"snapshot does not load: {exc}"))
+        return read
+    read = _ShardRead(state, snapshot_seq, dict(state.outbox_last_seq))
+    for transfer in state.transfers.values():
+        if transfer.state == STATE_COMMITTED:
+            read.decided[transfer.transfer_id] = 1
+            read.committed += 1
+        elif transfer.state != "PENDING":
+            read.refused += 1
+    decided, credited = read.decided, read.credited
+    after = snapshot_seq
+    while True:
+        page = await store.read_journal(shard, after, JOURNAL_PAGE_BATCHES)
+        if after == snapshot_seq and (not page or page[0].seq > snapshot_seq + 1):
+            # Nothing right after the snapshot: a newer one truncated the journal meanwhile
+            # (read again from it), or there is nothing after it.
+            if (await store.journal_position(shard))[2] > snapshot_seq:
+                read.truncated = True
+                return read
+        for batch in page:
+            if batch.seq != state.seq + 1:
+                read.findings.append(("legs_once", f"batch {batch.seq}",
+                                      f"journal gap: expected batch {state.seq + 1}"))
+            for event in codec.loads(batch.events):
+                try:
+                    state.evolve(event)
+                except InvariantViolation as exc:
+                    read.findings.append(("journal_replays", f"batch {batch.seq}", str(exc)))
+                    continue
+                kind = type(event)
+                if kind is TransferDecided:
+                    if event.transfer.state == STATE_COMMITTED:
+                        tid = event.transfer.transfer_id
+                        decided[tid] = decided.get(tid, 0) + 1
+                        read.committed += 1
+                        if event.to_shard == shard:
+                            credited[tid] = credited.get(tid, 0) + 1
+                    elif event.transfer.state != "PENDING":
+                        read.refused += 1
+                elif kind is CreditsApplied:
+                    for credit in event.credits:
+                        credited[credit.transfer_id] = credited.get(credit.transfer_id, 0) + 1
+                        read.credits.append((event.from_shard, credit))
+            state.seq = batch.seq
+            read.batches += 1
+        if len(page) < JOURNAL_PAGE_BATCHES:
+            return read
+        after = page[-1].seq

@@ -59,3 +59,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(
         f"tests against real Cassandra/etcd: {len(passed)} passed "
         f"of {getattr(config, '_ledger_real_count', 0)} collected")
+
+
+async def assert_replicated_in(store, keyspace: str, regions: list[str]) -> None:
+    """The keyspace really keeps one replica in each of ``regions`` (read back from the
+    cluster's schema, not from what was asked for)."""
+    import asyncio
+
+    row = (await asyncio.to_thread(
+        store._session.execute,
+        "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
+        [keyspace])).one()
+    options = row["replication"] if isinstance(row, dict) else row.replication
+    replication = {k: v for k, v in dict(options).items() if k != "class"}
+    assert replication == {r: "1" for r in regions}, replication

@@ -10,6 +10,9 @@ they prove that:
   a taken number or a gap is refused with ``Fenced`` and writes nothing (neither the batch nor
   its rows); of two writers racing for one number exactly one wins;
 * ``load`` returns the newest snapshot and every batch after it, in order, across pages;
+  a snapshot larger than one store write round-trips, counts only once complete, never
+  replaces a newer one, and truncation drops exactly the batches a complete snapshot covers
+  (the fencing state stays);
 * materialized rows are readable after ``append``/``write_rows`` return, the last row of a key
   within one call wins, entries page in version order, and ``read_journal`` honours its limits.
 """
@@ -247,6 +250,112 @@ async def test_read_journal_honours_after_seq_and_limit(case):
     assert [b.seq for b in await case.store.read_journal(shard, 2)] == [3, 4, 5, 6, 7]
 
 
+# --- snapshots in parts, completion marks, truncation -----------------------------------------
+
+
+def big_snapshot(tag: str, size: int) -> bytes:
+    """``size`` bytes that do not compress, distinct per tag (a mix-up of parts shows)."""
+    import hashlib
+    out, counter = bytearray(), 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{tag}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+async def test_a_snapshot_larger_than_a_part_round_trips(case):
+    from ledger.store.cassandra import SNAPSHOT_PART_BYTES
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 4)
+    snapshot = big_snapshot(f"{shard}", 2 * SNAPSHOT_PART_BYTES + 12_345)  # three parts
+    assert await case.store.save_snapshot(shard, 3, snapshot) is True
+    assert await case.store.load_snapshot(shard) == (3, snapshot)
+    loaded = await case.store.load(shard)
+    assert (loaded.snapshot, loaded.snapshot_seq) == (snapshot, 3)
+    assert [b.seq for b in loaded.batches] == [4]
+    assert (await case.store.journal_position(shard))[2] == 3
+
+
+async def test_a_snapshot_whose_save_fails_before_its_mark_is_ignored(case):
+    from ledger import failpoints
+    from ledger.store.cassandra import SNAPSHOT_PART_BYTES
+    from ledger.store.port import StoreUnavailable
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 8)
+    await case.store.save_snapshot(shard, 2, b"after 2")
+    failpoints.arm("store.snapshot_before_marker")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await case.store.save_snapshot(shard, 6, big_snapshot("partial",
+                                                                  SNAPSHOT_PART_BYTES + 1))
+    finally:
+        failpoints.disarm()
+    assert await case.store.load_snapshot(shard) == (2, b"after 2")
+    loaded = await case.store.load(shard)
+    assert (loaded.snapshot, loaded.snapshot_seq) == (b"after 2", 2)
+    assert [b.seq for b in loaded.batches] == [3, 4, 5, 6, 7, 8]
+    # Nothing may be truncated on the strength of an incomplete snapshot.
+    with pytest.raises(ValueError):
+        await case.store.truncate_journal(shard, 6)
+    assert [b.seq for b in await case.store.read_journal(shard, 0, 100)] == list(range(1, 9))
+    # A later save of the same batch completes (and wins over the garbage parts).
+    assert await case.store.save_snapshot(shard, 6, b"after 6") is True
+    assert (await case.store.load(shard)).snapshot == b"after 6"
+
+
+async def test_truncation_drops_exactly_the_batches_a_snapshot_covers(case):
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 10)
+    await case.store.save_snapshot(shard, 6, b"after 6")
+    await case.store.truncate_journal(shard, 6)
+    await case.store.truncate_journal(shard, 6)  # idempotent
+    assert await journal(case.store, shard) == [(s, 1, events(shard, s)) for s in (7, 8, 9, 10)]
+    loaded = await case.store.load(shard)
+    assert (loaded.snapshot, loaded.snapshot_seq) == (b"after 6", 6)
+    assert loaded.batches == [JournalBatch(s, 1, events(shard, s)) for s in (7, 8, 9, 10)]
+    # The fencing state survives: the head is still 10, appends go on from it, a stale epoch
+    # is still refused.
+    assert await case.store.fence(shard, 2) == 10
+    assert await case.store.journal_position(shard) == (2, 10, 6)
+    await case.store.append(shard, 2, 11, events(shard, 11), [])
+    with pytest.raises(Fenced):
+        await case.store.append(shard, 1, 12, events(shard, 12), [])
+    assert [b.seq for b in (await case.store.load(shard)).batches] == [7, 8, 9, 10, 11]
+
+
+async def test_truncation_past_the_latest_snapshot_is_refused(case):
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 5)
+    with pytest.raises(ValueError):
+        await case.store.truncate_journal(shard, 1)  # no snapshot at all
+    await case.store.save_snapshot(shard, 3, b"after 3")
+    with pytest.raises(ValueError):
+        await case.store.truncate_journal(shard, 4)
+    assert [b.seq for b in await case.store.read_journal(shard, 0, 100)] == [1, 2, 3, 4, 5]
+    await case.store.truncate_journal(shard, 2)  # below the snapshot: allowed
+    assert [b.seq for b in await case.store.read_journal(shard, 0, 100)] == [3, 4, 5]
+
+
+async def test_a_late_snapshot_of_a_lower_batch_does_not_replace_a_newer_one(case):
+    # A deposed owner's compaction may finish after the new owner's: its snapshot is older.
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 9)
+    assert await case.store.save_snapshot(shard, 7, b"after 7") is True
+    await case.store.truncate_journal(shard, 7)
+    assert await case.store.save_snapshot(shard, 4, b"after 4") is False
+    assert await case.store.save_snapshot(shard, 7, b"after 7 again") is False
+    await case.store.truncate_journal(shard, 4)  # covered by the newer one: a no-op
+    loaded = await case.store.load(shard)
+    assert (loaded.snapshot, loaded.snapshot_seq) == (b"after 7", 7)
+    assert [b.seq for b in loaded.batches] == [8, 9]
+    assert await case.store.load_snapshot(shard) == (7, b"after 7")
+
+
 # --- materialized rows ----------------------------------------------------------------------
 
 
@@ -275,7 +384,7 @@ async def test_the_last_row_of_a_key_within_one_call_wins(case):
         ("transfer", transfer(tid, state="COMMITTED", credited=True)),
         ("entry", last_entry),
         ("wallet", wallet(wid, 250, 3, held_minor=50, frozen=True)),
-    ])
+    ], seq=1)
     assert await case.store.scan_wallets(shard) == [wallet(wid, 250, 3, held_minor=50,
                                                            frozen=True)]
     assert await case.store.get_transfer(tid) == transfer(tid, credited=True)
@@ -284,11 +393,13 @@ async def test_the_last_row_of_a_key_within_one_call_wins(case):
 
 async def test_rows_are_upserts(case):
     shard, wid, tid = case.shard(), case.id("w"), case.id("t")
-    await case.store.write_rows(shard, [("wallet", wallet(wid, 1, 1)), ("transfer", transfer(tid))])
+    await case.store.write_rows(shard, [("wallet", wallet(wid, 1, 1)), ("transfer", transfer(tid))],
+                                seq=1)
     await case.store.write_rows(shard, [("wallet", wallet(wid, 2, 2, allow_negative=True)),
                                         ("transfer", transfer(tid, state="REFUSED", status=3,
                                                               status_field="amount_minor",
-                                                              status_detail="too much"))])
+                                                              status_detail="too much"))],
+                                seq=2)
     assert await case.store.scan_wallets(shard) == [wallet(wid, 2, 2, allow_negative=True)]
     assert await case.store.get_transfer(tid) == transfer(
         tid, state="REFUSED", status=3, status_field="amount_minor", status_detail="too much")
@@ -298,9 +409,10 @@ async def test_entries_page_in_version_order(case):
     shard, wid, other = case.shard(), case.id("w"), case.id("other")
     versions = list(range(1, 26))
     # Written out of order and split over calls: order comes from the version, not arrival.
-    await case.store.write_rows(shard, [("entry", entry(wid, v)) for v in versions[::-2]])
+    await case.store.write_rows(shard, [("entry", entry(wid, v)) for v in versions[::-2]],
+                                seq=1)
     await case.store.write_rows(shard, [("entry", entry(wid, v)) for v in versions[-2::-2]]
-                                + [("entry", entry(other, 1))])
+                                + [("entry", entry(other, 1))], seq=2)
     pages, after = [], 0
     while True:
         page = await case.store.list_entries(wid, after, 10)
@@ -318,9 +430,9 @@ async def test_scan_wallets_lists_exactly_the_wallets_of_one_shard(case):
     shard, neighbour = case.shard(), case.shard()
     mine = [wallet(case.id(f"w{i:03d}"), i, i) for i in range(30)]
     theirs = [wallet(case.id(f"x{i:03d}"), i, i) for i in range(5)]
-    await case.store.write_rows(shard, [("wallet", w) for w in mine[:20]])
-    await case.store.write_rows(neighbour, [("wallet", w) for w in theirs])
-    await case.store.write_rows(shard, [("wallet", w) for w in mine[20:]])
+    await case.store.write_rows(shard, [("wallet", w) for w in mine[:20]], seq=1)
+    await case.store.write_rows(neighbour, [("wallet", w) for w in theirs], seq=1)
+    await case.store.write_rows(shard, [("wallet", w) for w in mine[20:]], seq=2)
     scanned = await case.store.scan_wallets(shard)
     assert sorted(scanned, key=lambda w: w.wallet_id) == mine
     assert sorted(await case.store.scan_wallets(neighbour), key=lambda w: w.wallet_id) == theirs
@@ -343,6 +455,40 @@ async def test_a_large_group_commit_writes_all_its_rows(case):
         == transfers[::37]
     for e in entries[::41]:
         assert await case.store.list_entries(e.wallet_id, 0, 10) == [e]
+
+
+async def test_a_late_write_of_an_older_batch_never_replaces_newer_rows(case):
+    # Defect 9: a deposed owner (epoch 1) got batch 1 acknowledged; the new owner (epoch 2)
+    # appended batch 2, which changed the same wallet and transfer. The deposed owner's rows
+    # of batch 1 then arrive late (its row writer, or its replay): the views must keep the
+    # rows of batch 2, whatever order the writes arrive in.
+    shard, wid, tid = case.shard(), case.id("w"), case.id("t")
+    old_rows = [("wallet", wallet(wid, 100, 1)), ("entry", entry(wid, 1, 100)),
+                ("transfer", transfer(tid, state="PENDING"))]
+    new_rows = [("wallet", wallet(wid, 70, 2, held_minor=20)), ("entry", entry(wid, 2, -30)),
+                ("transfer", transfer(tid, state="COMMITTED", credited=True))]
+    await case.store.fence(shard, 1)
+    await case.store.append(shard, 1, 1, events(shard, 1), old_rows)
+    await case.store.flush_rows(shard, 1)
+    await case.store.fence(shard, 2)
+    await case.store.append(shard, 2, 2, events(shard, 2), new_rows)
+    await case.store.flush_rows(shard, 2)
+    # Late: the older batch again, as rows with a position argument and as positioned rows.
+    await case.store.write_rows(shard, old_rows, seq=1)
+    await case.store.write_rows(shard, [(kind, value, 1) for kind, value in old_rows])
+    assert await case.store.scan_wallets(shard) == [wallet(wid, 70, 2, held_minor=20)]
+    assert await case.store.get_transfer(tid) == transfer(tid, state="COMMITTED", credited=True)
+    assert await case.store.list_entries(wid, 0, 10) == [entry(wid, 1, 100),
+                                                          entry(wid, 2, -30)]
+    # A replay of both batches (rows as of batch 2) changes nothing either.
+    await case.store.write_rows(shard, old_rows + new_rows, seq=2)
+    assert await case.store.scan_wallets(shard) == [wallet(wid, 70, 2, held_minor=20)]
+    assert await case.store.get_transfer(tid) == transfer(tid, state="COMMITTED", credited=True)
+
+
+async def test_write_rows_needs_a_position(case):
+    with pytest.raises(ValueError, match="journal position"):
+        await case.store.write_rows(case.shard(), [("wallet", wallet(case.id("w"), 1, 1))])
 
 
 # --- Cassandra only: outcomes of a CAS whose answer is lost ---------------------------------
@@ -428,3 +574,75 @@ async def test_cassandra_append_that_cannot_be_resolved_is_an_unknown_outcome(
     # It had been applied: the next owner's load shows it.
     assert await store.fence(shard, 2) == 1
     assert [b.seq for b in (await store.load(shard)).batches] == [1]
+
+
+# --- Cassandra only: snapshots above the mutation limit, parts without a mark, load races ---
+
+
+@pytest.mark.real
+async def test_cassandra_snapshot_above_the_mutation_limit_round_trips(cassandra_store,
+                                                                      fresh_shard):
+    # One cell of 16 MiB or more is refused by Cassandra (max_mutation_size: half the 32 MiB
+    # commit log segment); parts keep every write far below it.
+    store, shard = cassandra_store, fresh_shard
+    await store.fence(shard, 1)
+    await append_run(store, shard, 1, 1, 3)
+    snapshot = big_snapshot(f"huge-{shard}", 20 * 1024 * 1024)
+    assert await store.save_snapshot(shard, 2, snapshot) is True
+    assert await store.load_snapshot(shard) == (2, snapshot)
+
+
+@pytest.mark.real
+async def test_cassandra_parts_without_their_mark_exist_and_are_not_loaded(cassandra_store,
+                                                                          fresh_shard):
+    from ledger import failpoints
+    from ledger.store.cassandra import SNAPSHOT_PART_BYTES
+    from ledger.store.port import StoreUnavailable
+
+    store, shard = cassandra_store, fresh_shard
+    await store.fence(shard, 1)
+    await append_run(store, shard, 1, 1, 4)
+    failpoints.arm("store.snapshot_before_marker")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.save_snapshot(shard, 3, big_snapshot("orphan", 2 * SNAPSHOT_PART_BYTES))
+    finally:
+        failpoints.disarm()
+    parts = await store._read(store._session.prepare(
+        f"SELECT part FROM {store._keyspace}.snapshot_parts WHERE shard = ?"), (shard,))
+    assert sorted(r["part"] for r in parts) == [0, 1]  # the parts are there...
+    assert await store.load_snapshot(shard) == (0, None)  # ...but count for nothing
+    assert [b.seq for b in (await store.load(shard)).batches] == [1, 2, 3, 4]
+    # The next complete snapshot drops the orphaned parts with its range delete.
+    await store.save_snapshot(shard, 4, b"after 4")
+    parts = await store._read(store._session.prepare(
+        f"SELECT seq, part FROM {store._keyspace}.snapshot_parts WHERE shard = ?"), (shard,))
+    assert [(r["seq"], r["part"]) for r in parts] == [(4, 0)]
+
+
+@pytest.mark.real
+async def test_cassandra_load_racing_a_compaction_starts_again_from_the_newer_snapshot(
+        cassandra_store, fresh_shard, monkeypatch):
+    # Another owner's compaction saves a snapshot and truncates the journal between this
+    # load's snapshot read and its journal read: the load must not fail or miss batches.
+    store, shard = cassandra_store, fresh_shard
+    await store.fence(shard, 1)
+    await append_run(store, shard, 1, 1, 9)
+    await store.save_snapshot(shard, 3, b"after 3")
+    real_load_snapshot = store.load_snapshot
+    raced = []
+
+    async def load_snapshot_then_compaction(s):
+        result = await real_load_snapshot(s)
+        if not raced:
+            raced.append(result)
+            await store.save_snapshot(shard, 7, b"after 7")
+            await store.truncate_journal(shard, 7)
+        return result
+
+    monkeypatch.setattr(store, "load_snapshot", load_snapshot_then_compaction)
+    loaded = await store.load(shard)
+    monkeypatch.undo()
+    assert raced == [(3, b"after 3")]
+    assert (loaded.snapshot, loaded.snapshot_seq) == (b"after 7", 7)
+    assert [b.seq for b in loaded.batches] == [8, 9]

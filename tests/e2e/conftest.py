@@ -1,5 +1,9 @@
 """A running ledger (gRPC server in this process) per backend: the embedded default, and
-Cassandra + etcd started by the project's scripts. The same API tests run on both."""
+Cassandra + etcd started by the project's scripts. The same API tests run on both.
+
+The transfer round trips (``THREE_DC_TESTS``) also run on ``cassandra_3dc``: a keyspace with
+one replica in each of three regions at the durable consistency (journal CAS at SERIAL,
+commit at QUORUM across datacenters), so the commit path is exercised as in production."""
 
 from __future__ import annotations
 
@@ -9,21 +13,40 @@ import uuid
 import pytest
 
 from clients import LedgerClient
+from tests.conftest import assert_replicated_in
 from ledger import server
 
 SHARDS = 16
 
 
-async def _start_cassandra_backend(local_cluster):
+# Tests that also run on the three-datacenter keyspace: money round trips through the API
+# (one-step same-shard and two-step cross-shard commits, and a retry answered from the
+# record). Each costs a keyspace of its own (~15-25 s on the shared 2-core machine).
+THREE_DC_TESTS = ("test_money_moves_and_books_balance",
+                  "test_idempotent_retry_returns_original_and_moves_money_once")
+
+
+async def _start_cassandra_backend(local_cluster, three_dc: bool = False):
     from ledger.store.cassandra import CassandraStore
     from shard_router.etcd import EtcdOwnership
     from tests.conftest import TEST_CQL_PORT
 
     region = local_cluster.regions[0] if hasattr(local_cluster, "regions") else "r1"
-    keyspace = "e2e_" + uuid.uuid4().hex[:8]
-    store = await CassandraStore.connect([local_cluster.contact_points[region]], TEST_CQL_PORT,
-                                         local_dc=region, keyspace=keyspace,
-                                         replication={region: 1})
+    keyspace = ("e2e3_" if three_dc else "e2e_") + uuid.uuid4().hex[:8]
+    if three_dc:
+        # The node serves from r1; its keyspace keeps a replica in each of three regions and
+        # the store runs at its default, durable consistency.
+        regions = list(local_cluster.regions)[:3]
+        store = await CassandraStore.connect(
+            [local_cluster.contact_points[r] for r in regions], TEST_CQL_PORT,
+            local_dc=region, keyspace=keyspace, replication={r: 1 for r in regions})
+        await assert_replicated_in(store, keyspace, regions)
+    else:
+        store = await CassandraStore.connect([local_cluster.contact_points[region]],
+                                             TEST_CQL_PORT, local_dc=region,
+                                             keyspace=keyspace, replication={region: 1},
+                                             # one datacenter: a test keyspace, not RPO 0
+                                             require_region_survival=False)
     ownership = EtcdOwnership(local_cluster.etcd_endpoint, f"node-{keyspace}", region,
                               "127.0.0.1:0", [region], shard_count=SHARDS, lease_ttl_s=5.0,
                               prefix=f"/e2e/{keyspace}")
@@ -32,17 +55,31 @@ async def _start_cassandra_backend(local_cluster):
     return running
 
 
-@pytest.fixture(params=["embedded", pytest.param("cassandra", marks=pytest.mark.real)])
+def pytest_generate_tests(metafunc):
+    """Backends of ``ledger_server``: embedded and cassandra for every test, cassandra_3dc too
+    for ``THREE_DC_TESTS`` when the session cluster has three regions."""
+    if "ledger_server" not in metafunc.fixturenames:
+        return
+    from tests.conftest import TEST_REGIONS
+
+    params = ["embedded", pytest.param("cassandra", marks=pytest.mark.real)]
+    if len(TEST_REGIONS) >= 3 and metafunc.function.__name__ in THREE_DC_TESTS:
+        params.append(pytest.param("cassandra_3dc", marks=pytest.mark.real))
+    metafunc.parametrize("ledger_server", params, indirect=True)
+
+
+@pytest.fixture
 async def ledger_server(request, tmp_path):
     if request.param == "embedded":
         running = await server.start_dev(tmp_path, port=0, shard_count=SHARDS)
     else:
-        running = await _start_cassandra_backend(request.getfixturevalue("local_cluster"))
+        running = await _start_cassandra_backend(request.getfixturevalue("local_cluster"),
+                                                 three_dc=request.param == "cassandra_3dc")
     try:
         yield running
     finally:
         await running.close(grace_s=0.5)
-        if request.param == "cassandra":
+        if request.param != "embedded":
             # Every keyspace's tables live in the test cluster's heap: drop what we made.
             from ledger.localcluster import cql_query
             cluster = request.getfixturevalue("local_cluster")

@@ -7,10 +7,12 @@ a credit journaled without any debit, a hold left past its timeout.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,6 +21,9 @@ from ledger.core import codec
 from ledger.core.model import Credit, CreditsApplied, Hold, HoldCreated
 
 SHARDS = 8
+# How long the fixture waits for every cross-shard credit to land (s), polling every POLL_S.
+CREDITED_DEADLINE_S = 30.0
+POLL_S = 0.05
 
 
 def run_reconcile(data_dir) -> tuple[int, dict]:
@@ -36,9 +41,22 @@ async def ledger_dir(tmp_path):
         await c.create_wallet("fin", f"w{i}", f"w{i}", "CNY")
         await c.deposit("fin", f"d{i}", f"w{i}", 1_000, "CNY")
     from coordinator import TransferItem
-    await c.batch_transfer("fin", [TransferItem(f"t{i}", f"w{i % 6}", f"w{(i + 1) % 6}", 10 + i,
-                                                "CNY") for i in range(30)])
-    await c.withdraw("fin", "wd", "w0", 5, "CNY")
+    outcomes = await c.batch_transfer("fin", [TransferItem(
+        f"t{i}", f"w{i % 6}", f"w{(i + 1) % 6}", 10 + i, "CNY") for i in range(30)])
+    outcomes.append(await c.withdraw("fin", "wd", "w0", 5, "CNY"))
+    assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok]
+    # Close only once every credit has landed and been acknowledged, so the journals hold
+    # no credit in transit: the books are complete, and the tests below can forge the next
+    # credit of any shard pair in sequence.
+    pending = {o.value.transfer_id for o in outcomes}
+    deadline = time.monotonic() + CREDITED_DEADLINE_S
+    while pending:
+        for tid in list(pending):
+            if (await c.get_transfer(tid)).value.credited:
+                pending.discard(tid)
+        assert time.monotonic() < deadline, f"credits not landed: {sorted(pending)}"
+        if pending:
+            await asyncio.sleep(POLL_S)
     await running.close()
     return tmp_path
 
@@ -93,17 +111,21 @@ async def test_credit_without_debit_is_named(ledger_dir):
     shard = shard_of("w2", SHARDS)
     src = next(s for s in range(SHARDS) if s != shard)
     # In sequence for the credit shard, so it replays - but shard `src` never debited it.
+    # Nothing is in transit (the fixture waited), so the next credit from `src` is one that
+    # `src`'s journal never owed.
     seq = replayed(path, shard).inbox_applied.get(src, 0) + 1
-    if seq <= replayed(path, src).outbox_last_seq.get(shard, 0):
-        seq = replayed(path, src).outbox_last_seq.get(shard, 0) + 1
-        pytest.skip("forged credit would need a gap")  # not expected with this workload
+    assert seq == replayed(path, src).outbox_last_seq.get(shard, 0) + 1
     append_raw(path, shard, [CreditsApplied(src, (Credit(seq, "t-forged", "TRANSFER", "nobody",
                                                          "w2", 500, "CNY", 1),))])
     code, report = run_reconcile(ledger_dir)
     assert code == 1
-    found = {(f["check"], f["subject"]) for f in report["findings"]}
-    assert ("legs_once", "t-forged") in found
-    assert ("books_balance", "CNY") in found or report["totals"]["CNY"] == 500
+    # 500 appeared from nowhere: the books are off by exactly that, the credit has no
+    # commit, and w2's row (written by the ledger, not by the forger) is behind the journal.
+    assert report["totals"] == {"CNY": 500} and report["in_transit"] in ({}, {"CNY": 0})
+    assert sorted((f["check"], f["subject"]) for f in report["findings"]) == [
+        ("books_balance", "CNY"), ("legs_once", "t-forged"), ("rows_match_journal", "w2")]
+    [books] = [f for f in report["findings"] if f["check"] == "books_balance"]
+    assert "= 500," in books["detail"]
 
 
 async def test_impossible_journal_event_is_named(ledger_dir):
