@@ -42,8 +42,11 @@ OP_DEADLINE_S = 30.0
 # Deadline of one call to one node (s): a batch of a few hundred items answers well within.
 SINGLE_CALL_TIMEOUT_S = 5.0
 BATCH_CALL_TIMEOUT_S = 15.0
-# Pause before the items of a batch that answered transiently are sent again (s).
+# Pause before the items of a batch that answered transiently are sent again (s): doubles
+# from RETRY_PAUSE_S up to RETRY_PAUSE_S_MAX, with jitter, like the client library's retries,
+# so that a batch waiting out a failover does not resend its items twenty times a second.
 RETRY_PAUSE_S = 0.05
+RETRY_PAUSE_S_MAX = 0.5
 # Unused rate a pacer keeps at most (s of rate): no burst after a fault.
 PACER_BURST_S = 0.5
 # Item results that are not definitive: resend the item with the same key.
@@ -116,6 +119,7 @@ class LoadWorkload:
         self.batches = MultiClient(targets, caller, call_timeout_s=BATCH_CALL_TIMEOUT_S)
         self.wallets = [f"{self.config.prefix}-w{i}" for i in range(self.config.wallets)]
         self.rng = random.Random(self.config.seed)
+        self._jitter = random.Random(self.config.seed + 1)  # retry pauses only
         self.ops: list[LoadOp] = []
         self.lost: list[str] = []            # acknowledged keys not COMMITTED in the ledger
         self.final: dict[str, int] = {}
@@ -174,6 +178,7 @@ class LoadWorkload:
         deadline = time.monotonic() + deadline_s
         pending = ops
         last = ""
+        pause_s = RETRY_PAUSE_S
         while pending and time.monotonic() < deadline:
             items = [op.request() for op in pending]
             try:
@@ -197,7 +202,8 @@ class LoadWorkload:
                     self._done(op, "refused", detail=pb.ResultStatus.Name(result.status))
             pending = again
             if pending:
-                await asyncio.sleep(RETRY_PAUSE_S)
+                await asyncio.sleep(pause_s * self._jitter.uniform(0.5, 1.0))  # backoff
+                pause_s = min(RETRY_PAUSE_S_MAX, pause_s * 2)
         for op in pending:
             self._done(op, "unknown", detail=f"no definitive answer in {deadline_s:.0f} s: "
                                              f"{last}")
