@@ -20,6 +20,7 @@ from typing import Awaitable, Callable, Protocol
 
 from ledger import constants as K
 from ledger import failpoints
+from ledger import compaction
 from ledger.compaction import Compactor
 from ledger.core import codec
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
@@ -152,25 +153,11 @@ class ShardOwner:
                 await self._abdicate(f"{what} failed: {exc!r}")
 
     async def _replay(self) -> None:
+        # The fold runs in a worker thread, a slice at a time (ledger.compaction.replay): a
+        # takeover replay of thousands of batches must not stall this node's other owners
+        # and its lease keep-alives, or the node loses every shard while taking one over.
         loaded = await self._store.load(self.shard)
-        state = (codec.snapshot_loads(loaded.snapshot) if loaded.snapshot is not None
-                 else ShardState(self.shard))
-        rows: list = []
-        for batch in loaded.batches:
-            if batch.seq != state.seq + 1:
-                raise InvariantViolation(f"shard {self.shard}: journal gap before {batch.seq}")
-            for event in codec.loads(batch.events):
-                state.evolve(event, rows)
-            state.seq = batch.seq
-            if len(rows) > 10_000:
-                await self._store.write_rows(self.shard, rows, state.seq)
-                rows = []
-        if rows:
-            # Rows of batches after the snapshot may be missing if the last owner died
-            # between its journal append and its row writes; writing them again is idempotent.
-            # Each is written as of the last batch replayed (state.seq): the value it holds is
-            # its key's value at that position, so it never replaces a newer row.
-            await self._store.write_rows(self.shard, rows, state.seq)
+        state = await compaction.replay(self._store, self.shard, loaded)
         self.state = state
         self._delivered = {}
         self._durable_outbox = dict(state.outbox_last_seq)
