@@ -45,7 +45,7 @@ from ledger import tasks
 from ledger.core import codec
 from ledger.core.invariants import InvariantViolation
 from ledger.core.shard import ShardState
-from ledger.store.port import JournalBatch, JournalStore, LoadedShard
+from ledger.store.port import JournalBatch, JournalStore, LoadedShard, StoreUnavailable
 
 log = logging.getLogger("ledger.compaction")
 
@@ -132,11 +132,33 @@ async def replay(store: JournalStore, shard: int, loaded: LoadedShard) -> ShardS
         position += await asyncio.to_thread(_fold_rows, state, batches[position:position + 64],
                                             rows)
         if len(rows) > REPLAY_ROWS_FLUSH:
-            await store.write_rows(shard, rows, state.seq)
+            await _write_replayed_rows(store, shard, rows, state.seq)
             rows = []
     if rows:
-        await store.write_rows(shard, rows, state.seq)
+        await _write_replayed_rows(store, shard, rows, state.seq)
     return state
+
+
+async def _write_replayed_rows(store: JournalStore, shard: int, rows: list, seq: int) -> None:
+    """Write a replay's rows, retrying a store that is briefly unavailable.
+
+    Rows are idempotent upserts stamped with their journal position. A takeover that gave up
+    on the first timeout (a region just lost, a store under load) would release the shard,
+    and the next owner would replay and time out the same way: the shard would pass from
+    node to node without ever serving. ``K.REPLAY_ROW_WRITE_ATTEMPTS_MAX`` bounds the wait.
+    """
+    backoff_s = K.REPLAY_ROW_WRITE_BACKOFF_S
+    for attempt in range(1, K.REPLAY_ROW_WRITE_ATTEMPTS_MAX + 1):
+        try:
+            await store.write_rows(shard, rows, seq)
+            return
+        except StoreUnavailable as exc:
+            if attempt == K.REPLAY_ROW_WRITE_ATTEMPTS_MAX:
+                raise
+            log.warning("shard %d: rows of the replay not written (attempt %d of %d): %s",
+                        shard, attempt, K.REPLAY_ROW_WRITE_ATTEMPTS_MAX, exc)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, K.REPLAY_ROW_WRITE_BACKOFF_MAX_S)
 
 
 def build_snapshot(shard: int, base_seq: int, snapshot: bytes | None,

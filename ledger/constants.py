@@ -33,6 +33,18 @@ SNAPSHOT_ATTEMPTS_MAX = 4
 SNAPSHOT_RETRY_BACKOFF_S = 1.0
 SNAPSHOT_RETRY_BACKOFF_MAX_S = 60.0
 
+# A takeover replay writes the rows of the batches it replays; a store that times out is
+# retried this many times, the pause doubling from the first value up to the maximum (s),
+# before the takeover fails and the shard is released (about 10 s in all).
+REPLAY_ROW_WRITE_ATTEMPTS_MAX = 5
+REPLAY_ROW_WRITE_BACKOFF_S = 0.5
+REPLAY_ROW_WRITE_BACKOFF_MAX_S = 4.0
+
+# Shard takeovers (fence, load, replay) one node runs at once; the others wait their turn.
+# Replays are CPU-bound: run all at once on 2 cores, every shard of a failed-over region
+# serves only when the slowest is done, and the node's lease keep-alives starve meanwhile.
+TAKEOVERS_CONCURRENT_MAX = 2
+
 # Credits sent to one destination shard in one ApplyCredits call of the crediting pipeline.
 CREDITS_PER_DELIVERY_MAX = 2_000
 

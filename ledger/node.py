@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+from ledger import constants as K
 from ledger.owner import ShardOwner
 from ledger.tasks import spawn
 from ledger.store.port import JournalStore
@@ -31,6 +32,11 @@ class Node:
         self._locks: dict[int, asyncio.Lock] = {}
         self._changed = asyncio.Condition()
         self._transitions = 0  # shard gains or losses in progress
+        # Takeovers replaying at once (a loss never waits for it: it only stops an owner).
+        self._takeover_slots = asyncio.Semaphore(K.TAKEOVERS_CONCURRENT_MAX)
+        # The latest epoch reported per shard (0: lost). A gain that waited for a takeover slot
+        # while a later report came in is void: the later one decides.
+        self._latest: dict[int, int] = {}
 
     async def start(self) -> None:
         await self.ownership.start(self._on_ownership)
@@ -42,9 +48,10 @@ class Node:
             await self._transition(shard, 0)
 
     async def _on_ownership(self, shard: int, epoch: int) -> None:
-        # Owners start concurrently (a takeover replays many journals at once); transitions
-        # of one shard stay in order behind its lock.
+        # Owners start concurrently, up to K.TAKEOVERS_CONCURRENT_MAX replaying at once;
+        # transitions of one shard stay in order behind its lock.
         self._transitions += 1
+        self._latest[shard] = epoch
         if epoch == 0:
             await self._transition(shard, 0)  # a loss must be complete before we return
         else:
@@ -53,7 +60,11 @@ class Node:
     async def _transition(self, shard: int, epoch: int) -> None:
         lock = self._locks.setdefault(shard, asyncio.Lock())
         try:
-            await self._transition_locked(lock, shard, epoch)
+            if epoch:
+                async with self._takeover_slots:
+                    await self._transition_locked(lock, shard, epoch)
+            else:
+                await self._transition_locked(lock, shard, epoch)
         finally:
             self._transitions -= 1
             async with self._changed:
@@ -61,6 +72,8 @@ class Node:
 
     async def _transition_locked(self, lock: asyncio.Lock, shard: int, epoch: int) -> None:
         async with lock:
+            if epoch and self._latest.get(shard, epoch) != epoch:
+                return  # superseded while it waited: a later loss or gain of the shard decides
             current = self.owners.pop(shard, None)
             if current is not None:
                 await current.stop("ownership lost" if epoch == 0 else "stopped")

@@ -278,6 +278,10 @@ class EtcdOwnership:
         self._host, self._port = host or "127.0.0.1", int(port)
 
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # Keep-alives get a thread of their own: queued behind campaigns, watches and
+        # releases in the shared pool (a takeover of many shards at once), a keep-alive is
+        # sent late and the node gives up every shard it holds (seen in drills at load).
+        self._keepalive_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._kv: Any = None      # client for unary calls
         self._watcher: Any = None  # separate client, so unary errors never tear down the watch
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -326,6 +330,8 @@ class EtcdOwnership:
         self._listener = listener
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=ETCD_THREADS, thread_name_prefix=f"etcd-{self.node_id}")
+        self._keepalive_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"etcd-keepalive-{self.node_id}")
         self._kv = self._client()
         self._watcher = self._client()
         try:
@@ -456,6 +462,12 @@ class EtcdOwnership:
             raise RuntimeError("EtcdOwnership used before start() or after close()")
         return await self._loop.run_in_executor(
             self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def _call_keepalive(self, lease_id: int) -> int | None:
+        if self._loop is None or self._keepalive_executor is None:
+            raise RuntimeError("EtcdOwnership used before start() or after close()")
+        return await self._loop.run_in_executor(
+            self._keepalive_executor, functools.partial(self._refresh, lease_id))
 
     def _apply_kv(self, key: bytes, value: bytes, create_rev: int, lease: int, deleted: bool,
                   now: float) -> None:
@@ -619,7 +631,7 @@ class EtcdOwnership:
             # its lease expiry is later than ours.
             sent_at = time.monotonic()
             try:
-                ttl = await self._call(self._refresh, session.lease_id)
+                ttl = await self._call_keepalive(session.lease_id)
             except _ETCD_ERRORS as exc:
                 log.warning("node %s keep-alive failed: %r", self.node_id, exc)
                 ttl = None
@@ -876,11 +888,15 @@ class EtcdOwnership:
                 except _ETCD_ERRORS as exc:
                     log.warning("node %s could not revoke its lease: %r", self.node_id, exc)
             executor, self._executor = self._executor, None
+            keepalive, self._keepalive_executor = self._keepalive_executor, None
             await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(self._close_clients, executor))
+                None, functools.partial(self._close_clients, executor, keepalive))
 
-    def _close_clients(self, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+    def _close_clients(self, executor: concurrent.futures.ThreadPoolExecutor,
+                       keepalive: concurrent.futures.ThreadPoolExecutor | None) -> None:
         executor.shutdown(wait=True)
+        if keepalive is not None:
+            keepalive.shutdown(wait=True)
         for client in (self._watcher, self._kv):
             if client is not None:
                 try:
