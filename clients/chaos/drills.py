@@ -151,7 +151,7 @@ class Drill:
 
     async def restore_homes(self, since: float, what: str) -> float | None:
         """Put every shard's home back to its default region and wait until a node of that
-        region serves it: ``ledgerctl failback`` for every region at once.
+        region serves it: ``ledgerctl restore-homes``, a failback of every region at once.
 
         Failovers are sticky (a region that takes shards over becomes their home until an
         operator moves them back), and ``Deployment.start`` starts one node before the others,
