@@ -43,9 +43,12 @@ async def run_json(args: list[str], timeout_s: float = LEDGERCTL_TIMEOUT_S,
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise LedgerctlError(f"ledgerctl {args[0]}: no answer within {timeout_s:.0f} s")
+    finally:
+        # Timed out, or the drill was cancelled: the call must not outlive it.
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     text = out.decode("utf-8", "replace")
     if proc.returncode not in ok_codes:
         raise LedgerctlError(f"ledgerctl {args[0]} exited {proc.returncode}: "
