@@ -1,6 +1,6 @@
 # The project's commands. Make creates and uses its own virtualenv (.venv); nothing is
 # installed into the system Python. Real servers (Cassandra from Maven Central, etcd from
-# Debian) are fetched into ~/.cache/redledger by ledger/localcluster.py, never into the repo.
+# Debian) are fetched into ~/.cache/redledger by clients/localcluster/, never into the repo.
 
 PYTHON_SYS ?= python3.11
 VENV       ?= .venv
@@ -43,13 +43,13 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -m "not real"
 
 services: $(STAMP)
-	$(PY) -m ledger.localcluster start --regions $(REGIONS)
+	$(PY) -m clients.localcluster start --regions $(REGIONS)
 
 services-stop: $(STAMP)
-	$(PY) -m ledger.localcluster stop
+	$(PY) -m clients.localcluster stop
 
 services-status: $(STAMP)
-	$(PY) -m ledger.localcluster status
+	$(PY) -m clients.localcluster status
 
 bench: $(STAMP)
 	$(VENV)/bin/ledger-bench --backend embedded

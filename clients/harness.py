@@ -1,4 +1,4 @@
-"""Run a real deployment on loopback: Cassandra + etcd (``ledger.localcluster``) and
+"""Run a real deployment on loopback: Cassandra + etcd (``clients.localcluster``) and
 ``ledgerd node`` processes per region, which tests and drills can kill, pause and restart.
 
 Used by the crash tests, ``ledger-chaos`` and ``ledger-bench``. Every process is a real
@@ -187,7 +187,7 @@ class Deployment:
         for node in self.nodes:
             node.stop()
         if drop_keyspace:
-            from ledger.localcluster import cql_query
+            from clients.localcluster import cql_query
             region = self.regions[0]
             try:
                 cql_query(self.cluster.contact_points[region],

@@ -1,5 +1,5 @@
 """Shared fixtures. One real Cassandra + etcd per test session (started by the project's own
-``ledger.localcluster``), never one per test; tests that use them are marked ``real``."""
+``clients.localcluster``), never one per test; tests that use them are marked ``real``."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ KEEP_CLUSTER_DIR = os.environ.get("LEDGER_TEST_KEEP_CLUSTER_DIR", "")
 @pytest.fixture(scope="session")
 def local_cluster():
     """A real Cassandra (one datacenter per region) and etcd on loopback for the session."""
-    from ledger.localcluster import LocalCluster
+    from clients.localcluster import LocalCluster
 
     keep = bool(KEEP_CLUSTER_DIR)
     run_dir = (Path(KEEP_CLUSTER_DIR) if keep

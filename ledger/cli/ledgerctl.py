@@ -7,6 +7,11 @@
     ledgerctl failover   --from REGION --to REGION --etcd HOST:PORT --regions ...
     ledgerctl failback   --region REGION --etcd HOST:PORT --regions ...
     ledgerctl move-shard SHARD --to REGION --etcd HOST:PORT --regions ...
+    ledgerctl restore-homes --etcd HOST:PORT --regions ... [--no-wait] [--json]
+    ledgerctl shard-of   WALLET ... [--shards N] [--json]
+    ledgerctl journal    [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--shard S ...] [--json]
+    ledgerctl fence-check --shard S --epoch E [--data-dir DIR | --cassandra HOST:PORT --dc DC]
+    ledgerctl commit-path [--json]
 """
 
 from __future__ import annotations
@@ -284,6 +289,165 @@ async def _move_shard(args) -> int:
         await view.close()
 
 
+# --- drill support: what fault drills (ledger-chaos) check, as an operator would ---------
+
+# Journal batches read per request by `journal` and `fence-check`.
+JOURNAL_PAGE_BATCHES = 500
+
+
+async def _read_whole_journal(store, shard: int) -> list:
+    """Every batch of ``shard`` still in the journal (after its latest snapshot), in order."""
+    out: list = []
+    after = 0
+    while True:
+        page = await store.read_journal(shard, after, JOURNAL_PAGE_BATCHES)
+        out.extend(page)
+        if len(page) < JOURNAL_PAGE_BATCHES:
+            return out
+        after = page[-1].seq
+
+
+async def _restore_homes(args) -> int:
+    """Home every shard in its default region again (shard s in regions[s % n]).
+
+    Failovers are sticky: a region that takes shards over stays their home until an
+    operator moves them back. This puts the whole map back to where a fresh one starts.
+    """
+    from shard_router.etcd import default_home
+
+    view = await _view(args)
+    try:
+        regions = args.regions.split(",")
+        homes = {s: default_home(s, regions) for s in range(args.shards)}
+        mapping = {p.shard: homes[p.shard] for p in view.placements()
+                   if p.home_region != homes[p.shard]}
+        if args.no_wait or args.json:
+            if mapping:
+                await view.set_homes(mapping)
+            if args.json:
+                print(json.dumps({"homes": {str(s): r for s, r in homes.items()},
+                                  "moved": {str(s): r for s, r in mapping.items()}}))
+            else:
+                print(f"re-homed {len(mapping)} shards")
+            return 0
+        return await _move(args, mapping, None, view)
+    finally:
+        await view.close()
+
+
+async def _shard_of(args) -> int:
+    """Which shard each wallet id hashes to (the same stable hash the router uses)."""
+    from shard_router.hashing import shard_of
+
+    result = {w: shard_of(w, args.shards) for w in args.wallets}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for wallet, shard in result.items():
+            print(f"{shard:>5}  {wallet}")
+    return 0
+
+
+async def _journal(args) -> int:
+    """Per shard: the writer epochs along the journal, as runs [epoch, batches].
+
+    Writer epochs must never go back along a journal (a deposed owner cannot append); the
+    runs show it at a glance, and how many batches each epoch wrote. Exit 1 if an epoch
+    goes back anywhere.
+    """
+    store = await _open_store(args)
+    try:
+        shards = args.shard if args.shard else list(range(args.shards))
+        doc: dict[str, dict] = {}
+        monotonic = True
+        for shard in shards:
+            runs: list[list[int]] = []
+            last_seq = 0
+            for batch in await _read_whole_journal(store, shard):
+                if runs and runs[-1][0] == batch.epoch:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([batch.epoch, 1])
+                last_seq = batch.seq
+            ok = all(b[0] >= a[0] for a, b in zip(runs, runs[1:]))
+            monotonic = monotonic and ok
+            doc[str(shard)] = {"last_seq": last_seq, "epoch_runs": runs,
+                               "epochs_monotonic": ok}
+        if args.json:
+            print(json.dumps({"shards": doc, "epochs_monotonic": monotonic}))
+        else:
+            print(f"{'shard':>5}  {'last seq':>9}  epochs (epoch x batches)")
+            for shard, row in doc.items():
+                runs_text = " ".join(f"{e}x{n}" for e, n in row["epoch_runs"]) or "-"
+                flag = "" if row["epochs_monotonic"] else "  EPOCH GOES BACK"
+                print(f"{shard:>5}  {row['last_seq']:>9}  {runs_text}{flag}")
+        return 0 if monotonic else 1
+    finally:
+        await store.close()
+
+
+async def _fence_check(args) -> int:
+    """Prove a writer epoch is fenced: append an empty batch to ``--shard`` with ``--epoch``.
+
+    This is what a deposed owner's late write looks like to the journal; the fence must
+    refuse it. Exit 0 if refused, 1 if it was applied (an empty batch, which changes no
+    balance), 2 if the store could not say.
+    """
+    from ledger.core import codec
+    from ledger.store.port import Fenced
+
+    store = await _open_store(args)
+    try:
+        batches = await _read_whole_journal(store, args.shard)
+        seq = (batches[-1].seq if batches else 0) + 1
+        doc = {"shard": args.shard, "epoch": args.epoch, "seq": seq}
+        try:
+            await store.append(args.shard, args.epoch, seq, codec.dumps([]), [])
+        except Fenced as exc:
+            doc.update(refused=True, error=str(exc))
+        except Exception as exc:  # unreachable store etc.: not a proof either way
+            doc.update(refused=False, error=f"{type(exc).__name__}: {exc}")
+        else:
+            doc.update(refused=False, error="APPLIED: the epoch could append")
+        print(json.dumps(doc) if args.json else
+              f"shard {args.shard} epoch {args.epoch} seq {seq}: "
+              f"{'refused (fenced)' if doc['refused'] else doc['error']}")
+        if doc["refused"]:
+            return 0
+        return 1 if doc["error"].startswith("APPLIED") else 2
+    finally:
+        await store.close()
+
+
+async def _commit_path(args) -> int:
+    """The consistency levels of the commit path: the Cassandra store's defaults, which
+    ``ledgerd node`` does not override."""
+    import inspect
+
+    from cassandra import ConsistencyLevel
+
+    from ledger.store.cassandra import CassandraStore
+
+    params = inspect.signature(CassandraStore.connect).parameters
+
+    def name(p: str) -> str:
+        value = params[p].default
+        return value if isinstance(value, str) else ConsistencyLevel.value_to_name[value]
+
+    doc = {"journal_cas_serial_consistency": name("serial_consistency"),
+           "commit_consistency": name("write_consistency"),
+           "read_consistency": name("read_consistency"),
+           "source": "ledger.store.cassandra.CassandraStore.connect defaults (ledgerd node "
+                     "sets none): the append is one LWT (Paxos at SERIAL across datacenters, "
+                     "commit at QUORUM); a CAS timeout is resolved with a SERIAL read"}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        for key, value in doc.items():
+            print(f"{key}: {value}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ledgerctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,13 +488,40 @@ def main(argv: list[str] | None = None) -> int:
     _etcd_args(move)
     move.add_argument("shard", type=int)
     move.add_argument("--to", required=True)
+    restore = sub.add_parser("restore-homes", help="home every shard in its default region "
+                             "again (shard s in regions[s % n])")
+    _etcd_args(restore)
+    restore.add_argument("--no-wait", action="store_true",
+                         help="set the homes and return; do not wait for the new owners")
+    restore.add_argument("--json", action="store_true",
+                         help="print the homes and the moves as JSON (implies --no-wait)")
+    shard_of = sub.add_parser("shard-of", help="the shard each wallet id hashes to")
+    shard_of.add_argument("wallets", nargs="+", metavar="WALLET")
+    shard_of.add_argument("--shards", type=int, default=256)
+    shard_of.add_argument("--json", action="store_true")
+    journal = sub.add_parser("journal", help="writer epochs along each shard's journal; "
+                             "exit 1 if one goes back")
+    _store_args(journal)
+    journal.add_argument("--shard", type=int, action="append", default=None,
+                         help="only this shard (repeatable)")
+    journal.add_argument("--json", action="store_true")
+    fence = sub.add_parser("fence-check", help="prove an epoch is fenced: an empty append "
+                           "with it must be refused (exit 0 if refused)")
+    _store_args(fence)
+    fence.add_argument("--shard", type=int, required=True)
+    fence.add_argument("--epoch", type=int, required=True)
+    fence.add_argument("--json", action="store_true")
+    commit_path = sub.add_parser("commit-path", help="consistency levels of the commit path")
+    commit_path.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     # Which flags were given explicitly: they win over a configuration file.
     args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
                    for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     handlers = {"reconcile": _reconcile, "shards": _shards, "failover": _failover,
                 "failback": _failback, "move-shard": _move_shard,
-                "replication": _replication}
+                "replication": _replication, "restore-homes": _restore_homes,
+                "shard-of": _shard_of, "journal": _journal, "fence-check": _fence_check,
+                "commit-path": _commit_path}
     try:
         return asyncio.run(handlers[args.command](args))
     except StoreError as exc:

@@ -51,7 +51,7 @@ async def cassandra_store(local_cluster):
     """A ``CassandraStore`` on the session cluster, in a keyspace of its own."""
     from ledger.store.cassandra import CassandraStore
 
-    from ledger.localcluster import cql_query
+    from clients.localcluster import cql_query
 
     region = "r1"
     keyspace = f"contract_{uuid.uuid4().hex[:8]}"
@@ -99,7 +99,7 @@ COMMIT_PATH_TESTS = (
 async def cassandra_3dc_store(local_cluster):
     """A ``CassandraStore`` whose keyspace spans three datacenters ({r1: 1, r2: 1, r3: 1}),
     connected from r1 with the default (durable) consistency: SERIAL / QUORUM."""
-    from ledger.localcluster import cql_query
+    from clients.localcluster import cql_query
     from ledger.store.cassandra import CassandraStore
 
     regions = list(local_cluster.regions)[:3]

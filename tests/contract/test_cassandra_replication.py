@@ -29,7 +29,7 @@ CLI_TIMEOUT_S = 180.0
 @pytest.fixture
 async def keyspaces(local_cluster):
     """Hands out fresh keyspace names; drops them afterwards."""
-    from ledger.localcluster import cql_query
+    from clients.localcluster import cql_query
 
     made: list[str] = []
 

@@ -81,7 +81,7 @@ async def ledger_server(request, tmp_path):
         await running.close(grace_s=0.5)
         if request.param != "embedded":
             # Every keyspace's tables live in the test cluster's heap: drop what we made.
-            from ledger.localcluster import cql_query
+            from clients.localcluster import cql_query
             cluster = request.getfixturevalue("local_cluster")
             region = cluster.regions[0]
             await asyncio.to_thread(cql_query, cluster.contact_points[region], cluster.cql_port,

@@ -1,7 +1,10 @@
 """Operator commands on a real three-region deployment: `ledgerctl shards` shows the map,
 owners, epochs and journal heads; `ledgerctl failover` hands a region's shards to another
 region while a bank workload runs, with no client-visible errors and nothing lost;
-`ledgerctl failback` brings them home; `ledgerctl move-shard` re-homes one shard."""
+`ledgerctl failback` brings them home; `ledgerctl move-shard` re-homes one shard. The commands
+the chaos drills check the store with (`journal`, `fence-check`, `restore-homes`, `commit-path`)
+answer from the real servers: a moved shard's old epoch is refused by the journal fence, and
+`restore-homes` brings every shard back to its default region."""
 
 from __future__ import annotations
 
@@ -30,6 +33,15 @@ def ctl(deployment: Deployment, *args: str, check: bool = True) -> subprocess.Co
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def ctl_store(deployment: Deployment, *args: str) -> subprocess.CompletedProcess:
+    """A ``ledgerctl`` store command on the deployment's keyspace, read through region 1."""
+    region = deployment.regions[0]
+    cmd = [sys.executable, "-m", "ledger.cli.ledgerctl", *args, "--cassandra",
+           f"{deployment.cluster.contact_points[region]}:{deployment.cluster.cql_port}",
+           "--dc", region, "--keyspace", deployment.keyspace, "--shards", str(SHARDS)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 def shard_table(deployment: Deployment) -> list[dict]:
@@ -106,3 +118,35 @@ async def test_failover_failback_and_move_shard_under_load(deployment):
         assert report.clean, report.findings
     finally:
         await store.close()
+
+
+async def test_drill_support_commands(deployment):
+    before = await settled_table(deployment)
+    shard = before[0]["shard"]
+    old_epoch = before[0]["epoch"]
+    elsewhere = next(r for r in deployment.regions if r != before[0]["home"])
+    await asyncio.to_thread(ctl, deployment, "move-shard", str(shard), "--to", elsewhere)
+    moved = next(r for r in shard_table(deployment) if r["shard"] == shard)
+    assert moved["owner_region"] == elsewhere and moved["epoch"] > old_epoch
+
+    # The deposed epoch cannot append; the journal's epochs never go back.
+    fence = await asyncio.to_thread(ctl_store, deployment, "fence-check", "--shard", str(shard),
+                                    "--epoch", str(old_epoch), "--json")
+    assert fence.returncode == 0, fence.stdout + fence.stderr
+    assert json.loads(fence.stdout)["refused"] is True
+    journal = await asyncio.to_thread(ctl_store, deployment, "journal", "--json")
+    assert journal.returncode == 0, journal.stdout + journal.stderr
+    doc = json.loads(journal.stdout)
+    assert doc["epochs_monotonic"] and set(doc["shards"]) == {str(s) for s in range(SHARDS)}
+
+    # Every shard back in its default region (shard s in regions[s % n]).
+    proc = await asyncio.to_thread(ctl, deployment, "restore-homes", "--json")
+    placed = json.loads(proc.stdout)
+    regions = deployment.regions
+    assert placed["homes"] == {str(s): regions[s % len(regions)] for s in range(SHARDS)}
+    assert placed["moved"] == {str(shard): regions[shard % len(regions)]}
+    await settled_table(deployment)
+
+    path = subprocess.run([sys.executable, "-m", "ledger.cli.ledgerctl", "commit-path",
+                           "--json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(path.stdout)["journal_cas_serial_consistency"] == "SERIAL"

@@ -1,4 +1,4 @@
-"""ledger.localcluster against REAL Cassandra 5.0 and etcd: the session's shared cluster
+"""clients.localcluster against REAL Cassandra 5.0 and etcd: the session's shared cluster
 (tests/conftest.py), so this also proves the fixture every other real test stands on. The
 kill/restart tests leave the cluster running and healthy for the tests after them.
 """
@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from ledger.localcluster import LocalCluster, cql_query
+from clients.localcluster import LocalCluster, cql_query
 from tests.conftest import TEST_CQL_PORT as CQL
 from tests.conftest import TEST_ETCD_PORT as ETCD_CLIENT
 
@@ -56,7 +56,7 @@ def test_cql_with_driver(cluster: LocalCluster):
         assert not s.execute("INSERT INTO lc_test.kv (k, v) VALUES ('a', 2) IF NOT EXISTS").one().applied
     finally:
         cl.shutdown()
-    # paxos v2 really is in effect, and the stdlib readiness client agrees with the driver.
+    # paxos v2 really is in effect, and the readiness query (cql_query) reads it too.
     assert cql_query("127.0.0.1", CQL, "SELECT value FROM system_views.settings "
                                        "WHERE name = 'paxos_variant'") == [("v2",)]
 

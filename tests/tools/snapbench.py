@@ -1,8 +1,8 @@
 """Snapshot and takeover figures (issue 7, defect 6): what a snapshot costs, how long the event
 loop is held meanwhile, and how long a takeover replays with and without one.
 
-    python -m ledger.cli.snapbench --backend sqlite --transfers 1000000
-    python -m ledger.cli.snapbench --backend cassandra --cassandra 127.0.0.1:29042 --dc r1 \\
+    python -m tests.tools.snapbench --backend sqlite --transfers 1000000
+    python -m tests.tools.snapbench --backend cassandra --cassandra 127.0.0.1:29042 --dc r1 \\
         --transfers 100000
 
 Steps, on one shard of a fresh store (a temporary SQLite file, or a keyspace of its own with

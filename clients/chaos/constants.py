@@ -1,0 +1,50 @@
+"""Limits and timings of the chaos drills, each with its unit and what happens when hit."""
+
+import re
+
+SCENARIOS = ("kill-owner", "pause-owner", "kill-coordinator", "kill-cassandra-node",
+             "kill-region", "restart-etcd")
+ALL_SCENARIOS = SCENARIOS + ("random",)
+
+# Failover target of a whole region (s), with lease 3 s and grace 1 s. Reported, not a verdict:
+# a loaded 2-core machine can miss it without anything being wrong.
+FAILOVER_TARGET_S = 10.0
+# How long a drill waits for shards to be served again before it reports a problem (s).
+SERVED_TIMEOUT_S = 90.0
+# Poll period of the served-again probe and of the etcd owner watcher (s).
+PROBE_PERIOD_S = 0.2
+WATCH_PERIOD_S = 0.2
+# Deadline of one etcd read of the owner watcher (s); a slower read counts as unreachable.
+WATCH_READ_TIMEOUT_S = 2.0
+# Deadline of one probe GetWallet (s): short, so a dead target does not hide recovery.
+PROBE_CALL_TIMEOUT_S = 1.5
+# The workload keeps running at least this long after everything is served again (s).
+RECOVERY_MIN_S = 5.0
+# Faults of ``random``.
+RANDOM_STEPS = 3
+RANDOM_GAP_S = 3.0
+# Time bound of settle + check (s).
+SETTLE_TIMEOUT_S = 120.0
+# A killed ledger node is started again until it serves, for at most this long (s), with
+# this pause between attempts (s): ``ledgerd node`` exits when its Cassandra node cannot be
+# reached, which happens for a while after that node restarted on a loaded machine.
+NODE_RESTART_TIMEOUT_S = 240.0
+NODE_RESTART_PAUSE_S = 2.0
+# Deadline of one ``ledgerctl`` call (s); past it the call is killed and the drill reports a
+# problem. Reconciling a keyspace after a long drill at load reads every journal.
+LEDGERCTL_TIMEOUT_S = 600.0
+# Deadline of dropping a passed drill's keyspace (s); a failure is only noted.
+DROP_KEYSPACE_TIMEOUT_S = 60.0
+# Probe wallet candidates asked of ``ledgerctl shard-of`` per shard and round: with 64 per
+# shard the chance that a shard has none is about e**-64 per round.
+PROBE_CANDIDATES_PER_SHARD = 64
+# Requests drawn as dots in the latency picture at most (thinned deterministically above).
+PLOT_DOTS_MAX = 15000
+# Problems shown per scenario in the HTML page and in the summary line.
+PROBLEMS_SHOWN_HTML = 20
+PROBLEMS_SHOWN_SUMMARY = 5
+# Log lines of a paused owner that show it stepping down (or, if it did, appending).
+STEP_DOWN_RE = re.compile(r"stops serving|gives up|lost shard|Fenced|lease no longer valid|"
+                          r"keep-alives late|append failed")
+# Step-down log lines kept as evidence, at most.
+STEP_DOWN_LINES_MAX = 40

@@ -1,0 +1,572 @@
+"""The drills: a deployment under the bank workload (and optionally a transfer load), faults
+injected into it (SIGKILL, SIGSTOP, a Cassandra node or a whole region killed, etcd stopped),
+healed, and what was seen recorded into a ``ScenarioReport``.
+
+A drill sees the ledger only from outside: through the client library (the workloads and
+the served-again probes), through etcd's owner keys (``observe``), through ``ledgerctl`` for
+what only the store shows (``clients.chaos.ledgerctl``), and through process control
+(``clients.harness`` for ledger nodes, ``clients.localcluster`` for Cassandra and etcd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import time
+
+from clients.bank import BankConfig, BankWorkload
+from clients.chaos import checks
+from clients.chaos import ledgerctl
+from clients.chaos.constants import (DROP_KEYSPACE_TIMEOUT_S, NODE_RESTART_PAUSE_S,
+                                     NODE_RESTART_TIMEOUT_S, PROBE_CALL_TIMEOUT_S,
+                                     PROBE_PERIOD_S, RANDOM_GAP_S, RANDOM_STEPS, RECOVERY_MIN_S,
+                                     SCENARIOS, SERVED_TIMEOUT_S, SETTLE_TIMEOUT_S,
+                                     STEP_DOWN_LINES_MAX, STEP_DOWN_RE)
+from clients.chaos.model import DrillConfig, FaultWindow, ScenarioReport
+from clients.chaos.observe import OwnerWatcher
+from clients.harness import Deployment, NodeProcess
+from clients.ledger_client import LedgerClient, LedgerError
+from clients.load import LoadConfig, LoadWorkload
+from clients.localcluster import cql_query
+
+
+class Drill:
+    """A deployment under the bank workload, faults injected into it, and what was seen."""
+
+    def __init__(self, cluster, name: str, config: DrillConfig, rng: random.Random) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.config = config
+        self.rng = rng
+        self.regions = list(cluster.regions)
+        self.report = ScenarioReport(name)
+        self.log_dir = config.out_dir / "logs" / name
+        if self.log_dir.exists():
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        self.deployment = Deployment(
+            cluster, self.regions, nodes_per_region=config.nodes_per_region,
+            shards=config.shards, lease_ttl_s=config.lease_ttl_s,
+            takeover_grace_s=config.takeover_grace_s, log_dir=self.log_dir,
+            coordinators_per_region=1 if config.coordinators else 0)
+        # Deployment places coordinators per region; keep the first ``coordinators`` of them,
+        # spread over the regions.
+        kept = self.deployment.coordinators[:config.coordinators]
+        self.deployment.nodes = [n for n in self.deployment.nodes
+                                 if n.role == "full" or n in kept]
+        self.workload: BankWorkload | None = None
+        self.load: LoadWorkload | None = None
+        self.watcher: OwnerWatcher | None = None
+        self.probes = ledgerctl.probe_wallets(config.shards)
+        self._probe_clients: dict[str, LedgerClient] = {}
+        self._cassandra_down: set[str] = set()
+        self._etcd_down = False
+        self._probe_turn = 0
+        self._pause_check: tuple[dict[int, int], dict[int, int]] | None = None
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def t(self) -> float:
+        assert self.workload is not None
+        return round(time.monotonic() - self.workload.t0, 3)
+
+    def problem(self, text: str) -> None:
+        self.report.problems.append(f"{self.name}: {text}")
+
+    def _client(self, node: NodeProcess) -> LedgerClient:
+        client = self._probe_clients.get(node.address)
+        if client is None:
+            client = LedgerClient(node.address, caller="chaos-probe",
+                                  timeout_s=PROBE_CALL_TIMEOUT_S, retries=False)
+            self._probe_clients[node.address] = client
+        return client
+
+    def live_nodes(self, exclude: set[str] = frozenset()) -> list[NodeProcess]:
+        return [n for n in self.deployment.nodes if n.alive and n.node_id not in exclude
+                and n.region not in self._cassandra_down]
+
+    async def _probe(self, node: NodeProcess, shard: int) -> bool:
+        try:
+            await self._client(node).get_wallet(self.probes[shard])
+            return True
+        except (LedgerError, Exception):
+            return False
+
+    async def wait_served(self, shards: list[int], *, since: float,
+                          exclude_nodes: set[str] = frozenset(),
+                          exclude_regions: set[str] = frozenset(),
+                          epochs_above: dict[int, int] | None = None,
+                          want_regions: dict[int, str] | None = None,
+                          timeout_s: float = SERVED_TIMEOUT_S) -> dict:
+        """Wait until every shard answers GetWallet through a surviving node while etcd shows
+        an owner outside ``exclude_nodes``/``exclude_regions`` (with a higher epoch than in
+        ``epochs_above``). Returns when each shard was first seen so, and the slowest."""
+        assert self.watcher is not None
+        served: dict[int, float] = {}
+        owners: dict[int, list] = {}
+        deadline = time.monotonic() + timeout_s
+        pending = list(shards)
+        while pending and time.monotonic() < deadline:
+            await self.watcher.poll_once()
+            via = [n for n in self.live_nodes(exclude_nodes)
+                   if n.region not in exclude_regions]
+            if not via:
+                await asyncio.sleep(PROBE_PERIOD_S)
+                continue
+            ready = []
+            for shard in pending:
+                owner = self.watcher.owners.get(shard)
+                if owner is None or owner[0] in exclude_nodes or owner[1] in exclude_regions:
+                    continue
+                if epochs_above and owner[2] <= epochs_above.get(shard, 0):
+                    continue
+                if want_regions and owner[1] != want_regions.get(shard, owner[1]):
+                    continue
+                ready.append((shard, owner))
+            if ready:
+                # Round robin over the surviving nodes (not the seeded rng: the faults'
+                # targets must not depend on how many probe rounds ran).
+                self._probe_turn += 1
+                node = via[self._probe_turn % len(via)]
+                oks = await asyncio.gather(*(self._probe(node, s) for s, _ in ready))
+                now = self.t()
+                for (shard, owner), ok in zip(ready, oks):
+                    if ok:
+                        served[shard] = now
+                        owners[shard] = list(owner)
+                pending = [s for s in pending if s not in served]
+            if pending:
+                await asyncio.sleep(PROBE_PERIOD_S)
+        return {"served_at": served, "owners": owners, "pending": pending,
+                "slowest_s": (round(max(served.values()) - since, 3)
+                              if served and not pending else None)}
+
+    async def wait_all_served(self, since: float, what: str) -> float | None:
+        result = await self.wait_served(list(range(self.config.shards)), since=since)
+        if result["pending"]:
+            self.problem(f"{what}: shards {result['pending']} not served again within "
+                         f"{SERVED_TIMEOUT_S:.0f} s")
+            return None
+        return result["slowest_s"]
+
+    async def restore_homes(self, since: float, what: str) -> float | None:
+        """Put every shard's home back to its default region and wait until a node of that
+        region serves it: ``ledgerctl restore-homes``, a failback of every region at once.
+
+        Failovers are sticky (a region that takes shards over becomes their home until an
+        operator moves them back), and ``Deployment.start`` starts one node before the others,
+        which then takes every shard over; each drill starts from, and after a heal returns
+        to, the default placement (shard s homed in regions[s % len(regions)]).
+        """
+        placed = await ledgerctl.run_json(
+            ["restore-homes", *ledgerctl.etcd_args(self.cluster.etcd_endpoint,
+                                                  self.deployment.prefix, self.regions,
+                                                  self.config.shards)])
+        homes = {int(shard): region for shard, region in placed["homes"].items()}
+        result = await self.wait_served(list(homes), since=since, want_regions=homes)
+        if result["pending"]:
+            self.problem(f"{what}: shards {result['pending']} not back in their home regions "
+                         f"within {SERVED_TIMEOUT_S:.0f} s")
+            return None
+        return result["slowest_s"]
+
+    def owners_now(self) -> dict[str, dict[int, int]]:
+        assert self.watcher is not None
+        out: dict[str, dict[int, int]] = {}
+        for shard, (node, _, epoch) in self.watcher.owners.items():
+            out.setdefault(node, {})[shard] = epoch
+        return out
+
+    def pick_owner(self) -> tuple[NodeProcess, dict[int, int]]:
+        owned = self.owners_now()
+        candidates = [n for n in self.deployment.owners if n.alive and owned.get(n.node_id)]
+        if not candidates:
+            raise RuntimeError("no live node owns a shard")
+        node = self.rng.choice(candidates)
+        return node, dict(owned[node.node_id])
+
+    def open_window(self, fault: str, target: str, **notes) -> FaultWindow:
+        window = FaultWindow(fault, target, self.t(), notes=notes)
+        self.report.windows.append(window)
+        return window
+
+    # -- faults ------------------------------------------------------------------------------
+
+    async def fault_kill_owner(self) -> None:
+        node, shards = self.pick_owner()
+        window = self.open_window("kill-owner", node.node_id, shards=sorted(shards),
+                                  epochs_before={str(s): e for s, e in shards.items()})
+        node.kill()
+        served = await self.wait_served(sorted(shards), since=window.start_s,
+                                        exclude_nodes={node.node_id}, epochs_above=shards)
+        self._record_failover(window, served, "failover_s")
+        await self._hold_until(window.start_s + self.config.fault_hold_s)
+        await self.restart_node(node, window)
+        window.end_s = self.t()
+        window.notes["restart_s"] = round(window.end_s - (window.start_s
+                                                          + self.config.fault_hold_s), 3)
+
+    async def fault_pause_owner(self) -> None:
+        node, shards = self.pick_owner()
+        log_path = self.log_dir / f"{node.node_id}.log"
+        window = self.open_window("pause-owner", node.node_id, shards=sorted(shards),
+                                  epochs_before={str(s): e for s, e in shards.items()})
+        node.pause()
+        served = await self.wait_served(sorted(shards), since=window.start_s,
+                                        exclude_nodes={node.node_id}, epochs_above=shards)
+        self._record_failover(window, served, "failover_s")
+        # Paused at least a lease plus a grace period plus slack, so its lease is surely gone.
+        pause_min_s = self.config.lease_ttl_s + self.config.takeover_grace_s + 2.0
+        await self._hold_until(window.start_s + max(pause_min_s, self.config.fault_hold_s))
+        old_batches = await self._batches_by_epoch(shards)
+        log_offset = log_path.stat().st_size if log_path.exists() else 0
+        node.resume()
+        window.end_s = self.t()
+        # Give the woken node time to notice (watchdog, lease check, fenced appends).
+        await asyncio.sleep(self.config.lease_ttl_s)
+        await self.watcher.poll_once()
+        after = self.watcher.shards_of(node.node_id)
+        stale = {s: e for s, e in after.items() if s in shards and e <= shards[s]}
+        lines = []
+        if log_path.exists():
+            with open(log_path, errors="replace") as f:
+                f.seek(log_offset)
+                lines = [ln.rstrip() for ln in f if STEP_DOWN_RE.search(ln)]
+        probe = await self._stale_append_probe(shards)
+        evidence = {
+            "paused_node": node.node_id, "paused_s": round(window.end_s - window.start_s, 3),
+            "epochs_before": {str(s): e for s, e in shards.items()},
+            "owners_while_paused": {str(s): o for s, o in served["owners"].items()},
+            "epochs_changed": (not served["pending"]
+                               and all(served["owners"][s][2] > e for s, e in shards.items())),
+            "old_epoch_batches_at_resume": {str(s): n for s, n in old_batches.items()},
+            "owns_after_resume": {str(s): e for s, e in after.items()},
+            # Every shard the node owned when paused, and who owns it once it is awake.
+            "owners_after_resume": {str(s): list(self.watcher.owners[s]) if s in
+                                    self.watcher.owners else None for s in sorted(shards)},
+            "log_after_resume": lines[:STEP_DOWN_LINES_MAX],
+            "stale_append_probe": probe,
+        }
+        self.report.evidence["pause-owner"] = evidence
+        self._pause_check = (shards, old_batches)
+        if not evidence["epochs_changed"]:
+            self.problem("paused owner's shards were not taken over with higher epochs")
+        if stale:
+            self.problem(f"after resume the paused node still holds old epochs {stale}")
+        if not probe.get("refused"):
+            self.problem(f"an append with the paused owner's old epoch was not refused: {probe}")
+
+    async def _batches_by_epoch(self, shards: dict[int, int]) -> dict[int, int]:
+        """Per shard: journal batches written by the given (old) epoch."""
+        journal = await self._journal(sorted(shards))
+        return {shard: checks.batches_of_epoch(journal, shard, epoch)
+                for shard, epoch in shards.items()}
+
+    async def _stale_append_probe(self, shards: dict[int, int]) -> dict:
+        """Append an empty batch to a former shard with the paused owner's old epoch
+        (``ledgerctl fence-check``): this is what its stale write looks like to the journal,
+        and the fence must refuse it."""
+        shard, epoch = sorted(shards.items())[0]
+        try:
+            return await ledgerctl.run_json(["fence-check", *self._store_args(),
+                                             "--shard", str(shard), "--epoch", str(epoch)],
+                                            ok_codes=(0, 1, 2))
+        except ledgerctl.LedgerctlError as exc:  # not a proof either way
+            return {"shard": shard, "epoch": epoch, "refused": False,
+                    "error": f"{type(exc).__name__}: {exc}"}
+
+    async def fault_kill_coordinator(self) -> None:
+        victims = [n for n in self.deployment.coordinators if n.alive]
+        if not victims:
+            self.problem("kill-coordinator: no coordinator-only node in this deployment")
+            return
+        window = self.open_window("kill-coordinator", ",".join(n.node_id for n in victims))
+        for node in victims:
+            node.kill()
+        await self._hold_until(window.start_s + self.config.fault_hold_s)
+        for node in victims:
+            await self.restart_node(node, window)
+        window.end_s = self.t()
+
+    async def fault_kill_cassandra_node(self, region: str | None = None) -> None:
+        region = region or self.rng.choice(self.regions)
+        owned = self.owners_now()
+        shards = {s: e for n in self.deployment.in_region(region)
+                  for s, e in owned.get(n.node_id, {}).items()}
+        window = self.open_window("kill-cassandra-node", f"cassandra-{region}",
+                                  shards=sorted(shards))
+        self._cassandra_down.add(region)
+        await asyncio.to_thread(self.cluster.kill_region, region)
+        await self._hold_until(window.start_s + self.config.fault_hold_s)
+        # Which of the region's shards were served during the fault, and by whom.
+        served = await self.wait_served(sorted(shards), since=window.start_s, timeout_s=1.0)
+        window.notes["served_during_fault"] = sorted(served["served_at"])
+        restart_at = self.t()
+        await asyncio.to_thread(self.cluster.start_region, region)
+        self._cassandra_down.discard(region)
+        window.end_s = self.t()
+        window.notes["cassandra_restart_s"] = round(window.end_s - restart_at, 3)
+
+    async def fault_kill_region(self, region: str | None = None) -> None:
+        region = region or self.rng.choice(self.regions)
+        nodes = [n for n in self.deployment.in_region(region) if n.alive]
+        owned = self.owners_now()
+        shards = {s: e for n in nodes for s, e in owned.get(n.node_id, {}).items()}
+        window = self.open_window("kill-region", region, nodes=[n.node_id for n in nodes],
+                                  shards=sorted(shards))
+        for node in nodes:
+            node.kill()
+        self._cassandra_down.add(region)
+        await asyncio.to_thread(self.cluster.kill_region, region)
+        window.notes["kill_took_s"] = round(self.t() - window.start_s, 3)
+        served = await self.wait_served(sorted(shards), since=window.start_s,
+                                        exclude_regions={region}, epochs_above=shards)
+        self._record_failover(window, served, "failover_s")
+        self.report.evidence["kill-region"] = {
+            "region": region, "shards": sorted(shards),
+            "owners_during_fault": {str(s): o for s, o in served["owners"].items()},
+            "served_elsewhere": (not served["pending"] and bool(shards) and all(
+                o[1] != region for o in served["owners"].values())),
+        }
+        if not shards:
+            self.problem(f"kill-region: region {region} owned no shard when killed")
+        await self._hold_until(window.start_s + self.config.fault_hold_s)
+        heal_at = self.t()
+        await asyncio.to_thread(self.cluster.start_region, region)
+        self._cassandra_down.discard(region)
+        window.notes["cassandra_restart_s"] = round(self.t() - heal_at, 3)
+        for node in nodes:
+            await self.restart_node(node, window)
+        window.end_s = self.t()
+        window.notes["heal_s"] = round(window.end_s - heal_at, 3)
+
+    async def fault_restart_etcd(self) -> None:
+        window = self.open_window("restart-etcd", "etcd")
+        self._etcd_down = True
+        await asyncio.to_thread(self.cluster.stop_etcd)
+        # Down longer than a lease: every node must notice it lost its shards.
+        await self._hold_until(window.start_s + max(self.config.lease_ttl_s + 2.0,
+                                                    min(self.config.fault_hold_s, 8.0)))
+        await asyncio.to_thread(self.cluster.start_etcd)
+        self._etcd_down = False
+        window.end_s = self.t()
+        recovered = await self.wait_all_served(window.end_s, "restart-etcd")
+        window.notes["recovery_after_start_s"] = recovered
+        if recovered is not None:
+            self.report.measured.setdefault("recovery_s", []).append(recovered)
+
+    async def restart_node(self, node: NodeProcess, window: FaultWindow) -> None:
+        """Start a killed node again, as a supervisor would: a node whose Cassandra is not
+        reachable yet (just restarted, machine loaded) exits at once, so try a few times."""
+        deadline = time.monotonic() + NODE_RESTART_TIMEOUT_S
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await asyncio.to_thread(node.start)
+                return
+            except RuntimeError as exc:
+                window.notes.setdefault("restart_failures", []).append(
+                    f"{node.node_id} attempt {attempt} at {self.t():.1f} s: {exc}")
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(NODE_RESTART_PAUSE_S)
+
+    def _record_failover(self, window: FaultWindow, served: dict, key: str) -> None:
+        window.notes["served_again_s"] = served["slowest_s"]
+        window.notes["owners_during_fault"] = {str(s): o for s, o in served["owners"].items()}
+        if served["pending"]:
+            self.problem(f"{window.fault} {window.target}: shards {served['pending']} not "
+                         f"served elsewhere within {SERVED_TIMEOUT_S:.0f} s")
+        else:
+            self.report.measured.setdefault(key, []).append(served["slowest_s"])
+
+    async def _hold_until(self, t_s: float) -> None:
+        remaining = t_s - self.t()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def _store_args(self) -> list[str]:
+        """``ledgerctl`` flags for this deployment's keyspace, read through a region whose
+        Cassandra node is up."""
+        region = next((r for r in self.regions if r not in self._cassandra_down),
+                      self.regions[0])
+        return ledgerctl.store_args(self.cluster.contact_points[region], self.cluster.cql_port,
+                                    region, self.deployment.keyspace, self.config.shards)
+
+    async def _journal(self, shards: list[int] | None = None) -> dict:
+        """``ledgerctl journal --json``: writer epochs along the journals of ``shards``
+        (default every shard)."""
+        only = [arg for shard in (shards or []) for arg in ("--shard", str(shard))]
+        return await ledgerctl.run_json(["journal", *self._store_args(), *only])
+
+    async def run(self, steps: list[str]) -> ScenarioReport:
+        config, report = self.config, self.report
+        started = time.monotonic()
+        report.deployment = {
+            "name": self.deployment.name, "keyspace": self.deployment.keyspace,
+            "regions": self.regions, "shards": config.shards,
+            "nodes": [{"id": n.node_id, "region": n.region, "role": n.role,
+                       "address": n.address} for n in self.deployment.nodes],
+            "lease_ttl_s": config.lease_ttl_s, "takeover_grace_s": config.takeover_grace_s,
+            "steps": steps,
+        }
+        try:
+            await asyncio.to_thread(self.deployment.start)
+            self.workload = BankWorkload(
+                self.deployment.addresses,
+                BankConfig(wallets=config.wallets, workers=config.workers,
+                           seed=self.rng.randrange(1 << 30), prefix=f"bank-{self.name}"),
+                caller="chaos")
+            for wallet in self.probes.values():
+                await self.workload.client.call(lambda c, w=wallet: c.create_wallet(
+                    w, "CNY", idempotency_key=f"create-{w}"))
+            self.watcher = OwnerWatcher(self.cluster.etcd_endpoint, self.deployment.prefix,
+                                        self.workload.t0)
+            await self.watcher.poll_once()
+            self.watcher.start()
+            placed = await self.restore_homes(0.0, "initial placement")
+            report.measured["initial_placement_s"] = placed
+            if config.load_rate > 0:
+                self.load = LoadWorkload(self.deployment.addresses, LoadConfig(
+                    rate=config.load_rate, single_share=config.load_single_share,
+                    single_concurrency=config.load_single_concurrency,
+                    batch_size=config.load_batch, batch_inflight=config.load_batch_inflight,
+                    wallets=config.load_wallets, prefix=f"load-{self.name}",
+                    seed=self.rng.randrange(1 << 30)), caller="chaos-load")
+                await self.load.setup()
+            await self.workload.setup()
+            if self.load is not None:
+                self.load.t0 = self.workload.t0  # one clock for the report
+            # Times of the report count from the workload's start; what happened before it
+            # (deployment start, initial placement) has negative times.
+            shift = self.workload.t0 - self.watcher.t0
+            self.watcher.t0 = self.workload.t0
+            self.watcher.changes = [(round(c[0] - shift, 3), *c[1:])
+                                    for c in self.watcher.changes]
+            stop = asyncio.Event()
+            load = asyncio.create_task(self.workload.run(stop))
+            traffic = (asyncio.create_task(self.load.run(stop)) if self.load is not None
+                       else None)
+            try:
+                await self._hold_until(config.warmup_s)
+                for i, step in enumerate(steps):
+                    if i:
+                        await asyncio.sleep(RANDOM_GAP_S)
+                    await getattr(self, "fault_" + step.replace("-", "_"))()
+                    healed_at = self.t()
+                    healed = await self.wait_all_served(healed_at, f"after {step}")
+                    report.measured.setdefault("all_served_after_heal_s", []).append(healed)
+                    # Failback (an operator's `ledgerctl failback`): timed from the heal.
+                    window = self.open_window("failback", "default homes")
+                    back = await self.restore_homes(healed_at, f"failback after {step}")
+                    window.end_s = self.t()
+                    report.measured.setdefault("failback_s", []).append(back)
+                await self._hold_until(max(config.seconds, self.t() + RECOVERY_MIN_S))
+            finally:
+                stop.set()
+                await load
+                if traffic is not None:
+                    await traffic
+                report.counts_run = self.workload.result.counts()
+                report.ops_plot = [(op.started, op.finished, op.result)
+                                   for op in self.workload.result.ops]
+                if self.load is not None:
+                    report.load["counts_run"] = self.load.counts()
+            await self.workload.settle(timeout_s=SETTLE_TIMEOUT_S)
+            report.problems.extend(await self.workload.check())
+            report.counts_final = self.workload.result.counts()
+            if self.load is not None:
+                await self.load.settle(timeout_s=SETTLE_TIMEOUT_S)
+                report.problems.extend(f"{self.name}: {p}" for p in await self.load.check())
+            await self._verify_store()
+        except Exception as exc:
+            report.problems.append(f"{self.name}: drill error {type(exc).__name__}: {exc}")
+            for window in report.windows:
+                if window.end_s is None and self.workload is not None:
+                    window.end_s = self.t()
+        finally:
+            await self._teardown()
+        if report.reconcile.get("clean") and not report.problems and not self.config.keep_data:
+            await self._drop_keyspace()
+        report.duration_s = round(time.monotonic() - started, 1)
+        if self.watcher is not None:
+            report.ownership_changes = [list(c) for c in self.watcher.changes]
+        report.series = checks.series(report.ops_plot)
+        if self.load is not None:
+            report.load_plot = [(op.started, op.finished, op.result) for op in self.load.ops]
+            report.load.update(self.load.figures())
+            report.load["series"] = checks.series(report.load_plot)
+        checks.summarize(
+            report,
+            self.workload.result.ops if self.workload is not None else [],
+            self.workload.result.lost if self.workload is not None else (),
+            self.load.ops if self.load is not None else None,
+            self.load.lost if self.load is not None else ())
+        report.verdict = checks.verdict(report)
+        return report
+
+    async def _verify_store(self) -> None:
+        """Reconcile, check that epochs never go back along any journal, and (pause-owner)
+        that the paused owner's old epoch appended nothing after it was taken over."""
+        result = await ledgerctl.run_json(["reconcile", *self._store_args()])
+        self.report.reconcile = result
+        if not result["clean"]:
+            self.problem(f"reconcile found {len(result['findings'])} findings")
+        # Exactly once, counted by the store: one commit per funding deposit and per
+        # acknowledged transfer, and nothing else (every request was answered by now).
+        expected = len(self.workload.wallets) + self.workload.result.counts()["ok"]
+        if self.load is not None:
+            expected += len(self.load.wallets) + self.load.counts()["ok"]
+        self.report.evidence["commits_expected"] = expected
+        self.report.evidence["commits_in_journals"] = result["transfers_committed"]
+        problem = checks.commit_count_problem(expected, result["transfers_committed"])
+        if problem:
+            self.problem(problem)
+        journal = await self._journal()
+        epoch_problems = checks.epoch_problems(journal)
+        for text in epoch_problems:
+            self.problem(text)
+        self.report.evidence["journal_epochs_monotonic"] = not epoch_problems
+        if self._pause_check is not None:
+            shards, at_resume = self._pause_check
+            late, problems = checks.late_appends(shards, at_resume, journal)
+            for text in problems:
+                self.problem(text)
+            self.report.evidence["pause-owner"]["old_epoch_appends_after_resume"] = late
+
+    async def _teardown(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.workload is not None:
+            await self.workload.close()
+        if self.load is not None:
+            await self.load.close()
+        for client in self._probe_clients.values():
+            await client.close()
+        await asyncio.to_thread(self.deployment.stop)
+        # Leave the cluster as it was found: every Cassandra node and etcd serving.
+        await asyncio.to_thread(self.cluster.start)
+        self._cassandra_down.clear()
+
+    async def _drop_keyspace(self) -> None:
+        """Drop a passed drill's keyspace: every keyspace adds tables that a restarting
+        Cassandra node opens, so a long-lived cluster would restart slower and slower."""
+        try:
+            await asyncio.to_thread(cql_query, self.cluster.contact_points[self.regions[0]],
+                                    self.cluster.cql_port,
+                                    f"DROP KEYSPACE IF EXISTS {self.deployment.keyspace}",
+                                    DROP_KEYSPACE_TIMEOUT_S)
+        except Exception as exc:  # best effort: a leftover keyspace harms nothing
+            self.report.evidence["keyspace_drop_failed"] = f"{type(exc).__name__}: {exc}"
+
+
+def plan_steps(name: str, rng: random.Random, config: DrillConfig) -> list[str]:
+    """The faults of scenario ``name``: itself, or for ``random`` a seeded mix."""
+    if name != "random":
+        return [name]
+    choices = [s for s in SCENARIOS if s != "kill-coordinator" or config.coordinators]
+    return [rng.choice(choices) for _ in range(RANDOM_STEPS)]
+
