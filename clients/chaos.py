@@ -71,7 +71,7 @@ from pathlib import Path
 
 from clients.bank import BankConfig, BankWorkload
 from clients.harness import Deployment, NodeProcess
-from clients.ledger_client import LedgerClient, LedgerError
+from redledger_client import LedgerClient, LedgerError
 from clients.load import LoadConfig, LoadWorkload
 from shard_router.hashing import shard_of
 

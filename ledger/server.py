@@ -28,7 +28,7 @@ from ledger import constants as K
 from ledger.api.servicer import LedgerServicer
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.api.shard_service import GrpcShardTransport, ShardOwnerServicer
-from ledger.ledgerpb import ledger_pb2, shard_pb2, ledger_pb2_grpc, shard_pb2_grpc
+from ledgerpb import ledger_pb2, shard_pb2, ledger_pb2_grpc, shard_pb2_grpc
 from ledger.node import Node
 from ledger.store.port import JournalStore
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 
 from ledger.core.status import Outcome, Status
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 
 GRPC_CODE: dict[Status, grpc.StatusCode] = {
     status: getattr(grpc.StatusCode, status.grpc_code_name()) for status in Status

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from clients import LedgerClient
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 
 CURRENCY = "CNY"
 FUND_MINOR = 10**12

@@ -1,7 +1,7 @@
 """The core's Status enum and the wire's ResultStatus agree, and every status has a gRPC code."""
 
 from ledger.core.status import Status
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 
 
 def test_every_status_is_on_the_wire_with_the_same_number():
