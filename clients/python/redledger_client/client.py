@@ -45,10 +45,12 @@ class LedgerError(Exception):
       gives the same refusal (a state refusal is recorded under the idempotency key).
     * ``LedgerOutcomeUnknown``: a money movement (or other mutating call) got only transient
       answers (UNAVAILABLE, ABORTED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED) until
-      the retries ran out. It may or may not have been executed. Send it again with the same
-      ``idempotency_key`` (within the retention window) to learn its outcome; never with a
-      new key, which could execute it twice.
-    * ``LedgerUnavailable``: a read got only transient answers; nothing was changed.
+      the retries ran out, or an internal error (INTERNAL, UNKNOWN; not retried). It may or
+      may not have been executed. Send it again with the same ``idempotency_key`` (within
+      the retention window) to learn its outcome; never with a new key, which could execute
+      it twice.
+    * ``LedgerUnavailable``: a read got only transient answers (or an internal error);
+      nothing was changed.
 
     Attributes:
         code: The gRPC status code of the last answer.
@@ -90,12 +92,15 @@ class LedgerOutcomeUnknown(LedgerError):
 
 
 class LedgerUnavailable(LedgerError):
-    """A read that got only transient answers; nothing was changed."""
+    """A read that got only transient answers (or an internal error); nothing was changed."""
 
 
 # Codes that say "not answered (yet)" rather than "refused". CANCELLED and DEADLINE_EXCEEDED
-# may hide a request that ran.
-UNKNOWN_OUTCOME_CODES = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED}
+# may hide a request that ran; so may INTERNAL (the ledger failed on a bug, maybe after the
+# request's commit) and UNKNOWN (an answer from something other than the ledger's own
+# handling). Those two are not retried: sending again cannot help a bug.
+UNKNOWN_OUTCOME_CODES = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
+                                           grpc.StatusCode.UNKNOWN}
 
 
 def _transient(exc: BaseException) -> bool:
