@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +38,9 @@ INSTALL_TIMEOUT_S = 600
 SERVER_START_TIMEOUT_S = 120
 # The client program, at most (s).
 PROGRAM_TIMEOUT_S = 120
+# A cached virtualenv no run has used for this long is deleted (about 50 MB each; every change
+# of the client's files makes a new one).
+UNUSED_VENV_S_MAX = 7 * 24 * 3600
 
 # Top-level modules the client virtualenv must not have: the server's dependencies and
 # packages. Those it must have: the library, the stubs and their dependencies.
@@ -106,6 +110,7 @@ def client_venv() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         complete = venv / ".complete"
         if complete.exists():
+            complete.touch()  # marks it used, see _prune
             return venv
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
@@ -119,7 +124,18 @@ def client_venv() -> Path:
                             "--disable-pip-version-check", str(source)],
                            check=True, env=_isolated_env(), timeout=INSTALL_TIMEOUT_S)
         complete.touch()
-        return venv
+    _prune(keep=venv)
+    return venv
+
+
+def _prune(keep: Path) -> None:
+    """Delete cached virtualenvs that no run has used for ``UNUSED_VENV_S_MAX``."""
+    now_s = time.time()
+    for marker in CACHE_DIR.glob("*/.complete"):
+        venv = marker.parent
+        if venv != keep and now_s - marker.stat().st_mtime > UNUSED_VENV_S_MAX:
+            shutil.rmtree(venv, ignore_errors=True)
+            (CACHE_DIR / f"{venv.name}.lock").unlink(missing_ok=True)
 
 
 def _run_isolated(venv: Path, code: str, *args: str, cwd: Path) -> str:
