@@ -19,13 +19,15 @@ help:
 	@echo "make services-status / services-stop"
 	@echo "make bench            ledger-bench on the embedded default and on Cassandra + etcd"
 	@echo "make chaos            every ledger-chaos drill; report in chaos-out/"
-	@echo "make proto            regenerate ledger/ledgerpb from proto/"
+	@echo "make proto            regenerate clients/python/ledgerpb from proto/"
 
-$(STAMP): pyproject.toml
+# Two distributions: the server (this directory) and the client library with the generated
+# stubs (clients/python, redledger-client), which the server imports too.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@command -v $(PYTHON_SYS) >/dev/null || { echo "need $(PYTHON_SYS)"; exit 1; }
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==24.3.1
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from clients.ledger_client import LedgerClient, LedgerError
-from ledger.ledgerpb import ledger_pb2 as pb
+from redledger_client import LedgerClient, LedgerError
+from ledgerpb import ledger_pb2 as pb
 
 CURRENCY = "CNY"
 # One request keeps being retried (on every node in turn) for this long before the run

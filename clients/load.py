@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import grpc
 
 from clients.bank import MultiClient
-from clients.ledger_client import LedgerError
-from ledger.ledgerpb import ledger_pb2 as pb
+from redledger_client import LedgerError
+from ledgerpb import ledger_pb2 as pb
 
 CURRENCY = "CNY"
 # One request (or batch item) is resent for at most this long before the run counts it as

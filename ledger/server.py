@@ -25,10 +25,11 @@ from grpc_reflection.v1alpha import reflection
 
 from coordinator import Coordinator
 from ledger import constants as K
+from ledger.api.errors import ErrorBoundary
 from ledger.api.servicer import LedgerServicer
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.api.shard_service import GrpcShardTransport, ShardOwnerServicer
-from ledger.ledgerpb import ledger_pb2, shard_pb2, ledger_pb2_grpc, shard_pb2_grpc
+from ledgerpb import ledger_pb2, shard_pb2, ledger_pb2_grpc, shard_pb2_grpc
 from ledger.node import Node
 from ledger.store.port import JournalStore
 
@@ -122,6 +123,9 @@ SERVICE_NAMES = (
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
     shard_pb2.DESCRIPTOR.services_by_name["ShardOwnerService"].full_name,
 )
+# The services of the public API (proto/ledgerpb/ledger.proto), guarded by ErrorBoundary.
+PUBLIC_SERVICE_NAMES = tuple(service.full_name for service in
+                             ledger_pb2.DESCRIPTOR.services_by_name.values())
 
 
 @dataclass
@@ -158,7 +162,10 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
     transport = GrpcShardTransport()
     node = Node(store, ownership, transport, idempotency_retention_ms=retention_ms)
     coordinator = Coordinator(node.router, store, shard_count)
-    server = grpc.aio.server(options=list(SERVER_OPTIONS))
+    # Public calls answer failures (store down, a bug) with a fixed message and a reference,
+    # never the exception's text; the node-to-node service keeps its own errors.
+    server = grpc.aio.server(options=list(SERVER_OPTIONS),
+                             interceptors=[ErrorBoundary(PUBLIC_SERVICE_NAMES)])
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(coordinator), server)
     shard_pb2_grpc.add_ShardOwnerServiceServicer_to_server(ShardOwnerServicer(node), server)
     health = HealthServicer()

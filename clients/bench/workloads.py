@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from clients import LedgerClient
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 
 CURRENCY = "CNY"
 # Every bench wallet is funded with this much (minor units): enough never to run dry.

@@ -26,7 +26,7 @@ from clients.chaos.constants import (DROP_KEYSPACE_TIMEOUT_S, NODE_RESTART_PAUSE
 from clients.chaos.model import DrillConfig, FaultWindow, ScenarioReport
 from clients.chaos.observe import OwnerWatcher
 from clients.harness import Deployment, NodeProcess
-from clients.ledger_client import LedgerClient, LedgerError
+from clients import LedgerClient, LedgerError
 from clients.load import LoadConfig, LoadWorkload
 from clients.localcluster import cql_query
 

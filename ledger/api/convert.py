@@ -7,7 +7,7 @@ from ledger.core.model import (
     KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, STATE_PENDING, STATE_REFUSED, Entry, Hold,
     Transfer, Wallet,
 )
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 
 KIND_TO_PROTO = {
     KIND_TRANSFER: pb.TRANSFER_KIND_TRANSFER,

@@ -11,8 +11,8 @@ from ledger.api.errors import abort, status_name
 from ledger.core import constants as C
 from ledger.core.model import KIND_DEPOSIT, KIND_WITHDRAWAL
 from ledger.core.status import Outcome, Status
-from ledger.ledgerpb import ledger_pb2 as pb
-from ledger.ledgerpb import ledger_pb2_grpc as pb_grpc
+from ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2_grpc as pb_grpc
 
 CALLER_METADATA = "ledger-caller"
 ANONYMOUS = "anonymous"

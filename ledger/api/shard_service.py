@@ -10,8 +10,8 @@ import grpc
 from ledger import constants as K
 from ledger.core import codec
 from ledger.core.status import Outcome, Status
-from ledger.ledgerpb import shard_pb2 as spb
-from ledger.ledgerpb import shard_pb2_grpc as spb_grpc
+from ledgerpb import shard_pb2 as spb
+from ledgerpb import shard_pb2_grpc as spb_grpc
 from shard_router.router import NotOwner
 
 log = logging.getLogger("ledger.shard_service")

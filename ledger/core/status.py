@@ -1,7 +1,8 @@
 """Expected outcomes as values (TigerBeetle's result enums), in precedence order.
 
-The numbers equal the ``ledger.v1.ResultStatus`` enum on the wire; a test pins that. Each
-status names the gRPC code a unary call answers with (as a name, so the core needs no grpc).
+The numbers equal the ``ledger.v1.ResultStatus`` enum on the wire; a test pins that. Which
+gRPC code each status answers with is the API layer's business (``ledger.api.errors``): the
+core knows nothing of gRPC.
 """
 
 from __future__ import annotations
@@ -56,10 +57,6 @@ class Status(enum.IntEnum):
         """True when the same request may succeed if retried unchanged later."""
         return self in _TRANSIENT
 
-    def grpc_code_name(self) -> str:
-        """Name of the ``grpc.StatusCode`` a unary call answers with."""
-        return _GRPC_CODE[self]
-
     def recorded(self) -> bool:
         """True when the outcome is a decision kept under the idempotency key.
 
@@ -71,33 +68,6 @@ class Status(enum.IntEnum):
 
 
 _TRANSIENT = frozenset({Status.REQUEST_IN_FLIGHT, Status.SHARD_UNAVAILABLE, Status.OVERLOADED})
-
-_GRPC_CODE = {
-    Status.OK: "OK",
-    Status.INVALID_IDEMPOTENCY_KEY: "INVALID_ARGUMENT",
-    Status.INVALID_WALLET_ID: "INVALID_ARGUMENT",
-    Status.INVALID_CURRENCY: "INVALID_ARGUMENT",
-    Status.INVALID_AMOUNT: "INVALID_ARGUMENT",
-    Status.SAME_WALLET: "INVALID_ARGUMENT",
-    Status.BATCH_TOO_LARGE: "INVALID_ARGUMENT",
-    Status.INVALID_ARGUMENT: "INVALID_ARGUMENT",
-    Status.LINKED_CHAIN_OPEN: "INVALID_ARGUMENT",
-    Status.HOLD_NOT_FOUND: "NOT_FOUND",
-    Status.HOLD_NOT_ACTIVE: "FAILED_PRECONDITION",
-    Status.HOLD_AMOUNT_EXCEEDED: "FAILED_PRECONDITION",
-    Status.LINKED_ITEM_FAILED: "FAILED_PRECONDITION",
-    Status.WALLET_NOT_FOUND: "NOT_FOUND",
-    Status.TRANSFER_NOT_FOUND: "NOT_FOUND",
-    Status.WALLET_EXISTS: "ALREADY_EXISTS",
-    Status.IDEMPOTENCY_KEY_REUSED: "ALREADY_EXISTS",
-    Status.CURRENCY_MISMATCH: "FAILED_PRECONDITION",
-    Status.INSUFFICIENT_FUNDS: "FAILED_PRECONDITION",
-    Status.BALANCE_OVERFLOW: "FAILED_PRECONDITION",
-    Status.WALLET_FROZEN: "FAILED_PRECONDITION",
-    Status.REQUEST_IN_FLIGHT: "ABORTED",
-    Status.SHARD_UNAVAILABLE: "UNAVAILABLE",
-    Status.OVERLOADED: "RESOURCE_EXHAUSTED",
-}
 
 
 @dataclass(slots=True, frozen=True)

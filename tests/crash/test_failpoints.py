@@ -35,7 +35,7 @@ from clients.bank import MultiClient
 from clients.harness import Deployment
 from coordinator.coordinator import key_shard_of
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 from ledger.reconcile import reconcile
 from shard_router import shard_of
 

@@ -35,12 +35,12 @@ import grpc
 import pytest
 
 from clients import LedgerClient, LedgerError
-from clients.ledger_client import TRANSIENT_CODES
+from redledger_client import TRANSIENT_CODES
 from clients.bank import MultiClient
 from clients.harness import Deployment
 from coordinator.coordinator import transfer_id_for
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 from ledger.reconcile import reconcile
 from shard_router import shard_of
 from tests.crash.test_failpoints import start_deployment

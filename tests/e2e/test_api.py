@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from clients import LedgerError
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 from shard_router import shard_of
 from tests.e2e.conftest import SHARDS
 

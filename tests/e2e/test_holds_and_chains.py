@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from clients import LedgerError
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 from tests.e2e.test_api import snapshot, two_wallets
 
 

@@ -21,7 +21,7 @@ from ledger.core import codec
 from ledger.core import constants as C
 from ledger.core.model import KIND_TRANSFER, Post, Transfer
 from ledger.core.status import Outcome, Status
-from ledger.ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2 as pb
 from shard_router.ownership import OwnerInfo, ShardPlacement
 from shard_router.router import Router
 

@@ -17,19 +17,21 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from ledger.constants import GRPC_MESSAGE_BYTES_MAX
-from ledger.ledgerpb import ledger_pb2 as pb
-from ledger.ledgerpb import ledger_pb2_grpc as pb_grpc
+from ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2_grpc as pb_grpc
+from redledger_client.constants import (
+    DEFAULT_TIMEOUT_S, GRPC_MESSAGE_BYTES_MAX, RETRY_ATTEMPTS_MAX, RETRY_BACKOFF_S_FIRST,
+    RETRY_BACKOFF_S_MAX, RETRY_JITTER_S_MAX, RETRY_TOTAL_S_MAX,
+)
 
-DEFAULT_TIMEOUT_S = 10.0
-RETRY_ATTEMPTS_MAX = 8
-RETRY_TOTAL_S_MAX = 30.0
+# Codes a call is retried on, with the same request (and so the same idempotency key).
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED,
                              grpc.StatusCode.RESOURCE_EXHAUSTED,
                              grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 def new_idempotency_key() -> str:
+    """A fresh, random idempotency key (32 hex characters, well under the 128-byte limit)."""
     return uuid.uuid4().hex
 
 
@@ -43,24 +45,39 @@ class LedgerError(Exception):
       gives the same refusal (a state refusal is recorded under the idempotency key).
     * ``LedgerOutcomeUnknown``: a money movement (or other mutating call) got only transient
       answers (UNAVAILABLE, ABORTED, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED) until
-      the retries ran out. It may or may not have been executed. Send it again with the same
-      ``idempotency_key`` (within the retention window) to learn its outcome; never with a
-      new key, which could execute it twice.
-    * ``LedgerUnavailable``: a read got only transient answers; nothing was changed.
+      the retries ran out, or an internal error (INTERNAL, UNKNOWN; not retried). It may or
+      may not have been executed. Send it again with the same ``idempotency_key`` (within
+      the retention window) to learn its outcome; never with a new key, which could execute
+      it twice.
+    * ``LedgerUnavailable``: a read got only transient answers (or an internal error);
+      nothing was changed.
+
+    Attributes:
+        code: The gRPC status code of the last answer.
+        status: The ``ResultStatus`` name (``RESULT_STATUS_INSUFFICIENT_FUNDS``), or "" when
+            the call was not answered by the ledger's rules (a store outage, a deadline).
+        field: The request field the refusal is about ("" when none).
+        message: The answer's message, written for callers.
+        error_id: The ledger's reference of a failure it logged (quote it to the operators
+            of the ledger), or "" when there is none.
     """
 
-    def __init__(self, code: grpc.StatusCode, status: str, field: str, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, status: str, field: str, message: str,
+                 error_id: str = "") -> None:
         super().__init__(f"{code.name} {status} {message}")
         self.code = code
         self.status = status
         self.field = field
         self.message = message
+        self.error_id = error_id
 
     @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError) -> "LedgerError":
+        """The error of a failed call, read from its code, message and trailers."""
         trailers = dict(exc.trailing_metadata() or ())
         return cls(exc.code(), trailers.get("ledger-status", ""),
-                   trailers.get("ledger-field", ""), exc.details() or "")
+                   trailers.get("ledger-field", ""), exc.details() or "",
+                   trailers.get("ledger-error-id", ""))
 
 
 class LedgerRefused(LedgerError):
@@ -75,12 +92,15 @@ class LedgerOutcomeUnknown(LedgerError):
 
 
 class LedgerUnavailable(LedgerError):
-    """A read that got only transient answers; nothing was changed."""
+    """A read that got only transient answers (or an internal error); nothing was changed."""
 
 
 # Codes that say "not answered (yet)" rather than "refused". CANCELLED and DEADLINE_EXCEEDED
-# may hide a request that ran.
-UNKNOWN_OUTCOME_CODES = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED}
+# may hide a request that ran; so may INTERNAL (the ledger failed on a bug, maybe after the
+# request's commit) and UNKNOWN (an answer from something other than the ledger's own
+# handling). Those two are not retried: sending again cannot help a bug.
+UNKNOWN_OUTCOME_CODES = TRANSIENT_CODES | {grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
+                                           grpc.StatusCode.UNKNOWN}
 
 
 def _transient(exc: BaseException) -> bool:
@@ -99,6 +119,18 @@ def _error(exc: grpc.aio.AioRpcError, request: Any, attempts: int) -> LedgerErro
 
 
 class LedgerClient:
+    """An asyncio client of one ledger endpoint; use it as an async context manager.
+
+    Args:
+        target: ``host:port`` of a ledger node (``localhost:50051`` for ``ledgerd dev``).
+        caller: The caller name idempotency keys are scoped to (metadata ``ledger-caller``).
+        timeout_s: The deadline of each attempt of a call, in seconds.
+        retries: Retry transient answers with the same request (and key); False sends once.
+        credentials: Channel credentials for TLS; None for a plaintext channel.
+
+    Every call raises a ``LedgerError`` subclass when it does not succeed.
+    """
+
     def __init__(self, target: str, caller: str = "anonymous",
                  timeout_s: float = DEFAULT_TIMEOUT_S, retries: bool = True,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
@@ -134,7 +166,9 @@ class LedgerClient:
                     retry=retry_if_exception(_transient), reraise=True,
                     stop=stop_after_attempt(RETRY_ATTEMPTS_MAX) | stop_after_delay(
                         RETRY_TOTAL_S_MAX),
-                    wait=wait_exponential_jitter(multiplier=0.05, max=2.0)):
+                    wait=wait_exponential_jitter(multiplier=RETRY_BACKOFF_S_FIRST,
+                                                 jitter=RETRY_JITTER_S_MAX,
+                                                 max=RETRY_BACKOFF_S_MAX)):
                 with attempt:
                     return await once()
         except grpc.aio.AioRpcError as exc:

@@ -1,0 +1,51 @@
+"""``ledger.api.errors.failure_code``: which gRPC code a call answers for an exception that
+escaped its servicer. Outages of what the ledger needs are UNAVAILABLE (retry with the same
+key), bugs INTERNAL, and the call machinery's CANCELLED and DEADLINE_EXCEEDED keep their code."""
+
+import sqlite3
+
+import grpc
+import pytest
+from cassandra import OperationTimedOut, Unavailable
+from cassandra.cluster import NoHostAvailable
+from grpc.aio import AioRpcError, Metadata
+
+from ledger.api.errors import failure_code
+from ledger.core.invariants import InvariantViolation
+from ledger.store.port import Fenced, StoreUnavailable, UnknownOutcome
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+INTERNAL = grpc.StatusCode.INTERNAL
+
+
+def _rpc_error(code: grpc.StatusCode) -> AioRpcError:
+    return AioRpcError(code, Metadata(), Metadata(), details="from another node")
+
+
+@pytest.mark.parametrize("exc, code", [
+    (StoreUnavailable("x"), UNAVAILABLE),
+    (UnknownOutcome("x"), UNAVAILABLE),
+    (Fenced("x"), UNAVAILABLE),
+    (sqlite3.OperationalError("x"), UNAVAILABLE),
+    (ConnectionResetError("x"), UNAVAILABLE),
+    (OSError("x"), UNAVAILABLE),
+    (TimeoutError("x"), UNAVAILABLE),
+    (OperationTimedOut("x"), UNAVAILABLE),
+    (Unavailable("x", consistency=4, required_replicas=2, alive_replicas=1), UNAVAILABLE),
+    (NoHostAvailable("x", {}), UNAVAILABLE),
+    (_rpc_error(grpc.StatusCode.UNAVAILABLE), UNAVAILABLE),
+    (_rpc_error(grpc.StatusCode.INTERNAL), UNAVAILABLE),
+    (_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (_rpc_error(grpc.StatusCode.CANCELLED), grpc.StatusCode.CANCELLED),
+    (KeyError("x"), INTERNAL),
+    (TypeError("x"), INTERNAL),
+    (InvariantViolation("x"), INTERNAL),
+    (RuntimeError("x"), INTERNAL),
+], ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v.name)
+def test_failure_code(exc, code):
+    assert failure_code(exc) is code
+
+
+def test_a_timeout_after_the_calls_deadline_is_the_deadline():
+    assert failure_code(TimeoutError(), deadline_passed=True) is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert failure_code(StoreUnavailable(), deadline_passed=True) is UNAVAILABLE
