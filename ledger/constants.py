@@ -69,3 +69,12 @@ SHARD_RETRY_BACKOFF_MS = 25
 # and 7.5 MiB as the public answer (tests/e2e/test_limits.py builds it). A typical hot-wallet
 # batch answers 3-7 MiB, above gRPC's default 4 MiB receive limit.
 GRPC_MESSAGE_BYTES_MAX = 32 * 1024 * 1024
+
+# A takeover replay (ledger.compaction.replay) folds the journal in a worker thread this many
+# batches at a time: between slices the event loop runs (lease keep-alives, other owners), so
+# a long replay does not stall the node.
+REPLAY_SLICE_BATCHES = 64
+# Rows a replay collects before it writes them to the store (ledger.compaction.replay): the
+# memory a replay holds for rows is bounded by about this many; more means fewer, larger
+# row writes.
+REPLAY_ROWS_FLUSH = 10_000

@@ -31,6 +31,7 @@ from ledger.core.model import (
     ExpireIdempotency, FinishChain, ResolveReservations, Transfer, TransferDecided,
 )
 from ledger.core.shard import ShardState
+from ledger.core.step import step
 from ledger.core.status import Outcome, Status, refuse
 from ledger.store.port import Fenced, JournalStore, StoreUnavailable, UnknownOutcome
 
@@ -256,20 +257,19 @@ class ShardOwner:
 
     async def _commit(self, batch: list[_Request]) -> None:
         state = self.state
-        events: list = []
-        rows: list = []
         try:
-            for request in batch:
-                outcomes = request.outcomes
-                for command in request.commands:
-                    outcome, new_events = state.decide(command)
-                    for event in new_events:
-                        state.evolve(event, rows)
-                    events.extend(new_events)
-                    outcomes.append(outcome)
+            # The live state runs ahead of the journal from here until the append returns.
+            result = step(state, [command for request in batch
+                                  for command in request.commands])
         except InvariantViolation as exc:
             await self._abdicate(f"invariant violated: {exc}")
             return
+        events, rows = result.events, result.rows
+        position = 0
+        for request in batch:
+            count = len(request.commands)
+            request.outcomes = result.outcomes[position:position + count]
+            position += count
         if events:
             seq = state.seq + 1
             failpoints.hit("owner.before_append")
