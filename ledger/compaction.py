@@ -41,7 +41,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from ledger import constants as K
-from ledger import tasks
+from ledger.runtime import tasks
 from ledger.core import codec, step
 from ledger.core.shard import ShardState
 from ledger.store.port import JournalBatch, JournalStore, LoadedShard

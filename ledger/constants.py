@@ -55,10 +55,12 @@ RESERVATIONS_PER_RESOLVE_MAX = 2_000
 RESERVATION_SWEEP_S = 1.0
 IDEMPOTENCY_SWEEP_S = 60.0
 
-# How long the coordinator keeps retrying a shard that has no serving owner (ms), e.g. during
-# a failover, before answering SHARD_UNAVAILABLE.
-SHARD_RETRY_DEADLINE_MS = 10_000
-SHARD_RETRY_BACKOFF_MS = 25
+# The router's retry budget and backoff are in ``shard_router.constants``.
+
+# Timeout of one node-to-node ShardOwnerService call that carries no caller deadline (s): an
+# owner's crediting pipeline and resolutions. Past it the call counts as unanswered and the
+# router retries (on whoever owns the shard then). A call with a deadline uses the time left.
+SHARD_RPC_TIMEOUT_S = 5.0
 
 # Largest gRPC message (bytes) sent or received anywhere: the public server, the internal
 # ShardOwnerService server, the node-to-node channel and the Python client all use it. A

@@ -7,7 +7,7 @@ import logging
 import time
 
 from ledger.owner import ShardOwner
-from ledger.tasks import spawn
+from ledger.runtime.tasks import spawn
 from ledger.store.port import JournalStore
 from shard_router.ownership import Ownership
 from shard_router.router import RemoteTransport, Router
