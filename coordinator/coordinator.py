@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from hashlib import blake2b
 
 from coordinator import chains
-from coordinator import constants as K
+from coordinator.constants import HISTORY_POLL_MS, HISTORY_WAIT_MS
 from coordinator.ports import HistoryReader, ShardExecutor
 from ledger.core import constants as C
 from ledger.core import validate
@@ -409,8 +409,9 @@ class Coordinator:
                 cancel[i] = (post.to_shard, CancelReservation(post.transfer_id,
                                                               post.reserved_at_ms))
         if cancel:
-            # Best effort: a reservation left behind is dropped by its credit shard after it
-            # asked the debit shard (ResolveReservations).
+            # Best effort, past the caller's deadline: a reservation left behind (this call
+            # failed: spawn logs it) is dropped by its credit shard after it asked the debit
+            # shard (ResolveReservations).
             spawn(self._by_shard(cancel), "cancel-reservations")
 
     # --- holds ------------------------------------------------------------------------------
@@ -516,6 +517,7 @@ class Coordinator:
         outcome = (await self._executor.execute(shard, [command], wait_credit=True,
                                                 deadline=deadline))[0]
         if reserved_at and refused_for_good(outcome):
+            # Best effort, as in _commit: a failed cancel is logged, and resolved later.
             spawn(self._executor.execute(to_shard, [CancelReservation(transfer_id, reserved_at)]),
                   "cancel-reservation")
         return outcome
@@ -556,14 +558,14 @@ class Coordinator:
         # its own writes.
         wanted = min(size + 1, max(wallet.value.version - after, 0))
         loop = asyncio.get_running_loop()
-        wait_until = loop.time() + K.HISTORY_WAIT_MS / 1000
+        wait_until = loop.time() + HISTORY_WAIT_MS / 1000
         if deadline is not None:
             wait_until = min(wait_until, deadline)
         while True:
             entries = await self._history.list_entries(wallet_id, after, size + 1)
             if len(entries) >= wanted or loop.time() >= wait_until:
                 break
-            await asyncio.sleep(K.HISTORY_POLL_MS / 1000)
+            await asyncio.sleep(HISTORY_POLL_MS / 1000)
         more = len(entries) > size
         entries = entries[:size]
         return ok((entries, str(entries[-1].version) if more else ""))

@@ -80,3 +80,21 @@ REPLAY_SLICE_BATCHES = 64
 # memory a replay holds for rows is bounded by about this many; more means fewer, larger
 # row writes.
 REPLAY_ROWS_FLUSH = 10_000
+
+# A takeover (fence, replay, serve) slower than this is logged as a warning rather than at
+# debug level (s); nothing else changes.
+SLOW_TAKEOVER_S = 3.0
+
+# Reconciliation (ledger.reconcile, ``ledgerctl reconcile``): journal batches read per store
+# call (more: fewer round trips, more memory per read)...
+RECONCILE_JOURNAL_PAGE_BATCHES = 500
+# ...how long materialized rows behind the journal may take to catch up before a difference
+# counts as a finding (s), and how often they are looked at again meanwhile (s)...
+RECONCILE_ROWS_SETTLE_S = 5.0
+RECONCILE_ROWS_SETTLE_POLL_S = 0.2
+# ...how long a hold may be seen past its timeout before it counts as outliving it (ms): the
+# owner's sweep releases expired holds about once a second (RESERVATION_SWEEP_S)...
+RECONCILE_HOLD_GRACE_MS = 5_000
+# ...and how many times the read of one shard starts again because a compaction truncated
+# its journal meanwhile; after that the shard's finding says "run again".
+RECONCILE_SHARD_READ_ATTEMPTS_MAX = 5

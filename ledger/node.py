@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+from ledger import constants as K
 from ledger.owner import ShardOwner
 from ledger.runtime.tasks import spawn
 from ledger.store.port import JournalStore
@@ -14,8 +15,6 @@ from shard_router.router import RemoteTransport, Router
 
 log = logging.getLogger("ledger.node")
 
-# A takeover slower than this is logged as a warning (s).
-SLOW_TAKEOVER_S = 3.0
 
 
 class Node:
@@ -81,7 +80,7 @@ class Node:
                 else:
                     self.owners[shard] = owner
                     took_s = time.monotonic() - started
-                    (log.warning if took_s > SLOW_TAKEOVER_S else log.debug)(
+                    (log.warning if took_s > K.SLOW_TAKEOVER_S else log.debug)(
                         "shard %d epoch %d serving after %.0f ms (replayed to batch %d)",
                         shard, epoch, took_s * 1000, owner.state.seq)
 

@@ -19,6 +19,7 @@ from typing import Awaitable, Callable, Protocol
 
 from ledger import constants as K
 from ledger.runtime import failpoints
+from ledger.runtime.tasks import spawn
 from ledger import compaction
 from ledger.compaction import Compactor
 from ledger.core import codec
@@ -136,13 +137,12 @@ class ShardOwner:
                          f"{self.state.seq} during takeover")
         self.state.check()
         self._serving = True
+        # Kept until stop() ends them; a loop that fails gives the shard up (_supervised).
         self._tasks = [
-            asyncio.create_task(self._supervised(self._run(), "commit loop"),
-                                name=f"owner-{self.shard}"),
-            asyncio.create_task(self._supervised(self._deliver(), "crediting pipeline"),
-                                name=f"credits-{self.shard}"),
-            asyncio.create_task(self._supervised(self._sweep(), "sweep"),
-                                name=f"sweep-{self.shard}")]
+            spawn(self._supervised(self._run(), "commit loop"), f"owner-{self.shard}"),
+            spawn(self._supervised(self._deliver(), "crediting pipeline"),
+                  f"credits-{self.shard}"),
+            spawn(self._supervised(self._sweep(), "sweep"), f"sweep-{self.shard}")]
         if self.state.outbox:
             self._outbox_kick.set()
 

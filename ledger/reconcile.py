@@ -25,6 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ledger.constants import (RECONCILE_HOLD_GRACE_MS, RECONCILE_JOURNAL_PAGE_BATCHES,
+                              RECONCILE_ROWS_SETTLE_POLL_S, RECONCILE_ROWS_SETTLE_S,
+                              RECONCILE_SHARD_READ_ATTEMPTS_MAX)
 from ledger.compaction import CompactionError
 from ledger.compaction import decode as decode_snapshot
 from ledger.core import codec
@@ -37,15 +40,12 @@ from ledger.core.shard import ShardState
 from ledger.core.step import fold
 from ledger.store.port import JournalStore
 
-# Journal batches read per call.
-JOURNAL_PAGE_BATCHES = 500
-# How long rows behind the journal may take to catch up before they count (s), and how often
-# they are looked at again meanwhile.
-ROWS_SETTLE_S = 5.0
-ROWS_SETTLE_POLL_S = 0.2
-# A hold may be seen this long past its timeout before it counts as outliving it (ms): the
-# owner's sweep releases expired holds about once a second.
-HOLD_GRACE_MS = 5_000
+# Limits of the reconciliation (their units and effects: ledger/constants.py).
+JOURNAL_PAGE_BATCHES = RECONCILE_JOURNAL_PAGE_BATCHES
+ROWS_SETTLE_S = RECONCILE_ROWS_SETTLE_S
+ROWS_SETTLE_POLL_S = RECONCILE_ROWS_SETTLE_POLL_S
+HOLD_GRACE_MS = RECONCILE_HOLD_GRACE_MS
+SHARD_READ_ATTEMPTS_MAX = RECONCILE_SHARD_READ_ATTEMPTS_MAX
 
 
 @dataclass
@@ -245,8 +245,6 @@ async def _journaled_after(store: JournalStore, shard: int, after_seq: int, to_s
         after_seq = page[-1].seq
 
 
-# Reads of one shard started again because a compaction truncated its journal meanwhile.
-SHARD_READ_ATTEMPTS_MAX = 5
 
 
 @dataclass

@@ -18,7 +18,8 @@ from typing import Protocol
 
 from ledger.core.outcomes import UNAVAILABLE
 from ledger.core.status import Outcome, Status
-from shard_router import constants as K
+from shard_router.constants import (SHARD_RETRY_BACKOFF_MAX_MS, SHARD_RETRY_BACKOFF_MS,
+                                     SHARD_RETRY_DEADLINE_MS)
 from shard_router.ownership import Ownership
 
 
@@ -77,7 +78,7 @@ class Router:
 
     def __init__(self, node_id: str, owners: dict[int, LocalOwner], ownership: Ownership,
                  transport: RemoteTransport | None = None,
-                 retry_deadline_ms: int = K.SHARD_RETRY_DEADLINE_MS) -> None:
+                 retry_deadline_ms: int = SHARD_RETRY_DEADLINE_MS) -> None:
         self._node_id = node_id
         self._owners = owners
         self._ownership = ownership
@@ -99,7 +100,7 @@ class Router:
         loop = asyncio.get_running_loop()  # loop time: simulations run it on a virtual clock
         retry_until = (deadline if deadline is not None
                        else loop.time() + self._retry_deadline_s)
-        backoff_s = K.SHARD_RETRY_BACKOFF_MS / 1000
+        backoff_s = SHARD_RETRY_BACKOFF_MS / 1000
         while True:
             if deadline is not None and loop.time() >= deadline:
                 return [UNAVAILABLE] * len(commands)  # not started: the caller gave up
@@ -109,7 +110,7 @@ class Router:
             if loop.time() + backoff_s > retry_until:
                 return [UNAVAILABLE] * len(commands)
             await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, K.SHARD_RETRY_BACKOFF_MAX_MS / 1000)
+            backoff_s = min(backoff_s * 2, SHARD_RETRY_BACKOFF_MAX_MS / 1000)
 
     async def _try(self, shard: int, commands: list, wait_credit: bool,
                    deadline: float | None) -> list[Outcome] | None:

@@ -47,6 +47,7 @@ from ledger.core.model import CreateWallet, Post, settlement_wallet_id
 from ledger.core.shard import ShardState
 from ledger.core.step import step
 from ledger.owner import ShardOwner
+from ledger.runtime.tasks import spawn
 
 SHARD = 7
 CALLER = "bench"
@@ -79,7 +80,7 @@ class Ticker:
 
     async def __aenter__(self) -> "Ticker":
         started = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(started))
+        self._task = spawn(self._run(started), "snapbench-ticker")
         await started.wait()
         return self
 

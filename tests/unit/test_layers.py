@@ -11,7 +11,8 @@ stubs). The test fails on:
   ``coordinator`` was one; ports are declared by the side that uses them instead);
 - ``ledger.core`` importing anything outside itself and the standard library (no grpc,
   cassandra, etcd, generated ``*_pb2``);
-- ``ledger.runtime`` importing anything outside itself and the standard library.
+- ``ledger.runtime`` importing anything outside itself and the standard library;
+- a call of ``decide`` or ``evolve`` outside the core (``ledger.core.step`` is the only loop).
 """
 
 from __future__ import annotations
@@ -173,3 +174,18 @@ def test_the_core_imports_only_itself_and_the_standard_library():
 
 def test_the_runtime_imports_only_itself_and_the_standard_library():
     assert not _outside("ledger.runtime")
+
+
+def test_only_the_core_step_decides_and_evolves():
+    """``ledger.core.step`` is the one decide-then-evolve loop and the one replay fold: no
+    module outside the core (tests included) calls ``decide`` or ``evolve`` itself."""
+    calls = []
+    for folder in (*PACKAGES, "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.is_relative_to(ROOT / "ledger" / "core"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("decide", "evolve")):
+                    calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not calls, f"decide/evolve called outside ledger.core: {calls}"
