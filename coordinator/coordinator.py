@@ -27,6 +27,7 @@ import asyncio
 import re
 from dataclasses import dataclass, replace
 from hashlib import blake2b
+from typing import Mapping
 
 from coordinator import chains
 from coordinator.constants import HISTORY_POLL_MS, HISTORY_WAIT_MS
@@ -356,7 +357,8 @@ class Coordinator:
                     item.idempotency_key), item.kind, source, target, item.amount_minor,
                     item.currency, item.memo, to_shard, now)
 
-    async def _by_shard(self, commands: dict[int, tuple[int, object]], wait_credit: bool = False,
+    async def _by_shard(self, commands: Mapping[int, tuple[int, object]],
+                        wait_credit: bool = False,
                         deadline: float | None = None) -> dict[int, Outcome]:
         """Execute ``{index: (shard, command)}``, one command list per shard, in parallel."""
         groups: dict[int, list[tuple[int, object]]] = {}

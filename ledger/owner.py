@@ -236,14 +236,14 @@ class ShardOwner:
         if self._queued_commands + len(commands) > K.OWNER_QUEUE_COMMANDS_MAX:
             return [OVERLOADED] * len(commands)
         loop = asyncio.get_running_loop()
-        request = _Request(commands, loop.create_future(), deadline)
-        self._enqueue(request)
+        future = loop.create_future()
+        self._enqueue(_Request(commands, future, deadline))
         if deadline is None:
-            outcomes = await request.future
+            outcomes = await future
         else:
             # Shielded: the commit loop answers the future whether or not we still wait.
             try:
-                outcomes = await asyncio.wait_for(asyncio.shield(request.future),
+                outcomes = await asyncio.wait_for(asyncio.shield(future),
                                                   max(deadline - loop.time(), 0.0))
             except asyncio.TimeoutError:
                 return [UNAVAILABLE] * len(commands)

@@ -36,7 +36,7 @@ from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
     HOLD_HELD, STATE_COMMITTED, CreditsApplied, TransferDecided,
 )
-from ledger.core.shard import ShardState
+from ledger.core.shard import Event, ShardState
 from ledger.core.step import fold
 from ledger.store.port import JournalStore
 
@@ -279,10 +279,9 @@ class _ReadObserver:
     def on_violation(self, seq: int, error: InvariantViolation) -> None:
         self._read.findings.append(("journal_replays", f"batch {seq}", str(error)))
 
-    def on_event(self, seq: int, event: object) -> None:
+    def on_event(self, seq: int, event: Event) -> None:
         read = self._read
-        kind = type(event)
-        if kind is TransferDecided:
+        if type(event) is TransferDecided:
             if event.transfer.state == STATE_COMMITTED:
                 tid = event.transfer.transfer_id
                 read.decided[tid] = read.decided.get(tid, 0) + 1
@@ -291,7 +290,7 @@ class _ReadObserver:
                     read.credited[tid] = read.credited.get(tid, 0) + 1
             elif event.transfer.state != "PENDING":
                 read.refused += 1
-        elif kind is CreditsApplied:
+        elif type(event) is CreditsApplied:
             for credit in event.credits:
                 read.credited[credit.transfer_id] = read.credited.get(credit.transfer_id,
                                                                       0) + 1

@@ -14,7 +14,7 @@ after it. A call without one (an owner's own traffic) retries for ``retry_deadli
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from ledger.core.outcomes import UNAVAILABLE
 from ledger.core.status import Outcome, Status
@@ -76,7 +76,7 @@ class Router:
     """The shard executor (``coordinator.ports.ShardExecutor``, ``ledger.owner``'s peers)
     over local owners and remote nodes."""
 
-    def __init__(self, node_id: str, owners: dict[int, LocalOwner], ownership: Ownership,
+    def __init__(self, node_id: str, owners: Mapping[int, LocalOwner], ownership: Ownership,
                  transport: RemoteTransport | None = None,
                  retry_deadline_ms: int = SHARD_RETRY_DEADLINE_MS) -> None:
         self._node_id = node_id
