@@ -8,6 +8,17 @@ the shard's own settlement sub-account) are one ``Post`` on one shard. Cross-sha
 3. the debit shard's crediting pipeline applies the credit on the credit shard, exactly once.
 
 Work is batched: every phase sends one command list per shard, shards in parallel.
+
+Every public method takes the caller's ``deadline`` (a point on the event loop's monotonic
+clock, ``loop.time()``; the API layer turns the gRPC deadline into one) and passes it to every
+shard call it makes: no shard call starts after it, and one that has not answered by then is
+answered SHARD_UNAVAILABLE (transient: never a refusal of something that may commit; a retry
+with the same key gets the recorded outcome). Without one (the simulation, tests), each shard
+call has the router's own retry budget. Best-effort clean-ups started after the answer
+(reservation cancels, chain-finished reports) are not bound by the caller's deadline.
+
+Linked chains: the decisions are pure functions (``coordinator.chains``); this module only
+sends each round and feeds the answers back.
 """
 
 from __future__ import annotations
@@ -16,29 +27,25 @@ import asyncio
 import re
 from dataclasses import dataclass, replace
 from hashlib import blake2b
-from typing import Callable
+from typing import Mapping
 
-from ledger import failpoints
+from coordinator import chains
+from coordinator.constants import HISTORY_POLL_MS, HISTORY_WAIT_MS
+from coordinator.ports import HistoryReader, ShardExecutor
 from ledger.core import constants as C
 from ledger.core import validate
 from ledger.core.model import (
-    KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation, ChainFinished,
-    CaptureHold, ClaimKey, CreateHold, CreateWallet, DecideChain, FinishChain, GetHold,
-    GetTransfer,
-    GetWallet, Post, PrepareLinked, ReleaseHold, ReserveCredit, settlement_wallet_id,
+    KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation, CaptureHold,
+    ClaimKey, CreateHold, CreateWallet, GetHold, GetTransfer, GetWallet, Post, ReleaseHold,
+    ReserveCredit, settlement_wallet_id,
 )
 from ledger.core.shard import (capture_fingerprint, hold_fingerprint, release_fingerprint,
                                transfer_fingerprint, wallet_fingerprint)
 from ledger.core.status import Outcome, Status, ok, refuse
-from ledger.owner import ShardExecutor, now_ms
-from ledger.tasks import spawn
-from ledger.store.port import JournalStore
+from ledger.runtime import failpoints
+from ledger.runtime.clock import Clock, now_ms
+from ledger.runtime.tasks import spawn
 from shard_router.hashing import shard_of
-
-# How long ListWalletEntries waits for history rows that lag the journal, and how often it
-# looks again (ms). After the wait it answers with what is written.
-HISTORY_WAIT_MS = 2_000
-HISTORY_POLL_MS = 10
 
 _TRANSFER_ID = re.compile(r"t([0-9a-f]{4})[0-9a-f]{24}")
 _HOLD_ID = re.compile(r"h([0-9a-f]{4})[0-9a-f]{24}")
@@ -78,13 +85,18 @@ def refused_for_good(outcome: Outcome) -> bool:
     return not outcome.ok and outcome.status.recorded()
 
 
-def _linked_failed(detail: str = "another item of the linked chain failed") -> Outcome:
-    return refuse(Status.LINKED_ITEM_FAILED, "", detail)
-
-
 class Coordinator:
-    def __init__(self, executor: ShardExecutor, history: JournalStore, shard_count: int,
-                 clock_ms: Callable[[], int] = now_ms) -> None:
+    """Runs API requests against the shard owners (through ``executor``).
+
+    Args:
+        executor: Runs commands on any shard's owner (``shard_router.router.Router``).
+        history: Reads the materialized history (a ``ledger.store`` adapter).
+        shard_count: Number of virtual shards.
+        clock_ms: Wall time for the commands' stamps (a virtual one in simulations).
+    """
+
+    def __init__(self, executor: ShardExecutor, history: HistoryReader, shard_count: int,
+                 clock_ms: Clock = now_ms) -> None:
         self._executor = executor
         self._history = history
         self._shard_count = shard_count
@@ -100,7 +112,8 @@ class Coordinator:
         """The shard an idempotency key is claimed on (see ``ClaimKey``)."""
         return key_shard_of(caller, idempotency_key, self._shard_count)
 
-    async def _claim_keys(self, caller: str, posts: dict[int, Post]) -> dict[int, Outcome]:
+    async def _claim_keys(self, caller: str, posts: dict[int, Post],
+                          deadline: float | None) -> dict[int, Outcome]:
         """Claim each Post's key on its key shard; returns the refusals (and transient
         failures) by index. A key whose shard is the debit shard needs no claim: the debit
         shard's own record, checked by the Post and by every claim there, covers it."""
@@ -114,10 +127,12 @@ class Coordinator:
                                                  p.transfer_id, p.now_ms))
         if not claims:
             return {}
-        return {i: o for i, o in (await self._by_shard(claims)).items() if not o.ok}
+        return {i: o for i, o in (await self._by_shard(claims, deadline=deadline)).items()
+                if not o.ok}
 
     async def _claim_key(self, caller: str, idempotency_key: str, decided_on: int,
-                         fingerprint: tuple, target: str, now: int) -> Outcome | None:
+                         fingerprint: tuple, target: str, now: int,
+                         deadline: float | None) -> Outcome | None:
         """Claim a key on its own shard for a request decided on shard ``decided_on``;
         returns the refusal (or transient failure), or None when the request may go on. A
         key whose shard is ``decided_on`` needs no claim: the deciding shard checks its own
@@ -126,13 +141,14 @@ class Coordinator:
         if key_shard == decided_on:
             return None
         claim = (await self._executor.execute(key_shard, [ClaimKey(
-            caller, idempotency_key, fingerprint, "", now, target)]))[0]
+            caller, idempotency_key, fingerprint, "", now, target)], deadline=deadline))[0]
         return None if claim.ok else claim
 
     # --- wallets ----------------------------------------------------------------------------
 
     async def create_wallet(self, caller: str, idempotency_key: str, wallet_id: str,
-                            currency: str, allow_negative: bool = False) -> Outcome:
+                            currency: str, allow_negative: bool = False,
+                            deadline: float | None = None) -> Outcome:
         bad = (validate.caller(caller) or validate.idempotency_key(idempotency_key)
                or validate.wallet_id(wallet_id) or validate.currency(currency))
         if bad:
@@ -140,37 +156,41 @@ class Coordinator:
         now = self._clock_ms()
         shard = self.shard_of(wallet_id)
         refused = await self._claim_key(caller, idempotency_key, shard, wallet_fingerprint(
-            wallet_id, currency, allow_negative), "wallet:" + wallet_id, now)
+            wallet_id, currency, allow_negative), "wallet:" + wallet_id, now, deadline)
         if refused is not None:
             return refused
         command = CreateWallet(caller, idempotency_key, wallet_id, currency, allow_negative,
                                now)
-        return (await self._executor.execute(shard, [command]))[0]
+        return (await self._executor.execute(shard, [command], deadline=deadline))[0]
 
-    async def get_wallet(self, wallet_id: str) -> Outcome:
+    async def get_wallet(self, wallet_id: str, deadline: float | None = None) -> Outcome:
         bad = validate.wallet_id(wallet_id)
         if bad:
             return bad
-        return (await self._executor.execute(self.shard_of(wallet_id), [GetWallet(wallet_id)]))[0]
+        return (await self._executor.execute(self.shard_of(wallet_id), [GetWallet(wallet_id)],
+                                             deadline=deadline))[0]
 
     # --- money movement ---------------------------------------------------------------------
 
     async def deposit(self, caller: str, idempotency_key: str, wallet_id: str, amount_minor: int,
-                      currency: str, memo: str = "") -> Outcome:
+                      currency: str, memo: str = "", deadline: float | None = None) -> Outcome:
         item = TransferItem(idempotency_key, "", wallet_id, amount_minor, currency, memo,
                             KIND_DEPOSIT)
-        return (await self.batch_transfer(caller, [item]))[0]
+        return (await self.batch_transfer(caller, [item], deadline))[0]
 
     async def withdraw(self, caller: str, idempotency_key: str, wallet_id: str,
-                       amount_minor: int, currency: str, memo: str = "") -> Outcome:
+                       amount_minor: int, currency: str, memo: str = "",
+                       deadline: float | None = None) -> Outcome:
         item = TransferItem(idempotency_key, wallet_id, "", amount_minor, currency, memo,
                             KIND_WITHDRAWAL)
-        return (await self.batch_transfer(caller, [item]))[0]
+        return (await self.batch_transfer(caller, [item], deadline))[0]
 
-    async def transfer(self, caller: str, item: TransferItem) -> Outcome:
-        return (await self.batch_transfer(caller, [item]))[0]
+    async def transfer(self, caller: str, item: TransferItem,
+                       deadline: float | None = None) -> Outcome:
+        return (await self.batch_transfer(caller, [item], deadline))[0]
 
-    async def batch_transfer(self, caller: str, items: list[TransferItem]) -> list[Outcome]:
+    async def batch_transfer(self, caller: str, items: list[TransferItem],
+                             deadline: float | None = None) -> list[Outcome]:
         """Run independent transfers; one outcome per item, in order."""
         bad = validate.caller(caller)
         if bad:
@@ -194,12 +214,13 @@ class Coordinator:
         for i in chain:  # the batch ended inside a chain
             results[i] = refuse(Status.LINKED_CHAIN_OPEN, "linked",
                                 "the last item of the batch must not be linked")
-        await asyncio.gather(self._run_single(caller, items, single, now, results),
-                             *(self._run_chain(caller, items, c, now, results) for c in chains))
+        await asyncio.gather(self._run_single(caller, items, single, now, results, deadline),
+                             *(self._run_chain(caller, items, c, now, results, deadline)
+                               for c in chains))
         return results  # type: ignore[return-value]
 
     async def _run_single(self, caller: str, items: list[TransferItem], indices: list[int],
-                          now: int, results: list) -> None:
+                          now: int, results: list, deadline: float | None) -> None:
         posts: dict[int, Post] = {}
         claimed: list[tuple[str, str]] = []
         try:
@@ -221,13 +242,13 @@ class Coordinator:
             # each other: one round trip for both. A reservation whose key claim is refused
             # is not cancelled here (a concurrent attempt with the same key may share it):
             # its credit shard drops it after asking the debit shard (ResolveReservations).
-            refused, _ = await asyncio.gather(self._claim_keys(caller, posts),
-                                              self._reserve_credits(posts, results))
+            refused, _ = await asyncio.gather(self._claim_keys(caller, posts, deadline),
+                                              self._reserve_credits(posts, results, deadline))
             for i, refusal in refused.items():
                 results[i] = refusal
                 posts.pop(i, None)
             failpoints.hit("coordinator.after_reserve")
-            await self._commit(posts, results)
+            await self._commit(posts, results, deadline)
             failpoints.hit("coordinator.after_post")
         finally:
             self._in_flight.difference_update(claimed)
@@ -236,7 +257,7 @@ class Coordinator:
         return post.to_shard if post.kind == KIND_DEPOSIT else self.shard_of(post.from_wallet_id)
 
     async def _run_chain(self, caller: str, items: list[TransferItem], indices: list[int],
-                         now: int, results: list) -> None:
+                         now: int, results: list, deadline: float | None) -> None:
         """A linked chain: all items commit or none does (two-phase commit with holds).
 
         1. reserve credits of cross-shard items; 2. prepare every item on its debit shard
@@ -250,7 +271,7 @@ class Coordinator:
             post = self._plan(caller, items[i], now)
             if isinstance(post, Outcome):
                 for j in indices:
-                    results[j] = post if j == i else _linked_failed()
+                    results[j] = post if j == i else chains.linked_failed()
                 return
             posts[i] = post
         keys = [(caller, items[i].idempotency_key) for i in indices]
@@ -261,104 +282,50 @@ class Coordinator:
             return
         self._in_flight.update(keys)
         try:
-            await self._chain_steps(posts, indices, now, results)
+            await self._chain_steps(posts, indices, now, results, deadline)
         finally:
             self._in_flight.difference_update(keys)
 
     async def _chain_steps(self, posts: dict[int, Post], indices: list[int], now: int,
-                           results: list) -> None:
-        first = posts[indices[0]]
-        refused = await self._claim_keys(first.caller, posts)
-        if refused:
-            # Nothing is prepared yet: the chain fails before it starts.
-            transient = next((o for o in refused.values() if o.status.transient()), None)
-            for i in indices:
-                results[i] = transient or refused.get(i) or _linked_failed()
+                           results: list, deadline: float | None) -> None:
+        """The shell of a linked chain: send each round ``coordinator.chains`` decides, feed
+        the answers back, and write the chain's answer into ``results``."""
+        chain = chains.new_chain(indices, posts, self._debit_shard, now)
+        answer = chains.after_claims(chain, await self._claim_keys(
+            posts[indices[0]].caller, posts, deadline))
+        if answer is None:
+            reserve = chains.reservations(chain)
+            if reserve:
+                answer, chain = chains.after_reservations(
+                    chain, await self._by_shard(reserve, deadline=deadline))
+        if answer is not None:
+            self._answer(results, answer)
             return
-        chain_id, primary = first.transfer_id, self._debit_shard(first)
-        reserve = {i: (p.to_shard, ReserveCredit(p.transfer_id, p.to_wallet_id, p.currency,
-                                                 p.amount_minor, now))
-                   for i, p in posts.items()
-                   if p.kind == KIND_TRANSFER and p.to_shard != self._debit_shard(p)}
-        if reserve:
-            reserved = await self._by_shard(reserve)
-            failed = {i: o for i, o in reserved.items() if not o.ok}
-            if failed:
-                # Reservations made are left to their credit shards' resolution (see
-                # _run_single): nothing is prepared, so they are dropped.
-                for i in indices:
-                    results[i] = failed.get(i) or _linked_failed()
-                return
-            for i, o in reserved.items():
-                posts[i] = replace(posts[i], reserved_at_ms=o.value)
-        prepared = await self._by_shard({i: (self._debit_shard(p), PrepareLinked(
-            p, chain_id, primary)) for i, p in posts.items()})
+        prepared = await self._by_shard(chains.preparations(chain), deadline=deadline)
         failpoints.hit("coordinator.after_prepare")
-        in_flight = refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
-                           "the linked chain of this key is being decided")
-        failures = {i: o for i, o in prepared.items()
-                    if not o.ok and o.status is not Status.REQUEST_IN_FLIGHT}
-        pending = {i: o for i, o in prepared.items() if o.status is Status.REQUEST_IN_FLIGHT}
-        if not failures and pending and any(o.value != chain_id for o in pending.values()):
-            # Items prepared for another chain (the same keys linked differently) are being
-            # decided: decide nothing here. Our fresh prepares carry our chain id and are
-            # resolved with it; a fresh prepare is only PENDING, never answered OK.
-            for i in indices:
-                results[i] = (prepared[i] if prepared[i].replayed else in_flight)
+        decide = chains.after_prepare(chain, prepared)
+        if not isinstance(decide, chains.Decide):
+            self._answer(results, decide)
             return
-        if not failures and all(o.replayed for o in prepared.values()):
-            for i in indices:
-                results[i] = prepared[i]
-            return
-        # Every item is prepared (by us, or by an earlier attempt of this same chain) or one
-        # failed: decide. The primary keeps the first decision, whoever asks.
-        shards = {self._debit_shard(p) for p in posts.values()}
-        decided = (await self._executor.execute(primary, [DecideChain(
-            chain_id, not failures, now, tuple(sorted(shards)))]))[0]
-        if not decided.ok:
-            # No answer from the primary: the participants resolve the chain themselves.
-            for i in indices:
-                results[i] = decided
-            return
-        commit = bool(decided.value)
-        if commit and failures:
-            # Another attempt of this chain prepared what failed for us and committed first:
-            # our view is stale. A transient answer makes the client ask again and get the
-            # recorded outcome.
-            for i in indices:
-                results[i] = in_flight
+        decided = (await self._executor.execute(decide.shard, [decide.command],
+                                                deadline=deadline))[0]
+        finish = chains.after_decision(chain, decide, decided)
+        if not isinstance(finish, chains.Finish):
+            self._answer(results, finish)
             return
         failpoints.hit("coordinator.after_decide")
-        finished = await self._by_shard(
-            {s: (s, FinishChain(chain_id, commit, now)) for s in shards}, wait_credit=True)
-        if commit:
-            done = [ChainFinished(chain_id, s) for s, o in finished.items() if o.ok]
-            if done:
-                # Lets the primary forget the decision once every participant finished;
-                # a lost report only keeps it longer (participants report again on recovery).
-                spawn(self._executor.execute(primary, done), "chain-finished")
-        transfers = {t.transfer_id: t for o in finished.values() if o.ok for t in o.value}
-        for i in indices:
-            post = posts[i]
-            if i in failures:
-                results[i] = failures[i]
-            elif prepared[i].replayed:
-                results[i] = prepared[i]
-            elif commit:
-                transfer = transfers.get(post.transfer_id)
-                if transfer is None:
-                    # Committed, but this item's shard did not answer the finish: its record
-                    # is not at hand. A transient answer makes the client ask again and get
-                    # the recorded outcome, instead of a guess.
-                    results[i] = refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
-                                        "the linked chain committed; its items are finishing")
-                else:
-                    results[i] = ok(transfer)
-            else:
-                detail = ("another item of the linked chain failed" if failures
-                          else "the linked chain timed out before it was decided")
-                results[i] = Outcome(Status.LINKED_ITEM_FAILED, "", detail,
-                                     transfers.get(post.transfer_id))
+        finished = await self._by_shard(finish.commands, wait_credit=True, deadline=deadline)
+        answer, reports = chains.after_finish(chain, prepared, decide, finish, finished)
+        if reports:
+            # Best effort, past the caller's deadline: a lost report only keeps the
+            # primary's decision longer (participants report again on recovery).
+            spawn(self._executor.execute(chain.primary, reports), "chain-finished")
+        self._answer(results, answer)
+
+    @staticmethod
+    def _answer(results: list, answer: dict[int, Outcome]) -> None:
+        for i, outcome in answer.items():
+            results[i] = outcome
 
     def _plan(self, caller: str, item: TransferItem, now: int) -> Post | Outcome:
         """Validate one item and turn it into the Post for its debit shard."""
@@ -390,14 +357,16 @@ class Coordinator:
                     item.idempotency_key), item.kind, source, target, item.amount_minor,
                     item.currency, item.memo, to_shard, now)
 
-    async def _by_shard(self, commands: dict[int, tuple[int, object]], wait_credit: bool = False
-                        ) -> dict[int, Outcome]:
+    async def _by_shard(self, commands: Mapping[int, tuple[int, object]],
+                        wait_credit: bool = False,
+                        deadline: float | None = None) -> dict[int, Outcome]:
         """Execute ``{index: (shard, command)}``, one command list per shard, in parallel."""
         groups: dict[int, list[tuple[int, object]]] = {}
         for index, (shard, command) in commands.items():
             groups.setdefault(shard, []).append((index, command))
         answers = await asyncio.gather(*(
-            self._executor.execute(shard, [c for _, c in group], wait_credit)
+            self._executor.execute(shard, [c for _, c in group], wait_credit,
+                                   deadline=deadline)
             for shard, group in groups.items()))
         outcomes: dict[int, Outcome] = {}
         for group, answer in zip(groups.values(), answers):
@@ -405,14 +374,15 @@ class Coordinator:
                 outcomes[index] = outcome
         return outcomes
 
-    async def _reserve_credits(self, posts: dict[int, Post], results: list) -> None:
+    async def _reserve_credits(self, posts: dict[int, Post], results: list,
+                               deadline: float | None) -> None:
         reserve = {i: (p.to_shard, ReserveCredit(p.transfer_id, p.to_wallet_id, p.currency,
                                                  p.amount_minor, p.now_ms))
                    for i, p in posts.items() if p.to_shard != self.shard_of(p.from_wallet_id)
                    and p.kind == KIND_TRANSFER}
         if not reserve:
             return
-        for i, outcome in (await self._by_shard(reserve)).items():
+        for i, outcome in (await self._by_shard(reserve, deadline=deadline)).items():
             if i not in posts:
                 continue
             if outcome.ok:
@@ -427,11 +397,12 @@ class Coordinator:
                 posts[i] = replace(posts[i], credit_refusal=(int(outcome.status), outcome.field,
                                                             outcome.detail))
 
-    async def _commit(self, posts: dict[int, Post], results: list) -> None:
+    async def _commit(self, posts: dict[int, Post], results: list,
+                      deadline: float | None) -> None:
         if not posts:
             return
         commit = {i: (self._debit_shard(p), p) for i, p in posts.items()}
-        outcomes = await self._by_shard(commit, wait_credit=True)
+        outcomes = await self._by_shard(commit, wait_credit=True, deadline=deadline)
         cancel: dict[int, tuple[int, object]] = {}
         for i, outcome in outcomes.items():
             results[i] = outcome
@@ -440,14 +411,16 @@ class Coordinator:
                 cancel[i] = (post.to_shard, CancelReservation(post.transfer_id,
                                                               post.reserved_at_ms))
         if cancel:
-            # Best effort: a reservation left behind is dropped by its credit shard after it
-            # asked the debit shard (ResolveReservations).
+            # Best effort, past the caller's deadline: a reservation left behind (this call
+            # failed: spawn logs it) is dropped by its credit shard after it asked the debit
+            # shard (ResolveReservations).
             spawn(self._by_shard(cancel), "cancel-reservations")
 
     # --- holds ------------------------------------------------------------------------------
 
     async def create_hold(self, caller: str, idempotency_key: str, wallet_id: str,
-                          amount_minor: int, currency: str, timeout_ms: int) -> Outcome:
+                          amount_minor: int, currency: str, timeout_ms: int,
+                          deadline: float | None = None) -> Outcome:
         bad = (validate.caller(caller) or validate.idempotency_key(idempotency_key)
                or validate.wallet_id(wallet_id) or validate.amount(amount_minor)
                or validate.currency(currency))
@@ -460,12 +433,12 @@ class Coordinator:
         now = self._clock_ms()
         hold_id = transfer_id_for(shard, caller, idempotency_key, "h")
         refused = await self._claim_key(caller, idempotency_key, shard, hold_fingerprint(
-            wallet_id, amount_minor, currency, timeout_ms), "hold:" + hold_id, now)
+            wallet_id, amount_minor, currency, timeout_ms), "hold:" + hold_id, now, deadline)
         if refused is not None:
             return refused
         command = CreateHold(caller, idempotency_key, hold_id, wallet_id, amount_minor,
                              currency, timeout_ms, now)
-        return (await self._executor.execute(shard, [command]))[0]
+        return (await self._executor.execute(shard, [command], deadline=deadline))[0]
 
     def _hold_shard(self, hold_id: str) -> int | Outcome:
         match = _HOLD_ID.fullmatch(hold_id or "")
@@ -476,13 +449,14 @@ class Coordinator:
             return refuse(Status.HOLD_NOT_FOUND, "hold_id", "no hold with this id")
         return shard
 
-    async def get_hold(self, hold_id: str) -> Outcome:
+    async def get_hold(self, hold_id: str, deadline: float | None = None) -> Outcome:
         shard = self._hold_shard(hold_id)
         if isinstance(shard, Outcome):
             return shard
-        return (await self._executor.execute(shard, [GetHold(hold_id)]))[0]
+        return (await self._executor.execute(shard, [GetHold(hold_id)], deadline=deadline))[0]
 
-    async def release_hold(self, caller: str, idempotency_key: str, hold_id: str) -> Outcome:
+    async def release_hold(self, caller: str, idempotency_key: str, hold_id: str,
+                           deadline: float | None = None) -> Outcome:
         bad = validate.caller(caller) or validate.idempotency_key(idempotency_key)
         if bad:
             return bad
@@ -491,14 +465,16 @@ class Coordinator:
             return shard
         now = self._clock_ms()
         refused = await self._claim_key(caller, idempotency_key, shard,
-                                        release_fingerprint(hold_id), "release:" + hold_id, now)
+                                        release_fingerprint(hold_id), "release:" + hold_id, now,
+                                        deadline)
         if refused is not None:
             return refused
         command = ReleaseHold(caller, idempotency_key, hold_id, now)
-        return (await self._executor.execute(shard, [command]))[0]
+        return (await self._executor.execute(shard, [command], deadline=deadline))[0]
 
     async def capture_hold(self, caller: str, idempotency_key: str, hold_id: str,
-                           amount_minor: int, to_wallet_id: str, memo: str = "") -> Outcome:
+                           amount_minor: int, to_wallet_id: str, memo: str = "",
+                           deadline: float | None = None) -> Outcome:
         bad = (validate.caller(caller) or validate.idempotency_key(idempotency_key)
                or validate.wallet_id(to_wallet_id, "to_wallet_id")
                or (validate.amount(amount_minor) if amount_minor else None)
@@ -514,14 +490,15 @@ class Coordinator:
         key_shard = self.key_shard(caller, idempotency_key)
         hold = None
         if to_shard != shard or (key_shard != shard and not amount_minor):
-            hold = (await self._executor.execute(shard, [GetHold(hold_id)]))[0]
+            hold = (await self._executor.execute(shard, [GetHold(hold_id)],
+                                                 deadline=deadline))[0]
             if not hold.ok:
                 return hold
         # "All" (0) is claimed as the amount it stands for, as the hold's shard records it,
         # so a retry naming the amount and one saying "all" are the same request everywhere.
         amount = amount_minor or (hold.value.amount_minor if hold is not None else 0)
         refused = await self._claim_key(caller, idempotency_key, shard, capture_fingerprint(
-            hold_id, to_wallet_id, amount, memo), "transfer:" + transfer_id, now)
+            hold_id, to_wallet_id, amount, memo), "transfer:" + transfer_id, now, deadline)
         if refused is not None:
             return refused
         credit_refusal = None
@@ -530,7 +507,8 @@ class Coordinator:
             if hold.value.wallet_id == to_wallet_id:
                 return refuse(Status.SAME_WALLET, "to_wallet_id", "is the hold's own wallet")
             answer = (await self._executor.execute(to_shard, [ReserveCredit(
-                transfer_id, to_wallet_id, hold.value.currency, amount, now)]))[0]
+                transfer_id, to_wallet_id, hold.value.currency, amount, now)],
+                deadline=deadline))[0]
             if answer.status.transient():
                 return answer
             if not answer.ok:
@@ -538,22 +516,25 @@ class Coordinator:
             reserved_at = answer.value if answer.ok else 0
         command = CaptureHold(caller, idempotency_key, transfer_id, hold_id, amount_minor,
                               to_wallet_id, to_shard, memo, now, credit_refusal, reserved_at)
-        outcome = (await self._executor.execute(shard, [command], wait_credit=True))[0]
+        outcome = (await self._executor.execute(shard, [command], wait_credit=True,
+                                                deadline=deadline))[0]
         if reserved_at and refused_for_good(outcome):
+            # Best effort, as in _commit: a failed cancel is logged, and resolved later.
             spawn(self._executor.execute(to_shard, [CancelReservation(transfer_id, reserved_at)]),
                   "cancel-reservation")
         return outcome
 
     # --- reads ------------------------------------------------------------------------------
 
-    async def get_transfer(self, transfer_id: str) -> Outcome:
+    async def get_transfer(self, transfer_id: str, deadline: float | None = None) -> Outcome:
         match = _TRANSFER_ID.fullmatch(transfer_id or "")
         if match is None:
             return refuse(Status.INVALID_ARGUMENT, "transfer_id", "is not a transfer id")
         shard = int(match.group(1), 16)
         if shard >= self._shard_count:
             return refuse(Status.TRANSFER_NOT_FOUND, "transfer_id", "no transfer with this id")
-        outcome = (await self._executor.execute(shard, [GetTransfer(transfer_id)]))[0]
+        outcome = (await self._executor.execute(shard, [GetTransfer(transfer_id)],
+                                                deadline=deadline))[0]
         if outcome.status is Status.TRANSFER_NOT_FOUND:
             # Past the idempotency window the owner forgets it; the history still has it.
             stored = await self._history.get_transfer(transfer_id)
@@ -561,7 +542,8 @@ class Coordinator:
                 return ok(stored)
         return outcome
 
-    async def list_entries(self, wallet_id: str, page_size: int, page_token: str) -> Outcome:
+    async def list_entries(self, wallet_id: str, page_size: int, page_token: str,
+                           deadline: float | None = None) -> Outcome:
         """A page of a wallet's history: value is ``(entries, next_page_token)``."""
         bad = validate.wallet_id(wallet_id)
         if bad:
@@ -569,7 +551,7 @@ class Coordinator:
         if page_token and not page_token.isdigit():
             return refuse(Status.INVALID_ARGUMENT, "page_token", "is not a token from this API")
         after = int(page_token or 0)
-        wallet = await self.get_wallet(wallet_id)
+        wallet = await self.get_wallet(wallet_id, deadline)
         if not wallet.ok:
             return wallet
         size = min(page_size or C.ENTRIES_PAGE_DEFAULT, C.ENTRIES_PAGE_MAX)
@@ -577,10 +559,13 @@ class Coordinator:
         # read from its owner, says how many entries exist: wait for them, so a caller reads
         # its own writes.
         wanted = min(size + 1, max(wallet.value.version - after, 0))
-        deadline = self._clock_ms() + HISTORY_WAIT_MS
+        loop = asyncio.get_running_loop()
+        wait_until = loop.time() + HISTORY_WAIT_MS / 1000
+        if deadline is not None:
+            wait_until = min(wait_until, deadline)
         while True:
             entries = await self._history.list_entries(wallet_id, after, size + 1)
-            if len(entries) >= wanted or self._clock_ms() >= deadline:
+            if len(entries) >= wanted or loop.time() >= wait_until:
                 break
             await asyncio.sleep(HISTORY_POLL_MS / 1000)
         more = len(entries) > size

@@ -3,7 +3,7 @@
 A snapshot bounds what a new owner replays on takeover. It is built from DURABLE data only,
 never from an owner's live state: ``compact`` loads the latest complete snapshot and the
 journal batches after it up to a batch number the caller knows is durable, folds them through
-the pure core (``ShardState.evolve``, as a replay does), encodes the result, saves it (in
+the pure core (``ledger.core.step.fold``, as a replay does), encodes the result, saves it (in
 parts, completion mark last: ``JournalStore.save_snapshot``), and then truncates the journal
 it covers. Decoding, folding and encoding (``build_snapshot``) run in a worker process
 (``COMPACTION_IN_PROCESS``; a worker thread otherwise): the event loop only does the store
@@ -41,9 +41,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from ledger import constants as K
-from ledger import tasks
-from ledger.core import codec
-from ledger.core.invariants import InvariantViolation
+from ledger.runtime import tasks
+from ledger.core import codec, step
 from ledger.core.shard import ShardState
 from ledger.store.port import JournalBatch, JournalStore, LoadedShard, StoreUnavailable
 
@@ -81,34 +80,26 @@ def decode(shard: int, snapshot: bytes | None, seq: int) -> ShardState:
 
 
 def fold(state: ShardState, batches: list[JournalBatch]) -> None:
-    """Apply journal batches to ``state`` in order (pure; run it in a worker thread)."""
-    for batch in batches:
-        if batch.seq != state.seq + 1:
-            raise CompactionError(f"shard {state.shard}: journal gap before batch {batch.seq} "
-                                  f"(state is at {state.seq})")
-        for event in codec.loads(batch.events):
-            state.evolve(event)
-        state.seq = batch.seq
+    """Apply journal batches to ``state`` in order (pure; run it in a worker thread).
 
-
-# Rows collected by a replay before they are written (as in ShardOwner._replay).
-REPLAY_ROWS_FLUSH = 10_000
+    Raises:
+        CompactionError: a batch is missing.
+        InvariantViolation: an event does not apply.
+    """
+    try:
+        step.fold(state, batches)
+    except step.JournalGap as exc:
+        raise CompactionError(str(exc)) from exc
 
 
 def _fold_rows(state: ShardState, batches: list[JournalBatch], rows: list) -> int:
     """Fold batches into ``state`` collecting their rows, until ``REPLAY_ROWS_FLUSH`` rows are
-    collected; return how many batches were folded (run it in a worker thread)."""
-    done = 0
-    for batch in batches:
-        if batch.seq != state.seq + 1:
-            raise InvariantViolation(f"shard {state.shard}: journal gap before {batch.seq}")
-        for event in codec.loads(batch.events):
-            state.evolve(event, rows)
-        state.seq = batch.seq
-        done += 1
-        if len(rows) > REPLAY_ROWS_FLUSH:
-            break
-    return done
+    collected; return how many batches were folded (run it in a worker thread).
+
+    Raises:
+        InvariantViolation: a batch is missing (``JournalGap``) or an event does not apply.
+    """
+    return step.fold(state, batches, rows, rows_max=K.REPLAY_ROWS_FLUSH)
 
 
 async def replay(store: JournalStore, shard: int, loaded: LoadedShard) -> ShardState:
@@ -129,9 +120,9 @@ async def replay(store: JournalStore, shard: int, loaded: LoadedShard) -> ShardS
     position = 0
     rows: list = []
     while position < len(batches):
-        position += await asyncio.to_thread(_fold_rows, state, batches[position:position + 64],
+        position += await asyncio.to_thread(_fold_rows, state, batches[position:position + K.REPLAY_SLICE_BATCHES],
                                             rows)
-        if len(rows) > REPLAY_ROWS_FLUSH:
+        if len(rows) > K.REPLAY_ROWS_FLUSH:
             await _write_replayed_rows(store, shard, rows, state.seq)
             rows = []
     if rows:

@@ -67,10 +67,12 @@ RESERVATIONS_PER_RESOLVE_MAX = 2_000
 RESERVATION_SWEEP_S = 1.0
 IDEMPOTENCY_SWEEP_S = 60.0
 
-# How long the coordinator keeps retrying a shard that has no serving owner (ms), e.g. during
-# a failover, before answering SHARD_UNAVAILABLE.
-SHARD_RETRY_DEADLINE_MS = 10_000
-SHARD_RETRY_BACKOFF_MS = 25
+# The router's retry budget and backoff are in ``shard_router.constants``.
+
+# Timeout of one node-to-node ShardOwnerService call that carries no caller deadline (s): an
+# owner's crediting pipeline and resolutions. Past it the call counts as unanswered and the
+# router retries (on whoever owns the shard then). A call with a deadline uses the time left.
+SHARD_RPC_TIMEOUT_S = 5.0
 
 # Largest gRPC message (bytes) sent or received anywhere: the public server, the internal
 # ShardOwnerService server, the node-to-node channel and the Python client all use it. A
@@ -81,3 +83,30 @@ SHARD_RETRY_BACKOFF_MS = 25
 # and 7.5 MiB as the public answer (tests/e2e/test_limits.py builds it). A typical hot-wallet
 # batch answers 3-7 MiB, above gRPC's default 4 MiB receive limit.
 GRPC_MESSAGE_BYTES_MAX = 32 * 1024 * 1024
+
+# A takeover replay (ledger.compaction.replay) folds the journal in a worker thread this many
+# batches at a time: between slices the event loop runs (lease keep-alives, other owners), so
+# a long replay does not stall the node.
+REPLAY_SLICE_BATCHES = 64
+# Rows a replay collects before it writes them to the store (ledger.compaction.replay): the
+# memory a replay holds for rows is bounded by about this many; more means fewer, larger
+# row writes.
+REPLAY_ROWS_FLUSH = 10_000
+
+# A takeover (fence, replay, serve) slower than this is logged as a warning rather than at
+# debug level (s); nothing else changes.
+SLOW_TAKEOVER_S = 3.0
+
+# Reconciliation (ledger.reconcile, ``ledgerctl reconcile``): journal batches read per store
+# call (more: fewer round trips, more memory per read)...
+RECONCILE_JOURNAL_PAGE_BATCHES = 500
+# ...how long materialized rows behind the journal may take to catch up before a difference
+# counts as a finding (s), and how often they are looked at again meanwhile (s)...
+RECONCILE_ROWS_SETTLE_S = 5.0
+RECONCILE_ROWS_SETTLE_POLL_S = 0.2
+# ...how long a hold may be seen past its timeout before it counts as outliving it (ms): the
+# owner's sweep releases expired holds about once a second (RESERVATION_SWEEP_S)...
+RECONCILE_HOLD_GRACE_MS = 5_000
+# ...and how many times the read of one shard starts again because a compaction truncated
+# its journal meanwhile; after that the shard's finding says "run again".
+RECONCILE_SHARD_READ_ATTEMPTS_MAX = 5

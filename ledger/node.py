@@ -8,15 +8,13 @@ import time
 
 from ledger import constants as K
 from ledger.owner import ShardOwner
-from ledger.tasks import spawn
+from ledger.runtime.tasks import spawn
 from ledger.store.port import JournalStore
 from shard_router.ownership import Ownership
 from shard_router.router import RemoteTransport, Router
 
 log = logging.getLogger("ledger.node")
 
-# A takeover slower than this is logged as a warning (s).
-SLOW_TAKEOVER_S = 3.0
 
 
 class Node:
@@ -94,7 +92,7 @@ class Node:
                 else:
                     self.owners[shard] = owner
                     took_s = time.monotonic() - started
-                    (log.warning if took_s > SLOW_TAKEOVER_S else log.debug)(
+                    (log.warning if took_s > K.SLOW_TAKEOVER_S else log.debug)(
                         "shard %d epoch %d serving after %.0f ms (replayed to batch %d)",
                         shard, epoch, took_s * 1000, owner.state.seq)
 

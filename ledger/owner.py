@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from typing import Awaitable, Callable, Protocol
 
 from ledger import constants as K
-from ledger import failpoints
+from ledger.runtime import failpoints
+from ledger.runtime.tasks import spawn
 from ledger import compaction
 from ledger.compaction import Compactor
 from ledger.core import codec
@@ -31,36 +31,44 @@ from ledger.core.model import (
     ExpireIdempotency, FinishChain, ResolveReservations, Transfer, TransferDecided,
 )
 from ledger.core.shard import ShardState
-from ledger.core.status import Outcome, Status, refuse
+from ledger.core.step import step
+from ledger.core.outcomes import OVERLOADED, UNAVAILABLE
+from ledger.core.status import Outcome
+from ledger.runtime.clock import Clock, now_ms
 from ledger.store.port import Fenced, JournalStore, StoreUnavailable, UnknownOutcome
 
 log = logging.getLogger("ledger.owner")
 
-UNAVAILABLE = refuse(Status.SHARD_UNAVAILABLE, "", "the shard's owner is not serving; retry")
-OVERLOADED = refuse(Status.OVERLOADED, "", "the shard's queue is full; retry with backoff")
 
 
 class ShardExecutor(Protocol):
-    """Runs commands on the owner of any shard, local or remote (``shard_router.router``)."""
+    """How an owner reaches other shards' owners (its crediting pipeline, reservation and
+    chain resolution); ``shard_router.router.Router`` is the adapter."""
 
     async def execute(self, shard: int, commands: list, wait_credit: bool = False
                       ) -> list[Outcome]:
+        """Run ``commands`` in order on the owner of ``shard``; one outcome per command.
+
+        Every command the owner sends is safe to send again. A shard without a serving owner
+        is answered ``SHARD_UNAVAILABLE`` after the executor's own retry budget.
+        """
         ...
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class _Request:
-    """Commands submitted together; answered together once their batch is durable."""
+    """Commands submitted together; answered together once their batch is durable.
 
-    __slots__ = ("commands", "future", "outcomes")
+    ``deadline`` (loop time, or None) is the caller's: a request still queued at it is not
+    started (answered SHARD_UNAVAILABLE: nothing was decided)."""
 
-    def __init__(self, commands: list, future: asyncio.Future | None) -> None:
+    __slots__ = ("commands", "future", "outcomes", "deadline")
+
+    def __init__(self, commands: list, future: asyncio.Future | None,
+                 deadline: float | None = None) -> None:
         self.commands = commands
         self.future = future
         self.outcomes: list[Outcome] = []
+        self.deadline = deadline
 
     def answer(self, outcomes: list[Outcome]) -> None:
         if self.future is not None and not self.future.done():
@@ -71,7 +79,7 @@ class ShardOwner:
     """Serves one shard with one epoch. Create with ``start()``, end with ``stop()``."""
 
     def __init__(self, shard: int, epoch: int, store: JournalStore, peers: ShardExecutor,
-                 clock_ms: Callable[[], int] = now_ms,
+                 clock_ms: Clock = now_ms,
                  on_stopped: Callable[[int, int, str], Awaitable[None]] | None = None,
                  idempotency_retention_ms: int = IDEMPOTENCY_RETENTION_MS,
                  lease_valid: Callable[[], bool] = lambda: True) -> None:
@@ -129,13 +137,12 @@ class ShardOwner:
                          f"{self.state.seq} during takeover")
         self.state.check()
         self._serving = True
+        # Kept until stop() ends them; a loop that fails gives the shard up (_supervised).
         self._tasks = [
-            asyncio.create_task(self._supervised(self._run(), "commit loop"),
-                                name=f"owner-{self.shard}"),
-            asyncio.create_task(self._supervised(self._deliver(), "crediting pipeline"),
-                                name=f"credits-{self.shard}"),
-            asyncio.create_task(self._supervised(self._sweep(), "sweep"),
-                                name=f"sweep-{self.shard}")]
+            spawn(self._supervised(self._run(), "commit loop"), f"owner-{self.shard}"),
+            spawn(self._supervised(self._deliver(), "crediting pipeline"),
+                  f"credits-{self.shard}"),
+            spawn(self._supervised(self._sweep(), "sweep"), f"sweep-{self.shard}")]
         if self.state.outbox:
             self._outbox_kick.set()
 
@@ -209,23 +216,39 @@ class ShardOwner:
     async def submit(self, command: object) -> Outcome:
         return (await self.submit_many([command]))[0]
 
-    async def submit_many(self, commands: list, wait_credit: bool = False) -> list[Outcome]:
+    async def submit_many(self, commands: list, wait_credit: bool = False,
+                          deadline: float | None = None) -> list[Outcome]:
         """Queue commands in order; answer them once their batch is durable.
 
         Args:
             commands: Shard commands (``ledger.core.model``), applied in list order.
-            wait_credit: For cross-shard Posts that commit, wait (bounded by CREDIT_WAIT_MS)
-                until the credit leg is applied, so the answer says ``credited=True``.
+            wait_credit: For cross-shard Posts that commit, wait (bounded by CREDIT_WAIT_MS
+                and the deadline) until the credit leg is applied, so the answer says
+                ``credited=True``.
+            deadline: The caller's deadline (loop time), or None. Commands still queued at
+                it are not started; an answer not durable by it is not waited for. Either way
+                the answer is all SHARD_UNAVAILABLE, never a refusal: commands in a batch
+                whose append is in flight may still commit, and a retry with the same key
+                is answered from the record.
         """
         if not self._serving:
             return [UNAVAILABLE] * len(commands)
         if self._queued_commands + len(commands) > K.OWNER_QUEUE_COMMANDS_MAX:
             return [OVERLOADED] * len(commands)
-        request = _Request(commands, asyncio.get_running_loop().create_future())
-        self._enqueue(request)
-        outcomes = await request.future
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._enqueue(_Request(commands, future, deadline))
+        if deadline is None:
+            outcomes = await future
+        else:
+            # Shielded: the commit loop answers the future whether or not we still wait.
+            try:
+                outcomes = await asyncio.wait_for(asyncio.shield(future),
+                                                  max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                return [UNAVAILABLE] * len(commands)
         if wait_credit:
-            await self._await_credits(commands, outcomes)
+            await self._await_credits(commands, outcomes, deadline)
         return outcomes
 
     def _enqueue(self, request: _Request) -> None:
@@ -244,32 +267,39 @@ class ShardOwner:
                 acks = self._take_acks()
                 batch: list[_Request] = [acks] if acks else []
                 size = 0
+                now = asyncio.get_running_loop().time()
                 while self._queue and (size == 0 or size + len(self._queue[0].commands)
                                        <= K.GROUP_COMMIT_COMMANDS_MAX):
                     request = self._queue.popleft()
+                    if request.deadline is not None and now >= request.deadline:
+                        # Its caller gave up while it queued: not started, nothing decided.
+                        self._queued_commands -= len(request.commands)
+                        request.answer([UNAVAILABLE] * len(request.commands))
+                        continue
                     size += len(request.commands)
                     batch.append(request)
                 self._queued_commands -= size
+                if not batch:
+                    continue
                 self._inflight = batch
                 await self._commit(batch)
                 self._inflight = []
 
     async def _commit(self, batch: list[_Request]) -> None:
         state = self.state
-        events: list = []
-        rows: list = []
         try:
-            for request in batch:
-                outcomes = request.outcomes
-                for command in request.commands:
-                    outcome, new_events = state.decide(command)
-                    for event in new_events:
-                        state.evolve(event, rows)
-                    events.extend(new_events)
-                    outcomes.append(outcome)
+            # The live state runs ahead of the journal from here until the append returns.
+            result = step(state, [command for request in batch
+                                  for command in request.commands])
         except InvariantViolation as exc:
             await self._abdicate(f"invariant violated: {exc}")
             return
+        events, rows = result.events, result.rows
+        position = 0
+        for request in batch:
+            count = len(request.commands)
+            request.outcomes = result.outcomes[position:position + count]
+            position += count
         if events:
             seq = state.seq + 1
             failpoints.hit("owner.before_append")
@@ -328,8 +358,11 @@ class ShardOwner:
 
     # --- crediting pipeline -----------------------------------------------------------------
 
-    async def _await_credits(self, commands: list, outcomes: list[Outcome]) -> None:
-        """Hold answers until the credit legs of their cross-shard transfers landed."""
+    async def _await_credits(self, commands: list, outcomes: list[Outcome],
+                             deadline: float | None = None) -> None:
+        """Hold answers until the credit legs of their cross-shard transfers landed, for at
+        most CREDIT_WAIT_MS and not past ``deadline`` (loop time). An answer that stops
+        waiting says committed with ``credited=False``: the pipeline still delivers."""
         committed = []
         for outcome in outcomes:
             value = outcome.value if outcome.ok else None
@@ -353,7 +386,10 @@ class ShardOwner:
             waits.append((transfer, fut))
         if not waits:
             return
-        done, _ = await asyncio.wait([f for _, f in waits], timeout=K.CREDIT_WAIT_MS / 1000)
+        wait_s = K.CREDIT_WAIT_MS / 1000
+        if deadline is not None:
+            wait_s = max(min(wait_s, deadline - loop.time()), 0.0)
+        done, _ = await asyncio.wait([f for _, f in waits], timeout=wait_s)
         for transfer, fut in waits:
             if fut in done and fut.result():
                 transfer.credited = True

@@ -25,6 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ledger.constants import (RECONCILE_HOLD_GRACE_MS, RECONCILE_JOURNAL_PAGE_BATCHES,
+                              RECONCILE_ROWS_SETTLE_POLL_S, RECONCILE_ROWS_SETTLE_S,
+                              RECONCILE_SHARD_READ_ATTEMPTS_MAX)
 from ledger.compaction import CompactionError
 from ledger.compaction import decode as decode_snapshot
 from ledger.core import codec
@@ -33,18 +36,16 @@ from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
     HOLD_HELD, STATE_COMMITTED, CreditsApplied, TransferDecided,
 )
-from ledger.core.shard import ShardState
+from ledger.core.shard import Event, ShardState
+from ledger.core.step import fold
 from ledger.store.port import JournalStore
 
-# Journal batches read per call.
-JOURNAL_PAGE_BATCHES = 500
-# How long rows behind the journal may take to catch up before they count (s), and how often
-# they are looked at again meanwhile.
-ROWS_SETTLE_S = 5.0
-ROWS_SETTLE_POLL_S = 0.2
-# A hold may be seen this long past its timeout before it counts as outliving it (ms): the
-# owner's sweep releases expired holds about once a second.
-HOLD_GRACE_MS = 5_000
+# Limits of the reconciliation (their units and effects: ledger/constants.py).
+JOURNAL_PAGE_BATCHES = RECONCILE_JOURNAL_PAGE_BATCHES
+ROWS_SETTLE_S = RECONCILE_ROWS_SETTLE_S
+ROWS_SETTLE_POLL_S = RECONCILE_ROWS_SETTLE_POLL_S
+HOLD_GRACE_MS = RECONCILE_HOLD_GRACE_MS
+SHARD_READ_ATTEMPTS_MAX = RECONCILE_SHARD_READ_ATTEMPTS_MAX
 
 
 @dataclass
@@ -244,8 +245,6 @@ async def _journaled_after(store: JournalStore, shard: int, after_seq: int, to_s
         after_seq = page[-1].seq
 
 
-# Reads of one shard started again because a compaction truncated its journal meanwhile.
-SHARD_READ_ATTEMPTS_MAX = 5
 
 
 @dataclass
@@ -263,6 +262,39 @@ class _ShardRead:
     credits: list = field(default_factory=list)          # [(src shard, Credit)]
     findings: list = field(default_factory=list)         # [(check, subject, detail)]
     truncated: bool = False   # the journal after the snapshot was gone: read again
+
+
+class _ReadObserver:
+    """Counts what a shard's journal decided and credited as ``fold`` applies it, and turns
+    gaps and events that do not apply into findings (``ledger.core.step.FoldObserver``)."""
+
+    def __init__(self, read: _ShardRead, shard: int) -> None:
+        self._read = read
+        self._shard = shard
+
+    def on_gap(self, seq: int, expected: int) -> None:
+        self._read.findings.append(("legs_once", f"batch {seq}",
+                                    f"journal gap: expected batch {expected}"))
+
+    def on_violation(self, seq: int, error: InvariantViolation) -> None:
+        self._read.findings.append(("journal_replays", f"batch {seq}", str(error)))
+
+    def on_event(self, seq: int, event: Event) -> None:
+        read = self._read
+        if type(event) is TransferDecided:
+            if event.transfer.state == STATE_COMMITTED:
+                tid = event.transfer.transfer_id
+                read.decided[tid] = read.decided.get(tid, 0) + 1
+                read.committed += 1
+                if event.to_shard == self._shard:
+                    read.credited[tid] = read.credited.get(tid, 0) + 1
+            elif event.transfer.state != "PENDING":
+                read.refused += 1
+        elif type(event) is CreditsApplied:
+            for credit in event.credits:
+                read.credited[credit.transfer_id] = read.credited.get(credit.transfer_id,
+                                                                      0) + 1
+                read.credits.append((event.from_shard, credit))
 
 
 async def _read_shard(store: JournalStore, shard: int) -> _ShardRead:
@@ -300,7 +332,7 @@ async def _read_shard_once(store: JournalStore, shard: int) -> _ShardRead:
             read.committed += 1
         elif transfer.state != "PENDING":
             read.refused += 1
-    decided, credited = read.decided, read.credited
+    observer = _ReadObserver(read, shard)
     after = snapshot_seq
     while True:
         page = await store.read_journal(shard, after, JOURNAL_PAGE_BATCHES)
@@ -310,32 +342,7 @@ async def _read_shard_once(store: JournalStore, shard: int) -> _ShardRead:
             if (await store.journal_position(shard))[2] > snapshot_seq:
                 read.truncated = True
                 return read
-        for batch in page:
-            if batch.seq != state.seq + 1:
-                read.findings.append(("legs_once", f"batch {batch.seq}",
-                                      f"journal gap: expected batch {state.seq + 1}"))
-            for event in codec.loads(batch.events):
-                try:
-                    state.evolve(event)
-                except InvariantViolation as exc:
-                    read.findings.append(("journal_replays", f"batch {batch.seq}", str(exc)))
-                    continue
-                kind = type(event)
-                if kind is TransferDecided:
-                    if event.transfer.state == STATE_COMMITTED:
-                        tid = event.transfer.transfer_id
-                        decided[tid] = decided.get(tid, 0) + 1
-                        read.committed += 1
-                        if event.to_shard == shard:
-                            credited[tid] = credited.get(tid, 0) + 1
-                    elif event.transfer.state != "PENDING":
-                        read.refused += 1
-                elif kind is CreditsApplied:
-                    for credit in event.credits:
-                        credited[credit.transfer_id] = credited.get(credit.transfer_id, 0) + 1
-                        read.credits.append((event.from_shard, credit))
-            state.seq = batch.seq
-            read.batches += 1
+        read.batches += fold(state, page, observer=observer)
         if len(page) < JOURNAL_PAGE_BATCHES:
             return read
         after = page[-1].seq

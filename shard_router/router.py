@@ -3,17 +3,23 @@
 Every shard command is safe to send again (Posts and wallet creations are idempotent by key,
 credits by outbox sequence, acknowledgements and reads trivially), so when an owner is not
 serving - moving, fenced, or its node is down - the router retries on whoever owns the shard
-next, until a deadline, and only then answers SHARD_UNAVAILABLE.
+next, until the call's deadline, and only then answers SHARD_UNAVAILABLE.
+
+Deadlines are points on the event loop's clock (``loop.time()``, monotonic; a simulation runs
+it virtually). A call's deadline bounds every attempt: the wait for a local owner's answer,
+the gRPC timeout of a node-to-node call (the time left), and the retries. No attempt starts
+after it. A call without one (an owner's own traffic) retries for ``retry_deadline_ms``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Mapping, Protocol
 
-from ledger import constants as K
+from ledger.core.outcomes import UNAVAILABLE
 from ledger.core.status import Outcome, Status
-from ledger.owner import UNAVAILABLE, ShardOwner
+from shard_router.constants import (SHARD_RETRY_BACKOFF_MAX_MS, SHARD_RETRY_BACKOFF_MS,
+                                     SHARD_RETRY_DEADLINE_MS)
 from shard_router.ownership import Ownership
 
 
@@ -21,50 +27,98 @@ class NotOwner(Exception):
     """The remote node does not serve the shard (any more)."""
 
 
+class LocalOwner(Protocol):
+    """The router's view of a shard owner in this process (``ledger.owner.ShardOwner``)."""
+
+    @property
+    def serving(self) -> bool:
+        """True while the owner takes commands; it may stop at any await."""
+        ...
+
+    async def submit_many(self, commands: list, wait_credit: bool = False,
+                          deadline: float | None = None) -> list[Outcome]:
+        """Run ``commands`` in order; answer once their batch is durable.
+
+        Args:
+            commands: Shard commands, applied in list order.
+            wait_credit: Hold the answer of a committed cross-shard Post until its credit
+                leg landed (bounded), so that it says ``credited=True``.
+            deadline: Loop time after which a command not yet started is not started, and
+                the answer is not waited for; None for the owner's own bound.
+
+        Returns:
+            One outcome per command. All ``SHARD_UNAVAILABLE`` when the owner stopped or
+            the deadline passed first: nothing is refused, the commands may or may not have
+            been applied, and a retry on the next owner is answered from the journal.
+        """
+        ...
+
+
 class RemoteTransport(Protocol):
     async def execute(self, address: str, shard: int, commands: list,
-                      wait_credit: bool) -> list[Outcome]:
+                      wait_credit: bool, deadline: float | None = None) -> list[Outcome]:
         """Run commands on the owner at ``address``.
+
+        Args:
+            deadline: Loop time by which the answer is due (the call's gRPC timeout is the
+                time left); None for the transport's own timeout.
 
         Raises:
             NotOwner: that node does not serve the shard.
-            ConnectionError: the node could not be reached (nothing was executed, or the
-                commands ran and the answer was lost: both are safe to retry).
+            ConnectionError: the node could not be reached, or did not answer by the
+                deadline (nothing was executed, or the commands ran and the answer was
+                lost: both are safe to retry).
         """
         ...
 
 
 class Router:
-    """``ShardExecutor`` over local owners and remote nodes."""
+    """The shard executor (``coordinator.ports.ShardExecutor``, ``ledger.owner``'s peers)
+    over local owners and remote nodes."""
 
-    def __init__(self, node_id: str, owners: dict[int, ShardOwner], ownership: Ownership,
+    def __init__(self, node_id: str, owners: Mapping[int, LocalOwner], ownership: Ownership,
                  transport: RemoteTransport | None = None,
-                 retry_deadline_ms: int = K.SHARD_RETRY_DEADLINE_MS) -> None:
+                 retry_deadline_ms: int = SHARD_RETRY_DEADLINE_MS) -> None:
         self._node_id = node_id
         self._owners = owners
         self._ownership = ownership
         self._transport = transport
         self._retry_deadline_s = retry_deadline_ms / 1000
 
-    async def execute(self, shard: int, commands: list, wait_credit: bool = False
-                      ) -> list[Outcome]:
+    async def execute(self, shard: int, commands: list, wait_credit: bool = False,
+                      deadline: float | None = None) -> list[Outcome]:
+        """Run ``commands`` on the owner of ``shard``, retrying while it has none.
+
+        Args:
+            deadline: Loop time after which no attempt starts (None: ``retry_deadline_ms``
+                from now).
+
+        Returns:
+            One outcome per command; all ``SHARD_UNAVAILABLE`` when no owner answered by
+            the deadline.
+        """
         loop = asyncio.get_running_loop()  # loop time: simulations run it on a virtual clock
-        deadline = loop.time() + self._retry_deadline_s
-        backoff_s = K.SHARD_RETRY_BACKOFF_MS / 1000
+        retry_until = (deadline if deadline is not None
+                       else loop.time() + self._retry_deadline_s)
+        backoff_s = SHARD_RETRY_BACKOFF_MS / 1000
         while True:
-            outcomes = await self._try(shard, commands, wait_credit)
+            if deadline is not None and loop.time() >= deadline:
+                return [UNAVAILABLE] * len(commands)  # not started: the caller gave up
+            outcomes = await self._try(shard, commands, wait_credit, deadline)
             if outcomes is not None:
                 return outcomes
-            if loop.time() + backoff_s > deadline:
+            if loop.time() + backoff_s > retry_until:
                 return [UNAVAILABLE] * len(commands)
             await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 0.5)
+            backoff_s = min(backoff_s * 2, SHARD_RETRY_BACKOFF_MAX_MS / 1000)
 
-    async def _try(self, shard: int, commands: list, wait_credit: bool) -> list[Outcome] | None:
+    async def _try(self, shard: int, commands: list, wait_credit: bool,
+                   deadline: float | None) -> list[Outcome] | None:
         owner = self._owners.get(shard)
         if owner is not None and owner.serving:
-            outcomes = await owner.submit_many(commands, wait_credit)
-            # All-unavailable means the owner stopped under us: route again.
+            outcomes = await owner.submit_many(commands, wait_credit, deadline)
+            # All-unavailable means the owner stopped under us (or the deadline passed,
+            # which the caller's loop sees): route again.
             if all(o.status is Status.SHARD_UNAVAILABLE for o in outcomes):
                 return None
             return outcomes
@@ -72,7 +126,8 @@ class Router:
         if info is None or info.node_id == self._node_id or self._transport is None:
             return None
         try:
-            outcomes = await self._transport.execute(info.address, shard, commands, wait_credit)
+            outcomes = await self._transport.execute(info.address, shard, commands,
+                                                     wait_credit, deadline)
         except (NotOwner, ConnectionError):
             return None
         if all(o.status is Status.SHARD_UNAVAILABLE for o in outcomes):

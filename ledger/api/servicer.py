@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import grpc
 
+import asyncio
+import contextvars
+
 from coordinator import Coordinator, TransferItem
+from coordinator.constants import REQUEST_DEADLINE_DEFAULT_S
 from ledger.api import convert
-from ledger.api.errors import abort, status_name
+from ledger.api import errors
+from ledger.api.errors import status_name
 from ledger.core import constants as C
 from ledger.core.model import KIND_DEPOSIT, KIND_WITHDRAWAL
 from ledger.core.status import Outcome, Status
@@ -26,6 +31,36 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
     return ANONYMOUS
 
 
+# The deadline of the call this task serves (each call runs in a task of its own).
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("ledger_deadline",
+                                                                         default=None)
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float:
+    """The caller's gRPC deadline as a point on the event loop's clock (monotonic), or the
+    default deadline (``REQUEST_DEADLINE_DEFAULT_S`` from now) when the caller sent none.
+    The coordinator passes it to every shard call of the request."""
+    remaining_s = context.time_remaining()
+    if remaining_s is None:
+        remaining_s = REQUEST_DEADLINE_DEFAULT_S
+    deadline = asyncio.get_running_loop().time() + remaining_s
+    _deadline.set(deadline)
+    return deadline
+
+
+async def abort(context: grpc.aio.ServicerContext, outcome: Outcome) -> None:
+    """End the call with the outcome (``errors.abort``), except when the call's deadline
+    has passed and the outcome is transient: the shard calls stopped because the caller's
+    deadline did, so the call ends DEADLINE_EXCEEDED, as gRPC itself ends it at the caller's
+    side (whichever comes first, the caller sees the same code: may have executed, retry
+    with the same key)."""
+    deadline = _deadline.get()
+    if (deadline is not None and outcome.status.transient()
+            and asyncio.get_running_loop().time() >= deadline):
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+    await errors.abort(context, outcome)
+
+
 def _item(req: pb.TransferRequest) -> TransferItem:
     return TransferItem(req.idempotency_key, req.from_wallet_id, req.to_wallet_id,
                         req.amount_minor, req.currency, req.memo, linked=req.linked)
@@ -38,7 +73,8 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
     async def CreateWallet(self, request, context):
         outcome = await self._c.create_wallet(caller_of(context), request.idempotency_key,
                                               request.wallet_id, request.currency,
-                                              request.allow_negative)
+                                              request.allow_negative,
+                                              deadline=deadline_of(context))
         if not outcome.ok:
             await abort(context, outcome)
         return pb.CreateWalletResponse(
@@ -46,7 +82,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             replayed=outcome.replayed)
 
     async def GetWallet(self, request, context):
-        outcome = await self._c.get_wallet(request.wallet_id)
+        outcome = await self._c.get_wallet(request.wallet_id, deadline=deadline_of(context))
         if not outcome.ok:
             await abort(context, outcome)
         return pb.GetWalletResponse(
@@ -55,17 +91,20 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
     async def Deposit(self, request, context):
         outcome = await self._c.deposit(caller_of(context), request.idempotency_key,
                                         request.wallet_id, request.amount_minor,
-                                        request.currency, request.memo)
+                                        request.currency, request.memo,
+                                        deadline=deadline_of(context))
         return await self._transfer_response(outcome, context)
 
     async def Withdraw(self, request, context):
         outcome = await self._c.withdraw(caller_of(context), request.idempotency_key,
                                          request.wallet_id, request.amount_minor,
-                                         request.currency, request.memo)
+                                         request.currency, request.memo,
+                                         deadline=deadline_of(context))
         return await self._transfer_response(outcome, context)
 
     async def Transfer(self, request, context):
-        outcome = await self._c.transfer(caller_of(context), _item(request))
+        outcome = await self._c.transfer(caller_of(context), _item(request),
+                                         deadline=deadline_of(context))
         return await self._transfer_response(outcome, context)
 
     async def _transfer_response(self, outcome: Outcome, context) -> pb.TransferResponse:
@@ -80,7 +119,8 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
                                          f"at most {C.BATCH_TRANSFERS_MAX} items per call "
                                          f"(got {len(request.transfers)})"))
         outcomes = await self._c.batch_transfer(caller_of(context),
-                                                [_item(r) for r in request.transfers])
+                                                [_item(r) for r in request.transfers],
+                                                deadline=deadline_of(context))
         results = []
         for outcome in outcomes:
             result = pb.TransferResult(status=int(outcome.status), field=outcome.field,
@@ -91,14 +131,15 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         return pb.BatchTransferResponse(results=results)
 
     async def GetTransfer(self, request, context):
-        outcome = await self._c.get_transfer(request.transfer_id)
+        outcome = await self._c.get_transfer(request.transfer_id,
+                                             deadline=deadline_of(context))
         if not outcome.ok:
             await abort(context, outcome)
         return pb.GetTransferResponse(transfer=convert.transfer_to_proto(outcome.value))
 
     async def ListWalletEntries(self, request, context):
         outcome = await self._c.list_entries(request.wallet_id, request.page_size,
-                                             request.page_token)
+                                             request.page_token, deadline=deadline_of(context))
         if not outcome.ok:
             await abort(context, outcome)
         entries, next_token = outcome.value
@@ -108,22 +149,25 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
     async def CreateHold(self, request, context):
         outcome = await self._c.create_hold(caller_of(context), request.idempotency_key,
                                             request.wallet_id, request.amount_minor,
-                                            request.currency, request.timeout_ms)
+                                            request.currency, request.timeout_ms,
+                                            deadline=deadline_of(context))
         return await self._hold_response(outcome, context)
 
     async def CaptureHold(self, request, context):
         outcome = await self._c.capture_hold(caller_of(context), request.idempotency_key,
                                              request.hold_id, request.amount_minor,
-                                             request.to_wallet_id, request.memo)
+                                             request.to_wallet_id, request.memo,
+                                             deadline=deadline_of(context))
         return await self._transfer_response(outcome, context)
 
     async def ReleaseHold(self, request, context):
         outcome = await self._c.release_hold(caller_of(context), request.idempotency_key,
-                                             request.hold_id)
+                                             request.hold_id, deadline=deadline_of(context))
         return await self._hold_response(outcome, context)
 
     async def GetHold(self, request, context):
-        return await self._hold_response(await self._c.get_hold(request.hold_id), context)
+        return await self._hold_response(
+            await self._c.get_hold(request.hold_id, deadline=deadline_of(context)), context)
 
     async def _hold_response(self, outcome: Outcome, context) -> pb.HoldResponse:
         if not outcome.ok:

@@ -3,6 +3,7 @@ matching client transport other nodes' routers use."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -16,8 +17,6 @@ from shard_router.router import NotOwner
 
 log = logging.getLogger("ledger.shard_service")
 
-# Deadline of one node-to-node call (s). The router retries elsewhere after it.
-SHARD_RPC_TIMEOUT_S = 5.0
 
 # The node-to-node channel takes messages as large as the servers do (gRPC's default receive
 # limit is 4 MiB; an owner's answer to a full batch is several times that).
@@ -48,7 +47,12 @@ class ShardOwnerServicer(spb_grpc.ShardOwnerServiceServicer):
             info = self._node.ownership.owner(request.shard)
             return spb.ExecuteResponse(not_owner=True, owner_hint=info.address if info else "")
         commands = list(codec.loads(request.commands))
-        outcomes = await owner.submit_many(commands, request.wait_credit)
+        # The calling node's deadline arrives as this call's gRPC deadline: the owner here
+        # starts nothing after it either.
+        remaining_s = context.time_remaining()
+        deadline = (None if remaining_s is None
+                    else asyncio.get_running_loop().time() + remaining_s)
+        outcomes = await owner.submit_many(commands, request.wait_credit, deadline)
         return spb.ExecuteResponse(epoch=owner.epoch, outcomes=_outcomes_dumps(outcomes))
 
 
@@ -71,11 +75,15 @@ class GrpcShardTransport:
         return stub
 
     async def execute(self, address: str, shard: int, commands: list,
-                      wait_credit: bool) -> list[Outcome]:
+                      wait_credit: bool, deadline: float | None = None) -> list[Outcome]:
+        """Run commands on the node at ``address`` (``RemoteTransport``): the call's gRPC
+        timeout is the time left before ``deadline`` (loop time), or SHARD_RPC_TIMEOUT_S."""
         request = spb.ExecuteRequest(shard=shard, codec_version=codec.FORMAT_VERSION,
                                      commands=codec.dumps(commands), wait_credit=wait_credit)
+        timeout_s = (K.SHARD_RPC_TIMEOUT_S if deadline is None
+                     else max(deadline - asyncio.get_running_loop().time(), 0.0))
         try:
-            response = await self._stub(address).Execute(request, timeout=SHARD_RPC_TIMEOUT_S)
+            response = await self._stub(address).Execute(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # A message above the limit fails the same way on every resend: say so loudly.

@@ -433,12 +433,13 @@ class _DelayPrepares:
         self._shards = shards
         self._delay_s = delay_s
 
-    async def execute(self, shard: int, commands: list, wait_credit: bool = False):
+    async def execute(self, shard: int, commands: list, wait_credit: bool = False,
+                      deadline: float | None = None):
         from ledger.core.model import PrepareLinked
 
         if shard in self._shards and any(type(c) is PrepareLinked for c in commands):
             await asyncio.sleep(self._delay_s)
-        return await self._inner.execute(shard, commands, wait_credit)
+        return await self._inner.execute(shard, commands, wait_credit, deadline)
 
 
 async def test_chain_retried_on_two_live_coordinators_still_commits(tmp_path):

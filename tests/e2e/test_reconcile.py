@@ -95,12 +95,12 @@ async def test_changed_row_is_named(ledger_dir):
 
 def replayed(path, shard):
     from ledger.core.shard import ShardState
+    from ledger.core.step import fold_events
     state = ShardState(shard)
     db = sqlite3.connect(path)
     for (events,) in db.execute("SELECT events FROM journal WHERE shard = ? ORDER BY seq",
                                 (shard,)):
-        for event in codec.loads(events):
-            state.evolve(event)
+        fold_events(state, codec.loads(events))
     db.close()
     return state
 

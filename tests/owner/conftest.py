@@ -24,14 +24,15 @@ class Peers:
         self.held[shard] = (gate, command)
         return gate
 
-    async def execute(self, shard: int, commands: list, wait_credit: bool = False):
+    async def execute(self, shard: int, commands: list, wait_credit: bool = False,
+                      deadline: float | None = None):
         self.calls.append((shard, list(commands)))
         gate, kind = self.held.get(shard, (None, None))
         if gate is not None and (kind is None or type(commands[0]) is kind):
             del self.held[shard]
             gate.entered.set()
             await gate.release.wait()
-        return await self.owners[shard].submit_many(commands, wait_credit)
+        return await self.owners[shard].submit_many(commands, wait_credit, deadline)
 
 
 class Ledger:

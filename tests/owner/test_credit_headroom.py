@@ -19,6 +19,7 @@ from ledger.core import constants as C
 from ledger.core.model import (ApplyCredits, CreateWallet, Post, ReserveCredit, ResolveReservations,
                                settlement_wallet_id)
 from ledger.core.shard import ShardState
+from ledger.core.step import step as core_step
 from ledger.core.status import Status
 from tests.owner.conftest import Ledger
 from tests.owner.test_idempotency_claims import SHARDS, wallet_on
@@ -71,20 +72,14 @@ def post(key: str, reserved_at: int, src: str = "a") -> Post:
 
 def funded_debit() -> ShardState:
     s = ShardState(1)
-    for event in s.decide(CreateWallet("svc", "w-a", "a", "CNY", False, 1))[1]:
-        s.evolve(event)
     dep = Post("svc", "d", "t0001dep", "DEPOSIT", settlement_wallet_id("CNY", 1), "a", 100,
                "CNY", "", 1, 1)
-    for event in s.decide(dep)[1]:
-        s.evolve(event)
+    core_step(s, [CreateWallet("svc", "w-a", "a", "CNY", False, 1), dep])
     return s
 
 
 def step(state: ShardState, command):
-    outcome, events = state.decide(command)
-    for event in events:
-        state.evolve(event)
-    return outcome
+    return core_step(state, [command]).outcomes[0]
 
 
 def test_debit_shard_fences_an_undecided_reservation_and_refuses_its_late_post():

@@ -15,7 +15,7 @@ import pytest
 
 from coordinator import Coordinator, TransferItem
 from ledger import constants as K
-from ledger import failpoints
+from ledger.runtime import failpoints
 from ledger.compaction import compact
 from ledger.core import codec
 from ledger.core.model import Post, settlement_wallet_id

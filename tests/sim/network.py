@@ -74,7 +74,7 @@ class Network:
         return src != dst and (src in self.partitioned or dst in self.partitioned)
 
     async def send(self, src: str, dst: str, shard: int, commands: list,
-                   wait_credit: bool) -> list[Outcome]:
+                   wait_credit: bool, deadline: float | None = None) -> list[Outcome]:
         sim, rng, f = self._sim, self._rng, self.faults
         target = sim.nodes.get(dst)
         source = sim.nodes[src]
@@ -99,7 +99,7 @@ class Network:
         if owner is None or not owner.serving:
             info = target.ownership.owner(shard)
             raise NotOwner(info.address if info else "")
-        outcomes = await owner.submit_many(list(codec.loads(wire)), wait_credit)
+        outcomes = await owner.submit_many(list(codec.loads(wire)), wait_credit, deadline)
         reply = encode_outcomes(outcomes)
         await asyncio.sleep(self._delay_s())
         if (not (source.alive and target.alive) or src_life != source.incarnation
@@ -127,8 +127,9 @@ class NodeTransport:
         self._node_id = node_id
 
     async def execute(self, address: str, shard: int, commands: list,
-                      wait_credit: bool) -> list[Outcome]:
-        return await self._network.send(self._node_id, address, shard, commands, wait_credit)
+                      wait_credit: bool, deadline: float | None = None) -> list[Outcome]:
+        return await self._network.send(self._node_id, address, shard, commands, wait_credit,
+                                        deadline)
 
 
 class NodeOwnership:

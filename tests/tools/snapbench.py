@@ -45,7 +45,9 @@ from ledger.compaction import compact
 from ledger.core import codec
 from ledger.core.model import CreateWallet, Post, settlement_wallet_id
 from ledger.core.shard import ShardState
+from ledger.core.step import step
 from ledger.owner import ShardOwner
+from ledger.runtime.tasks import spawn
 
 SHARD = 7
 CALLER = "bench"
@@ -78,7 +80,7 @@ class Ticker:
 
     async def __aenter__(self) -> "Ticker":
         started = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(started))
+        self._task = spawn(self._run(started), "snapbench-ticker")
         await started.wait()
         return self
 
@@ -139,11 +141,9 @@ async def write_journal(store, args, first_seq: int, state: ShardState | None,
                         Post(CALLER, f"d-{wallet}", f"td-{wallet}", "DEPOSIT",
                              settlement_wallet_id("CNY", SHARD), wallet, 10**12, "CNY", "",
                              SHARD, now)):
-                outcome, new = state.decide(cmd)
-                assert outcome.ok, outcome
-                for e in new:
-                    state.evolve(e, rows)
-                events.extend(new)
+                result = step(state, [cmd], rows)
+                assert result.outcomes[0].ok, result.outcomes[0]
+                events.extend(result.events)
         seq += 1
         await store.append(SHARD, epoch, seq, codec.dumps(events), [] if args.no_rows else rows)
         state.seq = seq
@@ -162,11 +162,9 @@ async def write_journal(store, args, first_seq: int, state: ShardState | None,
             key = f"{uuid.UUID(int=counter)}"  # 36 characters, like a client's uuid key
             cmd = Post(CALLER, key, f"t{SHARD:04x}{counter:024x}", "TRANSFER", f"bw-{a:07d}",
                        f"bw-{b:07d}", 1 + counter % 997, "CNY", "red envelope", SHARD, now)
-            outcome, new = state.decide(cmd)
-            assert outcome.ok, outcome
-            for e in new:
-                state.evolve(e, rows)
-            events.extend(new)
+            result = step(state, [cmd], rows)
+            assert result.outcomes[0].ok, result.outcomes[0]
+            events.extend(result.events)
             done += 1
         data = codec.dumps(events)
         appended_bytes += len(data)

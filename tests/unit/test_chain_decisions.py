@@ -10,15 +10,13 @@ reported its items finished, and a commit asked for a chain older than a purge i
 from ledger.core import codec
 from ledger.core.model import ChainFinished, DecideChain, ExpireIdempotency
 from ledger.core.shard import ShardState
+from ledger.core.step import step as core_step
 
 DAY_MS = 24 * 3600 * 1000
 
 
 def step(state, command):
-    outcome, events = state.decide(command)
-    for event in events:
-        state.evolve(event)
-    return outcome
+    return core_step(state, [command]).outcomes[0]
 
 
 def test_commit_is_kept_past_retention_until_every_participant_finished():

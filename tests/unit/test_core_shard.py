@@ -1,6 +1,6 @@
 """The pure shard state machine: validation, funds, idempotency, outbox credits, replay.
 
-No I/O: commands go through ``decide`` and events through ``evolve`` as an owner would.
+No I/O: commands go through ``ledger.core.step`` as an owner would, and journals through its fold.
 """
 
 from ledger.core import codec
@@ -9,17 +9,16 @@ from ledger.core.model import (
     settlement_wallet_id,
 )
 from ledger.core.shard import ShardState
+from ledger.core.step import fold_events, step
 from ledger.core.status import Status
 from ledger.core import constants as C
 
 
 def run(state, command, journal=None):
-    outcome, events = state.decide(command)
-    for event in events:
-        state.evolve(event)
+    result = step(state, [command])
     if journal is not None:
-        journal.extend(events)
-    return outcome
+        journal.extend(result.events)
+    return result.outcomes[0]
 
 
 def post(key, src, dst, amount, to_shard=0, kind="TRANSFER", currency="CNY", memo=""):
@@ -107,8 +106,7 @@ def test_replay_of_journal_and_snapshot_rebuild_the_same_state():
     run(s, post("dep", settlement_wallet_id("CNY", 0), "alice", 500, 0, "DEPOSIT"), journal)
     run(s, post("x", "alice", "zed", 200, to_shard=9), journal)
     replayed = ShardState(0)
-    for event in codec.loads(codec.dumps(journal)):
-        replayed.evolve(event)
+    fold_events(replayed, codec.loads(codec.dumps(journal)))
     restored = codec.snapshot_loads(codec.snapshot_dumps(replayed))
     for state in (replayed, restored):
         assert state.wallets["alice"].balance_minor == 300
@@ -127,7 +125,7 @@ def test_apply_credits_refuses_wallet_that_does_not_exist_loudly():
     s = ShardState(0)
     credit = Credit(1, "t", "TRANSFER", "a", "ghost", 5, "CNY", 1)
     with pytest.raises(InvariantViolation):
-        s.decide(ApplyCredits(3, (credit,)))
+        step(s, [ApplyCredits(3, (credit,))])
 
 
 def test_expired_idempotency_keys_are_purged_and_the_key_runs_anew():

@@ -9,14 +9,12 @@ been told was expired. Now the refusal journals the expiry with it.
 from ledger.core.model import CaptureHold, CreateHold, CreateWallet, Post, ReleaseHold, \
     settlement_wallet_id
 from ledger.core.shard import ShardState
+from ledger.core.step import step as core_step
 from ledger.core.status import Status
 
 
 def step(state, command):
-    outcome, events = state.decide(command)
-    for event in events:
-        state.evolve(event)
-    return outcome
+    return core_step(state, [command]).outcomes[0]
 
 
 def held() -> ShardState:

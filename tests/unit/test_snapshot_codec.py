@@ -9,13 +9,12 @@ import pytest
 from ledger.core import codec
 from ledger.core.model import CreateHold, CreateWallet, Post, settlement_wallet_id
 from ledger.core.shard import ShardState
+from ledger.core.step import step
 
 
 def run(state: ShardState, command) -> None:
-    outcome, events = state.decide(command)
+    outcome = step(state, [command]).outcomes[0]
     assert outcome.ok, outcome
-    for event in events:
-        state.evolve(event)
 
 
 def busy_state(transfers: int = 3_000) -> ShardState:

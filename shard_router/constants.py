@@ -1,0 +1,14 @@
+"""Limits of shard routing, each with its unit and what happens when it is hit."""
+
+# How long the router keeps retrying a shard that has no serving owner (ms), e.g. during a
+# failover, for a call that carries no deadline of its own (an owner's crediting pipeline,
+# reservation and chain resolution). After it the call is answered SHARD_UNAVAILABLE and the
+# caller retries later. A call with a deadline (every API request: the caller's gRPC
+# deadline, or ``coordinator.constants.REQUEST_DEADLINE_DEFAULT_S``) retries until then.
+SHARD_RETRY_DEADLINE_MS = 10_000
+
+# First pause between two attempts on a shard without a serving owner (ms); it doubles per
+# attempt up to the maximum. Shorter finds a new owner sooner after a failover; longer sends
+# fewer useless attempts while a shard is replayed.
+SHARD_RETRY_BACKOFF_MS = 25
+SHARD_RETRY_BACKOFF_MAX_MS = 500
