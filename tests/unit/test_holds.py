@@ -17,6 +17,7 @@ from ledger.core.model import (
     ReleaseHold, settlement_wallet_id,
 )
 from ledger.core.shard import ShardState
+from ledger.core import step
 from ledger.core.status import Status
 
 SHARD = 0
@@ -33,19 +34,16 @@ class Ledger:
         self.journal: list = []
 
     def run(self, command):
-        outcome, events = self.state.decide(command)
-        for event in events:
-            self.state.evolve(event)
-        self.journal.extend(events)
-        return outcome
+        result = step.step(self.state, [command])
+        self.journal.extend(result.events)
+        return result.outcomes[0]
 
     def wallet(self, wallet_id: str):
         return self.state.wallets[wallet_id]
 
     def replayed(self) -> ShardState:
         fresh = ShardState(SHARD)
-        for event in self.journal:
-            fresh.evolve(event)
+        step.fold_events(fresh, self.journal)
         return fresh
 
 
