@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from shard_router.etcd import EtcdOwnership, preferred_node
+from shard_router.etcd import EtcdOwnership
 from shard_router.local import LocalOwnership
+from shard_router.placement import preferred_node
 
 SHARDS = 8
 LEASE_TTL_S = 3.0
