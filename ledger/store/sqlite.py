@@ -18,8 +18,10 @@ from typing import Any, Callable, Iterable
 from ledger import failpoints
 from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
-from ledger.store.port import (Fenced, JournalBatch, LoadedShard, PositionedRow, Row,
-                               StoreUnavailable, rows_at)
+from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailable
+from ledger.store.rows import (ENTRY_COLS as _ENTRY_COLS, TRANSFER_COLS as _TRANSFER_COLS,
+                               WALLET_COLS as _WALLET_COLS, PositionedRow, Row, latest_rows,
+                               rows_at)
 
 # Calls folded into one transaction at most; the rest wait for the next one.
 GROUP_COMMIT_CALLS_MAX = 512
@@ -53,14 +55,6 @@ CREATE TABLE IF NOT EXISTS transfers (
   status INTEGER NOT NULL, status_field TEXT NOT NULL, status_detail TEXT NOT NULL,
   credited INTEGER NOT NULL);
 """
-
-_WALLET_COLS = ("wallet_id", "currency", "balance_minor", "held_minor", "version",
-                "allow_negative", "frozen", "created_at_ms")
-_ENTRY_COLS = ("wallet_id", "version", "transfer_id", "kind", "amount_minor",
-               "balance_after_minor", "counterparty_wallet_id", "currency", "at_ms")
-_TRANSFER_COLS = ("transfer_id", "kind", "from_wallet_id", "to_wallet_id", "amount_minor",
-                  "currency", "memo", "caller", "idempotency_key", "created_at_ms", "state",
-                  "status", "status_field", "status_detail", "credited")
 
 _UPSERT_WALLET = (
     "INSERT INTO wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
@@ -244,20 +238,17 @@ def _write_positioned_rows(db: sqlite3.Connection, shard: int,
                            rows: list[PositionedRow]) -> None:
     row = db.execute("SELECT head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
     head = row[0] if row else 0
-    _write_rows(db, shard, [(kind, value) for kind, value, seq in rows if seq > head])
+    _write_rows(db, shard, [(kind, value) for kind, value, seq in rows  # type: ignore[misc]
+                            if seq > head])
 
 
 def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
-    wallets: dict[str, Wallet] = {}
-    transfers: dict[str, Transfer] = {}
-    entries: list[Entry] = []
-    for kind, value in rows:  # later rows of the same wallet or transfer win
-        if kind == "wallet":
-            wallets[value.wallet_id] = value
-        elif kind == "transfer":
-            transfers[value.transfer_id] = value
-        else:
-            entries.append(value)
+    # The rows are of one append, or above the head: one position, so the last row of a key
+    # wins (as the order of the core's evolve left them).
+    latest = latest_rows(rows_at(rows, 0))
+    wallets = {k: w for k, (w, _) in latest.wallets.items()}
+    transfers = {k: t for k, (t, _) in latest.transfers.items()}
+    entries = [e for e, _ in latest.entries.values()]
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.
