@@ -9,6 +9,7 @@ call inside its own savepoint so that one fenced append does not undo the others
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import sqlite3
 import threading
@@ -22,6 +23,8 @@ from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailabl
 from ledger.store.rows import (ENTRY_COLS as _ENTRY_COLS, TRANSFER_COLS as _TRANSFER_COLS,
                                WALLET_COLS as _WALLET_COLS, PositionedRow, Row, latest_rows,
                                rows_at)
+
+log = logging.getLogger("ledger.store.sqlite")
 
 # Calls folded into one transaction at most; the rest wait for the next one.
 GROUP_COMMIT_CALLS_MAX = 512
@@ -74,7 +77,16 @@ class SqliteStore:
         self._calls: queue.Queue = queue.Queue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sqlite-store", daemon=True)
+        # Set if the writer thread stopped on an unexpected error: every call then fails with
+        # StoreUnavailable at once instead of waiting for a thread that is gone.
+        self._failure: BaseException | None = None
+        # Orders queueing a call against the writer's failure: a call is either queued before
+        # the failure is recorded (and then failed by the drain) or refused at once.
+        self._gate = threading.Lock()
+        # The calls the writer has taken off the queue and not answered yet.
+        self._taken: list = []
+        self._thread = threading.Thread(target=self._supervised, name="sqlite-store",
+                                        daemon=True)
 
     @classmethod
     async def open(cls, path: str | Path) -> "SqliteStore":
@@ -82,11 +94,42 @@ class SqliteStore:
         store = cls(path)
         store._thread.start()
         await asyncio.to_thread(store._ready.wait)
-        if store._error is not None:
-            raise StoreUnavailable(f"cannot open {path}: {store._error}")
+        if store._error is not None or store._failure is not None:
+            raise StoreUnavailable(f"cannot open {path}: {store._error or store._failure}")
         return store
 
     # --- the writer thread --------------------------------------------------------------
+
+    def _supervised(self) -> None:
+        """Run the writer; if it dies on a bug, log it and fail every waiting call.
+
+        The thread is the store's only background worker: a failure that ended it silently
+        would leave every later call (and its caller's shard) waiting forever.
+        """
+        try:
+            self._run()
+        except BaseException as exc:
+            log.critical("the SQLite writer thread stopped: %s: %s; every store call fails "
+                         "with StoreUnavailable from now on", type(exc).__name__, exc,
+                         exc_info=exc)
+            with self._gate:
+                self._failure = exc
+            self._ready.set()
+            for _, _, loop, future in self._taken:
+                _settle_threadsafe(loop, future, None, self._unavailable())
+            while True:
+                try:
+                    item = self._calls.get_nowait()
+                except queue.Empty:
+                    return
+                if item is not None:
+                    _, _, loop, future = item
+                    _settle_threadsafe(loop, future, None, self._unavailable())
+
+    def _unavailable(self) -> StoreUnavailable:
+        failure = self._failure
+        return StoreUnavailable(f"the SQLite writer thread stopped: "
+                                f"{type(failure).__name__}: {failure}")
 
     def _run(self) -> None:
         try:
@@ -109,6 +152,7 @@ class SqliteStore:
                 db.close()
                 return
             calls = [first]
+            self._taken = calls  # failed by ``_supervised`` if the thread dies with them
             while len(calls) < GROUP_COMMIT_CALLS_MAX:
                 try:
                     item = self._calls.get_nowait()
@@ -138,12 +182,16 @@ class SqliteStore:
                     pass
                 results = [(None, StoreUnavailable(str(exc)))] * len(calls)
             for (_, _, loop, future), (value, error) in zip(calls, results):
-                loop.call_soon_threadsafe(_settle, future, value, error)
+                _settle_threadsafe(loop, future, value, error)
+            self._taken = []
 
     async def _call(self, fn: Callable, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._calls.put((fn, args, loop, future))
+        with self._gate:
+            if self._failure is not None:
+                raise self._unavailable()
+            self._calls.put((fn, args, loop, future))
         return await future
 
     # --- the port -----------------------------------------------------------------------
@@ -205,6 +253,15 @@ class SqliteStore:
         if self._thread.is_alive():
             self._calls.put(None)
             await asyncio.to_thread(self._thread.join)
+
+
+def _settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any,
+                       error: BaseException | None) -> None:
+    """Hand a result to ``future`` on its loop; a closed loop has nobody waiting."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, value, error)
+    except RuntimeError:
+        pass
 
 
 # Functions run on the writer thread, inside a savepoint of the group's transaction.
