@@ -52,7 +52,7 @@ from pyetcd import transactions as etcd_txn
 from ledger.tasks import spawn
 from shard_router.ownership import OwnerInfo, OwnershipListener, ShardPlacement
 from shard_router.placement import (Action, ShardView, default_home, is_failover,
-                                    keepalive_period_s, lease_deadline, lease_margin_s, plan,
+                                    keepalive_period_s, lease_deadline, plan,
                                     preferred_node, release_hold_s)
 
 # Callers that still import the policy from here (``preferred_node``, ``default_home``) keep
@@ -85,8 +85,6 @@ T = TypeVar("T")
 
 class EtcdOwnershipError(RuntimeError):
     """etcd could not be reached or refused a request while joining or moving shards."""
-
-
 
 
 @dataclass(slots=True)
@@ -162,7 +160,6 @@ class EtcdOwnership:
         self._shard_count = shard_count
         self._ttl_s = float(lease_ttl_s)
         self._grace_s = float(takeover_grace_s)
-        self._margin_s = lease_margin_s(self._ttl_s)
         self._keepalive_period_s = keepalive_period_s(self._ttl_s)
         self._rebalance = rebalance
         # campaign=False: a coordinator-only node. It reads the map and the owners (to route)
