@@ -631,7 +631,8 @@ async def test_cassandra_load_racing_a_compaction_starts_again_from_the_newer_sn
     await store.fence(shard, 1)
     await append_run(store, shard, 1, 1, 9)
     await store.save_snapshot(shard, 3, b"after 3")
-    real_load_snapshot = store.load_snapshot
+    # ``load`` reads the snapshot through the journal part's own ``load_snapshot``.
+    real_load_snapshot = store._journal.load_snapshot
     raced = []
 
     async def load_snapshot_then_compaction(s):
@@ -642,7 +643,7 @@ async def test_cassandra_load_racing_a_compaction_starts_again_from_the_newer_sn
             await store.truncate_journal(shard, 7)
         return result
 
-    monkeypatch.setattr(store, "load_snapshot", load_snapshot_then_compaction)
+    monkeypatch.setattr(store._journal, "load_snapshot", load_snapshot_then_compaction)
     loaded = await store.load(shard)
     monkeypatch.undo()
     assert raced == [(3, b"after 3")]
