@@ -4,7 +4,8 @@ embedded default) and ``EtcdOwnership`` on the real etcd of the session's test c
 Proves, for each adapter with one node of one region:
   * grant on start: every shard is gained with a positive epoch, and ``owner()`` and
     ``placements()`` agree with what the listener heard;
-  * ``lease_valid()`` holds while shards are granted;
+  * ``lease_valid()`` holds while shards are granted; with a lease (etcd) it does not before
+    ``start`` or after ``close``, without one (local) it always holds;
   * ``release(shard)`` grants the shard again with a higher epoch (a loss, if reported,
     comes before the new gain), and ``owner()`` follows;
   * listener calls of a shard come in order, a loss only after a gain, and the epochs of a
@@ -121,6 +122,14 @@ async def own(request) -> AsyncIterator[Own]:
         recorder.check_order()
 
 
+@pytest.fixture(params=["local", pytest.param("etcd", marks=pytest.mark.real)])
+def etcd_or_local_unstarted(request) -> tuple[Ownership, str]:
+    """An adapter that was never started (nothing to close)."""
+    ownership = (_local() if request.param == "local"
+                 else _etcd(request.getfixturevalue("etcd_endpoint")))
+    return ownership, request.param
+
+
 async def granted(own: Own) -> dict[int, int]:
     """Wait until this (only) node has been granted every shard; shard -> epoch."""
     await own.recorder.wait_for(lambda: len(own.recorder.owned()) == SHARDS,
@@ -142,6 +151,11 @@ async def test_every_shard_is_granted_on_start(own):
 async def test_the_lease_is_valid_while_shards_are_granted(own):
     await granted(own)
     assert own.ownership.lease_valid()
+
+
+async def test_the_lease_is_not_valid_before_start(etcd_or_local_unstarted):
+    ownership, adapter = etcd_or_local_unstarted
+    assert ownership.lease_valid() is (adapter == "local")
 
 
 async def test_release_grants_the_shard_again_with_a_higher_epoch(own):
@@ -179,6 +193,8 @@ async def test_close_reports_every_loss_before_it_returns(own):
     assert own.recorder.owned() == {}
     losses = [s for s, e in own.recorder.calls if e == 0]
     assert sorted(losses) == sorted(epochs)
+    # A lease ends with close; the local adapter has none (nothing can depose it).
+    assert own.ownership.lease_valid() is (own.adapter == "local")
     mark = len(own.recorder.calls)
     await own.ownership.close()
     await own.ownership.release(1)
