@@ -78,17 +78,14 @@ class Node:
             if epoch:
                 owner = ShardOwner(shard, epoch, self.store, self.router,
                                    on_stopped=self._owner_stopped,
-                                   lease_valid=getattr(self.ownership, "lease_valid",
-                                                       lambda: True),
+                                   lease_valid=self.ownership.lease_valid,
                                    **self._owner_options)
                 started = time.monotonic()
                 try:
                     await owner.start()
                 except Exception:
                     log.exception("shard %d epoch %d failed to start", shard, epoch)
-                    release = getattr(self.ownership, "release", None)
-                    if release is not None:
-                        spawn(release(shard), f"release-{shard}")
+                    spawn(self.ownership.release(shard), f"release-{shard}")
                 else:
                     self.owners[shard] = owner
                     took_s = time.monotonic() - started
@@ -102,9 +99,7 @@ class Node:
             del self.owners[shard]
         # Give the shard up so that it is elected again with a new epoch (here or elsewhere)
         # and the new owner replays what the journal really holds.
-        release = getattr(self.ownership, "release", None)
-        if release is not None:
-            spawn(release(shard), f"release-{shard}")
+        spawn(self.ownership.release(shard), f"release-{shard}")
 
     async def wait_serving(self, shards_min: int, timeout_s: float) -> bool:
         """Wait until no shard is being taken over and at least ``shards_min`` are served."""

@@ -18,11 +18,13 @@ shard when that deadline passes. A node therefore stops serving before any other
 its shards. A node paused longer than that (GC, SIGSTOP) cannot notice in time; the journal
 store's epoch check is what stops it then.
 
-Which node campaigns for an unowned shard is a pure, deterministic policy (``plan_shard``):
-rendezvous hashing of (shard, node id) over the live nodes of the shard's home region, with
-backups in the same region after ``takeover_grace_s`` and, when the home region has no live
-node, nodes of other regions (failover). The compare-and-swap makes any race safe; the policy
-only keeps races rare and load spread.
+Which node campaigns for an unowned shard, and when an owner hands a shard on, is a pure,
+deterministic policy in ``shard_router.placement`` (rendezvous hashing of (shard, node id)
+over the live nodes of the shard's home region, with backups in the same region after
+``takeover_grace_s`` and, when the home region has no live node, nodes of other regions:
+failover). This module only gathers what the policy looks at from etcd and carries its
+decisions out. The compare-and-swap makes any race safe; the policy only keeps races rare and
+load spread.
 
 pyetcd is synchronous, so its calls run in a small thread pool; its watch thread hands
 responses to the event loop with ``call_soon_threadsafe``. All state below is touched only on
@@ -33,14 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
 import functools
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
-from hashlib import blake2b
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import grpc
@@ -49,7 +49,15 @@ from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exceptions
 from pyetcd import transactions as etcd_txn
 
+from ledger.runtime.tasks import spawn
 from shard_router.ownership import OwnerInfo, OwnershipListener, ShardPlacement
+from shard_router.placement import (Action, ShardView, default_home, is_failover,
+                                    keepalive_period_s, lease_deadline, plan,
+                                    preferred_node, release_hold_s)
+
+# Callers that still import the policy from here (``preferred_node``, ``default_home``) keep
+# working; new code imports ``shard_router.placement``.
+__all__ = ["EtcdOwnership", "EtcdOwnershipError", "default_home", "preferred_node"]
 
 log = logging.getLogger(__name__)
 
@@ -60,23 +68,11 @@ ETCD_RPC_TIMEOUT_S = 2.0
 ETCD_THREADS = 4
 # Operations per transaction. etcd refuses transactions above --max-txn-ops (default 128).
 TXN_OPS_MAX = 64
-# The local lease deadline ends this long before the lease can expire at etcd:
-# max(ttl * fraction, minimum). It absorbs clock-rate drift and event loop delays.
-SAFETY_MARGIN_FRACTION = 0.2
-SAFETY_MARGIN_S_MIN = 0.5
-# Keep-alives are sent every ttl * this fraction.
-KEEPALIVE_FRACTION = 1 / 3
 # Grace timers are checked at least this often even when the watch reports nothing.
 RECONCILE_TICK_S_MAX = 0.5
 # Backoff between retries of a failed etcd step (watch setup, new lease, reconcile round).
 RETRY_BACKOFF_S_MIN = 0.1
 RETRY_BACKOFF_S_MAX = 2.0
-# A shard handed to a better-ranked node of its region is not handed on again for balance
-# within this many grace periods, so a sick-but-registered node cannot cause endless churn.
-REBALANCE_COOLDOWN_GRACES = 10
-# After ``release(shard)`` this node leaves the shard to others for this many grace periods
-# (then reclaims it if nobody did, so a drained shard is never left unowned for good).
-RELEASE_HOLD_GRACES = 3
 # ``close()`` waits at most this long for loss callbacks before revoking the lease anyway.
 CLOSE_LISTENER_TIMEOUT_S = 5.0
 # ``close()`` waits at most this long for its background loops to stop after cancelling them.
@@ -89,106 +85,6 @@ T = TypeVar("T")
 
 class EtcdOwnershipError(RuntimeError):
     """etcd could not be reached or refused a request while joining or moving shards."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Functional core: the campaign policy, no I/O.
-# ---------------------------------------------------------------------------------------------
-
-
-def node_rank(shard: int, node_id: str) -> int:
-    """Rendezvous rank of a node for a shard: stable across processes and versions."""
-    digest = blake2b(f"{shard}/{node_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def preferred_node(shard: int, node_ids: Iterable[str]) -> str | None:
-    """The node with the best rank for ``shard`` among ``node_ids`` (None if empty)."""
-    return max(node_ids, key=lambda n: (node_rank(shard, n), n), default=None)
-
-
-class Action(enum.Enum):
-    NONE = "none"
-    CAMPAIGN = "campaign"    # try to win the shard
-    RELEASE = "release"      # planned move or failback: shard homed elsewhere and a home node is up
-    REBALANCE = "rebalance"  # a better-ranked node of the home region is up and stable
-    LOST = "lost"            # etcd no longer shows this node's ownership: stop serving
-    CLEAN_STALE = "clean"    # an owner key of ours that we do not serve: delete it
-
-
-@dataclass(slots=True, frozen=True)
-class ShardView:
-    """What one node knows about one shard at one moment."""
-
-    shard: int
-    home_region: str
-    owner_node_id: str | None  # None when no owner key exists
-    owner_epoch: int
-    owner_lease: int
-    absent_for_s: float        # how long the owner key has been seen absent (0 if present)
-    my_epoch: int              # epoch this node serves the shard with, 0 if it does not
-    since_rebalance_s: float   # time since this node last handed the shard on for balance
-    held: bool                 # this node was asked to release the shard and holds off
-
-
-def plan_shard(view: ShardView, *, me: str, my_region: str, lease_id: int,
-               live_for_s: Mapping[str, tuple[str, float]], grace_s: float,
-               rebalance: bool) -> Action:
-    """Decide what this node does about one shard.
-
-    Args:
-        view: The shard as this node sees it.
-        me: This node's id.
-        my_region: This node's region.
-        lease_id: This node's current lease.
-        live_for_s: Every live node (this one included): node id -> (region, seconds it has
-            been seen live).
-        grace_s: ``takeover_grace_s``.
-        rebalance: Whether owners hand shards to better-ranked nodes of the home region.
-    """
-    home_nodes = [n for n, (region, _) in live_for_s.items() if region == view.home_region]
-    stable_home = [n for n in home_nodes if live_for_s[n][1] >= grace_s]
-    if view.my_epoch:
-        if view.owner_node_id != me or view.owner_epoch != view.my_epoch:
-            return Action.LOST
-        if my_region != view.home_region:
-            # Hand over only to a node that has been up a while, so a flapping home node does
-            # not bounce the shard back and forth.
-            return Action.RELEASE if stable_home else Action.NONE
-        if (rebalance and view.since_rebalance_s >= REBALANCE_COOLDOWN_GRACES * grace_s
-                and preferred_node(view.shard, [*stable_home, me]) != me):
-            return Action.REBALANCE
-        return Action.NONE
-    if view.owner_node_id is not None:
-        # A key of ours that we do not serve: left by a lost lease, a release whose delete
-        # failed, or a campaign whose answer timed out. Delete it and campaign afresh, so the
-        # shard is never served under an epoch that was already given up.
-        if view.owner_node_id == me:
-            return Action.CLEAN_STALE
-        return Action.NONE
-    if view.held:
-        return Action.NONE
-    if my_region == view.home_region:
-        if preferred_node(view.shard, home_nodes) == me or view.absent_for_s >= grace_s:
-            return Action.CAMPAIGN
-        return Action.NONE
-    if home_nodes:
-        return Action.NONE  # The home region is up; its nodes claim their own shards.
-    if view.absent_for_s >= grace_s:
-        others = [n for n, (region, _) in live_for_s.items() if region != view.home_region]
-        if preferred_node(view.shard, others) == me or view.absent_for_s >= 2 * grace_s:
-            return Action.CAMPAIGN
-    return Action.NONE
-
-
-def default_home(shard: int, regions: Sequence[str]) -> str:
-    """The home region a fresh shard map gives ``shard``."""
-    return regions[shard % len(regions)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Imperative shell.
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -264,10 +160,7 @@ class EtcdOwnership:
         self._shard_count = shard_count
         self._ttl_s = float(lease_ttl_s)
         self._grace_s = float(takeover_grace_s)
-        self._margin_s = max(self._ttl_s * SAFETY_MARGIN_FRACTION, SAFETY_MARGIN_S_MIN)
-        self._keepalive_period_s = self._ttl_s * KEEPALIVE_FRACTION
-        if self._keepalive_period_s >= self._ttl_s - self._margin_s:
-            raise ValueError("lease_ttl_s too small for its safety margin")
+        self._keepalive_period_s = keepalive_period_s(self._ttl_s)
         self._rebalance = rebalance
         # campaign=False: a coordinator-only node. It reads the map and the owners (to route)
         # but takes no lease, registers no node key and never owns a shard.
@@ -344,14 +237,13 @@ class EtcdOwnership:
             await self._shutdown(revoke=True)
             raise EtcdOwnershipError(f"cannot join etcd at {self._host}:{self._port}") from exc
         if not self._campaign_enabled:
-            self._tasks = [asyncio.create_task(self._watch_loop(),
-                                               name=f"etcd-watch-{self.node_id}")]
+            self._tasks = [self._spawn_loop("watch", self._watch_loop, guards_lease=False)]
             return
         self._tasks = [
-            asyncio.create_task(self._keepalive_loop(), name=f"etcd-keepalive-{self.node_id}"),
-            asyncio.create_task(self._watchdog_loop(), name=f"etcd-watchdog-{self.node_id}"),
-            asyncio.create_task(self._watch_loop(), name=f"etcd-watch-{self.node_id}"),
-            asyncio.create_task(self._reconcile_loop(), name=f"etcd-reconcile-{self.node_id}"),
+            self._spawn_loop("keepalive", self._keepalive_loop, guards_lease=True),
+            self._spawn_loop("watchdog", self._watchdog_loop, guards_lease=True),
+            self._spawn_loop("watch", self._watch_loop, guards_lease=False),
+            self._spawn_loop("reconcile", self._reconcile_loop, guards_lease=False),
         ]
 
     async def close(self) -> None:
@@ -425,11 +317,12 @@ class EtcdOwnership:
     async def release(self, shard: int) -> None:
         """Give ``shard`` up (for draining): report the loss, then delete the owner key.
 
-        This node then leaves the shard to others for ``RELEASE_HOLD_GRACES`` grace periods.
+        This node then leaves the shard to others for
+        ``shard_router.placement.RELEASE_HOLD_GRACES`` grace periods.
         Does nothing if this node does not own the shard.
         """
         self._check_shard(shard)
-        self._hold_until[shard] = time.monotonic() + RELEASE_HOLD_GRACES * self._grace_s
+        self._hold_until[shard] = time.monotonic() + release_hold_s(self._grace_s)
         if shard in self._owned:
             await self._release_many([shard], rebalanced=False)
 
@@ -570,6 +463,37 @@ class EtcdOwnership:
 
     # -- Background loops --------------------------------------------------------------------
 
+    def _spawn_loop(self, what: str, body: Callable[[], Any], *,
+                    guards_lease: bool) -> asyncio.Task[None]:
+        """Start a background loop that is restarted, never lost, when it fails."""
+        return spawn(self._supervised(what, body, guards_lease=guards_lease),
+                     f"etcd-{what}-{self.node_id}")
+
+    async def _supervised(self, what: str, body: Callable[[], Any], *,
+                          guards_lease: bool) -> None:
+        """Run the loop ``body`` until close; log a failure and start it again after a backoff.
+
+        The loops retry etcd errors themselves, so what reaches here is a bug. A loop that
+        guards the lease (keep-alives, the watchdog) may have left it unwatched while it was
+        down, so this node first gives up every shard (the lease is renewed under a new
+        session and the shards are won again), exactly as if its keep-alives had been late.
+        """
+        backoff_s = RETRY_BACKOFF_S_MIN
+        while not self._closed:
+            try:
+                await body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("node %s: etcd %s loop failed; restarting it in %.1f s",
+                              self.node_id, what, backoff_s)
+                session = self._session
+                if guards_lease and session is not None and not session.lost:
+                    self._lose_session(session, f"the {what} loop failed")
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+
     async def _watch_loop(self) -> None:
         while not self._closed:
             await self._watch_broken.wait()
@@ -594,8 +518,8 @@ class EtcdOwnership:
                 pass  # Expired already, or etcd is away: its keys go at TTL or as stale keys.
         sent_at = time.monotonic()
         lease = await self._call(self._kv.lease, math.ceil(self._ttl_s))
-        ttl_s = min(float(lease.ttl), self._ttl_s)
-        session = _Session(lease.id, opened_at=sent_at, deadline=sent_at + ttl_s - self._margin_s)
+        session = _Session(lease.id, opened_at=sent_at, deadline=lease_deadline(
+            sent_at=sent_at, ttl_granted_s=float(lease.ttl), ttl_s=self._ttl_s))
         node_doc = json.dumps({"region": self.region, "address": self.address})
         try:
             await self._call(self._kv.put, self._node_key(), node_doc, lease=lease.id)
@@ -637,8 +561,8 @@ class EtcdOwnership:
                 ttl = None
             if session is self._session and not session.lost:
                 if ttl is not None and ttl > 0:
-                    ttl_s = min(float(ttl), self._ttl_s)
-                    session.deadline = max(session.deadline, sent_at + ttl_s - self._margin_s)
+                    session.deadline = max(session.deadline, lease_deadline(
+                        sent_at=sent_at, ttl_granted_s=float(ttl), ttl_s=self._ttl_s))
                 elif ttl is not None:
                     self._lose_session(session, "lease expired at etcd")
                     continue
@@ -712,39 +636,38 @@ class EtcdOwnership:
         now = time.monotonic()
         live = {n: (rec.region, now - rec.first_seen) for n, rec in self._nodes.items()}
         live[self.node_id] = (self.region, now - session.opened_at)
-        plan: dict[Action, list[int]] = {a: [] for a in Action}
+        actions = plan((self._view(shard, now) for shard in range(self._shard_count)),
+                       me=self.node_id, my_region=self.region, live_for_s=live,
+                       grace_s=self._grace_s, rebalance=self._rebalance)
         # Epochs of stale keys are taken now: the cache may change during the awaits below.
-        stale_epochs: dict[int, int] = {}
-        for shard in range(self._shard_count):
-            rec = self._owners.get(shard)
-            absent_since = self._absent_since.get(shard)
-            rebalanced_at = self._rebalanced_at.get(shard)
-            view = ShardView(
-                shard=shard, home_region=self._home(shard),
-                owner_node_id=rec.node_id if rec else None,
-                owner_epoch=rec.epoch if rec else 0, owner_lease=rec.lease if rec else 0,
-                absent_for_s=now - absent_since if absent_since is not None and not rec else 0.0,
-                my_epoch=self._owned.get(shard, 0),
-                since_rebalance_s=math.inf if rebalanced_at is None else now - rebalanced_at,
-                held=self._hold_until.get(shard, 0.0) > now)
-            action = plan_shard(view, me=self.node_id, my_region=self.region,
-                                lease_id=session.lease_id, live_for_s=live,
-                                grace_s=self._grace_s, rebalance=self._rebalance)
-            plan[action].append(shard)
-            if action is Action.CLEAN_STALE and rec is not None:
-                stale_epochs[shard] = rec.epoch
-        for shard in plan[Action.LOST]:
+        stale_epochs = {shard: self._owners[shard].epoch for shard in actions[Action.CLEAN_STALE]
+                        if shard in self._owners}
+        for shard in actions[Action.LOST]:
             log.warning("node %s lost shard %d (owner key changed)", self.node_id, shard)
             self._owned.pop(shard, None)
             self._notify(shard, 0)
-        if plan[Action.RELEASE]:
-            await self._release_many(plan[Action.RELEASE], rebalanced=False)
-        if plan[Action.REBALANCE]:
-            await self._release_many(plan[Action.REBALANCE], rebalanced=True)
+        if actions[Action.RELEASE]:
+            await self._release_many(actions[Action.RELEASE], rebalanced=False)
+        if actions[Action.REBALANCE]:
+            await self._release_many(actions[Action.REBALANCE], rebalanced=True)
         if stale_epochs:
             await self._delete_owner_keys(stale_epochs)
-        if plan[Action.CAMPAIGN]:
-            await self._campaign(plan[Action.CAMPAIGN], session)
+        if actions[Action.CAMPAIGN]:
+            await self._campaign(actions[Action.CAMPAIGN], session)
+
+    def _view(self, shard: int, now: float) -> ShardView:
+        """What the placement policy looks at for ``shard``, from the watch cache."""
+        rec = self._owners.get(shard)
+        absent_since = self._absent_since.get(shard)
+        rebalanced_at = self._rebalanced_at.get(shard)
+        return ShardView(
+            shard=shard, home_region=self._home(shard),
+            owner_node_id=rec.node_id if rec else None,
+            owner_epoch=rec.epoch if rec else 0,
+            absent_for_s=now - absent_since if absent_since is not None and not rec else 0.0,
+            my_epoch=self._owned.get(shard, 0),
+            since_rebalance_s=math.inf if rebalanced_at is None else now - rebalanced_at,
+            held=self._hold_until.get(shard, 0.0) > now)
 
     # -- Election steps ----------------------------------------------------------------------
 
@@ -753,6 +676,8 @@ class EtcdOwnership:
         owner_doc = json.dumps({"node_id": self.node_id, "region": self.region,
                                 "address": self.address})
         taken_over: list[int] = []
+        # Where each shard was served last is taken now, before the cache learns of our own
+        # wins: that is what tells a failover from a region that simply had not started.
         served_at_home = {s for s in shards
                           if self._last_owner_region.get(s) == self._home(s)}
         for chunk in _chunks(shards, TXN_OPS_MAX):
@@ -779,8 +704,9 @@ class EtcdOwnership:
                         and time.monotonic() < session.deadline and not self._closed):
                     self._owned[shard] = kv.create_revision
                     self._notify(shard, kv.create_revision)
-                    if (self._sticky_failover and self._home(shard) != self.region
-                            and shard in served_at_home):
+                    if is_failover(home_region=self._home(shard), my_region=self.region,
+                                   served_at_home=shard in served_at_home,
+                                   sticky=self._sticky_failover):
                         taken_over.append(shard)
         if taken_over:
             # An unplanned failover: the shard now lives here until an operator moves it
@@ -838,7 +764,10 @@ class EtcdOwnership:
     def _notify(self, shard: int, epoch: int) -> asyncio.Task[None]:
         """Schedule ``listener(shard, epoch)`` after every earlier callback for that shard."""
         previous = self._tails.get(shard)
-        task = asyncio.create_task(self._deliver(previous, shard, epoch))
+        # Kept in ``_tails`` until it ends; ``_deliver`` logs a failing listener itself and
+        # ``spawn`` logs anything else, so no report of a gain or loss fails unseen.
+        task = spawn(self._deliver(previous, shard, epoch),
+                     f"etcd-notify-{self.node_id}-{shard}-{epoch}")
         self._tails[shard] = task
 
         def forget(done: asyncio.Task[None]) -> None:

@@ -64,6 +64,8 @@ class LocalOwnership:
         """Give ``shard`` up after its owner stopped on a failure, and grant it again with
         the next epoch (after a pause that doubles per release), so that a new owner
         fences the journal, replays it and serves: the single-node form of a failover."""
+        if not 0 <= shard < self._shard_count:
+            raise ValueError(f"shard {shard} out of range 0..{self._shard_count - 1}")
         if not self._owned or self._listener is None:
             return
         count = self._releases[shard] = self._releases.get(shard, 0) + 1
@@ -72,6 +74,11 @@ class LocalOwnership:
             return
         epoch = self._epochs[shard] = self._epochs.get(shard, self._epoch) + 1
         await self._listener(shard, epoch)
+
+    def lease_valid(self) -> bool:
+        """Always True: there is no lease, and nothing can depose the only node (a restarted
+        node is fenced out of the journal by its higher epoch instead)."""
+        return True
 
     def owner(self, shard: int) -> OwnerInfo | None:
         if not self._owned or not 0 <= shard < self._shard_count:

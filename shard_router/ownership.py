@@ -34,7 +34,24 @@ OwnershipListener = Callable[[int, int], Awaitable[None]]
 
 
 class Ownership(Protocol):
-    """Elects shard owners and publishes the shard map and owners to every node."""
+    """Elects shard owners and publishes the shard map and owners to every node.
+
+    Adapters: ``shard_router.local.LocalOwnership`` (the embedded default: one node owns every
+    shard) and ``shard_router.etcd.EtcdOwnership`` (etcd leases and compare-and-swap). Both
+    pass ``tests/contract/test_ownership_contract.py``.
+
+    Ordering, for every adapter:
+
+    * Listener calls for one shard are made one at a time, in the order the changes happened;
+      a call for a shard starts only after the previous call for that shard returned. Calls
+      for different shards may interleave.
+    * Every gain of a shard carries an epoch higher than any earlier gain of that shard, by
+      any node (epochs are fencing tokens: the store refuses lower ones).
+    * A gain may follow a gain of the same shard without a loss between them (a re-grant with
+      a higher epoch): the newer epoch replaces the older one.
+    * A loss (epoch 0) is reported at most once per gain, and only for a shard that was
+      gained.
+    """
 
     node_id: str
     region: str
@@ -43,16 +60,67 @@ class Ownership(Protocol):
         """Join: register this node, start campaigning for the shards it should own, and
         call ``listener`` on every gain or loss of a shard by this node. Losses are reported
         before the lease can expire at the elector (a local deadline), so a node stops
-        serving before anyone else may start."""
+        serving before anyone else may start.
+
+        Gains won while starting may be reported before or after this returns (the etcd
+        adapter returns after its first round of campaigns, with their gains scheduled).
+
+        Raises:
+            RuntimeError: ``start`` was called before on this object.
+            Adapter errors (``EtcdOwnershipError``): the elector could not be reached; nothing
+                is owned and the object is closed.
+        """
         ...
 
     async def close(self) -> None:
-        """Give up every shard (listener called with epoch 0) and leave."""
+        """Give up every shard (listener called with epoch 0) and leave.
+
+        Returns once every loss has been reported (bounded by the adapter's timeout) and the
+        elector has been told, so that other nodes may take the shards over at once. Calling
+        it again does nothing. Never raises for an unreachable elector: the shards are then
+        freed when the lease expires.
+        """
+        ...
+
+    async def release(self, shard: int) -> None:
+        """Give ``shard`` up after its owner stopped (a failure) or for a planned move.
+
+        The shard is then granted again with a higher epoch: to another node if one should
+        own it, else to this node after a pause (the local adapter: a pause that doubles per
+        release; the etcd adapter: a hold of a few grace periods), so that a new owner fences
+        the journal, replays it and serves. If this node still serves the shard, its loss is
+        reported first (the local adapter's owners are already stopped when it is called, so
+        it reports the new gain only). Does nothing for a shard this node does not own, or
+        after ``close``.
+
+        Raises:
+            ValueError: ``shard`` is out of range.
+            Adapter errors (etcd's client errors): the loss was reported, but the owner key
+                could not be deleted; the adapter's own loop deletes it later (a stale key),
+                so the caller only logs it.
+        """
+        ...
+
+    def lease_valid(self) -> bool:
+        """True while this node may still answer as owner of the shards it was granted.
+
+        Owners call it after each journal append and before answering: a node paused past
+        its lease (SIGSTOP, a long GC) must not answer as owner after it resumes, even before
+        the loss is reported. No round trip: the etcd adapter compares a local deadline
+        (counted from each keep-alive's send time, less a margin); it is False before
+        ``start``, once keep-alives are late, and after ``close``. The local adapter has no
+        lease and nothing can depose it: always True.
+        """
         ...
 
     def owner(self, shard: int) -> OwnerInfo | None:
-        """The current owner as last seen (a cache kept fresh by watches; no round trip)."""
+        """The current owner as last seen (a cache kept fresh by watches; no round trip).
+
+        None if the shard has no owner now, or (local adapter) is out of range or the
+        ownership is closed.
+        """
         ...
 
     def placements(self) -> list[ShardPlacement]:
+        """Every shard's home region as last seen, in shard order (no round trip)."""
         ...

@@ -26,6 +26,7 @@ import time
 from ledger.store.port import StoreError
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.reconcile import CHECKS, Report, reconcile
+from shard_router.placement import failback_moves, failover_moves
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -262,9 +263,10 @@ async def _failover(args) -> int:
     try:
         if args.to not in args.regions.split(","):
             raise SystemExit(f"ledgerctl: unknown region {args.to}")
-        mapping = {p.shard: args.to for p in view.placements() if p.home_region == args.src}
         # A planned failover remembers where the shards came from, for failback.
-        return await _move(args, mapping, {s: args.src for s in mapping}, view)
+        mapping, origins = failover_moves(
+            {p.shard: p.home_region for p in view.placements()}, args.src, args.to)
+        return await _move(args, mapping, origins, view)
     finally:
         await view.close()
 
@@ -272,8 +274,8 @@ async def _failover(args) -> int:
 async def _failback(args) -> int:
     view = await _view(args)
     try:
-        mapping = {p.shard: args.region for p in view.placements()
-                   if view.origin(p.shard) == args.region}
+        mapping = failback_moves({p.shard: view.origin(p.shard) for p in view.placements()},
+                                 args.region)
         return await _move(args, mapping, None, view)
     finally:
         await view.close()

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Cassandra warns on every row batch above 5 KiB; the rows are packed on purpose
-    # (ledger/store/cassandra.py), so these warnings would drown the log.
+    # (ledger/store/cassandra/views.py), so these warnings would drown the log.
     logging.getLogger("cassandra.protocol").setLevel(logging.ERROR)
     try:
         asyncio.run(_dev(args) if args.command == "dev" else _node(args))

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from ledger.core.model import Entry, Transfer, Wallet
+# The row types live with the code both adapters share about rows; they are named here too
+# because the port's signatures use them.
+from ledger.store.rows import PositionedRow, Row, rows_at
+
+__all__ = ["Fenced", "JournalBatch", "JournalStore", "LoadedShard", "PositionedRow", "Row",
+           "StoreError", "StoreUnavailable", "UnknownOutcome", "rows_at"]
 
 
 class StoreError(Exception):
@@ -54,29 +60,6 @@ class LoadedShard:
     snapshot: bytes | None
     snapshot_seq: int
     batches: list[JournalBatch]
-
-
-Row = tuple[str, Wallet | Entry | Transfer]
-# A row with the journal position (batch ``seq``) of the batch that produced it.
-PositionedRow = tuple[str, Wallet | Entry | Transfer, int]
-
-
-def rows_at(rows: Iterable[Row | PositionedRow], seq: int | None) -> list[PositionedRow]:
-    """``write_rows``' rows as (kind, value, seq): a row's own seq, else ``seq``.
-
-    Raises:
-        ValueError: a row has no position and ``seq`` is None.
-    """
-    out: list[PositionedRow] = []
-    for row in rows:
-        if len(row) == 3:
-            out.append(row)  # type: ignore[arg-type]
-        elif seq is None:
-            raise ValueError("write_rows needs the journal position of its rows: pass seq= "
-                             "(the batch the rows are as of) or (kind, value, seq) rows")
-        else:
-            out.append((row[0], row[1], seq))
-    return out
 
 
 class JournalStore(Protocol):

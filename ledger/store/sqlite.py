@@ -9,6 +9,7 @@ call inside its own savepoint so that one fenced append does not undo the others
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import sqlite3
 import threading
@@ -18,8 +19,12 @@ from typing import Any, Callable, Iterable
 from ledger import failpoints
 from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
-from ledger.store.port import (Fenced, JournalBatch, LoadedShard, PositionedRow, Row,
-                               StoreUnavailable, rows_at)
+from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailable
+from ledger.store.rows import (ENTRY_COLS as _ENTRY_COLS, TRANSFER_COLS as _TRANSFER_COLS,
+                               WALLET_COLS as _WALLET_COLS, PositionedRow, Row, latest_rows,
+                               rows_at)
+
+log = logging.getLogger("ledger.store.sqlite")
 
 # Calls folded into one transaction at most; the rest wait for the next one.
 GROUP_COMMIT_CALLS_MAX = 512
@@ -54,14 +59,6 @@ CREATE TABLE IF NOT EXISTS transfers (
   credited INTEGER NOT NULL);
 """
 
-_WALLET_COLS = ("wallet_id", "currency", "balance_minor", "held_minor", "version",
-                "allow_negative", "frozen", "created_at_ms")
-_ENTRY_COLS = ("wallet_id", "version", "transfer_id", "kind", "amount_minor",
-               "balance_after_minor", "counterparty_wallet_id", "currency", "at_ms")
-_TRANSFER_COLS = ("transfer_id", "kind", "from_wallet_id", "to_wallet_id", "amount_minor",
-                  "currency", "memo", "caller", "idempotency_key", "created_at_ms", "state",
-                  "status", "status_field", "status_detail", "credited")
-
 _UPSERT_WALLET = (
     "INSERT INTO wallets (shard, " + ", ".join(_WALLET_COLS) + ") VALUES ("
     + ", ".join("?" * (len(_WALLET_COLS) + 1)) + ") ON CONFLICT (wallet_id) DO UPDATE SET "
@@ -80,7 +77,16 @@ class SqliteStore:
         self._calls: queue.Queue = queue.Queue()
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sqlite-store", daemon=True)
+        # Set if the writer thread stopped on an unexpected error: every call then fails with
+        # StoreUnavailable at once instead of waiting for a thread that is gone.
+        self._failure: BaseException | None = None
+        # Orders queueing a call against the writer's failure: a call is either queued before
+        # the failure is recorded (and then failed by the drain) or refused at once.
+        self._gate = threading.Lock()
+        # The calls the writer has taken off the queue and not answered yet.
+        self._taken: list = []
+        self._thread = threading.Thread(target=self._supervised, name="sqlite-store",
+                                        daemon=True)
 
     @classmethod
     async def open(cls, path: str | Path) -> "SqliteStore":
@@ -88,11 +94,42 @@ class SqliteStore:
         store = cls(path)
         store._thread.start()
         await asyncio.to_thread(store._ready.wait)
-        if store._error is not None:
-            raise StoreUnavailable(f"cannot open {path}: {store._error}")
+        if store._error is not None or store._failure is not None:
+            raise StoreUnavailable(f"cannot open {path}: {store._error or store._failure}")
         return store
 
     # --- the writer thread --------------------------------------------------------------
+
+    def _supervised(self) -> None:
+        """Run the writer; if it dies on a bug, log it and fail every waiting call.
+
+        The thread is the store's only background worker: a failure that ended it silently
+        would leave every later call (and its caller's shard) waiting forever.
+        """
+        try:
+            self._run()
+        except BaseException as exc:
+            log.critical("the SQLite writer thread stopped: %s: %s; every store call fails "
+                         "with StoreUnavailable from now on", type(exc).__name__, exc,
+                         exc_info=exc)
+            with self._gate:
+                self._failure = exc
+            self._ready.set()
+            for _, _, loop, future in self._taken:
+                _settle_threadsafe(loop, future, None, self._unavailable())
+            while True:
+                try:
+                    item = self._calls.get_nowait()
+                except queue.Empty:
+                    return
+                if item is not None:
+                    _, _, loop, future = item
+                    _settle_threadsafe(loop, future, None, self._unavailable())
+
+    def _unavailable(self) -> StoreUnavailable:
+        failure = self._failure
+        return StoreUnavailable(f"the SQLite writer thread stopped: "
+                                f"{type(failure).__name__}: {failure}")
 
     def _run(self) -> None:
         try:
@@ -115,6 +152,7 @@ class SqliteStore:
                 db.close()
                 return
             calls = [first]
+            self._taken = calls  # failed by ``_supervised`` if the thread dies with them
             while len(calls) < GROUP_COMMIT_CALLS_MAX:
                 try:
                     item = self._calls.get_nowait()
@@ -144,12 +182,16 @@ class SqliteStore:
                     pass
                 results = [(None, StoreUnavailable(str(exc)))] * len(calls)
             for (_, _, loop, future), (value, error) in zip(calls, results):
-                loop.call_soon_threadsafe(_settle, future, value, error)
+                _settle_threadsafe(loop, future, value, error)
+            self._taken = []
 
     async def _call(self, fn: Callable, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._calls.put((fn, args, loop, future))
+        with self._gate:
+            if self._failure is not None:
+                raise self._unavailable()
+            self._calls.put((fn, args, loop, future))
         return await future
 
     # --- the port -----------------------------------------------------------------------
@@ -213,6 +255,15 @@ class SqliteStore:
             await asyncio.to_thread(self._thread.join)
 
 
+def _settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any,
+                       error: BaseException | None) -> None:
+    """Hand a result to ``future`` on its loop; a closed loop has nobody waiting."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, value, error)
+    except RuntimeError:
+        pass
+
+
 # Functions run on the writer thread, inside a savepoint of the group's transaction.
 
 def _fence(db: sqlite3.Connection, shard: int, epoch: int) -> int:
@@ -244,20 +295,17 @@ def _write_positioned_rows(db: sqlite3.Connection, shard: int,
                            rows: list[PositionedRow]) -> None:
     row = db.execute("SELECT head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
     head = row[0] if row else 0
-    _write_rows(db, shard, [(kind, value) for kind, value, seq in rows if seq > head])
+    _write_rows(db, shard, [(kind, value) for kind, value, seq in rows  # type: ignore[misc]
+                            if seq > head])
 
 
 def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
-    wallets: dict[str, Wallet] = {}
-    transfers: dict[str, Transfer] = {}
-    entries: list[Entry] = []
-    for kind, value in rows:  # later rows of the same wallet or transfer win
-        if kind == "wallet":
-            wallets[value.wallet_id] = value
-        elif kind == "transfer":
-            transfers[value.transfer_id] = value
-        else:
-            entries.append(value)
+    # The rows are of one append, or above the head: one position, so the last row of a key
+    # wins (as the order of the core's evolve left them).
+    latest = latest_rows(rows_at(rows, 0))
+    wallets = {k: w for k, (w, _) in latest.wallets.items()}
+    transfers = {k: t for k, (t, _) in latest.transfers.items()}
+    entries = [e for e, _ in latest.entries.values()]
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.

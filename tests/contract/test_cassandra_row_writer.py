@@ -76,14 +76,15 @@ async def test_a_deposed_owners_late_row_writer_cannot_roll_back_newer_rows(
                 ("transfer", transfer(tid, state="COMMITTED", credited=True))]
     deposed = await _second_store(local_cluster, new_owner)
     gate, holding = asyncio.Event(), asyncio.Event()
-    real_write_all = deposed._write_all
+    # The row writer sends its upserts through the driver bridge's ``write_all``.
+    real_write_all = deposed._driver.write_all
 
-    async def late_write_all(statements):
+    async def late_write_all(statements, *args):
         holding.set()
         await gate.wait()
-        await real_write_all(statements)
+        await real_write_all(statements, *args)
 
-    monkeypatch.setattr(deposed, "_write_all", late_write_all)
+    monkeypatch.setattr(deposed._driver, "write_all", late_write_all)
     try:
         await deposed.fence(shard, 1)
         await deposed.append(shard, 1, 1, events(shard, 1), old_rows)  # acknowledged

@@ -58,7 +58,7 @@ from clients.harness import Deployment
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.reconcile import reconcile
 from shard_router import shard_of
-from shard_router.etcd import preferred_node
+from shard_router.placement import preferred_node
 from tests.crash.test_failpoints import start_deployment, start_node
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from shard_router.etcd import EtcdOwnership, preferred_node
+from shard_router.etcd import EtcdOwnership
 from shard_router.local import LocalOwnership
+from shard_router.placement import preferred_node
 
 SHARDS = 8
 LEASE_TTL_S = 3.0
@@ -372,3 +374,54 @@ async def test_local_ownership_owns_everything_until_closed():
     await own.close()
     assert calls[4:] == [(s, 0) for s in range(4)]
     assert own.owner(0) is None
+
+
+@pytest.mark.real
+async def test_a_failed_loop_is_logged_and_restarted(cluster, caplog):
+    """A bug in the reconcile loop does not stop campaigns: it is logged, the loop restarts,
+    and a released shard is still won back after its hold."""
+    a = await cluster.node("a", "r1", ["r1"])
+    rec = cluster.recorder
+    await wait_until(rec, lambda: len(a.owned()) == SHARDS, SETTLE_TIMEOUT_S, "a to own all")
+    real_reconcile = a._reconcile_once
+    failures = []
+
+    async def broken_once() -> None:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected reconcile bug")
+        await real_reconcile()
+
+    a._reconcile_once = broken_once
+    shard, epoch = next(iter(a.owned().items()))
+    with caplog.at_level(logging.ERROR, logger="shard_router.etcd"):
+        await a.release(shard)
+        await wait_until(rec, lambda: a.owned().get(shard, 0) > epoch,
+                         SETTLE_TIMEOUT_S + 3 * GRACE_S, "the released shard to come back")
+    assert failures
+    assert any("etcd reconcile loop failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.real
+async def test_a_failed_keepalive_loop_gives_up_the_shards_and_wins_them_back(cluster, caplog):
+    """A bug in a loop that guards the lease: every shard is reported lost at once (the lease
+    was unwatched), then won again under a new lease with higher epochs."""
+    a = await cluster.node("a", "r1", ["r1"])
+    rec = cluster.recorder
+    await wait_until(rec, lambda: len(a.owned()) == SHARDS, SETTLE_TIMEOUT_S, "a to own all")
+    before = a.owned()
+    real_refresh = a._refresh
+    failures = []
+
+    def broken_once(lease_id: int):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected keep-alive bug")
+        return real_refresh(lease_id)
+
+    a._refresh = broken_once
+    with caplog.at_level(logging.ERROR, logger="shard_router.etcd"):
+        await wait_until(rec, lambda: all(a.owned().get(s, 0) > e for s, e in before.items()),
+                         TAKEOVER_TIMEOUT_S, "every shard to be won again")
+    assert all(rec.first("a", s, True, 0.0) is not None for s in before)
+    assert any("etcd keepalive loop failed" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,63 @@
+"""Limits and fixed values of the Cassandra adapter, each with its unit and what happens when
+it is hit."""
+
+from __future__ import annotations
+
+# Client-side deadline of one statement, in seconds. Longer than the server's own timeouts
+# (write_request_timeout 2 s, cas_contention_timeout 1 s) so that the coordinator's answer,
+# which says what kind of timeout happened, normally arrives before the driver gives up.
+REQUEST_TIMEOUT_S_DEFAULT = 10.0
+# Row-upsert requests (batches) of one append or write_rows call kept in flight at once; the
+# rest wait for a slot. Bounds the driver's request queue and Cassandra's native-transport
+# queue.
+ROWS_IN_FLIGHT_MAX = 64
+# Journal batches read per round trip by load/read_journal. A batch is one group commit (up
+# to a few hundred KB), so pages are counted in batches, not bytes.
+JOURNAL_PAGE_BATCHES = 64
+# Bytes of one snapshot part: one mutation each, far below Cassandra's limit (half the commit
+# log segment: 16 MiB by default), and a size where a QUORUM insert costs little more per byte
+# than a larger one (notes: ~62 inserts/s of 1 MB, about 60 MB/s, on one node here).
+SNAPSHOT_PART_BYTES = 1024 * 1024
+# Parts of one snapshot written at once, and read per round trip (a read answers at most
+# this many MiB).
+SNAPSHOT_PARTS_IN_FLIGHT = 4
+SNAPSHOT_PARTS_PER_READ = 4
+# Loads of a snapshot (and of a shard) started again because a newer snapshot replaced the one
+# being read, before giving up with StoreUnavailable.
+SNAPSHOT_LOAD_ATTEMPTS_MAX = 5
+# Estimated payload bytes of one multi-partition batch of row upserts. Cassandra refuses such
+# batches above batch_size_fail_threshold (50 KiB by default) and logs a rate-limited
+# warning above batch_size_warn_threshold (5 KiB); 16 KiB keeps far from the refusal while
+# packing about a hundred rows per request.
+ROWS_BATCH_BYTES_MAX = 16 * 1024
+# Entries / wallets read per round trip by list_entries / scan_wallets.
+ROWS_PAGE_MAX = 1000
+# CAS attempts of one fence before giving up with StoreUnavailable. A retry happens only when
+# another fencer changed the epoch under us, or a CAS timed out and was found not applied.
+FENCE_ATTEMPTS_MAX = 16
+# Delay between attempts to reconnect to a Cassandra node that went away (s).
+RECONNECT_DELAY_S = 1.0
+# Attempts of the SERIAL read that resolves a CAS timeout before reporting UnknownOutcome.
+RESOLVE_ATTEMPTS_MAX = 3
+# Journal batches of one shard whose rows may wait for the materializer. An append past it
+# waits for the rows to catch up (backpressure), so the lag of the views stays bounded.
+ROWS_LAG_BATCHES_MAX = 64
+# Pause before the materializer retries rows that failed to write (s). Rows are idempotent
+# upserts; they are retried until written or the store closes (then replay rewrites them).
+ROWS_RETRY_BACKOFF_S = 0.2
+# Write timestamp of a materialized row: the journal position (batch ``seq``) of the batch
+# that produced it, plus this base. Cassandra keeps, per cell, the write with the highest
+# timestamp, so a row of an older batch (a deposed owner's late row writer, a replay) can never
+# overwrite a row of a newer batch, whatever order the writes arrive in. Every view row
+# belongs to one shard (a wallet and its entries to the wallet's shard, a transfer to the
+# shard that decided it), and batch numbers of a shard only grow (they continue across owners),
+# so the order is total per row. The base (2**60 us, far beyond any wall-clock time in
+# microseconds, about 1.8e15 today) makes every journal-stamped write win over rows that an
+# older version of this adapter wrote with the driver's wall-clock timestamps, so an existing
+# keyspace converges as rows are rewritten (appends, replays) instead of freezing. The flip
+# side: a hand-made repair through cqlsh without ``USING TIMESTAMP`` above the base is
+# silently ignored; repair views by replay (a new owner rewrites the rows after the latest
+# snapshot) or in a fresh keyspace. Nothing else writes these tables. Cassandra 5's optional
+# guardrail ``maximum_timestamp_fail_threshold`` must stay unset (it is by default).
+ROW_TIMESTAMP_BASE = 1 << 60
+

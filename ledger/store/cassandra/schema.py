@@ -1,0 +1,158 @@
+"""Keyspace and tables of the Cassandra adapter, and the check of the keyspace's replication.
+
+Layout (keyspace ``ledger`` by default, replicated with NetworkTopologyStrategy, one datacenter
+per region):
+
+* ``journal``: one partition per shard. Static columns ``epoch`` (the writer epoch, i.e. the
+  fencing token) and ``head`` (the last batch number); one clustering row per batch ``seq``
+  holding the ``writer_epoch`` and the codec-encoded ``events`` (``journal.py``).
+* ``snapshot_parts`` and ``snapshot_marks``: snapshots of each shard, in parts, counted only
+  once their completion mark is written (``journal.py``).
+* ``wallets``, ``shard_wallets``, ``wallet_entries``, ``transfers``: rows materialized from the
+  journal (``views.py``).
+
+The replication a node serves with is the one the keyspace really has, read back from
+``system_schema.keyspaces`` (``CREATE ... IF NOT EXISTS`` keeps an existing keyspace as it
+is), and judged by ``ledger.store.replication``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from cassandra import ConsistencyLevel
+from cassandra.cluster import Cluster, Session
+
+from ledger.store.cassandra.driver import consistency as _consistency
+from ledger.store.replication import (ReplicationVerdict, UnsafeReplication, check_replication,
+                                      default_replication, parse_replication)
+
+log = logging.getLogger("ledger.store.cassandra")
+
+# Deadline of one DDL statement or schema read at connect (s): DDL waits for schema agreement.
+SCHEMA_TIMEOUT_S_MIN = 60.0
+
+
+def schema_ddl(keyspace: str, replication: dict[str, int]) -> list[str]:
+    repl = ", ".join(["'class': 'NetworkTopologyStrategy'"]
+                     + [f"'{dc}': {n}" for dc, n in sorted(replication.items())])
+    ks = keyspace
+    return [
+        f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{{repl}}}",
+        # The journal partition of a shard grows by one row per group commit; a batch row is
+        # never updated, so compaction only merges immutable rows.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.journal (
+              shard int, seq bigint,
+              epoch bigint static, head bigint static,
+              writer_epoch bigint, events blob,
+              PRIMARY KEY ((shard), seq)) WITH CLUSTERING ORDER BY (seq ASC)""",
+        # A snapshot is written in parts, each one mutation far below the 16 MiB limit, then
+        # marked complete by one small row; only marked snapshots count. Parts are keyed by the
+        # snapshot's digest, so two saves of one seq with different bytes never mix. Older
+        # snapshots of a shard go with one range delete per table. (Keyspaces made before
+        # these tables also have a ``snapshots`` table; it is no longer read.)
+        f"""CREATE TABLE IF NOT EXISTS {ks}.snapshot_parts (
+              shard int, seq bigint, digest blob, part int, data blob,
+              PRIMARY KEY ((shard), seq, digest, part))
+              WITH CLUSTERING ORDER BY (seq DESC, digest ASC, part ASC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.snapshot_marks (
+              shard int, seq bigint, digest blob, parts int, size bigint,
+              PRIMARY KEY ((shard), seq)) WITH CLUSTERING ORDER BY (seq DESC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.wallets (
+              wallet_id text PRIMARY KEY, shard int, currency text, balance_minor bigint,
+              held_minor bigint, version bigint, allow_negative boolean, frozen boolean,
+              created_at_ms bigint)""",
+        # The same wallet rows again, one partition per shard, so that reconciliation can read
+        # a shard's wallets with a few sequential page reads instead of one read per wallet.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.shard_wallets (
+              shard int, wallet_id text, currency text, balance_minor bigint,
+              held_minor bigint, version bigint, allow_negative boolean, frozen boolean,
+              created_at_ms bigint,
+              PRIMARY KEY ((shard), wallet_id)) WITH CLUSTERING ORDER BY (wallet_id ASC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.wallet_entries (
+              wallet_id text, version bigint, transfer_id text, kind text,
+              amount_minor bigint, balance_after_minor bigint, counterparty_wallet_id text,
+              currency text, at_ms bigint,
+              PRIMARY KEY ((wallet_id), version)) WITH CLUSTERING ORDER BY (version ASC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.transfers (
+              transfer_id text PRIMARY KEY, shard int, kind text, from_wallet_id text,
+              to_wallet_id text, amount_minor bigint, currency text, memo text, caller text,
+              idempotency_key text, created_at_ms bigint, state text, status int,
+              status_field text, status_detail text, credited boolean)""",
+    ]
+
+
+
+class MissingKeyspace(Exception):
+    """connect: the keyspace is not there (reported as StoreUnavailable)."""
+
+
+def _unquoted(keyspace: str) -> str:
+    """The name ``system_schema`` stores: CQL folds unquoted names to lower case."""
+    return keyspace[1:-1] if keyspace.startswith('"') else keyspace.lower()
+
+
+def replication_verdict(cluster: Cluster, options: dict, serial_consistency: int | str,
+                         write_consistency: int | str,
+                         regions: list[str] | None) -> ReplicationVerdict:
+    """Judge the keyspace's replication as read back from ``system_schema.keyspaces``."""
+    strategy, replicas = parse_replication(options)
+    nodes: dict[str, int] = {}
+    for host in cluster.metadata.all_hosts():
+        if host.datacenter:
+            nodes[host.datacenter] = nodes.get(host.datacenter, 0) + 1
+    return check_replication(
+        replicas, strategy=strategy, regions=regions, nodes=nodes or None,
+        serial_consistency=ConsistencyLevel.value_to_name[_consistency(serial_consistency)],
+        commit_consistency=ConsistencyLevel.value_to_name[_consistency(write_consistency)])
+
+
+def enforce_replication(keyspace: str, verdict: ReplicationVerdict,
+                         serial_consistency: int | str, required: bool) -> None:
+    """Refuse (durable mode) or log a keyspace that cannot survive a region loss."""
+    if verdict.survives_region_loss:
+        log.info("keyspace %s: %s", keyspace, verdict.describe())
+        return
+    if _consistency(serial_consistency) != ConsistencyLevel.SERIAL:
+        log.warning("keyspace %s (local durability mode, RPO > 0 by choice): %s", keyspace,
+                    verdict.describe())
+        return
+    if not required:
+        log.warning("keyspace %s: %s. Accepted for single-region development only: an "
+                    "acknowledged transfer is NOT safe from the loss of a region", keyspace,
+                    verdict.describe())
+        return
+    raise UnsafeReplication(
+        f"keyspace {keyspace}: {verdict.describe()}. The durable mode serves only a keyspace "
+        f"that keeps acknowledged transfers through the loss of a region. "
+        f"Fix: ALTER KEYSPACE {keyspace} WITH replication = {{'class': "
+        f"'NetworkTopologyStrategy', ...}} so that no datacenter holds a quorum and losing "
+        f"any one leaves a quorum (e.g. one replica in each of three regions), then run a "
+        f"full repair; or, for single-region development only, --single-region-dev "
+        f"(require_region_survival=False)")
+
+
+def create_and_read_replication(session: Session, keyspace: str, local_dc: str,
+                                replication: dict[str, int] | None, regions: list[str] | None,
+                                create_schema: bool, timeout_s: float) -> dict:
+    """Create the keyspace and tables if asked, then read the keyspace's replication options.
+
+    Blocking (DDL waits for schema agreement): run it in a worker thread, never on the event
+    loop.
+
+    Raises:
+        MissingKeyspace: the keyspace does not exist.
+        A driver error: the cluster refused or could not be reached.
+    """
+    timeout_s = max(timeout_s, SCHEMA_TIMEOUT_S_MIN)
+    if create_schema:
+        for ddl in schema_ddl(keyspace, replication or default_replication(local_dc, regions)):
+            session.execute(ddl, timeout=timeout_s)
+    # What the keyspace really has: CREATE ... IF NOT EXISTS keeps an existing one.
+    found = session.execute(
+        "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s",
+        (_unquoted(keyspace),), timeout=timeout_s).one()
+    if found is None:
+        raise MissingKeyspace(f"keyspace {keyspace} does not exist (create it with "
+                              f"a node that creates the schema, or ledgerd node)")
+    return dict(found["replication"])

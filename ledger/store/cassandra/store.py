@@ -1,0 +1,222 @@
+"""``CassandraStore``: the storage port on Cassandra, put together from its parts.
+
+The parts (``ledger/store/cassandra/``): ``schema`` (keyspace and tables, the replication
+check), ``driver`` (the driver bridge: callbacks to asyncio, statement options, driver
+errors), ``journal`` (fence, append, load, snapshots, truncation) and ``views`` (the
+materialized rows, their writer and their reads). This class connects, wires them, and
+answers the port by delegating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable
+
+from cassandra import ConsistencyLevel
+from cassandra.cluster import Cluster, Session
+
+from ledger.core.model import Entry, Transfer, Wallet
+from ledger.store.cassandra.constants import REQUEST_TIMEOUT_S_DEFAULT
+from ledger.store.cassandra.driver import Driver, consistency as _consistency, new_cluster
+from ledger.store.cassandra.journal import Journal
+from ledger.store.cassandra.schema import (MissingKeyspace, create_and_read_replication,
+                                           enforce_replication, replication_verdict)
+from ledger.store.cassandra.views import Views
+from ledger.store.port import JournalBatch, LoadedShard, StoreUnavailable
+from ledger.store.replication import ReplicationVerdict, UnsafeReplication
+from ledger.store.rows import PositionedRow, Row
+
+
+class CassandraStore:
+    """``JournalStore`` on an Apache Cassandra cluster (one datacenter per region).
+
+    Build it with ``await CassandraStore.connect(...)``; close it with ``await close()``.
+
+    Consistency (all configurable, defaults chosen for RPO = 0 across regions):
+
+    * ``serial_consistency`` (default SERIAL): the Paxos phase of ``fence`` and ``append``,
+      and the reads that resolve a CAS timeout. SERIAL is a quorum of ALL replicas across
+      datacenters, so with one replica in each of three regions an appended batch is on two
+      regions before ``append`` returns and the loss of any one region loses no
+      acknowledged batch (RPO = 0), while the remaining two still form a quorum and keep
+      accepting appends. LOCAL_SERIAL would save one cross-region round trip per Paxos phase
+      (roughly halving append latency), but a batch would then be on the local region only:
+      losing that region loses every batch not yet replicated (RPO > 0, up to the hint and
+      replication lag), and worse, two regions could each fence and append the same shard,
+      because their local quorums do not intersect. Use it only with a single region.
+    * ``write_consistency`` (default QUORUM): the commit phase of the Paxos round (the moment
+      the batch becomes visible to non-serial reads) and the row upserts. Once the Paxos
+      proposal is accepted the batch is durable whatever this level is; QUORUM makes it
+      visible to the QUORUM reads of ``load`` and ``read_journal`` at once.
+    * ``read_consistency`` (default QUORUM): journal pages, snapshots and rows. QUORUM reads
+      with QUORUM writes intersect, so a read sees every acknowledged write.
+    """
+
+    # What ``connect`` found about the keyspace's replication (ledger.store.replication).
+    replication_verdict: ReplicationVerdict | None = None
+
+
+    def __init__(self, cluster: Cluster, session: Session, keyspace: str, local_dc: str, *,
+                 serial_consistency: int | str = ConsistencyLevel.SERIAL,
+                 write_consistency: int | str = ConsistencyLevel.QUORUM,
+                 read_consistency: int | str = ConsistencyLevel.QUORUM,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S_DEFAULT) -> None:
+        """Use ``connect``; this wires an already connected session (and prepares every
+        statement: blocking, so ``connect`` runs it in a worker thread)."""
+        self._cluster = cluster
+        self._session = session
+        self._keyspace = keyspace
+        serial_cl = _consistency(serial_consistency)
+        if serial_cl not in (ConsistencyLevel.SERIAL, ConsistencyLevel.LOCAL_SERIAL):
+            raise ValueError("serial_consistency must be SERIAL or LOCAL_SERIAL")
+        write_cl, read_cl = _consistency(write_consistency), _consistency(read_consistency)
+        self._timeout_s = request_timeout_s
+        self._shut = False
+        self._driver = Driver(session, keyspace, serial_cl, request_timeout_s)
+        self._views = Views(self._driver, cluster, local_dc, write_consistency=write_cl,
+                            read_consistency=read_cl)
+        self._journal = Journal(self._driver, self._views, write_consistency=write_cl,
+                                read_consistency=read_cl)
+
+    @classmethod
+    async def connect(cls, contact_points: list[str], port: int, local_dc: str,
+                      keyspace: str = "ledger", replication: dict[str, int] | None = None,
+                      create_schema: bool = True, *,
+                      serial_consistency: int | str = ConsistencyLevel.SERIAL,
+                      write_consistency: int | str = ConsistencyLevel.QUORUM,
+                      read_consistency: int | str = ConsistencyLevel.QUORUM,
+                      request_timeout_s: float = REQUEST_TIMEOUT_S_DEFAULT,
+                      regions: Iterable[str] | None = None,
+                      require_region_survival: bool = True) -> "CassandraStore":
+        """Connect to the cluster, create the schema if asked, check the keyspace's
+        replication, and prepare every statement.
+
+        Args:
+            contact_points: Addresses of some nodes (any datacenter).
+            port: The CQL native transport port.
+            local_dc: The datacenter of this process's region. Requests go to its nodes
+                first (token-aware within the datacenter); other datacenters take part only
+                through the consistency levels.
+            keyspace: Keyspace holding the tables.
+            replication: Datacenter -> replica count for ``CREATE KEYSPACE``; one replica
+                per datacenter of ``regions`` (``{local_dc: 1}`` without ``regions``) when
+                omitted. Ignored for an existing keyspace: what counts is the replication
+                the keyspace really has, read back from ``system_schema.keyspaces``.
+            create_schema: Create keyspace and tables if missing (``IF NOT EXISTS``).
+            serial_consistency: SERIAL (default) or LOCAL_SERIAL; see the class docstring.
+            write_consistency: Commit consistency of appends and consistency of row writes.
+            read_consistency: Consistency of journal, snapshot and row reads.
+            request_timeout_s: Client-side deadline of one statement.
+            regions: The datacenters of every region of the deployment. Each must hold
+                replicas of the keyspace (checked), and they make the default replication.
+            require_region_survival: In the durable mode (``serial_consistency`` SERIAL),
+                refuse a keyspace whose replication cannot keep an acknowledged batch
+                through the loss of any one region (``ledger.store.replication``). False is
+                for single-region development and tests (``{r1: 1}``) and for tools that
+                only report it (``ledgerctl``): a warning is logged instead. In the local
+                durability mode (LOCAL_SERIAL) nothing is refused; the verdict is logged.
+                The verdict is kept as ``store.replication_verdict`` either way.
+
+        Raises:
+            UnsafeReplication: durable mode, ``require_region_survival``, and the keyspace
+                cannot survive a region loss (the message says why). Not transient.
+            StoreUnavailable: the cluster could not be reached, the schema not created, or
+                the keyspace does not exist (``create_schema=False``).
+        """
+        cluster = new_cluster(contact_points, port, local_dc, request_timeout_s)
+        regions = list(regions) if regions is not None else None
+
+        def _blocking_connect() -> tuple[Session, dict]:
+            # Connecting and DDL (which waits for schema agreement) block; they happen once,
+            # in a worker thread, never on the event loop.
+            session = cluster.connect()
+            return session, create_and_read_replication(
+                session, keyspace, local_dc, replication, regions, create_schema,
+                request_timeout_s)
+
+        try:
+            session, options = await asyncio.to_thread(_blocking_connect)
+            verdict = replication_verdict(cluster, options, serial_consistency,
+                                          write_consistency, regions)
+            enforce_replication(keyspace, verdict, serial_consistency, require_region_survival)
+            store = await asyncio.to_thread(
+                cls, cluster, session, keyspace, local_dc, serial_consistency=serial_consistency,
+                write_consistency=write_consistency, read_consistency=read_consistency,
+                request_timeout_s=request_timeout_s)
+            store.replication_verdict = verdict
+            return store
+        except Exception as exc:
+            await asyncio.to_thread(cluster.shutdown)
+            if isinstance(exc, (ValueError, UnsafeReplication)):
+                raise
+            if isinstance(exc, MissingKeyspace):
+                raise StoreUnavailable(str(exc)) from None
+            raise StoreUnavailable(f"cannot connect to Cassandra at {contact_points}:{port}: "
+                                   f"{exc}") from exc
+
+    # --- the journal (``journal.py``) ---------------------------------------------------
+
+    async def fence(self, shard: int, epoch: int) -> int:
+        """See ``JournalStore.fence`` and ``Journal.fence``."""
+        return await self._journal.fence(shard, epoch)
+
+    async def append(self, shard: int, epoch: int, seq: int, events: bytes,
+                     rows: Iterable[Row]) -> None:
+        """See ``JournalStore.append`` and ``Journal.append``."""
+        await self._journal.append(shard, epoch, seq, events, rows)
+
+    async def journal_position(self, shard: int) -> tuple[int, int, int]:
+        """See ``JournalStore.journal_position``."""
+        return await self._journal.journal_position(shard)
+
+    async def load(self, shard: int) -> LoadedShard:
+        """See ``JournalStore.load`` and ``Journal.load``."""
+        return await self._journal.load(shard)
+
+    async def load_snapshot(self, shard: int) -> tuple[int, bytes | None]:
+        """See ``JournalStore.load_snapshot`` and ``Journal.load_snapshot``."""
+        return await self._journal.load_snapshot(shard)
+
+    async def read_journal(self, shard: int, after_seq: int = 0,
+                           limit: int = 1000) -> list[JournalBatch]:
+        """See ``JournalStore.read_journal``."""
+        return await self._journal.read_journal(shard, after_seq, limit)
+
+    async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> bool:
+        """See ``JournalStore.save_snapshot`` and ``Journal.save_snapshot``."""
+        return await self._journal.save_snapshot(shard, seq, snapshot)
+
+    async def truncate_journal(self, shard: int, through_seq: int) -> None:
+        """See ``JournalStore.truncate_journal`` and ``Journal.truncate_journal``."""
+        await self._journal.truncate_journal(shard, through_seq)
+
+    # --- the views (``views.py``) -------------------------------------------------------
+
+    async def flush_rows(self, shard: int, seq: int) -> None:
+        """See ``JournalStore.flush_rows`` and ``Views.flush``."""
+        await self._views.flush(shard, seq)
+
+    async def write_rows(self, shard: int, rows: Iterable[Row | PositionedRow],
+                         seq: int | None = None) -> None:
+        """See ``JournalStore.write_rows`` and ``Views.write_rows``."""
+        await self._views.write_rows(shard, rows, seq)
+
+    async def list_entries(self, wallet_id: str, after_version: int,
+                           limit: int) -> list[Entry]:
+        """See ``JournalStore.list_entries``."""
+        return await self._views.list_entries(wallet_id, after_version, limit)
+
+    async def get_transfer(self, transfer_id: str) -> Transfer | None:
+        """See ``JournalStore.get_transfer``."""
+        return await self._views.get_transfer(transfer_id)
+
+    async def scan_wallets(self, shard: int) -> list[Wallet]:
+        """See ``JournalStore.scan_wallets``."""
+        return await self._views.scan_wallets(shard)
+
+    async def close(self) -> None:
+        """Write pending rows (bounded wait), then shut the driver down. Idempotent."""
+        await self._views.close(self._timeout_s)
+        if not self._shut:
+            self._shut = True
+            await asyncio.to_thread(self._cluster.shutdown)

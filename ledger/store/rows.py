@@ -1,0 +1,101 @@
+"""The materialized rows both stores hold: their types, their columns, and which one wins.
+
+A journal batch changes some rows of the views (wallets, wallet history, transfers). The pure
+core emits them as ``(kind, value)`` pairs while it evolves a shard (``ShardState.evolve``);
+the stores write them (``JournalStore.append``, ``write_rows``). This module is what the SQLite
+and Cassandra adapters share about them:
+
+* the row types, tagged by kind (``WalletRow``, ``EntryRow``, ``TransferRow``), and the same
+  with the journal position of the batch that produced them (``PositionedRow``);
+* the column order of each table, which is also the field order of the model dataclass a
+  read rebuilds (``Wallet(*row)``);
+* ``latest_rows``: of several rows with one key, the one of the highest journal position
+  wins, and among those the last. A store writes only the winners.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, TypeAlias
+
+from ledger.core.model import Entry, Transfer, Wallet
+
+WALLET = "wallet"
+ENTRY = "entry"
+TRANSFER = "transfer"
+
+RowKind: TypeAlias = Literal["wallet", "entry", "transfer"]
+WalletRow: TypeAlias = tuple[Literal["wallet"], Wallet]
+EntryRow: TypeAlias = tuple[Literal["entry"], Entry]
+TransferRow: TypeAlias = tuple[Literal["transfer"], Transfer]
+# One row of a view as the core emits it.
+Row: TypeAlias = WalletRow | EntryRow | TransferRow
+# A row with the journal position (batch ``seq``) of the batch that produced it.
+PositionedRow: TypeAlias = tuple[RowKind, Wallet | Entry | Transfer, int]
+
+# Columns of each view, in the field order of its model dataclass.
+WALLET_COLS = ("wallet_id", "currency", "balance_minor", "held_minor", "version",
+               "allow_negative", "frozen", "created_at_ms")
+ENTRY_COLS = ("wallet_id", "version", "transfer_id", "kind", "amount_minor",
+              "balance_after_minor", "counterparty_wallet_id", "currency", "at_ms")
+TRANSFER_COLS = ("transfer_id", "kind", "from_wallet_id", "to_wallet_id", "amount_minor",
+                 "currency", "memo", "caller", "idempotency_key", "created_at_ms", "state",
+                 "status", "status_field", "status_detail", "credited")
+
+
+def rows_at(rows: Iterable[Row | PositionedRow], seq: int | None) -> list[PositionedRow]:
+    """``write_rows``' rows as (kind, value, seq): a row's own seq, else ``seq``.
+
+    Raises:
+        ValueError: a row has no position and ``seq`` is None.
+    """
+    out: list[PositionedRow] = []
+    for row in rows:
+        if len(row) == 3:
+            out.append(row)  # type: ignore[arg-type]
+        elif seq is None:
+            raise ValueError("write_rows needs the journal position of its rows: pass seq= "
+                             "(the batch the rows are as of) or (kind, value, seq) rows")
+        else:
+            out.append((row[0], row[1], seq))
+    return out
+
+
+@dataclass(slots=True)
+class LatestRows:
+    """The rows to write, one per key, each with the position it is stamped with."""
+
+    wallets: dict[str, tuple[Wallet, int]] = field(default_factory=dict)
+    entries: dict[tuple[str, int], tuple[Entry, int]] = field(default_factory=dict)
+    transfers: dict[str, tuple[Transfer, int]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.wallets or self.entries or self.transfers)
+
+
+def latest_rows(rows: Iterable[PositionedRow]) -> LatestRows:
+    """Keep, per key, the row of the highest position; among equal positions, the last.
+
+    Keys: a wallet by its id, an entry by (wallet id, version), a transfer by its id.
+
+    Raises:
+        ValueError: a row of an unknown kind (a programmer error).
+    """
+    out = LatestRows()
+
+    def keep(table: dict, key: object, value: object, seq: int) -> None:
+        held = table.get(key)
+        if held is None or held[1] <= seq:
+            table[key] = (value, seq)
+
+    for kind, value, seq in rows:
+        if kind == WALLET:
+            keep(out.wallets, value.wallet_id, value, seq)  # type: ignore[union-attr]
+        elif kind == ENTRY:
+            keep(out.entries, (value.wallet_id, value.version), value,  # type: ignore[union-attr]
+                 seq)
+        elif kind == TRANSFER:
+            keep(out.transfers, value.transfer_id, value, seq)  # type: ignore[union-attr]
+        else:
+            raise ValueError(f"unknown row kind {kind!r}")
+    return out
