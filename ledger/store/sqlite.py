@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ledger import failpoints
+from ledger.runtime import failpoints
 from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
 from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailable

@@ -278,7 +278,7 @@ async def test_a_snapshot_larger_than_a_part_round_trips(case):
 
 
 async def test_a_snapshot_whose_save_fails_before_its_mark_is_ignored(case):
-    from ledger import failpoints
+    from ledger.runtime import failpoints
     from ledger.store.cassandra import SNAPSHOT_PART_BYTES
     from ledger.store.port import StoreUnavailable
     shard = case.shard()
@@ -597,7 +597,7 @@ async def test_cassandra_snapshot_above_the_mutation_limit_round_trips(cassandra
 @pytest.mark.real
 async def test_cassandra_parts_without_their_mark_exist_and_are_not_loaded(cassandra_store,
                                                                           fresh_shard):
-    from ledger import failpoints
+    from ledger.runtime import failpoints
     from ledger.store.cassandra import SNAPSHOT_PART_BYTES
     from ledger.store.port import StoreUnavailable
 

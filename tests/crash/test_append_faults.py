@@ -2,7 +2,7 @@
 ``ledgerd node`` processes, Cassandra and etcd: the real-Cassandra regression for defect 1 of
 issue 7 (credits left an owner before their debit was durable).
 
-The failpoint kind "fault" of ``ledger.failpoints`` makes a store call fail without killing
+The failpoint kind "fault" of ``ledger.runtime.failpoints`` makes a store call fail without killing
 anything:
 
 * ``owner.append_unavailable@<n>+<k>``: the n-th journal append of the process and the k after

@@ -1,6 +1,6 @@
 """SIGKILL at every failpoint of the transfer protocol, on real ``ledgerd node`` processes.
 
-For each failpoint named in ``ledger.failpoints`` a fresh deployment (Cassandra + etcd) is set
+For each failpoint named in ``ledger.runtime.failpoints`` a fresh deployment (Cassandra + etcd) is set
 up, a node is restarted with the failpoint armed, and the request that reaches it is sent: a
 cross-shard Transfer, or a linked BatchTransfer chain whose items cross shards for the chain
 failpoints. The owner failpoints run on one node owning every shard, which is restarted after

@@ -29,7 +29,8 @@ from cassandra import OperationTimedOut
 from cassandra.cluster import NoHostAvailable
 
 from clients import LedgerClient, LedgerOutcomeUnknown, LedgerUnavailable
-from ledger import failpoints, server
+from ledger import server
+from ledger.runtime import failpoints
 from ledger.api.errors import INTERNAL_MESSAGE, UNAVAILABLE_MESSAGE
 from ledger.store.port import Fenced, StoreUnavailable, UnknownOutcome
 

@@ -24,7 +24,7 @@ from typing import Iterable
 from cassandra import ConsistencyLevel
 from cassandra.query import BatchStatement, BatchType
 
-from ledger import failpoints
+from ledger.runtime import failpoints
 from ledger.store.cassandra.constants import (FENCE_ATTEMPTS_MAX, JOURNAL_PAGE_BATCHES,
                                               RESOLVE_ATTEMPTS_MAX, SNAPSHOT_LOAD_ATTEMPTS_MAX,
                                               SNAPSHOT_PART_BYTES, SNAPSHOT_PARTS_IN_FLIGHT,

@@ -29,7 +29,7 @@ from ledger.store.cassandra.driver import DRIVER_ERRORS, Driver
 from ledger.store.port import StoreUnavailable
 from ledger.store.rows import (ENTRY_COLS, TRANSFER_COLS, WALLET_COLS, PositionedRow, Row,
                                latest_rows, rows_at)
-from ledger.tasks import spawn
+from ledger.runtime.tasks import spawn
 
 log = logging.getLogger("ledger.store.cassandra")
 
