@@ -488,7 +488,9 @@ class Drill:
         stale = {s: e for s, e in after.items() if s in shards and e <= shards[s]}
         lines = []
         if log_path.exists():
-            with open(log_path, errors="replace") as f:
+            # The node's own log, read once after the pause window: a short local read that the
+            # drill's timing does not depend on, so a worker thread would buy nothing.
+            with open(log_path, errors="replace") as f:  # noqa: ASYNC230
                 f.seek(log_offset)
                 lines = [ln.rstrip() for ln in f if STEP_DOWN_RE.search(ln)]
         probe = await self._stale_append_probe(shards)

@@ -429,7 +429,8 @@ def cql_query(host: str, port: int, query: str, timeout: float = 5.0) -> list[tu
         elif tid in (0x0020, 0x0022):
             take_option()
         elif tid == 0x0021:
-            take_option(); take_option()
+            take_option()
+            take_option()
         elif tid in (0x0030, 0x0031):
             raise CqlError("UDT/tuple columns not supported by the readiness client")
         return tid
@@ -444,11 +445,13 @@ def cql_query(host: str, port: int, query: str, timeout: float = 5.0) -> list[tu
         raise CqlError("no metadata in result")
     global_spec = flags & 0x0001
     if global_spec:
-        take_string(); take_string()
+        take_string()
+        take_string()
     types = []
     for _ in range(ncols):
         if not global_spec:
-            take_string(); take_string()
+            take_string()
+            take_string()
         take_string()
         types.append(take_option())
     (nrows,) = struct.unpack(">i", take(4))

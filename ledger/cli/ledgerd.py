@@ -171,7 +171,7 @@ async def _node(args) -> None:
                        if args.replication else {dc: 1 for dc in datacenters})
     except ValueError:
         raise SystemExit(f"ledgerd node: --replication must be dc=replicas,... "
-                         f"(got {args.replication!r})")
+                         f"(got {args.replication!r})") from None
     contact_points = getattr(args, "contact_points", None) or [host]
     levels = ({} if args.durability == "durable" else dict(
         serial_consistency="LOCAL_SERIAL", write_consistency="LOCAL_QUORUM",

@@ -135,7 +135,7 @@ _DRIVER_ERRORS = (NoHostAvailable, RequestExecutionException, OperationTimedOut,
 
 
 def _schema(keyspace: str, replication: dict[str, int]) -> list[str]:
-    repl = ", ".join([f"'class': 'NetworkTopologyStrategy'"]
+    repl = ", ".join(["'class': 'NetworkTopologyStrategy'"]
                      + [f"'{dc}': {n}" for dc, n in sorted(replication.items())])
     ks = keyspace
     return [
