@@ -327,7 +327,7 @@ class Drill:
             self._probe_clients[node.address] = client
         return client
 
-    def live_nodes(self, exclude: set[str] = frozenset()) -> list[NodeProcess]:
+    def live_nodes(self, exclude: frozenset[str] | set[str] = frozenset()) -> list[NodeProcess]:
         return [n for n in self.deployment.nodes if n.alive and n.node_id not in exclude
                 and n.region not in self._cassandra_down]
 
@@ -339,8 +339,8 @@ class Drill:
             return False
 
     async def wait_served(self, shards: list[int], *, since: float,
-                          exclude_nodes: set[str] = frozenset(),
-                          exclude_regions: set[str] = frozenset(),
+                          exclude_nodes: frozenset[str] | set[str] = frozenset(),
+                          exclude_regions: frozenset[str] | set[str] = frozenset(),
                           epochs_above: dict[int, int] | None = None,
                           want_regions: dict[int, str] | None = None,
                           timeout_s: float = SERVED_TIMEOUT_S) -> dict:
@@ -483,6 +483,7 @@ class Drill:
         window.end_s = self.t()
         # Give the woken node time to notice (watchdog, lease check, fenced appends).
         await asyncio.sleep(self.config.lease_ttl_s)
+        assert self.watcher is not None
         await self.watcher.poll_once()
         after = self.watcher.shards_of(node.node_id)
         stale = {s: e for s, e in after.items() if s in shards and e <= shards[s]}
@@ -803,6 +804,7 @@ class Drill:
                 self.problem(f"reconcile found {len(result.findings)} findings")
             # Exactly once, counted by the store: one commit per funding deposit and per
             # acknowledged transfer, and nothing else (every request was answered by now).
+            assert self.workload is not None
             expected = len(self.workload.wallets) + self.workload.result.counts()["ok"]
             if self.load is not None:
                 expected += len(self.load.wallets) + self.load.counts()["ok"]
@@ -1072,7 +1074,8 @@ def latency_svg(report: ScenarioReport) -> str:
 
 
 def _legend(items: list[tuple[str, str]]) -> str:
-    parts, x = [], _ML + 4
+    parts: list[str] = []
+    x: float = _ML + 4
     for color, label in items:
         parts.append(f'<rect x="{x}" y="{_MT - 14}" width="10" height="8" fill="{color}"/>'
                      f'<text x="{x + 13}" y="{_MT - 6}">{html.escape(label)}</text>')

@@ -35,9 +35,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from clients import LedgerClient
 from ledger.ledgerpb import ledger_pb2 as pb
+
+if TYPE_CHECKING:
+    from ledger.localcluster import LocalCluster
 
 CURRENCY = "CNY"
 FUND_MINOR = 10**12
@@ -81,7 +85,7 @@ class Server:
         self.port = free_port()
         self.tmp = tempfile.mkdtemp(prefix="ledger-bench-")
         self.proc: subprocess.Popen | None = None
-        self.cluster = None
+        self.cluster: LocalCluster | None = None
 
     def start(self) -> None:
         args = self.args
@@ -108,6 +112,7 @@ class Server:
                    "--single-region-dev", "--log-level", "WARNING"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         line = self.proc.stdout.readline()
         if "serving" not in line:
             raise SystemExit(f"ledger did not start: {line}{self.proc.stdout.read()}")

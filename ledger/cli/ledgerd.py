@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from ledger import server
 
@@ -173,7 +174,7 @@ async def _node(args) -> None:
         raise SystemExit(f"ledgerd node: --replication must be dc=replicas,... "
                          f"(got {args.replication!r})") from None
     contact_points = getattr(args, "contact_points", None) or [host]
-    levels = ({} if args.durability == "durable" else dict(
+    levels: dict[str, Any] = ({} if args.durability == "durable" else dict(
         serial_consistency="LOCAL_SERIAL", write_consistency="LOCAL_QUORUM",
         read_consistency="LOCAL_QUORUM"))
     try:
