@@ -81,7 +81,7 @@ def release_fingerprint(hold_id: str) -> tuple[tuple[str, object], ...]:
     return (("hold_id", hold_id),)
 
 
-def claim_target(cmd) -> str:
+def claim_target(cmd: ClaimKey | KeyClaimed) -> str:
     """The idempotency target a ``ClaimKey`` stands for."""
     return cmd.target or "transfer:" + cmd.transfer_id
 
