@@ -9,7 +9,7 @@ money twice, and the answer after a retry is the ledger's original result.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from tenacity import (
@@ -57,7 +57,7 @@ class LedgerError(Exception):
         self.message = message
 
     @classmethod
-    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> "LedgerError":
+    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> Self:
         trailers = dict(exc.trailing_metadata() or ())
         return cls(exc.code(), trailers.get("ledger-status", ""),
                    trailers.get("ledger-field", ""), exc.details() or "")

@@ -16,7 +16,7 @@ import asyncio
 import re
 from dataclasses import dataclass, replace
 from hashlib import blake2b
-from typing import Callable
+from typing import Callable, Mapping
 
 from ledger import failpoints
 from ledger.core import constants as C
@@ -390,7 +390,7 @@ class Coordinator:
                     item.idempotency_key), item.kind, source, target, item.amount_minor,
                     item.currency, item.memo, to_shard, now)
 
-    async def _by_shard(self, commands: dict[int, tuple[int, object]], wait_credit: bool = False
+    async def _by_shard(self, commands: Mapping[int, tuple[int, object]], wait_credit: bool = False
                         ) -> dict[int, Outcome]:
         """Execute ``{index: (shard, command)}``, one command list per shard, in parallel."""
         groups: dict[int, list[tuple[int, object]]] = {}
@@ -527,6 +527,7 @@ class Coordinator:
         credit_refusal = None
         reserved_at = 0
         if to_shard != shard:
+            assert hold is not None  # fetched above whenever to_shard != shard
             if hold.value.wallet_id == to_wallet_id:
                 return refuse(Status.SAME_WALLET, "to_wallet_id", "is the hold's own wallet")
             answer = (await self._executor.execute(to_shard, [ReserveCredit(

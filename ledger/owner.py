@@ -221,9 +221,10 @@ class ShardOwner:
             return [UNAVAILABLE] * len(commands)
         if self._queued_commands + len(commands) > K.OWNER_QUEUE_COMMANDS_MAX:
             return [OVERLOADED] * len(commands)
-        request = _Request(commands, asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        request = _Request(commands, future)
         self._enqueue(request)
-        outcomes = await request.future
+        outcomes = await future
         if wait_credit:
             await self._await_credits(commands, outcomes)
         return outcomes
@@ -367,7 +368,7 @@ class ShardOwner:
         if not waiters:
             return
         # Waiters arrive almost in sequence order; scan all so none is missed.
-        keep = collections.deque()
+        keep: collections.deque = collections.deque()
         for seq, fut in waiters:
             if seq <= applied:
                 if not fut.done():

@@ -135,7 +135,7 @@ _DRIVER_ERRORS = (NoHostAvailable, RequestExecutionException, OperationTimedOut,
 
 
 def _schema(keyspace: str, replication: dict[str, int]) -> list[str]:
-    repl = ", ".join([f"'class': 'NetworkTopologyStrategy'"]
+    repl = ", ".join(["'class': 'NetworkTopologyStrategy'"]
                      + [f"'{dc}': {n}" for dc, n in sorted(replication.items())])
     ks = keyspace
     return [
@@ -837,7 +837,7 @@ class CassandraStore:
             # The CAS was sent exactly once (the retry policy never re-sends it), so "not
             # applied" means someone else holds the epoch or the number, never ourselves.
             if not (result and result[0].get("[applied]")):
-                found = next((r for r in (result or ()) if "epoch" in r or "head" in r), {})
+                found: dict = next((r for r in (result or ()) if "epoch" in r or "head" in r), {})
                 raise self._refused(shard, epoch, seq, found)
         # The batch is durable: its rows are views, written behind the commit path (a row
         # write costs more than the journal append, and it needs no serial quorum).

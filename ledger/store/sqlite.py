@@ -251,10 +251,11 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     wallets: dict[str, Wallet] = {}
     transfers: dict[str, Transfer] = {}
     entries: list[Entry] = []
-    for kind, value in rows:  # later rows of the same wallet or transfer win
-        if kind == "wallet":
+    # A row's kind names its value's type, so the type picks the table.
+    for _kind, value in rows:  # later rows of the same wallet or transfer win
+        if isinstance(value, Wallet):
             wallets[value.wallet_id] = value
-        elif kind == "transfer":
+        elif isinstance(value, Transfer):
             transfers[value.transfer_id] = value
         else:
             entries.append(value)
