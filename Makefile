@@ -9,11 +9,12 @@ STAMP      := $(VENV)/.installed
 REGIONS    ?= r1
 PORT       ?= 50051
 
-.PHONY: help install proto run test test-fast services services-stop services-status bench chaos clean
+.PHONY: help install proto run lint test test-fast services services-stop services-status bench chaos clean
 
 help:
 	@echo "make run              ledger on the embedded default at localhost:$(PORT)"
-	@echo "make test             whole suite (starts real Cassandra + etcd itself)"
+	@echo "make lint             ruff + mypy (configured in pyproject.toml); make test runs it first"
+	@echo "make test             lint, then the whole suite (starts real Cassandra + etcd itself)"
 	@echo "make test-fast        unit + embedded-store tests only"
 	@echo "make services         start real Cassandra ($(REGIONS)) + etcd on loopback"
 	@echo "make services-status / services-stop"
@@ -38,7 +39,12 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/ledgerd dev --port $(PORT)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+# The suite runs only on code that passes the lint.
+test: $(STAMP) lint
 	$(PY) -m pytest -p no:cacheprovider -rs
 
 test-fast: $(STAMP)

@@ -200,13 +200,13 @@ class BankWorkload:
                                 f"say {expected[w]}")
             if final[w] < 0:
                 problems.append(f"{w} is negative: {final[w]}")
-        for t, total, negatives in self.result.reads:
+        for t, _total, negatives in self.result.reads:
             if negatives:
                 problems.append(f"read at {t:.1f} s saw {negatives} negative balances")
         for op in self.result.ops:
             if op.result == "ok":
                 try:
-                    transfer = await self.client.call(lambda c: c.get_transfer(op.transfer_id))
+                    transfer = await self.client.call(lambda c, op=op: c.get_transfer(op.transfer_id))
                 except LedgerError as exc:
                     if exc.code != grpc.StatusCode.NOT_FOUND:
                         raise
@@ -222,7 +222,7 @@ class BankWorkload:
             elif op.result == "refused" and op.detail == "RESULT_STATUS_INSUFFICIENT_FUNDS":
                 # The recorded refusal is what a retry returns: never a second execution.
                 try:
-                    await self.client.call(lambda c: c.transfer(
+                    await self.client.call(lambda c, op=op: c.transfer(
                         op.src, op.dst, op.amount, CURRENCY, idempotency_key=op.key))
                     problems.append(f"{op.key}: refused, but a retry committed it")
                 except LedgerError:

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 # How long a node may take to print that it serves (s): a takeover replays journals.
 NODE_START_TIMEOUT_S = 120.0
@@ -77,7 +78,7 @@ class NodeProcess:
         # stdout carries only the serving line; logs go to a file (or nowhere).
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            log = open(self.log_dir / f"{self.node_id}.log", "a")
+            log: IO[str] | int = open(self.log_dir / f"{self.node_id}.log", "a")
         else:
             log = subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -89,8 +90,9 @@ class NodeProcess:
     def wait_serving(self) -> None:
         """Block until the node printed its serving line (it then answers gRPC)."""
         assert self.proc is not None and self.proc.stdout is not None
+        stdout = self.proc.stdout
         result: list[str] = []
-        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()),
+        reader = threading.Thread(target=lambda: result.append(stdout.readline()),
                                   daemon=True)
         reader.start()
         reader.join(NODE_START_TIMEOUT_S)
@@ -102,7 +104,7 @@ class NodeProcess:
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def signal(self, sig: int) -> None:
-        if self.alive:
+        if self.proc is not None and self.alive:
             os.kill(self.proc.pid, sig)
 
     def kill(self) -> None:

@@ -183,7 +183,7 @@ class LoadWorkload:
             items = [op.request() for op in pending]
             try:
                 response = await self.batches.call(
-                    lambda c: c.batch_transfer(items), max(0.1, deadline - time.monotonic()))
+                    lambda c, items=items: c.batch_transfer(items), max(0.1, deadline - time.monotonic()))
             except TimeoutError as exc:
                 last = str(exc)
                 break
@@ -258,7 +258,7 @@ class LoadWorkload:
                       for i in range(0, len(batched), self.config.batch_size)]
             gate = asyncio.Semaphore(CHECK_CONCURRENCY)
 
-            async def guarded(coro):
+            async def guarded(coro, gate=gate):
                 async with gate:
                     await coro
 

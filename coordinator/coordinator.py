@@ -34,6 +34,7 @@ from coordinator.constants import HISTORY_POLL_MS, HISTORY_WAIT_MS
 from coordinator.ports import HistoryReader, ShardExecutor
 from ledger.core import constants as C
 from ledger.core import validate
+from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
     KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation, CaptureHold,
     ClaimKey, CreateHold, CreateWallet, GetHold, GetTransfer, GetWallet, Post, ReleaseHold,
@@ -504,6 +505,8 @@ class Coordinator:
         credit_refusal = None
         reserved_at = 0
         if to_shard != shard:
+            if hold is None:  # read above whenever the credit is on another shard
+                raise InvariantViolation("capture across shards without its hold read")
             if hold.value.wallet_id == to_wallet_id:
                 return refuse(Status.SAME_WALLET, "to_wallet_id", "is the hold's own wallet")
             answer = (await self._executor.execute(to_shard, [ReserveCredit(

@@ -403,7 +403,7 @@ class ShardOwner:
         if not waiters:
             return
         # Waiters arrive almost in sequence order; scan all so none is missed.
-        keep = collections.deque()
+        keep: collections.deque = collections.deque()
         for seq, fut in waiters:
             if seq <= applied:
                 if not fut.done():

@@ -154,9 +154,9 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
             if not wallet.allow_negative and wallet.balance_minor - wallet.held_minor < 0:
                 report.add("non_negative", shard, wallet.wallet_id,
                            f"available {wallet.balance_minor - wallet.held_minor} < 0")
-        for dst, items in state.outbox.items():
+        for dst, by_seq in state.outbox.items():
             applied = states[dst].inbox_applied.get(shard, 0) if dst in states else 0
-            for seq, credit in items.items():
+            for seq, credit in by_seq.items():
                 if seq > applied:  # not applied on the credit shard yet: in transit
                     report.in_transit[credit.currency] = (report.in_transit.get(
                         credit.currency, 0) + credit.amount_minor)

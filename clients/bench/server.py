@@ -39,7 +39,7 @@ class Server:
         self.port = free_port()
         self.tmp = tempfile.mkdtemp(prefix="ledger-bench-")
         self.proc: subprocess.Popen | None = None
-        self.cluster = None
+        self.cluster: LocalCluster | None = None
 
     def start(self) -> None:
         """Start the ledger (and a one-region cluster unless ``--cassandra`` names one) and
@@ -69,6 +69,7 @@ class Server:
                    "--single-region-dev", "--log-level", "WARNING"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
+        assert self.proc.stdout is not None  # stdout=PIPE
         line = self.proc.stdout.readline()
         if "serving" not in line:
             raise SystemExit(f"ledger did not start: {line}{self.proc.stdout.read()}")

@@ -81,7 +81,7 @@ class Drill:
             self._probe_clients[node.address] = client
         return client
 
-    def live_nodes(self, exclude: set[str] = frozenset()) -> list[NodeProcess]:
+    def live_nodes(self, exclude: frozenset[str] | set[str] = frozenset()) -> list[NodeProcess]:
         return [n for n in self.deployment.nodes if n.alive and n.node_id not in exclude
                 and n.region not in self._cassandra_down]
 
@@ -93,8 +93,8 @@ class Drill:
             return False
 
     async def wait_served(self, shards: list[int], *, since: float,
-                          exclude_nodes: set[str] = frozenset(),
-                          exclude_regions: set[str] = frozenset(),
+                          exclude_nodes: frozenset[str] | set[str] = frozenset(),
+                          exclude_regions: frozenset[str] | set[str] = frozenset(),
                           epochs_above: dict[int, int] | None = None,
                           want_regions: dict[int, str] | None = None,
                           timeout_s: float = SERVED_TIMEOUT_S) -> dict:
@@ -224,12 +224,15 @@ class Drill:
         window.end_s = self.t()
         # Give the woken node time to notice (watchdog, lease check, fenced appends).
         await asyncio.sleep(self.config.lease_ttl_s)
+        assert self.watcher is not None
         await self.watcher.poll_once()
         after = self.watcher.shards_of(node.node_id)
         stale = {s: e for s, e in after.items() if s in shards and e <= shards[s]}
         lines = []
         if log_path.exists():
-            with open(log_path, errors="replace") as f:
+            # The node's own log, read once after the pause window: a short local read that the
+            # drill's timing does not depend on, so a worker thread would buy nothing.
+            with open(log_path, errors="replace") as f:  # noqa: ASYNC230
                 f.seek(log_offset)
                 lines = [ln.rstrip() for ln in f if STEP_DOWN_RE.search(ln)]
         probe = await self._stale_append_probe(shards)
@@ -517,6 +520,7 @@ class Drill:
             self.problem(f"reconcile found {len(result['findings'])} findings")
         # Exactly once, counted by the store: one commit per funding deposit and per
         # acknowledged transfer, and nothing else (every request was answered by now).
+        assert self.workload is not None
         expected = len(self.workload.wallets) + self.workload.result.counts()["ok"]
         if self.load is not None:
             expected += len(self.load.wallets) + self.load.counts()["ok"]

@@ -43,7 +43,7 @@ async def run_json(args: list[str], timeout_s: float = LEDGERCTL_TIMEOUT_S,
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     except asyncio.TimeoutError:
-        raise LedgerctlError(f"ledgerctl {args[0]}: no answer within {timeout_s:.0f} s")
+        raise LedgerctlError(f"ledgerctl {args[0]}: no answer within {timeout_s:.0f} s") from None
     finally:
         # Timed out, or the drill was cancelled: the call must not outlive it.
         if proc.returncode is None:

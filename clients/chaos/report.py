@@ -151,7 +151,8 @@ def latency_svg(report: ScenarioReport) -> str:
 
 
 def _legend(items: list[tuple[str, str]]) -> str:
-    parts, x = [], _ML + 4
+    parts: list[str] = []
+    x: float = _ML + 4
     for color, label in items:
         parts.append(f'<rect x="{x}" y="{_MT - 14}" width="10" height="8" fill="{color}"/>'
                      f'<text x="{x + 13}" y="{_MT - 6}">{html.escape(label)}</text>')

@@ -284,3 +284,4 @@ def ensure_cassandra(cache: Path | None = None, version: str | None = None) -> C
     for v in candidates:
         if (d := _try_maven(v, cache)):
             return d
+    raise LocalClusterError(f"could not obtain Cassandra (tried {candidates}) from Maven Central")

@@ -41,7 +41,9 @@ def transfer_to_proto(t: Transfer) -> pb.Transfer:
         to_wallet_id=t.to_wallet_id, amount_minor=t.amount_minor, currency=t.currency,
         memo=t.memo,
         state=STATE_TO_PROTO[t.state],
-        status=t.status, status_field=t.status_field, status_detail=t.status_detail,
+        # protobuf takes the enum's int value; the generated .pyi lists only the enum type.
+        status=t.status,  # type: ignore[arg-type]
+        status_field=t.status_field, status_detail=t.status_detail,
         credited=t.credited, created_at_ms=t.created_at_ms, idempotency_key=t.idempotency_key)
 
 

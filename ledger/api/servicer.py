@@ -123,7 +123,9 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
                                                 deadline=deadline_of(context))
         results = []
         for outcome in outcomes:
-            result = pb.TransferResult(status=int(outcome.status), field=outcome.field,
+            # protobuf takes the enum's int value; the generated .pyi lists only the enum type.
+            result = pb.TransferResult(status=int(outcome.status),  # type: ignore[arg-type]
+                                       field=outcome.field,
                                        detail=outcome.detail, replayed=outcome.replayed)
             if outcome.value is not None:
                 result.transfer.CopyFrom(convert.transfer_to_proto(outcome.value))

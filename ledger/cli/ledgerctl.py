@@ -53,7 +53,8 @@ async def _open_store(args):
                                             require_region_survival=False)
     from ledger.store.sqlite import SqliteStore
     path = os.path.join(args.data_dir or ".ledger-dev", "ledger.sqlite3")
-    if not os.path.exists(path):
+    # A one-shot CLI check before anything else runs on the loop; nothing waits behind it.
+    if not os.path.exists(path):  # noqa: ASYNC240
         raise SystemExit(f"ledgerctl: no embedded store at {path}")
     return await SqliteStore.open(path)
 

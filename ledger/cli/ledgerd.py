@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from ledger import server
 
@@ -171,9 +172,9 @@ async def _node(args) -> None:
                        if args.replication else {dc: 1 for dc in datacenters})
     except ValueError:
         raise SystemExit(f"ledgerd node: --replication must be dc=replicas,... "
-                         f"(got {args.replication!r})")
+                         f"(got {args.replication!r})") from None
     contact_points = getattr(args, "contact_points", None) or [host]
-    levels = ({} if args.durability == "durable" else dict(
+    levels: dict[str, Any] = ({} if args.durability == "durable" else dict(
         serial_consistency="LOCAL_SERIAL", write_consistency="LOCAL_QUORUM",
         read_consistency="LOCAL_QUORUM"))
     try:

@@ -7,7 +7,7 @@ that ``ledger.core.codec`` can journal them and send them between nodes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Transfer kinds.
 KIND_TRANSFER = "TRANSFER"

@@ -15,8 +15,10 @@ source shard) and the debit shard journals ``OutboxAcked``.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from ledger.core import constants as C
-from ledger.core.invariants import ensure
+from ledger.core.invariants import InvariantViolation, ensure
 from ledger.core.model import (
     HOLD_CAPTURED, HOLD_EXPIRED, HOLD_HELD, HOLD_RELEASED, KIND_DEPOSIT, KIND_HOLD_CAPTURE,
     KIND_WITHDRAWAL, STATE_COMMITTED, STATE_PENDING, STATE_REFUSED, AckOutbox, ApplyCredits,
@@ -79,7 +81,7 @@ def release_fingerprint(hold_id: str) -> tuple[tuple[str, object], ...]:
     return (("hold_id", hold_id),)
 
 
-def claim_target(cmd) -> str:
+def claim_target(cmd: ClaimKey | KeyClaimed) -> str:
     """The idempotency target a ``ClaimKey`` stands for."""
     return cmd.target or "transfer:" + cmd.transfer_id
 
@@ -260,7 +262,8 @@ class ShardState:
 
     def _replay_transfer(self, record: IdempotencyRecord) -> Outcome:
         original = self.transfers.get(record.target[len("transfer:"):])
-        ensure(original is not None, "idempotency record %s without its transfer", record.target)
+        if original is None:  # the check ensure() makes, spelled out so the type narrows
+            raise InvariantViolation(f"idempotency record {record.target} without its transfer")
         if original.state == STATE_PENDING:
             return refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
                           "the linked chain of this key is being decided; retry")
@@ -626,7 +629,10 @@ class ShardState:
             # A recorded refusal (insufficient funds, ...): the item fails alone, and with it
             # the chain; nothing is held.
             return outcome, events
-        transfer = events[0].transfer
+        decided = events[0]
+        if not isinstance(decided, TransferDecided):
+            raise InvariantViolation("a recorded post journals its TransferDecided first")
+        transfer = decided.transfer
         transfer.state, transfer.credited = STATE_PENDING, False
         pending = transfer.copy()
         return ok(pending), [ChainPrepared(transfer, p.to_shard, cmd.chain_id, cmd.primary_shard,
@@ -927,7 +933,7 @@ def _ensure_in_range(w: Wallet) -> None:
            "available balance of %s out of int64", w.wallet_id)
 
 
-_DECIDERS = {
+_DECIDERS: dict[type, Callable[[ShardState, Any], tuple[Outcome, list[Event]]]] = {
     CreateWallet: ShardState._decide_create_wallet,
     GetWallet: ShardState._decide_get_wallet,
     GetTransfer: ShardState._decide_get_transfer,
@@ -951,7 +957,7 @@ _DECIDERS = {
     ChainFinished: ShardState._decide_chain_finished,
 }
 
-_EVOLVERS = {
+_EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
     WalletCreated: ShardState._evolve_wallet_created,
     TransferDecided: ShardState._evolve_transfer_decided,
     CreditsApplied: ShardState._evolve_credits_applied,

@@ -52,7 +52,7 @@ def rows_at(rows: Iterable[Row | PositionedRow], seq: int | None) -> list[Positi
     out: list[PositionedRow] = []
     for row in rows:
         if len(row) == 3:
-            out.append(row)  # type: ignore[arg-type]
+            out.append(row)
         elif seq is None:
             raise ValueError("write_rows needs the journal position of its rows: pass seq= "
                              "(the batch the rows are as of) or (kind, value, seq) rows")

@@ -182,7 +182,7 @@ async def test_releases_again_keep_raising_the_epoch(own):
         mark = len(own.recorder.calls)
         await own.ownership.release(shard)
         await own.recorder.wait_for(
-            lambda: any(s == shard and e for s, e in own.recorder.calls[mark:]),
+            lambda mark=mark: any(s == shard and e for s, e in own.recorder.calls[mark:]),
             f"shard {shard} to be granted again")
     # ``check_order`` (after the test) asserts the epochs only increased.
 

@@ -147,6 +147,7 @@ async def test_drill_support_commands(deployment):
     assert placed["moved"] == {str(shard): regions[shard % len(regions)]}
     await settled_table(deployment)
 
-    path = subprocess.run([sys.executable, "-m", "ledger.cli.ledgerctl", "commit-path",
-                           "--json"], capture_output=True, text=True, timeout=120)
+    path = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ledger.cli.ledgerctl",
+                                                    "commit-path", "--json"],
+                                   capture_output=True, text=True, timeout=120)
     assert json.loads(path.stdout)["journal_cas_serial_consistency"] == "SERIAL"

@@ -800,15 +800,16 @@ class Simulation:
             (f"x{i}", "USD") for i in range(shards)]
         for wallet, currency in plan:
             key = self._key()
-            outcome = await self.request(key, lambda c: c.create_wallet(CALLER, key, wallet,
-                                                                        currency))
+            outcome = await self.request(key, lambda c, key=key, wallet=wallet, currency=currency:
+                                         c.create_wallet(CALLER, key, wallet, currency))
             self.oracle.answered(CALLER, key, ("wallet", (wallet, currency, False)), outcome)
             self.wallets[currency].append(wallet)
         for wallet, currency in plan:
             key = self._key()
             item = TransferItem(key, "", wallet, self.workload_rng.choice([2_000, 8_000]),
                                 currency, kind=KIND_DEPOSIT)
-            outcome = await self.request(key, lambda c: c.deposit(
+            outcome = await self.request(key, lambda c, key=key, wallet=wallet, item=item,
+                                         currency=currency: c.deposit(
                 CALLER, key, wallet, item.amount_minor, currency))
             self._answered_items([item], [outcome])
 

@@ -9,7 +9,7 @@ money twice, and the answer after a retry is the ledger's original result.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from tenacity import (
@@ -72,7 +72,7 @@ class LedgerError(Exception):
         self.error_id = error_id
 
     @classmethod
-    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> "LedgerError":
+    def from_rpc(cls, exc: grpc.aio.AioRpcError) -> Self:
         """The error of a failed call, read from its code, message and trailers."""
         trailers = dict(exc.trailing_metadata() or ())
         return cls(exc.code(), trailers.get("ledger-status", ""),
@@ -114,7 +114,8 @@ def _error(exc: grpc.aio.AioRpcError, request: Any, attempts: int) -> LedgerErro
     if not key and not getattr(request, "transfers", None):
         return LedgerUnavailable.from_rpc(exc)
     error = LedgerOutcomeUnknown.from_rpc(exc)
-    error.idempotency_key, error.attempts = key, attempts
+    error.idempotency_key = key
+    error.attempts = attempts
     return error
 
 

@@ -235,7 +235,8 @@ class Journal:
             # The CAS was sent exactly once (the retry policy never re-sends it), so "not
             # applied" means someone else holds the epoch or the number, never ourselves.
             if not (result and result[0].get("[applied]")):
-                found = next((r for r in (result or ()) if "epoch" in r or "head" in r), {})
+                found: dict = next(
+                    (r for r in (result or ()) if "epoch" in r or "head" in r), {})
                 raise self._refused(shard, epoch, seq, found)
         # The batch is durable: its rows are views, written behind the commit path (a row
         # write costs more than the journal append, and it needs no serial quorum).

@@ -231,7 +231,8 @@ class Views:
         # Every position is checked (ValueError) before any statement is built; the stamps
         # order rows exactly as their positions do, so the latest row per key is the one of
         # the highest stamp.
-        latest = latest_rows([(kind, value, row_timestamp(seq)) for kind, value, seq in rows])
+        stamped: list = [(kind, value, row_timestamp(seq)) for kind, value, seq in rows]
+        latest = latest_rows(stamped)
         wallets, entries, transfers = latest.wallets, latest.entries, latest.transfers
         upserts: list[tuple[PreparedStatement, tuple, int]] = []
         wallet_values = [(shard, w.wallet_id, w.currency, w.balance_minor, w.held_minor,
