@@ -22,8 +22,8 @@ import pytest
 
 from ledger import server
 from ledger.api import servicer
-from ledger.ledgerpb import ledger_pb2 as pb
-from ledger.ledgerpb import ledger_pb2_grpc as pb_grpc
+from ledgerpb import ledger_pb2 as pb
+from ledgerpb import ledger_pb2_grpc as pb_grpc
 
 SHARDS = 4
 CALLER = "tests"

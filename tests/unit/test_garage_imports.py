@@ -74,7 +74,7 @@ def violations(source: str, module: str, rel_path: str, is_package: bool = False
     for base, names in import_statements(source, module, is_package):
         if not _ours(base) or _allowed(base):
             continue
-        # ``from ledger import ledgerpb`` names an allowed package through its parent.
+        # ``from clients import bank`` names an allowed module through its parent.
         if names and all(_allowed(f"{base}.{name}") for name in names):
             continue
         if (rel_path, base) in KNOWN_EXCEPTIONS:

@@ -4,8 +4,8 @@ Every module of ``ledger``, ``coordinator``, ``shard_router`` and ``clients`` is
 imported) and each import, at any depth of the module (imports inside functions count too),
 becomes an edge between packages. The packages are the top-level ones, with the rings inside
 ``ledger`` that others may use on their own: ``ledger.core`` (the pure rules),
-``ledger.runtime`` (task supervision, failpoints, clock) and ``ledger.ledgerpb`` (generated
-stubs). The test fails on:
+and ``ledger.runtime`` (task supervision, failpoints, clock); the generated stubs are the
+client distribution's ``ledgerpb``. The test fails on:
 
 - a cycle of packages (``coordinator`` importing ``ledger.owner`` while ``ledger`` imports
   ``coordinator`` was one; ports are declared by the side that uses them instead);
