@@ -75,6 +75,12 @@ class _Request:
             self.future.set_result(outcomes)
 
 
+def _answer_unavailable(future: asyncio.Future, count: int) -> None:
+    """The caller's deadline passed before the answer: SHARD_UNAVAILABLE (may still commit)."""
+    if not future.done():
+        future.set_result([UNAVAILABLE] * count)
+
+
 class ShardOwner:
     """Serves one shard with one epoch. Create with ``start()``, end with ``stop()``."""
 
@@ -241,12 +247,15 @@ class ShardOwner:
         if deadline is None:
             outcomes = await future
         else:
-            # Shielded: the commit loop answers the future whether or not we still wait.
+            # At the deadline a timer answers SHARD_UNAVAILABLE in the commit loop's place (its
+            # own answer then finds the future done and is dropped: nobody waits for it). A
+            # timer handle per call, not wait_for + shield: this runs for every shard of every
+            # batch, and those two cost a task-like wrapper and a second future each.
+            timer = loop.call_at(deadline, _answer_unavailable, future, len(commands))
             try:
-                outcomes = await asyncio.wait_for(asyncio.shield(future),
-                                                  max(deadline - loop.time(), 0.0))
-            except asyncio.TimeoutError:
-                return [UNAVAILABLE] * len(commands)
+                outcomes = await future
+            finally:
+                timer.cancel()
         if wait_credit:
             await self._await_credits(commands, outcomes, deadline)
         return outcomes

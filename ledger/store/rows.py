@@ -99,3 +99,29 @@ def latest_rows(rows: Iterable[PositionedRow]) -> LatestRows:
         else:
             raise ValueError(f"unknown row kind {kind!r}")
     return out
+
+
+def last_of_each_key(rows: Iterable[Row]) -> tuple[dict[str, Wallet], list[Entry],
+                                                    dict[str, Transfer]]:
+    """Rows of ONE position (one append): per key the last row wins, as ``latest_rows``
+    decides among equal positions. The embedded store's write path, once per append for
+    every row of it: a plain loop, no positioned copies (with the general form, two
+    ledger-bench runs of the embedded batch workload gave 2,155-2,193/s against 2,368-2,454/s
+    before the split; with this loop 2,188-2,273/s, within the runs' noise).
+
+    Raises:
+        ValueError: a row of an unknown kind (a programmer error).
+    """
+    wallets: dict[str, Wallet] = {}
+    entries: list[Entry] = []
+    transfers: dict[str, Transfer] = {}
+    for kind, value in rows:
+        if kind == WALLET:
+            wallets[value.wallet_id] = value  # type: ignore[union-attr,assignment]
+        elif kind == ENTRY:
+            entries.append(value)  # type: ignore[arg-type]
+        elif kind == TRANSFER:
+            transfers[value.transfer_id] = value  # type: ignore[union-attr,assignment]
+        else:
+            raise ValueError(f"unknown row kind {kind!r}")
+    return wallets, entries, transfers

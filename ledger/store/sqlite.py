@@ -21,8 +21,8 @@ from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
 from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailable
 from ledger.store.rows import (ENTRY_COLS as _ENTRY_COLS, TRANSFER_COLS as _TRANSFER_COLS,
-                               WALLET_COLS as _WALLET_COLS, PositionedRow, Row, latest_rows,
-                               rows_at)
+                               WALLET_COLS as _WALLET_COLS, PositionedRow, Row, rows_at,
+                               last_of_each_key)
 
 log = logging.getLogger("ledger.store.sqlite")
 
@@ -302,10 +302,7 @@ def _write_positioned_rows(db: sqlite3.Connection, shard: int,
 def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     # The rows are of one append, or above the head: one position, so the last row of a key
     # wins (as the order of the core's evolve left them).
-    latest = latest_rows(rows_at(rows, 0))
-    wallets = {k: w for k, (w, _) in latest.wallets.items()}
-    transfers = {k: t for k, (t, _) in latest.transfers.items()}
-    entries = [e for e, _ in latest.entries.values()]
+    wallets, entries, transfers = last_of_each_key(rows)
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.
