@@ -35,7 +35,7 @@ SNAPSHOT_RETRY_BACKOFF_MAX_S = 60.0
 
 # A takeover replay writes the rows of the batches it replays; a store that times out is
 # retried this many times, the pause doubling from the first value up to the maximum (s),
-# before the takeover fails and the shard is released (about 10 s in all).
+# before the takeover fails and the shard is released (7.5 s of pauses in all).
 REPLAY_ROW_WRITE_ATTEMPTS_MAX = 5
 REPLAY_ROW_WRITE_BACKOFF_S = 0.5
 REPLAY_ROW_WRITE_BACKOFF_MAX_S = 4.0

@@ -16,7 +16,6 @@ from shard_router.router import RemoteTransport, Router
 log = logging.getLogger("ledger.node")
 
 
-
 class Node:
     """Starts an owner for every shard the elector gives this node, stops it on loss."""
 

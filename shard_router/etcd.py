@@ -351,16 +351,16 @@ class EtcdOwnership:
         return pyetcd.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=ETCD_RPC_TIMEOUT_S)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self._loop is None or self._executor is None:
-            raise RuntimeError("EtcdOwnership used before start() or after close()")
-        return await self._loop.run_in_executor(
-            self._executor, functools.partial(fn, *args, **kwargs))
+        return await self._run_on(self._executor, fn, *args, **kwargs)
 
     async def _call_keepalive(self, lease_id: int) -> int | None:
-        if self._loop is None or self._keepalive_executor is None:
+        return await self._run_on(self._keepalive_executor, self._refresh, lease_id)
+
+    async def _run_on(self, executor: concurrent.futures.ThreadPoolExecutor | None,
+                      fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._loop is None or executor is None:
             raise RuntimeError("EtcdOwnership used before start() or after close()")
-        return await self._loop.run_in_executor(
-            self._keepalive_executor, functools.partial(self._refresh, lease_id))
+        return await self._loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
     def _apply_kv(self, key: bytes, value: bytes, create_rev: int, lease: int, deleted: bool,
                   now: float) -> None:

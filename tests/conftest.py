@@ -48,6 +48,15 @@ def local_cluster():
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def etcd_endpoint(request) -> str:
+    """The etcd of the shared cluster, or ``LEDGER_TEST_ETCD_ENDPOINT`` (an etcd of your own)."""
+    override = os.environ.get("LEDGER_TEST_ETCD_ENDPOINT")
+    if override:
+        return override
+    return request.getfixturevalue("local_cluster").etcd_endpoint
+
+
 def pytest_collection_finish(session):
     session.config._ledger_real_count = sum(
         1 for item in session.items if item.get_closest_marker("real"))

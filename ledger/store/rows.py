@@ -105,9 +105,10 @@ def last_of_each_key(rows: Iterable[Row]) -> tuple[dict[str, Wallet], list[Entry
                                                     dict[str, Transfer]]:
     """Rows of ONE position (one append): per key the last row wins, as ``latest_rows``
     decides among equal positions. The embedded store's write path, once per append for
-    every row of it: a plain loop, no positioned copies (with the general form, two
-    ledger-bench runs of the embedded batch workload gave 2,155-2,193/s against 2,368-2,454/s
-    before the split; with this loop 2,188-2,273/s, within the runs' noise).
+    every row of it: a plain loop, without the positioned copy and the call per row that
+    ``latest_rows`` costs. (ledger-bench, embedded batch: 2,155-2,208/s with the general form,
+    2,188-2,273/s with this loop, 1,940-2,454/s before the store split; the difference is
+    within the runs' noise, so the saving is per row, not a measured throughput gain.)
 
     Raises:
         ValueError: a row of an unknown kind (a programmer error).

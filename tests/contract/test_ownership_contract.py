@@ -21,7 +21,6 @@ nodes and an elector: ``tests/integration/test_etcd_ownership.py``.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,14 +37,6 @@ GRACE_S = 1.0
 # Waits: a campaign round, or a release's hold (three grace periods) and a campaign, with
 # slack for a loaded machine.
 GRANT_TIMEOUT_S = 20.0
-
-
-@pytest.fixture(scope="session")
-def etcd_endpoint(request) -> str:
-    override = os.environ.get("LEDGER_TEST_ETCD_ENDPOINT")
-    if override:
-        return override
-    return request.getfixturevalue("local_cluster").etcd_endpoint
 
 
 @dataclass

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,14 +40,6 @@ SETTLE_TIMEOUT_S = 10.0
 # Takeover after a crash: the TTL, then the grace periods, then slack for a loaded machine.
 TAKEOVER_TIMEOUT_S = LEASE_TTL_S + 2 * GRACE_S + 5.0
 POLL_S = 0.05
-
-
-@pytest.fixture(scope="session")
-def etcd_endpoint(request) -> str:
-    override = os.environ.get("LEDGER_TEST_ETCD_ENDPOINT")
-    if override:
-        return override
-    return request.getfixturevalue("local_cluster").etcd_endpoint
 
 
 @dataclass
