@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from hashlib import blake2b
 from typing import Mapping
 
@@ -78,6 +79,20 @@ def transfer_id_for(debit_shard: int, caller: str, idempotency_key: str,
 def key_shard_of(caller: str, idempotency_key: str, shard_count: int) -> int:
     """The shard a (caller, idempotency key) is claimed on."""
     return shard_of(f"\x00key\x00{caller}\x00{idempotency_key}", shard_count)
+
+
+# A Post with one field changed, without ``dataclasses.replace`` (which walks the fields in
+# Python: a few microseconds per item, for every item of every batch).
+_POST_FIELDS = tuple(f.name for f in fields(Post))
+_post_values = attrgetter(*_POST_FIELDS)
+_RESERVED_AT = _POST_FIELDS.index("reserved_at_ms")
+_CREDIT_REFUSAL = _POST_FIELDS.index("credit_refusal")
+
+
+def _post_with(post: Post, index: int, value: object) -> Post:
+    values = list(_post_values(post))
+    values[index] = value
+    return Post(*values)
 
 
 def refused_for_good(outcome: Outcome) -> bool:
@@ -387,7 +402,7 @@ class Coordinator:
             if i not in posts:
                 continue
             if outcome.ok:
-                posts[i] = replace(posts[i], reserved_at_ms=outcome.value)
+                posts[i] = _post_with(posts[i], _RESERVED_AT, outcome.value)
                 continue
             if outcome.status.transient():
                 results[i] = outcome
@@ -395,8 +410,8 @@ class Coordinator:
             else:
                 # Let the debit shard decide: a retry of a transfer committed before must get
                 # its original result, and a state refusal is recorded under the key there.
-                posts[i] = replace(posts[i], credit_refusal=(int(outcome.status), outcome.field,
-                                                            outcome.detail))
+                posts[i] = _post_with(posts[i], _CREDIT_REFUSAL, (
+                    int(outcome.status), outcome.field, outcome.detail))
 
     async def _commit(self, posts: dict[int, Post], results: list,
                       deadline: float | None) -> None:
