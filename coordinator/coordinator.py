@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from hashlib import blake2b
-from typing import Mapping
+from typing import Any, Coroutine, Mapping
 
 from coordinator import chains
 from coordinator.constants import HISTORY_POLL_MS, HISTORY_WAIT_MS
@@ -93,6 +93,19 @@ def _post_with(post: Post, index: int, value: object) -> Post:
     values = list(_post_values(post))
     values[index] = value
     return Post(*values)
+
+
+async def _both(first: Coroutine[Any, Any, Any], second: Coroutine[Any, Any, Any]
+                ) -> tuple[Any, Any]:
+    """``gather`` of two coroutines, with one task less: the second runs as a task while the
+    first runs in the caller's (a round that has nothing to send returns at once)."""
+    task = asyncio.ensure_future(second)
+    try:
+        first_result = await first
+    except BaseException:
+        task.cancel()
+        raise
+    return first_result, await task
 
 
 def refused_for_good(outcome: Outcome) -> bool:
@@ -258,8 +271,8 @@ class Coordinator:
             # each other: one round trip for both. A reservation whose key claim is refused
             # is not cancelled here (a concurrent attempt with the same key may share it):
             # its credit shard drops it after asking the debit shard (ResolveReservations).
-            refused, _ = await asyncio.gather(self._claim_keys(caller, posts, deadline),
-                                              self._reserve_credits(posts, results, deadline))
+            refused, _ = await _both(self._claim_keys(caller, posts, deadline),
+                                     self._reserve_credits(posts, results, deadline))
             for i, refusal in refused.items():
                 results[i] = refusal
                 posts.pop(i, None)
@@ -380,10 +393,15 @@ class Coordinator:
         groups: dict[int, list[tuple[int, object]]] = {}
         for index, (shard, command) in commands.items():
             groups.setdefault(shard, []).append((index, command))
-        answers = await asyncio.gather(*(
-            self._executor.execute(shard, [c for _, c in group], wait_credit,
-                                   deadline=deadline)
-            for shard, group in groups.items()))
+        if len(groups) == 1:  # one shard (a single transfer's round): no task to gather
+            ((shard, group),) = groups.items()
+            answers = [await self._executor.execute(shard, [c for _, c in group], wait_credit,
+                                                    deadline=deadline)]
+        else:
+            answers = await asyncio.gather(*(
+                self._executor.execute(shard, [c for _, c in group], wait_credit,
+                                       deadline=deadline)
+                for shard, group in groups.items()))
         outcomes: dict[int, Outcome] = {}
         for group, answer in zip(groups.values(), answers):
             for (index, _), outcome in zip(group, answer):
