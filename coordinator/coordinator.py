@@ -27,7 +27,6 @@ import asyncio
 import re
 from dataclasses import dataclass, fields
 from operator import attrgetter
-from hashlib import blake2b
 from typing import Any, Coroutine, Mapping
 
 from coordinator import chains
@@ -35,6 +34,7 @@ from coordinator.constants import HISTORY_POLL_MS, HISTORY_WAIT_MS
 from coordinator.ports import HistoryReader, ShardExecutor
 from ledger.core import constants as C
 from ledger.core import validate
+from ledger.core.ids import transfer_id_for
 from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
     KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation, CaptureHold,
@@ -66,14 +66,6 @@ class TransferItem:
     memo: str = ""
     kind: str = KIND_TRANSFER
     linked: bool = False
-
-
-def transfer_id_for(debit_shard: int, caller: str, idempotency_key: str,
-                    prefix: str = "t") -> str:
-    """Transfer (and hold) ids are derived from the key, so every retry names the same
-    transfer, and carry the debit shard, where the transfer's decision is kept."""
-    digest = blake2b(f"{caller}\x00{idempotency_key}".encode(), digest_size=12).hexdigest()
-    return f"{prefix}{debit_shard:04x}{digest}"
 
 
 def key_shard_of(caller: str, idempotency_key: str, shard_count: int) -> int:

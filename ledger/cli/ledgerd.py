@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from ledger import constants as K
 from ledger import server
 
 # Exit status of a ledgerd that refused to start (port in use, data directory locked).
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--takeover-grace-s", type=float, default=2.0)
     for p in (dev, node):
         p.add_argument("--log-level", default=os.environ.get("LEDGER_LOG_LEVEL", "INFO"))
+        p.add_argument("--idempotency-memory-s", type=float,
+                       default=K.IDEMPOTENCY_MEMORY_MS / 1000,
+                       help="how long key records stay in owner memory before they are "
+                            "answered from the store (seconds)")
         p.add_argument("--idempotency-retention-h", type=float, default=24.0,
                        help="how long idempotency keys and their results are kept (hours)")
     args = parser.parse_args(argv)
@@ -89,14 +94,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _retention_ms(args) -> int:
-    if args.idempotency_retention_h <= 0:
-        raise SystemExit("ledgerd: --idempotency-retention-h must be positive")
+    if not 0 < args.idempotency_retention_h <= K.IDEMPOTENCY_RETENTION_H_MAX:
+        raise SystemExit(f"ledgerd: --idempotency-retention-h must be in (0, "
+                         f"{K.IDEMPOTENCY_RETENTION_H_MAX}] (key rows live "
+                         f"{K.IDEMPOTENCY_RETENTION_H_MAX + 24} h in Cassandra)")
     return int(args.idempotency_retention_h * 3600 * 1000)
+
+
+def _memory_ms(args) -> int:
+    if args.idempotency_memory_s <= 0:
+        raise SystemExit("ledgerd: --idempotency-memory-s must be positive")
+    return int(args.idempotency_memory_s * 1000)
 
 
 async def _dev(args) -> None:
     running = await server.start_dev(args.data_dir, args.host, args.port, args.shards,
-                                     retention_ms=_retention_ms(args))
+                                     retention_ms=_retention_ms(args),
+                                     memory_ms=_memory_ms(args))
     print(f"ledgerd dev: serving ledger.v1 on {args.host}:{running.port} "
           f"({args.shards} shards, data in {args.data_dir})", flush=True)
     await server.run_until_signalled(running)
@@ -194,7 +208,8 @@ async def _node(args) -> None:
                               campaign=args.role == "full")
     try:
         running = await server.start(store, ownership, args.shards, args.host, args.port,
-                                     retention_ms=_retention_ms(args))
+                                     retention_ms=_retention_ms(args),
+                                     memory_ms=_memory_ms(args))
     except BaseException:
         await store.close()
         raise

@@ -116,9 +116,11 @@ def loads(data: bytes | str) -> Any:
 # trailer makes a cut-off snapshot fail loudly instead of loading as a smaller state. zlib
 # (level 1) shrinks the JSON about 12x (100 k kept transfers: 42 MiB -> 3.5 MiB), which is
 # what a snapshot costs in store writes and reads. Format 1 (one JSON object with type
-# tags) is still read.
+# tags) is still read. Format 3 adds the section "spilled" (the filters of the keys that left
+# memory, ``ledger.core.spilled``): same layout, so formats 2 and 3 load alike; a build that
+# knows only 2 refuses a 3 (it would lose the filters) instead of misreading it.
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 _SNAPSHOT_MAGIC = b"LSNAP2\n"
 # Records per JSON line: big enough that json does the work in C, small enough that encoding
 # and decoding hand the GIL around often (they run in a worker thread next to the event loop).
@@ -156,6 +158,7 @@ def _snapshot_records(state: ShardState) -> Iterator[tuple[str, list]]:
     yield "chain_waiting", [(chain_id, sorted(shards)) for chain_id, shards
                             in state.chain_waiting.items()]
     yield "chains_purged_before", [state.chains_purged_before]
+    yield "spilled", state.spilled.records()
 
 
 def snapshot_lines(state: ShardState) -> Iterator[bytes]:
@@ -322,6 +325,7 @@ _SECTION_LOADERS = {
     "outbox_last_seq": _load_outbox_last_seq, "inbox_applied": _load_inbox_applied,
     "chains": _load_chains, "reservations": _load_reservations, "fenced": _load_fenced,
     "chain_waiting": _load_chain_waiting, "chains_purged_before": _load_chains_purged_before,
+    "spilled": lambda state, records: state.spilled.load_records(records),
 }
 
 

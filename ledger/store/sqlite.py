@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ledger.runtime import failpoints
-from ledger.core.model import Entry, Transfer, Wallet
+from ledger.core import codec
+from ledger.core.model import Entry, IdempotencyRecord, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
 from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailable
 from ledger.store.rows import (ENTRY_COLS as _ENTRY_COLS, TRANSFER_COLS as _TRANSFER_COLS,
-                               WALLET_COLS as _WALLET_COLS, PositionedRow, Row, rows_at,
+                               WALLET_COLS as _WALLET_COLS, CLAIM, IDEM, PositionedRow, Row,
+                               rows_at,
                                last_of_each_key)
 
 log = logging.getLogger("ledger.store.sqlite")
@@ -58,6 +60,11 @@ CREATE TABLE IF NOT EXISTS transfers (
   idempotency_key TEXT NOT NULL, created_at_ms INTEGER NOT NULL, state TEXT NOT NULL,
   status INTEGER NOT NULL, status_field TEXT NOT NULL, status_detail TEXT NOT NULL,
   credited INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  shard INTEGER NOT NULL, caller TEXT NOT NULL, idempotency_key TEXT NOT NULL,
+  kind TEXT NOT NULL, record BLOB NOT NULL, created_at_ms INTEGER NOT NULL,
+  PRIMARY KEY (shard, caller, idempotency_key, kind)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (shard, created_at_ms);
 """
 
 _UPSERT_WALLET = (
@@ -277,6 +284,15 @@ class SqliteStore:
                            limit: int = 1000) -> list[JournalBatch]:
         return await self._call(_read_journal, shard, after_seq, limit)
 
+    async def load_keys(self, shard: int, keys: dict[tuple[str, str], str]) -> dict[
+            tuple[str, str], tuple[IdempotencyRecord | None, IdempotencyRecord | None,
+                                   Transfer | None]]:
+        """See the port: the stored record, claim and transfer of each key."""
+        return await self._call(_load_keys, shard, dict(keys))
+
+    async def expire_keys(self, shard: int, before_ms: int) -> None:
+        await self._call(_expire_keys, shard, before_ms)
+
     async def list_entries(self, wallet_id: str, after_version: int, limit: int) -> list[Entry]:
         return await self._call(_list_entries, wallet_id, after_version, limit)
 
@@ -361,7 +377,7 @@ def _write_positioned_rows(db: sqlite3.Connection, shard: int,
 def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     # The rows are of one append, or above the head: one position, so the last row of a key
     # wins (as the order of the core's evolve left them).
-    wallets, entries, transfers = last_of_each_key(rows)
+    wallets, entries, transfers, keys = last_of_each_key(rows)
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.
@@ -371,6 +387,11 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     if transfers:
         db.executemany(_UPSERT_TRANSFER, [(shard, *_transfer_cols(t))
                                           for t in transfers.values()])
+    if keys:
+        db.executemany("INSERT OR REPLACE INTO idempotency_keys (shard, caller, idempotency_key, "
+                       "kind, record, created_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                       [(shard, r.caller, r.idempotency_key, kind, codec.dumps(r),
+                         r.created_at_ms) for kind, r in keys])
 
 # Calls that raise these refusals only before their first write (so they need no savepoint).
 _CHECKS_FIRST: dict[Callable, tuple[type[Exception], ...]] = {
@@ -423,6 +444,30 @@ def _read_journal(db: sqlite3.Connection, shard: int, after_seq: int,
     return [JournalBatch(seq, epoch, bytes(events)) for seq, epoch, events in db.execute(
         "SELECT seq, epoch, events FROM journal WHERE shard = ? AND seq > ? ORDER BY seq "
         "LIMIT ?", (shard, after_seq, limit))]
+
+
+def _load_keys(db: sqlite3.Connection, shard: int, keys: dict[tuple[str, str], str]) -> dict:
+    found = {}
+    for (caller, key), transfer_id in keys.items():
+        record = claim = transfer = None
+        for kind, blob in db.execute(
+                "SELECT kind, record FROM idempotency_keys WHERE shard = ? AND caller = ? AND "
+                "idempotency_key = ?", (shard, caller, key)):
+            value = codec.loads(bytes(blob))
+            if kind == IDEM:
+                record = value
+            elif kind == CLAIM:
+                claim = value
+        if record is not None and record.target.startswith("transfer:"):
+            transfer_id = record.target[len("transfer:"):]
+        transfer = _get_transfer(db, transfer_id) if transfer_id else None
+        found[(caller, key)] = (record, claim, transfer)
+    return found
+
+
+def _expire_keys(db: sqlite3.Connection, shard: int, before_ms: int) -> None:
+    db.execute("DELETE FROM idempotency_keys WHERE shard = ? AND created_at_ms < ?",
+               (shard, before_ms))
 
 
 def _list_entries(db: sqlite3.Connection, wallet_id: str, after_version: int,

@@ -33,7 +33,8 @@ MOVING: set[tuple[str, str]] = set()
 
 # Third-party libraries the core may use: pure functions, no I/O, no threads, no state.
 # orjson: the journal encoder on every append (``ledger.core.codec``), for its C speed.
-CORE_LIBRARIES = {"orjson"}
+# rbloom: the filters of spilled idempotency keys (``ledger.core.spilled``).
+CORE_LIBRARIES = {"orjson", "rbloom"}
 
 
 def package_of(module: str) -> str | None:
