@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ledger import metrics
 from ledger.runtime import failpoints
 from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
@@ -175,6 +176,7 @@ class SqliteStore:
                         db.execute("RELEASE call")
                         results.append((None, exc))
                 db.execute("COMMIT")
+                metrics.STORE_TRANSACTIONS.inc()
             except sqlite3.Error as exc:
                 try:
                     db.execute("ROLLBACK")
@@ -188,6 +190,7 @@ class SqliteStore:
     async def _call(self, fn: Callable, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        metrics.STORE_STATEMENTS.inc()
         with self._gate:
             if self._failure is not None:
                 raise self._unavailable()
@@ -289,6 +292,7 @@ def _append(db: sqlite3.Connection, shard: int, epoch: int, seq: int, events: by
     db.execute("INSERT INTO journal (shard, seq, epoch, events) VALUES (?, ?, ?, ?)",
                (shard, seq, epoch, events))
     _write_rows(db, shard, rows)
+    metrics.STORE_APPENDS.inc()
 
 
 def _write_positioned_rows(db: sqlite3.Connection, shard: int,
@@ -303,6 +307,7 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     # The rows are of one append, or above the head: one position, so the last row of a key
     # wins (as the order of the core's evolve left them).
     wallets, entries, transfers = last_of_each_key(rows)
+    metrics.STORE_ROWS_WRITTEN.inc(len(wallets) + len(entries) + len(transfers))
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.

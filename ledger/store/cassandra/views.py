@@ -21,6 +21,7 @@ from typing import Any, Iterable
 from cassandra.cluster import Cluster
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statement
 
+from ledger import metrics
 from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.cassandra.constants import (ROW_TIMESTAMP_BASE, ROWS_BATCH_BYTES_MAX,
                                               ROWS_LAG_BATCHES_MAX, ROWS_PAGE_MAX,
@@ -257,6 +258,7 @@ class Views:
                                 t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
                                 t.currency, t.memo, t.caller, t.idempotency_key, t.state,
                                 t.status_field, t.status_detail))))
+        metrics.STORE_ROWS_WRITTEN.inc(len(upserts))
         statements: list[Statement] = []
         if wallet_values:
             by_shard = self._new_rows_batch()
