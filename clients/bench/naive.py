@@ -37,7 +37,8 @@ def naive_sqlite(wallets: list[str], args, rng) -> Result:
     db.executemany("INSERT INTO balances VALUES (?, ?)", [(w, FUND_MINOR) for w in wallets])
     db.commit()
     db.close()
-    deadline = time.monotonic() + args.seconds
+    t0 = time.monotonic()
+    deadline = t0 + args.seconds
     lock = threading.Lock()
     counter = iter(range(10**12))
 
@@ -57,17 +58,18 @@ def naive_sqlite(wallets: list[str], args, rng) -> Result:
                 conn.execute("INSERT INTO transfers VALUES (?, ?, ?, 1)",
                              (f"n{next(counter)}", a, b))
             conn.execute("COMMIT")
+            latency_ms = (time.perf_counter() - started) * 1000
             with lock:
                 result.committed += 1
-                result.latencies_ms.append((time.perf_counter() - started) * 1000)
+                result.latencies_ms.append(latency_ms)
+                result.samples.append((time.monotonic() - t0, latency_ms, 1))
         conn.close()
-    started = time.monotonic()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(min(args.clients, NAIVE_SQLITE_THREADS_MAX))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    result.seconds = time.monotonic() - started
+    result.seconds = time.monotonic() - t0
     shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     return result
 
@@ -106,7 +108,8 @@ def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
                           "IF balance = ?")
     cas.consistency_level = ConsistencyLevel.QUORUM
     cas.serial_consistency_level = ConsistencyLevel.SERIAL
-    deadline = time.monotonic() + args.seconds
+    t0 = time.monotonic()
+    deadline = t0 + args.seconds
     lock = threading.Lock()
 
     def change(wallet_id: str, delta: int) -> None:
@@ -122,16 +125,17 @@ def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
             started = time.perf_counter()
             change(a, -1)
             change(b, +1)
+            latency_ms = (time.perf_counter() - started) * 1000
             with lock:
                 result.committed += 1
-                result.latencies_ms.append((time.perf_counter() - started) * 1000)
-    started = time.monotonic()
+                result.latencies_ms.append(latency_ms)
+                result.samples.append((time.monotonic() - t0, latency_ms, 1))
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(min(args.clients, NAIVE_CASSANDRA_THREADS_MAX))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    result.seconds = time.monotonic() - started
+    result.seconds = time.monotonic() - t0
     try:
         session.execute("DROP KEYSPACE naive_bench", timeout=NAIVE_DDL_TIMEOUT_S)
     except Exception as exc:  # leftover keyspace: harmless, recreated next run

@@ -107,6 +107,7 @@ class SqliteStore:
         The thread is the store's only background worker: a failure that ended it silently
         would leave every later call (and its caller's shard) waiting forever.
         """
+        metrics.name_os_thread(self._thread.name)
         try:
             self._run()
         except BaseException as exc:
