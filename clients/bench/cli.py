@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
 import sys
 import time
+from typing import TextIO
 
 from clients import LedgerClient
 from clients.bench import plot
@@ -154,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot.write(args.plot, series, title)
         print(f"plot written to {args.plot}", file=sys.stderr)
+    # With --json the table goes to stderr, so a saved JSON run still shows its figures.
+    print_table(title, rows, args, file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps({"backend": args.backend, "regions": regions, "nproc": os.cpu_count(),
                           "args": vars(args), "results": rows, "series": series}, indent=2))
-        return 0
-    print_table(title, rows, args)
     return 0
 
 
@@ -166,27 +168,28 @@ def _fmt(value, width: int, digits: int = 0) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
 
 
-def print_table(title: str, rows: list[dict], args) -> None:
+def print_table(title: str, rows: list[dict], args, file: TextIO = sys.stdout) -> None:
     """The figures as two tables: speed, then cost per committed transfer."""
-    print(f"\n{title}, {args.seconds:.0f} s per workload")
-    print(f"{'workload':<22}{'committed':>10}{'per s':>10}{'p50 ms':>10}{'p99 ms':>10}"
-          f"{'x naive':>9}")
+    out = functools.partial(print, file=file)
+    out(f"\n{title}, {args.seconds:.0f} s per workload")
+    out(f"{'workload':<22}{'committed':>10}{'per s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+        f"{'x naive':>9}")
     for r in rows:
-        print(f"{r['workload']:<22}{r['committed']:>10}{r['per_s']:>10.0f}"
-              f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{_fmt(r['x_naive'], 9, 2)}")
-    print(f"\n{'per committed transfer':<22}{'CPU us':>8}{'store us':>9}{'appends':>9}"
-          f"{'rows':>7}{'LWT':>7}{'stmts':>7}{'txns':>7}   {'ledger%':>8}{'store%':>7}"
-          f"{'share':>6}{'bench%':>7}")
+        out(f"{r['workload']:<22}{r['committed']:>10}{r['per_s']:>10.0f}"
+            f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{_fmt(r['x_naive'], 9, 2)}")
+    out(f"\n{'per committed transfer':<22}{'CPU us':>8}{'store us':>9}{'appends':>9}"
+        f"{'rows':>7}{'LWT':>7}{'stmts':>7}{'txns':>7}   {'ledger%':>8}{'store%':>7}"
+        f"{'share':>6}{'bench%':>7}")
     for r in rows:
         if "cpu_us_per_transfer" not in r:
             continue  # the naive baseline runs in this process: no ledger to measure
-        print(f"{r['workload']:<22}{_fmt(r['cpu_us_per_transfer'], 8)}"
-              f"{_fmt(r['store_cpu_us_per_transfer'], 9)}"
-              f"{_fmt(r['appends_per_transfer'], 9, 3)}{_fmt(r['rows_per_transfer'], 7, 2)}"
-              f"{_fmt(r['lwt_per_transfer'], 7, 3)}{_fmt(r['statements_per_transfer'], 7, 3)}"
-              f"{_fmt(r['transactions_per_transfer'], 7, 4)}   "
-              f"{_fmt(r['ledger_cpu_pct'], 8)}{_fmt(r['store_cpu_pct'], 7)}"
-              f"{_fmt(r['store_cpu_share'], 6, 2)}{_fmt(r['bench_cpu_pct'], 7)}")
-    print(f"(batch, hot-out, hot-in: {args.batch} transfers per BatchTransfer call, "
-          f"{args.batches_in_flight} calls in flight; latencies are per call. CPU %: of one "
-          f"core; share: the store's part of the server side's CPU.)")
+        out(f"{r['workload']:<22}{_fmt(r['cpu_us_per_transfer'], 8)}"
+            f"{_fmt(r['store_cpu_us_per_transfer'], 9)}"
+            f"{_fmt(r['appends_per_transfer'], 9, 3)}{_fmt(r['rows_per_transfer'], 7, 2)}"
+            f"{_fmt(r['lwt_per_transfer'], 7, 3)}{_fmt(r['statements_per_transfer'], 7, 3)}"
+            f"{_fmt(r['transactions_per_transfer'], 7, 4)}   "
+            f"{_fmt(r['ledger_cpu_pct'], 8)}{_fmt(r['store_cpu_pct'], 7)}"
+            f"{_fmt(r['store_cpu_share'], 6, 2)}{_fmt(r['bench_cpu_pct'], 7)}")
+    out(f"(batch, hot-out, hot-in: {args.batch} transfers per BatchTransfer call, "
+        f"{args.batches_in_flight} calls in flight; latencies are per call. CPU %: of one "
+        f"core; share: the store's part of the server side's CPU.)")
