@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import time
+import uuid
 from typing import TextIO
 
 from clients import LedgerClient
@@ -48,6 +49,9 @@ from clients.bench.workloads import (HOT_PAYEE, HOT_PAYER, WORKLOADS, Result,
 
 # Deadline of each bench RPC (s): a BatchTransfer of 2,000 items on a loaded machine.
 BENCH_RPC_TIMEOUT_S = 120
+# Hex digits of the run id that prefixes every transfer key of a run (32 bits: runs against
+# one ledger do not collide in practice).
+RUN_ID_CHARS = 8
 # Concurrent single Transfer clients by default: the figure the bar names.
 SINGLE_CLIENTS_DEFAULT = 64
 
@@ -123,6 +127,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="write throughput and latency over time (.png, .svg, .html)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    # Transfer keys start with this, so a run against a ledger that served an earlier run
+    # (--target) makes new transfers instead of replaying the earlier run's answers.
+    args.run_id = uuid.uuid4().hex[:RUN_ID_CHARS] + "-"
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown or not args.workloads:

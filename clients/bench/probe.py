@@ -142,7 +142,8 @@ class Probe:
 
     @property
     def has_store_cpu(self) -> bool:
-        return bool(self.store_pids or self.store_thread)
+        # A store thread is read inside the ledger processes: only if their pids are known.
+        return bool(self.store_pids or (self.store_thread and self.ledger_pids))
 
 
 def costs(before: Sample, after: Sample, committed: int, seconds: float, probe: Probe) -> dict:

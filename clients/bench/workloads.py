@@ -110,7 +110,7 @@ async def run_hot_in(client: LedgerClient, wallets: list[str], args, rng) -> Res
 async def _run_batches(client: LedgerClient, name: str, key_prefix: str,
                        pair: Callable[[], tuple[str, str]], args) -> Result:
     """``args.batches_in_flight`` workers sending BatchTransfer calls of ``args.batch`` items
-    drawn from ``pair`` for ``args.seconds``; the keys are ``<key_prefix><n>``."""
+    drawn from ``pair`` for ``args.seconds``; the keys are ``<run id><key_prefix><n>``."""
     result = Result(name)
     counter = 0
 
@@ -120,9 +120,9 @@ async def _run_batches(client: LedgerClient, name: str, key_prefix: str,
         for _ in range(args.batch):
             a, b = pair()
             counter += 1
-            items.append(pb.TransferRequest(idempotency_key=f"{key_prefix}{counter}",
-                                            from_wallet_id=a, to_wallet_id=b, amount_minor=1,
-                                            currency=CURRENCY))
+            items.append(pb.TransferRequest(
+                idempotency_key=f"{args.run_id}{key_prefix}{counter}", from_wallet_id=a,
+                to_wallet_id=b, amount_minor=1, currency=CURRENCY))
         return items
 
     # Built before the clock starts, so the first calls do not wait for the bench.
@@ -161,7 +161,8 @@ async def run_single(client: LedgerClient, wallets: list[str], args, rng) -> Res
             started = time.perf_counter()
             ok = 0
             try:
-                await client.transfer(a, b, 1, CURRENCY, idempotency_key=f"s{counter}")
+                await client.transfer(a, b, 1, CURRENCY,
+                                      idempotency_key=f"{args.run_id}s{counter}")
                 ok = 1
             except Exception:
                 result.refused += 1

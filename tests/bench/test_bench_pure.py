@@ -130,3 +130,12 @@ def test_plot_writes_png_and_html(tmp_path) -> None:
         plot.write(str(tmp_path / name), {"batch": rows, "single x64": rows}, "test")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<svg" in (tmp_path / "b.html").read_text()
+
+
+def test_store_thread_without_ledger_pids_is_not_measured() -> None:
+    p = Probe(store_thread="sqlite-store", metrics_urls=["u"])  # --target without --ledger-pid
+    row = probe.costs(_sample(0, 0, process_cpu_seconds_total=1.0),
+                      _sample(2.0, 0, process_cpu_seconds_total=3.0),
+                      committed=10, seconds=1.0, probe=p)
+    assert row["store_cpu_us_per_transfer"] is None and row["store_cpu_share"] is None
+    assert row["cpu_us_per_transfer"] == 200000.0
