@@ -25,8 +25,8 @@ def write(path: str, series: dict[str, list[dict]], title: str) -> None:
     """Draw ``series`` (workload -> rows of ``series.per_second``) into ``path``.
 
     The top row shows committed transfers per second (``per_s``), the bottom row the p50
-    and p99 latency of the calls that ended in that second. The format follows the file's suffix: .png,
-    .svg, or .html (an SVG inside a page).
+    and p99 latency of the calls that ended in that second. The format follows the file's
+    suffix: .png, .svg, or .html (an SVG inside a page).
     """
     import matplotlib
     matplotlib.use("Agg")
