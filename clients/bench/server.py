@@ -108,9 +108,12 @@ class Server:
                                 text=True)
         self.procs.append(proc)
         assert proc.stdout is not None  # stdout=PIPE
-        line = proc.stdout.readline()
-        if "serving" not in line:
-            raise SystemExit(f"ledger did not start: {line}{proc.stdout.read()}")
+        # Warnings may come before the serving line (e.g. a one-region keyspace's replication
+        # warning, stderr being merged): show them, and wait for the line or the exit.
+        while "serving" not in (line := proc.stdout.readline()):
+            if not line:
+                raise SystemExit(f"ledger did not start (exit status {proc.wait()})")
+            print(f"ledgerd: {line.rstrip()}", file=sys.stderr)
         threading.Thread(target=proc.stdout.read, daemon=True).start()
         self.ledger_pids.append(proc.pid)
         self.metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
