@@ -108,6 +108,7 @@ class Sample:
     ledger_cpu_s: float = 0.0           # the ledger processes, all threads
     store_cpu_s: float = 0.0            # store processes, or the embedded store thread
     bench_cpu_s: float = 0.0            # this load generator
+    load_1m: float = 0.0                # the machine's 1-minute load average
     counters: dict[str, float] = field(default_factory=dict)
 
 
@@ -134,7 +135,7 @@ class Probe:
         if not self.ledger_pids and PROCESS_CPU_COUNTER in counters:
             # A running ledger whose pid was not given: its own report of its CPU.
             ledger = counters[PROCESS_CPU_COUNTER]
-        return Sample(ledger, store, process_cpu_s(os.getpid()), counters)
+        return Sample(ledger, store, process_cpu_s(os.getpid()), os.getloadavg()[0], counters)
 
     @property
     def has_ledger_cpu(self) -> bool:
@@ -155,7 +156,9 @@ def costs(before: Sample, after: Sample, committed: int, seconds: float, probe: 
       workload, in percent of one core (200 = both cores of a 2-core machine);
     * ``store_cpu_share``: the store's part of the server side's CPU (ledger processes plus
       store processes; an embedded store thread is counted once, as the store's);
-    * ``<counter>_per_transfer``: store work per committed transfer (``PER_TRANSFER_COUNTERS``).
+    * ``<counter>_per_transfer``: store work per committed transfer (``PER_TRANSFER_COUNTERS``);
+    * ``load_1m``: the machine's 1-minute load average at the end (on a shared machine, a
+      load well above what the ledger, its store and the bench use says others were busy).
 
     A figure that cannot be measured (no pid, no metrics, nothing committed) is None.
     """
@@ -182,6 +185,7 @@ def costs(before: Sample, after: Sample, committed: int, seconds: float, probe: 
     for key, counter in PER_TRANSFER_COUNTERS.items():
         row[key] = (round(moved[counter] / committed, 3)
                     if committed and counter in moved else None)
+    row["load_1m"] = round(after.load_1m, 2)
     row["server_committed"] = int(moved[COMMITTED_COUNTER]) if COMMITTED_COUNTER in moved \
         else None
     return row

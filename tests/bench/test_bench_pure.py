@@ -63,7 +63,7 @@ def test_diff_counts_a_counter_absent_before_from_zero() -> None:
 
 
 def _sample(ledger: float, store: float, **counters: float) -> Sample:
-    return Sample(ledger_cpu_s=ledger, store_cpu_s=store, bench_cpu_s=0.0,
+    return Sample(ledger_cpu_s=ledger, store_cpu_s=store, bench_cpu_s=0.0, load_1m=0.5,
                   counters=dict(counters))
 
 
