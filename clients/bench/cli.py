@@ -186,7 +186,7 @@ def print_table(title: str, rows: list[dict], args, file: TextIO = sys.stdout) -
             f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{_fmt(r['x_naive'], 9, 2)}")
     out(f"\n{'per committed transfer':<22}{'CPU us':>8}{'store us':>9}{'appends':>9}"
         f"{'rows':>7}{'LWT':>7}{'stmts':>7}{'txns':>7}   {'ledger%':>8}{'store%':>7}"
-        f"{'share':>6}{'bench%':>7}")
+        f"{'share':>6}{'bench%':>7}{'load':>6}")
     for r in rows:
         if "cpu_us_per_transfer" not in r:
             continue  # the naive baseline runs in this process: no ledger to measure
@@ -196,7 +196,9 @@ def print_table(title: str, rows: list[dict], args, file: TextIO = sys.stdout) -
             f"{_fmt(r['lwt_per_transfer'], 7, 3)}{_fmt(r['statements_per_transfer'], 7, 3)}"
             f"{_fmt(r['transactions_per_transfer'], 7, 4)}   "
             f"{_fmt(r['ledger_cpu_pct'], 8)}{_fmt(r['store_cpu_pct'], 7)}"
-            f"{_fmt(r['store_cpu_share'], 6, 2)}{_fmt(r['bench_cpu_pct'], 7)}")
+            f"{_fmt(r['store_cpu_share'], 6, 2)}{_fmt(r['bench_cpu_pct'], 7)}"
+            f"{_fmt(r['load_1m'], 6, 1)}")
     out(f"(batch, hot-out, hot-in: {args.batch} transfers per BatchTransfer call, "
         f"{args.batches_in_flight} calls in flight; latencies are per call. CPU %: of one "
-        f"core; share: the store's part of the server side's CPU.)")
+        f"core; share: the store's part of the server side's CPU; load: the machine's "
+        f"1-minute load average at the workload's end.)")

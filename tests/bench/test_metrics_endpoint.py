@@ -36,6 +36,12 @@ def _ledgerd_dev(data_dir: Path, metrics_port: int) -> list[str]:
             "--metrics-port", str(metrics_port)]
 
 
+def _thread_names(pid: int) -> set[str]:
+    """The kernel's names of the threads of ``pid``."""
+    return {parse_stat((task / "stat").read_text())[0]
+            for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
 async def test_counters_move_under_traffic(tmp_path: Path) -> None:
     metrics_port = _free_port()
     proc = await asyncio.create_subprocess_exec(*_ledgerd_dev(tmp_path, metrics_port),
@@ -67,9 +73,7 @@ async def test_counters_move_under_traffic(tmp_path: Path) -> None:
         assert after["ledger_store_lwt_total"] == 0  # SQLite has no lightweight transactions
         # The process collector of prometheus_client comes with the endpoint.
         assert after["process_cpu_seconds_total"] > 0
-        names = {parse_stat((task / "stat").read_text())[0]
-                 for task in Path(f"/proc/{proc.pid}/task").iterdir()}
-        assert SQLITE_STORE_THREAD in names, names
+        assert SQLITE_STORE_THREAD in _thread_names(proc.pid)
     finally:
         proc.terminate()
         await proc.wait()
