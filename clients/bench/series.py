@@ -26,16 +26,18 @@ def percentile(values: list[float], q: float) -> float:
 
 def per_second(samples: list[tuple[float, float, int]], seconds: float) -> list[dict]:
     """One row per second of the workload: ``second`` (its end, 1-based), ``committed`` (in
-    that second), ``calls`` (that ended in it), ``per_s`` (committed over the second's
-    length: the last second may be shorter), ``p50_ms``, ``p99_ms`` (None in a second where
-    no call ended: there is no latency to tell).
+    that second), ``calls`` (that ended in it), ``per_s`` (committed over the row's length:
+    the last row also holds the fraction of a second the run went on for), ``p50_ms``,
+    ``p99_ms`` (None in a second where no call ended: there is no latency to tell).
 
     Args:
         samples: (finished_s, latency_ms, committed) per call; ``finished_s`` since the start.
         seconds: How long the workload ran; calls that ended after it (the last calls in
             flight) go to the last second.
     """
-    count = max(1, math.ceil(seconds))
+    # A partial last second joins the one before it (a 10.3 s run has 10 rows, the last
+    # 1.3 s long): alone, a few calls ending in a sliver of a second read as a huge rate.
+    count = max(1, math.floor(seconds))
     committed = [0] * count
     latencies: list[list[float]] = [[] for _ in range(count)]
     for finished_s, latency_ms, n in samples:
@@ -44,8 +46,7 @@ def per_second(samples: list[tuple[float, float, int]], seconds: float) -> list[
         latencies[i].append(latency_ms)
     rows = []
     for i in range(count):
-        # The last second may be partial (a workload of 10.3 s): its rate is over its length.
-        width = min(1.0, seconds - i) if seconds > i else 1.0
+        width = seconds - i if i == count - 1 and seconds > i else 1.0
         ended = latencies[i]
         rows.append({"second": i + 1, "committed": committed[i], "calls": len(ended),
                      "per_s": round(committed[i] / width, 1),

@@ -101,20 +101,25 @@ def test_costs_without_sources_or_commits_are_none_not_zero() -> None:
     assert row["appends_per_transfer"] is None
 
 
-def test_per_second_buckets_by_finish_time_and_rates_the_partial_last_second() -> None:
+def test_per_second_buckets_by_finish_time_and_joins_a_partial_last_second() -> None:
     samples = [(0.2, 10.0, 100), (0.9, 30.0, 100), (1.5, 20.0, 50), (2.1, 40.0, 10)]
     rows = series.per_second(samples, seconds=2.5)
-    assert [r["second"] for r in rows] == [1, 2, 3]
-    assert [r["committed"] for r in rows] == [200, 50, 10]
-    assert [r["per_s"] for r in rows] == [200.0, 50.0, 20.0]  # 10 in the last 0.5 s
+    assert [r["second"] for r in rows] == [1, 2]
+    assert [r["committed"] for r in rows] == [200, 60]
+    assert [r["per_s"] for r in rows] == [200.0, 40.0]  # 60 in the last 1.5 s
     assert rows[0]["p50_ms"] == 30.0 and rows[0]["p99_ms"] == 30.0
-    assert rows[1]["calls"] == 1
+    assert rows[1]["calls"] == 2
 
 
 def test_per_second_a_second_without_calls_has_no_latency() -> None:
     rows = series.per_second([(2.5, 5.0, 1)], seconds=3.0)
     assert rows[0]["p50_ms"] is None and rows[0]["committed"] == 0
     assert rows[2]["p50_ms"] == 5.0
+
+
+def test_per_second_run_shorter_than_a_second_is_one_row_over_its_length() -> None:
+    rows = series.per_second([(0.4, 5.0, 10)], seconds=0.5)
+    assert len(rows) == 1 and rows[0]["per_s"] == 20.0
 
 
 def test_per_second_late_calls_go_to_the_last_second() -> None:
