@@ -88,7 +88,7 @@ async def measure(server: Server, args) -> list[Result]:
     elif server.cassandra:
         print("naive ...", file=sys.stderr)
         results.append(await asyncio.to_thread(naive_cassandra, server.cassandra, wallets,
-                                               args))
+                                               args, server.regions))
     else:
         print("(no naive baseline: --target on Cassandra needs --cassandra HOST:PORT)",
               file=sys.stderr)

@@ -74,7 +74,8 @@ def naive_sqlite(wallets: list[str], args, rng) -> Result:
     return result
 
 
-def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
+def naive_cassandra(cassandra: str, wallets: list[str], args,
+                    regions: list[str] | None = None) -> Result:
     """Each balance change is its own lightweight transaction (read, then CAS), like a naive
     service that keeps balances in Cassandra rows and guards them with Paxos.
 
@@ -82,6 +83,9 @@ def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
         cassandra: HOST:PORT of the Cassandra node the ledger under test uses.
         wallets: The wallet ids (funded here in a keyspace of the baseline's own).
         args: The bench's arguments (``seconds``, ``clients``).
+        regions: The datacenters to replicate to, one replica each (default: r1 only); the
+            first is the local one. On three regions a QUORUM write and a SERIAL round span
+            regions, like the ledger's durable commit path: the same price on both sides.
     """
     from cassandra import ConsistencyLevel
     from cassandra.cluster import Cluster
@@ -89,14 +93,18 @@ def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
 
     result = Result("naive cassandra LWT")
     host, _, port = cassandra.partition(":")
+    regions = regions or ["r1"]
+    replication = ", ".join(f"'{dc}': 1" for dc in regions)
     # TCP_NODELAY as in the ledger's store: without it, the driver's multi-packet requests
     # wait for delayed ACKs (~40 ms each) and the baseline would look far worse than it is.
-    cluster = Cluster([host], port=int(port), load_balancing_policy=DCAwareRoundRobinPolicy("r1"),
+    cluster = Cluster([host], port=int(port),
+                      load_balancing_policy=DCAwareRoundRobinPolicy(regions[0]),
                       protocol_version=5,
                       sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     session = cluster.connect()
     session.execute("CREATE KEYSPACE IF NOT EXISTS naive_bench WITH replication = "
-                    "{'class': 'NetworkTopologyStrategy', 'r1': 1}", timeout=NAIVE_DDL_TIMEOUT_S)
+                    f"{{'class': 'NetworkTopologyStrategy', {replication}}}",
+                    timeout=NAIVE_DDL_TIMEOUT_S)
     session.execute("CREATE TABLE IF NOT EXISTS naive_bench.balances "
                     "(id text PRIMARY KEY, balance bigint)", timeout=NAIVE_DDL_TIMEOUT_S)
     insert = session.prepare("INSERT INTO naive_bench.balances (id, balance) VALUES (?, ?)")
