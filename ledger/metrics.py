@@ -61,7 +61,8 @@ STORE_TRANSACTIONS = Counter(
 TRANSFERS_COMMITTED = Counter(
     "ledger_transfers_committed",
     "Transfers the API answered as committed (Transfer and BatchTransfer items), replayed "
-    "answers excluded.")
+    "answers excluded: a transfer whose call was cancelled (deadline) after it committed, "
+    "and whose retry was answered as a replay, is not counted.")
 
 
 def serve(host: str, port: int) -> Callable[[], None]:

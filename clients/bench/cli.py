@@ -184,6 +184,10 @@ def print_table(title: str, rows: list[dict], args, file: TextIO = sys.stdout) -
     for r in rows:
         out(f"{r['workload']:<22}{r['committed']:>10}{r['per_s']:>10.0f}"
             f"{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}{_fmt(r['x_naive'], 9, 2)}")
+    for r in rows:
+        if r.get("refusals"):
+            out(f"  {r['workload']}: not committed: "
+                + ", ".join(f"{why} {n}" for why, n in sorted(r["refusals"].items())))
     out(f"\n{'per committed transfer':<22}{'CPU us':>8}{'store us':>9}{'appends':>9}"
         f"{'rows':>7}{'LWT':>7}{'stmts':>7}{'txns':>7}   {'ledger%':>8}{'store%':>7}"
         f"{'share':>6}{'bench%':>7}{'load':>6}")

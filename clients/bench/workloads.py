@@ -46,6 +46,8 @@ class Result:
     latencies_ms: list[float] = field(default_factory=list)
     # (finished, s since the workload started; latency, ms; transfers committed) per call.
     samples: list[tuple[float, float, int]] = field(default_factory=list)
+    # Why transfers were not committed: result status (batch items) or error (single calls).
+    refusals: dict[str, int] = field(default_factory=dict)
     # CPU and store-cost figures, filled by the bench around the run (``probe.costs``).
     extra: dict = field(default_factory=dict)
 
@@ -63,7 +65,11 @@ class Result:
         return {"workload": self.name, "committed": self.committed, "refused": self.refused,
                 "seconds": round(self.seconds, 2), "per_s": round(self.per_s, 1),
                 "p50_ms": round(self.pct(0.50), 2), "p99_ms": round(self.pct(0.99), 2),
-                **self.extra}
+                "refusals": dict(self.refusals), **self.extra}
+
+    def refuse(self, why: str) -> None:
+        self.refused += 1
+        self.refusals[why] = self.refusals.get(why, 0) + 1
 
 
 async def setup_wallets(client: LedgerClient, wallets: list[str]) -> None:
@@ -136,11 +142,15 @@ async def _run_batches(client: LedgerClient, name: str, key_prefix: str,
             started = time.perf_counter()
             response = await client.batch_transfer(items)
             latency_ms = (time.perf_counter() - started) * 1000
-            ok = sum(r.status == pb.RESULT_STATUS_OK for r in response.results)
+            ok = 0
+            for r in response.results:
+                if r.status == pb.RESULT_STATUS_OK:
+                    ok += 1
+                else:
+                    result.refuse(pb.ResultStatus.Name(r.status))
             result.latencies_ms.append(latency_ms)
             result.samples.append((time.monotonic() - t0, latency_ms, ok))
             result.committed += ok
-            result.refused += len(response.results) - ok
     await asyncio.gather(*(worker() for _ in range(args.batches_in_flight)))
     result.seconds = time.monotonic() - t0
     return result
@@ -164,8 +174,8 @@ async def run_single(client: LedgerClient, wallets: list[str], args, rng) -> Res
                 await client.transfer(a, b, 1, CURRENCY,
                                       idempotency_key=f"{args.run_id}s{counter}")
                 ok = 1
-            except Exception:
-                result.refused += 1
+            except Exception as exc:
+                result.refuse(type(exc).__name__)
             latency_ms = (time.perf_counter() - started) * 1000
             result.committed += ok
             result.latencies_ms.append(latency_ms)
