@@ -37,7 +37,9 @@ def test_embedded_bench_json_has_costs_per_transfer() -> None:
         assert row["statements_per_transfer"] > 0, row
         assert row["lwt_per_transfer"] == 0, row  # the embedded store has none
         assert 0 < row["store_cpu_share"] < 1, row
-        # The ledger's own count of committed transfers is the bench's (no retries here).
-        assert row["server_committed"] == row["committed"], row
+        # The ledger's own count of committed transfers: the bench's, less any answered as
+        # replays to a retried call (none on a quiet machine; the client retries transients).
+        assert 0 < row["server_committed"] <= row["committed"], row
+        assert row["refusals"] == {}, row
         series = report["series"][name]
         assert sum(s["committed"] for s in series) == row["committed"]
