@@ -28,7 +28,7 @@ from ledger.core.invariants import InvariantViolation
 from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS, RESERVATION_TTL_MS
 from ledger.core.model import (
     STATE_COMMITTED, AckOutbox, ApplyCredits, ChainFinished, DecideChain, DropReservations, ExpireHolds,
-    ExpireIdempotency, FinishChain, ResolveReservations, Transfer, TransferDecided,
+    ExpireIdempotency, FinishChain, Post, ResolveReservations, Transfer, TransferDecided,
 )
 from ledger.core.shard import ShardState
 from ledger.core.step import step
@@ -371,37 +371,68 @@ class ShardOwner:
                              deadline: float | None = None) -> None:
         """Hold answers until the credit legs of their cross-shard transfers landed, for at
         most CREDIT_WAIT_MS and not past ``deadline`` (loop time). An answer that stops
-        waiting says committed with ``credited=False``: the pipeline still delivers."""
-        committed = []
-        for outcome in outcomes:
+        waiting says committed with ``credited=False``: the pipeline still delivers.
+
+        One waiter per destination shard (for the highest outbox number it must reach), not
+        one per transfer; each transfer's flag is then read off the destination's applied
+        mark. A Post names its destination; other commands (chain finishes, captures) are
+        looked up in the whole outbox.
+        """
+        committed: list[tuple[Transfer, int | None]] = []
+        for command, outcome in zip(commands, outcomes):
             value = outcome.value if outcome.ok else None
             for transfer in (value if isinstance(value, list) else [value]):
                 if (isinstance(transfer, Transfer) and transfer.state == STATE_COMMITTED
                         and not transfer.credited):
-                    committed.append(transfer)
+                    committed.append((transfer, command.to_shard if type(command) is Post
+                                      else None))
         if not committed:
             return
-        owed = {c.transfer_id: (dest, seq) for dest, items in self.state.outbox.items()
-                for seq, c in items.items()}
-        loop = asyncio.get_running_loop()
-        waits = []
-        for transfer in committed:
-            slot = owed.get(transfer.transfer_id)
+        outbox = self.state.outbox
+        indexes: dict[int, dict[str, int]] = {}
+        pending: list[tuple[Transfer, int, int]] = []
+        highest: dict[int, int] = {}
+        for transfer, dest in committed:
+            slot = self._outbox_slot(outbox, indexes, transfer.transfer_id, dest)
             if slot is None or slot[1] <= self._delivered.get(slot[0], 0):
                 transfer.credited = True  # applied there already
                 continue
-            fut = loop.create_future()
-            self._credit_waiters.setdefault(slot[0], collections.deque()).append((slot[1], fut))
-            waits.append((transfer, fut))
-        if not waits:
+            pending.append((transfer, slot[0], slot[1]))
+            if slot[1] > highest.get(slot[0], 0):
+                highest[slot[0]] = slot[1]
+        if not pending:
             return
+        loop = asyncio.get_running_loop()
+        waits = []
+        for dest, seq in highest.items():
+            fut = loop.create_future()
+            self._credit_waiters.setdefault(dest, collections.deque()).append((seq, fut))
+            waits.append(fut)
         wait_s = K.CREDIT_WAIT_MS / 1000
         if deadline is not None:
             wait_s = max(min(wait_s, deadline - loop.time()), 0.0)
-        done, _ = await asyncio.wait([f for _, f in waits], timeout=wait_s)
-        for transfer, fut in waits:
-            if fut in done and fut.result():
+        await asyncio.wait(waits, timeout=wait_s)
+        for transfer, dest, seq in pending:
+            if seq <= self._delivered.get(dest, 0):
                 transfer.credited = True
+
+    @staticmethod
+    def _outbox_slot(outbox: dict, indexes: dict[int, dict[str, int]], transfer_id: str,
+                     dest: int | None) -> tuple[int, int] | None:
+        """(destination, outbox number) of the credit ``transfer_id`` owes, or None if none
+        is owed (applied and acknowledged, or never owed)."""
+        if dest is None:
+            for d, items in outbox.items():
+                for seq, credit in items.items():
+                    if credit.transfer_id == transfer_id:
+                        return d, seq
+            return None
+        index = indexes.get(dest)
+        if index is None:
+            index = indexes[dest] = {credit.transfer_id: seq
+                                     for seq, credit in outbox.get(dest, {}).items()}
+        seq = index.get(transfer_id)
+        return None if seq is None else (dest, seq)
 
     def _credits_landed(self, dest: int, applied: int) -> None:
         """Credits up to ``applied`` are durable on ``dest``: answer who waits for them."""
@@ -463,10 +494,18 @@ class ShardOwner:
 
     def _deliverable(self, dest: int, items: dict) -> list:
         """Credits owed to ``dest`` that may leave now, in order: durable in the journal
-        (at or below the durable mark) and not yet known applied there."""
+        (at or below the durable mark) and not yet known applied there.
+
+        Only the sequence numbers between the two marks are looked at (not every item owed
+        to every destination, sorted, on every kick): the pipeline runs after each append.
+        """
         delivered = self._delivered.get(dest, 0)
         durable = self._durable_outbox.get(dest, 0)
-        return [items[s] for s in sorted(items) if delivered < s <= durable]
+        if durable <= delivered:
+            return []
+        if durable - delivered > len(items):  # far behind: fewer items than numbers
+            return [items[s] for s in sorted(items) if delivered < s <= durable]
+        return [items[s] for s in range(delivered + 1, durable + 1) if s in items]
 
     def _ack_later(self, dest: int, applied: int) -> None:
         """Journal the acknowledgement lazily: it only lets the outbox forget delivered

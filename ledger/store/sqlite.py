@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import queue
 import sqlite3
 import threading
@@ -68,6 +69,12 @@ _UPSERT_TRANSFER = (
     "INSERT INTO transfers (shard, " + ", ".join(_TRANSFER_COLS) + ") VALUES ("
     + ", ".join("?" * (len(_TRANSFER_COLS) + 1)) + ") ON CONFLICT (transfer_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _TRANSFER_COLS[1:]))
+_INSERT_ENTRY = ("INSERT OR REPLACE INTO wallet_entries (" + ", ".join(_ENTRY_COLS) + ") VALUES ("
+                 + ", ".join("?" * len(_ENTRY_COLS)) + ")")
+# A row's column values in table order, as one C call (not a generator of getattr per column).
+_wallet_cols = operator.attrgetter(*_WALLET_COLS)
+_entry_cols = operator.attrgetter(*_ENTRY_COLS)
+_transfer_cols = operator.attrgetter(*_TRANSFER_COLS)
 
 
 class SqliteStore:
@@ -164,29 +171,59 @@ class SqliteStore:
                     self._calls.put(None)  # close after this group
                     break
                 calls.append(item)
-            results: list[tuple[Any, BaseException | None]] = []
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for fn, args, _, _ in calls:
-                    db.execute("SAVEPOINT call")
+            results = self._commit_group(db, calls)
+            _settle_group(calls, results)
+            self._taken = []
+
+    def _commit_group(self, db: sqlite3.Connection, calls: list) -> list:
+        """Run ``calls`` in ONE transaction; one (value, error) per call.
+
+        A call that checks everything before it writes (``_CHECKS_FIRST``: an append raises
+        Fenced before its first write) runs without a savepoint: its own refusal leaves
+        nothing to undo. Any other call runs in a savepoint, so that its failure rolls back
+        only its own writes. Should a checks-first call fail after writing (a bug, or SQLite
+        failing mid-call), the whole transaction is rolled back and the group is run again
+        with a savepoint around every call: nothing half-written is ever committed.
+        (Three statements less per append: ledger-bench, embedded batch.)
+        """
+        try:
+            return self._run_group(db, calls, savepoint_all=False)
+        except _Retry:
+            return self._run_group(db, calls, savepoint_all=True)
+
+    @staticmethod
+    def _run_group(db: sqlite3.Connection, calls: list, savepoint_all: bool) -> list:
+        results: list[tuple[Any, BaseException | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for fn, args, _, _ in calls:
+                refusals = None if savepoint_all else _CHECKS_FIRST.get(fn)
+                if refusals is not None:
                     try:
                         results.append((fn(db, *args), None))
-                        db.execute("RELEASE call")
-                    except Exception as exc:  # the call's own failure, e.g. Fenced
-                        db.execute("ROLLBACK TO call")
-                        db.execute("RELEASE call")
+                    except refusals as exc:  # refused before its first write
                         results.append((None, exc))
-                db.execute("COMMIT")
-                metrics.STORE_TRANSACTIONS.inc()
-            except sqlite3.Error as exc:
+                    except Exception:
+                        db.execute("ROLLBACK")
+                        raise _Retry() from None
+                    continue
+                db.execute("SAVEPOINT call")
                 try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                results = [(None, StoreUnavailable(str(exc)))] * len(calls)
-            for (_, _, loop, future), (value, error) in zip(calls, results):
-                _settle_threadsafe(loop, future, value, error)
-            self._taken = []
+                    results.append((fn(db, *args), None))
+                    db.execute("RELEASE call")
+                except Exception as exc:  # the call's own failure, e.g. Fenced
+                    db.execute("ROLLBACK TO call")
+                    db.execute("RELEASE call")
+                    results.append((None, exc))
+            db.execute("COMMIT")
+            metrics.STORE_TRANSACTIONS.inc()
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            results = [(None, StoreUnavailable(str(exc)))] * len(calls)
+        return results
 
     async def _call(self, fn: Callable, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -259,6 +296,28 @@ class SqliteStore:
             await asyncio.to_thread(self._thread.join)
 
 
+class _Retry(Exception):
+    """A checks-first call failed after writing: run the group again, savepoints on all."""
+
+
+def _settle_group(calls: list, results: list) -> None:
+    """Hand a group's results to their futures: ONE hand-off per event loop (not one per
+    call: a group holds an append of every shard a round touched, hundreds at a time)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for (_, _, loop, future), (value, error) in zip(calls, results):
+        by_loop.setdefault(loop, []).append((future, value, error))
+    for loop, settled in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_all, settled)
+        except RuntimeError:
+            pass  # a closed loop has nobody waiting
+
+
+def _settle_all(settled: list) -> None:
+    for future, value, error in settled:
+        _settle(future, value, error)
+
+
 def _settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any,
                        error: BaseException | None) -> None:
     """Hand a result to ``future`` on its loop; a closed loop has nobody waiting."""
@@ -312,16 +371,17 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.
-        db.executemany(_UPSERT_WALLET, [(shard, *(getattr(w, c) for c in _WALLET_COLS))
-                                        for w in wallets.values()])
+        db.executemany(_UPSERT_WALLET, [(shard, *_wallet_cols(w)) for w in wallets.values()])
     if entries:
-        db.executemany(
-            "INSERT OR REPLACE INTO wallet_entries (" + ", ".join(_ENTRY_COLS) + ") VALUES ("
-            + ", ".join("?" * len(_ENTRY_COLS)) + ")",
-            [tuple(getattr(e, c) for c in _ENTRY_COLS) for e in entries])
+        db.executemany(_INSERT_ENTRY, [_entry_cols(e) for e in entries])
     if transfers:
-        db.executemany(_UPSERT_TRANSFER, [(shard, *(getattr(t, c) for c in _TRANSFER_COLS))
+        db.executemany(_UPSERT_TRANSFER, [(shard, *_transfer_cols(t))
                                           for t in transfers.values()])
+
+# Calls that raise these refusals only before their first write (so they need no savepoint).
+_CHECKS_FIRST: dict[Callable, tuple[type[Exception], ...]] = {
+    _append: (Fenced,),
+}
 
 
 def _journal_position(db: sqlite3.Connection, shard: int) -> tuple[int, int, int]:
