@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ledger import metrics
 from ledger.runtime import failpoints
 from ledger.core import codec
 from ledger.core.model import Entry, IdempotencyRecord, Transfer, Wallet
@@ -120,6 +121,7 @@ class SqliteStore:
         The thread is the store's only background worker: a failure that ended it silently
         would leave every later call (and its caller's shard) waiting forever.
         """
+        metrics.name_os_thread(self._thread.name)
         try:
             self._run()
         except BaseException as exc:
@@ -221,6 +223,7 @@ class SqliteStore:
                     db.execute("RELEASE call")
                     results.append((None, exc))
             db.execute("COMMIT")
+            metrics.STORE_TRANSACTIONS.inc()
         except sqlite3.Error as exc:
             try:
                 db.execute("ROLLBACK")
@@ -232,6 +235,7 @@ class SqliteStore:
     async def _call(self, fn: Callable, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        metrics.STORE_STATEMENTS.inc()
         with self._gate:
             if self._failure is not None:
                 raise self._unavailable()
@@ -364,6 +368,7 @@ def _append(db: sqlite3.Connection, shard: int, epoch: int, seq: int, events: by
     db.execute("INSERT INTO journal (shard, seq, epoch, events) VALUES (?, ?, ?, ?)",
                (shard, seq, epoch, events))
     _write_rows(db, shard, rows)
+    metrics.STORE_APPENDS.inc()
 
 
 def _write_positioned_rows(db: sqlite3.Connection, shard: int,
@@ -378,6 +383,7 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     # The rows are of one append, or above the head: one position, so the last row of a key
     # wins (as the order of the core's evolve left them).
     wallets, entries, transfers, keys = last_of_each_key(rows)
+    metrics.STORE_ROWS_WRITTEN.inc(len(wallets) + len(entries) + len(transfers) + len(keys))
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.

@@ -24,6 +24,7 @@ from typing import Iterable
 from cassandra import ConsistencyLevel
 from cassandra.query import BatchStatement, BatchType
 
+from ledger import metrics
 from ledger.runtime import failpoints
 from ledger.store.cassandra.constants import (FENCE_ATTEMPTS_MAX, JOURNAL_PAGE_BATCHES,
                                               RESOLVE_ATTEMPTS_MAX, SNAPSHOT_LOAD_ATTEMPTS_MAX,
@@ -145,6 +146,7 @@ class Journal:
         self._views.forget_failure(shard)
         statement = self._q_fence.bind((epoch, shard, epoch))
         for _ in range(FENCE_ATTEMPTS_MAX):
+            metrics.STORE_LWT.inc()
             try:
                 result = await self._driver.run(statement)
             except DRIVER_ERRORS as exc:
@@ -223,6 +225,7 @@ class Journal:
         batch.add(self._q_advance, (seq, shard, seq - 1, epoch))
         batch.add(self._q_insert_batch, (shard, seq, epoch, events))
         await self._views.wait_room(shard)
+        metrics.STORE_LWT.inc()
         try:
             result = await self._driver.run(batch)
         except DRIVER_ERRORS as exc:
@@ -240,6 +243,7 @@ class Journal:
                 raise self._refused(shard, epoch, seq, found)
         # The batch is durable: its rows are views, written behind the commit path (a row
         # write costs more than the journal append, and it needs no serial quorum).
+        metrics.STORE_APPENDS.inc()
         self._views.enqueue(shard, seq, rows)
 
     @staticmethod

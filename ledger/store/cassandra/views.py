@@ -21,6 +21,7 @@ from typing import Any, Iterable
 from cassandra.cluster import Cluster
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statement
 
+from ledger import metrics
 from ledger.core import codec
 from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.cassandra.constants import (KEY_ROWS_TTL_S, ROW_TIMESTAMP_BASE,
@@ -270,6 +271,7 @@ class Views:
             blob = codec.dumps(record)
             upserts.append((self._q_key_put, (shard, caller, key, kind, blob, ts),
                             60 + len(caller) + len(key) + len(blob)))
+        metrics.STORE_ROWS_WRITTEN.inc(len(upserts))
         statements: list[Statement] = []
         if wallet_values:
             by_shard = self._new_rows_batch()
