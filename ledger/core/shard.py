@@ -977,6 +977,11 @@ class ShardState:
         for key in [k for k, r in self.claims.items() if r.created_at_ms < e.before_ms]:
             record = self.claims.pop(key)
             self.spilled.add(record.caller, record.idempotency_key, record.created_at_ms)
+        # A dict keeps its table at its largest size after deletions: copy the three, so
+        # what memory holds follows the window, not the busiest moment since the start.
+        self.idempotency = dict(self.idempotency)
+        self.transfers = dict(self.transfers)
+        self.claims = dict(self.claims)
 
     def _evolve_idempotency_expired(self, e: IdempotencyExpired, rows: list | None) -> None:
         self.spilled.expire(e.before_ms)
