@@ -26,7 +26,7 @@ THREE_DC_TESTS = ("test_money_moves_and_books_balance",
                   "test_idempotent_retry_returns_original_and_moves_money_once")
 
 
-async def _start_cassandra_backend(local_cluster, three_dc: bool = False):
+async def _start_cassandra_backend(local_cluster, three_dc: bool = False, **server_options):
     from ledger.store.cassandra import CassandraStore
     from shard_router.etcd import EtcdOwnership
     from tests.conftest import TEST_CQL_PORT
@@ -50,7 +50,7 @@ async def _start_cassandra_backend(local_cluster, three_dc: bool = False):
     ownership = EtcdOwnership(local_cluster.etcd_endpoint, f"node-{keyspace}", region,
                               "127.0.0.1:0", [region], shard_count=SHARDS, lease_ttl_s=5.0,
                               prefix=f"/e2e/{keyspace}")
-    running = await server.start(store, ownership, SHARDS, "127.0.0.1", 0)
+    running = await server.start(store, ownership, SHARDS, "127.0.0.1", 0, **server_options)
     running.keyspace = keyspace
     return running
 
