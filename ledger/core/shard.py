@@ -492,7 +492,8 @@ class ShardState:
         return ok(), [IdempotencyExpired(cmd.before_ms)]
 
     def _decide_spill_idempotency(self, cmd: SpillIdempotency) -> tuple[Outcome, list[Event]]:
-        if any(self._spillable(r) for r in self.idempotency.values()
+        owed = {c.transfer_id for items in self.outbox.values() for c in items.values()}
+        if any(self._spillable(r, owed) for r in self.idempotency.values()
                if r.created_at_ms < cmd.before_ms) or any(
                 r.created_at_ms < cmd.before_ms for r in self.claims.values()):
             return ok(), [IdempotencySpilled(cmd.before_ms)]
