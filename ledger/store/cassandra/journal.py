@@ -61,9 +61,10 @@ def _snapshot_split(snapshot: bytes, part_bytes: int) -> tuple[bytes, list[bytes
 
 
 def _snapshot_consistency(write: int, serial: int) -> int:
-    """Consistency of snapshot parts, marks and journal truncation.
+    """Consistency of snapshot parts, marks, journal truncation and the fence's head read.
 
-    They delete journal batches, so they must be as durable as an append: QUORUM (all
+    The first three delete journal batches, and the head read must see every acknowledged
+    append, so they must be as durable as an append: QUORUM (all
     datacenters) with SERIAL appends, LOCAL_QUORUM with LOCAL_SERIAL; the configured write
     consistency if it is stronger still.
     """
@@ -157,20 +158,25 @@ class Journal:
         self._q_fence = prepare(
             "UPDATE {ks}.epoch_journal SET epoch = ?, starts = starts + ? WHERE shard = ? "
             "IF epoch = ?", w, idempotent=False)
-        # --- appends: plain writes; the identical row sent again changes nothing ---
+        # --- appends: plain writes; the identical row sent again changes nothing, and
+        # _write_row sends it again itself. Marked non-idempotent only so that the driver
+        # never moves a request that may have reached a node to another node on its own:
+        # ``never_sent`` then stays exact ("nothing was written" means it). ---
         self._q_append = prepare(
             "INSERT INTO {ks}.epoch_journal (shard, seq, writer_epoch, events) "
-            "VALUES (?, ?, ?, ?)", w, idempotent=True)
-        # --- reads: rows page by (seq, writer_epoch), both ends exclusive ---
+            "VALUES (?, ?, ?, ?)", w, idempotent=False)
+        # --- reads: rows page by (seq, writer_epoch), both ends exclusive. The head read
+        # must see every acknowledged append, so it is at least a quorum (as durable as an
+        # append: _snapshot_consistency), whatever read consistency is configured. ---
+        d = _snapshot_consistency(w, s)
         self._q_tail = prepare(
             "SELECT seq, writer_epoch FROM {ks}.epoch_journal WHERE shard = ? "
             "AND (seq, writer_epoch) > (?, ?) AND (seq, writer_epoch) < (?, ?) "
-            "ORDER BY seq DESC, writer_epoch DESC LIMIT ?", r, idempotent=True)
+            "ORDER BY seq DESC, writer_epoch DESC LIMIT ?", d, idempotent=True)
         self._q_journal = prepare(
             "SELECT seq, writer_epoch, events FROM {ks}.epoch_journal WHERE shard = ? "
             "AND (seq, writer_epoch) > (?, ?) LIMIT ?", r, idempotent=True)
         # --- snapshots and truncation (as durable as an append: see _snapshot_consistency) ---
-        d = _snapshot_consistency(w, s)
         self._q_snapshot_part_put = prepare(
             "INSERT INTO {ks}.snapshot_parts (shard, seq, digest, part, data) "
             "VALUES (?, ?, ?, ?, ?)", d, idempotent=True)
