@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@command -v $(PYTHON_SYS) >/dev/null || { echo "need $(PYTHON_SYS)"; exit 1; }
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==24.3.1
-	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./clients/python -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

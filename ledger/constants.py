@@ -67,6 +67,17 @@ RESERVATIONS_PER_RESOLVE_MAX = 2_000
 RESERVATION_SWEEP_S = 1.0
 IDEMPOTENCY_SWEEP_S = 60.0
 
+# How long key records of money movements (and key claims) stay in owner memory after they
+# were made (ms); older ones are spilled: answered from the store (``ledger.core.spilled``),
+# so an owner's memory stays flat however long it runs. Retries come within seconds in
+# practice: a retry of a spilled key costs one store read, a new key none.
+IDEMPOTENCY_MEMORY_MS = 10 * 60 * 1000
+# The longest idempotency retention a node accepts (h): key rows live 24 h longer than this
+# in Cassandra (``ledger.store.cassandra.constants.KEY_ROWS_TTL_S``).
+IDEMPOTENCY_RETENTION_H_MAX = 7 * 24
+# How often an owner spills (s).
+IDEMPOTENCY_SPILL_EVERY_S = 30.0
+
 # The router's retry budget and backoff are in ``shard_router.constants``.
 
 # Timeout of one node-to-node ShardOwnerService call that carries no caller deadline (s): an

@@ -27,10 +27,12 @@ from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.core.invariants import InvariantViolation
 from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS, RESERVATION_TTL_MS
 from ledger.core.model import (
-    STATE_COMMITTED, AckOutbox, ApplyCredits, ChainFinished, DecideChain, DropReservations, ExpireHolds,
-    ExpireIdempotency, FinishChain, ResolveReservations, Transfer, TransferDecided,
+    KIND_HOLD_CAPTURE, STATE_COMMITTED, AckOutbox, ApplyCredits, ChainFinished, DecideChain, DropReservations, ExpireHolds,
+    ExpireIdempotency, FinishChain, Post, ResolveReservations, SpillIdempotency, Transfer,
+    TransferDecided,
 )
-from ledger.core.shard import ShardState
+from ledger.core.ids import transfer_id_for
+from ledger.core.shard import ShardState, record_of_transfer
 from ledger.core.step import step
 from ledger.core.outcomes import OVERLOADED, UNAVAILABLE
 from ledger.core.status import Outcome
@@ -88,7 +90,8 @@ class ShardOwner:
                  clock_ms: Clock = now_ms,
                  on_stopped: Callable[[int, int, str], Awaitable[None]] | None = None,
                  idempotency_retention_ms: int = IDEMPOTENCY_RETENTION_MS,
-                 lease_valid: Callable[[], bool] = lambda: True) -> None:
+                 lease_valid: Callable[[], bool] = lambda: True,
+                 idempotency_memory_ms: int = K.IDEMPOTENCY_MEMORY_MS) -> None:
         self.shard = shard
         self._lease_valid = lease_valid
         self.epoch = epoch
@@ -98,6 +101,8 @@ class ShardOwner:
         self._clock_ms = clock_ms
         self._on_stopped = on_stopped
         self._retention_ms = idempotency_retention_ms
+        self._memory_ms = min(idempotency_memory_ms, idempotency_retention_ms)
+        self._spill_every_s = min(K.IDEMPOTENCY_SPILL_EVERY_S, self._memory_ms / 4000)
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_commands = 0
         self._inflight: list[_Request] = []
@@ -296,13 +301,19 @@ class ShardOwner:
 
     async def _commit(self, batch: list[_Request]) -> None:
         state = self.state
+        commands = [command for request in batch for command in request.commands]
+        if state.spilled and not await self._load_spilled(commands):
+            for request in batch:
+                request.answer([UNAVAILABLE] * len(request.commands))
+            return
         try:
             # The live state runs ahead of the journal from here until the append returns.
-            result = step(state, [command for request in batch
-                                  for command in request.commands])
+            result = step(state, commands)
         except InvariantViolation as exc:
             await self._abdicate(f"invariant violated: {exc}")
             return
+        finally:
+            state.loaded = {}
         events, rows = result.events, result.rows
         position = 0
         for request in batch:
@@ -346,6 +357,46 @@ class ShardOwner:
         for request in batch:
             request.answer(request.outcomes)
 
+    async def _load_spilled(self, commands: list) -> bool:
+        """Load from the store the records of the keys these commands use that may have
+        left memory (``ledger.core.spilled``), into ``state.loaded`` for the step. False if
+        the store could not answer: nothing is decided then (the batch is answered
+        UNAVAILABLE and retried), since deciding without a record could run a key twice."""
+        keys = self.state.keys_to_load(commands)
+        if not keys:
+            return True
+        try:
+            loaded = await self._store.load_keys(
+                self.shard, {k: transfer_id_for(self.shard, *k) for k in keys})
+        except Exception as exc:  # StoreUnavailable, or a bug: decide nothing
+            log.warning("shard %d: loading %d spilled keys failed: %r", self.shard, len(keys),
+                        exc)
+            return False
+        oldest = self._clock_ms() - self._retention_ms
+        state_loaded = {}
+        for k in keys:
+            record, claim, transfer = loaded.get(k, (None, None, None))
+            if (record is None and transfer is not None and transfer.caller == k[0]
+                    and transfer.idempotency_key == k[1]
+                    and transfer.kind != KIND_HOLD_CAPTURE
+                    and transfer.created_at_ms >= oldest):
+                # A money movement's record is its transfer row (``record_of_transfer``).
+                record = record_of_transfer(transfer)
+            state_loaded[k] = (record, claim, transfer)
+        self.state.loaded = state_loaded
+        return True
+
+    async def _spill(self, now: int) -> None:
+        """Let key records older than the memory window leave memory: their rows are made
+        durable first (``flush_rows``: the Cassandra views are written behind the journal),
+        then ``SpillIdempotency`` is journaled (replays and snapshots drop them too)."""
+        try:
+            await self._store.flush_rows(self.shard, self.state.seq)
+        except Exception as exc:  # StoreUnavailable: nothing spilled, tried again later
+            log.warning("shard %d: rows not flushed, spill postponed: %r", self.shard, exc)
+            return
+        await self.submit(SpillIdempotency(now - self._memory_ms))
+
     async def _reload_or_abdicate(self) -> None:
         try:
             head = await self._store.fence(self.shard, self.epoch)
@@ -375,37 +426,68 @@ class ShardOwner:
                              deadline: float | None = None) -> None:
         """Hold answers until the credit legs of their cross-shard transfers landed, for at
         most CREDIT_WAIT_MS and not past ``deadline`` (loop time). An answer that stops
-        waiting says committed with ``credited=False``: the pipeline still delivers."""
-        committed = []
-        for outcome in outcomes:
+        waiting says committed with ``credited=False``: the pipeline still delivers.
+
+        One waiter per destination shard (for the highest outbox number it must reach), not
+        one per transfer; each transfer's flag is then read off the destination's applied
+        mark. A Post names its destination; other commands (chain finishes, captures) are
+        looked up in the whole outbox.
+        """
+        committed: list[tuple[Transfer, int | None]] = []
+        for command, outcome in zip(commands, outcomes):
             value = outcome.value if outcome.ok else None
             for transfer in (value if isinstance(value, list) else [value]):
                 if (isinstance(transfer, Transfer) and transfer.state == STATE_COMMITTED
                         and not transfer.credited):
-                    committed.append(transfer)
+                    committed.append((transfer, command.to_shard if type(command) is Post
+                                      else None))
         if not committed:
             return
-        owed = {c.transfer_id: (dest, seq) for dest, items in self.state.outbox.items()
-                for seq, c in items.items()}
-        loop = asyncio.get_running_loop()
-        waits = []
-        for transfer in committed:
-            slot = owed.get(transfer.transfer_id)
+        outbox = self.state.outbox
+        indexes: dict[int, dict[str, int]] = {}
+        pending: list[tuple[Transfer, int, int]] = []
+        highest: dict[int, int] = {}
+        for transfer, dest in committed:
+            slot = self._outbox_slot(outbox, indexes, transfer.transfer_id, dest)
             if slot is None or slot[1] <= self._delivered.get(slot[0], 0):
                 transfer.credited = True  # applied there already
                 continue
-            fut = loop.create_future()
-            self._credit_waiters.setdefault(slot[0], collections.deque()).append((slot[1], fut))
-            waits.append((transfer, fut))
-        if not waits:
+            pending.append((transfer, slot[0], slot[1]))
+            if slot[1] > highest.get(slot[0], 0):
+                highest[slot[0]] = slot[1]
+        if not pending:
             return
+        loop = asyncio.get_running_loop()
+        waits = []
+        for dest, seq in highest.items():
+            fut = loop.create_future()
+            self._credit_waiters.setdefault(dest, collections.deque()).append((seq, fut))
+            waits.append(fut)
         wait_s = K.CREDIT_WAIT_MS / 1000
         if deadline is not None:
             wait_s = max(min(wait_s, deadline - loop.time()), 0.0)
-        done, _ = await asyncio.wait([f for _, f in waits], timeout=wait_s)
-        for transfer, fut in waits:
-            if fut in done and fut.result():
+        await asyncio.wait(waits, timeout=wait_s)
+        for transfer, dest, seq in pending:
+            if seq <= self._delivered.get(dest, 0):
                 transfer.credited = True
+
+    @staticmethod
+    def _outbox_slot(outbox: dict, indexes: dict[int, dict[str, int]], transfer_id: str,
+                     dest: int | None) -> tuple[int, int] | None:
+        """(destination, outbox number) of the credit ``transfer_id`` owes, or None if none
+        is owed (applied and acknowledged, or never owed)."""
+        if dest is None:
+            for d, items in outbox.items():
+                for seq, credit in items.items():
+                    if credit.transfer_id == transfer_id:
+                        return d, seq
+            return None
+        index = indexes.get(dest)
+        if index is None:
+            index = indexes[dest] = {credit.transfer_id: seq
+                                     for seq, credit in outbox.get(dest, {}).items()}
+        seq = index.get(transfer_id)
+        return None if seq is None else (dest, seq)
 
     def _credits_landed(self, dest: int, applied: int) -> None:
         """Credits up to ``applied`` are durable on ``dest``: answer who waits for them."""
@@ -467,10 +549,18 @@ class ShardOwner:
 
     def _deliverable(self, dest: int, items: dict) -> list:
         """Credits owed to ``dest`` that may leave now, in order: durable in the journal
-        (at or below the durable mark) and not yet known applied there."""
+        (at or below the durable mark) and not yet known applied there.
+
+        Only the sequence numbers between the two marks are looked at (not every item owed
+        to every destination, sorted, on every kick): the pipeline runs after each append.
+        """
         delivered = self._delivered.get(dest, 0)
         durable = self._durable_outbox.get(dest, 0)
-        return [items[s] for s in sorted(items) if delivered < s <= durable]
+        if durable <= delivered:
+            return []
+        if durable - delivered > len(items):  # far behind: fewer items than numbers
+            return [items[s] for s in sorted(items) if delivered < s <= durable]
+        return [items[s] for s in range(delivered + 1, durable + 1) if s in items]
 
     def _ack_later(self, dest: int, applied: int) -> None:
         """Journal the acknowledgement lazily: it only lets the outbox forget delivered
@@ -501,7 +591,7 @@ class ShardOwner:
         """Periodic duties: drop stale credit reservations, release expired holds, resolve
         linked chains left undecided by a dead coordinator, purge expired idempotency keys."""
         loop = asyncio.get_running_loop()  # loop time: simulations run it on a virtual clock
-        last_idempotency_sweep = loop.time()
+        last_idempotency_sweep = last_spill = loop.time()
         while self._serving:
             await asyncio.sleep(K.RESERVATION_SWEEP_S)
             now = self._clock_ms()
@@ -512,9 +602,18 @@ class ShardOwner:
             for chain_id, primary in self.state.pending_chains(
                     now - CHAIN_RESOLVE_AFTER_MS).items():
                 await self.resolve_chain(chain_id, primary)
+            if loop.time() - last_spill >= self._spill_every_s:
+                last_spill = loop.time()
+                await self._spill(now)
             if loop.time() - last_idempotency_sweep >= K.IDEMPOTENCY_SWEEP_S:
-                last_idempotency_sweep = loop.time()
-                await self.submit(ExpireIdempotency(now - self._retention_ms))
+                last_idempotency_sweep = last_spill = loop.time()
+                expired = await self.submit(ExpireIdempotency(now - self._retention_ms))
+                if expired.ok:
+                    try:
+                        await self._store.expire_keys(self.shard, now - self._retention_ms)
+                    except Exception as exc:  # the rows are deleted on the next sweep
+                        log.warning("shard %d: expired key rows not deleted: %r", self.shard,
+                                    exc)
 
     async def _resolve_reservations(self, now: int) -> None:
         """Ask the debit shards of reservations older than RESERVATION_TTL_MS whether a

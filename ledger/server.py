@@ -157,10 +157,12 @@ class Running:
 
 async def start(store: JournalStore, ownership, shard_count: int, host: str, port: int,
                 serve_timeout_s: float = 60.0, shards_min: int = 0,
-                retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> Running:
+                retention_ms: int = IDEMPOTENCY_RETENTION_MS,
+                memory_ms: int = K.IDEMPOTENCY_MEMORY_MS) -> Running:
     """Start node and gRPC server; return once the node serves its shards (or timeout)."""
     transport = GrpcShardTransport()
-    node = Node(store, ownership, transport, idempotency_retention_ms=retention_ms)
+    node = Node(store, ownership, transport, idempotency_retention_ms=retention_ms,
+                idempotency_memory_ms=memory_ms)
     coordinator = Coordinator(node.router, store, shard_count)
     # Public calls answer failures (store down, a bug) with a fixed message and a reference,
     # never the exception's text; the node-to-node service keeps its own errors.
@@ -200,7 +202,8 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
 
 async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 50051,
                     shard_count: int = 256,
-                    retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> Running:
+                    retention_ms: int = IDEMPOTENCY_RETENTION_MS,
+                    memory_ms: int = K.IDEMPOTENCY_MEMORY_MS) -> Running:
     """The embedded default: one process, SQLite file, this process owns every shard.
 
     Raises ``DataDirLocked`` when another process serves ``data_dir`` (it owns every shard of
@@ -218,7 +221,8 @@ async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 5
             # interleave).
             ownership = LocalOwnership(shard_count, epoch=time.time_ns() // 1_000_000)
             running = await start(store, ownership, shard_count, host, port,
-                                  shards_min=shard_count, retention_ms=retention_ms)
+                                  shards_min=shard_count, retention_ms=retention_ms,
+                                  memory_ms=memory_ms)
         except BaseException:
             await store.close()
             raise

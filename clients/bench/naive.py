@@ -37,7 +37,8 @@ def naive_sqlite(wallets: list[str], args, rng) -> Result:
     db.executemany("INSERT INTO balances VALUES (?, ?)", [(w, FUND_MINOR) for w in wallets])
     db.commit()
     db.close()
-    deadline = time.monotonic() + args.seconds
+    t0 = time.monotonic()
+    deadline = t0 + args.seconds
     lock = threading.Lock()
     counter = iter(range(10**12))
 
@@ -57,22 +58,24 @@ def naive_sqlite(wallets: list[str], args, rng) -> Result:
                 conn.execute("INSERT INTO transfers VALUES (?, ?, ?, 1)",
                              (f"n{next(counter)}", a, b))
             conn.execute("COMMIT")
+            latency_ms = (time.perf_counter() - started) * 1000
             with lock:
                 result.committed += 1
-                result.latencies_ms.append((time.perf_counter() - started) * 1000)
+                result.latencies_ms.append(latency_ms)
+                result.samples.append((time.monotonic() - t0, latency_ms, 1))
         conn.close()
-    started = time.monotonic()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(min(args.clients, NAIVE_SQLITE_THREADS_MAX))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    result.seconds = time.monotonic() - started
+    result.seconds = time.monotonic() - t0
     shutil.rmtree(os.path.dirname(path), ignore_errors=True)
     return result
 
 
-def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
+def naive_cassandra(cassandra: str, wallets: list[str], args,
+                    regions: list[str] | None = None) -> Result:
     """Each balance change is its own lightweight transaction (read, then CAS), like a naive
     service that keeps balances in Cassandra rows and guards them with Paxos.
 
@@ -80,6 +83,9 @@ def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
         cassandra: HOST:PORT of the Cassandra node the ledger under test uses.
         wallets: The wallet ids (funded here in a keyspace of the baseline's own).
         args: The bench's arguments (``seconds``, ``clients``).
+        regions: The datacenters to replicate to, one replica each (default: r1 only); the
+            first is the local one. On three regions a QUORUM write and a SERIAL round span
+            regions, like the ledger's durable commit path: the same price on both sides.
     """
     from cassandra import ConsistencyLevel
     from cassandra.cluster import Cluster
@@ -87,14 +93,18 @@ def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
 
     result = Result("naive cassandra LWT")
     host, _, port = cassandra.partition(":")
+    regions = regions or ["r1"]
+    replication = ", ".join(f"'{dc}': 1" for dc in regions)
     # TCP_NODELAY as in the ledger's store: without it, the driver's multi-packet requests
     # wait for delayed ACKs (~40 ms each) and the baseline would look far worse than it is.
-    cluster = Cluster([host], port=int(port), load_balancing_policy=DCAwareRoundRobinPolicy("r1"),
+    cluster = Cluster([host], port=int(port),
+                      load_balancing_policy=DCAwareRoundRobinPolicy(regions[0]),
                       protocol_version=5,
                       sockopts=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     session = cluster.connect()
     session.execute("CREATE KEYSPACE IF NOT EXISTS naive_bench WITH replication = "
-                    "{'class': 'NetworkTopologyStrategy', 'r1': 1}", timeout=NAIVE_DDL_TIMEOUT_S)
+                    f"{{'class': 'NetworkTopologyStrategy', {replication}}}",
+                    timeout=NAIVE_DDL_TIMEOUT_S)
     session.execute("CREATE TABLE IF NOT EXISTS naive_bench.balances "
                     "(id text PRIMARY KEY, balance bigint)", timeout=NAIVE_DDL_TIMEOUT_S)
     insert = session.prepare("INSERT INTO naive_bench.balances (id, balance) VALUES (?, ?)")
@@ -106,7 +116,8 @@ def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
                           "IF balance = ?")
     cas.consistency_level = ConsistencyLevel.QUORUM
     cas.serial_consistency_level = ConsistencyLevel.SERIAL
-    deadline = time.monotonic() + args.seconds
+    t0 = time.monotonic()
+    deadline = t0 + args.seconds
     lock = threading.Lock()
 
     def change(wallet_id: str, delta: int) -> None:
@@ -122,16 +133,17 @@ def naive_cassandra(cassandra: str, wallets: list[str], args) -> Result:
             started = time.perf_counter()
             change(a, -1)
             change(b, +1)
+            latency_ms = (time.perf_counter() - started) * 1000
             with lock:
                 result.committed += 1
-                result.latencies_ms.append((time.perf_counter() - started) * 1000)
-    started = time.monotonic()
+                result.latencies_ms.append(latency_ms)
+                result.samples.append((time.monotonic() - t0, latency_ms, 1))
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(min(args.clients, NAIVE_CASSANDRA_THREADS_MAX))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    result.seconds = time.monotonic() - started
+    result.seconds = time.monotonic() - t0
     try:
         session.execute("DROP KEYSPACE naive_bench", timeout=NAIVE_DDL_TIMEOUT_S)
     except Exception as exc:  # leftover keyspace: harmless, recreated next run

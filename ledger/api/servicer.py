@@ -10,6 +10,7 @@ import contextvars
 
 from coordinator import Coordinator, TransferItem
 from coordinator.constants import REQUEST_DEADLINE_DEFAULT_S
+from ledger import metrics
 from ledger.api import convert
 from ledger.api import errors
 from ledger.api.errors import status_name
@@ -105,6 +106,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
     async def Transfer(self, request, context):
         outcome = await self._c.transfer(caller_of(context), _item(request),
                                          deadline=deadline_of(context))
+        metrics.TRANSFERS_COMMITTED.inc(int(outcome.ok and not outcome.replayed))
         return await self._transfer_response(outcome, context)
 
     async def _transfer_response(self, outcome: Outcome, context) -> pb.TransferResponse:
@@ -121,6 +123,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         outcomes = await self._c.batch_transfer(caller_of(context),
                                                 [_item(r) for r in request.transfers],
                                                 deadline=deadline_of(context))
+        metrics.TRANSFERS_COMMITTED.inc(sum(o.ok and not o.replayed for o in outcomes))
         results = []
         for outcome in outcomes:
             # protobuf takes the enum's int value; the generated .pyi lists only the enum type.

@@ -1,8 +1,12 @@
 """``ledgerd``: run ledger servers.
 
-    ledgerd dev  [--port 50051] [--data-dir .ledger-dev] [--shards 256]
+    ledgerd dev  [--port 50051] [--data-dir .ledger-dev] [--shards 256] [--metrics-port 9464]
     ledgerd node --region r1 [--port 50061] [--cassandra 127.0.0.1:9042] [--etcd 127.0.0.1:2379]
                  [--regions r1,r2,r3] [--replication r1=1,r2=1,r3=1] [--single-region-dev]
+                 [--metrics-port 0]
+
+``--metrics-port`` serves Prometheus metrics (ledger/metrics.py) at http://HOST:PORT/metrics
+on the ``--host`` address; 0 serves none (the default of ``ledgerd node``).
 
 In the durable mode a node refuses to start (with the reason) when the keyspace's replication
 cannot keep an acknowledged transfer through the loss of a region; ``--single-region-dev``
@@ -19,7 +23,8 @@ import sys
 import time
 from typing import Any
 
-from ledger import server
+from ledger import constants as K
+from ledger import metrics, server
 
 # Exit status of a ledgerd that refused to start (port in use, data directory locked).
 EXIT_REFUSED = 3
@@ -64,8 +69,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="coordinator: serve the API and route, own no shards")
     node.add_argument("--lease-ttl-s", type=float, default=5.0)
     node.add_argument("--takeover-grace-s", type=float, default=2.0)
+    dev.add_argument("--metrics-port", type=int, default=metrics.DEV_METRICS_PORT_DEFAULT,
+                     help="serve /metrics on this port of --host (0: none)")
+    node.add_argument("--metrics-port", type=int, default=metrics.METRICS_DISABLED,
+                      help="serve /metrics on this port of --host (0, the default: none)")
     for p in (dev, node):
         p.add_argument("--log-level", default=os.environ.get("LEDGER_LOG_LEVEL", "INFO"))
+        p.add_argument("--idempotency-memory-s", type=float,
+                       default=K.IDEMPOTENCY_MEMORY_MS / 1000,
+                       help="how long key records stay in owner memory before they are "
+                            "answered from the store (seconds)")
         p.add_argument("--idempotency-retention-h", type=float, default=24.0,
                        help="how long idempotency keys and their results are kept (hours)")
     args = parser.parse_args(argv)
@@ -89,17 +102,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _retention_ms(args) -> int:
-    if args.idempotency_retention_h <= 0:
-        raise SystemExit("ledgerd: --idempotency-retention-h must be positive")
+    if not 0 < args.idempotency_retention_h <= K.IDEMPOTENCY_RETENTION_H_MAX:
+        raise SystemExit(f"ledgerd: --idempotency-retention-h must be in (0, "
+                         f"{K.IDEMPOTENCY_RETENTION_H_MAX}] (key rows live "
+                         f"{K.IDEMPOTENCY_RETENTION_H_MAX + 24} h in Cassandra)")
     return int(args.idempotency_retention_h * 3600 * 1000)
+
+
+def _memory_ms(args) -> int:
+    if args.idempotency_memory_s <= 0:
+        raise SystemExit("ledgerd: --idempotency-memory-s must be positive")
+    return int(args.idempotency_memory_s * 1000)
 
 
 async def _dev(args) -> None:
     running = await server.start_dev(args.data_dir, args.host, args.port, args.shards,
-                                     retention_ms=_retention_ms(args))
+                                     retention_ms=_retention_ms(args),
+                                     memory_ms=_memory_ms(args))
+    await _serve_metrics(running, args)
     print(f"ledgerd dev: serving ledger.v1 on {args.host}:{running.port} "
           f"({args.shards} shards, data in {args.data_dir})", flush=True)
     await server.run_until_signalled(running)
+
+
+async def _serve_metrics(running: server.Running, args) -> None:
+    """Serve /metrics for the life of ``running``; a taken port refuses the start (after the
+    ledger's own port and data directory were checked, so those refusals keep their text)."""
+    try:
+        stop = metrics.serve(args.host, args.metrics_port)
+    except OSError as exc:
+        await running.close()
+        raise server.StartupRefused(
+            f"cannot serve metrics on {args.host}:{args.metrics_port}: "
+            f"{exc.strerror or exc}; choose another --metrics-port (0: none)") from None
+
+    async def close() -> None:
+        await asyncio.to_thread(stop)
+    running.closers.append(close)
 
 
 def _apply_config(args) -> None:
@@ -197,10 +236,12 @@ async def _node(args) -> None:
     store.bind_lease(ownership.lease_valid)
     try:
         running = await server.start(store, ownership, args.shards, args.host, args.port,
-                                     retention_ms=_retention_ms(args))
+                                     retention_ms=_retention_ms(args),
+                                     memory_ms=_memory_ms(args))
     except BaseException:
         await store.close()
         raise
+    await _serve_metrics(running, args)
     print(f"ledgerd node {node_id}: serving on {args.host}:{running.port}, "
           f"{len(running.node.owners)} shards owned", flush=True)
     await server.run_until_signalled(running)

@@ -289,6 +289,14 @@ class ExpireIdempotency:
 
 
 @dataclass(slots=True, frozen=True)
+class SpillIdempotency:
+    """Spill the money-movement key records and claims created before ``before_ms`` (their
+    rows must be durable in the store first: the owner flushes them before it asks)."""
+
+    before_ms: int
+
+
+@dataclass(slots=True, frozen=True)
 class ClaimKey:
     """Claim an idempotency key for one money movement on the key's own shard.
 
@@ -505,11 +513,21 @@ class IdempotencyExpired:
     before_ms: int
 
 
+@dataclass(slots=True, frozen=True)
+class IdempotencySpilled:
+    """Money-movement key records (and their finished transfers) and key claims created
+    before ``before_ms`` left the owner's memory: their rows are in the store, their keys in
+    the shard's filters (``ledger.core.spilled``)."""
+
+    before_ms: int
+
+
 EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, IdempotencyExpired,
                HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed,
                CreditReserved, ReservationsDropped, ReservationsFenced,
-               ChainParticipantFinished)
+               ChainParticipantFinished, IdempotencySpilled)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
                  ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
-                 ClaimKey, ResolveReservations, DropReservations, ChainFinished)
+                 ClaimKey, ResolveReservations, DropReservations, ChainFinished,
+                 SpillIdempotency)

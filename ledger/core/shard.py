@@ -15,7 +15,7 @@ source shard) and the debit shard journals ``OutboxAcked``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ledger.core import constants as C
 from ledger.core.invariants import InvariantViolation, ensure
@@ -29,14 +29,16 @@ from ledger.core.model import (
     IdempotencyRecord, OutboxAcked, Post, PrepareLinked, ReleaseHold, ReserveCredit, Transfer,
     TransferDecided, Wallet, WalletCreated, is_settlement, CreditReserved, DropReservations,
     ReservationsDropped, ReservationsFenced, ResolveReservations, ChainFinished,
-    ChainParticipantFinished,
+    ChainParticipantFinished, IdempotencySpilled, SpillIdempotency,
 )
+from ledger.core.ids import transfer_id_for
+from ledger.core.spilled import SpilledKeys
 from ledger.core.status import Outcome, Status, ok, refuse
 
 Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | IdempotencyExpired
          | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed
          | CreditReserved | ReservationsDropped | ReservationsFenced
-         | ChainParticipantFinished)
+         | ChainParticipantFinished | IdempotencySpilled)
 
 
 def debit_shard_of(transfer_id: str) -> int:
@@ -104,12 +106,27 @@ def _first_difference(old: tuple, new: tuple) -> str:
     return ""
 
 
+def _derived(t: Transfer, shard: int) -> bool:
+    """True if the transfer's id is the one its key derives on this shard."""
+    return t.transfer_id == transfer_id_for(shard, t.caller, t.idempotency_key)
+
+
+def record_of_transfer(t: Transfer) -> IdempotencyRecord:
+    """The key record of a money movement (not a capture) decided here, from its transfer:
+    what the shard keeps, and what a spilled key's transfer row gives back."""
+    return IdempotencyRecord(
+        t.caller, t.idempotency_key, "transfer:" + t.transfer_id,
+        transfer_fingerprint(t.kind, t.from_wallet_id, t.to_wallet_id, t.amount_minor,
+                             t.currency, t.memo), t.created_at_ms)
+
+
 class ShardState:
     """Everything one shard knows. Mutated only by ``evolve`` (and reservations)."""
 
     __slots__ = ("shard", "seq", "wallets", "transfers", "idempotency", "outbox",
                  "outbox_last_seq", "inbox_applied", "reservations", "incoming", "holds",
-                 "chains", "claims", "fenced", "chain_waiting", "chains_purged_before")
+                 "chains", "claims", "fenced", "chain_waiting", "chains_purged_before",
+                 "spilled", "loaded")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -143,6 +160,46 @@ class ShardState:
         # Chain decisions before this time (ms) may have been purged: a commit asked for a
         # chain stamped before it is refused (decided abort), since an abort may be forgotten.
         self.chains_purged_before = 0
+        # Keys whose records left memory for the store (``ledger.core.spilled``).
+        self.spilled = SpilledKeys()
+        # Not journaled, not snapshotted: the records the owner loaded from the store for
+        # the keys of the commands it is about to decide that the filters may hold:
+        # (caller, key) -> (record, claim, transfer), each None if the store has none.
+        # Set before a step, emptied after it.
+        self.loaded: dict[tuple[str, str], tuple[IdempotencyRecord | None,
+                                                 IdempotencyRecord | None,
+                                                 Transfer | None]] = {}
+
+    def keys_to_load(self, commands: Iterable[object]) -> list[tuple[str, str]]:
+        """The (caller, key) pairs these commands use whose records may be in the store
+        only: the owner loads them (into ``loaded``) before it decides the commands."""
+        if not self.spilled:
+            return []
+        keys = set()
+        for command in commands:
+            inner = getattr(command, "post", command)  # a chain item carries its Post
+            key = getattr(inner, "idempotency_key", None)
+            if key:
+                keys.add((inner.caller, key))  # type: ignore[attr-defined]
+        return [k for k in keys if (k not in self.idempotency or k not in self.claims)
+                and self.spilled.maybe(*k)]
+
+    def _key(self, caller: str, key: str) -> tuple[IdempotencyRecord | None,
+                                                  IdempotencyRecord | None]:
+        """The key's record (a request decided here) and claim (a request decided on
+        another shard), from memory or, if spilled, as the owner loaded them."""
+        k = (caller, key)
+        record = self.idempotency.get(k)
+        claim = self.claims.get(k)
+        if (record is None or claim is None) and self.spilled and self.spilled.maybe(caller,
+                                                                                     key):
+            loaded = self.loaded.get(k)
+            if loaded is None:
+                raise InvariantViolation(f"key {k!r} may be spilled and was not loaded "
+                                         f"before the step")
+            record = record or loaded[0]
+            claim = claim or loaded[1]
+        return record, claim
 
     # --- decide -------------------------------------------------------------------------
 
@@ -159,7 +216,7 @@ class ShardState:
         decided on another shard. A request decided HERE with that key must honour the
         claim too, or a key first used for a movement decided elsewhere could be used again
         for one decided on the key's own shard, and both would execute."""
-        record = self.claims.get((caller, key))
+        record = self._key(caller, key)[1]
         if record is None:
             return None
         differs = _first_difference(record.fingerprint, fingerprint) or (
@@ -172,7 +229,7 @@ class ShardState:
                                           "wallet:" + cmd.wallet_id)
         if claimed is not None:
             return claimed, []
-        record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
+        record = self._key(cmd.caller, cmd.idempotency_key)[0]
         if record is not None:
             differs = _first_difference(record.fingerprint, fp) or (
                 "" if record.target == "wallet:" + cmd.wallet_id else "wallet_id")
@@ -202,7 +259,7 @@ class ShardState:
     def _decide_post(self, cmd: Post) -> tuple[Outcome, list[Event]]:
         fp = transfer_fingerprint(cmd.kind, cmd.from_wallet_id, cmd.to_wallet_id,
                                   cmd.amount_minor, cmd.currency, cmd.memo)
-        record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
+        record = self._key(cmd.caller, cmd.idempotency_key)[0]
         if record is not None:
             differs = _first_difference(record.fingerprint, fp)
             if differs:
@@ -262,6 +319,9 @@ class ShardState:
 
     def _replay_transfer(self, record: IdempotencyRecord) -> Outcome:
         original = self.transfers.get(record.target[len("transfer:"):])
+        if original is None:
+            loaded = self.loaded.get((record.caller, record.idempotency_key))
+            original = loaded[2] if loaded is not None else None
         if original is None:  # the check ensure() makes, spelled out so the type narrows
             raise InvariantViolation(f"idempotency record {record.target} without its transfer")
         if original.state == STATE_PENDING:
@@ -423,7 +483,7 @@ class ShardState:
         return ok(), [OutboxAcked(cmd.to_shard, cmd.up_to_seq)]
 
     def _decide_expire_idempotency(self, cmd: ExpireIdempotency) -> tuple[Outcome, list[Event]]:
-        if not any(r.created_at_ms < cmd.before_ms for r in self.idempotency.values()) and \
+        if not self.spilled.expirable(cmd.before_ms) and not any(r.created_at_ms < cmd.before_ms for r in self.idempotency.values()) and \
                 not any(r.created_at_ms < cmd.before_ms for r in self.claims.values()) and \
                 not any(at < cmd.before_ms for _, at in self.fenced.values()) and \
                 not any(at < cmd.before_ms and c not in self.chain_waiting
@@ -431,11 +491,32 @@ class ShardState:
             return ok(0), []
         return ok(), [IdempotencyExpired(cmd.before_ms)]
 
+    def _decide_spill_idempotency(self, cmd: SpillIdempotency) -> tuple[Outcome, list[Event]]:
+        if any(self._spillable(r) for r in self.idempotency.values()
+               if r.created_at_ms < cmd.before_ms) or any(
+                r.created_at_ms < cmd.before_ms for r in self.claims.values()):
+            return ok(), [IdempotencySpilled(cmd.before_ms)]
+        return ok(0), []
+
+    def _spillable(self, record: IdempotencyRecord, owed: set[str] | None = None) -> bool:
+        """A money movement's record whose transfer is finished here: decided (not a
+        pending chain item) and its credit no longer owed. Wallet, hold and release records
+        stay in memory until they expire (they are few: one per wallet or hold)."""
+        if not record.target.startswith("transfer:"):
+            return False
+        tid = record.target[len("transfer:"):]
+        transfer = self.transfers.get(tid)
+        if transfer is not None and transfer.state == STATE_PENDING:
+            return False
+        if owed is None:
+            owed = {c.transfer_id for items in self.outbox.values() for c in items.values()}
+        return tid not in owed
+
     def _decide_claim_key(self, cmd: ClaimKey) -> tuple[Outcome, list[Event]]:
         key = (cmd.caller, cmd.idempotency_key)
         # The key may have been claimed here, or used by a request decided on this shard.
         target = claim_target(cmd)
-        for record in (self.claims.get(key), self.idempotency.get(key)):
+        for record in self._key(*key)[::-1]:
             if record is None:
                 continue
             differs = _first_difference(record.fingerprint, cmd.fingerprint) or (
@@ -454,7 +535,7 @@ class ShardState:
                                           "hold:" + cmd.hold_id)
         if claimed is not None:
             return claimed, []
-        record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
+        record = self._key(cmd.caller, cmd.idempotency_key)[0]
         if record is not None:
             differs = _first_difference(record.fingerprint, fp) or (
                 "" if record.target == "hold:" + cmd.hold_id else "idempotency_key")
@@ -518,7 +599,7 @@ class ShardState:
         # The fingerprint holds the amount captured: "all" (0) is the hold's amount.
         resolved = cmd.amount_minor or (known.amount_minor if known is not None else 0)
         fp = capture_fingerprint(cmd.hold_id, cmd.to_wallet_id, resolved, cmd.memo)
-        record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
+        record = self._key(cmd.caller, cmd.idempotency_key)[0]
         if record is not None:
             differs = _first_difference(record.fingerprint, fp)
             if differs:
@@ -579,7 +660,7 @@ class ShardState:
                                           "release:" + cmd.hold_id)
         if claimed is not None:
             return claimed, []
-        record = self.idempotency.get((cmd.caller, cmd.idempotency_key))
+        record = self._key(cmd.caller, cmd.idempotency_key)[0]
         if record is not None:
             differs = _first_difference(record.fingerprint, fp) or (
                 "" if record.target == "release:" + cmd.hold_id else "idempotency_key")
@@ -709,15 +790,16 @@ class ShardState:
         if hold is not None and hold.chain_id:
             pass  # a chain item: its key was recorded when it was prepared
         elif t.kind == KIND_HOLD_CAPTURE:
-            self.idempotency[(t.caller, t.idempotency_key)] = IdempotencyRecord(
+            # The transfer row does not name the hold: the record is a row of its own.
+            self._record(IdempotencyRecord(
                 t.caller, t.idempotency_key, "transfer:" + t.transfer_id,
                 capture_fingerprint(e.closes_hold, t.to_wallet_id, t.amount_minor, t.memo),
-                t.created_at_ms)
+                t.created_at_ms), rows)
         else:
-            self.idempotency[(t.caller, t.idempotency_key)] = IdempotencyRecord(
-                t.caller, t.idempotency_key, "transfer:" + t.transfer_id,
-                transfer_fingerprint(t.kind, t.from_wallet_id, t.to_wallet_id, t.amount_minor,
-                                     t.currency, t.memo), t.created_at_ms)
+            # The transfer row holds every field of this record (``record_of_transfer``),
+            # found again by the id the key derives; an id that does not derive from its key
+            # (tests build such Posts) gets a key row of its own.
+            self._record(record_of_transfer(t), None if _derived(t, self.shard) else rows)
         # A refused capture leaves its hold alone; a chain's decision ends its item's hold.
         if hold is not None and not hold.chain_id and t.state != STATE_COMMITTED:
             hold = None
@@ -813,16 +895,23 @@ class ShardState:
                                          primary_shard=e.primary_shard, to_shard=e.to_shard,
                                          reserved_at_ms=e.reserved_at_ms)
         self.transfers[t.transfer_id] = t.copy()
-        self.idempotency[(t.caller, t.idempotency_key)] = IdempotencyRecord(
-            t.caller, t.idempotency_key, "transfer:" + t.transfer_id,
-            transfer_fingerprint(t.kind, t.from_wallet_id, t.to_wallet_id, t.amount_minor,
-                                 t.currency, t.memo), t.created_at_ms)
+        self._record(record_of_transfer(t), None if _derived(t, self.shard) else rows)
         if rows is not None:
             rows.append(("wallet", wallet.copy()))
 
     def _evolve_key_claimed(self, e: KeyClaimed, rows: list | None) -> None:
-        self.claims[(e.caller, e.idempotency_key)] = IdempotencyRecord(
+        claim = self.claims[(e.caller, e.idempotency_key)] = IdempotencyRecord(
             e.caller, e.idempotency_key, claim_target(e), e.fingerprint, e.at_ms)
+        if rows is not None:
+            rows.append(("claim", claim))
+
+    def _record(self, record: IdempotencyRecord, rows: list | None) -> None:
+        """Keep a money movement's key record. It must be in the store too, so that it can
+        leave memory (``IdempotencySpilled``) and still answer a retry: as the transfer row
+        (``record_of_transfer`` rebuilds it), or, given ``rows``, as a key row of its own."""
+        self.idempotency[(record.caller, record.idempotency_key)] = record
+        if rows is not None:
+            rows.append(("idem", record))
 
     def _evolve_chain_decided(self, e: ChainDecided, rows: list | None) -> None:
         ensure(e.chain_id not in self.chains, "chain %s decided twice", e.chain_id)
@@ -878,7 +967,19 @@ class ShardState:
         if not pending:
             self.outbox.pop(e.to_shard, None)
 
+    def _evolve_idempotency_spilled(self, e: IdempotencySpilled, rows: list | None) -> None:
+        owed = {c.transfer_id for items in self.outbox.values() for c in items.values()}
+        for key, record in list(self.idempotency.items()):
+            if record.created_at_ms < e.before_ms and self._spillable(record, owed):
+                del self.idempotency[key]
+                self.transfers.pop(record.target[len("transfer:"):], None)
+                self.spilled.add(record.caller, record.idempotency_key, record.created_at_ms)
+        for key in [k for k, r in self.claims.items() if r.created_at_ms < e.before_ms]:
+            record = self.claims.pop(key)
+            self.spilled.add(record.caller, record.idempotency_key, record.created_at_ms)
+
     def _evolve_idempotency_expired(self, e: IdempotencyExpired, rows: list | None) -> None:
+        self.spilled.expire(e.before_ms)
         owed = {c.transfer_id for items in self.outbox.values() for c in items.values()}
         for key, record in list(self.idempotency.items()):
             if record.created_at_ms < e.before_ms:
@@ -952,6 +1053,7 @@ _DECIDERS: dict[type, Callable[[ShardState, Any], tuple[Outcome, list[Event]]]] 
     DecideChain: ShardState._decide_decide_chain,
     FinishChain: ShardState._decide_finish_chain,
     ClaimKey: ShardState._decide_claim_key,
+    SpillIdempotency: ShardState._decide_spill_idempotency,
     ResolveReservations: ShardState._decide_resolve_reservations,
     DropReservations: ShardState._decide_drop_reservations,
     ChainFinished: ShardState._decide_chain_finished,
@@ -968,6 +1070,7 @@ _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
     ChainPrepared: ShardState._evolve_chain_prepared,
     ChainDecided: ShardState._evolve_chain_decided,
     KeyClaimed: ShardState._evolve_key_claimed,
+    IdempotencySpilled: ShardState._evolve_idempotency_spilled,
     CreditReserved: ShardState._evolve_credit_reserved,
     ReservationsDropped: ShardState._evolve_reservations_dropped,
     ReservationsFenced: ShardState._evolve_reservations_fenced,

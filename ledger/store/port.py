@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
-from ledger.core.model import Entry, Transfer, Wallet
+from ledger.core.model import Entry, IdempotencyRecord, Transfer, Wallet
 # The row types live with the code both adapters share about rows; they are named here too
 # because the port's signatures use them.
 from ledger.store.rows import PositionedRow, Row, rows_at
@@ -210,6 +210,24 @@ class JournalStore(Protocol):
 
     async def get_transfer(self, transfer_id: str) -> Transfer | None:
         """The materialized transfer row, or None."""
+        ...
+
+    async def load_keys(self, shard: int, keys: dict[tuple[str, str], str]) -> dict[
+            tuple[str, str], tuple[IdempotencyRecord | None, IdempotencyRecord | None,
+                                   Transfer | None]]:
+        """For each (caller, idempotency key) of ``shard``: its stored key record ("idem"
+        rows: captures), its stored claim ("claim" rows), and a transfer row: the one the
+        record names, else the one of the transfer id given for the key (the id a money
+        movement decided on this shard under that key has); None where there is none.
+
+        Read as durably as an append is written (a new owner in another region must see
+        what the old one spilled). Raises StoreUnavailable.
+        """
+        ...
+
+    async def expire_keys(self, shard: int, before_ms: int) -> None:
+        """Delete the key rows of ``shard`` created before ``before_ms`` (past retention).
+        A store that expires them by itself (a TTL) may do nothing."""
         ...
 
     async def scan_wallets(self, shard: int) -> list[Wallet]:

@@ -23,8 +23,12 @@ from ledger.core.model import Entry, Transfer, Wallet
 WALLET = "wallet"
 ENTRY = "entry"
 TRANSFER = "transfer"
+# Key records of money movements decided on the shard, and key claims made on it: the rows a
+# retry is answered from once they left owner memory (``ledger.core.spilled``).
+IDEM = "idem"
+CLAIM = "claim"
 
-RowKind: TypeAlias = Literal["wallet", "entry", "transfer"]
+RowKind: TypeAlias = Literal["wallet", "entry", "transfer", "idem", "claim"]
 WalletRow: TypeAlias = tuple[Literal["wallet"], Wallet]
 EntryRow: TypeAlias = tuple[Literal["entry"], Entry]
 TransferRow: TypeAlias = tuple[Literal["transfer"], Transfer]
@@ -68,9 +72,11 @@ class LatestRows:
     wallets: dict[str, tuple[Wallet, int]] = field(default_factory=dict)
     entries: dict[tuple[str, int], tuple[Entry, int]] = field(default_factory=dict)
     transfers: dict[str, tuple[Transfer, int]] = field(default_factory=dict)
+    # (kind, caller, key) -> (IdempotencyRecord, position); written once, never changed.
+    keys: dict[tuple[str, str, str], tuple[object, int]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.wallets or self.entries or self.transfers)
+        return bool(self.wallets or self.entries or self.transfers or self.keys)
 
 
 def latest_rows(rows: Iterable[PositionedRow]) -> LatestRows:
@@ -96,13 +102,16 @@ def latest_rows(rows: Iterable[PositionedRow]) -> LatestRows:
                  seq)
         elif kind == TRANSFER:
             keep(out.transfers, value.transfer_id, value, seq)  # type: ignore[union-attr]
+        elif kind == IDEM or kind == CLAIM:
+            keep(out.keys, (kind, value.caller, value.idempotency_key),  # type: ignore[union-attr]
+                 value, seq)
         else:
             raise ValueError(f"unknown row kind {kind!r}")
     return out
 
 
 def last_of_each_key(rows: Iterable[Row]) -> tuple[dict[str, Wallet], list[Entry],
-                                                    dict[str, Transfer]]:
+                                                    dict[str, Transfer], list]:
     """Rows of ONE position (one append): per key the last row wins, as ``latest_rows``
     decides among equal positions. The embedded store's write path, once per append for
     every row of it: a plain loop, without the positioned copy and the call per row that
@@ -116,6 +125,7 @@ def last_of_each_key(rows: Iterable[Row]) -> tuple[dict[str, Wallet], list[Entry
     wallets: dict[str, Wallet] = {}
     entries: list[Entry] = []
     transfers: dict[str, Transfer] = {}
+    keys: list = []  # (kind, IdempotencyRecord): written once each, never updated
     for kind, value in rows:
         if kind == WALLET:
             wallets[value.wallet_id] = value  # type: ignore[union-attr,assignment]
@@ -123,6 +133,8 @@ def last_of_each_key(rows: Iterable[Row]) -> tuple[dict[str, Wallet], list[Entry
             entries.append(value)  # type: ignore[arg-type]
         elif kind == TRANSFER:
             transfers[value.transfer_id] = value  # type: ignore[union-attr,assignment]
+        elif kind == IDEM or kind == CLAIM:
+            keys.append((kind, value))
         else:
             raise ValueError(f"unknown row kind {kind!r}")
-    return wallets, entries, transfers
+    return wallets, entries, transfers, keys

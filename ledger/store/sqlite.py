@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import queue
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ledger import metrics
 from ledger.runtime import failpoints
-from ledger.core.model import Entry, Transfer, Wallet
+from ledger.core import codec
+from ledger.core.model import Entry, IdempotencyRecord, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
 from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailable
 from ledger.store.rows import (ENTRY_COLS as _ENTRY_COLS, TRANSFER_COLS as _TRANSFER_COLS,
-                               WALLET_COLS as _WALLET_COLS, PositionedRow, Row, rows_at,
+                               WALLET_COLS as _WALLET_COLS, CLAIM, IDEM, PositionedRow, Row,
+                               rows_at,
                                last_of_each_key)
 
 log = logging.getLogger("ledger.store.sqlite")
@@ -57,6 +61,11 @@ CREATE TABLE IF NOT EXISTS transfers (
   idempotency_key TEXT NOT NULL, created_at_ms INTEGER NOT NULL, state TEXT NOT NULL,
   status INTEGER NOT NULL, status_field TEXT NOT NULL, status_detail TEXT NOT NULL,
   credited INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  shard INTEGER NOT NULL, caller TEXT NOT NULL, idempotency_key TEXT NOT NULL,
+  kind TEXT NOT NULL, record BLOB NOT NULL, created_at_ms INTEGER NOT NULL,
+  PRIMARY KEY (shard, caller, idempotency_key, kind)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (shard, created_at_ms);
 """
 
 _UPSERT_WALLET = (
@@ -67,6 +76,12 @@ _UPSERT_TRANSFER = (
     "INSERT INTO transfers (shard, " + ", ".join(_TRANSFER_COLS) + ") VALUES ("
     + ", ".join("?" * (len(_TRANSFER_COLS) + 1)) + ") ON CONFLICT (transfer_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _TRANSFER_COLS[1:]))
+_INSERT_ENTRY = ("INSERT OR REPLACE INTO wallet_entries (" + ", ".join(_ENTRY_COLS) + ") VALUES ("
+                 + ", ".join("?" * len(_ENTRY_COLS)) + ")")
+# A row's column values in table order, as one C call (not a generator of getattr per column).
+_wallet_cols = operator.attrgetter(*_WALLET_COLS)
+_entry_cols = operator.attrgetter(*_ENTRY_COLS)
+_transfer_cols = operator.attrgetter(*_TRANSFER_COLS)
 
 
 class SqliteStore:
@@ -106,6 +121,7 @@ class SqliteStore:
         The thread is the store's only background worker: a failure that ended it silently
         would leave every later call (and its caller's shard) waiting forever.
         """
+        metrics.name_os_thread(self._thread.name)
         try:
             self._run()
         except BaseException as exc:
@@ -162,32 +178,64 @@ class SqliteStore:
                     self._calls.put(None)  # close after this group
                     break
                 calls.append(item)
-            results: list[tuple[Any, BaseException | None]] = []
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                for fn, args, _, _ in calls:
-                    db.execute("SAVEPOINT call")
+            results = self._commit_group(db, calls)
+            _settle_group(calls, results)
+            self._taken = []
+
+    def _commit_group(self, db: sqlite3.Connection, calls: list) -> list:
+        """Run ``calls`` in ONE transaction; one (value, error) per call.
+
+        A call that checks everything before it writes (``_CHECKS_FIRST``: an append raises
+        Fenced before its first write) runs without a savepoint: its own refusal leaves
+        nothing to undo. Any other call runs in a savepoint, so that its failure rolls back
+        only its own writes. Should a checks-first call fail after writing (a bug, or SQLite
+        failing mid-call), the whole transaction is rolled back and the group is run again
+        with a savepoint around every call: nothing half-written is ever committed.
+        (Three statements less per append: ledger-bench, embedded batch.)
+        """
+        try:
+            return self._run_group(db, calls, savepoint_all=False)
+        except _Retry:
+            return self._run_group(db, calls, savepoint_all=True)
+
+    @staticmethod
+    def _run_group(db: sqlite3.Connection, calls: list, savepoint_all: bool) -> list:
+        results: list[tuple[Any, BaseException | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for fn, args, _, _ in calls:
+                refusals = None if savepoint_all else _CHECKS_FIRST.get(fn)
+                if refusals is not None:
                     try:
                         results.append((fn(db, *args), None))
-                        db.execute("RELEASE call")
-                    except Exception as exc:  # the call's own failure, e.g. Fenced
-                        db.execute("ROLLBACK TO call")
-                        db.execute("RELEASE call")
+                    except refusals as exc:  # refused before its first write
                         results.append((None, exc))
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
+                    except Exception:
+                        db.execute("ROLLBACK")
+                        raise _Retry() from None
+                    continue
+                db.execute("SAVEPOINT call")
                 try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                results = [(None, StoreUnavailable(str(exc)))] * len(calls)
-            for (_, _, loop, future), (value, error) in zip(calls, results):
-                _settle_threadsafe(loop, future, value, error)
-            self._taken = []
+                    results.append((fn(db, *args), None))
+                    db.execute("RELEASE call")
+                except Exception as exc:  # the call's own failure, e.g. Fenced
+                    db.execute("ROLLBACK TO call")
+                    db.execute("RELEASE call")
+                    results.append((None, exc))
+            db.execute("COMMIT")
+            metrics.STORE_TRANSACTIONS.inc()
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            results = [(None, StoreUnavailable(str(exc)))] * len(calls)
+        return results
 
     async def _call(self, fn: Callable, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        metrics.STORE_STATEMENTS.inc()
         with self._gate:
             if self._failure is not None:
                 raise self._unavailable()
@@ -240,6 +288,15 @@ class SqliteStore:
                            limit: int = 1000) -> list[JournalBatch]:
         return await self._call(_read_journal, shard, after_seq, limit)
 
+    async def load_keys(self, shard: int, keys: dict[tuple[str, str], str]) -> dict[
+            tuple[str, str], tuple[IdempotencyRecord | None, IdempotencyRecord | None,
+                                   Transfer | None]]:
+        """See the port: the stored record, claim and transfer of each key."""
+        return await self._call(_load_keys, shard, dict(keys))
+
+    async def expire_keys(self, shard: int, before_ms: int) -> None:
+        await self._call(_expire_keys, shard, before_ms)
+
     async def list_entries(self, wallet_id: str, after_version: int, limit: int) -> list[Entry]:
         return await self._call(_list_entries, wallet_id, after_version, limit)
 
@@ -253,6 +310,28 @@ class SqliteStore:
         if self._thread.is_alive():
             self._calls.put(None)
             await asyncio.to_thread(self._thread.join)
+
+
+class _Retry(Exception):
+    """A checks-first call failed after writing: run the group again, savepoints on all."""
+
+
+def _settle_group(calls: list, results: list) -> None:
+    """Hand a group's results to their futures: ONE hand-off per event loop (not one per
+    call: a group holds an append of every shard a round touched, hundreds at a time)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for (_, _, loop, future), (value, error) in zip(calls, results):
+        by_loop.setdefault(loop, []).append((future, value, error))
+    for loop, settled in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_all, settled)
+        except RuntimeError:
+            pass  # a closed loop has nobody waiting
+
+
+def _settle_all(settled: list) -> None:
+    for future, value, error in settled:
+        _settle(future, value, error)
 
 
 def _settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any,
@@ -289,6 +368,7 @@ def _append(db: sqlite3.Connection, shard: int, epoch: int, seq: int, events: by
     db.execute("INSERT INTO journal (shard, seq, epoch, events) VALUES (?, ?, ?, ?)",
                (shard, seq, epoch, events))
     _write_rows(db, shard, rows)
+    metrics.STORE_APPENDS.inc()
 
 
 def _write_positioned_rows(db: sqlite3.Connection, shard: int,
@@ -302,20 +382,27 @@ def _write_positioned_rows(db: sqlite3.Connection, shard: int,
 def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     # The rows are of one append, or above the head: one position, so the last row of a key
     # wins (as the order of the core's evolve left them).
-    wallets, entries, transfers = last_of_each_key(rows)
+    wallets, entries, transfers, keys = last_of_each_key(rows)
+    metrics.STORE_ROWS_WRITTEN.inc(len(wallets) + len(entries) + len(transfers) + len(keys))
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.
-        db.executemany(_UPSERT_WALLET, [(shard, *(getattr(w, c) for c in _WALLET_COLS))
-                                        for w in wallets.values()])
+        db.executemany(_UPSERT_WALLET, [(shard, *_wallet_cols(w)) for w in wallets.values()])
     if entries:
-        db.executemany(
-            "INSERT OR REPLACE INTO wallet_entries (" + ", ".join(_ENTRY_COLS) + ") VALUES ("
-            + ", ".join("?" * len(_ENTRY_COLS)) + ")",
-            [tuple(getattr(e, c) for c in _ENTRY_COLS) for e in entries])
+        db.executemany(_INSERT_ENTRY, [_entry_cols(e) for e in entries])
     if transfers:
-        db.executemany(_UPSERT_TRANSFER, [(shard, *(getattr(t, c) for c in _TRANSFER_COLS))
+        db.executemany(_UPSERT_TRANSFER, [(shard, *_transfer_cols(t))
                                           for t in transfers.values()])
+    if keys:
+        db.executemany("INSERT OR REPLACE INTO idempotency_keys (shard, caller, idempotency_key, "
+                       "kind, record, created_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                       [(shard, r.caller, r.idempotency_key, kind, codec.dumps(r),
+                         r.created_at_ms) for kind, r in keys])
+
+# Calls that raise these refusals only before their first write (so they need no savepoint).
+_CHECKS_FIRST: dict[Callable, tuple[type[Exception], ...]] = {
+    _append: (Fenced,),
+}
 
 
 def _journal_position(db: sqlite3.Connection, shard: int) -> tuple[int, int, int]:
@@ -363,6 +450,30 @@ def _read_journal(db: sqlite3.Connection, shard: int, after_seq: int,
     return [JournalBatch(seq, epoch, bytes(events)) for seq, epoch, events in db.execute(
         "SELECT seq, epoch, events FROM journal WHERE shard = ? AND seq > ? ORDER BY seq "
         "LIMIT ?", (shard, after_seq, limit))]
+
+
+def _load_keys(db: sqlite3.Connection, shard: int, keys: dict[tuple[str, str], str]) -> dict:
+    found = {}
+    for (caller, key), transfer_id in keys.items():
+        record = claim = transfer = None
+        for kind, blob in db.execute(
+                "SELECT kind, record FROM idempotency_keys WHERE shard = ? AND caller = ? AND "
+                "idempotency_key = ?", (shard, caller, key)):
+            value = codec.loads(bytes(blob))
+            if kind == IDEM:
+                record = value
+            elif kind == CLAIM:
+                claim = value
+        if record is not None and record.target.startswith("transfer:"):
+            transfer_id = record.target[len("transfer:"):]
+        transfer = _get_transfer(db, transfer_id) if transfer_id else None
+        found[(caller, key)] = (record, claim, transfer)
+    return found
+
+
+def _expire_keys(db: sqlite3.Connection, shard: int, before_ms: int) -> None:
+    db.execute("DELETE FROM idempotency_keys WHERE shard = ? AND created_at_ms < ?",
+               (shard, before_ms))
 
 
 def _list_entries(db: sqlite3.Connection, wallet_id: str, after_version: int,

@@ -657,3 +657,40 @@ async def test_cassandra_load_racing_a_compaction_starts_again_from_the_newer_sn
     assert raced == [(3, b"after 3")]
     assert (loaded.snapshot, loaded.snapshot_seq) == (b"after 7", 7)
     assert [b.seq for b in loaded.batches] == [8, 9]
+
+
+# --- key rows (idempotency records that left owner memory) ----------------------------------
+
+
+async def test_key_rows_of_an_append_are_loaded_by_key_with_their_transfer(case):
+    """Key records (captures) and claims are rows of the batch that made them: ``load_keys``
+    reads them back per (caller, key) with the transfer row a record names; a key without a
+    record row gets the transfer row of the id given for it; absent keys read None."""
+    from ledger.core.model import IdempotencyRecord
+
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    t = Transfer(f"t{shard:04x}" + "a" * 24, "HOLD_CAPTURE", "wa", "wb", 5, "CNY", "m", "c1",
+                 "k1", 1_000, state="COMMITTED")
+    record = IdempotencyRecord("c1", "k1", "transfer:" + t.transfer_id,
+                               (("hold_id", "h1"), ("amount_minor", 5)), 1_000)
+    claim = IdempotencyRecord("c1", "k2", "transfer:tother", (("amount_minor", 7),), 1_001)
+    plain = Transfer(f"t{shard:04x}" + "b" * 24, "TRANSFER", "wa", "wb", 9, "CNY", "", "c1",
+                     "k4", 1_002, state="REFUSED", status=40)
+    await case.store.append(shard, 1, 1, events(shard, 1), [
+        ("transfer", t), ("idem", record), ("claim", claim), ("transfer", plain)])
+    await case.store.flush_rows(shard, 1)
+    found = await case.store.load_keys(shard, {
+        ("c1", "k1"): "", ("c1", "k2"): "", ("c1", "k3"): "", ("c1", "k4"): plain.transfer_id})
+    got_record, got_claim, got_transfer = found[("c1", "k1")]
+    assert got_record == record and got_claim is None
+    assert got_transfer is not None and got_transfer.transfer_id == t.transfer_id
+    assert got_transfer.state == "COMMITTED" and got_transfer.amount_minor == 5
+    assert found[("c1", "k2")] == (None, claim, None)
+    assert found[("c1", "k3")] == (None, None, None)
+    record4, claim4, transfer4 = found[("c1", "k4")]
+    assert record4 is None and claim4 is None
+    assert transfer4 is not None and (transfer4.state, transfer4.status) == ("REFUSED", 40)
+    # Another shard's key rows are not this shard's.
+    assert (await case.store.load_keys(case.shard(), {("c1", "k1"): ""}))[("c1", "k1")] == (
+        None, None, None)

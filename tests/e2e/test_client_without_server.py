@@ -149,7 +149,9 @@ def _run_isolated(venv: Path, code: str, *args: str, cwd: Path) -> str:
 async def _start_ledgerd_dev(data_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ledger.cli.ledgerd", "dev", "--port", "0", "--shards", "4",
-        "--data-dir", str(data_dir), stdout=asyncio.subprocess.PIPE)
+        "--data-dir", str(data_dir),
+        # No /metrics: tests run beside other ledgerd processes on the default port.
+        "--metrics-port", "0", stdout=asyncio.subprocess.PIPE)
     line = await asyncio.wait_for(process.stdout.readline(), SERVER_START_TIMEOUT_S)
     match = re.search(rb"serving ledger\.v1 on (\S+):(\d+)", line)
     assert match, line

@@ -23,7 +23,9 @@ def free_port() -> int:
 def start_ledgerd(data_dir, port) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "ledger.cli.ledgerd", "dev", "--port", str(port), "--data-dir",
-         str(data_dir), "--shards", "32", "--log-level", "WARNING"],
+         str(data_dir), "--shards", "32", "--log-level", "WARNING",
+         # No /metrics: tests run beside other ledgerd processes on the default port.
+         "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()  # printed once every shard is served
     assert "serving ledger.v1" in line, line

@@ -74,7 +74,9 @@ async def test_second_dev_server_on_a_locked_data_dir_refuses(tmp_path):
 
 def _ledgerd(port: int, data_dir: Path) -> list[str]:
     return [LEDGERD, "dev", "--port", str(port), "--data-dir", str(data_dir), "--shards",
-            str(SHARDS), "--log-level", "WARNING"]
+            str(SHARDS), "--log-level", "WARNING",
+            # No /metrics: tests run beside other ledgerd processes on the default port.
+            "--metrics-port", "0"]
 
 
 def _wait_serving(port: int, proc: subprocess.Popen) -> None:

@@ -95,6 +95,28 @@ class MemStore:
     async def get_transfer(self, transfer_id: str):
         return None
 
+    async def load_keys(self, shard: int, keys: dict) -> dict:
+        """The latest key rows and transfer rows of ``shard`` (rows of later batches win)."""
+        records: dict = {}
+        transfers: dict = {}
+        for kind, value, *_ in self.rows.get(shard, []):
+            if kind in ("idem", "claim"):
+                records[(kind, value.caller, value.idempotency_key)] = value
+            elif kind == "transfer":
+                transfers[value.transfer_id] = value
+        found = {}
+        for (caller, key), transfer_id in keys.items():
+            record = records.get(("idem", caller, key))
+            if record is not None:
+                transfer_id = record.target[len("transfer:"):]
+            transfer = transfers.get(transfer_id)
+            found[(caller, key)] = (record, records.get(("claim", caller, key)), transfer)
+        return found
+
+    async def expire_keys(self, shard: int, before_ms: int) -> None:
+        self.rows[shard] = [r for r in self.rows.get(shard, []) if r[0] not in (
+            "idem", "claim") or r[1].created_at_ms >= before_ms]
+
     async def scan_wallets(self, shard: int):
         return []
 

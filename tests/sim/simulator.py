@@ -119,6 +119,9 @@ class SimConfig:
     nemesis_interval_s: float = 1.5
     nemesis: dict[str, float] = field(default_factory=lambda: dict.fromkeys(NEMESIS_KINDS, 1.0))
     workload: dict[str, float] = field(default_factory=lambda: dict(WORKLOAD))
+    # How long key records stay in owner memory (ms): short ones make retries of spilled
+    # keys (answered from the store's key rows) part of the run.
+    idempotency_memory_ms: int = 600_000
 
     @classmethod
     def from_seed(cls, seed: int) -> "SimConfig":
@@ -143,7 +146,8 @@ class SimConfig:
             router_deadline_ms=rng.choice([50, 300, 2_000]),
             snapshot_every_batches=rng.choice([4, 16, 64]), store=store, net=net,
             nemesis_interval_s=rng.choice([0.5, 1.5, 4.0]),
-            nemesis={k: rng.choice([0.0, 1.0, 2.0]) for k in NEMESIS_KINDS})
+            nemesis={k: rng.choice([0.0, 1.0, 2.0]) for k in NEMESIS_KINDS},
+            idempotency_memory_ms=rng.choice([500, 2_000, 600_000]))
 
 
 @dataclass
@@ -356,7 +360,8 @@ class Simulation:
         for shard, (owner_node, epoch) in self.assigned.items():
             ownership.learn(OwnerInfo(shard, owner_node, "sim", owner_node, epoch))
         transport = NodeTransport(self.network, node_id)
-        node = Node(self.store, ownership, transport, clock_ms=self.clock_ms)
+        node = Node(self.store, ownership, transport, clock_ms=self.clock_ms,
+                    idempotency_memory_ms=self.config.idempotency_memory_ms)
         # The node's router, with the seed's retry deadline (owners are given node.router).
         node.router = Router(node_id, node.owners, ownership, transport,
                              retry_deadline_ms=self.config.router_deadline_ms)

@@ -93,6 +93,7 @@ class FaultyStore:
         self.wallet_rows: dict[str, tuple[int, Wallet]] = {}
         self.entry_rows: dict[tuple[str, int], Entry] = {}
         self.transfer_rows: dict[str, Transfer] = {}
+        self.key_rows: dict[tuple, object] = {}
 
     def _count(self, kind: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -252,8 +253,32 @@ class FaultyStore:
                 self.wallet_rows[value.wallet_id] = (shard, value)
             elif kind == "transfer":
                 self.transfer_rows[value.transfer_id] = value
+            elif kind in ("idem", "claim"):
+                self.key_rows[(shard, value.caller, value.idempotency_key, kind)] = value
             else:
                 self.entry_rows[(value.wallet_id, value.version)] = value
+
+    async def load_keys(self, shard: int, keys: dict) -> dict:
+        await self._delay(self._rng.uniform(0, self.faults.delay_s_max))
+        if self._down() or self._roll(self.faults.load_unavailable):
+            self._count("load_keys_unavailable")
+            raise StoreUnavailable("simulated: key rows not read")
+        found = {}
+        for (caller, key), transfer_id in keys.items():
+            record = self.key_rows.get((shard, caller, key, "idem"))
+            claim = self.key_rows.get((shard, caller, key, "claim"))
+            if record is not None and record.target.startswith("transfer:"):
+                transfer_id = record.target[len("transfer:"):]
+            transfer = self.transfer_rows.get(transfer_id) if transfer_id else None
+            if record is not None or claim is not None or transfer is not None:
+                self._count("spilled_key_found")  # a retry answered from the store
+            found[(caller, key)] = (record, claim, transfer)
+        return found
+
+    async def expire_keys(self, shard: int, before_ms: int) -> None:
+        for k in [k for k, r in self.key_rows.items()
+                  if k[0] == shard and r.created_at_ms < before_ms]:
+            del self.key_rows[k]
 
     async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> bool:
         await self._delay(self._rng.uniform(0, self.faults.delay_s_max))

@@ -52,7 +52,7 @@ def test_a_snapshot_is_compressed_and_in_lines_of_bounded_size():
     lines = list(codec.snapshot_lines(s))
     raw = sum(len(line) for line in lines)
     assert len(data) * 5 < raw
-    assert json.loads(lines[0]) == {"format": 2, "shard": 3, "seq": 4242}
+    assert json.loads(lines[0]) == {"format": codec.SNAPSHOT_FORMAT, "shard": 3, "seq": 4242}
     for line in lines[1:-1]:
         assert len(json.loads(line)[1]) <= codec.SNAPSHOT_RECORDS_PER_LINE
 

@@ -66,3 +66,7 @@ ROWS_RETRY_BACKOFF_S = 0.2
 # guardrail ``maximum_timestamp_fail_threshold`` must stay unset (it is by default).
 ROW_TIMESTAMP_BASE = 1 << 60
 
+
+# Lifetime of key record and claim rows (s): past every idempotency retention window a node
+# accepts (``ledgerd --idempotency-retention-h`` is at most IDEMPOTENCY_RETENTION_H_MAX).
+KEY_ROWS_TTL_S = 8 * 24 * 3600

@@ -28,6 +28,7 @@ from cassandra.policies import (ConstantReconnectionPolicy, DCAwareRoundRobinPol
                                 RetryPolicy, TokenAwarePolicy)
 from cassandra.query import PreparedStatement, Statement, dict_factory
 
+from ledger import metrics
 from ledger.store.bridge import settle as _settle
 from ledger.store.cassandra.constants import RECONNECT_DELAY_S, ROWS_IN_FLIGHT_MAX
 from ledger.store.port import StoreUnavailable
@@ -157,6 +158,7 @@ class Fanout:
 
     def _send(self, statement: Statement, busy_count: int) -> None:
         # Lock held; the statement is counted in flight.
+        metrics.STORE_STATEMENTS.inc()
         try:
             response = self._session.execute_async(statement, timeout=self._timeout_s)
         except Exception as exc:  # e.g. the session is shut down
@@ -280,6 +282,7 @@ class Driver:
         """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        metrics.STORE_STATEMENTS.inc()
         response = self.session.execute_async(statement, params, timeout=self.timeout_s)
         response.add_callbacks(
             lambda rows: call_threadsafe(loop, _settle, future, rows, None),

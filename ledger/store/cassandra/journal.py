@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 
 from cassandra import ConsistencyLevel
 
+from ledger import metrics
 from ledger.runtime import failpoints
 from ledger.store.cassandra.constants import (APPEND_SENDS_MAX, BIGINT_MAX,
                                               FENCE_ATTEMPTS_MAX, JOURNAL_PAGE_BATCHES,
@@ -244,6 +245,7 @@ class Journal:
             statement = (self._q_fence_new.bind((epoch, {epoch: head}, shard))
                          if recorded is None else
                          self._q_fence.bind((epoch, {epoch: head}, shard, recorded)))
+            metrics.STORE_LWT.inc()
             try:
                 result = await self._driver.run(statement)
             except DRIVER_ERRORS as exc:
@@ -262,6 +264,8 @@ class Journal:
     async def _fence_state(self, shard: int, *,
                            serial: bool = False) -> tuple[int | None, dict[int, int]]:
         """(recorded epoch or None, starts) of a shard."""
+        if serial:
+            metrics.STORE_LWT.inc()  # a SERIAL read is a Paxos round too
         rows = await self._driver.read(
             self._q_fence_state_serial if serial else self._q_fence_state, (shard,))
         if not rows:
@@ -347,6 +351,7 @@ class Journal:
                          f"(it counts only if the newer owner's head read saw it)")
         writer.next_seq = seq + 1
         # The batch is durable and ours: its rows are views, written behind the commit path.
+        metrics.STORE_APPENDS.inc()
         self._views.enqueue(shard, seq, rows)
 
     async def _write_row(self, shard: int, epoch: int, seq: int, events: bytes,

@@ -87,6 +87,11 @@ def schema_ddl(keyspace: str, replication: dict[str, int]) -> list[str]:
               to_wallet_id text, amount_minor bigint, currency text, memo text, caller text,
               idempotency_key text, created_at_ms bigint, state text, status int,
               status_field text, status_detail text, credited boolean)""",
+        # Key records and claims (ledger.core.spilled): one partition per key, read by key
+        # when a retry's key left owner memory; expired by TTL (KEY_ROWS_TTL_S).
+        f"""CREATE TABLE IF NOT EXISTS {ks}.idempotency_keys (
+              shard int, caller text, idempotency_key text, kind text, record blob,
+              PRIMARY KEY ((shard, caller, idempotency_key), kind))""",
     ]
 
 

@@ -215,6 +215,12 @@ class CassandraStore:
         """See ``JournalStore.list_entries``."""
         return await self._views.list_entries(wallet_id, after_version, limit)
 
+    async def load_keys(self, shard: int, keys: dict[tuple[str, str], str]) -> dict:
+        return await self._views.load_keys(shard, keys)
+
+    async def expire_keys(self, shard: int, before_ms: int) -> None:
+        """Key rows expire by their TTL (KEY_ROWS_TTL_S): nothing to do."""
+
     async def get_transfer(self, transfer_id: str) -> Transfer | None:
         """See ``JournalStore.get_transfer``."""
         return await self._views.get_transfer(transfer_id)

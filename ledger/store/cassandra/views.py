@@ -21,14 +21,17 @@ from typing import Any, Iterable
 from cassandra.cluster import Cluster
 from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statement
 
+from ledger import metrics
+from ledger.core import codec
 from ledger.core.model import Entry, Transfer, Wallet
-from ledger.store.cassandra.constants import (ROW_TIMESTAMP_BASE, ROWS_BATCH_BYTES_MAX,
+from ledger.store.cassandra.constants import (KEY_ROWS_TTL_S, ROW_TIMESTAMP_BASE,
+                                              ROWS_BATCH_BYTES_MAX,
                                               ROWS_LAG_BATCHES_MAX, ROWS_PAGE_MAX,
                                               ROWS_RETRY_BACKOFF_S)
 from ledger.store.cassandra.driver import DRIVER_ERRORS, Driver
 from ledger.store.port import StoreUnavailable
-from ledger.store.rows import (ENTRY_COLS, TRANSFER_COLS, WALLET_COLS, PositionedRow, Row,
-                               latest_rows, rows_at)
+from ledger.store.rows import (CLAIM, ENTRY_COLS, IDEM, TRANSFER_COLS, WALLET_COLS,
+                               PositionedRow, Row, latest_rows, rows_at)
 from ledger.runtime.tasks import spawn
 
 log = logging.getLogger("ledger.store.cassandra")
@@ -93,6 +96,13 @@ class Views:
             "INSERT INTO {ks}.transfers (shard, " + ", ".join(TRANSFER_COLS) + ") VALUES ("
             + ", ".join("?" * (len(TRANSFER_COLS) + 1)) + ") USING TIMESTAMP ?",
             w, idempotent=True)
+        self._q_key_put = prepare(
+            "INSERT INTO {ks}.idempotency_keys (shard, caller, idempotency_key, kind, record) "
+            "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL " + str(KEY_ROWS_TTL_S),
+            w, idempotent=True)
+        self._q_keys = prepare(
+            "SELECT kind, record FROM {ks}.idempotency_keys WHERE shard = ? AND caller = ? "
+            "AND idempotency_key = ?", r, idempotent=True)
         self._q_entries = prepare(
             "SELECT " + ", ".join(ENTRY_COLS) + " FROM {ks}.wallet_entries "
             "WHERE wallet_id = ? AND version > ? LIMIT ?", r, idempotent=True)
@@ -257,6 +267,11 @@ class Views:
                                 t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
                                 t.currency, t.memo, t.caller, t.idempotency_key, t.state,
                                 t.status_field, t.status_detail))))
+        for (kind, caller, key), (record, ts) in latest.keys.items():
+            blob = codec.dumps(record)
+            upserts.append((self._q_key_put, (shard, caller, key, kind, blob, ts),
+                            60 + len(caller) + len(key) + len(blob)))
+        metrics.STORE_ROWS_WRITTEN.inc(len(upserts))
         statements: list[Statement] = []
         if wallet_values:
             by_shard = self._new_rows_batch()
@@ -332,6 +347,28 @@ class Views:
         """
         rows = await self._driver.read(self._q_transfer, (transfer_id,))
         return Transfer(*(rows[0][c] for c in TRANSFER_COLS)) if rows else None
+
+    async def load_keys(self, shard: int, keys: dict[tuple[str, str], str]) -> dict:
+        """See ``JournalStore.load_keys``: one read per key (its own partition), at the read
+        consistency (QUORUM by default: it overlaps every QUORUM row write), concurrently.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        async def one(caller: str, key: str, transfer_id: str) -> tuple:
+            record = claim = None
+            for row in await self._driver.read(self._q_keys, (shard, caller, key)):
+                value = codec.loads(bytes(row["record"]))
+                if row["kind"] == IDEM:
+                    record = value
+                elif row["kind"] == CLAIM:
+                    claim = value
+            if record is not None and record.target.startswith("transfer:"):
+                transfer_id = record.target[len("transfer:"):]
+            transfer = await self.get_transfer(transfer_id) if transfer_id else None
+            return record, claim, transfer
+        found = await asyncio.gather(*(one(c, k, t) for (c, k), t in keys.items()))
+        return dict(zip(keys, found))
 
     async def scan_wallets(self, shard: int) -> list[Wallet]:
         """Every materialized wallet of ``shard``, ordered by wallet id.
