@@ -49,7 +49,8 @@ STORE_ROWS_WRITTEN = Counter(
     "store, after coalescing rows of one key within a write.")
 STORE_LWT = Counter(
     "ledger_store_lwt",
-    "Lightweight transactions (Paxos rounds: appends and fences) sent to Cassandra.")
+    "Lightweight transactions and SERIAL reads (Paxos rounds) sent to Cassandra: the "
+    "fence at each takeover; appends are plain writes (coordinator/PROTOCOL.md, Fencing).")
 STORE_STATEMENTS = Counter(
     "ledger_store_statements",
     "Requests sent to the store: Cassandra, every statement or batch handed to the driver; "

@@ -332,8 +332,8 @@ class ShardOwner:
             count = len(request.commands)
             request.outcomes = result.outcomes[position:position + count]
             position += count
+        seq = state.seq + 1
         if events:
-            seq = state.seq + 1
             failpoints.hit("owner.before_append")
             try:
                 if failpoints.fault("owner.append_unavailable"):
@@ -353,15 +353,19 @@ class ShardOwner:
                 self._inflight = []
                 await self._reload_or_abdicate()
                 return
+        if not self._lease_valid():
+            # Paused past our lease: another owner may already serve this shard, so nothing
+            # may be answered from our state (reads included), and a batch just written may
+            # not count (on Cassandra an append is a plain write: it counts only if the new
+            # owner's head read saw it), so it is not treated as durable either: no credit,
+            # snapshot or answer comes from it. The router retries on the new owner, which
+            # answers from the journal.
+            await self._abdicate("lease no longer valid")
+            return
+        if events:
             state.seq = seq
             failpoints.hit("owner.after_append")
             self._after_append(events)
-        if not self._lease_valid():
-            # Paused past our lease: another owner may already serve this shard, so nothing
-            # may be answered from our state (reads included). The journaled batch stands;
-            # the router retries on the new owner, which answers from the journal.
-            await self._abdicate("lease no longer valid")
-            return
         for request in batch:
             request.answer(request.outcomes)
 

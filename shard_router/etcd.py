@@ -16,7 +16,9 @@ node *sent* it. So this node counts its own deadline from the moment it sends ea
 minus a safety margin for clock-rate drift and scheduling delay, and reports the loss of every
 shard when that deadline passes. A node therefore stops serving before any other node can win
 its shards. A node paused longer than that (GC, SIGSTOP) cannot notice in time; the journal
-store's epoch check is what stops it then.
+store stops it then: an append is acknowledged only if this lease is still valid once the write
+completed, and a batch written after the next owner fenced never counts
+(``coordinator/PROTOCOL.md``, "Fencing").
 
 Which node campaigns for an unowned shard, and when an owner hands a shard on, is a pure,
 deterministic policy in ``shard_router.placement`` (rendezvous hashing of (shard, node id)

@@ -392,9 +392,12 @@ async def _journal(args) -> int:
 async def _fence_check(args) -> int:
     """Prove a writer epoch is fenced: append an empty batch to ``--shard`` with ``--epoch``.
 
-    This is what a deposed owner's late write looks like to the journal; the fence must
-    refuse it. Exit 0 if refused, 1 if it was applied (an empty batch, which changes no
-    balance), 2 if the store could not say.
+    This is what a deposed owner's late write looks like to the journal: the store must
+    refuse it, and the journal read back afterwards must not hold it (on Cassandra the
+    row of a deposed epoch is written, past the batch its successor started after, and
+    never counts). Exit 0 if refused and absent, 1 if it was applied (an empty batch, which
+    changes no balance) or is in the journal, 2 if the store could not say or ``--epoch``
+    is the shard's current epoch (nothing to prove).
     """
     from ledger.core import codec
     from ledger.store.port import Fenced
@@ -403,15 +406,25 @@ async def _fence_check(args) -> int:
     try:
         batches = await _read_whole_journal(store, args.shard)
         seq = (batches[-1].seq if batches else 0) + 1
-        doc = {"shard": args.shard, "epoch": args.epoch, "seq": seq}
-        try:
-            await store.append(args.shard, args.epoch, seq, codec.dumps([]), [])
-        except Fenced as exc:
-            doc.update(refused=True, error=str(exc))
-        except Exception as exc:  # unreachable store etc.: not a proof either way
-            doc.update(refused=False, error=f"{type(exc).__name__}: {exc}")
+        doc: dict = {"shard": args.shard, "epoch": args.epoch, "seq": seq}
+        current = (await store.journal_position(args.shard))[0]
+        if args.epoch >= current:
+            doc.update(refused=False, error=f"epoch {args.epoch} is not deposed (the "
+                                            f"shard's epoch is {current}): nothing to prove")
         else:
-            doc.update(refused=False, error="APPLIED: the epoch could append")
+            try:
+                await store.append(args.shard, args.epoch, seq, codec.dumps([]), [])
+            except Fenced as exc:
+                doc.update(refused=True, error=str(exc))
+            except Exception as exc:  # unreachable store etc.: not a proof either way
+                doc.update(refused=False, error=f"{type(exc).__name__}: {exc}")
+            else:
+                doc.update(refused=False, error="APPLIED: the epoch could append")
+            after = await _read_whole_journal(store, args.shard)
+            doc["in_journal"] = any(b.seq == seq and b.epoch == args.epoch for b in after)
+            if doc["in_journal"]:
+                doc.update(refused=False, error=f"APPLIED: batch {seq} of epoch {args.epoch} "
+                                                f"is in the journal ({doc['error']})")
         print(json.dumps(doc) if args.json else
               f"shard {args.shard} epoch {args.epoch} seq {seq}: "
               f"{'refused (fenced)' if doc['refused'] else doc['error']}")

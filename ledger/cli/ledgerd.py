@@ -231,6 +231,9 @@ async def _node(args) -> None:
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
                               takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix,
                               campaign=args.role == "full")
+    # Appends are plain writes: the store acknowledges one only while this node's lease holds
+    # (coordinator/PROTOCOL.md, "Fencing").
+    store.bind_lease(ownership.lease_valid)
     try:
         running = await server.start(store, ownership, args.shards, args.host, args.port,
                                      retention_ms=_retention_ms(args),

@@ -69,8 +69,14 @@ class JournalStore(Protocol):
         """Make ``epoch`` the shard's writer epoch; return the last batch number.
 
         After this returns, appends by any lower epoch are refused with ``Fenced``, including
-        appends already in flight that have not been applied yet. Calling it again with the
-        same epoch is harmless.
+        appends already in flight that have not been applied yet, and no batch a lower epoch
+        writes later is ever part of a load. (SQLite checks the epoch in the append's
+        transaction. Cassandra records the epoch and the batch its run starts after with one
+        lightweight transaction, and its appends are plain writes: a lower epoch's late row
+        may be written but never counts, and its writer is answered ``Fenced`` because the
+        store acknowledges an append only while the node's lease holds and no newer fence
+        started on the same store object: ``coordinator/PROTOCOL.md``, "Fencing".) Calling
+        it again with the same epoch is harmless.
 
         Raises:
             Fenced: a higher epoch is already recorded.
@@ -105,8 +111,8 @@ class JournalStore(Protocol):
                      rows: Iterable[Row]) -> None:
         """Durably append batch ``seq`` (the last batch number plus one) written by ``epoch``.
 
-        The batch is durable when this returns (in the Cassandra adapter: accepted by a
-        serial quorum spanning regions). ``rows`` are the materialized rows the batch
+        The batch is durable when this returns (in the Cassandra adapter: written at QUORUM,
+        a quorum spanning regions, while the node's lease held). ``rows`` are the materialized rows the batch
         changes. They are views: an adapter may write them in the same transaction (SQLite)
         or behind the journal, in journal order per shard and with a bounded lag
         (Cassandra), each stamped with position ``seq`` so that a late write of an older

@@ -497,49 +497,51 @@ async def test_write_rows_needs_a_position(case):
 # the real cluster, or really does not); the cluster itself is never mocked.
 
 
-def _inject(monkeypatch, store, *, lose_append_answer: bool = False,
-            drop_append: bool = False, fail_serial_reads: bool = False) -> None:
+def _inject(monkeypatch, store, *, lose_append_answers: int = 0,
+            drop_appends: int = 0) -> None:
+    """Lose the answers of the first ``lose_append_answers`` sends of journal rows (the write
+    really reaches the cluster), or keep the first ``drop_appends`` from being sent at all."""
     from cassandra import OperationTimedOut
-    from cassandra.query import BatchStatement, BoundStatement
+    from cassandra.cluster import NoHostAvailable
+    from cassandra.connection import ConnectionException
+    from cassandra.query import BoundStatement
 
     # The driver bridge's ``start`` is where every statement leaves the adapter.
     driver = store._driver
     real_start = driver.start
-    state = {"append_seen": False}
+    state = {"lost": 0, "dropped": 0}
 
     def start(statement, params):
-        is_append = (isinstance(statement, BatchStatement) and not state["append_seen"]
-                     and not statement.is_idempotent)
-        if is_append:
-            state["append_seen"] = True
-            if drop_append:
-                async def dropped():
-                    raise OperationTimedOut({"injected": "request never sent"})
-                return asyncio.ensure_future(dropped())
-            if lose_append_answer:
-                applied = real_start(statement, params)
+        is_append = (isinstance(statement, BoundStatement)
+                     and statement.prepared_statement is store._journal._q_append)
+        if is_append and state["dropped"] < drop_appends:
+            state["dropped"] += 1
 
-                async def lost():
-                    await applied  # the CAS really completes on the cluster
-                    raise OperationTimedOut({"injected": "answer lost"})
-                return asyncio.ensure_future(lost())
-        prepared = (statement.prepared_statement if isinstance(statement, BoundStatement)
-                    else statement)
-        if fail_serial_reads and prepared is store._journal._q_batch_serial:
-            async def failed():
-                raise OperationTimedOut({"injected": "serial read timed out"})
-            return asyncio.ensure_future(failed())
+            async def dropped():
+                raise NoHostAvailable("injected: request never sent",
+                                      {"127.0.0.1": ConnectionException("injected")})
+            return asyncio.ensure_future(dropped())
+        if is_append and state["lost"] < lose_append_answers:
+            state["lost"] += 1
+            applied = real_start(statement, params)
+
+            async def lost():
+                await applied  # the write really completes on the cluster
+                raise OperationTimedOut({"injected": "answer lost"})
+            return asyncio.ensure_future(lost())
         return real_start(statement, params)
 
     monkeypatch.setattr(driver, "start", start)
 
 
 @pytest.mark.real
-async def test_cassandra_append_whose_answer_is_lost_is_resolved_as_applied(
+async def test_cassandra_append_whose_answer_is_lost_is_sent_again_and_acknowledged(
         cassandra_store, fresh_shard, monkeypatch):
+    # The journal row is a plain write keyed by (shard, seq, epoch): sending it again after a
+    # lost answer rewrites the same cells, so the append settles by a resend.
     store, shard = cassandra_store, fresh_shard
     await store.fence(shard, 1)
-    _inject(monkeypatch, store, lose_append_answer=True)
+    _inject(monkeypatch, store, lose_append_answers=1)
     await store.append(shard, 1, 1, events(shard, 1), [("transfer", transfer(f"lost-{shard}"))])
     monkeypatch.undo()
     await store.flush_rows(shard, 1)
@@ -548,32 +550,38 @@ async def test_cassandra_append_whose_answer_is_lost_is_resolved_as_applied(
 
 
 @pytest.mark.real
-async def test_cassandra_append_that_never_ran_is_resolved_as_not_applied(
+async def test_cassandra_append_that_never_ran_is_not_applied(
         cassandra_store, fresh_shard, monkeypatch):
+    from ledger.store.cassandra.constants import APPEND_SENDS_MAX
     from ledger.store.port import StoreUnavailable
 
     store, shard = cassandra_store, fresh_shard
     await store.fence(shard, 1)
-    _inject(monkeypatch, store, drop_append=True)
+    _inject(monkeypatch, store, drop_appends=APPEND_SENDS_MAX)
     with pytest.raises(StoreUnavailable):
         await store.append(shard, 1, 1, events(shard, 1), [])
     monkeypatch.undo()
     assert await journal(store, shard) == []
     await store.append(shard, 1, 1, events(shard, 1, "retry"), [])
+    assert await journal(store, shard) == [(1, 1, events(shard, 1, "retry"))]
 
 
 @pytest.mark.real
-async def test_cassandra_append_that_cannot_be_resolved_is_an_unknown_outcome(
+async def test_cassandra_append_whose_every_answer_is_lost_is_an_unknown_outcome(
         cassandra_store, fresh_shard, monkeypatch):
+    from ledger.store.cassandra.constants import APPEND_SENDS_MAX
     from ledger.store.port import UnknownOutcome
 
     store, shard = cassandra_store, fresh_shard
     await store.fence(shard, 1)
-    _inject(monkeypatch, store, lose_append_answer=True, fail_serial_reads=True)
+    _inject(monkeypatch, store, lose_append_answers=APPEND_SENDS_MAX)
     with pytest.raises(UnknownOutcome):
         await store.append(shard, 1, 1, events(shard, 1), [])
     monkeypatch.undo()
-    # It had been applied: the next owner's load shows it.
+    # The writer takes no further batch until fenced again.
+    with pytest.raises(Fenced):
+        await store.append(shard, 1, 2, events(shard, 2), [])
+    # It had been applied: the next owner's head read counts it, and its load shows it.
     assert await store.fence(shard, 2) == 1
     assert [b.seq for b in (await store.load(shard)).batches] == [1]
 

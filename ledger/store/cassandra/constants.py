@@ -33,12 +33,17 @@ ROWS_BATCH_BYTES_MAX = 16 * 1024
 # Entries / wallets read per round trip by list_entries / scan_wallets.
 ROWS_PAGE_MAX = 1000
 # CAS attempts of one fence before giving up with StoreUnavailable. A retry happens only when
-# another fencer changed the epoch under us, or a CAS timed out and was found not applied.
+# another fencer changed the epoch between our read and our CAS, or a CAS timed out (the next
+# SERIAL read then settles it).
 FENCE_ATTEMPTS_MAX = 16
+# Sends of one append's journal row before its outcome is reported unknown. The row is a plain
+# (non-Paxos) write keyed by (shard, seq, writer epoch), so sending the identical row again is
+# idempotent: a timed-out append is settled by a resend that succeeds, not by a serial read.
+APPEND_SENDS_MAX = 3
+# Largest CQL bigint: the open end of the (seq, writer_epoch) ranges the journal reads page by.
+BIGINT_MAX = (1 << 63) - 1
 # Delay between attempts to reconnect to a Cassandra node that went away (s).
 RECONNECT_DELAY_S = 1.0
-# Attempts of the SERIAL read that resolves a CAS timeout before reporting UnknownOutcome.
-RESOLVE_ATTEMPTS_MAX = 3
 # Journal batches of one shard whose rows may wait for the materializer. An append past it
 # waits for the rows to catch up (backpressure), so the lag of the views stays bounded.
 ROWS_LAG_BATCHES_MAX = 64

@@ -1,17 +1,28 @@
 """The journal: fencing, appends, loads, snapshots and truncation of shard journals.
 
-``journal`` holds one partition per shard: static columns ``epoch`` (the writer epoch, i.e.
-the fencing token) and ``head`` (the last batch number), and one clustering row per batch.
-Every change of the static columns is a lightweight transaction (Paxos), so "who may append"
-and "which batch is next" are decided by a serial quorum, never by a plain write. A CAS whose
-answer is lost is an unknown outcome: it is decided by a SERIAL read, never guessed.
+``epoch_journal`` holds one partition per shard: static columns ``epoch`` (the writer epoch,
+i.e. the fencing token) and ``starts`` (per epoch: the last batch number before the epoch's
+own first batch), and one clustering row per batch, keyed ``(seq, writer_epoch)``.
+
+Fencing is ONE lightweight transaction per takeover: the new owner reads the journal's head
+(after the old owner's lease is gone), then ``SET epoch = E, starts[E] = head IF epoch =
+<the epoch it read>``. Appends are plain writes at the commit consistency, no Paxos. Which rows
+count is decided by ``starts`` alone: the batch ``seq`` of epoch ``e`` counts iff
+``starts[e] < seq <= starts[e']`` for the next recorded epoch ``e'`` (no bound for the latest
+epoch). A deposed owner's late row (past its successor's start) is therefore never loaded,
+whatever it holds and whenever it lands, and it can never overwrite a counted row (the epoch
+is part of its key). What keeps a deposed owner from *acknowledging* such a row is the
+ownership lease (``lease_valid``, checked after each append, here and in the owner) and, on
+one store object, the local fence bookkeeping below. The full argument, with what it assumes,
+is in ``coordinator/PROTOCOL.md`` ("Fencing").
 
 Snapshots are stored in parts of ``SNAPSHOT_PART_BYTES`` (``snapshot_parts``; a snapshot is
 far larger than one mutation may be) and count only once their completion mark
 (``snapshot_marks``) is written. The journal batches a complete snapshot covers are then
-deleted with one range tombstone (``truncate``); the static epoch and head stay.
+deleted with one range tombstone (``truncate``); the static epoch and starts stay.
 
-The rows of each appended batch go to the views (``views.py``) once the batch is durable.
+The rows of each appended batch go to the views (``views.py``) once the batch is durable and
+still this writer's.
 """
 
 from __future__ import annotations
@@ -19,15 +30,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 from cassandra import ConsistencyLevel
-from cassandra.query import BatchStatement, BatchType
 
 from ledger import metrics
 from ledger.runtime import failpoints
-from ledger.store.cassandra.constants import (FENCE_ATTEMPTS_MAX, JOURNAL_PAGE_BATCHES,
-                                              RESOLVE_ATTEMPTS_MAX, SNAPSHOT_LOAD_ATTEMPTS_MAX,
+from ledger.store.cassandra.constants import (APPEND_SENDS_MAX, BIGINT_MAX,
+                                              FENCE_ATTEMPTS_MAX, JOURNAL_PAGE_BATCHES,
+                                              SNAPSHOT_LOAD_ATTEMPTS_MAX,
                                               SNAPSHOT_PART_BYTES, SNAPSHOT_PARTS_IN_FLIGHT,
                                               SNAPSHOT_PARTS_PER_READ)
 from ledger.store.cassandra.driver import DRIVER_ERRORS, Driver, never_sent
@@ -50,9 +62,10 @@ def _snapshot_split(snapshot: bytes, part_bytes: int) -> tuple[bytes, list[bytes
 
 
 def _snapshot_consistency(write: int, serial: int) -> int:
-    """Consistency of snapshot parts, marks and journal truncation.
+    """Consistency of snapshot parts, marks, journal truncation and the fence's head read.
 
-    They delete journal batches, so they must be as durable as an append: QUORUM (all
+    The first three delete journal batches, and the head read must see every acknowledged
+    append, so they must be as durable as an append: QUORUM (all
     datacenters) with SERIAL appends, LOCAL_QUORUM with LOCAL_SERIAL; the configured write
     consistency if it is stronger still.
     """
@@ -62,13 +75,55 @@ def _snapshot_consistency(write: int, serial: int) -> int:
             else ConsistencyLevel.LOCAL_QUORUM)
 
 
+def epoch_runs(starts: dict[int, int] | None) -> dict[int, tuple[int, int]]:
+    """Per recorded epoch, the batch numbers it owns: ``start < seq <= end``.
+
+    ``starts`` maps each fenced epoch to the head its fence read. An epoch's run ends where
+    the next recorded epoch's starts (the smallest start of any later epoch, should they ever
+    not grow); the latest epoch's run is open (``BIGINT_MAX``). Pure: the one rule that
+    decides which journal rows count, shared by every read.
+    """
+    runs: dict[int, tuple[int, int]] = {}
+    end = BIGINT_MAX
+    for epoch, start in sorted((starts or {}).items(), reverse=True):
+        runs[epoch] = (start, end)
+        end = min(end, start)
+    return runs
+
+
+def counts(runs: dict[int, tuple[int, int]], seq: int, writer_epoch: int) -> bool:
+    """True if batch ``seq`` written by ``writer_epoch`` is part of the journal."""
+    run = runs.get(writer_epoch)
+    return run is not None and run[0] < seq <= run[1]
+
+
+@dataclass(slots=True)
+class _Writer:
+    """What this store object knows about the epoch it fenced a shard with.
+
+    ``next_seq`` is the only batch number it may append; ``busy`` while that append is in
+    flight (a second append of the shard is refused, not queued); ``broken`` once an
+    append's outcome is unknown or it was deposed (nothing more until fenced again).
+    """
+
+    epoch: int
+    next_seq: int
+    busy: bool = False
+    broken: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
 class Journal:
     """The epoch-fenced journals and snapshots of one keyspace.
 
     Args:
         driver: The session's driver bridge.
         views: Where the rows of appended batches go, and whose writer appends wait for.
-        write_consistency: Commit consistency of appends (the Paxos commit phase).
+        write_consistency: Consistency of appends (plain writes) and of the fencing CAS's
+            commit phase.
         read_consistency: Consistency of journal and snapshot reads.
     """
 
@@ -78,33 +133,51 @@ class Journal:
         self._views = views
         self._write_cl = write_consistency
         self._serial_cl = driver.serial_consistency
+        # Whether the node still holds its ownership lease (``bind_lease``). An append that
+        # completes when it no longer does is not acknowledged: a newer owner may have read
+        # the head before the row landed, so the row may not count.
+        self._lease_valid: Callable[[], bool] = lambda: True
+        # Per shard: the epoch this store fenced it with, and its next batch number.
+        self._writers: dict[int, _Writer] = {}
+        # Per shard: the highest epoch whose fence has started here (lower epochs may not
+        # start an append from then on), and the highest one whose fence has started to read
+        # the head (a lower epoch's append that completes after it is not acknowledged).
+        self._fencing: dict[int, int] = {}
+        self._fence_reading: dict[int, int] = {}
         w, r, s = write_consistency, read_consistency, driver.serial_consistency
         prepare = driver.prepare
-        # --- journal: every change of the static columns is a CAS ---
-        self._q_head_serial = prepare(
-            "SELECT epoch, head FROM {ks}.journal WHERE shard = ? LIMIT 1", s, idempotent=True)
-        self._q_head = prepare(
-            "SELECT epoch, head FROM {ks}.journal WHERE shard = ? LIMIT 1", r, idempotent=True)
+        # --- fencing: the only lightweight transactions of the journal ---
+        self._q_fence_state_serial = prepare(
+            "SELECT epoch, starts FROM {ks}.epoch_journal WHERE shard = ? LIMIT 1", s,
+            idempotent=True)
+        self._q_fence_state = prepare(
+            "SELECT epoch, starts FROM {ks}.epoch_journal WHERE shard = ? LIMIT 1", r,
+            idempotent=True)
         self._q_fence_new = prepare(
-            "UPDATE {ks}.journal SET epoch = ?, head = 0 WHERE shard = ? IF epoch = null",
-            w, idempotent=False)
+            "UPDATE {ks}.epoch_journal SET epoch = ?, starts = ? WHERE shard = ? "
+            "IF epoch = null", w, idempotent=False)
         self._q_fence = prepare(
-            "UPDATE {ks}.journal SET epoch = ? WHERE shard = ? IF epoch < ?",
-            w, idempotent=False)
-        self._q_advance = prepare(
-            "UPDATE {ks}.journal SET head = ? WHERE shard = ? IF head = ? AND epoch = ?",
-            w, idempotent=False)
-        self._q_insert_batch = prepare(
-            "INSERT INTO {ks}.journal (shard, seq, writer_epoch, events) VALUES (?, ?, ?, ?)",
-            w, idempotent=False)
-        self._q_batch_serial = prepare(
-            "SELECT writer_epoch, events FROM {ks}.journal WHERE shard = ? AND seq = ?",
-            s, idempotent=True)
-        self._q_journal = prepare(
-            "SELECT seq, writer_epoch, events FROM {ks}.journal WHERE shard = ? AND seq > ? "
-            "LIMIT ?", r, idempotent=True)
-        # --- snapshots and truncation (as durable as an append: see _snapshot_consistency) ---
+            "UPDATE {ks}.epoch_journal SET epoch = ?, starts = starts + ? WHERE shard = ? "
+            "IF epoch = ?", w, idempotent=False)
+        # --- appends: plain writes; the identical row sent again changes nothing, and
+        # _write_row sends it again itself. Marked non-idempotent only so that the driver
+        # never moves a request that may have reached a node to another node on its own:
+        # ``never_sent`` then stays exact ("nothing was written" means it). ---
+        self._q_append = prepare(
+            "INSERT INTO {ks}.epoch_journal (shard, seq, writer_epoch, events) "
+            "VALUES (?, ?, ?, ?)", w, idempotent=False)
+        # --- reads: rows page by (seq, writer_epoch), both ends exclusive. The head read
+        # must see every acknowledged append, so it is at least a quorum (as durable as an
+        # append: _snapshot_consistency), whatever read consistency is configured. ---
         d = _snapshot_consistency(w, s)
+        self._q_tail = prepare(
+            "SELECT seq, writer_epoch FROM {ks}.epoch_journal WHERE shard = ? "
+            "AND (seq, writer_epoch) > (?, ?) AND (seq, writer_epoch) < (?, ?) "
+            "ORDER BY seq DESC, writer_epoch DESC LIMIT ?", d, idempotent=True)
+        self._q_journal = prepare(
+            "SELECT seq, writer_epoch, events FROM {ks}.epoch_journal WHERE shard = ? "
+            "AND (seq, writer_epoch) > (?, ?) LIMIT ?", r, idempotent=True)
+        # --- snapshots and truncation (as durable as an append: see _snapshot_consistency) ---
         self._q_snapshot_part_put = prepare(
             "INSERT INTO {ks}.snapshot_parts (shard, seq, digest, part, data) "
             "VALUES (?, ?, ?, ?, ?)", d, idempotent=True)
@@ -122,78 +195,104 @@ class Journal:
             "SELECT part, data FROM {ks}.snapshot_parts WHERE shard = ? AND seq = ? "
             "AND digest = ? AND part >= ? LIMIT ?", r, idempotent=True)
         self._q_journal_truncate = prepare(
-            "DELETE FROM {ks}.journal WHERE shard = ? AND seq <= ?", d, idempotent=True)
+            "DELETE FROM {ks}.epoch_journal WHERE shard = ? AND seq <= ?", d, idempotent=True)
+
+    def bind_lease(self, lease_valid: Callable[[], bool]) -> None:
+        """Acknowledge appends only while ``lease_valid()`` (the node's ownership lease)."""
+        self._lease_valid = lease_valid
 
     # --- fencing ----------------------------------------------------------------------
 
     async def fence(self, shard: int, epoch: int) -> int:
         """Make ``epoch`` the shard's writer epoch; return the last batch number.
 
-        One CAS installs the epoch if the recorded one is lower (or, on a new shard, if there
-        is none). Being a Paxos round, it first completes any proposal of a deposed writer
-        still in flight; after it, no lower epoch can append. A SERIAL read then learns the
-        head, which only this epoch (or a higher one, which deposes us) can move from then
-        on, so the head is exact. The CAS deliberately does not condition on the head: a
-        deposed writer that keeps appending would otherwise make every attempt fail (the
-        contract suite's fence-racing test starved such a version of this method).
+        Reads the recorded epoch and starts with a SERIAL read (a Paxos round: it completes
+        or supersedes any fencing CAS still in flight), then the head: the last batch of the
+        recorded epoch, or that epoch's start if it wrote none (``_head``, a QUORUM read of
+        batch numbers only). One CAS then records ``epoch`` and ``starts[epoch] = head`` if
+        the recorded epoch is still the one read; if another fencer won in between, it reads
+        again. Fencing again with the recorded epoch changes nothing and returns its head.
+
+        Callers on a real deployment fence only after the previous owner's lease expired
+        (etcd grants the shard no earlier), so every batch that owner acknowledged is on a
+        quorum before the head is read, and the head counts it. A batch of the previous
+        epoch that lands later (never acknowledged) lies past the recorded start and never
+        counts. On one store object the same holds without leases: lower epochs may start
+        no append once this fence started, and an append of theirs still in flight is
+        waited for before the head is read (it is acknowledged, and counted).
 
         Raises:
             Fenced: a higher epoch is already recorded.
             StoreUnavailable: the store could not be reached, or other fencers kept winning.
                 The epoch may be installed already; fencing again with it is safe.
-            UnknownOutcome: a CAS timed out and the resolving read failed too.
         """
         self._views.forget_failure(shard)
-        statement = self._q_fence.bind((epoch, shard, epoch))
+        if self._fencing.get(shard, 0) < epoch:
+            self._fencing[shard] = epoch
+        writer = self._writers.get(shard)
+        if writer is not None and writer.epoch < epoch:
+            await writer.idle.wait()
+        if self._fence_reading.get(shard, 0) < epoch:
+            self._fence_reading[shard] = epoch
         for _ in range(FENCE_ATTEMPTS_MAX):
+            recorded, starts = await self._fence_state(shard, serial=True)
+            if recorded is not None and recorded > epoch:
+                raise Fenced(f"shard {shard}: epoch {recorded} recorded, {epoch} is stale")
+            head = await self._head(shard, recorded, starts)
+            if recorded == epoch:
+                self._writers[shard] = _Writer(epoch, head + 1)
+                return head
+            statement = (self._q_fence_new.bind((epoch, {epoch: head}, shard))
+                         if recorded is None else
+                         self._q_fence.bind((epoch, {epoch: head}, shard, recorded)))
             metrics.STORE_LWT.inc()
             try:
                 result = await self._driver.run(statement)
             except DRIVER_ERRORS as exc:
                 if never_sent(exc):
                     raise StoreUnavailable(f"fence of shard {shard}: {exc}") from exc
-                # Unknown outcome: a SERIAL read completes any round still in flight, so what
-                # it returns is final. Setting an epoch is idempotent: go on from there.
-                recorded, head = await self._resolve_head(shard, exc)
-            else:
-                found = result[0] if result else {}
-                if found.get("[applied]"):
-                    recorded, head = await self._serial_head(shard)
-                else:
-                    recorded, head = found.get("epoch"), None
-            if recorded is not None and recorded > epoch:
-                raise Fenced(f"shard {shard}: epoch {recorded} recorded, {epoch} is stale")
-            if recorded == epoch:
-                if head is None:
-                    recorded, head = await self._serial_head(shard)
-                    if recorded != epoch:
-                        continue  # a higher fencer came in between; the loop reports it
-                return head or 0
-            if recorded is None:
-                # A shard never fenced has no epoch to compare with: initialize it.
-                statement = self._q_fence_new.bind((epoch, shard))
-            else:
-                # Another, lower epoch won in between (or the new-shard CAS lost a race).
-                statement = self._q_fence.bind((epoch, shard, epoch))
+                # Unknown outcome: the next SERIAL read completes or supersedes the round,
+                # so what it returns is final; recording the same epoch again is harmless.
+                continue
+            if result and result[0].get("[applied]"):
+                self._writers[shard] = _Writer(epoch, head + 1)
+                return head
+            # Another fencer changed the epoch between our read and our CAS: read again.
         raise StoreUnavailable(f"fence of shard {shard}: still contended after "
                                f"{FENCE_ATTEMPTS_MAX} attempts")
 
-    async def _serial_head(self, shard: int) -> tuple[int | None, int | None]:
-        rows = await self._driver.read(self._q_head_serial, (shard,))
-        return (rows[0]["epoch"], rows[0]["head"]) if rows else (None, None)
+    async def _fence_state(self, shard: int, *,
+                           serial: bool = False) -> tuple[int | None, dict[int, int]]:
+        """(recorded epoch or None, starts) of a shard."""
+        if serial:
+            metrics.STORE_LWT.inc()  # a SERIAL read is a Paxos round too
+        rows = await self._driver.read(
+            self._q_fence_state_serial if serial else self._q_fence_state, (shard,))
+        if not rows:
+            return None, {}
+        return rows[0]["epoch"], dict(rows[0]["starts"] or {})
 
-    async def _resolve_head(self, shard: int,
-                            cause: BaseException) -> tuple[int | None, int | None]:
-        last: BaseException = cause
-        for _ in range(RESOLVE_ATTEMPTS_MAX):
-            try:
-                rows = list(await self._driver.run(self._q_head_serial, (shard,)) or ())
-            except DRIVER_ERRORS as exc:
-                last = exc
-                continue
-            return (rows[0]["epoch"], rows[0]["head"]) if rows else (None, None)
-        raise UnknownOutcome(f"shard {shard}: fence timed out ({cause!r}) and the SERIAL "
-                             f"read could not resolve it ({last!r})") from cause
+    async def _head(self, shard: int, recorded: int | None, starts: dict[int, int]) -> int:
+        """The last batch number that counts: the recorded epoch's last batch, else its start.
+
+        Only the recorded epoch can own batches past its start (older epochs' runs end at
+        it), so this reads batch numbers downwards from the top until it meets one of the
+        recorded epoch's rows; rows of older epochs met on the way are late writes that do
+        not count. A QUORUM read: it sees every batch acknowledged before it started.
+        """
+        if recorded is None:
+            return 0
+        base = starts.get(recorded, 0)
+        upper = (BIGINT_MAX, BIGINT_MAX)
+        while True:
+            rows = await self._driver.read(self._q_tail, (shard, base, BIGINT_MAX, *upper,
+                                                          JOURNAL_PAGE_BATCHES))
+            for row in rows:
+                if row["writer_epoch"] == recorded:
+                    return int(row["seq"])
+            if len(rows) < JOURNAL_PAGE_BATCHES:
+                return base
+            upper = (rows[-1]["seq"], rows[-1]["writer_epoch"])
 
     # --- the journal ------------------------------------------------------------------
 
@@ -201,108 +300,118 @@ class Journal:
                      rows: Iterable[Row]) -> None:
         """Durably append batch ``seq`` written by ``epoch``, then write its ``rows``.
 
-        The append is ONE conditional batch on the shard's partition: ``head = seq`` if
-        ``head = seq - 1 AND epoch = <epoch>``, plus the batch row. A deposed writer (stale
-        epoch) or a second writer of the same number (head moved) cannot append.
+        The append is ONE plain write of the row ``(shard, seq, epoch)`` at the commit
+        consistency. It is acknowledged (this returns) only if, once the write completed,
+        this store saw no newer fence of the shard start reading its head and the node's
+        lease is still valid: then any later fence reads the head after the row is on a
+        quorum, so the row counts for good. A write that times out is sent again (the same
+        row: idempotent) up to ``APPEND_SENDS_MAX`` times.
+
+        Only the store object that fenced ``epoch`` appends for it, one batch at a time, in
+        order: anything else is refused before writing. The one exception is an epoch that
+        is recorded and already deposed (``ledgerctl fence-check`` shows what a deposed
+        owner's late write does): its row is written only where it provably never counts
+        (past the run its successor bounds), and the append raises ``Fenced``.
 
         Raises:
-            Fenced: ``epoch`` is not the recorded epoch, or batch ``seq`` is taken (the
-                message says what was found).
-            UnknownOutcome: the append timed out and SERIAL reads could not tell whether it
-                was applied; or it was applied but its rows could not be written (the batch
-                is durable, so reporting failure would be wrong; replay writes the rows).
+            Fenced: ``epoch`` is not this store's writer of the shard, ``seq`` is not its
+                next batch, or a newer fence or the lease's end came before the write
+                completed (the row may exist; it counts only if the newer epoch's head read
+                saw it, and then the newer owner replays it).
+            UnknownOutcome: every send timed out: the row may or may not be on a quorum.
             StoreUnavailable: nothing was written.
         """
         if seq < 1:
             raise ValueError(f"batch numbers start at 1, got {seq}")
         events = bytes(events)
         rows = list(rows)
-        batch = BatchStatement(batch_type=BatchType.UNLOGGED,
-                               consistency_level=self._write_cl,
-                               serial_consistency_level=self._serial_cl)
-        # Not idempotent as a statement: run twice, the second run fails its condition.
-        batch.is_idempotent = False
-        batch.add(self._q_advance, (seq, shard, seq - 1, epoch))
-        batch.add(self._q_insert_batch, (shard, seq, epoch, events))
-        await self._views.wait_room(shard)
-        metrics.STORE_LWT.inc()
+        writer = self._writers.get(shard)
+        if writer is None or writer.epoch != epoch:
+            await self._append_foreign(shard, epoch, seq, events)
+            return  # pragma: no cover (_append_foreign always raises)
+        if self._fencing.get(shard, 0) > epoch or writer.broken:
+            raise Fenced(f"shard {shard}: append of batch {seq} by epoch {epoch} refused: "
+                         f"a newer fence started, or an earlier append failed")
+        if writer.busy or seq != writer.next_seq:
+            raise Fenced(f"shard {shard}: append of batch {seq} by epoch {epoch} refused: "
+                         f"the next batch is {writer.next_seq}, so batch {seq} is taken or "
+                         f"out of order{' (an append is in flight)' if writer.busy else ''}")
+        writer.busy = True
+        writer.idle.clear()
         try:
-            result = await self._driver.run(batch)
-        except DRIVER_ERRORS as exc:
-            if never_sent(exc):
-                raise StoreUnavailable(f"append of shard {shard} batch {seq}: {exc}") from exc
-            # A CAS timeout (WriteTimeout with write_type CAS, or the client's own deadline),
-            # Unavailable, or a broken connection: the proposal may still be applied later.
-            await self._resolve_append(shard, epoch, seq, events, exc)
-        else:
-            # The CAS was sent exactly once (the retry policy never re-sends it), so "not
-            # applied" means someone else holds the epoch or the number, never ourselves.
-            if not (result and result[0].get("[applied]")):
-                found: dict = next(
-                    (r for r in (result or ()) if "epoch" in r or "head" in r), {})
-                raise self._refused(shard, epoch, seq, found)
-        # The batch is durable: its rows are views, written behind the commit path (a row
-        # write costs more than the journal append, and it needs no serial quorum).
+            await self._views.wait_room(shard)
+            await self._write_row(shard, epoch, seq, events, writer)
+        finally:
+            writer.busy = False
+            writer.idle.set()
+        if self._fence_reading.get(shard, 0) > epoch or not self._lease_valid():
+            writer.broken = True
+            raise Fenced(f"shard {shard}: batch {seq} of epoch {epoch} was written but not "
+                         f"acknowledged: a newer fence or the end of the lease came first "
+                         f"(it counts only if the newer owner's head read saw it)")
+        writer.next_seq = seq + 1
+        # The batch is durable and ours: its rows are views, written behind the commit path.
         metrics.STORE_APPENDS.inc()
         self._views.enqueue(shard, seq, rows)
 
-    @staticmethod
-    def _refused(shard: int, epoch: int, seq: int, found: dict) -> Fenced:
-        """Explain a CAS that was not applied, from the values it found."""
-        recorded, head = found.get("epoch"), found.get("head")
-        if recorded is None:
-            what = "no epoch recorded (the shard was never fenced)"
-        elif recorded != epoch:
-            what = f"epoch {recorded} recorded"
-        else:
-            what = f"head is {head}, so batch {seq} is taken or out of order"
-        return Fenced(f"shard {shard}: append of batch {seq} by epoch {epoch} refused: {what}")
-
-    async def _resolve_append(self, shard: int, epoch: int, seq: int, events: bytes,
-                              cause: BaseException) -> None:
-        """Decide a timed-out append with a SERIAL read of batch ``seq``.
-
-        A read at SERIAL runs a Paxos round on the partition: it completes any proposal
-        accepted by a quorum and supersedes one accepted by fewer (Paxos v2, and v1 since
-        CASSANDRA-12126), so once it returns, the proposal can no longer be applied and the
-        answer is final. Returns if the batch is there (success).
-
-        Raises:
-            Fenced: another writer's batch holds ``seq``.
-            StoreUnavailable: the batch is not there and never will be.
-            UnknownOutcome: every resolving read failed.
-        """
-        last: BaseException = cause
-        for _ in range(RESOLVE_ATTEMPTS_MAX):
+    async def _write_row(self, shard: int, epoch: int, seq: int, events: bytes,
+                         writer: _Writer) -> None:
+        statement = self._q_append.bind((shard, seq, epoch, events))
+        maybe_written = False
+        last: BaseException | None = None
+        for _ in range(APPEND_SENDS_MAX):
             try:
-                rows = list(await self._driver.run(self._q_batch_serial, (shard, seq)) or ())
+                await self._driver.run(statement)
+                return
             except DRIVER_ERRORS as exc:
                 last = exc
-                continue
-            if not rows:
-                raise StoreUnavailable(f"append of shard {shard} batch {seq} timed out "
-                                       f"({type(cause).__name__}) and was not applied")
-            if rows[0]["writer_epoch"] == epoch and rows[0]["events"] == events:
-                return
-            raise Fenced(f"shard {shard}: batch {seq} is held by epoch "
-                         f"{rows[0]['writer_epoch']} (append by epoch {epoch} timed out)")
-        raise UnknownOutcome(f"shard {shard} batch {seq}: append timed out ({cause!r}) and "
-                             f"the SERIAL read could not resolve it ({last!r})") from cause
+                maybe_written = maybe_written or not never_sent(exc)
+        if not maybe_written:
+            raise StoreUnavailable(f"append of shard {shard} batch {seq}: {last}") from last
+        writer.broken = True
+        raise UnknownOutcome(f"shard {shard} batch {seq}: {APPEND_SENDS_MAX} sends of the "
+                             f"append failed, the last with {last!r}; the row may be on "
+                             f"some replicas") from last
+
+    async def _append_foreign(self, shard: int, epoch: int, seq: int, events: bytes) -> None:
+        """An append by an epoch this store did not fence: never acknowledged."""
+        if self._fencing.get(shard, 0) > epoch:
+            raise Fenced(f"shard {shard}: append by epoch {epoch} refused: a newer fence "
+                         f"started on this store")
+        recorded, starts = await self._fence_state(shard, serial=True)
+        runs = epoch_runs(starts)
+        if recorded is None or epoch not in runs:
+            raise Fenced(f"shard {shard}: append by epoch {epoch} refused: that epoch was "
+                         f"never fenced (recorded: {recorded})")
+        if epoch == recorded:
+            raise Fenced(f"shard {shard}: append by epoch {epoch} refused: it is the "
+                         f"recorded epoch, and only the store that fenced it appends")
+        start, end = runs[epoch]
+        if seq <= end:
+            raise Fenced(f"shard {shard}: append of batch {seq} by deposed epoch {epoch} "
+                         f"refused: its run ended at batch {end}")
+        try:
+            await self._driver.run(self._q_append.bind((shard, seq, epoch, events)))
+        except DRIVER_ERRORS as exc:
+            raise StoreUnavailable(f"append by deposed epoch {epoch}: {exc}") from exc
+        raise Fenced(f"shard {shard}: batch {seq} of deposed epoch {epoch} was written but "
+                     f"never counts: epoch {epoch}'s run ended at batch {end} (epoch "
+                     f"{recorded} is recorded)")
 
     async def journal_position(self, shard: int) -> tuple[int, int, int]:
         """(epoch, last batch number, batch number of the latest snapshot) of a shard."""
-        heads, snaps = await asyncio.gather(self._driver.read(self._q_head, (shard,)),
-                                            self._driver.read(self._q_snapshot_mark_latest, (shard,)))
-        epoch = (heads[0]["epoch"] or 0) if heads else 0
-        head = (heads[0]["head"] or 0) if heads else 0
-        return epoch, head, (snaps[0]["seq"] if snaps else 0)
+        (recorded, starts), snaps = await asyncio.gather(
+            self._fence_state(shard), self._driver.read(self._q_snapshot_mark_latest, (shard,)))
+        head = await self._head(shard, recorded, starts)
+        return recorded or 0, head, (snaps[0]["seq"] if snaps else 0)
 
     async def load(self, shard: int) -> LoadedShard:
-        """Read the latest complete snapshot and every batch after it, in order, page by page.
+        """Read the latest complete snapshot and every batch after it that counts, in order.
 
-        The head is read along and the batches are checked to run without gaps from the
+        The head is read first and the batches are checked to run without gaps from the
         snapshot up to at least that head, so a read that missed batches fails loudly
-        instead of handing the new owner a shortened journal. If the journal starts after
+        instead of handing the new owner a shortened journal. Rows that do not count
+        (``counts``: a deposed owner's late writes) are skipped. If the journal starts after
         the snapshot read (another owner's compaction saved a newer snapshot and truncated
         the journal meanwhile), the load starts again from the newer snapshot.
 
@@ -311,17 +420,10 @@ class Journal:
                 incomplete, or it raced truncations ``SNAPSHOT_LOAD_ATTEMPTS_MAX`` times.
         """
         for _ in range(SNAPSHOT_LOAD_ATTEMPTS_MAX):
-            head_rows = await self._driver.read(self._q_head, (shard,))
+            recorded, starts = await self._fence_state(shard)
+            head = await self._head(shard, recorded, starts)
             snapshot_seq, snapshot = await self.load_snapshot(shard)
-            head = (head_rows[0]["head"] if head_rows else None) or 0
-            batches: list[JournalBatch] = []
-            after = snapshot_seq
-            while True:
-                page = await self.read_journal(shard, after, JOURNAL_PAGE_BATCHES)
-                batches.extend(page)
-                if len(page) < JOURNAL_PAGE_BATCHES:
-                    break
-                after = page[-1].seq
+            batches = await self._read_counted(shard, snapshot_seq, None, epoch_runs(starts))
             if ((not batches and head > snapshot_seq)
                     or (batches and batches[0].seq > snapshot_seq + 1)):
                 # The first batches after the snapshot are missing: truncated under us if a
@@ -341,6 +443,22 @@ class Journal:
             return LoadedShard(snapshot, snapshot_seq, batches)
         raise StoreUnavailable(f"shard {shard}: the journal was truncated under every one of "
                                f"{SNAPSHOT_LOAD_ATTEMPTS_MAX} loads")
+
+    async def _read_counted(self, shard: int, after_seq: int, limit: int | None,
+                            runs: dict[int, tuple[int, int]]) -> list[JournalBatch]:
+        """Batches above ``after_seq`` that count under ``runs``, in order, at most ``limit``."""
+        out: list[JournalBatch] = []
+        after = (after_seq, BIGINT_MAX)
+        while limit is None or len(out) < limit:
+            rows = await self._driver.read(self._q_journal, (shard, *after,
+                                                             JOURNAL_PAGE_BATCHES))
+            for r in rows:
+                if counts(runs, r["seq"], r["writer_epoch"]):
+                    out.append(JournalBatch(r["seq"], r["writer_epoch"], r["events"]))
+            if len(rows) < JOURNAL_PAGE_BATCHES:
+                break
+            after = (rows[-1]["seq"], rows[-1]["writer_epoch"])
+        return out if limit is None else out[:limit]
 
     async def _latest_mark_seq(self, shard: int) -> tuple[int, dict | None]:
         rows = await self._driver.read(self._q_snapshot_mark_latest, (shard,))
@@ -387,20 +505,13 @@ class Journal:
 
     async def read_journal(self, shard: int, after_seq: int = 0,
                            limit: int = 1000) -> list[JournalBatch]:
-        """Batches numbered above ``after_seq``, in order, at most ``limit``.
+        """Batches numbered above ``after_seq`` that count, in order, at most ``limit``.
 
         Raises:
             StoreUnavailable: the store could not be reached.
         """
-        out: list[JournalBatch] = []
-        while len(out) < limit:
-            page_max = min(limit - len(out), JOURNAL_PAGE_BATCHES)
-            rows = await self._driver.read(self._q_journal, (shard, after_seq, page_max))
-            out.extend(JournalBatch(r["seq"], r["writer_epoch"], r["events"]) for r in rows)
-            if len(rows) < page_max:
-                break
-            after_seq = rows[-1]["seq"]
-        return out
+        _, starts = await self._fence_state(shard)
+        return await self._read_counted(shard, after_seq, limit, epoch_runs(starts))
 
     async def save_snapshot(self, shard: int, seq: int, snapshot: bytes) -> bool:
         """Store a snapshot after batch ``seq`` in parts, mark it complete, drop older ones.
@@ -448,8 +559,8 @@ class Journal:
     async def truncate_journal(self, shard: int, through_seq: int) -> None:
         """Delete the batches numbered ``through_seq`` and below: ONE range tombstone.
 
-        The static epoch and head are not touched (a range delete of clustering rows leaves
-        the partition's static row). Reads start after the latest snapshot (``seq > ?``), so
+        The static epoch and starts are not touched (a range delete of clustering rows
+        leaves the partition's static row). Reads start after the latest snapshot (``seq > ?``), so
         they seek past the tombstoned range instead of scanning it.
 
         Raises:

@@ -3,9 +3,10 @@
 Layout (keyspace ``ledger`` by default, replicated with NetworkTopologyStrategy, one datacenter
 per region):
 
-* ``journal``: one partition per shard. Static columns ``epoch`` (the writer epoch, i.e. the
-  fencing token) and ``head`` (the last batch number); one clustering row per batch ``seq``
-  holding the ``writer_epoch`` and the codec-encoded ``events`` (``journal.py``).
+* ``epoch_journal``: one partition per shard. Static columns ``epoch`` (the writer epoch, i.e.
+  the fencing token) and ``starts`` (per epoch, the batch number its run starts after); one
+  clustering row per batch ``(seq, writer_epoch)`` holding the codec-encoded ``events``
+  (``journal.py``; which rows count is explained there and in ``coordinator/PROTOCOL.md``).
 * ``snapshot_parts`` and ``snapshot_marks``: snapshots of each shard, in parts, counted only
   once their completion mark is written (``journal.py``).
 * ``wallets``, ``shard_wallets``, ``wallet_entries``, ``transfers``: rows materialized from the
@@ -40,12 +41,19 @@ def schema_ddl(keyspace: str, replication: dict[str, int]) -> list[str]:
     return [
         f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{{repl}}}",
         # The journal partition of a shard grows by one row per group commit; a batch row is
-        # never updated, so compaction only merges immutable rows.
-        f"""CREATE TABLE IF NOT EXISTS {ks}.journal (
-              shard int, seq bigint,
-              epoch bigint static, head bigint static,
-              writer_epoch bigint, events blob,
-              PRIMARY KEY ((shard), seq)) WITH CLUSTERING ORDER BY (seq ASC)""",
+        # never updated, so compaction only merges immutable rows. Rows are keyed by the
+        # writer epoch too, so a deposed owner's late row can never overwrite the row of the
+        # same number that a newer epoch wrote; which of them counts is decided by the
+        # static ``starts`` (epoch -> the last batch number before its own first batch),
+        # written once per epoch by the fencing lightweight transaction (``journal.py``).
+        # (Keyspaces made before epoch-keyed rows also have a ``journal`` table; it is no
+        # longer read.)
+        f"""CREATE TABLE IF NOT EXISTS {ks}.epoch_journal (
+              shard int, seq bigint, writer_epoch bigint,
+              epoch bigint static, starts map<bigint, bigint> static,
+              events blob,
+              PRIMARY KEY ((shard), seq, writer_epoch))
+              WITH CLUSTERING ORDER BY (seq ASC, writer_epoch ASC)""",
         # A snapshot is written in parts, each one mutation far below the 16 MiB limit, then
         # marked complete by one small row; only marked snapshots count. Parts are keyed by the
         # snapshot's digest, so two saves of one seq with different bytes never mix. Older

@@ -10,7 +10,7 @@ answers the port by delegating.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from typing import Callable, Iterable
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Cluster, Session
@@ -34,20 +34,18 @@ class CassandraStore:
 
     Consistency (all configurable, defaults chosen for RPO = 0 across regions):
 
-    * ``serial_consistency`` (default SERIAL): the Paxos phase of ``fence`` and ``append``,
-      and the reads that resolve a CAS timeout. SERIAL is a quorum of ALL replicas across
-      datacenters, so with one replica in each of three regions an appended batch is on two
-      regions before ``append`` returns and the loss of any one region loses no
-      acknowledged batch (RPO = 0), while the remaining two still form a quorum and keep
-      accepting appends. LOCAL_SERIAL would save one cross-region round trip per Paxos phase
-      (roughly halving append latency), but a batch would then be on the local region only:
-      losing that region loses every batch not yet replicated (RPO > 0, up to the hint and
-      replication lag), and worse, two regions could each fence and append the same shard,
-      because their local quorums do not intersect. Use it only with a single region.
-    * ``write_consistency`` (default QUORUM): the commit phase of the Paxos round (the moment
-      the batch becomes visible to non-serial reads) and the row upserts. Once the Paxos
-      proposal is accepted the batch is durable whatever this level is; QUORUM makes it
-      visible to the QUORUM reads of ``load`` and ``read_journal`` at once.
+    * ``serial_consistency`` (default SERIAL): the Paxos rounds of ``fence`` (one per
+      takeover; appends are plain writes) and its SERIAL reads. SERIAL is a quorum of ALL
+      replicas across datacenters, so two regions can never both record an epoch.
+      LOCAL_SERIAL saves the cross-region round trips, but two regions could then each fence
+      the same shard, because their local quorums do not intersect. Use it only with a
+      single region (the local durability mode pairs it with LOCAL_QUORUM writes).
+    * ``write_consistency`` (default QUORUM): the appends (one plain write of the batch's
+      row), the commit phase of the fencing CAS, and the row upserts. QUORUM across
+      datacenters with one replica in each of three regions puts an appended batch on two
+      regions before ``append`` returns, so the loss of any one region loses no acknowledged
+      batch (RPO = 0) and the next owner's QUORUM head read sees it. LOCAL_QUORUM (local
+      mode) keeps it in one region (RPO > 0).
     * ``read_consistency`` (default QUORUM): journal pages, snapshots and rows. QUORUM reads
       with QUORUM writes intersect, so a read sees every acknowledged write.
     """
@@ -155,6 +153,17 @@ class CassandraStore:
                                    f"{exc}") from exc
 
     # --- the journal (``journal.py``) ---------------------------------------------------
+
+    def bind_lease(self, lease_valid: Callable[[], bool]) -> None:
+        """Acknowledge appends only while ``lease_valid()`` holds (the node's ownership lease).
+
+        Appends are plain writes, not compare-and-set: what keeps a deposed owner from
+        acknowledging a batch that its successor's head read did not see is that it answers
+        only while its lease is valid, and etcd grants the shard to a successor only after
+        that lease expired (``coordinator/PROTOCOL.md``, "Fencing"). ``ledgerd node`` binds
+        its etcd lease here; without it (tools, tests) only this store's own fences depose.
+        """
+        self._journal.bind_lease(lease_valid)
 
     async def fence(self, shard: int, epoch: int) -> int:
         """See ``JournalStore.fence`` and ``Journal.fence``."""
