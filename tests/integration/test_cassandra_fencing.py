@@ -219,3 +219,34 @@ def test_which_rows_count_is_decided_by_the_recorded_starts():
     assert counts(runs, 15, 12) and counts(runs, 10**12, 12)
     assert not counts(runs, 1, 7)  # an epoch never fenced owns nothing
     assert epoch_runs({}) == {} and epoch_runs(None) == {}
+
+
+async def test_a_keyspace_with_a_journal_in_the_old_table_is_refused(local_cluster):
+    """Journals moved to ``epoch_journal``; a keyspace whose journal is still in the old
+    ``journal`` table (one CAS per append) would be served from empty journals, forgetting
+    its money. The store refuses to connect to it, naming the table."""
+    from ledger.store.cassandra import CassandraStore
+    from ledger.store.port import StoreUnavailable
+
+    from clients.localcluster import cql_query
+
+    region = "r1"
+    keyspace = f"oldjournal_{uuid.uuid4().hex[:8]}"
+    host, port = local_cluster.contact_points[region], local_cluster.cql_port
+    try:
+        store = await CassandraStore.connect([host], port, local_dc=region, keyspace=keyspace,
+                                             replication={region: 1},
+                                             require_region_survival=False)
+        await store.close()  # an empty old table would be harmless; a row is not
+        for cql in (f"CREATE TABLE {keyspace}.journal (shard int, seq bigint, writer_epoch "
+                    f"bigint, events blob, PRIMARY KEY ((shard), seq))",
+                    f"INSERT INTO {keyspace}.journal (shard, seq, writer_epoch, events) "
+                    f"VALUES (3, 1, 7, 0x5b5d)"):
+            await asyncio.to_thread(cql_query, host, port, cql, 60.0)
+        with pytest.raises(StoreUnavailable, match="old table"):
+            await CassandraStore.connect([host], port, local_dc=region, keyspace=keyspace,
+                                         replication={region: 1},
+                                         require_region_survival=False)
+    finally:
+        await asyncio.to_thread(cql_query, host, port, f"DROP KEYSPACE IF EXISTS {keyspace}",
+                                60.0)

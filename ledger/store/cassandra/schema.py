@@ -168,4 +168,32 @@ def create_and_read_replication(session: Session, keyspace: str, local_dc: str,
     if found is None:
         raise MissingKeyspace(f"keyspace {keyspace} does not exist (create it with "
                               f"a node that creates the schema, or ledgerd node)")
+    _refuse_old_journal(session, keyspace, timeout_s)
     return dict(found["replication"])
+
+
+class OldJournalFormat(Exception):
+    """The keyspace holds a journal in the table appends used before epoch-keyed rows."""
+
+
+def _refuse_old_journal(session: Session, keyspace: str, timeout_s: float) -> None:
+    """Refuse a keyspace whose journal is in the old ``journal`` table (one CAS per append).
+
+    Journals now live in ``epoch_journal``; nothing reads the old table, so serving such a
+    keyspace would start every shard from an empty journal: the ledger would forget its
+    money. There is no migration yet: say so instead.
+
+    Raises:
+        OldJournalFormat: the old table exists and holds a row.
+    """
+    exists = session.execute(
+        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s AND "
+        "table_name = 'journal'", (_unquoted(keyspace),), timeout=timeout_s).one()
+    if exists is None:
+        return
+    if session.execute(f"SELECT shard FROM {keyspace}.journal LIMIT 1",
+                       timeout=timeout_s).one() is not None:
+        raise OldJournalFormat(
+            f"keyspace {keyspace} holds journals in the old table {keyspace}.journal (a CAS "
+            f"per append); this build reads {keyspace}.epoch_journal only and has no "
+            f"migration: serve it with the build that wrote it")

@@ -19,7 +19,8 @@ from ledger.core.model import Entry, Transfer, Wallet
 from ledger.store.cassandra.constants import REQUEST_TIMEOUT_S_DEFAULT
 from ledger.store.cassandra.driver import Driver, consistency as _consistency, new_cluster
 from ledger.store.cassandra.journal import Journal
-from ledger.store.cassandra.schema import (MissingKeyspace, create_and_read_replication,
+from ledger.store.cassandra.schema import (MissingKeyspace, OldJournalFormat,
+                                           create_and_read_replication,
                                            enforce_replication, replication_verdict)
 from ledger.store.cassandra.views import Views
 from ledger.store.port import JournalBatch, LoadedShard, StoreUnavailable
@@ -147,7 +148,7 @@ class CassandraStore:
             await asyncio.to_thread(cluster.shutdown)
             if isinstance(exc, (ValueError, UnsafeReplication)):
                 raise
-            if isinstance(exc, MissingKeyspace):
+            if isinstance(exc, (MissingKeyspace, OldJournalFormat)):
                 raise StoreUnavailable(str(exc)) from None
             raise StoreUnavailable(f"cannot connect to Cassandra at {contact_points}:{port}: "
                                    f"{exc}") from exc
