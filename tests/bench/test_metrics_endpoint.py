@@ -15,6 +15,7 @@ import pytest
 
 from clients import LedgerClient
 from clients.bench.probe import SQLITE_STORE_THREAD, parse_stat, scrape
+from clients.bench.server import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -22,12 +23,6 @@ pytestmark = pytest.mark.timeout(180)
 SERVER_START_TIMEOUT_S = 120
 SHARDS = 8
 TRANSFERS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ledgerd_dev(data_dir: Path, metrics_port: int) -> list[str]:
@@ -43,7 +38,7 @@ def _thread_names(pid: int) -> set[str]:
 
 
 async def test_counters_move_under_traffic(tmp_path: Path) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     proc = await asyncio.create_subprocess_exec(*_ledgerd_dev(tmp_path, metrics_port),
                                                 stdout=asyncio.subprocess.PIPE)
     try:

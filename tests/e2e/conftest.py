@@ -78,14 +78,19 @@ async def ledger_server(request, tmp_path):
     try:
         yield running
     finally:
-        await running.close(grace_s=0.5)
-        if request.param != "embedded":
-            # Every keyspace's tables live in the test cluster's heap: drop what we made.
-            from clients.localcluster import cql_query
-            cluster = request.getfixturevalue("local_cluster")
-            region = cluster.regions[0]
-            await asyncio.to_thread(cql_query, cluster.contact_points[region], cluster.cql_port,
-                                    f"DROP KEYSPACE IF EXISTS {running.keyspace}", 60.0)
+        await close_server(request, running)
+
+
+async def close_server(request, running) -> None:
+    """Close a server of ``ledger_server``'s kind; drop its keyspace if it had one."""
+    await running.close(grace_s=0.5)
+    if request.param != "embedded":
+        # Every keyspace's tables live in the test cluster's heap: drop what we made.
+        from clients.localcluster import cql_query
+        cluster = request.getfixturevalue("local_cluster")
+        region = cluster.regions[0]
+        await asyncio.to_thread(cql_query, cluster.contact_points[region], cluster.cql_port,
+                                f"DROP KEYSPACE IF EXISTS {running.keyspace}", 60.0)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from clients import LedgerClient, LedgerRefused
 from ledger import server
-from tests.e2e.conftest import SHARDS, _start_cassandra_backend
+from tests.e2e.conftest import SHARDS, _start_cassandra_backend, close_server
 
 # The owners' memory window in these tests (ms): keys spill within about a sweep (1 s).
 MEMORY_MS = 300
@@ -33,13 +33,7 @@ async def spilling_server(request, tmp_path):
     try:
         yield running
     finally:
-        await running.close(grace_s=0.5)
-        if request.param != "embedded":
-            from clients.localcluster import cql_query
-            cluster = request.getfixturevalue("local_cluster")
-            await asyncio.to_thread(cql_query, cluster.contact_points[cluster.regions[0]],
-                                    cluster.cql_port,
-                                    f"DROP KEYSPACE IF EXISTS {running.keyspace}", 60.0)
+        await close_server(request, running)
 
 
 async def spilled(running, shard: int, key: str) -> None:
