@@ -495,7 +495,8 @@ class ShardState:
         return ok(), [OutboxAcked(cmd.to_shard, cmd.up_to_seq)]
 
     def _decide_expire_idempotency(self, cmd: ExpireIdempotency) -> tuple[Outcome, list[Event]]:
-        if not self.spilled.expirable(cmd.before_ms) and not any(r.created_at_ms < cmd.before_ms for r in self.idempotency.values()) and \
+        if not self.spilled.expirable(cmd.before_ms) and \
+                not any(r.created_at_ms < cmd.before_ms for r in self.idempotency.values()) and \
                 not any(r.created_at_ms < cmd.before_ms for r in self.claims.values()) and \
                 not any(at < cmd.before_ms for _, at in self.fenced.values()) and \
                 not any(at < cmd.before_ms and c not in self.chain_waiting
@@ -504,14 +505,18 @@ class ShardState:
         return ok(), [IdempotencyExpired(cmd.before_ms)]
 
     def _decide_spill_idempotency(self, cmd: SpillIdempotency) -> tuple[Outcome, list[Event]]:
-        owed = {c.transfer_id for items in self.outbox.values() for c in items.values()}
+        owed = self._owed()
         if any(self._spillable(r, owed) for r in self.idempotency.values()
                if r.created_at_ms < cmd.before_ms) or any(
                 r.created_at_ms < cmd.before_ms for r in self.claims.values()):
             return ok(), [IdempotencySpilled(cmd.before_ms)]
         return ok(0), []
 
-    def _spillable(self, record: IdempotencyRecord, owed: set[str] | None = None) -> bool:
+    def _owed(self) -> set[str]:
+        """Transfer ids whose credit this shard still owes (in its outbox)."""
+        return {c.transfer_id for items in self.outbox.values() for c in items.values()}
+
+    def _spillable(self, record: IdempotencyRecord, owed: set[str]) -> bool:
         """A money movement's record whose transfer is finished here: decided (not a
         pending chain item) and its credit no longer owed. Wallet, hold and release records
         stay in memory until they expire (they are few: one per wallet or hold)."""
@@ -521,8 +526,6 @@ class ShardState:
         transfer = self.transfers.get(tid)
         if transfer is not None and transfer.state == STATE_PENDING:
             return False
-        if owed is None:
-            owed = {c.transfer_id for items in self.outbox.values() for c in items.values()}
         return tid not in owed
 
     def _decide_claim_key(self, cmd: ClaimKey) -> tuple[Outcome, list[Event]]:
@@ -985,7 +988,7 @@ class ShardState:
         # same step that uses a key spilled here finds no entry and stops the step (the
         # owner decides a spill in a step of its own, so this only guards misuse).
         self.loaded.clear()
-        owed = {c.transfer_id for items in self.outbox.values() for c in items.values()}
+        owed = self._owed()
         for key, record in list(self.idempotency.items()):
             if record.created_at_ms < e.before_ms and self._spillable(record, owed):
                 del self.idempotency[key]
@@ -1002,7 +1005,7 @@ class ShardState:
 
     def _evolve_idempotency_expired(self, e: IdempotencyExpired, rows: list | None) -> None:
         self.spilled.expire(e.before_ms)
-        owed = {c.transfer_id for items in self.outbox.values() for c in items.values()}
+        owed = self._owed()
         for key, record in list(self.idempotency.items()):
             if record.created_at_ms < e.before_ms:
                 del self.idempotency[key]
