@@ -14,7 +14,13 @@ KIND_TRANSFER = "TRANSFER"
 KIND_DEPOSIT = "DEPOSIT"
 KIND_WITHDRAWAL = "WITHDRAWAL"
 KIND_HOLD_CAPTURE = "HOLD_CAPTURE"
-KINDS = (KIND_TRANSFER, KIND_DEPOSIT, KIND_WITHDRAWAL, KIND_HOLD_CAPTURE)
+# Red envelopes: sender -> escrow at creation, escrow -> receiver per grab, escrow -> sender
+# for what is left at expiry.
+KIND_ENVELOPE_FUND = "ENVELOPE_FUND"
+KIND_ENVELOPE_GRAB = "ENVELOPE_GRAB"
+KIND_ENVELOPE_REFUND = "ENVELOPE_REFUND"
+KINDS = (KIND_TRANSFER, KIND_DEPOSIT, KIND_WITHDRAWAL, KIND_HOLD_CAPTURE, KIND_ENVELOPE_FUND,
+         KIND_ENVELOPE_GRAB, KIND_ENVELOPE_REFUND)
 
 # Transfer states (proto ``TransferState``).
 STATE_COMMITTED = "COMMITTED"
@@ -45,6 +51,27 @@ def settlement_wallet_id(currency: str, shard: int) -> str:
 
 def is_settlement(wallet_id: str) -> bool:
     return wallet_id.startswith(RESERVED_PREFIX + "settlement:")
+
+
+# Envelope states (proto ``EnvelopeState``), derived from an envelope and the time.
+ENVELOPE_FUNDING = "FUNDING"    # opened; the sender's money has not reached the escrow yet
+ENVELOPE_ACTIVE = "ACTIVE"
+ENVELOPE_SOLD_OUT = "SOLD_OUT"
+ENVELOPE_EXPIRED = "EXPIRED"    # past its expiry; what is left not refunded yet (or nothing)
+ENVELOPE_REFUNDED = "REFUNDED"  # past its expiry, what was left went back to the sender
+
+_ESCROW_PREFIX = RESERVED_PREFIX + "envelope:"
+
+
+def escrow_wallet_id(envelope_id: str) -> str:
+    """The escrow account of an envelope: it holds the money not grabbed yet. It lives on
+    the envelope's shard (the shard its id hashes to), with the envelope."""
+    return _ESCROW_PREFIX + envelope_id
+
+
+def envelope_of_escrow(wallet_id: str) -> str:
+    """The envelope whose escrow ``wallet_id`` is, or "" for any other wallet."""
+    return wallet_id[len(_ESCROW_PREFIX):] if wallet_id.startswith(_ESCROW_PREFIX) else ""
 
 
 @dataclass(slots=True)
@@ -163,6 +190,71 @@ class Hold:
                     self.idempotency_key, self.created_at_ms, self.expires_at_ms, self.state,
                     self.captured_minor, self.closed_at_ms, self.chain_id, self.primary_shard,
                     self.to_shard, self.reserved_at_ms)
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A red envelope: its terms (fixed at creation) and what is left of it.
+
+    The money is in the escrow wallet ``escrow_wallet_id(envelope_id)`` on the envelope's
+    shard from the moment the funding transfer's credit lands (``funded_at_ms`` > 0) until
+    it is grabbed (``Grab``) or refunded at expiry. ``left_minor`` equals the escrow balance.
+    """
+
+    envelope_id: str
+    sender_wallet_id: str
+    currency: str
+    kind: str                   # ledger.core.split: FIXED, LUCKY or EXCLUSIVE
+    total_minor: int
+    shares: int
+    min_share_minor: int
+    receiver_wallet_id: str     # EXCLUSIVE: the only wallet that may grab it; else ""
+    memo: str
+    seed: int                   # the lucky draws' seed, chosen at creation, journaled
+    caller: str
+    idempotency_key: str
+    funding_transfer_id: str
+    created_at_ms: int
+    expires_at_ms: int
+    funded_at_ms: int = 0
+    left_minor: int = 0
+    left_shares: int = 0
+    refunded_minor: int = 0
+    refund_transfer_id: str = ""
+    closed_at_ms: int = 0       # sold out or refunded (0: neither yet)
+
+    def state(self, now_ms: int) -> str:
+        if self.refund_transfer_id:
+            return ENVELOPE_REFUNDED
+        if self.funded_at_ms and self.left_shares == 0:
+            return ENVELOPE_SOLD_OUT
+        if now_ms >= self.expires_at_ms:
+            return ENVELOPE_EXPIRED
+        return ENVELOPE_ACTIVE if self.funded_at_ms else ENVELOPE_FUNDING
+
+    def copy(self) -> "Envelope":
+        return Envelope(self.envelope_id, self.sender_wallet_id, self.currency, self.kind,
+                        self.total_minor, self.shares, self.min_share_minor,
+                        self.receiver_wallet_id, self.memo, self.seed, self.caller,
+                        self.idempotency_key, self.funding_transfer_id, self.created_at_ms,
+                        self.expires_at_ms, self.funded_at_ms, self.left_minor,
+                        self.left_shares, self.refunded_minor, self.refund_transfer_id,
+                        self.closed_at_ms)
+
+
+@dataclass(slots=True, frozen=True)
+class Grab:
+    """One share of an envelope, taken by one receiver: decided and journaled on the
+    envelope's shard, credited to the receiver by the transfer ``transfer_id``."""
+
+    envelope_id: str
+    position: int               # 0 for the first grab, 1 for the next, ...
+    receiver_wallet_id: str
+    amount_minor: int
+    transfer_id: str
+    caller: str
+    idempotency_key: str
+    at_ms: int
 
 
 @dataclass(slots=True)
