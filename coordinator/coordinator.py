@@ -37,7 +37,7 @@ from ledger.core import validate
 from ledger.core.ids import transfer_id_for
 from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
-    KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation, CaptureHold,
+    KIND_DEPOSIT, KIND_ENVELOPE_FUND, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation, CaptureHold,
     ClaimKey, CreateHold, CreateWallet, GetHold, GetTransfer, GetWallet, Post, ReleaseHold,
     ReserveCredit, settlement_wallet_id,
 )
@@ -66,6 +66,11 @@ class TransferItem:
     memo: str = ""
     kind: str = KIND_TRANSFER
     linked: bool = False
+
+
+# Kinds whose credit goes to another shard's wallet and is reserved there first (deposits and
+# withdrawals credit their own shard's settlement account).
+_RESERVED_KINDS = (KIND_TRANSFER, KIND_ENVELOPE_FUND)
 
 
 def key_shard_of(caller: str, idempotency_key: str, shard_count: int) -> int:
@@ -366,6 +371,12 @@ class Coordinator:
             shard = self.shard_of(item.from_wallet_id)
             source, target, to_shard = (item.from_wallet_id,
                                         settlement_wallet_id(item.currency, shard), shard)
+        elif item.kind == KIND_ENVELOPE_FUND:
+            # Built by coordinator.envelopes, which validated the request; the target is the
+            # envelope's escrow account (a reserved id no client may name).
+            shard = self.shard_of(item.from_wallet_id)
+            source, target, to_shard = (item.from_wallet_id, item.to_wallet_id,
+                                        self.shard_of(item.to_wallet_id))
         else:
             bad = validate.transfer(item.idempotency_key, item.from_wallet_id, item.to_wallet_id,
                                     item.amount_minor, item.currency, item.memo)
@@ -405,7 +416,7 @@ class Coordinator:
         reserve = {i: (p.to_shard, ReserveCredit(p.transfer_id, p.to_wallet_id, p.currency,
                                                  p.amount_minor, p.now_ms))
                    for i, p in posts.items() if p.to_shard != self.shard_of(p.from_wallet_id)
-                   and p.kind == KIND_TRANSFER}
+                   and p.kind in _RESERVED_KINDS}
         if not reserve:
             return
         for i, outcome in (await self._by_shard(reserve, deadline=deadline)).items():

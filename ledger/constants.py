@@ -65,6 +65,8 @@ RESERVATIONS_PER_RESOLVE_MAX = 2_000
 
 # How often an owner drops stale credit reservations and purges expired idempotency keys (s).
 RESERVATION_SWEEP_S = 1.0
+# Expired envelopes an owner refunds per sweep (the rest wait for the next sweep).
+ENVELOPE_REFUNDS_PER_SWEEP_MAX = 1_000
 IDEMPOTENCY_SWEEP_S = 60.0
 
 # How long key records of money movements (and key claims) stay in owner memory after they

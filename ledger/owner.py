@@ -28,11 +28,11 @@ from ledger.core.invariants import InvariantViolation
 from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS, RESERVATION_TTL_MS
 from ledger.core.model import (
     KIND_HOLD_CAPTURE, STATE_COMMITTED, AckOutbox, ApplyCredits, ChainFinished, DecideChain, DropReservations, ExpireHolds,
-    ExpireIdempotency, FinishChain, Post, ResolveReservations, SpillIdempotency, Transfer,
-    TransferDecided,
+    ExpireIdempotency, FinishChain, Post, RefundEnvelope, ReserveCredit, ResolveReservations,
+    SpillIdempotency, Transfer, TransferDecided,
 )
 from ledger.core.ids import transfer_id_for
-from ledger.core.shard import ShardState, record_of_transfer
+from ledger.core.shard import ShardState, debit_shard_of, record_of_transfer
 from ledger.core.step import step
 from ledger.core.outcomes import OVERLOADED, UNAVAILABLE
 from ledger.core.status import Outcome
@@ -613,6 +613,9 @@ class ShardOwner:
                 await self._resolve_reservations(now)
             if self.state.expired_holds(now):
                 await self.submit(ExpireHolds(now))
+            expired = self.state.expired_envelopes(now)
+            if expired:
+                await self._refund_envelopes(expired[:K.ENVELOPE_REFUNDS_PER_SWEEP_MAX], now)
             for chain_id, primary in self.state.pending_chains(
                     now - CHAIN_RESOLVE_AFTER_MS).items():
                 await self.resolve_chain(chain_id, primary)
@@ -628,6 +631,42 @@ class ShardOwner:
                     except Exception as exc:  # the rows are deleted on the next sweep
                         log.warning("shard %d: expired key rows not deleted: %r", self.shard,
                                     exc)
+
+    async def _refund_envelopes(self, envelopes: list, now: int) -> None:
+        """Give what is left of expired envelopes back to their senders: reserve the
+        credit's headroom on each sender's shard (when it is another), then journal the
+        refunds in one step. A refund not made now (a reservation refused or unanswered) is
+        tried again on the next sweep; one made is never made again (the envelope records
+        it)."""
+        refunds: list[RefundEnvelope] = []
+        reserve: dict[int, list] = {}
+        for envelope in envelopes:
+            sender_shard = debit_shard_of(envelope.funding_transfer_id)
+            if sender_shard == self.shard:
+                refunds.append(RefundEnvelope(envelope.envelope_id, now))
+            else:
+                reserve.setdefault(sender_shard, []).append(envelope)
+        answers = await asyncio.gather(*(
+            self._peers.execute(shard, [ReserveCredit(
+                self.state.refund_transfer_id(e), e.sender_wallet_id, e.currency, e.left_minor,
+                now) for e in items])
+            for shard, items in reserve.items()), return_exceptions=True)
+        for items, answer in zip(reserve.values(), answers):
+            if isinstance(answer, BaseException):
+                log.warning("shard %d: refund reservations failed: %r", self.shard, answer)
+                continue
+            for envelope, reserved in zip(items, answer):
+                if reserved.ok:
+                    refunds.append(RefundEnvelope(envelope.envelope_id, now, reserved.value))
+                else:
+                    log.warning("shard %d: refund of envelope %s not reserved: %s %s",
+                                self.shard, envelope.envelope_id, reserved.status.name,
+                                reserved.detail)
+        if refunds:
+            for refund, outcome in zip(refunds, await self.submit_many(refunds)):
+                if not outcome.ok:
+                    log.warning("shard %d: envelope %s not refunded: %s %s", self.shard,
+                                refund.envelope_id, outcome.status.name, outcome.detail)
 
     async def _resolve_reservations(self, now: int) -> None:
         """Ask the debit shards of reservations older than RESERVATION_TTL_MS whether a

@@ -49,8 +49,10 @@ GRPC_CODE: dict[Status, grpc.StatusCode] = {
     Status.WALLET_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Status.TRANSFER_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Status.HOLD_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.ENVELOPE_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Status.WALLET_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Status.IDEMPOTENCY_KEY_REUSED: grpc.StatusCode.ALREADY_EXISTS,
+    Status.ENVELOPE_ALREADY_GRABBED: grpc.StatusCode.ALREADY_EXISTS,
     # A valid request, refused by the state of the ledger (recorded under the key).
     Status.CURRENCY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
     Status.INSUFFICIENT_FUNDS: grpc.StatusCode.FAILED_PRECONDITION,
@@ -59,6 +61,9 @@ GRPC_CODE: dict[Status, grpc.StatusCode] = {
     Status.HOLD_NOT_ACTIVE: grpc.StatusCode.FAILED_PRECONDITION,
     Status.HOLD_AMOUNT_EXCEEDED: grpc.StatusCode.FAILED_PRECONDITION,
     Status.LINKED_ITEM_FAILED: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.ENVELOPE_SOLD_OUT: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.ENVELOPE_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.ENVELOPE_NOT_ELIGIBLE: grpc.StatusCode.FAILED_PRECONDITION,
     # Transient: the same request (same key) may succeed later.
     Status.REQUEST_IN_FLIGHT: grpc.StatusCode.ABORTED,
     Status.SHARD_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,

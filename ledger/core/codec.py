@@ -25,7 +25,8 @@ FORMAT_VERSION = 1
 _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (*model.EVENT_TYPES, *model.COMMAND_TYPES, model.Transfer, model.Credit,
-                model.Wallet, model.Entry, model.IdempotencyRecord, model.Hold)
+                model.Wallet, model.Entry, model.IdempotencyRecord, model.Hold,
+                model.Envelope, model.Grab)
 }
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
 
@@ -118,9 +119,10 @@ def loads(data: bytes | str) -> Any:
 # what a snapshot costs in store writes and reads. Format 1 (one JSON object with type
 # tags) is still read. Format 3 adds the section "spilled" (the filters of the keys that left
 # memory, ``ledger.core.spilled``): same layout, so formats 2 and 3 load alike; a build that
-# knows only 2 refuses a 3 (it would lose the filters) instead of misreading it.
+# knows only 2 refuses a 3 (it would lose the filters) instead of misreading it. Format 4 adds
+# the sections "envelopes" and "grabs" (red envelopes kept on the shard), for the same reason.
 
-SNAPSHOT_FORMAT = 3
+SNAPSHOT_FORMAT = 4
 _SNAPSHOT_MAGIC = b"LSNAP2\n"
 # Records per JSON line: big enough that json does the work in C, small enough that encoding
 # and decoding hand the GIL around often (they run in a worker thread next to the event loop).
@@ -159,6 +161,9 @@ def _snapshot_records(state: ShardState) -> Iterator[tuple[str, list]]:
                             in state.chain_waiting.items()]
     yield "chains_purged_before", [state.chains_purged_before]
     yield "spilled", state.spilled.records()
+    envelope, grab = _fields_getter(model.Envelope), _fields_getter(model.Grab)
+    yield "envelopes", [envelope(e) for e in state.envelopes.values()]
+    yield "grabs", [grab(g) for grabs in state.grabs.values() for g in grabs.values()]
 
 
 def snapshot_lines(state: ShardState) -> Iterator[bytes]:
@@ -319,6 +324,18 @@ def _load_chains_purged_before(state: ShardState, records: list) -> None:
     state.chains_purged_before = max([state.chains_purged_before, *records])
 
 
+def _load_envelopes(state: ShardState, records: list) -> None:
+    for r in records:
+        e = model.Envelope(*r)
+        state.envelopes[e.envelope_id] = e
+
+
+def _load_grabs(state: ShardState, records: list) -> None:
+    for r in records:
+        g = model.Grab(*r)
+        state.grabs.setdefault(g.envelope_id, {})[g.receiver_wallet_id] = g
+
+
 _SECTION_LOADERS = {
     "wallets": _load_wallets, "transfers": _load_transfers, "idempotency": _load_idempotency,
     "claims": _load_claims, "holds": _load_holds, "outbox": _load_outbox,
@@ -326,6 +343,7 @@ _SECTION_LOADERS = {
     "chains": _load_chains, "reservations": _load_reservations, "fenced": _load_fenced,
     "chain_waiting": _load_chain_waiting, "chains_purged_before": _load_chains_purged_before,
     "spilled": lambda state, records: state.spilled.load_records(records),
+    "envelopes": _load_envelopes, "grabs": _load_grabs,
 }
 
 

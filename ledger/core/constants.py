@@ -38,3 +38,23 @@ HOLD_TIMEOUT_MS_MAX = 7 * 24 * 3600 * 1000
 # sweep period this bounds how long any transfer stays in doubt (the recovery timeout).
 CHAIN_RESOLVE_AFTER_MS = 5_000
 RECOVERY_TIMEOUT_MS = 10_000
+
+# Red envelopes. The rules a deployment may change (``ledgerd`` flags), with the defaults of
+# the real products: at most 200.00 CNY per envelope, 100 shares, every share at least one
+# minor unit, expiry within 24 h. A request past a rule is refused with INVALID_ARGUMENT (or
+# INVALID_AMOUNT) naming the field.
+ENVELOPE_TOTAL_MINOR_MAX = 20_000
+ENVELOPE_SHARES_MAX = 100
+ENVELOPE_SHARE_MINOR_MIN = 1
+ENVELOPE_EXPIRY_MS_MAX = 24 * 3600 * 1000
+# Ceilings no configuration may pass: every grab reserves ENVELOPE_TOTAL_MINOR_CEILING of
+# headroom on its receiver before the share is drawn (the amount is not known before), and an
+# envelope's grabs are kept in its owner's memory (ENVELOPE_SHARES_CEILING bounds them).
+ENVELOPE_TOTAL_MINOR_CEILING = 10**12
+ENVELOPE_SHARES_CEILING = 100_000
+# Grabs per GetEnvelope page; a bigger page_size is clamped to this.
+ENVELOPE_GRABS_PAGE_MAX = 1_000
+ENVELOPE_GRABS_PAGE_DEFAULT = 100
+# Envelopes per ListEnvelopes page.
+ENVELOPES_PAGE_MAX = 1_000
+ENVELOPES_PAGE_DEFAULT = 100

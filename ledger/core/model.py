@@ -496,6 +496,49 @@ class FinishChain:
     now_ms: int
 
 
+@dataclass(slots=True, frozen=True)
+class OpenEnvelope:
+    """Open an envelope on its shard: its escrow wallet and its terms, not funded yet (the
+    coordinator then moves the money in with an ENVELOPE_FUND transfer, whose credit landing
+    on the escrow makes the envelope active). Idempotent by envelope id."""
+
+    envelope: Envelope
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class GrabEnvelope:
+    """Take one share of an envelope for ``receiver_wallet_id``: decided on the envelope's
+    shard, which draws the amount, debits the escrow and owes the credit (an outbox item)
+    in the same journal batch. ``idempotency_key`` is scoped to the envelope
+    (``ledger.core.ids.grab_key``)."""
+
+    caller: str
+    idempotency_key: str
+    envelope_id: str
+    receiver_wallet_id: str
+    receiver_shard: int
+    transfer_id: str
+    now_ms: int
+    # As in Post: the receiver shard's refusal of the credit reservation, or the reservation.
+    credit_refusal: tuple[int, str, str] | None = None
+    reserved_at_ms: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class GetEnvelope:
+    envelope_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class RefundEnvelope:
+    """Give what is left of an expired envelope back to its sender (the owner's sweep)."""
+
+    envelope_id: str
+    now_ms: int
+    reserved_at_ms: int = 0  # the sender shard's reservation when the sender is elsewhere
+
+
 # --- Events (the journal) ---------------------------------------------------------------
 
 
@@ -614,12 +657,35 @@ class IdempotencySpilled:
     before_ms: int
 
 
+@dataclass(slots=True, frozen=True)
+class EnvelopeOpened:
+    envelope: Envelope
+
+
+@dataclass(slots=True, frozen=True)
+class EnvelopeGrabbed:
+    """A share taken; the TransferDecided that follows it in the batch moves its money."""
+
+    grab: Grab
+
+
+@dataclass(slots=True, frozen=True)
+class EnvelopeRefunded:
+    """What was left went back to the sender; the TransferDecided that follows moves it."""
+
+    envelope_id: str
+    amount_minor: int
+    transfer_id: str
+    at_ms: int
+
+
 EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, IdempotencyExpired,
                HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed,
                CreditReserved, ReservationsDropped, ReservationsFenced,
-               ChainParticipantFinished, IdempotencySpilled)
+               ChainParticipantFinished, IdempotencySpilled, EnvelopeOpened, EnvelopeGrabbed,
+               EnvelopeRefunded)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
                  ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
                  ClaimKey, ResolveReservations, DropReservations, ChainFinished,
-                 SpillIdempotency)
+                 SpillIdempotency, OpenEnvelope, GrabEnvelope, GetEnvelope, RefundEnvelope)

@@ -30,15 +30,20 @@ from ledger.core.model import (
     TransferDecided, Wallet, WalletCreated, is_settlement, CreditReserved, DropReservations,
     ReservationsDropped, ReservationsFenced, ResolveReservations, ChainFinished,
     ChainParticipantFinished, IdempotencySpilled, SpillIdempotency,
+    KIND_ENVELOPE_FUND, KIND_ENVELOPE_GRAB, KIND_ENVELOPE_REFUND, Envelope, EnvelopeGrabbed,
+    EnvelopeOpened, EnvelopeRefunded, GetEnvelope, Grab, GrabEnvelope, OpenEnvelope,
+    RefundEnvelope, envelope_of_escrow, escrow_wallet_id,
 )
-from ledger.core.ids import transfer_id_for
+from ledger.core import split
+from ledger.core.ids import refund_key, transfer_id_for
 from ledger.core.spilled import SpilledKeys
 from ledger.core.status import Outcome, Status, ok, refuse
 
 Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | IdempotencyExpired
          | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed
          | CreditReserved | ReservationsDropped | ReservationsFenced
-         | ChainParticipantFinished | IdempotencySpilled)
+         | ChainParticipantFinished | IdempotencySpilled | EnvelopeOpened | EnvelopeGrabbed
+         | EnvelopeRefunded)
 
 
 def debit_shard_of(transfer_id: str) -> int:
@@ -72,6 +77,14 @@ def capture_fingerprint(hold_id: str, to_wallet_id: str, amount_minor: int,
 def wallet_fingerprint(wallet_id: str, currency: str,
                        allow_negative: bool) -> tuple[tuple[str, object], ...]:
     return (("wallet_id", wallet_id), ("currency", currency), ("allow_negative", allow_negative))
+
+
+def envelope_terms(e: Envelope) -> tuple[tuple[str, object], ...]:
+    """The fields of an envelope compared when its creating key is used again."""
+    return (("sender_wallet_id", e.sender_wallet_id), ("currency", e.currency),
+            ("kind", e.kind), ("total_minor", e.total_minor), ("shares", e.shares),
+            ("receiver_wallet_id", e.receiver_wallet_id), ("memo", e.memo),
+            ("expiry_ms", e.expires_at_ms - e.created_at_ms))
 
 
 def _key_reused(field_name: str) -> Outcome:
@@ -130,7 +143,7 @@ class ShardState:
     __slots__ = ("shard", "seq", "wallets", "transfers", "idempotency", "outbox",
                  "outbox_last_seq", "inbox_applied", "reservations", "incoming", "holds",
                  "chains", "claims", "fenced", "chain_waiting", "chains_purged_before",
-                 "spilled", "loaded")
+                 "spilled", "loaded", "envelopes", "grabs")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -173,6 +186,10 @@ class ShardState:
         self.loaded: dict[tuple[str, str], tuple[IdempotencyRecord | None,
                                                  IdempotencyRecord | None,
                                                  Transfer | None]] = {}
+        # Red envelopes whose shard this is, and their grabs: envelope_id -> receiver ->
+        # Grab. Kept until the idempotency window after they closed (sold out or refunded).
+        self.envelopes: dict[str, Envelope] = {}
+        self.grabs: dict[str, dict[str, Grab]] = {}
 
     def keys_to_load(self, commands: Iterable[object]) -> list[tuple[str, str]]:
         """The (caller, key) pairs these commands use whose records may be in the store
@@ -543,6 +560,145 @@ class ShardState:
         return ok(), [KeyClaimed(cmd.caller, cmd.idempotency_key, cmd.fingerprint,
                                  cmd.transfer_id, cmd.now_ms, cmd.target)]
 
+    # --- red envelopes ------------------------------------------------------------------
+
+    def _decide_open_envelope(self, cmd: OpenEnvelope) -> tuple[Outcome, list[Event]]:
+        new = cmd.envelope
+        held = self.envelopes.get(new.envelope_id)
+        if held is not None:
+            differs = _first_difference(envelope_terms(held), envelope_terms(new))
+            if differs:
+                return _key_reused(differs), []
+            return ok(held.copy(), replayed=True), []
+        ensure(escrow_wallet_id(new.envelope_id) not in self.wallets,
+               "escrow of %s exists without its envelope", new.envelope_id)
+        return ok(new.copy()), [EnvelopeOpened(new.copy())]
+
+    def _decide_get_envelope(self, cmd: GetEnvelope) -> tuple[Outcome, list[Event]]:
+        envelope = self.envelopes.get(cmd.envelope_id)
+        if envelope is None:
+            return refuse(Status.ENVELOPE_NOT_FOUND, "envelope_id",
+                          "no envelope with this id"), []
+        grabs = sorted(self.grabs.get(cmd.envelope_id, {}).values(), key=_position)
+        return ok((envelope.copy(), grabs)), []
+
+    def _decide_grab_envelope(self, cmd: GrabEnvelope) -> tuple[Outcome, list[Event]]:
+        """One grab, in precedence order: the envelope exists; a retry of this key gets its
+        grab again; one grab per receiver; an exclusive envelope is for its receiver only;
+        the receiver can take the credit; the envelope is live, funded and not sold out."""
+        envelope = self.envelopes.get(cmd.envelope_id)
+        if envelope is None:
+            return refuse(Status.ENVELOPE_NOT_FOUND, "envelope_id",
+                          "no envelope with this id"), []
+        grabs = self.grabs.get(cmd.envelope_id, {})
+        record = self._key(cmd.caller, cmd.idempotency_key)[0]
+        if record is not None:
+            replay = self._replay_transfer(record)
+            receiver = replay.value.to_wallet_id if replay.value is not None else ""
+            if receiver != cmd.receiver_wallet_id:
+                return _key_reused("receiver_wallet_id"), []
+            return Outcome(replay.status, replay.field, replay.detail,
+                           (grabs[receiver], replay.value), replayed=True), []
+        prior = grabs.get(cmd.receiver_wallet_id)
+        if prior is not None:
+            return Outcome(Status.ENVELOPE_ALREADY_GRABBED, "receiver_wallet_id",
+                           f"this wallet grabbed {prior.amount_minor} from the envelope before",
+                           (prior, None)), []
+        if envelope.receiver_wallet_id and envelope.receiver_wallet_id != cmd.receiver_wallet_id:
+            return refuse(Status.ENVELOPE_NOT_ELIGIBLE, "receiver_wallet_id",
+                          "the envelope is for another wallet"), []
+        if cmd.credit_refusal is not None:
+            status, _, detail = cmd.credit_refusal
+            return refuse(Status(status), "receiver_wallet_id", detail), []
+        if envelope.refund_transfer_id or cmd.now_ms >= envelope.expires_at_ms:
+            return refuse(Status.ENVELOPE_EXPIRED, "envelope_id", "the envelope has expired"), []
+        if not envelope.funded_at_ms:
+            return refuse(Status.REQUEST_IN_FLIGHT, "envelope_id",
+                          "the envelope's money has not reached it yet; retry"), []
+        if envelope.left_shares == 0:
+            return refuse(Status.ENVELOPE_SOLD_OUT, "envelope_id",
+                          "every share of the envelope is taken"), []
+        lapsed = self._lapsed(cmd.transfer_id, cmd.reserved_at_ms)
+        if lapsed is not None:
+            return lapsed, []
+        local = cmd.receiver_shard == self.shard
+        if local:
+            refusal = self._credit_refusal(cmd.receiver_wallet_id, envelope.currency,
+                                           envelope.left_minor, "receiver_wallet_id")
+            if refusal is not None:
+                return refusal, []
+        position = envelope.shares - envelope.left_shares
+        amount = split.share_amount(envelope.kind, envelope.seed, position,
+                                    envelope.total_minor, envelope.shares, envelope.left_minor,
+                                    envelope.left_shares, envelope.min_share_minor)
+        ensure(local or amount <= C.ENVELOPE_TOTAL_MINOR_CEILING,
+               "share of %s larger than a grab's reservation", cmd.envelope_id)
+        grab = Grab(cmd.envelope_id, position, cmd.receiver_wallet_id, amount, cmd.transfer_id,
+                    cmd.caller, cmd.idempotency_key, cmd.now_ms)
+        transfer = Transfer(cmd.transfer_id, KIND_ENVELOPE_GRAB,
+                            escrow_wallet_id(cmd.envelope_id), cmd.receiver_wallet_id, amount,
+                            envelope.currency, envelope.memo, cmd.caller, cmd.idempotency_key,
+                            cmd.now_ms, credited=local)
+        outbox_seq = 0 if local else self.outbox_last_seq.get(cmd.receiver_shard, 0) + 1
+        return ok((grab, transfer.copy())), [
+            EnvelopeGrabbed(grab),
+            TransferDecided(transfer, cmd.receiver_shard, outbox_seq, "",
+                            cmd.reserved_at_ms if outbox_seq else 0)]
+
+    def _credit_refusal(self, wallet_id: str, currency: str, amount: int,
+                        field_name: str) -> Outcome | None:
+        """Why a credit of ``amount`` to a wallet of this shard cannot be owed, or None (the
+        checks ``ReserveCredit`` makes for a wallet of another shard)."""
+        wallet = self.wallets.get(wallet_id)
+        if wallet is None:
+            return refuse(Status.WALLET_NOT_FOUND, field_name, "no wallet with this id")
+        if wallet.currency != currency:
+            return refuse(Status.CURRENCY_MISMATCH, field_name,
+                          f"{field_name} holds {wallet.currency}, the envelope {currency}")
+        if amount > C.AMOUNT_MINOR_MAX - wallet.balance_minor - self.incoming.get(wallet_id, 0):
+            return refuse(Status.BALANCE_OVERFLOW, field_name,
+                          f"would take {field_name} past the int64 range")
+        return None
+
+    def refund_transfer_id(self, envelope: Envelope) -> str:
+        return transfer_id_for(self.shard, envelope.caller, refund_key(envelope.envelope_id))
+
+    def expired_envelopes(self, now_ms: int) -> list[Envelope]:
+        """Funded envelopes past their expiry with money left: the sweep refunds them."""
+        return [e.copy() for e in self.envelopes.values()
+                if e.funded_at_ms and not e.refund_transfer_id and e.left_minor
+                and now_ms >= e.expires_at_ms]
+
+    def _decide_refund_envelope(self, cmd: RefundEnvelope) -> tuple[Outcome, list[Event]]:
+        envelope = self.envelopes.get(cmd.envelope_id)
+        if envelope is None or envelope.refund_transfer_id or not envelope.funded_at_ms \
+                or not envelope.left_minor or cmd.now_ms < envelope.expires_at_ms:
+            return ok(None), []  # nothing to refund (or refunded before)
+        tid = self.refund_transfer_id(envelope)
+        lapsed = self._lapsed(tid, cmd.reserved_at_ms)
+        if lapsed is not None:
+            return lapsed, []
+        sender_shard = debit_shard_of(envelope.funding_transfer_id)
+        ensure(sender_shard >= 0, "envelope %s has no sender shard", envelope.envelope_id)
+        local = sender_shard == self.shard
+        if local:
+            refusal = self._credit_refusal(envelope.sender_wallet_id, envelope.currency,
+                                           envelope.left_minor, "sender_wallet_id")
+            if refusal is not None:
+                return refusal, []  # not decided: the next sweep tries again
+        elif not cmd.reserved_at_ms:
+            return refuse(Status.INVALID_ARGUMENT, "reserved_at_ms",
+                          "a refund to another shard needs its reservation"), []
+        transfer = Transfer(tid, KIND_ENVELOPE_REFUND, escrow_wallet_id(envelope.envelope_id),
+                            envelope.sender_wallet_id, envelope.left_minor, envelope.currency,
+                            envelope.memo, envelope.caller, refund_key(envelope.envelope_id),
+                            cmd.now_ms, credited=local)
+        outbox_seq = 0 if local else self.outbox_last_seq.get(sender_shard, 0) + 1
+        return ok(transfer.copy()), [
+            EnvelopeRefunded(envelope.envelope_id, envelope.left_minor, tid, cmd.now_ms),
+            TransferDecided(transfer, sender_shard, outbox_seq, "",
+                            cmd.reserved_at_ms if outbox_seq else 0)]
+
     # --- holds --------------------------------------------------------------------------
 
     def _decide_create_hold(self, cmd: CreateHold) -> tuple[Outcome, list[Event]]:
@@ -836,6 +992,8 @@ class ShardState:
         self._change(t.from_wallet_id, t.currency, -t.amount_minor, t, t.to_wallet_id, rows)
         if e.to_shard == self.shard:
             self._change(t.to_wallet_id, t.currency, t.amount_minor, t, t.from_wallet_id, rows)
+            if t.kind == KIND_ENVELOPE_FUND:
+                self._fund_envelope(t, t.created_at_ms, rows)
         else:
             ensure(e.outbox_seq == self.outbox_last_seq.get(e.to_shard, 0) + 1,
                    "outbox sequence gap to shard %d", e.to_shard)
@@ -915,6 +1073,66 @@ class ShardState:
         if rows is not None:
             rows.append(("wallet", wallet.copy()))
 
+    def _evolve_envelope_opened(self, e: EnvelopeOpened, rows: list | None) -> None:
+        envelope = e.envelope.copy()
+        ensure(envelope.envelope_id not in self.envelopes, "envelope %s opened twice",
+               envelope.envelope_id)
+        escrow = escrow_wallet_id(envelope.envelope_id)
+        ensure(escrow not in self.wallets, "escrow %s exists", escrow)
+        wallet = self.wallets[escrow] = Wallet(escrow, envelope.currency,
+                                               created_at_ms=envelope.created_at_ms)
+        self.envelopes[envelope.envelope_id] = envelope
+        if rows is not None:
+            rows.append(("wallet", wallet.copy()))
+            rows.append(("envelope", envelope.copy()))
+
+    def _fund_envelope(self, t: Transfer, at_ms: int, rows: list | None) -> None:
+        """The funding credit landed on the escrow: the envelope is live."""
+        envelope = self.envelopes.get(envelope_of_escrow(t.to_wallet_id))
+        ensure(envelope is not None, "funding %s for an unknown envelope", t.transfer_id)
+        assert envelope is not None  # for the type checker; ensure() stopped otherwise
+        ensure(not envelope.funded_at_ms and envelope.funding_transfer_id == t.transfer_id
+               and envelope.total_minor == t.amount_minor,
+               "envelope %s funded twice or by another transfer", envelope.envelope_id)
+        envelope.funded_at_ms = at_ms or 1
+        envelope.left_minor = envelope.total_minor
+        envelope.left_shares = envelope.shares
+        if rows is not None:
+            rows.append(("envelope", envelope.copy()))
+
+    def _evolve_envelope_grabbed(self, e: EnvelopeGrabbed, rows: list | None) -> None:
+        g = e.grab
+        envelope = self.envelopes[g.envelope_id]
+        grabs = self.grabs.setdefault(g.envelope_id, {})
+        ensure(g.receiver_wallet_id not in grabs, "%s grabbed %s twice", g.receiver_wallet_id,
+               g.envelope_id)
+        ensure(envelope.funded_at_ms > 0 and envelope.left_shares > 0
+               and g.position == envelope.shares - envelope.left_shares,
+               "grab of %s out of turn", g.envelope_id)
+        left_shares = envelope.left_shares - 1
+        left = envelope.left_minor - g.amount_minor
+        ensure(g.amount_minor >= envelope.min_share_minor
+               and left >= envelope.min_share_minor * left_shares
+               and (left_shares > 0 or left == 0),
+               "grab of %s breaks the split", g.envelope_id)
+        grabs[g.receiver_wallet_id] = g
+        envelope.left_shares, envelope.left_minor = left_shares, left
+        if not left_shares:
+            envelope.closed_at_ms = g.at_ms or 1
+        if rows is not None:
+            rows.append(("grab", g))
+            rows.append(("envelope", envelope.copy()))
+
+    def _evolve_envelope_refunded(self, e: EnvelopeRefunded, rows: list | None) -> None:
+        envelope = self.envelopes[e.envelope_id]
+        ensure(not envelope.refund_transfer_id and e.amount_minor == envelope.left_minor > 0,
+               "envelope %s refunded twice or by another amount", e.envelope_id)
+        envelope.refunded_minor, envelope.left_minor = e.amount_minor, 0
+        envelope.refund_transfer_id = e.transfer_id
+        envelope.closed_at_ms = e.at_ms or 1
+        if rows is not None:
+            rows.append(("envelope", envelope.copy()))
+
     def _evolve_key_claimed(self, e: KeyClaimed, rows: list | None) -> None:
         claim = self.claims[(e.caller, e.idempotency_key)] = IdempotencyRecord(
             e.caller, e.idempotency_key, claim_target(e), e.fingerprint, e.at_ms)
@@ -953,6 +1171,8 @@ class ShardState:
             t = Transfer(c.transfer_id, c.kind, c.from_wallet_id, c.to_wallet_id,
                          c.amount_minor, c.currency, "", "", "", c.at_ms, credited=True)
             self._change(c.to_wallet_id, c.currency, c.amount_minor, t, c.from_wallet_id, rows)
+            if c.kind == KIND_ENVELOPE_FUND:
+                self._fund_envelope(t, c.at_ms, rows)
         self.inbox_applied[e.from_shard] = applied
 
     def _evolve_credit_reserved(self, e: CreditReserved, rows: list | None) -> None:
@@ -1025,6 +1245,10 @@ class ShardState:
             del self.claims[key]
         for tid in [t for t, (_, at) in self.fenced.items() if at < e.before_ms]:
             del self.fenced[tid]
+        for envelope_id in [i for i, env in self.envelopes.items()
+                            if env.closed_at_ms and env.closed_at_ms < e.before_ms]:
+            del self.envelopes[envelope_id]
+            self.grabs.pop(envelope_id, None)
 
     # --- checks -------------------------------------------------------------------------
 
@@ -1047,6 +1271,23 @@ class ShardState:
                    "credits reserved for %s exceed its headroom", w.wallet_id)
             ensure(w.allow_negative or w.balance_minor - w.held_minor >= 0,
                    "wallet %s below zero", w.wallet_id)
+        for env in self.envelopes.values():
+            grabs = self.grabs.get(env.envelope_id, {})
+            escrow = self.wallets[escrow_wallet_id(env.envelope_id)]
+            ensure(escrow.balance_minor == env.left_minor, "escrow of %s disagrees with what "
+                   "is left of it", env.envelope_id)
+            if env.funded_at_ms:
+                ensure(sum(g.amount_minor for g in grabs.values()) + env.left_minor
+                       + env.refunded_minor == env.total_minor
+                       and len(grabs) + env.left_shares == env.shares,
+                       "envelope %s does not add up", env.envelope_id)
+            else:
+                ensure(not grabs and not env.left_minor, "unfunded envelope %s has grabs",
+                       env.envelope_id)
+
+
+def _position(g: Grab) -> int:
+    return g.position
 
 
 def _ensure_in_range(w: Wallet) -> None:
@@ -1082,6 +1323,10 @@ _DECIDERS: dict[type, Callable[[ShardState, Any], tuple[Outcome, list[Event]]]] 
     ResolveReservations: ShardState._decide_resolve_reservations,
     DropReservations: ShardState._decide_drop_reservations,
     ChainFinished: ShardState._decide_chain_finished,
+    OpenEnvelope: ShardState._decide_open_envelope,
+    GetEnvelope: ShardState._decide_get_envelope,
+    GrabEnvelope: ShardState._decide_grab_envelope,
+    RefundEnvelope: ShardState._decide_refund_envelope,
 }
 
 _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
@@ -1100,4 +1345,7 @@ _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
     ReservationsDropped: ShardState._evolve_reservations_dropped,
     ReservationsFenced: ShardState._evolve_reservations_fenced,
     ChainParticipantFinished: ShardState._evolve_chain_participant_finished,
+    EnvelopeOpened: ShardState._evolve_envelope_opened,
+    EnvelopeGrabbed: ShardState._evolve_envelope_grabbed,
+    EnvelopeRefunded: ShardState._evolve_envelope_refunded,
 }

@@ -29,10 +29,13 @@ class Status(enum.IntEnum):
     WALLET_NOT_FOUND = 20
     TRANSFER_NOT_FOUND = 21
     HOLD_NOT_FOUND = 22
+    ENVELOPE_NOT_FOUND = 23
 
     # ALREADY_EXISTS
     WALLET_EXISTS = 30
     IDEMPOTENCY_KEY_REUSED = 31
+    # This receiver grabbed this envelope before (with another idempotency key).
+    ENVELOPE_ALREADY_GRABBED = 32
 
     # FAILED_PRECONDITION: valid request, refused by the state of the ledger.
     CURRENCY_MISMATCH = 40
@@ -43,6 +46,11 @@ class Status(enum.IntEnum):
     HOLD_AMOUNT_EXCEEDED = 45
     # An item of a linked chain that was fine by itself, refused because the chain failed.
     LINKED_ITEM_FAILED = 46
+    # Red envelopes: every share is taken; past its expiry; an exclusive envelope grabbed by
+    # a wallet it is not for.
+    ENVELOPE_SOLD_OUT = 47
+    ENVELOPE_EXPIRED = 48
+    ENVELOPE_NOT_ELIGIBLE = 49
 
     # ABORTED: a request with this idempotency key is still being executed.
     REQUEST_IN_FLIGHT = 50

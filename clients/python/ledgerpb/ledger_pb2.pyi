@@ -23,8 +23,10 @@ class ResultStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESULT_STATUS_WALLET_NOT_FOUND: _ClassVar[ResultStatus]
     RESULT_STATUS_TRANSFER_NOT_FOUND: _ClassVar[ResultStatus]
     RESULT_STATUS_HOLD_NOT_FOUND: _ClassVar[ResultStatus]
+    RESULT_STATUS_ENVELOPE_NOT_FOUND: _ClassVar[ResultStatus]
     RESULT_STATUS_WALLET_EXISTS: _ClassVar[ResultStatus]
     RESULT_STATUS_IDEMPOTENCY_KEY_REUSED: _ClassVar[ResultStatus]
+    RESULT_STATUS_ENVELOPE_ALREADY_GRABBED: _ClassVar[ResultStatus]
     RESULT_STATUS_CURRENCY_MISMATCH: _ClassVar[ResultStatus]
     RESULT_STATUS_INSUFFICIENT_FUNDS: _ClassVar[ResultStatus]
     RESULT_STATUS_BALANCE_OVERFLOW: _ClassVar[ResultStatus]
@@ -32,6 +34,9 @@ class ResultStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESULT_STATUS_HOLD_NOT_ACTIVE: _ClassVar[ResultStatus]
     RESULT_STATUS_HOLD_AMOUNT_EXCEEDED: _ClassVar[ResultStatus]
     RESULT_STATUS_LINKED_ITEM_FAILED: _ClassVar[ResultStatus]
+    RESULT_STATUS_ENVELOPE_SOLD_OUT: _ClassVar[ResultStatus]
+    RESULT_STATUS_ENVELOPE_EXPIRED: _ClassVar[ResultStatus]
+    RESULT_STATUS_ENVELOPE_NOT_ELIGIBLE: _ClassVar[ResultStatus]
     RESULT_STATUS_REQUEST_IN_FLIGHT: _ClassVar[ResultStatus]
     RESULT_STATUS_SHARD_UNAVAILABLE: _ClassVar[ResultStatus]
     RESULT_STATUS_OVERLOADED: _ClassVar[ResultStatus]
@@ -43,6 +48,9 @@ class TransferKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSFER_KIND_DEPOSIT: _ClassVar[TransferKind]
     TRANSFER_KIND_WITHDRAWAL: _ClassVar[TransferKind]
     TRANSFER_KIND_HOLD_CAPTURE: _ClassVar[TransferKind]
+    TRANSFER_KIND_ENVELOPE_FUND: _ClassVar[TransferKind]
+    TRANSFER_KIND_ENVELOPE_GRAB: _ClassVar[TransferKind]
+    TRANSFER_KIND_ENVELOPE_REFUND: _ClassVar[TransferKind]
 
 class TransferState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +66,28 @@ class HoldState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOLD_STATE_CAPTURED: _ClassVar[HoldState]
     HOLD_STATE_RELEASED: _ClassVar[HoldState]
     HOLD_STATE_EXPIRED: _ClassVar[HoldState]
+
+class EnvelopeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENVELOPE_KIND_UNSPECIFIED: _ClassVar[EnvelopeKind]
+    ENVELOPE_KIND_FIXED: _ClassVar[EnvelopeKind]
+    ENVELOPE_KIND_LUCKY: _ClassVar[EnvelopeKind]
+    ENVELOPE_KIND_EXCLUSIVE: _ClassVar[EnvelopeKind]
+
+class EnvelopeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENVELOPE_STATE_UNSPECIFIED: _ClassVar[EnvelopeState]
+    ENVELOPE_STATE_FUNDING: _ClassVar[EnvelopeState]
+    ENVELOPE_STATE_ACTIVE: _ClassVar[EnvelopeState]
+    ENVELOPE_STATE_SOLD_OUT: _ClassVar[EnvelopeState]
+    ENVELOPE_STATE_EXPIRED: _ClassVar[EnvelopeState]
+    ENVELOPE_STATE_REFUNDED: _ClassVar[EnvelopeState]
+
+class EnvelopeRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENVELOPE_ROLE_UNSPECIFIED: _ClassVar[EnvelopeRole]
+    ENVELOPE_ROLE_SENT: _ClassVar[EnvelopeRole]
+    ENVELOPE_ROLE_RECEIVED: _ClassVar[EnvelopeRole]
 RESULT_STATUS_UNSPECIFIED: ResultStatus
 RESULT_STATUS_OK: ResultStatus
 RESULT_STATUS_INVALID_IDEMPOTENCY_KEY: ResultStatus
@@ -71,8 +101,10 @@ RESULT_STATUS_LINKED_CHAIN_OPEN: ResultStatus
 RESULT_STATUS_WALLET_NOT_FOUND: ResultStatus
 RESULT_STATUS_TRANSFER_NOT_FOUND: ResultStatus
 RESULT_STATUS_HOLD_NOT_FOUND: ResultStatus
+RESULT_STATUS_ENVELOPE_NOT_FOUND: ResultStatus
 RESULT_STATUS_WALLET_EXISTS: ResultStatus
 RESULT_STATUS_IDEMPOTENCY_KEY_REUSED: ResultStatus
+RESULT_STATUS_ENVELOPE_ALREADY_GRABBED: ResultStatus
 RESULT_STATUS_CURRENCY_MISMATCH: ResultStatus
 RESULT_STATUS_INSUFFICIENT_FUNDS: ResultStatus
 RESULT_STATUS_BALANCE_OVERFLOW: ResultStatus
@@ -80,6 +112,9 @@ RESULT_STATUS_WALLET_FROZEN: ResultStatus
 RESULT_STATUS_HOLD_NOT_ACTIVE: ResultStatus
 RESULT_STATUS_HOLD_AMOUNT_EXCEEDED: ResultStatus
 RESULT_STATUS_LINKED_ITEM_FAILED: ResultStatus
+RESULT_STATUS_ENVELOPE_SOLD_OUT: ResultStatus
+RESULT_STATUS_ENVELOPE_EXPIRED: ResultStatus
+RESULT_STATUS_ENVELOPE_NOT_ELIGIBLE: ResultStatus
 RESULT_STATUS_REQUEST_IN_FLIGHT: ResultStatus
 RESULT_STATUS_SHARD_UNAVAILABLE: ResultStatus
 RESULT_STATUS_OVERLOADED: ResultStatus
@@ -88,6 +123,9 @@ TRANSFER_KIND_TRANSFER: TransferKind
 TRANSFER_KIND_DEPOSIT: TransferKind
 TRANSFER_KIND_WITHDRAWAL: TransferKind
 TRANSFER_KIND_HOLD_CAPTURE: TransferKind
+TRANSFER_KIND_ENVELOPE_FUND: TransferKind
+TRANSFER_KIND_ENVELOPE_GRAB: TransferKind
+TRANSFER_KIND_ENVELOPE_REFUND: TransferKind
 TRANSFER_STATE_UNSPECIFIED: TransferState
 TRANSFER_STATE_COMMITTED: TransferState
 TRANSFER_STATE_REFUSED: TransferState
@@ -97,6 +135,19 @@ HOLD_STATE_HELD: HoldState
 HOLD_STATE_CAPTURED: HoldState
 HOLD_STATE_RELEASED: HoldState
 HOLD_STATE_EXPIRED: HoldState
+ENVELOPE_KIND_UNSPECIFIED: EnvelopeKind
+ENVELOPE_KIND_FIXED: EnvelopeKind
+ENVELOPE_KIND_LUCKY: EnvelopeKind
+ENVELOPE_KIND_EXCLUSIVE: EnvelopeKind
+ENVELOPE_STATE_UNSPECIFIED: EnvelopeState
+ENVELOPE_STATE_FUNDING: EnvelopeState
+ENVELOPE_STATE_ACTIVE: EnvelopeState
+ENVELOPE_STATE_SOLD_OUT: EnvelopeState
+ENVELOPE_STATE_EXPIRED: EnvelopeState
+ENVELOPE_STATE_REFUNDED: EnvelopeState
+ENVELOPE_ROLE_UNSPECIFIED: EnvelopeRole
+ENVELOPE_ROLE_SENT: EnvelopeRole
+ENVELOPE_ROLE_RECEIVED: EnvelopeRole
 
 class Wallet(_message.Message):
     __slots__ = ("wallet_id", "currency", "balance_minor", "held_minor", "available_minor", "version", "allow_negative", "frozen", "created_at_ms", "shard")
@@ -389,3 +440,187 @@ class HoldResponse(_message.Message):
     hold: Hold
     replayed: bool
     def __init__(self, hold: _Optional[_Union[Hold, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class Envelope(_message.Message):
+    __slots__ = ("envelope_id", "sender_wallet_id", "currency", "kind", "total_minor", "shares", "receiver_wallet_id", "memo", "state", "shares_left", "amount_left_minor", "refunded_minor", "created_at_ms", "expires_at_ms", "funded_at_ms", "closed_at_ms", "funding_transfer_id", "refund_transfer_id", "escrow_wallet_id", "min_share_minor")
+    ENVELOPE_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MINOR_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMO_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SHARES_LEFT_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_LEFT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    REFUNDED_MINOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    FUNDED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    FUNDING_TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    REFUND_TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    ESCROW_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    MIN_SHARE_MINOR_FIELD_NUMBER: _ClassVar[int]
+    envelope_id: str
+    sender_wallet_id: str
+    currency: str
+    kind: EnvelopeKind
+    total_minor: int
+    shares: int
+    receiver_wallet_id: str
+    memo: str
+    state: EnvelopeState
+    shares_left: int
+    amount_left_minor: int
+    refunded_minor: int
+    created_at_ms: int
+    expires_at_ms: int
+    funded_at_ms: int
+    closed_at_ms: int
+    funding_transfer_id: str
+    refund_transfer_id: str
+    escrow_wallet_id: str
+    min_share_minor: int
+    def __init__(self, envelope_id: _Optional[str] = ..., sender_wallet_id: _Optional[str] = ..., currency: _Optional[str] = ..., kind: _Optional[_Union[EnvelopeKind, str]] = ..., total_minor: _Optional[int] = ..., shares: _Optional[int] = ..., receiver_wallet_id: _Optional[str] = ..., memo: _Optional[str] = ..., state: _Optional[_Union[EnvelopeState, str]] = ..., shares_left: _Optional[int] = ..., amount_left_minor: _Optional[int] = ..., refunded_minor: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., funded_at_ms: _Optional[int] = ..., closed_at_ms: _Optional[int] = ..., funding_transfer_id: _Optional[str] = ..., refund_transfer_id: _Optional[str] = ..., escrow_wallet_id: _Optional[str] = ..., min_share_minor: _Optional[int] = ...) -> None: ...
+
+class Grab(_message.Message):
+    __slots__ = ("envelope_id", "position", "receiver_wallet_id", "amount_minor", "transfer_id", "at_ms")
+    ENVELOPE_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    envelope_id: str
+    position: int
+    receiver_wallet_id: str
+    amount_minor: int
+    transfer_id: str
+    at_ms: int
+    def __init__(self, envelope_id: _Optional[str] = ..., position: _Optional[int] = ..., receiver_wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., transfer_id: _Optional[str] = ..., at_ms: _Optional[int] = ...) -> None: ...
+
+class CreateEnvelopeRequest(_message.Message):
+    __slots__ = ("idempotency_key", "sender_wallet_id", "total_minor", "shares", "kind", "currency", "expiry_ms", "memo", "receiver_wallet_id")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    SENDER_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MINOR_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRY_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMO_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    sender_wallet_id: str
+    total_minor: int
+    shares: int
+    kind: EnvelopeKind
+    currency: str
+    expiry_ms: int
+    memo: str
+    receiver_wallet_id: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., sender_wallet_id: _Optional[str] = ..., total_minor: _Optional[int] = ..., shares: _Optional[int] = ..., kind: _Optional[_Union[EnvelopeKind, str]] = ..., currency: _Optional[str] = ..., expiry_ms: _Optional[int] = ..., memo: _Optional[str] = ..., receiver_wallet_id: _Optional[str] = ...) -> None: ...
+
+class CreateEnvelopeResponse(_message.Message):
+    __slots__ = ("envelope", "replayed", "funding")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    FUNDING_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    replayed: bool
+    funding: Transfer
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., replayed: _Optional[bool] = ..., funding: _Optional[_Union[Transfer, _Mapping]] = ...) -> None: ...
+
+class GrabEnvelopeRequest(_message.Message):
+    __slots__ = ("idempotency_key", "envelope_id", "receiver_wallet_id")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    envelope_id: str
+    receiver_wallet_id: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., envelope_id: _Optional[str] = ..., receiver_wallet_id: _Optional[str] = ...) -> None: ...
+
+class GrabEnvelopeResponse(_message.Message):
+    __slots__ = ("grab", "credited", "replayed")
+    GRAB_FIELD_NUMBER: _ClassVar[int]
+    CREDITED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    grab: Grab
+    credited: bool
+    replayed: bool
+    def __init__(self, grab: _Optional[_Union[Grab, _Mapping]] = ..., credited: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class GrabEnvelopesRequest(_message.Message):
+    __slots__ = ("grabs",)
+    GRABS_FIELD_NUMBER: _ClassVar[int]
+    grabs: _containers.RepeatedCompositeFieldContainer[GrabEnvelopeRequest]
+    def __init__(self, grabs: _Optional[_Iterable[_Union[GrabEnvelopeRequest, _Mapping]]] = ...) -> None: ...
+
+class GrabResult(_message.Message):
+    __slots__ = ("status", "field", "detail", "grab", "credited", "replayed")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    GRAB_FIELD_NUMBER: _ClassVar[int]
+    CREDITED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    status: ResultStatus
+    field: str
+    detail: str
+    grab: Grab
+    credited: bool
+    replayed: bool
+    def __init__(self, status: _Optional[_Union[ResultStatus, str]] = ..., field: _Optional[str] = ..., detail: _Optional[str] = ..., grab: _Optional[_Union[Grab, _Mapping]] = ..., credited: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class GrabEnvelopesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[GrabResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[GrabResult, _Mapping]]] = ...) -> None: ...
+
+class GetEnvelopeRequest(_message.Message):
+    __slots__ = ("envelope_id", "page_size", "page_token")
+    ENVELOPE_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    envelope_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, envelope_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class GetEnvelopeResponse(_message.Message):
+    __slots__ = ("envelope", "grabs", "next_page_token", "luckiest")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    GRABS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LUCKIEST_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    grabs: _containers.RepeatedCompositeFieldContainer[Grab]
+    next_page_token: str
+    luckiest: Grab
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., grabs: _Optional[_Iterable[_Union[Grab, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., luckiest: _Optional[_Union[Grab, _Mapping]] = ...) -> None: ...
+
+class ListEnvelopesRequest(_message.Message):
+    __slots__ = ("wallet_id", "role", "page_size", "page_token")
+    WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    wallet_id: str
+    role: EnvelopeRole
+    page_size: int
+    page_token: str
+    def __init__(self, wallet_id: _Optional[str] = ..., role: _Optional[_Union[EnvelopeRole, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListEnvelopesResponse(_message.Message):
+    __slots__ = ("envelopes", "grabs", "next_page_token")
+    ENVELOPES_FIELD_NUMBER: _ClassVar[int]
+    GRABS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    envelopes: _containers.RepeatedCompositeFieldContainer[Envelope]
+    grabs: _containers.RepeatedCompositeFieldContainer[Grab]
+    next_page_token: str
+    def __init__(self, envelopes: _Optional[_Iterable[_Union[Envelope, _Mapping]]] = ..., grabs: _Optional[_Iterable[_Union[Grab, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -571,3 +571,249 @@ class LedgerService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RedEnvelopeServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateEnvelope = channel.unary_unary(
+                '/ledger.v1.RedEnvelopeService/CreateEnvelope',
+                request_serializer=ledgerpb_dot_ledger__pb2.CreateEnvelopeRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.CreateEnvelopeResponse.FromString,
+                _registered_method=True)
+        self.GrabEnvelope = channel.unary_unary(
+                '/ledger.v1.RedEnvelopeService/GrabEnvelope',
+                request_serializer=ledgerpb_dot_ledger__pb2.GrabEnvelopeRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.GrabEnvelopeResponse.FromString,
+                _registered_method=True)
+        self.GrabEnvelopes = channel.unary_unary(
+                '/ledger.v1.RedEnvelopeService/GrabEnvelopes',
+                request_serializer=ledgerpb_dot_ledger__pb2.GrabEnvelopesRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.GrabEnvelopesResponse.FromString,
+                _registered_method=True)
+        self.GetEnvelope = channel.unary_unary(
+                '/ledger.v1.RedEnvelopeService/GetEnvelope',
+                request_serializer=ledgerpb_dot_ledger__pb2.GetEnvelopeRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.GetEnvelopeResponse.FromString,
+                _registered_method=True)
+        self.ListEnvelopes = channel.unary_unary(
+                '/ledger.v1.RedEnvelopeService/ListEnvelopes',
+                request_serializer=ledgerpb_dot_ledger__pb2.ListEnvelopesRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.ListEnvelopesResponse.FromString,
+                _registered_method=True)
+
+
+class RedEnvelopeServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def CreateEnvelope(self, request, context):
+        """Moves the total from the sender into the envelope's escrow account, atomically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrabEnvelope(self, request, context):
+        """Answers at once with the amount won; the credit follows (exactly once, in order).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrabEnvelopes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEnvelope(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnvelopes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RedEnvelopeServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateEnvelope': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnvelope,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.CreateEnvelopeRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.CreateEnvelopeResponse.SerializeToString,
+            ),
+            'GrabEnvelope': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrabEnvelope,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.GrabEnvelopeRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.GrabEnvelopeResponse.SerializeToString,
+            ),
+            'GrabEnvelopes': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrabEnvelopes,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.GrabEnvelopesRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.GrabEnvelopesResponse.SerializeToString,
+            ),
+            'GetEnvelope': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnvelope,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.GetEnvelopeRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.GetEnvelopeResponse.SerializeToString,
+            ),
+            'ListEnvelopes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnvelopes,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.ListEnvelopesRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.ListEnvelopesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ledger.v1.RedEnvelopeService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('ledger.v1.RedEnvelopeService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RedEnvelopeService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def CreateEnvelope(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.RedEnvelopeService/CreateEnvelope',
+            ledgerpb_dot_ledger__pb2.CreateEnvelopeRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.CreateEnvelopeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrabEnvelope(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.RedEnvelopeService/GrabEnvelope',
+            ledgerpb_dot_ledger__pb2.GrabEnvelopeRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.GrabEnvelopeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrabEnvelopes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.RedEnvelopeService/GrabEnvelopes',
+            ledgerpb_dot_ledger__pb2.GrabEnvelopesRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.GrabEnvelopesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnvelope(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.RedEnvelopeService/GetEnvelope',
+            ledgerpb_dot_ledger__pb2.GetEnvelopeRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.GetEnvelopeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnvelopes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.RedEnvelopeService/ListEnvelopes',
+            ledgerpb_dot_ledger__pb2.ListEnvelopesRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.ListEnvelopesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
