@@ -11,7 +11,10 @@ breaks an invariant on replay is itself a finding), and checks:
 3. no wallet below zero unless allowed;
 4. no hold past its timeout (beyond a grace for the releasing sweep);
 5. no transfer in doubt past the recovery timeout (undelivered credits, undecided chain items);
-6. materialized wallet rows agree with the journal.
+6. materialized wallet rows agree with the journal;
+7. every red envelope adds up: grabbed + refunded + left = total, its escrow holds what is
+   left, every grab's credit was committed once for its amount and is credited or still owed,
+   and an expired envelope's rest was refunded (beyond a grace for the refunding sweep).
 
 Journals are read one shard after another while the ledger may be running; to judge the books
 at one consistent cut, a credit whose debit lies beyond the cut read from the debit shard is set
@@ -34,7 +37,7 @@ from ledger.core import codec
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
-    HOLD_HELD, STATE_COMMITTED, CreditsApplied, TransferDecided,
+    HOLD_HELD, STATE_COMMITTED, CreditsApplied, TransferDecided, escrow_wallet_id,
 )
 from ledger.core.shard import Event, ShardState
 from ledger.core.step import fold
@@ -68,6 +71,9 @@ class Report:
     in_transit: dict[str, int] = field(default_factory=dict)   # debited, not yet credited
     findings: list[Finding] = field(default_factory=list)
     checks: dict[str, int] = field(default_factory=dict)       # check -> findings count
+    envelopes: int = 0            # red envelopes the owners still keep
+    grabs: int = 0
+    envelope_minor: dict[str, int] = field(default_factory=dict)  # "grabbed", "refunded", "left"
 
     @property
     def clean(self) -> bool:
@@ -83,13 +89,15 @@ class Report:
             "snapshot_batches": self.snapshot_batches,
             "wallets": self.wallets, "transfers_committed": self.transfers_committed,
             "transfers_refused": self.transfers_refused, "totals": self.totals,
-            "in_transit": self.in_transit, "checks": {c: self.checks.get(c, 0) for c in CHECKS},
+            "in_transit": self.in_transit, "envelopes": self.envelopes, "grabs": self.grabs,
+            "envelope_minor": self.envelope_minor,
+            "checks": {c: self.checks.get(c, 0) for c in CHECKS},
             "findings": [f.__dict__ for f in self.findings],
         }
 
 
 CHECKS = ("journal_replays", "books_balance", "legs_once", "non_negative", "holds_timely", "nothing_in_doubt",
-          "rows_match_journal")
+          "rows_match_journal", "envelopes")
 
 
 async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = None,
@@ -176,6 +184,10 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
                 report.add("holds_timely", shard, hold.hold_id,
                            f"held {(now - hold.expires_at_ms) / 1000:.1f} s past its timeout")
 
+    for shard, state in states.items():
+        for subject, detail in _envelope_problems(state, now, report):
+            report.add("envelopes", shard, subject, detail)
+
     for currency in set(report.totals) | set(report.in_transit) | set(beyond):
         total = (report.totals.get(currency, 0) + report.in_transit.get(currency, 0)
                  - beyond.get(currency, 0))
@@ -206,6 +218,49 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
         for wallet_id, detail, _ in problems:
             report.add("rows_match_journal", shard, wallet_id, detail)
     return report
+
+
+def _envelope_problems(state: ShardState, now: int, report: Report) -> list[tuple[str, str]]:
+    """What does not add up about the envelopes a shard keeps (and their totals, counted into
+    ``report``). A grab whose transfer left the owner's memory (spilled: its credit was
+    acknowledged before) was checked while it was there."""
+    problems: list[tuple[str, str]] = []
+    owed = {c.transfer_id for items in state.outbox.values() for c in items.values()}
+    sums = report.envelope_minor
+    for env in state.envelopes.values():
+        report.envelopes += 1
+        grabs = state.grabs.get(env.envelope_id, {})
+        report.grabs += len(grabs)
+        grabbed = sum(g.amount_minor for g in grabs.values())
+        sums["grabbed"] = sums.get("grabbed", 0) + grabbed
+        sums["refunded"] = sums.get("refunded", 0) + env.refunded_minor
+        sums["left"] = sums.get("left", 0) + env.left_minor
+        escrow = state.wallets.get(escrow_wallet_id(env.envelope_id))
+        if escrow is None or escrow.balance_minor != env.left_minor:
+            problems.append((env.envelope_id, f"escrow holds "
+                             f"{escrow.balance_minor if escrow else None}, left {env.left_minor}"))
+        if env.funded_at_ms and (grabbed + env.refunded_minor + env.left_minor != env.total_minor
+                                 or len(grabs) + env.left_shares != env.shares):
+            problems.append((env.envelope_id, f"grabbed {grabbed} + refunded "
+                             f"{env.refunded_minor} + left {env.left_minor} != total "
+                             f"{env.total_minor} (or the shares do not add up)"))
+        for g in grabs.values():
+            t = state.transfers.get(g.transfer_id)
+            if t is None:
+                continue
+            if (t.state != STATE_COMMITTED or t.amount_minor != g.amount_minor
+                    or t.to_wallet_id != g.receiver_wallet_id):
+                problems.append((g.transfer_id, f"grab {g.position} of {g.envelope_id} does "
+                                 f"not match its transfer"))
+            elif not t.credited and g.transfer_id not in owed:
+                problems.append((g.transfer_id, f"grab {g.position} of {g.envelope_id} "
+                                 f"neither credited nor owed"))
+        if (env.funded_at_ms and env.left_minor and not env.refund_transfer_id
+                and now > env.expires_at_ms + HOLD_GRACE_MS):
+            problems.append((env.envelope_id, f"{env.left_minor} left "
+                             f"{(now - env.expires_at_ms) / 1000:.1f} s past its expiry, not "
+                             f"refunded"))
+    return problems
 
 
 def _row_problems(state: ShardState, scanned: list) -> list[tuple[str, str, bool]]:
@@ -346,3 +401,62 @@ async def _read_shard_once(store: JournalStore, shard: int) -> _ShardRead:
         if len(page) < JOURNAL_PAGE_BATCHES:
             return read
         after = page[-1].seq
+
+
+async def envelope_report(store: JournalStore, shard_count: int, envelope_id: str,
+                          now_ms: int | None = None) -> dict | None:
+    """One envelope for operators (``ledgerctl envelope show``): folded from its shard's
+    snapshot and journal, or read from the views when its owner no longer keeps it. None if
+    neither has it."""
+    from dataclasses import asdict
+
+    from ledger.core.model import escrow_wallet_id as escrow_of
+    from shard_router.hashing import shard_of
+
+    now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    shard = shard_of(escrow_of(envelope_id), shard_count)
+    read = await _read_shard(store, shard)
+    state = read.state
+    envelope = state.envelopes.get(envelope_id)
+    problems: list[str] = [f"{check} {subject}: {detail}" for check, subject, detail
+                           in read.findings]
+    if envelope is not None:
+        source = "journal"
+        grabs = sorted(state.grabs.get(envelope_id, {}).values(), key=lambda g: g.position)
+        escrow = state.wallets.get(escrow_of(envelope_id))
+        escrow_minor = escrow.balance_minor if escrow is not None else None
+        one = ShardState(shard)
+        one.envelopes[envelope_id] = envelope
+        one.grabs[envelope_id] = state.grabs.get(envelope_id, {})
+        if escrow is not None:
+            one.wallets[escrow.wallet_id] = escrow
+        one.transfers = state.transfers
+        one.outbox = state.outbox
+        problems += [f"{subject}: {detail}" for subject, detail
+                     in _envelope_problems(one, now, Report())]
+    else:
+        stored = await store.get_envelope(envelope_id)  # type: ignore[attr-defined]
+        if stored is None:
+            return None
+        envelope, source, escrow_minor = stored, "views", None
+        grabs, after = [], -1
+        while True:
+            page = await store.list_grabs(envelope_id, after, 1000)  # type: ignore[attr-defined]
+            grabs.extend(page)
+            if len(page) < 1000:
+                break
+            after = page[-1].position
+    owed = {c.transfer_id for items in state.outbox.values() for c in items.values()}
+    rows = []
+    for g in grabs:
+        t = state.transfers.get(g.transfer_id)
+        credit = ("owed" if g.transfer_id in owed else
+                  "credited" if t is None or t.credited else "unknown")
+        rows.append({**asdict(g), "credit": credit})
+    best = None
+    for g in grabs:
+        if best is None or g.amount_minor > best.amount_minor:
+            best = g
+    return {"shard": shard, "source": source, "state": envelope.state(now),
+            "envelope": asdict(envelope), "escrow_minor": escrow_minor, "grabs": rows,
+            "luckiest": asdict(best) if best is not None else None, "problems": problems}

@@ -12,6 +12,7 @@
     ledgerctl journal    [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--shard S ...] [--json]
     ledgerctl fence-check --shard S --epoch E [--data-dir DIR | --cassandra HOST:PORT --dc DC]
     ledgerctl commit-path [--json]
+    ledgerctl envelope show ENVELOPE_ID [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--json]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 
 from ledger.store.port import StoreError
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
-from ledger.reconcile import CHECKS, Report, reconcile
+from ledger.reconcile import CHECKS, Report, envelope_report, reconcile
 from shard_router.placement import failback_moves, failover_moves
 
 
@@ -80,6 +81,12 @@ def _print_report(report: Report, elapsed_s: float) -> None:
     for currency in sorted(set(report.totals) | set(report.in_transit)):
         total, transit = report.totals.get(currency, 0), report.in_transit.get(currency, 0)
         print(f"{currency:<10}{total:>22,}{transit:>22,}{total + transit:>22,}")
+    if report.envelopes:
+        m = report.envelope_minor
+        print()
+        print(f"envelopes kept by their owners: {report.envelopes}, grabs {report.grabs}; "
+              f"grabbed {m.get('grabbed', 0):,}, refunded {m.get('refunded', 0):,}, left in "
+              f"escrow {m.get('left', 0):,} (minor units, all currencies)")
     print()
     print(f"{'check':<22}{'result':<8}findings")
     for check in CHECKS:
@@ -112,6 +119,39 @@ async def _reconcile(args) -> int:
         return 0 if report.clean else 1
     finally:
         await store.close()
+
+
+async def _envelope(args) -> int:
+    """One envelope as its shard's journal has it (snapshot + journal after it, folded), or
+    as the views keep it once its owner forgot it; every grab with its credit's state."""
+    store = await _open_store(args)
+    try:
+        doc = await envelope_report(store, args.shards, args.envelope_id)
+    finally:
+        await store.close()
+    if doc is None:
+        print(f"ledgerctl envelope: no envelope {args.envelope_id}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0 if not doc["problems"] else 1
+    e = doc["envelope"]
+    print(f"envelope {e['envelope_id']} on shard {doc['shard']} ({doc['source']}): {doc['state']}")
+    print(f"  {e['kind']} from {e['sender_wallet_id']}: {e['total_minor']:,} {e['currency']} "
+          f"in {e['shares']} shares; left {e['left_minor']:,} in {e['left_shares']} shares; "
+          f"refunded {e['refunded_minor']:,}; escrow {doc['escrow_minor']}")
+    print(f"  created {e['created_at_ms']}, expires {e['expires_at_ms']}, funded "
+          f"{e['funded_at_ms'] or '-'}, closed {e['closed_at_ms'] or '-'}")
+    print(f"  {'pos':>5}  {'receiver':<34}{'amount':>12}  {'credit':<10}transfer")
+    for g in doc["grabs"]:
+        print(f"  {g['position']:>5}  {g['receiver_wallet_id']:<34}{g['amount_minor']:>12,}  "
+              f"{g['credit']:<10}{g['transfer_id']}")
+    if doc["luckiest"] is not None:
+        print(f"  luckiest: position {doc['luckiest']['position']} "
+              f"({doc['luckiest']['amount_minor']:,})")
+    for problem in doc["problems"]:
+        print(f"  PROBLEM: {problem}")
+    return 0 if not doc["problems"] else 1
 
 
 # --- shard map and ownership ------------------------------------------------------------
@@ -529,6 +569,13 @@ def main(argv: list[str] | None = None) -> int:
     fence.add_argument("--json", action="store_true")
     commit_path = sub.add_parser("commit-path", help="consistency levels of the commit path")
     commit_path.add_argument("--json", action="store_true")
+    envelope = sub.add_parser("envelope", help="red envelopes, as the journal has them")
+    envelope_sub = envelope.add_subparsers(dest="action", required=True)
+    show = envelope_sub.add_parser("show", help="an envelope, its grabs and their credits; "
+                                   "exit 1 if it does not add up")
+    show.add_argument("envelope_id")
+    _store_args(show)
+    show.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     # Which flags were given explicitly: they win over a configuration file.
     args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
@@ -537,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                 "failback": _failback, "move-shard": _move_shard,
                 "replication": _replication, "restore-homes": _restore_homes,
                 "shard-of": _shard_of, "journal": _journal, "fence-check": _fence_check,
-                "commit-path": _commit_path}
+                "commit-path": _commit_path, "envelope": _envelope}
     try:
         return asyncio.run(handlers[args.command](args))
     except StoreError as exc:
