@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
-from ledger.core.model import Entry, IdempotencyRecord, Transfer, Wallet
+from ledger.core.model import Entry, Envelope, Grab, IdempotencyRecord, Transfer, Wallet
 # The row types live with the code both adapters share about rows; they are named here too
 # because the port's signatures use them.
 from ledger.store.rows import PositionedRow, Row, rows_at
@@ -232,6 +232,59 @@ class JournalStore(Protocol):
 
     async def scan_wallets(self, shard: int) -> list[Wallet]:
         """Every materialized wallet row of a shard (reconciliation)."""
+        ...
+
+    # Red envelopes: "envelope" rows (the latest row of an envelope id wins, as for wallets:
+    # a row of an older position never replaces a newer one) and "grab" rows (one per
+    # (envelope id, position), written once, never changed). Like every view they are
+    # readable once ``flush_rows`` of their batch returned. A page holds at most ``limit``
+    # rows; one shorter than ``limit`` (or empty) is the last. Integer columns (``seed``
+    # included) are signed 64-bit in both stores.
+
+    async def get_envelope(self, envelope_id: str) -> Envelope | None:
+        """The materialized envelope row (its latest state), or None.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def list_grabs(self, envelope_id: str, after_position: int,
+                         limit: int) -> list[Grab]:
+        """One page of an envelope's grabs: positions ascending, each greater than
+        ``after_position`` (-1 for the first page), at most ``limit``. The next page starts
+        after the last position of this one.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def list_envelopes_sent(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Envelope]:
+        """One page of the envelopes whose ``sender_wallet_id`` is ``wallet_id``, ordered by
+        (``created_at_ms``, ``envelope_id``) ascending, each strictly after ``after`` (None for
+        the first page), at most ``limit``. The next page starts after the
+        (``created_at_ms``, ``envelope_id``) of the last envelope of this one. Each envelope
+        is its latest row.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        ...
+
+    async def list_grabs_received(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Grab]:
+        """One page of the grabs whose ``receiver_wallet_id`` is ``wallet_id``, ordered by
+        (``at_ms``, ``envelope_id``) ascending, each strictly after ``after`` (None for the
+        first page), at most ``limit``. The next page starts after the (``at_ms``,
+        ``envelope_id``) of the last grab of this one. The pair must identify one grab of
+        the wallet (a wallet grabs an envelope at most once): two grabs of one envelope by
+        one wallet at the same ``at_ms`` would share a key of this listing.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
         ...
 
     async def close(self) -> None:

@@ -20,10 +20,11 @@ from typing import Any, Callable, Iterable
 from ledger import metrics
 from ledger.runtime import failpoints
 from ledger.core import codec
-from ledger.core.model import Entry, IdempotencyRecord, Transfer, Wallet
+from ledger.core.model import Entry, Envelope, Grab, IdempotencyRecord, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
 from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailable
-from ledger.store.rows import (ENTRY_COLS as _ENTRY_COLS, TRANSFER_COLS as _TRANSFER_COLS,
+from ledger.store.rows import (ENTRY_COLS as _ENTRY_COLS, ENVELOPE_COLS as _ENVELOPE_COLS,
+                               GRAB_COLS as _GRAB_COLS, TRANSFER_COLS as _TRANSFER_COLS,
                                WALLET_COLS as _WALLET_COLS, CLAIM, IDEM, PositionedRow, Row,
                                rows_at,
                                last_of_each_key)
@@ -66,6 +67,24 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
   kind TEXT NOT NULL, record BLOB NOT NULL, created_at_ms INTEGER NOT NULL,
   PRIMARY KEY (shard, caller, idempotency_key, kind)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (shard, created_at_ms);
+CREATE TABLE IF NOT EXISTS envelopes (
+  envelope_id TEXT PRIMARY KEY, shard INTEGER NOT NULL, sender_wallet_id TEXT NOT NULL,
+  currency TEXT NOT NULL, kind TEXT NOT NULL, total_minor INTEGER NOT NULL,
+  shares INTEGER NOT NULL, min_share_minor INTEGER NOT NULL, receiver_wallet_id TEXT NOT NULL,
+  memo TEXT NOT NULL, seed INTEGER NOT NULL, caller TEXT NOT NULL,
+  idempotency_key TEXT NOT NULL, funding_transfer_id TEXT NOT NULL,
+  created_at_ms INTEGER NOT NULL, expires_at_ms INTEGER NOT NULL,
+  funded_at_ms INTEGER NOT NULL, left_minor INTEGER NOT NULL, left_shares INTEGER NOT NULL,
+  refunded_minor INTEGER NOT NULL, refund_transfer_id TEXT NOT NULL,
+  closed_at_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS envelopes_by_sender
+  ON envelopes (sender_wallet_id, created_at_ms, envelope_id);
+CREATE TABLE IF NOT EXISTS grabs (
+  envelope_id TEXT NOT NULL, position INTEGER NOT NULL, receiver_wallet_id TEXT NOT NULL,
+  amount_minor INTEGER NOT NULL, transfer_id TEXT NOT NULL, caller TEXT NOT NULL,
+  idempotency_key TEXT NOT NULL, at_ms INTEGER NOT NULL,
+  PRIMARY KEY (envelope_id, position)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS grabs_by_receiver ON grabs (receiver_wallet_id, at_ms, envelope_id);
 """
 
 _UPSERT_WALLET = (
@@ -76,12 +95,21 @@ _UPSERT_TRANSFER = (
     "INSERT INTO transfers (shard, " + ", ".join(_TRANSFER_COLS) + ") VALUES ("
     + ", ".join("?" * (len(_TRANSFER_COLS) + 1)) + ") ON CONFLICT (transfer_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _TRANSFER_COLS[1:]))
+_UPSERT_ENVELOPE = (
+    "INSERT INTO envelopes (shard, " + ", ".join(_ENVELOPE_COLS) + ") VALUES ("
+    + ", ".join("?" * (len(_ENVELOPE_COLS) + 1)) + ") ON CONFLICT (envelope_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _ENVELOPE_COLS[1:]))
+# A grab is immutable: written once; a replay writes the identical row again.
+_INSERT_GRAB = ("INSERT OR IGNORE INTO grabs (" + ", ".join(_GRAB_COLS) + ") VALUES ("
+                + ", ".join("?" * len(_GRAB_COLS)) + ")")
 _INSERT_ENTRY = ("INSERT OR REPLACE INTO wallet_entries (" + ", ".join(_ENTRY_COLS) + ") VALUES ("
                  + ", ".join("?" * len(_ENTRY_COLS)) + ")")
 # A row's column values in table order, as one C call (not a generator of getattr per column).
 _wallet_cols = operator.attrgetter(*_WALLET_COLS)
 _entry_cols = operator.attrgetter(*_ENTRY_COLS)
 _transfer_cols = operator.attrgetter(*_TRANSFER_COLS)
+_envelope_cols = operator.attrgetter(*_ENVELOPE_COLS)
+_grab_cols = operator.attrgetter(*_GRAB_COLS)
 
 
 class SqliteStore:
@@ -306,6 +334,21 @@ class SqliteStore:
     async def scan_wallets(self, shard: int) -> list[Wallet]:
         return await self._call(_scan_wallets, shard)
 
+    async def get_envelope(self, envelope_id: str) -> Envelope | None:
+        return await self._call(_get_envelope, envelope_id)
+
+    async def list_grabs(self, envelope_id: str, after_position: int,
+                         limit: int) -> list[Grab]:
+        return await self._call(_list_grabs, envelope_id, after_position, limit)
+
+    async def list_envelopes_sent(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Envelope]:
+        return await self._call(_list_envelopes_sent, wallet_id, after, limit)
+
+    async def list_grabs_received(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Grab]:
+        return await self._call(_list_grabs_received, wallet_id, after, limit)
+
     async def close(self) -> None:
         if self._thread.is_alive():
             self._calls.put(None)
@@ -382,8 +425,9 @@ def _write_positioned_rows(db: sqlite3.Connection, shard: int,
 def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     # The rows are of one append, or above the head: one position, so the last row of a key
     # wins (as the order of the core's evolve left them).
-    wallets, entries, transfers, keys = last_of_each_key(rows)
-    metrics.STORE_ROWS_WRITTEN.inc(len(wallets) + len(entries) + len(transfers) + len(keys))
+    keyed = last_of_each_key(rows)
+    wallets, entries, transfers, keys = keyed.wallets, keyed.entries, keyed.transfers, keyed.keys
+    metrics.STORE_ROWS_WRITTEN.inc(keyed.size())
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.
@@ -393,6 +437,11 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     if transfers:
         db.executemany(_UPSERT_TRANSFER, [(shard, *_transfer_cols(t))
                                           for t in transfers.values()])
+    if keyed.envelopes:
+        db.executemany(_UPSERT_ENVELOPE, [(shard, *_envelope_cols(v))
+                                          for v in keyed.envelopes.values()])
+    if keyed.grabs:
+        db.executemany(_INSERT_GRAB, [_grab_cols(g) for g in keyed.grabs.values()])
     if keys:
         db.executemany("INSERT OR REPLACE INTO idempotency_keys (shard, caller, idempotency_key, "
                        "kind, record, created_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
@@ -501,3 +550,38 @@ def _scan_wallets(db: sqlite3.Connection, shard: int) -> list[Wallet]:
         w.allow_negative, w.frozen = bool(w.allow_negative), bool(w.frozen)
         wallets.append(w)
     return wallets
+
+
+_SELECT_ENVELOPES = "SELECT " + ", ".join(_ENVELOPE_COLS) + " FROM envelopes "
+_SELECT_GRABS = "SELECT " + ", ".join(_GRAB_COLS) + " FROM grabs "
+
+
+def _get_envelope(db: sqlite3.Connection, envelope_id: str) -> Envelope | None:
+    row = db.execute(_SELECT_ENVELOPES + "WHERE envelope_id = ?", (envelope_id,)).fetchone()
+    return Envelope(*row) if row is not None else None
+
+
+def _list_grabs(db: sqlite3.Connection, envelope_id: str, after_position: int,
+                limit: int) -> list[Grab]:
+    return [Grab(*row) for row in db.execute(
+        _SELECT_GRABS + "WHERE envelope_id = ? AND position > ? ORDER BY position LIMIT ?",
+        (envelope_id, after_position, limit))]
+
+
+def _list_envelopes_sent(db: sqlite3.Connection, wallet_id: str,
+                         after: tuple[int, str] | None, limit: int) -> list[Envelope]:
+    # Row values compare lexicographically: (created_at_ms, envelope_id) > (?, ?); the first
+    # page starts below every real key.
+    after_ms, after_id = after if after is not None else (-(1 << 63), "")
+    return [Envelope(*row) for row in db.execute(
+        _SELECT_ENVELOPES + "WHERE sender_wallet_id = ? AND (created_at_ms, envelope_id) > "
+        "(?, ?) ORDER BY created_at_ms, envelope_id LIMIT ?",
+        (wallet_id, after_ms, after_id, limit))]
+
+
+def _list_grabs_received(db: sqlite3.Connection, wallet_id: str,
+                         after: tuple[int, str] | None, limit: int) -> list[Grab]:
+    after_ms, after_id = after if after is not None else (-(1 << 63), "")
+    return [Grab(*row) for row in db.execute(
+        _SELECT_GRABS + "WHERE receiver_wallet_id = ? AND (at_ms, envelope_id) > (?, ?) "
+        "ORDER BY at_ms, envelope_id LIMIT ?", (wallet_id, after_ms, after_id, limit))]

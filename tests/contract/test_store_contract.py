@@ -14,7 +14,9 @@ they prove that:
   replaces a newer one, and truncation drops exactly the batches a complete snapshot covers
   (the fencing state stays);
 * materialized rows are readable after ``append``/``write_rows`` return, the last row of a key
-  within one call wins, entries page in version order, and ``read_journal`` honours its limits.
+  within one call wins, entries page in version order, and ``read_journal`` honours its limits;
+* red envelope rows: the envelope of the newest position wins over a late older one, grabs are
+  written once, and the envelope, grab, sent and received listings page in their order.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 
 import pytest
 
-from ledger.core.model import Entry, Transfer, Wallet
+from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
 from ledger.store.port import Fenced, JournalBatch
 
 pytestmark = pytest.mark.timeout(300)
@@ -41,6 +43,18 @@ def entry(wallet_id: str, version: int, amount_minor: int = 100) -> Entry:
 def transfer(transfer_id: str, amount_minor: int = 100, **kw) -> Transfer:
     return Transfer(transfer_id, "TRANSFER", "alice", "bob", amount_minor, "CNY", "memo",
                     "caller", f"key-{transfer_id}", 1_700_000_000_000, **kw)
+
+
+def envelope(envelope_id: str, sender: str, created_at_ms: int, **kw) -> Envelope:
+    return Envelope(envelope_id, sender, "CNY", "LUCKY", 1_000, 4, 10, "", "happy new year",
+                    (1 << 63) - 1, "caller", f"key-{envelope_id}", f"fund-{envelope_id}",
+                    created_at_ms, created_at_ms + 86_400_000, **kw)
+
+
+def grab(envelope_id: str, position: int, receiver: str, at_ms: int,
+         amount_minor: int = 250) -> Grab:
+    return Grab(envelope_id, position, receiver, amount_minor, f"grab-{envelope_id}-{position}",
+                "caller", f"key-{envelope_id}-{position}", at_ms)
 
 
 def events(shard: int, seq: int, writer: str = "w") -> bytes:
@@ -491,6 +505,113 @@ async def test_write_rows_needs_a_position(case):
         await case.store.write_rows(case.shard(), [("wallet", wallet(case.id("w"), 1, 1))])
 
 
+async def test_envelope_rows_of_an_older_position_never_replace_newer_ones(case):
+    # Batch 3 opened the envelope; batch 5 funded it and took two grabs. The rows of batch 3
+    # then arrive again late (a deposed owner's row writer, a replay): batch 5's stay.
+    shard, sender, eid = case.shard(), case.id("sender"), case.id("env")
+    opened = envelope(eid, sender, 1_700_000_000_000)
+    funded = envelope(eid, sender, 1_700_000_000_000, funded_at_ms=1_700_000_000_005,
+                      left_minor=500, left_shares=2, closed_at_ms=0)
+    grabs = [grab(eid, 0, case.id("r0"), 1_700_000_000_010, 300),
+             grab(eid, 1, case.id("r1"), 1_700_000_000_020, 200)]
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 2)
+    await case.store.append(shard, 1, 3, events(shard, 3), [("envelope", opened)])
+    await case.store.append(shard, 1, 4, events(shard, 4), [])
+    await case.store.append(shard, 1, 5, events(shard, 5),
+                            [("envelope", funded)] + [("grab", g) for g in grabs])
+    await case.store.flush_rows(shard, 5)
+    assert await case.store.get_envelope(eid) == funded
+    await case.store.fence(shard, 2)
+    await case.store.write_rows(shard, [("envelope", opened)], seq=3)
+    await case.store.write_rows(shard, [("envelope", opened, 3)])
+    assert await case.store.get_envelope(eid) == funded
+    assert await case.store.list_envelopes_sent(sender, None, 10) == [funded]
+    # A replay of batch 5 (rows as of 5) writes the same grabs again: still one of each.
+    await case.store.write_rows(shard, [("envelope", funded)] + [("grab", g) for g in grabs],
+                                seq=5)
+    assert await case.store.get_envelope(eid) == funded
+    assert await case.store.list_grabs(eid, -1, 10) == grabs
+    assert await case.store.list_grabs_received(case.id("r0"), None, 10) == [grabs[0]]
+    assert await case.store.get_envelope(case.id("nobody")) is None
+
+
+async def test_envelope_and_grab_listings_page_in_their_order(case):
+    shard, sender, other = case.shard(), case.id("sender"), case.id("other-sender")
+    receiver = case.id("receiver")
+    t0 = 1_700_000_000_000
+    # Five envelopes of one sender: two created in the same millisecond (ordered by id), one
+    # of another sender in between; rows written out of order over two batches.
+    mine = [envelope(case.id("e0"), sender, t0),
+            envelope(case.id("e1a"), sender, t0 + 10),
+            envelope(case.id("e1b"), sender, t0 + 10),
+            envelope(case.id("e2"), sender, t0 + 20, funded_at_ms=t0 + 21, left_minor=1_000,
+                     left_shares=4),
+            envelope(case.id("e3"), sender, t0 + 30)]
+    theirs = envelope(case.id("e9"), other, t0 + 15)
+    big = mine[3].envelope_id
+    # Grabs: five of one envelope (positions 0..4, written out of order); the receiver's
+    # grabs of four envelopes, two of them in the same millisecond (ordered by envelope id).
+    of_big = [grab(big, p, case.id(f"r{p}"), t0 + 100 + p) for p in range(5)]
+    received = [grab(mine[0].envelope_id, 0, receiver, t0 + 50),
+                grab(mine[1].envelope_id, 2, receiver, t0 + 60),
+                grab(mine[2].envelope_id, 1, receiver, t0 + 60),
+                grab(theirs.envelope_id, 3, receiver, t0 + 70)]
+    await case.store.fence(shard, 1)
+    await case.store.append(shard, 1, 1, events(shard, 1),
+                            [("envelope", e) for e in (mine[4], theirs, mine[1])]
+                            + [("grab", g) for g in of_big[::2] + received[2:]])
+    await case.store.append(shard, 1, 2, events(shard, 2),
+                            [("envelope", e) for e in (mine[2], mine[0], mine[3])]
+                            + [("grab", g) for g in of_big[1::2] + received[:2]])
+    await case.store.flush_rows(shard, 2)
+
+    async def sent_pages(wallet_id: str, size: int) -> list[list[str]]:
+        pages: list[list[str]] = []
+        after: tuple[int, str] | None = None
+        while True:
+            page = await case.store.list_envelopes_sent(wallet_id, after, size)
+            assert len(page) <= size
+            if not page:
+                return pages
+            pages.append([e.envelope_id for e in page])
+            after = (page[-1].created_at_ms, page[-1].envelope_id)
+
+    ids = [e.envelope_id for e in mine]
+    assert await sent_pages(sender, 2) == [ids[0:2], ids[2:4], ids[4:5]]
+    assert await sent_pages(sender, 5) == [ids]
+    assert await case.store.list_envelopes_sent(sender, None, 10) == mine
+    assert await case.store.list_envelopes_sent(sender, (t0 + 10, ids[1]), 2) == mine[2:4]
+    assert await case.store.list_envelopes_sent(sender, (t0 + 10, ids[2]), 10) == mine[3:]
+    assert await case.store.list_envelopes_sent(sender, (t0 + 30, ids[4]), 10) == []
+    assert await case.store.list_envelopes_sent(other, None, 10) == [theirs]
+    assert await case.store.list_envelopes_sent(case.id("nobody"), None, 10) == []
+
+    assert await case.store.list_grabs(big, -1, 2) == of_big[0:2]
+    assert await case.store.list_grabs(big, 1, 2) == of_big[2:4]
+    assert await case.store.list_grabs(big, 3, 2) == of_big[4:5]
+    assert await case.store.list_grabs(big, 4, 2) == []
+    assert await case.store.list_grabs(big, -1, 100) == of_big
+    assert await case.store.list_grabs(big, 0, 3) == of_big[1:4]
+    assert await case.store.list_grabs(ids[4], -1, 10) == []
+
+    pages: list[list[Grab]] = []
+    after: tuple[int, str] | None = None
+    while True:
+        page = await case.store.list_grabs_received(receiver, after, 3)
+        if not page:
+            break
+        pages.append(page)
+        after = (page[-1].at_ms, page[-1].envelope_id)
+    assert pages == [received[0:3], received[3:4]]
+    assert await case.store.list_grabs_received(receiver, (t0 + 60, ids[1]), 10) \
+        == received[2:]
+    assert await case.store.list_grabs_received(receiver, (t0 + 50, ids[0]), 2) \
+        == received[1:3]
+    assert await case.store.list_grabs_received(case.id("r3"), None, 10) == [of_big[3]]
+    assert await case.store.list_grabs_received(case.id("nobody"), None, 10) == []
+
+
 # --- Cassandra only: outcomes of a CAS whose answer is lost ---------------------------------
 #
 # The faults are injected at the driver boundary of the adapter (the request really reaches
@@ -657,6 +778,52 @@ async def test_cassandra_load_racing_a_compaction_starts_again_from_the_newer_sn
     assert raced == [(3, b"after 3")]
     assert (loaded.snapshot, loaded.snapshot_seq) == (b"after 7", 7)
     assert [b.seq for b in loaded.batches] == [8, 9]
+
+
+@pytest.mark.real
+async def test_cassandra_keyspace_made_before_envelopes_gets_their_tables(local_cluster):
+    # A keyspace an older build created (every table but the envelope ones) gets the new
+    # tables at the next connect that creates the schema (CREATE TABLE IF NOT EXISTS), and
+    # keeps its rows.
+    import uuid
+
+    from clients.localcluster import cql_query
+    from ledger.store.cassandra import CassandraStore
+    from ledger.store.cassandra.schema import schema_ddl
+
+    host, port = local_cluster.contact_points["r1"], local_cluster.cql_port
+    keyspace = f"contract_old_{uuid.uuid4().hex[:8]}"
+    new_tables = ("envelopes", "envelopes_by_sender", "grabs", "grabs_by_receiver")
+    old_ddl = [ddl for ddl in schema_ddl(keyspace, {"r1": 1})
+               if not any(f"{keyspace}.{t} (" in ddl for t in new_tables)]
+    assert len(old_ddl) == len(schema_ddl(keyspace, {"r1": 1})) - len(new_tables)
+
+    def tables() -> set[str]:
+        return {r[0] for r in cql_query(
+            host, port, "SELECT table_name FROM system_schema.tables WHERE keyspace_name = "
+            f"'{keyspace}'", 60.0)}
+
+    try:
+        for ddl in old_ddl:
+            await asyncio.to_thread(cql_query, host, port, ddl, 60.0)
+        before = await asyncio.to_thread(tables)
+        assert "transfers" in before and not before & set(new_tables)
+        store = await CassandraStore.connect([host], port, local_dc="r1", keyspace=keyspace,
+                                             require_region_survival=False)
+        try:
+            assert set(new_tables) <= await asyncio.to_thread(tables)
+            e = envelope("e-old-ks", "s-old-ks", 1_700_000_000_000)
+            g = grab("e-old-ks", 0, "r-old-ks", 1_700_000_000_001)
+            await store.write_rows(1, [("envelope", e), ("grab", g)], seq=1)
+            assert await store.get_envelope("e-old-ks") == e
+            assert await store.list_envelopes_sent("s-old-ks", None, 10) == [e]
+            assert await store.list_grabs("e-old-ks", -1, 10) == [g]
+            assert await store.list_grabs_received("r-old-ks", None, 10) == [g]
+        finally:
+            await store.close()
+    finally:
+        await asyncio.to_thread(cql_query, host, port, f"DROP KEYSPACE IF EXISTS {keyspace}",
+                                60.0)
 
 
 # --- key rows (idempotency records that left owner memory) ----------------------------------

@@ -120,6 +120,41 @@ class MemStore:
     async def scan_wallets(self, shard: int):
         return []
 
+    def _envelope_rows(self) -> tuple[dict, dict]:
+        """The latest envelope per id and the grabs per (envelope id, position), over every
+        shard's rows (rows of later batches win, as in ``load_keys``)."""
+        envelopes: dict = {}
+        grabs: dict = {}
+        for rows in self.rows.values():
+            for kind, value, *_ in rows:
+                if kind == "envelope":
+                    envelopes[value.envelope_id] = value
+                elif kind == "grab":
+                    grabs[(value.envelope_id, value.position)] = value
+        return envelopes, grabs
+
+    async def get_envelope(self, envelope_id: str):
+        envelope = self._envelope_rows()[0].get(envelope_id)
+        return envelope.copy() if envelope is not None else None
+
+    async def list_grabs(self, envelope_id: str, after_position: int, limit: int):
+        grabs = self._envelope_rows()[1]
+        return [grabs[k] for k in sorted(grabs) if k[0] == envelope_id
+                and k[1] > after_position][:limit]
+
+    async def list_envelopes_sent(self, wallet_id: str, after, limit: int):
+        found = sorted((v for v in self._envelope_rows()[0].values()
+                        if v.sender_wallet_id == wallet_id
+                        and (after is None or (v.created_at_ms, v.envelope_id) > tuple(after))),
+                       key=lambda v: (v.created_at_ms, v.envelope_id))
+        return [v.copy() for v in found[:limit]]
+
+    async def list_grabs_received(self, wallet_id: str, after, limit: int):
+        return sorted((g for g in self._envelope_rows()[1].values()
+                       if g.receiver_wallet_id == wallet_id
+                       and (after is None or (g.at_ms, g.envelope_id) > tuple(after))),
+                      key=lambda g: (g.at_ms, g.envelope_id))[:limit]
+
     async def close(self) -> None:
         return None
 

@@ -34,7 +34,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ledger.core.model import Entry, Transfer, Wallet
+from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
 from ledger.store.port import (
     Fenced, JournalBatch, LoadedShard, Row, StoreUnavailable, UnknownOutcome,
 )
@@ -94,6 +94,9 @@ class FaultyStore:
         self.entry_rows: dict[tuple[str, int], Entry] = {}
         self.transfer_rows: dict[str, Transfer] = {}
         self.key_rows: dict[tuple, object] = {}
+        # envelope id -> (position, envelope): a row of an older position never replaces it.
+        self.envelope_rows: dict[str, tuple[int, Envelope]] = {}
+        self.grab_rows: dict[tuple[str, int], Grab] = {}
 
     def _count(self, kind: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -229,7 +232,7 @@ class FaultyStore:
         journal.batches[seq] = batch
         journal.history.append(batch)
         journal.head = seq
-        self._write_rows(shard, rows)
+        self._write_rows(shard, rows, seq)
         if not self.inert:
             self._on_batch(shard, batch)
 
@@ -243,13 +246,23 @@ class FaultyStore:
     async def write_rows(self, shard: int, rows: Iterable, seq: int | None = None) -> None:
         with self._busy(shard):
             await self._delay(self._rng.uniform(0, self.faults.delay_s_max))
-            self._write_rows(shard, list(rows))
+            self._write_rows(shard, list(rows), seq)
 
-    def _write_rows(self, shard: int, rows: list) -> None:
-        # Views only: the simulation checks journals, not rows (no position ordering here).
+    def _write_rows(self, shard: int, rows: list, seq: int | None = None) -> None:
+        # Views only: the simulation checks journals, not rows (no position ordering here,
+        # but for envelopes, whose reads a test may check: a row's own position, else
+        # ``seq``; a row without either counts as the newest).
         for row in rows:
             kind, value = row[0], row[1]
-            if kind == "wallet":
+            if kind == "envelope":
+                position = row[2] if len(row) == 3 else seq
+                held = self.envelope_rows.get(value.envelope_id)
+                if position is None or held is None or held[0] <= position:
+                    at = position if position is not None else (held[0] if held else 0)
+                    self.envelope_rows[value.envelope_id] = (at, value.copy())
+            elif kind == "grab":
+                self.grab_rows[(value.envelope_id, value.position)] = value
+            elif kind == "wallet":
                 self.wallet_rows[value.wallet_id] = (shard, value)
             elif kind == "transfer":
                 self.transfer_rows[value.transfer_id] = value
@@ -324,6 +337,31 @@ class FaultyStore:
     async def get_transfer(self, transfer_id: str) -> Transfer | None:
         row = self.transfer_rows.get(transfer_id)
         return row.copy() if row is not None else None
+
+    async def get_envelope(self, envelope_id: str) -> Envelope | None:
+        held = self.envelope_rows.get(envelope_id)
+        return held[1].copy() if held is not None else None
+
+    async def list_grabs(self, envelope_id: str, after_position: int,
+                         limit: int) -> list[Grab]:
+        return sorted((g for (e, p), g in self.grab_rows.items()
+                       if e == envelope_id and p > after_position),
+                      key=lambda g: g.position)[:limit]
+
+    async def list_envelopes_sent(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Envelope]:
+        found = sorted((v for _, v in self.envelope_rows.values()
+                        if v.sender_wallet_id == wallet_id
+                        and (after is None or (v.created_at_ms, v.envelope_id) > after)),
+                       key=lambda v: (v.created_at_ms, v.envelope_id))
+        return [v.copy() for v in found[:limit]]
+
+    async def list_grabs_received(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Grab]:
+        return sorted((g for g in self.grab_rows.values()
+                       if g.receiver_wallet_id == wallet_id
+                       and (after is None or (g.at_ms, g.envelope_id) > after)),
+                      key=lambda g: (g.at_ms, g.envelope_id))[:limit]
 
     async def scan_wallets(self, shard: int) -> list[Wallet]:
         return sorted((w.copy() for s, w in self.wallet_rows.values() if s == shard),

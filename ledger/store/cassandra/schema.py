@@ -9,8 +9,12 @@ per region):
   (``journal.py``; which rows count is explained there and in ``coordinator/PROTOCOL.md``).
 * ``snapshot_parts`` and ``snapshot_marks``: snapshots of each shard, in parts, counted only
   once their completion mark is written (``journal.py``).
-* ``wallets``, ``shard_wallets``, ``wallet_entries``, ``transfers``: rows materialized from the
-  journal (``views.py``).
+* ``wallets``, ``shard_wallets``, ``wallet_entries``, ``transfers``, ``envelopes``,
+  ``envelopes_by_sender``, ``grabs``, ``grabs_by_receiver``: rows materialized from the journal
+  (``views.py``).
+
+Every statement is ``CREATE ... IF NOT EXISTS`` and all of them run at every connect that
+creates the schema, so a keyspace made by an older build gets the tables added since.
 
 The replication a node serves with is the one the keyspace really has, read back from
 ``system_schema.keyspaces`` (``CREATE ... IF NOT EXISTS`` keeps an existing keyspace as it
@@ -87,6 +91,31 @@ def schema_ddl(keyspace: str, replication: dict[str, int]) -> list[str]:
               to_wallet_id text, amount_minor bigint, currency text, memo text, caller text,
               idempotency_key text, created_at_ms bigint, state text, status int,
               status_field text, status_detail text, credited boolean)""",
+        # Red envelopes: the latest row of each envelope, and a sender's envelopes in order
+        # of creation (key columns only: the envelope rows are read from ``envelopes``).
+        f"""CREATE TABLE IF NOT EXISTS {ks}.envelopes (
+              envelope_id text PRIMARY KEY, shard int, sender_wallet_id text, currency text,
+              kind text, total_minor bigint, shares bigint, min_share_minor bigint,
+              receiver_wallet_id text, memo text, seed bigint, caller text,
+              idempotency_key text, funding_transfer_id text, created_at_ms bigint,
+              expires_at_ms bigint, funded_at_ms bigint, left_minor bigint,
+              left_shares bigint, refunded_minor bigint, refund_transfer_id text,
+              closed_at_ms bigint)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.envelopes_by_sender (
+              sender_wallet_id text, created_at_ms bigint, envelope_id text,
+              PRIMARY KEY ((sender_wallet_id), created_at_ms, envelope_id))
+              WITH CLUSTERING ORDER BY (created_at_ms ASC, envelope_id ASC)""",
+        # The grabs of an envelope by position, and a receiver's grabs in time order (whole
+        # rows: a grab never changes, so the copy never goes stale).
+        f"""CREATE TABLE IF NOT EXISTS {ks}.grabs (
+              envelope_id text, position bigint, receiver_wallet_id text, amount_minor bigint,
+              transfer_id text, caller text, idempotency_key text, at_ms bigint,
+              PRIMARY KEY ((envelope_id), position)) WITH CLUSTERING ORDER BY (position ASC)""",
+        f"""CREATE TABLE IF NOT EXISTS {ks}.grabs_by_receiver (
+              receiver_wallet_id text, at_ms bigint, envelope_id text, position bigint,
+              amount_minor bigint, transfer_id text, caller text, idempotency_key text,
+              PRIMARY KEY ((receiver_wallet_id), at_ms, envelope_id))
+              WITH CLUSTERING ORDER BY (at_ms ASC, envelope_id ASC)""",
         # Key records and claims (ledger.core.spilled): one partition per key, read by key
         # when a retry's key left owner memory; expired by TTL (KEY_ROWS_TTL_S).
         f"""CREATE TABLE IF NOT EXISTS {ks}.idempotency_keys (

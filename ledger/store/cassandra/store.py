@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Cluster, Session
 
-from ledger.core.model import Entry, Transfer, Wallet
+from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
 from ledger.store.cassandra.constants import REQUEST_TIMEOUT_S_DEFAULT
 from ledger.store.cassandra.driver import Driver, consistency as _consistency, new_cluster
 from ledger.store.cassandra.journal import Journal
@@ -229,6 +229,25 @@ class CassandraStore:
     async def scan_wallets(self, shard: int) -> list[Wallet]:
         """See ``JournalStore.scan_wallets``."""
         return await self._views.scan_wallets(shard)
+
+    async def get_envelope(self, envelope_id: str) -> Envelope | None:
+        """See ``JournalStore.get_envelope``."""
+        return await self._views.get_envelope(envelope_id)
+
+    async def list_grabs(self, envelope_id: str, after_position: int,
+                         limit: int) -> list[Grab]:
+        """See ``JournalStore.list_grabs``."""
+        return await self._views.list_grabs(envelope_id, after_position, limit)
+
+    async def list_envelopes_sent(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Envelope]:
+        """See ``JournalStore.list_envelopes_sent`` and ``Views.list_envelopes_sent``."""
+        return await self._views.list_envelopes_sent(wallet_id, after, limit)
+
+    async def list_grabs_received(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Grab]:
+        """See ``JournalStore.list_grabs_received``."""
+        return await self._views.list_grabs_received(wallet_id, after, limit)
 
     async def close(self) -> None:
         """Write pending rows (bounded wait), then shut the driver down. Idempotent."""

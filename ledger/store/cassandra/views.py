@@ -1,6 +1,7 @@
 """The views: rows materialized from the journal, their writer, and their reads.
 
-Tables ``wallets``, ``shard_wallets``, ``wallet_entries``, ``transfers`` (``schema.py``) hold
+Tables ``wallets``, ``shard_wallets``, ``wallet_entries``, ``transfers``, ``envelopes``,
+``envelopes_by_sender``, ``grabs``, ``grabs_by_receiver`` (``schema.py``) hold
 rows written with plain (non-LWT) upserts, each stamped ``USING TIMESTAMP`` with the journal
 position of its batch (``ROW_TIMESTAMP_BASE``), so an older batch's row never overwrites a
 newer one. They are views: the journal is the system of record, and a new owner writes the
@@ -23,15 +24,16 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statem
 
 from ledger import metrics
 from ledger.core import codec
-from ledger.core.model import Entry, Transfer, Wallet
+from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
 from ledger.store.cassandra.constants import (KEY_ROWS_TTL_S, ROW_TIMESTAMP_BASE,
-                                              ROWS_BATCH_BYTES_MAX,
+                                              ROWS_BATCH_BYTES_MAX, ROWS_IN_FLIGHT_MAX,
                                               ROWS_LAG_BATCHES_MAX, ROWS_PAGE_MAX,
                                               ROWS_RETRY_BACKOFF_S)
 from ledger.store.cassandra.driver import DRIVER_ERRORS, Driver
 from ledger.store.port import StoreUnavailable
-from ledger.store.rows import (CLAIM, ENTRY_COLS, IDEM, TRANSFER_COLS, WALLET_COLS,
-                               PositionedRow, Row, latest_rows, rows_at)
+from ledger.store.rows import (CLAIM, ENTRY_COLS, ENVELOPE_COLS, GRAB_COLS, IDEM,
+                               TRANSFER_COLS, WALLET_COLS, PositionedRow, Row, latest_rows,
+                               rows_at)
 from ledger.runtime.tasks import spawn
 
 log = logging.getLogger("ledger.store.cassandra")
@@ -96,6 +98,19 @@ class Views:
             "INSERT INTO {ks}.transfers (shard, " + ", ".join(TRANSFER_COLS) + ") VALUES ("
             + ", ".join("?" * (len(TRANSFER_COLS) + 1)) + ") USING TIMESTAMP ?",
             w, idempotent=True)
+        self._q_envelope_put = prepare(
+            "INSERT INTO {ks}.envelopes (shard, " + ", ".join(ENVELOPE_COLS) + ") VALUES ("
+            + ", ".join("?" * (len(ENVELOPE_COLS) + 1)) + ") USING TIMESTAMP ?",
+            w, idempotent=True)
+        self._q_envelope_by_sender_put = prepare(
+            "INSERT INTO {ks}.envelopes_by_sender (sender_wallet_id, created_at_ms, "
+            "envelope_id) VALUES (?, ?, ?) USING TIMESTAMP ?", w, idempotent=True)
+        self._q_grab_put = prepare(
+            "INSERT INTO {ks}.grabs (" + ", ".join(GRAB_COLS) + ") VALUES ("
+            + ", ".join("?" * len(GRAB_COLS)) + ") USING TIMESTAMP ?", w, idempotent=True)
+        self._q_grab_by_receiver_put = prepare(
+            "INSERT INTO {ks}.grabs_by_receiver (" + ", ".join(GRAB_COLS) + ") VALUES ("
+            + ", ".join("?" * len(GRAB_COLS)) + ") USING TIMESTAMP ?", w, idempotent=True)
         self._q_key_put = prepare(
             "INSERT INTO {ks}.idempotency_keys (shard, caller, idempotency_key, kind, record) "
             "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL " + str(KEY_ROWS_TTL_S),
@@ -108,6 +123,28 @@ class Views:
             "WHERE wallet_id = ? AND version > ? LIMIT ?", r, idempotent=True)
         self._q_transfer = prepare(
             "SELECT " + ", ".join(TRANSFER_COLS) + " FROM {ks}.transfers WHERE transfer_id = ?",
+            r, idempotent=True)
+        self._q_envelope = prepare(
+            "SELECT " + ", ".join(ENVELOPE_COLS) + " FROM {ks}.envelopes WHERE envelope_id = ?",
+            r, idempotent=True)
+        self._q_grabs = prepare(
+            "SELECT " + ", ".join(GRAB_COLS) + " FROM {ks}.grabs "
+            "WHERE envelope_id = ? AND position > ? LIMIT ?", r, idempotent=True)
+        # A sender's envelope keys and a receiver's grabs, from the first (no ``after``) or
+        # strictly after a (ms, envelope id) key (a multi-column slice of the clustering).
+        self._q_sent_first = prepare(
+            "SELECT created_at_ms, envelope_id FROM {ks}.envelopes_by_sender "
+            "WHERE sender_wallet_id = ? LIMIT ?", r, idempotent=True)
+        self._q_sent_after = prepare(
+            "SELECT created_at_ms, envelope_id FROM {ks}.envelopes_by_sender "
+            "WHERE sender_wallet_id = ? AND (created_at_ms, envelope_id) > (?, ?) LIMIT ?",
+            r, idempotent=True)
+        self._q_received_first = prepare(
+            "SELECT " + ", ".join(GRAB_COLS) + " FROM {ks}.grabs_by_receiver "
+            "WHERE receiver_wallet_id = ? LIMIT ?", r, idempotent=True)
+        self._q_received_after = prepare(
+            "SELECT " + ", ".join(GRAB_COLS) + " FROM {ks}.grabs_by_receiver "
+            "WHERE receiver_wallet_id = ? AND (at_ms, envelope_id) > (?, ?) LIMIT ?",
             r, idempotent=True)
         self._q_shard_wallets = prepare(
             "SELECT " + ", ".join(WALLET_COLS) + " FROM {ks}.shard_wallets "
@@ -267,6 +304,24 @@ class Views:
                                 t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
                                 t.currency, t.memo, t.caller, t.idempotency_key, t.state,
                                 t.status_field, t.status_detail))))
+        for env, ts in latest.envelopes.values():
+            upserts.append((self._q_envelope_put,
+                            (shard, *(getattr(env, c) for c in ENVELOPE_COLS), ts),
+                            220 + sum(len(x) for x in (
+                                env.envelope_id, env.sender_wallet_id, env.currency, env.kind,
+                                env.receiver_wallet_id, env.memo, env.caller, env.idempotency_key,
+                                env.funding_transfer_id, env.refund_transfer_id))))
+            # The sender's listing: its key never changes (sender and creation time are
+            # terms of the envelope), so every upsert rewrites the same row.
+            upserts.append((self._q_envelope_by_sender_put,
+                            (env.sender_wallet_id, env.created_at_ms, env.envelope_id, ts),
+                            40 + len(env.sender_wallet_id) + len(env.envelope_id)))
+        for g, ts in latest.grabs.values():
+            values = (*(getattr(g, c) for c in GRAB_COLS), ts)
+            size = 80 + sum(len(x) for x in (g.envelope_id, g.receiver_wallet_id,
+                                             g.transfer_id, g.caller, g.idempotency_key))
+            upserts.append((self._q_grab_put, values, size))
+            upserts.append((self._q_grab_by_receiver_put, values, size))
         for (kind, caller, key), (record, ts) in latest.keys.items():
             blob = codec.dumps(record)
             upserts.append((self._q_key_put, (shard, caller, key, kind, blob, ts),
@@ -347,6 +402,85 @@ class Views:
         """
         rows = await self._driver.read(self._q_transfer, (transfer_id,))
         return Transfer(*(rows[0][c] for c in TRANSFER_COLS)) if rows else None
+
+    async def get_envelope(self, envelope_id: str) -> Envelope | None:
+        """The materialized envelope (its latest row), or None.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        rows = await self._driver.read(self._q_envelope, (envelope_id,))
+        return Envelope(*(rows[0][c] for c in ENVELOPE_COLS)) if rows else None
+
+    async def list_grabs(self, envelope_id: str, after_position: int,
+                         limit: int) -> list[Grab]:
+        """An envelope's grabs with position above ``after_position``, ascending, at most
+        ``limit`` (one partition of ``grabs``).
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        out: list[Grab] = []
+        while len(out) < limit:
+            page_max = min(limit - len(out), ROWS_PAGE_MAX)
+            rows = await self._driver.read(self._q_grabs,
+                                           (envelope_id, after_position, page_max))
+            out.extend(Grab(*(r[c] for c in GRAB_COLS)) for r in rows)
+            if len(rows) < page_max:
+                break
+            after_position = rows[-1]["position"]
+        return out
+
+    async def list_envelopes_sent(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Envelope]:
+        """A sender's envelopes by (created_at_ms, envelope_id) strictly after ``after``, at
+        most ``limit``: the keys from ``envelopes_by_sender`` (one partition), then each
+        envelope's latest row from ``envelopes``. A key whose envelope row is not there (the
+        two tables are written by one unlogged batch, not atomically) is skipped and the
+        next keys are read, so a short page still means the last one.
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        out: list[Envelope] = []
+        while len(out) < limit:
+            page_max = min(limit - len(out), ROWS_PAGE_MAX)
+            if after is None:
+                keys = await self._driver.read(self._q_sent_first, (wallet_id, page_max))
+            else:
+                keys = await self._driver.read(self._q_sent_after,
+                                               (wallet_id, after[0], after[1], page_max))
+            for i in range(0, len(keys), ROWS_IN_FLIGHT_MAX):
+                found = await asyncio.gather(*(
+                    self.get_envelope(k["envelope_id"])
+                    for k in keys[i:i + ROWS_IN_FLIGHT_MAX]))
+                out.extend(e for e in found if e is not None)
+            if len(keys) < page_max:
+                break
+            after = (keys[-1]["created_at_ms"], keys[-1]["envelope_id"])
+        return out
+
+    async def list_grabs_received(self, wallet_id: str, after: tuple[int, str] | None,
+                                  limit: int) -> list[Grab]:
+        """A receiver's grabs by (at_ms, envelope_id) strictly after ``after``, at most
+        ``limit`` (one partition of ``grabs_by_receiver``, which holds whole grab rows).
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        out: list[Grab] = []
+        while len(out) < limit:
+            page_max = min(limit - len(out), ROWS_PAGE_MAX)
+            if after is None:
+                rows = await self._driver.read(self._q_received_first, (wallet_id, page_max))
+            else:
+                rows = await self._driver.read(self._q_received_after,
+                                               (wallet_id, after[0], after[1], page_max))
+            out.extend(Grab(*(r[c] for c in GRAB_COLS)) for r in rows)
+            if len(rows) < page_max:
+                break
+            after = (rows[-1]["at_ms"], rows[-1]["envelope_id"])
+        return out
 
     async def load_keys(self, shard: int, keys: dict[tuple[str, str], str]) -> dict:
         """See ``JournalStore.load_keys``: one read per key (its own partition), at the read
