@@ -249,9 +249,12 @@ class Envelopes:
             else:
                 live[i] = item
         await self._learn_currencies({it.envelope_id for it in live.values()}, deadline)
+        # The shard of each envelope, once per call (a hot envelope is in every item).
+        homes = {e: self.shard_of_envelope(e) for e in {it.envelope_id for it in live.values()}}
+        shard_of = self._coordinator.shard_of
         claimed: list[tuple[str, str]] = []
         try:
-            commands: dict[int, GrabEnvelope] = {}
+            commands: dict[int, tuple[int, GrabEnvelope]] = {}
             now = self._clock_ms()
             for i, item in live.items():
                 currency = self._currencies.get(item.envelope_id)
@@ -266,19 +269,16 @@ class Envelopes:
                     continue
                 self._in_flight.add((caller, key))
                 claimed.append((caller, key))
-                shard = self.shard_of_envelope(item.envelope_id)
-                commands[i] = GrabEnvelope(
+                home = homes[item.envelope_id]
+                commands[i] = (home, GrabEnvelope(
                     caller, key, item.envelope_id, item.receiver_wallet_id,
-                    self._coordinator.shard_of(item.receiver_wallet_id),
-                    transfer_id_for(shard, caller, key), now)
+                    shard_of(item.receiver_wallet_id), transfer_id_for(home, caller, key), now))
             await self._reserve(commands, results, deadline)
-            decided = await self._coordinator._by_shard(
-                {i: (self.shard_of_envelope(c.envelope_id), c) for i, c in commands.items()},
-                deadline=deadline)
+            decided = await self._coordinator._by_shard(commands, deadline=deadline)
             cancel: dict[int, tuple[int, object]] = {}
             for i, outcome in decided.items():
                 results[i] = outcome
-                c = commands[i]
+                c = commands[i][1]
                 if c.reserved_at_ms and not outcome.ok and not outcome.status.transient():
                     cancel[i] = (c.receiver_shard, CancelReservation(c.transfer_id,
                                                                      c.reserved_at_ms))
@@ -305,28 +305,28 @@ class Envelopes:
             if outcome.ok:
                 self._currencies[unknown[i]] = outcome.value[0].currency
 
-    async def _reserve(self, commands: dict[int, GrabEnvelope], results: list,
+    async def _reserve(self, commands: dict[int, tuple[int, GrabEnvelope]], results: list,
                        deadline: float | None) -> None:
         """Reserve headroom for each grab's credit on its receiver's shard (a receiver on the
         envelope's own shard is checked there, in the grab's step)."""
+        currencies = self._currencies
         reserve = {i: (c.receiver_shard, ReserveCredit(
-                       c.transfer_id, c.receiver_wallet_id, self._currencies[c.envelope_id],
+                       c.transfer_id, c.receiver_wallet_id, currencies[c.envelope_id],
                        C.ENVELOPE_TOTAL_MINOR_CEILING, c.now_ms))
-                   for i, c in commands.items()
-                   if c.receiver_shard != self.shard_of_envelope(c.envelope_id)}
+                   for i, (home, c) in commands.items() if c.receiver_shard != home}
         if not reserve:
             return
         for i, outcome in (await self._coordinator._by_shard(reserve, deadline=deadline)).items():
-            c = commands[i]
+            home, c = commands[i]
             if outcome.ok:
-                commands[i] = _grab_with(c, reserved_at_ms=outcome.value)
+                commands[i] = (home, _grab_with(c, reserved_at_ms=outcome.value))
             elif outcome.status.transient():
                 results[i] = outcome
                 del commands[i]
             else:
                 # The envelope's shard decides: a retry of a grab made before gets its grab.
-                commands[i] = _grab_with(c, credit_refusal=(
-                    int(outcome.status), outcome.field, outcome.detail))
+                commands[i] = (home, _grab_with(c, credit_refusal=(
+                    int(outcome.status), outcome.field, outcome.detail)))
 
     # --- reads ------------------------------------------------------------------------------
 

@@ -517,7 +517,8 @@ class ShardState:
                 not any(r.created_at_ms < cmd.before_ms for r in self.claims.values()) and \
                 not any(at < cmd.before_ms for _, at in self.fenced.values()) and \
                 not any(at < cmd.before_ms and c not in self.chain_waiting
-                        for c, (_, at) in self.chains.items()):
+                        for c, (_, at) in self.chains.items()) and \
+                not any(0 < e.closed_at_ms < cmd.before_ms for e in self.envelopes.values()):
             return ok(0), []
         return ok(), [IdempotencyExpired(cmd.before_ms)]
 

@@ -149,3 +149,15 @@ def test_a_grab_that_breaks_the_split_stops_the_shard():
     bad = Grab(eid, 0, "bob", 999, "t", "svc", "k", 20)  # leaves 1 for 4 shares
     with pytest.raises(InvariantViolation):
         fold_events(s, [EnvelopeGrabbed(bad)])
+
+
+def test_a_closed_envelope_leaves_memory_after_the_retention_window():
+    from ledger.core.model import ExpireIdempotency
+    s, eid = funded_state(kind=split.KIND_FIXED, total=100, shares=1)
+    assert grab(s, eid, "bob").ok
+    closed = s.envelopes[eid].closed_at_ms
+    assert run(s, ExpireIdempotency(closed)).value == 0 or eid in s.envelopes
+    assert eid in s.envelopes
+    run(s, ExpireIdempotency(closed + 1))
+    assert eid not in s.envelopes and eid not in s.grabs
+    assert run(s, GetEnvelope(eid)).status is Status.ENVELOPE_NOT_FOUND
