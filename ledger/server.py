@@ -17,6 +17,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,7 +25,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from coordinator import Coordinator
+from coordinator.envelopes import EnvelopeReader, EnvelopeRules, Envelopes
 from ledger import constants as K
+from ledger.api.envelopes import RedEnvelopeServicer
 from ledger.api.errors import ErrorBoundary
 from ledger.api.servicer import LedgerServicer
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
@@ -56,6 +59,8 @@ SERVER_OPTIONS = (
     # the kernel would spread connections over both. Without it, a taken port fails to bind.
     ("grpc.so_reuseport", 0),
 )
+# The red-envelope rules of a server started without others (``ledgerd``'s defaults).
+DEFAULT_ENVELOPE_RULES = EnvelopeRules()
 # The exclusive lock of a ``ledgerd dev`` data directory (holds the pid of its holder).
 DATA_DIR_LOCK_FILE = "ledgerd.lock"
 
@@ -121,9 +126,11 @@ def lock_data_dir(data_dir: str | Path):
 
 SERVICE_NAMES = (
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,
+    ledger_pb2.DESCRIPTOR.services_by_name["RedEnvelopeService"].full_name,
     shard_pb2.DESCRIPTOR.services_by_name["ShardOwnerService"].full_name,
 )
-# The services of the public API (proto/ledgerpb/ledger.proto), guarded by ErrorBoundary.
+# The services of the public API (proto/ledgerpb/ledger.proto: LedgerService and
+# RedEnvelopeService), guarded by ErrorBoundary; the health service reports on each.
 PUBLIC_SERVICE_NAMES = tuple(service.full_name for service in
                              ledger_pb2.DESCRIPTOR.services_by_name.values())
 
@@ -136,6 +143,7 @@ class Running:
     node: Node
     store: JournalStore
     coordinator: Coordinator
+    envelopes: Envelopes
     port: int
     health: HealthServicer
     closers: list = field(default_factory=list)
@@ -158,17 +166,24 @@ class Running:
 async def start(store: JournalStore, ownership, shard_count: int, host: str, port: int,
                 serve_timeout_s: float = 60.0, shards_min: int = 0,
                 retention_ms: int = IDEMPOTENCY_RETENTION_MS,
-                memory_ms: int = K.IDEMPOTENCY_MEMORY_MS) -> Running:
+                memory_ms: int = K.IDEMPOTENCY_MEMORY_MS,
+                envelope_rules: EnvelopeRules = DEFAULT_ENVELOPE_RULES) -> Running:
     """Start node and gRPC server; return once the node serves its shards (or timeout)."""
     transport = GrpcShardTransport()
     node = Node(store, ownership, transport, idempotency_retention_ms=retention_ms,
                 idempotency_memory_ms=memory_ms)
     coordinator = Coordinator(node.router, store, shard_count)
+    # The store's envelope views (get_envelope, list_grabs, list_envelopes_sent,
+    # list_grabs_received) answer what the owners no longer hold, and the per-wallet lists.
+    envelopes = Envelopes(coordinator, node.router, cast(EnvelopeReader, store), shard_count,
+                          envelope_rules)
     # Public calls answer failures (store down, a bug) with a fixed message and a reference,
     # never the exception's text; the node-to-node service keeps its own errors.
     server = grpc.aio.server(options=list(SERVER_OPTIONS),
                              interceptors=[ErrorBoundary(PUBLIC_SERVICE_NAMES)])
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(coordinator), server)
+    ledger_pb2_grpc.add_RedEnvelopeServiceServicer_to_server(RedEnvelopeServicer(envelopes),
+                                                             server)
     shard_pb2_grpc.add_ShardOwnerServiceServicer_to_server(ShardOwnerServicer(node), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -182,7 +197,7 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
     if bound == 0:
         await server.stop(None)
         raise PortInUse(f"cannot listen on {host}:{port}: {_why_not_bound(host, port)}")
-    for name in ("", SERVICE_NAMES[0]):
+    for name in ("",) + PUBLIC_SERVICE_NAMES:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     started = time.monotonic()
@@ -195,15 +210,17 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
                     shards_min, serve_timeout_s)
     gc.collect()
     gc.freeze()  # the replayed state is long-lived: keep it out of future collections
-    for name in ("", SERVICE_NAMES[0]):
+    for name in ("",) + PUBLIC_SERVICE_NAMES:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, node, store, coordinator, bound, health, [transport.close])
+    return Running(server, node, store, coordinator, envelopes, bound, health,
+                   [transport.close])
 
 
 async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 50051,
                     shard_count: int = 256,
                     retention_ms: int = IDEMPOTENCY_RETENTION_MS,
-                    memory_ms: int = K.IDEMPOTENCY_MEMORY_MS) -> Running:
+                    memory_ms: int = K.IDEMPOTENCY_MEMORY_MS,
+                    envelope_rules: EnvelopeRules = DEFAULT_ENVELOPE_RULES) -> Running:
     """The embedded default: one process, SQLite file, this process owns every shard.
 
     Raises ``DataDirLocked`` when another process serves ``data_dir`` (it owns every shard of
@@ -222,7 +239,7 @@ async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 5
             ownership = LocalOwnership(shard_count, epoch=time.time_ns() // 1_000_000)
             running = await start(store, ownership, shard_count, host, port,
                                   shards_min=shard_count, retention_ms=retention_ms,
-                                  memory_ms=memory_ms)
+                                  memory_ms=memory_ms, envelope_rules=envelope_rules)
         except BaseException:
             await store.close()
             raise

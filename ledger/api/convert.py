@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from ledger.core import split
 from ledger.core.model import (
-    HOLD_CAPTURED, HOLD_EXPIRED, HOLD_HELD, HOLD_RELEASED, KIND_DEPOSIT, KIND_HOLD_CAPTURE,
-    KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, STATE_PENDING, STATE_REFUSED, Entry, Hold,
-    Transfer, Wallet,
+    ENVELOPE_ACTIVE, ENVELOPE_EXPIRED, ENVELOPE_FUNDING, ENVELOPE_REFUNDED, ENVELOPE_SOLD_OUT,
+    HOLD_CAPTURED, HOLD_EXPIRED, HOLD_HELD, HOLD_RELEASED, KIND_DEPOSIT, KIND_ENVELOPE_FUND,
+    KIND_ENVELOPE_GRAB, KIND_ENVELOPE_REFUND, KIND_HOLD_CAPTURE, KIND_TRANSFER, KIND_WITHDRAWAL,
+    STATE_COMMITTED, STATE_PENDING, STATE_REFUSED, Entry, Envelope, Grab, Hold, Transfer, Wallet,
+    escrow_wallet_id,
 )
 from ledgerpb import ledger_pb2 as pb
 
@@ -14,6 +17,9 @@ KIND_TO_PROTO = {
     KIND_DEPOSIT: pb.TRANSFER_KIND_DEPOSIT,
     KIND_WITHDRAWAL: pb.TRANSFER_KIND_WITHDRAWAL,
     KIND_HOLD_CAPTURE: pb.TRANSFER_KIND_HOLD_CAPTURE,
+    KIND_ENVELOPE_FUND: pb.TRANSFER_KIND_ENVELOPE_FUND,
+    KIND_ENVELOPE_GRAB: pb.TRANSFER_KIND_ENVELOPE_GRAB,
+    KIND_ENVELOPE_REFUND: pb.TRANSFER_KIND_ENVELOPE_REFUND,
 }
 STATE_TO_PROTO = {
     STATE_COMMITTED: pb.TRANSFER_STATE_COMMITTED,
@@ -25,6 +31,19 @@ HOLD_STATE_TO_PROTO = {
     HOLD_CAPTURED: pb.HOLD_STATE_CAPTURED,
     HOLD_RELEASED: pb.HOLD_STATE_RELEASED,
     HOLD_EXPIRED: pb.HOLD_STATE_EXPIRED,
+}
+ENVELOPE_KIND_TO_PROTO = {
+    split.KIND_FIXED: pb.ENVELOPE_KIND_FIXED,
+    split.KIND_LUCKY: pb.ENVELOPE_KIND_LUCKY,
+    split.KIND_EXCLUSIVE: pb.ENVELOPE_KIND_EXCLUSIVE,
+}
+ENVELOPE_KIND_FROM_PROTO: dict[int, str] = {v: k for k, v in ENVELOPE_KIND_TO_PROTO.items()}
+ENVELOPE_STATE_TO_PROTO = {
+    ENVELOPE_FUNDING: pb.ENVELOPE_STATE_FUNDING,
+    ENVELOPE_ACTIVE: pb.ENVELOPE_STATE_ACTIVE,
+    ENVELOPE_SOLD_OUT: pb.ENVELOPE_STATE_SOLD_OUT,
+    ENVELOPE_EXPIRED: pb.ENVELOPE_STATE_EXPIRED,
+    ENVELOPE_REFUNDED: pb.ENVELOPE_STATE_REFUNDED,
 }
 
 
@@ -60,3 +79,29 @@ def hold_to_proto(h: Hold) -> pb.Hold:
                    currency=h.currency, state=HOLD_STATE_TO_PROTO[h.state],
                    captured_minor=h.captured_minor, created_at_ms=h.created_at_ms,
                    expires_at_ms=h.expires_at_ms, closed_at_ms=h.closed_at_ms)
+
+
+def envelope_kind_from_proto(kind: int) -> str:
+    """The core's kind of an ``EnvelopeKind``; "" for UNSPECIFIED or a value this server does
+    not know (the coordinator refuses it, naming the field ``kind``)."""
+    return ENVELOPE_KIND_FROM_PROTO.get(kind, "")
+
+
+def envelope_to_proto(e: Envelope, now_ms: int) -> pb.Envelope:
+    """An envelope as of ``now_ms`` (its state depends on the time: ACTIVE turns EXPIRED)."""
+    return pb.Envelope(
+        envelope_id=e.envelope_id, sender_wallet_id=e.sender_wallet_id, currency=e.currency,
+        kind=ENVELOPE_KIND_TO_PROTO[e.kind], total_minor=e.total_minor, shares=e.shares,
+        receiver_wallet_id=e.receiver_wallet_id, memo=e.memo,
+        state=ENVELOPE_STATE_TO_PROTO[e.state(now_ms)], shares_left=e.left_shares,
+        amount_left_minor=e.left_minor, refunded_minor=e.refunded_minor,
+        created_at_ms=e.created_at_ms, expires_at_ms=e.expires_at_ms,
+        funded_at_ms=e.funded_at_ms, closed_at_ms=e.closed_at_ms,
+        funding_transfer_id=e.funding_transfer_id, refund_transfer_id=e.refund_transfer_id,
+        escrow_wallet_id=escrow_wallet_id(e.envelope_id), min_share_minor=e.min_share_minor)
+
+
+def grab_to_proto(g: Grab) -> pb.Grab:
+    return pb.Grab(envelope_id=g.envelope_id, position=g.position,
+                   receiver_wallet_id=g.receiver_wallet_id, amount_minor=g.amount_minor,
+                   transfer_id=g.transfer_id, at_ms=g.at_ms)

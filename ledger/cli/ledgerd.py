@@ -5,6 +5,12 @@
                  [--regions r1,r2,r3] [--replication r1=1,r2=1,r3=1] [--single-region-dev]
                  [--metrics-port 0]
 
+Both take the red-envelope rules (checked by the coordinator on every CreateEnvelope):
+``--envelope-total-max-minor`` (20000: 200.00 CNY), ``--envelope-shares-max`` (100),
+``--envelope-share-min-minor`` (1) and ``--envelope-expiry-max-s`` (86400: 24 h, also the
+expiry of a request that gives none). Rules that cannot hold (a minimum share above the
+maximum total, a zero) refuse the start with the reason.
+
 ``--metrics-port`` serves Prometheus metrics (ledger/metrics.py) at http://HOST:PORT/metrics
 on the ``--host`` address; 0 serves none (the default of ``ledgerd node``).
 
@@ -23,8 +29,10 @@ import sys
 import time
 from typing import Any
 
+from coordinator.envelopes import EnvelopeRules
 from ledger import constants as K
 from ledger import metrics, server
+from ledger.core import constants as C
 
 # Exit status of a ledgerd that refused to start (port in use, data directory locked).
 EXIT_REFUSED = 3
@@ -81,6 +89,18 @@ def main(argv: list[str] | None = None) -> int:
                             "answered from the store (seconds)")
         p.add_argument("--idempotency-retention-h", type=float, default=24.0,
                        help="how long idempotency keys and their results are kept (hours)")
+        p.add_argument("--envelope-total-max-minor", type=int,
+                       default=C.ENVELOPE_TOTAL_MINOR_MAX,
+                       help="the most one red envelope may hold (minor units)")
+        p.add_argument("--envelope-shares-max", type=int, default=C.ENVELOPE_SHARES_MAX,
+                       help="the most shares one red envelope may be split into")
+        p.add_argument("--envelope-share-min-minor", type=int,
+                       default=C.ENVELOPE_SHARE_MINOR_MIN,
+                       help="the least one share may get (minor units)")
+        p.add_argument("--envelope-expiry-max-s", type=float,
+                       default=C.ENVELOPE_EXPIRY_MS_MAX / 1000,
+                       help="the longest a red envelope may stay open (seconds); also the "
+                            "expiry of an envelope created without one")
     args = parser.parse_args(argv)
     # Which flags were given explicitly: they win over the configuration file.
     args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
@@ -109,6 +129,20 @@ def _retention_ms(args) -> int:
     return int(args.idempotency_retention_h * 3600 * 1000)
 
 
+def _envelope_rules(args) -> EnvelopeRules:
+    try:
+        return EnvelopeRules(total_minor_max=args.envelope_total_max_minor,
+                             shares_max=args.envelope_shares_max,
+                             share_minor_min=args.envelope_share_min_minor,
+                             expiry_ms_max=int(args.envelope_expiry_max_s * 1000))
+    except (ValueError, OverflowError) as exc:
+        raise SystemExit(
+            f"ledgerd: bad red-envelope rules: {exc} (given --envelope-total-max-minor "
+            f"{args.envelope_total_max_minor}, --envelope-shares-max {args.envelope_shares_max}"
+            f", --envelope-share-min-minor {args.envelope_share_min_minor}, "
+            f"--envelope-expiry-max-s {args.envelope_expiry_max_s:g})") from None
+
+
 def _memory_ms(args) -> int:
     if args.idempotency_memory_s <= 0:
         raise SystemExit("ledgerd: --idempotency-memory-s must be positive")
@@ -118,7 +152,8 @@ def _memory_ms(args) -> int:
 async def _dev(args) -> None:
     running = await server.start_dev(args.data_dir, args.host, args.port, args.shards,
                                      retention_ms=_retention_ms(args),
-                                     memory_ms=_memory_ms(args))
+                                     memory_ms=_memory_ms(args),
+                                     envelope_rules=_envelope_rules(args))
     await _serve_metrics(running, args)
     print(f"ledgerd dev: serving ledger.v1 on {args.host}:{running.port} "
           f"({args.shards} shards, data in {args.data_dir})", flush=True)
@@ -197,6 +232,8 @@ async def _node(args) -> None:
 
     if args.config:
         _apply_config(args)
+    # Checked before anything is connected to: a wrong flag is the operator's to fix.
+    envelope_rules = _envelope_rules(args)
 
     from ledger.store.replication import UnsafeReplication
 
@@ -237,7 +274,8 @@ async def _node(args) -> None:
     try:
         running = await server.start(store, ownership, args.shards, args.host, args.port,
                                      retention_ms=_retention_ms(args),
-                                     memory_ms=_memory_ms(args))
+                                     memory_ms=_memory_ms(args),
+                                     envelope_rules=envelope_rules)
     except BaseException:
         await store.close()
         raise

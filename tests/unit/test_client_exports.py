@@ -28,6 +28,8 @@ CLIENT_METHODS = {
     "close", "create_wallet", "get_wallet", "deposit", "withdraw", "transfer", "batch_transfer",
     "create_hold", "capture_hold", "release_hold", "get_hold", "get_transfer", "list_entries",
     "all_entries",
+    # ledger.v1.RedEnvelopeService
+    "create_envelope", "grab_envelope", "grab_envelopes", "get_envelope", "list_envelopes",
 }
 
 ERROR_ATTRIBUTES = {"code", "status", "field", "message", "error_id"}

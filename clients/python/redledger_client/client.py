@@ -1,4 +1,4 @@
-"""Typed asyncio client of ``ledger.v1.LedgerService``.
+"""Typed asyncio client of ``ledger.v1.LedgerService`` and ``ledger.v1.RedEnvelopeService``.
 
 Every call has a deadline. Mutating calls take an idempotency key (one is made when not
 given) and are retried with the SAME key on transient outcomes only (UNAVAILABLE, ABORTED,
@@ -107,16 +107,27 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
 
 
+# The item lists of the batch calls (BatchTransfer, GrabEnvelopes): each item carries its key.
+_BATCH_FIELDS = ("transfers", "grabs")
+
+
 def _error(exc: grpc.aio.AioRpcError, request: Any, attempts: int) -> LedgerError:
     key = getattr(request, "idempotency_key", "")
     if exc.code() not in UNKNOWN_OUTCOME_CODES:
         return LedgerRefused.from_rpc(exc)
-    if not key and not getattr(request, "transfers", None):
+    if not key and not any(getattr(request, name, None) for name in _BATCH_FIELDS):
         return LedgerUnavailable.from_rpc(exc)
     error = LedgerOutcomeUnknown.from_rpc(exc)
     error.idempotency_key = key
     error.attempts = attempts
     return error
+
+
+def _enum(enum: Any, prefix: str, value: int | str) -> int:
+    """An enum value given as itself, by its full name or by its short name ("LUCKY")."""
+    if isinstance(value, str):
+        return enum.Value(value if value.startswith(prefix) else prefix + value.upper())
+    return value
 
 
 class LedgerClient:
@@ -140,6 +151,7 @@ class LedgerClient:
         self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
                          else grpc.aio.insecure_channel(target, options))
         self._stub = pb_grpc.LedgerServiceStub(self._channel)
+        self._envelopes = pb_grpc.RedEnvelopeServiceStub(self._channel)
         self._metadata = (("ledger-caller", caller),)
         self._timeout_s = timeout_s
         self._retries = retries
@@ -267,3 +279,63 @@ class LedgerClient:
             token = page.next_page_token
             if not token:
                 return entries
+
+    # --- red envelopes ----------------------------------------------------------------------
+
+    async def create_envelope(self, sender_wallet_id: str, total_minor: int, shares: int,
+                              kind: pb.EnvelopeKind | str, currency: str, expiry_ms: int = 0,
+                              memo: str = "", receiver_wallet_id: str = "",
+                              idempotency_key: str | None = None
+                              ) -> pb.CreateEnvelopeResponse:
+        """Put ``total_minor`` of the sender's money into a new envelope of ``shares`` shares.
+
+        Args:
+            kind: ``"FIXED"``, ``"LUCKY"`` or ``"EXCLUSIVE"`` (or ``pb.ENVELOPE_KIND_*``).
+            expiry_ms: How long it stays open; 0 is the server's longest (24 h by default).
+                What is not grabbed by then goes back to the sender.
+            receiver_wallet_id: EXCLUSIVE only: the one wallet that may grab it.
+        """
+        request = pb.CreateEnvelopeRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(),
+            sender_wallet_id=sender_wallet_id, total_minor=total_minor, shares=shares,
+            kind=_enum(pb.EnvelopeKind, "ENVELOPE_KIND_", kind),  # type: ignore[arg-type]
+            currency=currency, expiry_ms=expiry_ms, memo=memo,
+            receiver_wallet_id=receiver_wallet_id)
+        return await self._call(self._envelopes.CreateEnvelope, request, retry=True)
+
+    async def grab_envelope(self, envelope_id: str, receiver_wallet_id: str,
+                            idempotency_key: str | None = None) -> pb.GrabEnvelopeResponse:
+        """Take one share for ``receiver_wallet_id``: the answer says how much; the credit
+        follows (``credited`` says whether it landed already; ``get_transfer`` on
+        ``grab.transfer_id`` follows it). A key is scoped to its envelope."""
+        request = pb.GrabEnvelopeRequest(
+            idempotency_key=idempotency_key or new_idempotency_key(), envelope_id=envelope_id,
+            receiver_wallet_id=receiver_wallet_id)
+        return await self._call(self._envelopes.GrabEnvelope, request, retry=True)
+
+    async def grab_envelopes(self, grabs: list[pb.GrabEnvelopeRequest]
+                             ) -> pb.GrabEnvelopesResponse:
+        """One result per item. Items with transient results are NOT retried here: the
+        caller resends those items (same keys) if it wants to."""
+        for item in grabs:
+            if not item.idempotency_key:
+                item.idempotency_key = new_idempotency_key()
+        return await self._call(self._envelopes.GrabEnvelopes,
+                                pb.GrabEnvelopesRequest(grabs=grabs), retry=True)
+
+    async def get_envelope(self, envelope_id: str, page_size: int = 100,
+                           page_token: str = "") -> pb.GetEnvelopeResponse:
+        """The envelope, a page of its grabs (in grab order) and its luckiest grab."""
+        return await self._call(self._envelopes.GetEnvelope, pb.GetEnvelopeRequest(
+            envelope_id=envelope_id, page_size=page_size, page_token=page_token), retry=True)
+
+    async def list_envelopes(self, wallet_id: str, role: pb.EnvelopeRole | str,
+                             page_size: int = 100, page_token: str = ""
+                             ) -> pb.ListEnvelopesResponse:
+        """Envelopes the wallet sent (role ``"SENT"``: ``envelopes``) or shares it grabbed
+        (``"RECEIVED"``: ``grabs``), oldest first. Read from the ledger's views, which follow
+        its journal by a short delay."""
+        return await self._call(self._envelopes.ListEnvelopes, pb.ListEnvelopesRequest(
+            wallet_id=wallet_id,
+            role=_enum(pb.EnvelopeRole, "ENVELOPE_ROLE_", role),  # type: ignore[arg-type]
+            page_size=page_size, page_token=page_token), retry=True)
