@@ -46,6 +46,8 @@ _ENVELOPE_ID = re.compile(r"e[0-9a-f]{24}")
 # Envelopes whose currency this coordinator remembers (terms never change); the memory is
 # dropped whole when it reaches this size.
 _CURRENCIES_KEPT_MAX = 100_000
+# A refused funding transfer names its own fields; CreateEnvelope's are these.
+_FUNDING_FIELDS = {"amount_minor": "total_minor", "from_wallet_id": "sender_wallet_id"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +216,10 @@ class Envelopes:
             idempotency_key, sender_wallet_id, escrow_wallet_id(envelope_id), total_minor,
             currency, memo, KIND_ENVELOPE_FUND), deadline)
         if not funded.ok:
-            return funded
+            # The funding transfer's refusal, in the names of this request's fields.
+            field_name = _FUNDING_FIELDS.get(funded.field, funded.field)
+            detail = funded.detail.replace("from_wallet_id", "sender_wallet_id")
+            return Outcome(funded.status, field_name, detail, funded.value, funded.replayed)
         read = (await self._executor.execute(shard, [GetEnvelope(envelope_id)],
                                              deadline=deadline))[0]
         if not read.ok:

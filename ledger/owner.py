@@ -613,9 +613,9 @@ class ShardOwner:
                 await self._resolve_reservations(now)
             if self.state.expired_holds(now):
                 await self.submit(ExpireHolds(now))
-            expired = self.state.expired_envelopes(now)
-            if expired:
-                await self._refund_envelopes(expired[:K.ENVELOPE_REFUNDS_PER_SWEEP_MAX], now)
+            lapsed = self.state.expired_envelopes(now)
+            if lapsed:
+                await self._refund_envelopes(lapsed[:K.ENVELOPE_REFUNDS_PER_SWEEP_MAX], now)
             for chain_id, primary in self.state.pending_chains(
                     now - CHAIN_RESOLVE_AFTER_MS).items():
                 await self.resolve_chain(chain_id, primary)

@@ -435,13 +435,13 @@ async def envelope_report(store: JournalStore, shard_count: int, envelope_id: st
         problems += [f"{subject}: {detail}" for subject, detail
                      in _envelope_problems(one, now, Report())]
     else:
-        stored = await store.get_envelope(envelope_id)  # type: ignore[attr-defined]
+        stored = await store.get_envelope(envelope_id)
         if stored is None:
             return None
         envelope, source, escrow_minor = stored, "views", None
         grabs, after = [], -1
         while True:
-            page = await store.list_grabs(envelope_id, after, 1000)  # type: ignore[attr-defined]
+            page = await store.list_grabs(envelope_id, after, 1000)
             grabs.extend(page)
             if len(page) < 1000:
                 break

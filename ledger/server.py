@@ -17,7 +17,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,7 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from coordinator import Coordinator
-from coordinator.envelopes import EnvelopeReader, EnvelopeRules, Envelopes
+from coordinator.envelopes import EnvelopeRules, Envelopes
 from ledger import constants as K
 from ledger.api.envelopes import RedEnvelopeServicer
 from ledger.api.errors import ErrorBoundary
@@ -175,7 +174,7 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
     coordinator = Coordinator(node.router, store, shard_count)
     # The store's envelope views (get_envelope, list_grabs, list_envelopes_sent,
     # list_grabs_received) answer what the owners no longer hold, and the per-wallet lists.
-    envelopes = Envelopes(coordinator, node.router, cast(EnvelopeReader, store), shard_count,
+    envelopes = Envelopes(coordinator, node.router, store, shard_count,
                           envelope_rules)
     # Public calls answer failures (store down, a bug) with a fixed message and a reference,
     # never the exception's text; the node-to-node service keeps its own errors.

@@ -300,6 +300,12 @@ async def test_an_unfunded_create_is_refused_and_moves_nothing(client):
                                                  idempotency_key="env-uf"))
     assert (error.code, error.status) == (grpc.StatusCode.FAILED_PRECONDITION,
                                           "RESULT_STATUS_INSUFFICIENT_FUNDS")
+    # The refusal names this request's field, not the funding transfer's.
+    assert error.field == "total_minor"
+    missing = await refused(client.create_envelope("uf-nobody", 1_000, 5, "LUCKY", "CNY",
+                                                   idempotency_key="env-uf-2"))
+    assert (missing.status, missing.field) == ("RESULT_STATUS_WALLET_NOT_FOUND",
+                                               "sender_wallet_id")
     assert (await client.get_wallet("uf-alice")).balance_minor == 500
     # A state refusal is recorded under the key: the retry gets it again.
     again = await refused(client.create_envelope("uf-alice", 1_000, 5, "LUCKY", "CNY",
