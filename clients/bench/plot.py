@@ -21,12 +21,14 @@ FIGURE_HEIGHT_IN = 6.0
 PNG_DPI = 110
 
 
-def write(path: str, series: dict[str, list[dict]], title: str) -> None:
+def write(path: str, series: dict[str, list[dict]], title: str,
+          marks: dict[str, float] | None = None) -> None:
     """Draw ``series`` (workload -> rows of ``series.per_second``) into ``path``.
 
-    The top row shows committed transfers per second (``per_s``), the bottom row the p50
-    and p99 latency of the calls that ended in that second. The format follows the file's
-    suffix: .png, .svg, or .html (an SVG inside a page).
+    The top row shows committed transfers (or grabs) per second (``per_s``), the bottom row
+    the p50 and p99 latency of the calls that ended in that second. ``marks`` (workload ->
+    seconds): a dashed line where every credit had landed (the envelope rows' credited_s).
+    The format follows the file's suffix: .png, .svg, or .html (an SVG inside a page).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -41,6 +43,10 @@ def write(path: str, series: dict[str, list[dict]], title: str) -> None:
         top, bottom = axes[0][col], axes[1][col]
         top.plot(seconds, [r["per_s"] for r in rows], marker="o", color="tab:blue")
         top.set_title(name)
+        if marks and name in marks:
+            top.axvline(marks[name], color="tab:green", linestyle="--",
+                        label=f"all credited {marks[name]:.2f} s")
+            top.legend()
         top.set_ylabel("committed / s")
         top.set_ylim(bottom=0)
         top.grid(alpha=0.3)

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 
+from clients.bench.envelopes import ENVELOPE_TOTAL_MAX_MINOR, shares_max_needed
 from clients.localcluster import LocalCluster
 
 # Ports of the cluster the bench starts when none is given: apart from `make services`
@@ -70,7 +71,8 @@ class Server:
         if args.target:
             return
         if args.backend == "embedded":
-            self._launch(["dev", "--data-dir", self.tmp, "--shards", str(args.shards)])
+            self._launch(["dev", "--data-dir", self.tmp, "--shards", str(args.shards),
+                          *self._envelope_flags()])
             return
         if not args.cassandra:
             print(f"starting Cassandra + etcd (clients.localcluster), regions "
@@ -97,7 +99,13 @@ class Server:
             if len(self.regions) == 1:
                 # One region ({r1: 1}): accepted for a benchmark, not for production.
                 cmd.append("--single-region-dev")
-            self._launch(cmd, first=i == 0)
+            self._launch([*cmd, *self._envelope_flags()], first=i == 0)
+
+    def _envelope_flags(self) -> list[str]:
+        """Red-envelope rules that let the bench's envelopes exist: the hot envelope has one
+        share per receiver (10,000 by default; the ledger's default allows 100) of 1.00."""
+        return ["--envelope-shares-max", str(shares_max_needed(self.args)),
+                "--envelope-total-max-minor", str(ENVELOPE_TOTAL_MAX_MINOR)]
 
     def _launch(self, cmd: list[str], first: bool = True) -> None:
         """Start one ledgerd with a free gRPC port and a free metrics port."""

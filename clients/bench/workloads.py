@@ -18,7 +18,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from clients import LedgerClient
 from ledgerpb import ledger_pb2 as pb
@@ -40,6 +40,8 @@ class Result:
     """The figures of one workload."""
 
     name: str
+    # "transfer" or "envelope": which naive baseline the row's x_naive is against.
+    family: str = "transfer"
     committed: int = 0
     refused: int = 0
     seconds: float = 0.0
@@ -50,6 +52,10 @@ class Result:
     refusals: dict[str, int] = field(default_factory=dict)
     # CPU and store-cost figures, filled by the bench around the run (``probe.costs``).
     extra: dict = field(default_factory=dict)
+    # Figures of the workload's own (envelope rows: credited_s, correct, ...).
+    fields: dict = field(default_factory=dict)
+    # What the bench needs after the run and does not print (``envelopes.settle``).
+    state: Any = None
 
     @property
     def per_s(self) -> float:
@@ -62,10 +68,10 @@ class Result:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     def row(self) -> dict:
-        return {"workload": self.name, "committed": self.committed, "refused": self.refused,
+        return {"workload": self.name, "family": self.family, "committed": self.committed, "refused": self.refused,
                 "seconds": round(self.seconds, 2), "per_s": round(self.per_s, 1),
                 "p50_ms": round(self.pct(0.50), 2), "p99_ms": round(self.pct(0.99), 2),
-                "refusals": dict(self.refusals), **self.extra}
+                "refusals": dict(self.refusals), **self.fields, **self.extra}
 
     def refuse(self, why: str) -> None:
         self.refused += 1

@@ -144,3 +144,105 @@ def test_store_thread_without_ledger_pids_is_not_measured() -> None:
                       committed=10, seconds=1.0, probe=p)
     assert row["store_cpu_us_per_transfer"] is None and row["store_cpu_share"] is None
     assert row["cpu_us_per_transfer"] == 200000.0
+
+
+# --- red envelopes: the credit probes and the verdict --------------------------------------
+
+def _grab(envelope: str, position: int, receiver: str, amount: int = 1):
+    from ledgerpb import ledger_pb2 as pb
+
+    return pb.Grab(envelope_id=envelope, position=position, receiver_wallet_id=receiver,
+                   amount_minor=amount, transfer_id=f"t-{envelope}-{position}")
+
+
+def test_credit_probes_highest_position_per_envelope_and_receiver_shard() -> None:
+    from clients.bench.envelopes import credit_probes
+
+    shards = {"a": 1, "b": 1, "c": 2, "d": 1}
+    grabs = [_grab("e1", 3, "a"), _grab("e1", 0, "b"), _grab("e1", 1, "c"),
+             _grab("e1", 2, "d"), _grab("e2", 0, "a"), _grab("e2", 1, "c")]
+    probes = credit_probes(grabs, shards)
+    # e1's positions follow its shard's journal: position 3 covers 0 and 2 on shard 1.
+    assert sorted((g.envelope_id, g.position) for g in probes) == [
+        ("e1", 1), ("e1", 3), ("e2", 0), ("e2", 1)]
+
+
+def test_credit_probes_without_shards_poll_every_grab() -> None:
+    from clients.bench.envelopes import credit_probes
+
+    grabs = [_grab("e1", 0, "a"), _grab("e1", 1, "b"), _grab("e2", 0, "a")]
+    assert len(credit_probes(grabs, None)) == 3
+
+
+def test_naive_double_mean_shares_sum_to_the_total_and_keep_the_minimum() -> None:
+    import random
+
+    from clients.bench.naive import double_mean_share
+
+    rng = random.Random(7)
+    left, shares = 1_000, 50
+    amounts = []
+    for n in range(shares, 0, -1):
+        amounts.append(double_mean_share(rng, n, left))
+        left -= amounts[-1]
+    assert sum(amounts) == 1_000 and min(amounts) >= 1 and left == 0
+
+
+def test_check_grabs_accepts_a_sold_out_envelope() -> None:
+    from clients.bench.envelopes import check_grabs
+    from ledgerpb import ledger_pb2 as pb
+
+    envelope = pb.Envelope(envelope_id="e1", total_minor=10, shares=3)
+    grabs = [_grab("e1", 0, "a", 5), _grab("e1", 2, "c", 1), _grab("e1", 1, "b", 4)]
+    final = {"e1": pb.Envelope(state=pb.ENVELOPE_STATE_SOLD_OUT)}
+    correct, check = check_grabs({"e1": envelope}, grabs, {}, final)
+    assert correct, check
+
+
+@pytest.mark.parametrize("grabs, refused, final_state, why", [
+    ([("a", 0, 5), ("b", 1, 4)], {}, "SOLD_OUT", "2 grabs of 3 shares"),
+    ([("a", 0, 5), ("b", 1, 4), ("c", 1, 1)], {}, "SOLD_OUT", "duplicate positions"),
+    ([("a", 0, 5), ("a", 1, 4), ("c", 2, 1)], {}, "SOLD_OUT", "duplicate receivers"),
+    ([("a", 0, 5), ("b", 1, 4), ("c", 2, 2)], {}, "SOLD_OUT", "sum to 11, total 10"),
+    ([("a", 0, 5), ("b", 1, 4), ("c", 2, 1)], {"RESULT_STATUS_X": 1}, "SOLD_OUT", "not OK"),
+    ([("a", 0, 5), ("b", 1, 4), ("c", 2, 1)], {}, "ACTIVE", "GetEnvelope says"),
+])
+def test_check_grabs_names_what_is_wrong(grabs, refused, final_state, why) -> None:
+    from clients.bench.envelopes import check_grabs
+    from ledgerpb import ledger_pb2 as pb
+
+    envelope = pb.Envelope(envelope_id="e1", total_minor=10, shares=3)
+    final = {"e1": pb.Envelope(state=pb.EnvelopeState.Value(f"ENVELOPE_STATE_{final_state}"))}
+    correct, check = check_grabs({"e1": envelope}, [_grab("e1", p, r, a) for r, p, a in grabs],
+                                 refused, final)
+    assert not correct and why in check, check
+
+
+def test_a_wrong_envelope_result_makes_the_bench_exit_non_zero(monkeypatch, capsys) -> None:
+    from clients.bench import cli
+    from clients.bench.workloads import Result
+
+    wrong = Result("hot-envelope", family="envelope", committed=3, seconds=1.0)
+    wrong.fields.update(grabs=3, envelopes=1, credited_s=1.5, credits_per_s=2.0,
+                        correct=False, check="e1: amounts sum to 9, total 10")
+
+    class NoServer:
+        regions = ["r1"]
+
+        def __init__(self, args) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    async def measured(server, args):
+        return [wrong]
+    monkeypatch.setattr(cli, "Server", NoServer)
+    monkeypatch.setattr(cli, "measure", measured)
+    assert cli.main(["--workloads", "hot-envelope"]) == cli.EXIT_WRONG_RESULT
+    out = capsys.readouterr()
+    assert "WRONG: e1: amounts sum to 9, total 10" in out.out
+    assert "WRONG RESULT in hot-envelope" in out.err
