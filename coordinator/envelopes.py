@@ -253,7 +253,8 @@ class Envelopes:
                 results[i] = bad
             else:
                 live[i] = item
-        await self._learn_currencies({it.envelope_id for it in live.values()}, deadline)
+        unread = await self._learn_currencies({it.envelope_id for it in live.values()},
+                                              deadline)
         # The shard of each envelope, once per call (a hot envelope is in every item).
         homes = {e: self.shard_of_envelope(e) for e in {it.envelope_id for it in live.values()}}
         shard_of = self._coordinator.shard_of
@@ -264,8 +265,10 @@ class Envelopes:
             for i, item in live.items():
                 currency = self._currencies.get(item.envelope_id)
                 if currency is None:
-                    results[i] = refuse(Status.ENVELOPE_NOT_FOUND, "envelope_id",
-                                        "no envelope with this id")
+                    # Not found, or its owner did not answer (SHARD_UNAVAILABLE, ...: the
+                    # client retries; never a definitive "not found" for a missed read).
+                    results[i] = unread.get(item.envelope_id) or refuse(
+                        Status.ENVELOPE_NOT_FOUND, "envelope_id", "no envelope with this id")
                     continue
                 key = grab_key(item.envelope_id, item.idempotency_key)
                 if (caller, key) in self._in_flight:
@@ -295,20 +298,25 @@ class Envelopes:
             self._in_flight.difference_update(claimed)
         return results  # type: ignore[return-value]
 
-    async def _learn_currencies(self, envelope_ids: set[str], deadline: float | None) -> None:
+    async def _learn_currencies(self, envelope_ids: set[str],
+                                deadline: float | None) -> dict[str, Outcome]:
         """Read the currency of envelopes not seen before from their owners (once: the terms
-        of an envelope never change)."""
+        of an envelope never change). Returns the failed reads' outcomes by envelope id."""
         unknown = [e for e in envelope_ids if e not in self._currencies]
         if not unknown:
-            return
+            return {}
         reads = await self._coordinator._by_shard(
             {i: (self.shard_of_envelope(e), GetEnvelope(e)) for i, e in enumerate(unknown)},
             deadline=deadline)
         if len(self._currencies) + len(unknown) > _CURRENCIES_KEPT_MAX:
             self._currencies.clear()
+        failed: dict[str, Outcome] = {}
         for i, outcome in reads.items():
             if outcome.ok:
                 self._currencies[unknown[i]] = outcome.value[0].currency
+            else:
+                failed[unknown[i]] = outcome
+        return failed
 
     async def _reserve(self, commands: dict[int, tuple[int, GrabEnvelope]], results: list,
                        deadline: float | None) -> None:

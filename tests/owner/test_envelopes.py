@@ -165,3 +165,24 @@ async def test_refusals_change_nothing(ledger):
                                           "CNY", 60_000)
     assert again.status is Status.IDEMPOTENCY_KEY_REUSED and again.field == "shares"
     check_all(ledger)
+
+
+async def test_a_grab_whose_envelope_read_is_unavailable_is_retried_not_refused(ledger):
+    """The coordinator reads an envelope's currency before its first grab there; a read its
+    owner could not answer (failover) is SHARD_UNAVAILABLE, for the client to retry, never
+    a definitive ENVELOPE_NOT_FOUND (found by the seeded simulation, seed 5)."""
+    sender, receivers = await setup_people(ledger, 0, n=1)
+    made = await ledger.envelopes.create("svc", "env-5", sender, 100, 2, split.KIND_FIXED,
+                                         "CNY", 60_000)
+    assert made.ok, made
+    env_id = made.value[0].envelope_id
+    env_shard = shard_of(escrow_wallet_id(env_id), SHARDS)
+    fresh = Envelopes(ledger.coordinator, ledger.peers, ledger.store, SHARDS,
+                      clock_ms=lambda: ledger.now, new_seed=lambda: 7)
+    await ledger.peers.owners[env_shard].stop("ownership lost")
+    missed = await fresh.grab("svc", GrabItem("g1", env_id, receivers[0]))
+    assert missed.status is Status.SHARD_UNAVAILABLE, missed
+    await ledger.start(env_shard, epoch=2)
+    got = await fresh.grab("svc", GrabItem("g1", env_id, receivers[0]))
+    assert got.ok and got.value[0].amount_minor == 50, got
+    check_all(ledger)

@@ -17,7 +17,12 @@ retries pass in microseconds and the same seed gives the same trace:
 * clients: a seeded workload of transfers (same and cross shard), deposits, withdrawals,
   batches with linked chains, holds (create, capture, release, expiry), wallet creations,
   reads, and idempotency keys used again (same payload; other amount, source, destination,
-  wallet or hold), each retried with its key while the answer is transient.
+  wallet or hold), each retried with its key while the answer is transient; and red
+  envelopes through each node's real ``Envelopes`` (``op_envelope_create``,
+  ``op_envelope_grab``: FIXED, LUCKY and EXCLUSIVE envelopes, some expiring during the run
+  and refunded by the owners' sweep, grabbed singly and in ``grab_many`` batches by several
+  receivers, with retries of a grab's key, second keys for a receiver, more receivers than
+  shares, ineligible receivers, and reads).
 
 The oracle (``oracle.Oracle``) folds every durable batch as it lands and checks the invariants
 after each one; clients report every definitive answer to it. At the end the faults heal,
@@ -61,15 +66,17 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from coordinator.coordinator import Coordinator, TransferItem, key_shard_of, transfer_id_for
+from coordinator.envelopes import EnvelopeRules, Envelopes, GrabItem
 from ledger import constants as ledger_constants
-from ledger.core import codec
+from ledger.core import codec, split
+from ledger.core.ids import envelope_id_for, grab_key
 from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
     KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, settlement_wallet_id,
 )
 from ledger.core.shard import ShardState
 from ledger.core.step import fold, fold_events
-from ledger.core.status import Outcome
+from ledger.core.status import Outcome, Status
 from ledger.node import Node
 from ledger.store.port import JournalBatch
 from shard_router.hashing import shard_of
@@ -96,7 +103,13 @@ _NODE: contextvars.ContextVar[str | None] = contextvars.ContextVar("sim_node", d
 NEMESIS_KINDS = ("move", "reelect", "pause", "crash", "partition", "outage")
 # What clients do, and how often (relative weights).
 WORKLOAD = {"transfer": 30, "deposit_or_withdraw": 8, "batch": 12, "hold": 12, "reuse": 20,
-            "create_wallet": 4, "read": 6}
+            "create_wallet": 4, "read": 6, "envelope_create": 3, "envelope_grab": 5}
+# Envelope expiries (ms): the short ones expire during the run (the owners' sweep refunds
+# what is left); 0 is the longest (a day), which outlives every run.
+ENVELOPE_EXPIRY_MS = (1_000, 4_000, 0, 0, 0)
+# The drain waits until no envelope with money left expires within this of its end (ms), so
+# every refund due by the end check was made and its credit delivered.
+ENVELOPE_SETTLE_MS = 5_000
 
 
 @dataclass
@@ -156,6 +169,7 @@ class SimNode:
     ownership: NodeOwnership
     node: Node
     coordinator: Coordinator
+    envelopes: Envelopes
     incarnation: int = 0
     alive: bool = True
     paused: bool = False
@@ -170,7 +184,12 @@ def _digest(state: ShardState) -> tuple:
             tuple(sorted(state.inbox_applied.items())),
             tuple(sorted((h.hold_id, h.state) for h in state.holds.values())),
             tuple(sorted(state.chains)), len(state.transfers), len(state.idempotency),
-            len(state.claims))
+            len(state.claims),
+            tuple(sorted((e.envelope_id, e.funded_at_ms, e.left_minor, e.left_shares,
+                          e.refunded_minor, e.refund_transfer_id, e.closed_at_ms)
+                         for e in state.envelopes.values())),
+            tuple(sorted((g.envelope_id, g.position, g.receiver_wallet_id, g.amount_minor)
+                         for grabs in state.grabs.values() for g in grabs.values())))
 
 
 class _TraceHandler(logging.Handler):
@@ -222,6 +241,9 @@ class Simulation:
         self.captures: list[dict] = []
         self.releases: list[tuple[str, str]] = []
         self.creations: list[tuple[str, str, str]] = []
+        # Envelopes created (answered OK): their terms, and the grabs tried on them.
+        self.envelope_plans: list[dict] = []
+        self.created_envelopes: list[dict] = []
         self._keys = 0
         self.ops_done = 0
         self.retries = 0
@@ -367,7 +389,11 @@ class Simulation:
                              retry_deadline_ms=self.config.router_deadline_ms)
         coordinator = Coordinator(node.router, self.store, self.config.shard_count,
                                   clock_ms=self.clock_ms)
-        return SimNode(node_id, ownership, node, coordinator, incarnation)
+        # The envelope seeds come from the workload's generator: a seed stays a trace.
+        envelopes = Envelopes(coordinator, node.router, self.store, self.config.shard_count,
+                              clock_ms=self.clock_ms,
+                              new_seed=lambda: self.workload_rng.getrandbits(63))
+        return SimNode(node_id, ownership, node, coordinator, envelopes, incarnation)
 
     async def _start_node(self, node_id: str, incarnation: int) -> None:
         sim_node = self.nodes[node_id] = self._new_node(node_id, incarnation)
@@ -547,20 +573,22 @@ class Simulation:
         self._keys += 1
         return f"k{self._keys}"
 
-    async def _attempt(self, call: Callable[[Coordinator], Awaitable]) -> object | None:
-        """One try through a random live node's coordinator; None if that node died."""
+    async def _attempt(self, call: Callable[[Coordinator], Awaitable],
+                       via: str = "coordinator") -> object | None:
+        """One try through a random live node's coordinator (or ``via`` another of its
+        services: "envelopes"); None if that node died."""
         live = sorted(n for n, node in self.nodes.items() if node.alive)
         node_id = self.workload_rng.choice(live)
-        task = self.spawn(call(self.nodes[node_id].coordinator), node=node_id)
+        task = self.spawn(call(getattr(self.nodes[node_id], via)), node=node_id)
         await asyncio.wait([task])
         if task.cancelled():
             return None
         return task.result()
 
-    async def request(self, label: str, call: Callable[[Coordinator], Awaitable]):
+    async def request(self, label: str, call: Callable, via: str = "coordinator"):
         """Send until the answer is definitive (the client library's retry, same key)."""
         while True:
-            result = await self._attempt(call)
+            result = await self._attempt(call, via)
             outcomes = result if isinstance(result, list) else [result]
             if result is not None and all(not o.status.transient() for o in outcomes):
                 self.log(f"client {label}: " + ",".join(o.status.name for o in outcomes))
@@ -788,6 +816,138 @@ class Simulation:
             self.count("reuse release")
             await self.release(key, rng.choice(self.holds))
 
+    async def op_envelope_create(self) -> None:
+        """Create (and fund) a red envelope; sometimes send an earlier create's key again,
+        with the same terms (the same envelope, its seed too) or other ones (refused)."""
+        rng = self.workload_rng
+        if self.envelope_plans and rng.random() < 0.15:
+            plan = dict(rng.choice(self.envelope_plans))
+            variant = rng.choice(["same", "same", "total", "expiry"])
+            if variant == "total":
+                plan["total"] += 1
+            elif variant == "expiry":
+                plan["expiry_ms"] += 1
+            self.count(f"envelope reuse {variant}")
+        else:
+            currency = rng.choice(["CNY", "CNY", "USD"])
+            wallets = self._funded(currency)
+            sender = rng.choice(wallets)
+            kind = rng.choice([split.KIND_FIXED, split.KIND_LUCKY, split.KIND_LUCKY,
+                               split.KIND_EXCLUSIVE])
+            shares = 1 if kind == split.KIND_EXCLUSIVE else rng.randint(1, 10)
+            others = [w for w in wallets if w != sender]
+            plan = dict(key=self._key(), sender=sender, currency=currency, kind=kind,
+                        shares=shares,
+                        total=max(shares, rng.choice([1, 10, 99, 500, 1_200, 4_000])),
+                        expiry_ms=rng.choice(ENVELOPE_EXPIRY_MS),
+                        receiver=rng.choice(others) if kind == split.KIND_EXCLUSIVE else "",
+                        memo=rng.choice(["", "hny"]))
+            self.envelope_plans.append(plan)
+        await self.create_envelope(plan)
+
+    async def create_envelope(self, plan: dict) -> None:
+        key = plan["key"]
+        outcome = await self.request(f"envelope {key}", lambda e: e.create(
+            CALLER, key, plan["sender"], plan["total"], plan["shares"], plan["kind"],
+            plan["currency"], plan["expiry_ms"], plan["memo"], plan["receiver"]),
+            via="envelopes")
+        envelope_id = envelope_id_for(CALLER, key)
+        funding_id = transfer_id_for(shard_of(plan["sender"], self.config.shard_count),
+                                     CALLER, key)
+        expiry_ms = plan["expiry_ms"] or EnvelopeRules().expiry_ms_max
+        self.count(f"envelope create {outcome.status.name}")
+        self.oracle.envelope_answered(
+            CALLER, key, envelope_id, (plan["sender"], plan["currency"], plan["kind"],
+                                       plan["total"], plan["shares"], plan["receiver"],
+                                       plan["memo"], expiry_ms), outcome, funding_id)
+        if outcome.ok and not any(e["envelope_id"] == envelope_id
+                                  for e in self.created_envelopes):
+            envelope = outcome.value[0]
+            self.count("envelope created")
+            self.created_envelopes.append(dict(
+                envelope_id=envelope_id, currency=envelope.currency, kind=envelope.kind,
+                shares=envelope.shares, sender=envelope.sender_wallet_id,
+                receiver=envelope.receiver_wallet_id, grabs=[]))
+
+    async def op_envelope_grab(self) -> None:
+        """Grab an envelope created before: several receivers (more than its shares, at
+        times), singly or in one ``grab_many``; with them, at times, a retry of an earlier
+        grab's key (the same amount again), a second key for a receiver who grabbed
+        (ENVELOPE_ALREADY_GRABBED), an earlier key for another receiver (reused), a
+        receiver of another currency; then, at times, a read of the envelope."""
+        rng = self.workload_rng
+        if not self.created_envelopes:
+            await self.op_envelope_create()
+            return
+        recent = self.created_envelopes[-3:]
+        env = rng.choice(recent if rng.random() < 0.7 else self.created_envelopes)
+        tried = {receiver for _, receiver in env["grabs"]}
+        wallets = self._funded(env["currency"])
+        if env["kind"] == split.KIND_EXCLUSIVE and rng.random() < 0.6:
+            fresh = [env["receiver"]]
+        else:
+            fresh = [w for w in wallets if w not in tried] or list(wallets)
+            rng.shuffle(fresh)
+            fresh = fresh[:rng.randint(1, min(env["shares"] + 2, 6))]
+        items = [GrabItem(self._key(), env["envelope_id"], r) for r in fresh]
+        earlier = list(env["grabs"])
+        if earlier and rng.random() < 0.4:
+            key, receiver = rng.choice(earlier)
+            items.append(GrabItem(key, env["envelope_id"], receiver))
+            self.count("grab retry same key")
+        if earlier and rng.random() < 0.25:
+            _, receiver = rng.choice(earlier)
+            items.append(GrabItem(self._key(), env["envelope_id"], receiver))
+            self.count("grab second key")
+        if earlier and rng.random() < 0.1:
+            key, receiver = rng.choice(earlier)
+            others = [w for w in wallets if w != receiver]
+            if others:
+                items.append(GrabItem(key, env["envelope_id"], rng.choice(others)))
+                self.count("grab key reused")
+        if rng.random() < 0.05:
+            other = "USD" if env["currency"] == "CNY" else "CNY"
+            items.append(GrabItem(self._key(), env["envelope_id"],
+                                  rng.choice(self._funded(other))))
+            self.count("grab other currency")
+        # One key at most once per call (the same key twice in one call is in flight).
+        seen: set[str] = set()
+        items = [it for it in items
+                 if not (it.idempotency_key in seen or seen.add(it.idempotency_key))]
+        env["grabs"].extend((it.idempotency_key, it.receiver_wallet_id) for it in items
+                            if (it.idempotency_key, it.receiver_wallet_id) not in earlier)
+        for it in items:
+            self.oracle.grab_sending(CALLER, grab_key(it.envelope_id, it.idempotency_key),
+                                     it.receiver_wallet_id)
+        if len(items) > 1 and rng.random() < 0.5:
+            self.count("grab_many")
+            label = f"grab_many {items[0].idempotency_key}..{items[-1].idempotency_key}"
+            outcomes = await self.request(label, lambda e: e.grab_many(CALLER, items),
+                                          via="envelopes")
+            self._answered_grabs(items, outcomes)
+        else:
+            for item in items:
+                outcome = await self.request(f"grab {item.idempotency_key}", lambda e, item=item:
+                                             e.grab(CALLER, item), via="envelopes")
+                self._answered_grabs([item], [outcome])
+        if rng.random() < 0.3:
+            view = await self.request(f"read {env['envelope_id']}", lambda e: e.get(
+                env["envelope_id"]), via="envelopes")
+            if view.ok:
+                v = view.value
+                self.oracle.envelope_read(v.envelope, v.grabs, v.luckiest,
+                                          not v.next_page_token)
+            else:
+                self.oracle.fail(f"read of envelope {env['envelope_id']}: {view.status.name}")
+
+    def _answered_grabs(self, items: list[GrabItem], outcomes: list[Outcome]) -> None:
+        now = self.clock_ms()
+        for item, outcome in zip(items, outcomes):
+            if outcome.status is Status.ENVELOPE_SOLD_OUT:
+                self.count("grab sold out")
+            self.oracle.grab_answered(CALLER, grab_key(item.envelope_id, item.idempotency_key),
+                                      item.envelope_id, item.receiver_wallet_id, outcome, now)
+
     async def client(self, number: int) -> None:
         rng = self.workload_rng
         ops = [(getattr(self, "op_" + name), weight)
@@ -859,9 +1019,10 @@ class Simulation:
                            f"the faults healed; shards without a serving owner: "
                            f"{self._unserved()}")
             return
-        while self.oracle.in_doubt():
+        while self.oracle.in_doubt(self.clock_ms() + ENVELOPE_SETTLE_MS):
             if self.now_s() - healed_at > CONVERGE_S_MAX + DRAIN_S_MAX:
-                self._violated(f"still in doubt after draining: {self.oracle.in_doubt()[:3]}")
+                self._violated(f"still in doubt after draining: "
+                               f"{self.oracle.in_doubt(self.clock_ms())[:3]}")
                 return
             await asyncio.sleep(0.5)
         await asyncio.sleep(3.0)  # acknowledgements and sweeps settle
@@ -869,9 +1030,10 @@ class Simulation:
 
     async def check_end(self) -> None:
         """After healing and draining: nothing in doubt, every acknowledged request executed
-        once and nothing else, balances = replay of acknowledged requests, and each shard's
-        serving owner, the journal replayed from scratch, the journal replayed from its
-        snapshot, and the oracle all agree."""
+        once and nothing else, balances = replay of acknowledged requests, every envelope
+        adding up (and refunded if it expired with money left), and each shard's serving
+        owner, the journal replayed from scratch, the journal replayed from its snapshot,
+        and the oracle all agree (wallets and envelopes)."""
         self.oracle.final({}, self.clock_ms())
         for shard in range(self.config.shard_count):
             node_id, epoch = self.assigned[shard]
@@ -907,6 +1069,19 @@ class Simulation:
                                                                     wallet.held_minor):
                     self.oracle.fail(f"wallet {wallet.wallet_id}: journal replay and oracle "
                                      f"disagree")
+            for envelope in replayed.envelopes.values():
+                known = self.oracle.envelopes.get(envelope.envelope_id)
+                grabs = sorted((g.position, g.receiver_wallet_id, g.amount_minor)
+                               for g in replayed.grabs.get(envelope.envelope_id, {}).values())
+                if known is None or (
+                        bool(envelope.funded_at_ms), envelope.left_minor, envelope.left_shares,
+                        envelope.refunded_minor, envelope.refund_transfer_id, grabs) != (
+                        known.funded, known.left, known.left_shares, known.refunded,
+                        known.refund_transfer_id,
+                        sorted((g.position, g.receiver_wallet_id, g.amount_minor)
+                               for g in known.grabs.values())):
+                    self.oracle.fail(f"envelope {envelope.envelope_id}: journal replay and "
+                                     f"oracle disagree")
 
     def digest(self) -> str:
         return hashlib.sha256("\n".join(self.trace).encode()).hexdigest()
@@ -967,7 +1142,7 @@ def simulate(seed: int, config: SimConfig | None = None) -> Result:
             lg.removeHandler(handler)
             lg.setLevel(level)
             lg.propagate = propagate
-    return Result(seed, config, sim.failure, sim.trace, dict(sim.counts),
+    return Result(seed, config, sim.failure, sim.trace, {**sim.counts, **sim.oracle.envelope_counts},
                   dict(sim.network.counts), dict(sim.store.counts), sim.oracle.appends,
                   sim.ops_done, sim.retries,
                   sim.background_errors, virtual_s)
