@@ -35,7 +35,7 @@ from ledger.core import constants as C
 from ledger.core import split, validate
 from ledger.core.ids import envelope_id_for, grab_key, transfer_id_for
 from ledger.core.model import (
-    KIND_ENVELOPE_FUND, CancelReservation, Envelope, GetEnvelope, Grab, GrabEnvelope,
+    KIND_ENVELOPE_FUND, AbandonEnvelope, CancelReservation, Envelope, GetEnvelope, Grab, GrabEnvelope,
     OpenEnvelope, ReserveCredit, escrow_wallet_id,
 )
 from ledger.core.status import Outcome, Status, ok, refuse
@@ -216,6 +216,11 @@ class Envelopes:
             idempotency_key, sender_wallet_id, escrow_wallet_id(envelope_id), total_minor,
             currency, memo, KIND_ENVELOPE_FUND), deadline)
         if not funded.ok:
+            if funded.status.recorded():
+                # Refused for good: the money will never reach the escrow. Close the
+                # envelope, so that grabs are told so at once (not "retry").
+                await self._executor.execute(shard, [AbandonEnvelope(
+                    envelope_id, funding_id, self._clock_ms())], deadline=deadline)
             # The funding transfer's refusal, in the names of this request's fields.
             field_name = _FUNDING_FIELDS.get(funded.field, funded.field)
             detail = funded.detail.replace("from_wallet_id", "sender_wallet_id")
@@ -259,6 +264,9 @@ class Envelopes:
         homes = {e: self.shard_of_envelope(e) for e in {it.envelope_id for it in live.values()}}
         shard_of = self._coordinator.shard_of
         claimed: list[tuple[str, str]] = []
+        # The same grab key twice in one call: the later items get the first one's answer.
+        firsts: dict[str, int] = {}
+        again: dict[int, int] = {}
         try:
             commands: dict[int, tuple[int, GrabEnvelope]] = {}
             now = self._clock_ms()
@@ -271,6 +279,10 @@ class Envelopes:
                         Status.ENVELOPE_NOT_FOUND, "envelope_id", "no envelope with this id")
                     continue
                 key = grab_key(item.envelope_id, item.idempotency_key)
+                if key in firsts:
+                    again[i] = firsts[key]
+                    continue
+                firsts[key] = i
                 if (caller, key) in self._in_flight:
                     results[i] = refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
                                         "a grab with this key is being executed")
@@ -296,6 +308,16 @@ class Envelopes:
                 spawn(self._coordinator._by_shard(cancel), "cancel-grab-reservations")
         finally:
             self._in_flight.difference_update(claimed)
+        for i, first in again.items():
+            answer = results[first]
+            assert answer is not None
+            if items[i].receiver_wallet_id != items[first].receiver_wallet_id:
+                results[i] = refuse(Status.IDEMPOTENCY_KEY_REUSED, "receiver_wallet_id",
+                                    "idempotency key was first used with a different "
+                                    "receiver_wallet_id")
+            else:
+                results[i] = Outcome(answer.status, answer.field, answer.detail, answer.value,
+                                     replayed=answer.replayed or answer.ok)
         return results  # type: ignore[return-value]
 
     async def _learn_currencies(self, envelope_ids: set[str],
@@ -309,7 +331,10 @@ class Envelopes:
             {i: (self.shard_of_envelope(e), GetEnvelope(e)) for i, e in enumerate(unknown)},
             deadline=deadline)
         if len(self._currencies) + len(unknown) > _CURRENCIES_KEPT_MAX:
+            # Start again, keeping what this call uses.
+            kept = {e: self._currencies[e] for e in envelope_ids if e in self._currencies}
             self._currencies.clear()
+            self._currencies.update(kept)
         failed: dict[str, Outcome] = {}
         for i, outcome in reads.items():
             if outcome.ok:

@@ -65,15 +65,19 @@ class RedEnvelopeServicer(pb_grpc.RedEnvelopeServiceServicer):
         results = []
         for outcome in outcomes:
             # protobuf takes the enum's int value; the generated .pyi lists only the enum type.
-            result = pb.GrabResult(status=int(outcome.status),  # type: ignore[arg-type]
-                                   field=outcome.field, detail=outcome.detail,
-                                   replayed=outcome.replayed)
-            if outcome.value is not None:
-                # OK: (grab, its transfer); ENVELOPE_ALREADY_GRABBED: (the earlier grab, None).
-                grab, transfer = outcome.value
-                result.grab.CopyFrom(convert.grab_to_proto(grab))
-                result.credited = transfer is not None and transfer.credited
-            results.append(result)
+            if outcome.value is None:
+                results.append(pb.GrabResult(
+                    status=int(outcome.status),  # type: ignore[arg-type]
+                    field=outcome.field, detail=outcome.detail, replayed=outcome.replayed))
+                continue
+            # OK: (grab, its transfer); ENVELOPE_ALREADY_GRABBED: (the earlier grab, None).
+            # One constructor per result (no CopyFrom of a built Grab).
+            grab, transfer = outcome.value
+            results.append(pb.GrabResult(
+                status=int(outcome.status),  # type: ignore[arg-type]
+                field=outcome.field, detail=outcome.detail, replayed=outcome.replayed,
+                grab=convert.grab_to_proto(grab),
+                credited=transfer is not None and transfer.credited))
         return pb.GrabEnvelopesResponse(results=results)
 
     async def GetEnvelope(self, request, context):

@@ -50,6 +50,7 @@ GRPC_CODE: dict[Status, grpc.StatusCode] = {
     Status.TRANSFER_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Status.HOLD_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Status.ENVELOPE_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.ENVELOPE_UNFUNDED: grpc.StatusCode.NOT_FOUND,
     Status.WALLET_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Status.IDEMPOTENCY_KEY_REUSED: grpc.StatusCode.ALREADY_EXISTS,
     Status.ENVELOPE_ALREADY_GRABBED: grpc.StatusCode.ALREADY_EXISTS,

@@ -52,6 +52,9 @@ ENVELOPE_EXPIRY_MS_MAX = 24 * 3600 * 1000
 # envelope's grabs are kept in its owner's memory (ENVELOPE_SHARES_CEILING bounds them).
 ENVELOPE_TOTAL_MINOR_CEILING = 10**12
 ENVELOPE_SHARES_CEILING = 100_000
+# How long after its creation a grab of an envelope whose money has not arrived is answered
+# REQUEST_IN_FLIGHT (retry: the funding credit is on its way) before ENVELOPE_UNFUNDED (ms).
+ENVELOPE_FUNDING_WAIT_MS = 10_000
 # Grabs per GetEnvelope page; a bigger page_size is clamped to this.
 ENVELOPE_GRABS_PAGE_MAX = 1_000
 ENVELOPE_GRABS_PAGE_DEFAULT = 100

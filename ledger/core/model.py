@@ -59,6 +59,7 @@ ENVELOPE_ACTIVE = "ACTIVE"
 ENVELOPE_SOLD_OUT = "SOLD_OUT"
 ENVELOPE_EXPIRED = "EXPIRED"    # past its expiry; what is left not refunded yet (or nothing)
 ENVELOPE_REFUNDED = "REFUNDED"  # past its expiry, what was left went back to the sender
+ENVELOPE_UNFUNDED = "UNFUNDED"  # the sender's transfer was refused: never funded, never will be
 
 _ESCROW_PREFIX = RESERVED_PREFIX + "envelope:"
 
@@ -221,11 +222,13 @@ class Envelope:
     left_shares: int = 0
     refunded_minor: int = 0
     refund_transfer_id: str = ""
-    closed_at_ms: int = 0       # sold out or refunded (0: neither yet)
+    closed_at_ms: int = 0       # sold out, refunded or abandoned unfunded (0: none yet)
 
     def state(self, now_ms: int) -> str:
         if self.refund_transfer_id:
             return ENVELOPE_REFUNDED
+        if not self.funded_at_ms and self.closed_at_ms:
+            return ENVELOPE_UNFUNDED
         if self.funded_at_ms and self.left_shares == 0:
             return ENVELOPE_SOLD_OUT
         if now_ms >= self.expires_at_ms:
@@ -531,6 +534,16 @@ class GetEnvelope:
 
 
 @dataclass(slots=True, frozen=True)
+class AbandonEnvelope:
+    """Close an envelope whose funding transfer was refused for good (a recorded refusal on
+    the sender's shard: it can never commit, so the escrow never gets the money)."""
+
+    envelope_id: str
+    funding_transfer_id: str
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
 class RefundEnvelope:
     """Give what is left of an expired envelope back to its sender (the owner's sweep)."""
 
@@ -679,13 +692,20 @@ class EnvelopeRefunded:
     at_ms: int
 
 
+@dataclass(slots=True, frozen=True)
+class EnvelopeAbandoned:
+    envelope_id: str
+    at_ms: int
+
+
 EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, IdempotencyExpired,
                HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed,
                CreditReserved, ReservationsDropped, ReservationsFenced,
                ChainParticipantFinished, IdempotencySpilled, EnvelopeOpened, EnvelopeGrabbed,
-               EnvelopeRefunded)
+               EnvelopeRefunded, EnvelopeAbandoned)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
                  ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
                  ClaimKey, ResolveReservations, DropReservations, ChainFinished,
-                 SpillIdempotency, OpenEnvelope, GrabEnvelope, GetEnvelope, RefundEnvelope)
+                 SpillIdempotency, OpenEnvelope, GrabEnvelope, GetEnvelope, RefundEnvelope,
+                 AbandonEnvelope)

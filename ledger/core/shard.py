@@ -32,7 +32,7 @@ from ledger.core.model import (
     ChainParticipantFinished, IdempotencySpilled, SpillIdempotency,
     KIND_ENVELOPE_FUND, KIND_ENVELOPE_GRAB, KIND_ENVELOPE_REFUND, Envelope, EnvelopeGrabbed,
     EnvelopeOpened, EnvelopeRefunded, GetEnvelope, Grab, GrabEnvelope, OpenEnvelope,
-    RefundEnvelope, envelope_of_escrow, escrow_wallet_id,
+    RefundEnvelope, envelope_of_escrow, escrow_wallet_id, AbandonEnvelope, EnvelopeAbandoned,
 )
 from ledger.core import split
 from ledger.core.ids import refund_key, transfer_id_for
@@ -43,7 +43,7 @@ Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | Idempo
          | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed
          | CreditReserved | ReservationsDropped | ReservationsFenced
          | ChainParticipantFinished | IdempotencySpilled | EnvelopeOpened | EnvelopeGrabbed
-         | EnvelopeRefunded)
+         | EnvelopeRefunded | EnvelopeAbandoned)
 
 
 def debit_shard_of(transfer_id: str) -> int:
@@ -614,6 +614,10 @@ class ShardState:
         if envelope.refund_transfer_id or cmd.now_ms >= envelope.expires_at_ms:
             return refuse(Status.ENVELOPE_EXPIRED, "envelope_id", "the envelope has expired"), []
         if not envelope.funded_at_ms:
+            if envelope.closed_at_ms or (
+                    cmd.now_ms - envelope.created_at_ms > C.ENVELOPE_FUNDING_WAIT_MS):
+                return refuse(Status.ENVELOPE_UNFUNDED, "envelope_id",
+                              "the sender's money never reached the envelope"), []
             return refuse(Status.REQUEST_IN_FLIGHT, "envelope_id",
                           "the envelope's money has not reached it yet; retry"), []
         if envelope.left_shares == 0:
@@ -669,6 +673,13 @@ class ShardState:
         return [e.copy() for e in self.envelopes.values()
                 if e.funded_at_ms and not e.refund_transfer_id and e.left_minor
                 and now_ms >= e.expires_at_ms]
+
+    def _decide_abandon_envelope(self, cmd: AbandonEnvelope) -> tuple[Outcome, list[Event]]:
+        envelope = self.envelopes.get(cmd.envelope_id)
+        if envelope is None or envelope.funded_at_ms or envelope.closed_at_ms \
+                or envelope.funding_transfer_id != cmd.funding_transfer_id:
+            return ok(None), []
+        return ok(None), [EnvelopeAbandoned(cmd.envelope_id, cmd.now_ms)]
 
     def _decide_refund_envelope(self, cmd: RefundEnvelope) -> tuple[Outcome, list[Event]]:
         envelope = self.envelopes.get(cmd.envelope_id)
@@ -1092,7 +1103,8 @@ class ShardState:
         envelope = self.envelopes.get(envelope_of_escrow(t.to_wallet_id))
         ensure(envelope is not None, "funding %s for an unknown envelope", t.transfer_id)
         assert envelope is not None  # for the type checker; ensure() stopped otherwise
-        ensure(not envelope.funded_at_ms and envelope.funding_transfer_id == t.transfer_id
+        ensure(not envelope.funded_at_ms and not envelope.closed_at_ms
+               and envelope.funding_transfer_id == t.transfer_id
                and envelope.total_minor == t.amount_minor,
                "envelope %s funded twice or by another transfer", envelope.envelope_id)
         envelope.funded_at_ms = at_ms or 1
@@ -1122,6 +1134,14 @@ class ShardState:
             envelope.closed_at_ms = g.at_ms or 1
         if rows is not None:
             rows.append(("grab", g))
+            rows.append(("envelope", envelope.copy()))
+
+    def _evolve_envelope_abandoned(self, e: EnvelopeAbandoned, rows: list | None) -> None:
+        envelope = self.envelopes[e.envelope_id]
+        ensure(not envelope.funded_at_ms and not envelope.closed_at_ms,
+               "envelope %s abandoned after it was funded or closed", e.envelope_id)
+        envelope.closed_at_ms = e.at_ms or 1
+        if rows is not None:
             rows.append(("envelope", envelope.copy()))
 
     def _evolve_envelope_refunded(self, e: EnvelopeRefunded, rows: list | None) -> None:
@@ -1328,6 +1348,7 @@ _DECIDERS: dict[type, Callable[[ShardState, Any], tuple[Outcome, list[Event]]]] 
     GetEnvelope: ShardState._decide_get_envelope,
     GrabEnvelope: ShardState._decide_grab_envelope,
     RefundEnvelope: ShardState._decide_refund_envelope,
+    AbandonEnvelope: ShardState._decide_abandon_envelope,
 }
 
 _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
@@ -1349,4 +1370,5 @@ _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
     EnvelopeOpened: ShardState._evolve_envelope_opened,
     EnvelopeGrabbed: ShardState._evolve_envelope_grabbed,
     EnvelopeRefunded: ShardState._evolve_envelope_refunded,
+    EnvelopeAbandoned: ShardState._evolve_envelope_abandoned,
 }

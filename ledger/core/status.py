@@ -30,6 +30,9 @@ class Status(enum.IntEnum):
     TRANSFER_NOT_FOUND = 21
     HOLD_NOT_FOUND = 22
     ENVELOPE_NOT_FOUND = 23
+    # The envelope exists, but its sender's money never reached it (the funding was refused,
+    # or has not arrived within ENVELOPE_FUNDING_WAIT_MS): there is nothing to grab.
+    ENVELOPE_UNFUNDED = 24
 
     # ALREADY_EXISTS
     WALLET_EXISTS = 30

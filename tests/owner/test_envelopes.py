@@ -186,3 +186,48 @@ async def test_a_grab_whose_envelope_read_is_unavailable_is_retried_not_refused(
     got = await fresh.grab("svc", GrabItem("g1", env_id, receivers[0]))
     assert got.ok and got.value[0].amount_minor == 50, got
     check_all(ledger)
+
+
+async def test_the_same_grab_key_twice_in_one_call_gets_one_answer(ledger):
+    sender, receivers = await setup_people(ledger, 1, n=2)
+    made = await ledger.envelopes.create("svc", "env-6", sender, 100, 2, split.KIND_FIXED,
+                                         "CNY", 60_000)
+    env_id = made.value[0].envelope_id
+    out = await ledger.envelopes.grab_many("svc", [
+        GrabItem("k", env_id, receivers[0]), GrabItem("k", env_id, receivers[0]),
+        GrabItem("k", env_id, receivers[1])])
+    assert out[0].ok and not out[0].replayed
+    assert out[1].ok and out[1].replayed and out[1].value == out[0].value
+    assert out[2].status is Status.IDEMPOTENCY_KEY_REUSED
+    assert out[2].field == "receiver_wallet_id"
+    assert ledger.peers.owners[shard_of(escrow_wallet_id(env_id), SHARDS)].state.envelopes[
+        env_id].left_shares == 1
+
+
+async def test_a_full_currency_memory_keeps_the_envelopes_of_the_call(ledger, monkeypatch):
+    from coordinator import envelopes as module
+    monkeypatch.setattr(module, "_CURRENCIES_KEPT_MAX", 1)
+    sender, receivers = await setup_people(ledger, 2, n=2)
+    ids = []
+    for key in ("env-7", "env-8"):
+        made = await ledger.envelopes.create("svc", key, sender, 100, 2, split.KIND_FIXED,
+                                             "CNY", 60_000)
+        ids.append(made.value[0].envelope_id)
+    assert (await ledger.envelopes.grab("svc", GrabItem("a", ids[0], receivers[0]))).ok
+    both = await ledger.envelopes.grab_many("svc", [GrabItem("b", ids[0], receivers[1]),
+                                                    GrabItem("c", ids[1], receivers[1])])
+    assert all(o.ok for o in both), both
+
+
+async def test_a_refused_funding_closes_the_envelope_for_grabs(ledger):
+    sender, receivers = await setup_people(ledger, 3, n=1)
+    poor = await ledger.envelopes.create("svc", "env-9", sender, 20_000, 2, split.KIND_FIXED,
+                                         "CNY", 60_000)
+    assert poor.status is Status.INSUFFICIENT_FUNDS and poor.field == "total_minor"
+    from ledger.core.ids import envelope_id_for
+    env_id = envelope_id_for("svc", "env-9")
+    got = await ledger.envelopes.grab("svc", GrabItem("g", env_id, receivers[0]))
+    assert got.status is Status.ENVELOPE_UNFUNDED, got
+    view = await ledger.envelopes.get(env_id)
+    assert view.ok and view.value.envelope.state(ledger.now) == "UNFUNDED"
+    check_all(ledger)

@@ -47,7 +47,7 @@ from ledger.core import codec
 from ledger.core.model import (
     HOLD_HELD, KIND_ENVELOPE_FUND, KIND_ENVELOPE_GRAB, KIND_ENVELOPE_REFUND, KIND_HOLD_CAPTURE,
     STATE_COMMITTED, ChainDecided, ChainPrepared, CreditsApplied, Envelope, EnvelopeGrabbed,
-    EnvelopeOpened, EnvelopeRefunded, Grab, HoldCreated, HoldReleased, IdempotencyExpired,
+    EnvelopeAbandoned, EnvelopeOpened, EnvelopeRefunded, Grab, HoldCreated, HoldReleased, IdempotencyExpired,
     KeyClaimed, OutboxAcked, Transfer, TransferDecided, WalletCreated, envelope_of_escrow,
     escrow_wallet_id, is_settlement,
 )
@@ -97,6 +97,7 @@ class _Envelope:
     left_shares: int = 0
     refunded: int = 0
     refund_transfer_id: str = ""
+    abandoned: bool = False     # closed unfunded (its funding was refused for good)
     grabs: dict[int, Grab] = field(default_factory=dict)          # position -> grab
     by_receiver: dict[str, Grab] = field(default_factory=dict)
     lefts: set[int] = field(default_factory=lambda: {0})          # every durable "left"
@@ -105,7 +106,8 @@ class _Envelope:
 # Grab refusals whose reason the oracle checks against the durable envelope.
 _GRAB_REFUSALS = (Status.ENVELOPE_ALREADY_GRABBED, Status.ENVELOPE_SOLD_OUT,
                   Status.ENVELOPE_EXPIRED, Status.ENVELOPE_NOT_FOUND,
-                  Status.ENVELOPE_NOT_ELIGIBLE, Status.IDEMPOTENCY_KEY_REUSED)
+                  Status.ENVELOPE_NOT_ELIGIBLE, Status.IDEMPOTENCY_KEY_REUSED,
+                  Status.ENVELOPE_UNFUNDED)
 
 
 # How long after its timeout a client hold may still be held at the end (the owner's sweep
@@ -390,8 +392,9 @@ class Oracle:
             self.fail(f"funding {transfer_id} landed on {to_wallet_id}, no envelope's escrow")
             return
         terms = envelope.opened
-        if envelope.funded:
-            self.fail(f"envelope {terms.envelope_id} funded twice ({transfer_id})")
+        if envelope.funded or envelope.abandoned:
+            self.fail(f"envelope {terms.envelope_id} funded twice or after it was abandoned "
+                      f"({transfer_id})")
         elif transfer_id != terms.funding_transfer_id or amount != terms.total_minor:
             self.fail(f"envelope {terms.envelope_id} funded by {transfer_id} with {amount}; "
                       f"its terms say {terms.funding_transfer_id} with {terms.total_minor}")
@@ -511,6 +514,15 @@ class Oracle:
         envelope.left -= e.amount_minor
         self._batch_refunds[e.transfer_id] = e
         self._count("envelope refunded")
+
+    def _envelope_abandoned(self, shard: int, e: EnvelopeAbandoned, touched: set[str]) -> None:
+        envelope = self.envelopes.get(e.envelope_id)
+        if envelope is None or envelope.funded:
+            self.fail(f"shard {shard}: envelope {e.envelope_id} abandoned, but it was "
+                      f"{'never opened' if envelope is None else 'funded'}")
+            return
+        envelope.abandoned = True
+        self._count("envelope abandoned")
 
     def _ignore(self, shard: int, e: object, touched: set[str]) -> None:
         pass
@@ -640,6 +652,9 @@ class Oracle:
         elif status is Status.ENVELOPE_EXPIRED:
             if now_ms < envelope.opened.expires_at_ms and not envelope.refund_transfer_id:
                 wrong = f"it expires in {envelope.opened.expires_at_ms - now_ms} ms"
+        elif status is Status.ENVELOPE_UNFUNDED:
+            if envelope.funded:
+                wrong = "the envelope is durably funded"
         elif status is Status.ENVELOPE_NOT_ELIGIBLE:
             if envelope.opened.receiver_wallet_id in ("", receiver):
                 wrong = "the receiver is eligible"
@@ -784,6 +799,7 @@ _FOLD = {
     EnvelopeOpened: Oracle._envelope_opened,
     EnvelopeGrabbed: Oracle._envelope_grabbed,
     EnvelopeRefunded: Oracle._envelope_refunded,
+    EnvelopeAbandoned: Oracle._envelope_abandoned,
     KeyClaimed: Oracle._ignore,
     IdempotencyExpired: Oracle._ignore,
 }

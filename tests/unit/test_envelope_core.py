@@ -161,3 +161,22 @@ def test_a_closed_envelope_leaves_memory_after_the_retention_window():
     run(s, ExpireIdempotency(closed + 1))
     assert eid not in s.envelopes and eid not in s.grabs
     assert run(s, GetEnvelope(eid)).status is Status.ENVELOPE_NOT_FOUND
+
+
+def test_an_envelope_whose_funding_was_refused_is_unfunded_for_grabs_at_once():
+    from ledger.core.model import AbandonEnvelope
+    s = ShardState(SHARD)
+    assert run(s, CreateWallet("svc", "w-bob", "bob", "CNY", False, 1)).ok
+    eid = envelope_id_for("svc", "env-x")
+    env = Envelope(eid, "alice", "CNY", split.KIND_FIXED, 100, 2, 1, "", "", 1, "svc", "env-x",
+                   "t0000" + "0" * 24, 10, 10 + 60_000)
+    assert run(s, OpenEnvelope(env, 10)).ok
+    wait = grab(s, eid, "bob", now=20)
+    assert wait.status is Status.REQUEST_IN_FLIGHT  # the money may be on its way
+    late = grab(s, eid, "bob", now=10 + 10_001)
+    assert late.status is Status.ENVELOPE_UNFUNDED  # not within the funding wait: say so
+    assert run(s, AbandonEnvelope(eid, "t-other", 30)).value is None  # not its funding
+    assert s.envelopes[eid].state(30) == "FUNDING"
+    run(s, AbandonEnvelope(eid, env.funding_transfer_id, 30))
+    assert s.envelopes[eid].state(31) == "UNFUNDED"
+    assert grab(s, eid, "bob", now=31).status is Status.ENVELOPE_UNFUNDED

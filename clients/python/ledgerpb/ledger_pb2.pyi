@@ -24,6 +24,7 @@ class ResultStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESULT_STATUS_TRANSFER_NOT_FOUND: _ClassVar[ResultStatus]
     RESULT_STATUS_HOLD_NOT_FOUND: _ClassVar[ResultStatus]
     RESULT_STATUS_ENVELOPE_NOT_FOUND: _ClassVar[ResultStatus]
+    RESULT_STATUS_ENVELOPE_UNFUNDED: _ClassVar[ResultStatus]
     RESULT_STATUS_WALLET_EXISTS: _ClassVar[ResultStatus]
     RESULT_STATUS_IDEMPOTENCY_KEY_REUSED: _ClassVar[ResultStatus]
     RESULT_STATUS_ENVELOPE_ALREADY_GRABBED: _ClassVar[ResultStatus]
@@ -82,6 +83,7 @@ class EnvelopeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENVELOPE_STATE_SOLD_OUT: _ClassVar[EnvelopeState]
     ENVELOPE_STATE_EXPIRED: _ClassVar[EnvelopeState]
     ENVELOPE_STATE_REFUNDED: _ClassVar[EnvelopeState]
+    ENVELOPE_STATE_UNFUNDED: _ClassVar[EnvelopeState]
 
 class EnvelopeRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -102,6 +104,7 @@ RESULT_STATUS_WALLET_NOT_FOUND: ResultStatus
 RESULT_STATUS_TRANSFER_NOT_FOUND: ResultStatus
 RESULT_STATUS_HOLD_NOT_FOUND: ResultStatus
 RESULT_STATUS_ENVELOPE_NOT_FOUND: ResultStatus
+RESULT_STATUS_ENVELOPE_UNFUNDED: ResultStatus
 RESULT_STATUS_WALLET_EXISTS: ResultStatus
 RESULT_STATUS_IDEMPOTENCY_KEY_REUSED: ResultStatus
 RESULT_STATUS_ENVELOPE_ALREADY_GRABBED: ResultStatus
@@ -145,6 +148,7 @@ ENVELOPE_STATE_ACTIVE: EnvelopeState
 ENVELOPE_STATE_SOLD_OUT: EnvelopeState
 ENVELOPE_STATE_EXPIRED: EnvelopeState
 ENVELOPE_STATE_REFUNDED: EnvelopeState
+ENVELOPE_STATE_UNFUNDED: EnvelopeState
 ENVELOPE_ROLE_UNSPECIFIED: EnvelopeRole
 ENVELOPE_ROLE_SENT: EnvelopeRole
 ENVELOPE_ROLE_RECEIVED: EnvelopeRole
