@@ -46,6 +46,7 @@ class NodeProcess:
     env: dict = field(default_factory=dict)
     log_dir: Path | None = None
     role: str = "full"  # or "coordinator": serves the API, owns no shards
+    extra_args: list[str] = field(default_factory=list)  # more ``ledgerd node`` flags
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
@@ -74,7 +75,7 @@ class NodeProcess:
                # unless told it is a single-region (test) deployment.
                *(["--single-region-dev"] if len(self.regions) == 1 else []),
                "--role", self.role,
-               "--log-level", env.get("LEDGER_LOG_LEVEL", "WARNING")]
+               "--log-level", env.get("LEDGER_LOG_LEVEL", "WARNING"), *self.extra_args]
         # stdout carries only the serving line; logs go to a file (or nowhere).
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -131,12 +132,15 @@ class NodeProcess:
 
 
 class Deployment:
-    """``nodes_per_region`` ledger nodes in each region of a running ``LocalCluster``."""
+    """``nodes_per_region`` ledger nodes in each region of a running ``LocalCluster``;
+    ``node_args`` are more ``ledgerd node`` flags for every node (``--envelope-shares-max
+    2000``), kept for its restarts."""
 
     def __init__(self, cluster, regions: list[str] | None = None, nodes_per_region: int = 1,
                  shards: int = 16, cql_port: int | None = None, lease_ttl_s: float = 3.0,
                  takeover_grace_s: float = 1.0, log_dir: Path | None = None,
-                 name: str | None = None, coordinators_per_region: int = 0) -> None:
+                 name: str | None = None, coordinators_per_region: int = 0,
+                 node_args: list[str] | None = None) -> None:
         self.cluster = cluster
         self.regions = list(regions or cluster.regions)
         self.shards = shards
@@ -151,13 +155,13 @@ class Deployment:
                     f"{region}-n{i}", region, self.regions,
                     f"{cluster.contact_points[region]}:{port}", cluster.etcd_endpoint,
                     self.keyspace, self.prefix, shards, lease_ttl_s, takeover_grace_s,
-                    log_dir=log_dir))
+                    log_dir=log_dir, extra_args=list(node_args or [])))
             for i in range(coordinators_per_region):
                 self.nodes.append(NodeProcess(
                     f"{region}-c{i}", region, self.regions,
                     f"{cluster.contact_points[region]}:{port}", cluster.etcd_endpoint,
                     self.keyspace, self.prefix, shards, lease_ttl_s, takeover_grace_s,
-                    log_dir=log_dir, role="coordinator"))
+                    log_dir=log_dir, role="coordinator", extra_args=list(node_args or [])))
 
     @property
     def addresses(self) -> list[str]:

@@ -5,6 +5,7 @@
                  [--run-dir DIR] [--keep-cluster] [--keep-data] [--seed N]
                  [--nodes-per-region N] [--coordinators N] [--shards N]
                  [--load RATE] [--load-single-share F] [--load-batch N] [--load-wallets N]
+                 [--envelope-shares N] [--envelope-receivers N] [--envelope-expiry-s S]
 
 Scenarios (default: every one but ``random``):
 
@@ -19,7 +20,21 @@ Scenarios (default: every one but ``random``):
   node); measures the time from the kill until every shard it owned answers GetWallet again,
   owned by another region, through a surviving node.
 * ``restart-etcd``: stop etcd longer than a lease, start it again.
-* ``random``: a seeded mix of three of the above, one after the other.
+* ``hot-envelope``: one LUCKY red envelope of ``--envelope-shares`` shares (2,000; its nodes
+  run with ``--envelope-shares-max`` that high) expiring ``--envelope-expiry-s`` later,
+  grabbed once by each of ``--envelope-receivers`` distinct wallets (fewer than the shares),
+  paced evenly through every node (GrabEnvelope and GrabEnvelopes batches, transient answers
+  resent with the same key) until shortly before the expiry, while the drill SIGKILLs the
+  owner of the envelope's shard (restarted after the hold) and then kills the whole region
+  that owns the shard (restarted after the hold). After the expiry the owners' sweep must
+  refund the rest. Checked (``clients.chaos.envelope``): no share granted twice (GetEnvelope's
+  positions are 0..n-1, its receivers distinct, n = acknowledged grabs + unanswered grabs
+  the ledger holds), no acknowledged grab lost (each is in GetEnvelope with its amount and
+  position), every grab credited exactly once (each receiver's balance is its share,
+  GetTransfer says credited), the rest refunded exactly (REFUNDED, refunded = total -
+  grabbed, the sender holds initial - total + refunded), one commit per envelope transfer in
+  the journals, and ``ledgerctl envelope show`` exits 0 and agrees.
+* ``random``: a seeded mix of three of the single faults above, one after the other.
 
 Each scenario starts a fresh ``Deployment`` (its own keyspace and etcd prefix) on the running
 ``LocalCluster`` (started here unless one is running in ``--run-dir``), runs the bank workload
@@ -50,7 +65,8 @@ A drill sees the ledger only as a user or operator could: the client library and
 stubs, ``ledgerctl`` (as a subprocess, ``--json``) for what only the store and the shard map
 show, etcd's owner keys, and process control (``clients.harness``, ``clients.localcluster``).
 
-Modules, one job each: ``drills`` (the scenarios and their fault injection), ``observe``
+Modules, one job each: ``drills`` (the scenarios and their fault injection), ``envelope``
+(the hot envelope's grabbers and their checks), ``observe``
 (etcd owners), ``ledgerctl`` (the operator CLI calls), ``checks`` (the pure figures and
 checks of a verdict), ``report`` (report.json, the SVG/HTML page, the summary line),
 ``runner`` (a run of scenarios), ``gitinfo`` (the commit under test), ``cli``

@@ -8,6 +8,7 @@ printed) and returns figures or problems. The unit tier feeds them recorded data
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Iterable
 
 from clients.chaos.constants import FAILOVER_TARGET_S, RECOVERY_MIN_S
@@ -55,8 +56,9 @@ def summarize(report: ScenarioReport, bank_ops: list, bank_lost: Iterable[str],
     """Fold the measured lists into max figures and add per-window figures, in place.
 
     Args:
-        report: The scenario's report; ``measured``, ``ops_plot``, ``load_plot`` and the
-            windows are read, ``measured`` and the windows' ``notes`` are written.
+        report: The scenario's report; ``measured``, ``ops_plot``, ``load_plot``,
+            ``envelope_plot`` and the windows are read, ``measured`` and the windows'
+            ``notes`` are written.
         bank_ops: The bank's requests (objects with ``key``, ``started``, ``finished`` and
             ``result``).
         bank_lost: Keys of acknowledged bank transfers the ledger does not hold.
@@ -91,6 +93,13 @@ def summarize(report: ScenarioReport, bank_ops: list, bank_lost: Iterable[str],
                 report.load_plot, window.start_s, end + RECOVERY_MIN_S)
             window.notes["any_ack_gap_max_s"] = ack_gap(
                 report.ops_plot + report.load_plot, window.start_s, end + RECOVERY_MIN_S)
+        if report.envelope_plot:
+            # hot-envelope: grabs acknowledged during the window, and the longest stretch
+            # without one (until RECOVERY_MIN_S after the heal).
+            window.notes["grabs_acked"] = sum(1 for _, f, r in report.envelope_plot
+                                              if r == "ok" and window.start_s <= f <= end)
+            window.notes["grab_ack_gap_max_s"] = ack_gap(report.envelope_plot, window.start_s,
+                                                         end + RECOVERY_MIN_S)
         lat = sorted((f - s) * 1000 for s, f, r in report.ops_plot
                      if r != "unknown" and window.start_s <= s <= end)
         window.notes["latency_ms_p99_in_window"] = (round(pct(lat, 0.99), 1)
@@ -148,3 +157,157 @@ def commit_count_problem(expected: int, committed: int) -> str | None:
 def verdict(report: ScenarioReport) -> str:
     """PASS iff no problem was found and reconcile is clean."""
     return "PASS" if not report.problems and report.reconcile.get("clean") else "FAIL"
+
+
+# -- hot-envelope ------------------------------------------------------------------------------
+
+def grab_problems(ledger_grabs: list[dict], acked: dict[str, dict], unanswered: set[str],
+                  settled: dict[str, dict], receivers: set[str],
+                  shown: int = 20) -> tuple[list[str], dict]:
+    """No share granted twice, and no acknowledged grab lost.
+
+    Args:
+        ledger_grabs: The envelope's grabs as GetEnvelope lists them: dicts with
+            ``position``, ``receiver``, ``amount`` and ``transfer_id``.
+        acked: Receiver -> the grab its OK answer during the run named (same keys).
+        unanswered: Receivers whose grab got no definitive answer during the run (its
+            outcome was unknown when the run ended).
+        settled: Receiver -> the grab named by an OK answer after the run (a grab of
+            ``unanswered`` asked again with its key).
+        receivers: Every receiver of the drill (nobody else grabs this envelope).
+        shown: Receivers named per problem at most.
+
+    Returns:
+        The problems, and the figures (JSON evidence).
+    """
+    problems: list[str] = []
+    n = len(ledger_grabs)
+    positions = [g["position"] for g in ledger_grabs]
+    twice = sorted(p for p, count in Counter(positions).items() if count > 1)
+    missing = sorted(set(range(n)) - set(positions))
+    if twice or missing:
+        problems.append(f"grab positions are not 0..{n - 1}: granted twice {twice[:shown]}, "
+                        f"missing {missing[:shown]}")
+    by_receiver: dict[str, dict] = {}
+    again = []
+    for g in ledger_grabs:
+        if g["receiver"] in by_receiver:
+            again.append(g["receiver"])
+        by_receiver[g["receiver"]] = g
+    if again:
+        problems.append(f"{len(again)} receivers hold two shares: {sorted(again)[:shown]}")
+    strangers = sorted(set(by_receiver) - receivers)
+    if strangers:
+        problems.append(f"grabs by wallets that never grabbed: {strangers[:shown]}")
+
+    def compare(answers: dict[str, dict], what: str) -> tuple[list[str], list[str]]:
+        lost, differ = [], []
+        for receiver, answer in sorted(answers.items()):
+            held = by_receiver.get(receiver)
+            if held is None:
+                lost.append(receiver)
+            elif any(held[k] != answer[k] for k in ("position", "amount", "transfer_id")):
+                differ.append(f"{receiver}: answered {answer}, the ledger has {held}")
+        if lost:
+            problems.append(f"{len(lost)} {what} grabs lost (not in GetEnvelope): "
+                            f"{lost[:shown]}")
+        if differ:
+            problems.append(f"{len(differ)} {what} grabs differ from GetEnvelope: "
+                            f"{differ[:shown]}")
+        return lost, differ
+
+    lost, differ = compare(acked, "acknowledged")
+    settled_lost, settled_differ = compare(settled, "settled")
+    unknown_held = sorted(set(by_receiver) & unanswered)
+    unexplained = sorted(set(by_receiver) - set(acked) - unanswered - set(strangers))
+    if unexplained:
+        problems.append(f"{len(unexplained)} grabs granted although their request was "
+                        f"refused: {unexplained[:shown]}")
+    expected_n = len(acked) + len(unknown_held)
+    if n != expected_n:
+        problems.append(f"the envelope has {n} grabs; acknowledged {len(acked)} + unanswered "
+                        f"that it holds {len(unknown_held)} = {expected_n}")
+    figures = {
+        "grabs_in_ledger": n, "acknowledged": len(acked), "unanswered_in_run": len(unanswered),
+        "unanswered_held_by_ledger": len(unknown_held), "settled_ok": len(settled),
+        "positions_0_to_n_minus_1": not (twice or missing), "granted_twice": twice[:shown],
+        "receivers_distinct": not again, "strangers": strangers[:shown],
+        "acknowledged_lost": len(lost) + len(settled_lost), "lost": (lost + settled_lost)[:shown],
+        "differ": (differ + settled_differ)[:shown], "granted_unacknowledged": unexplained[:shown],
+        "grabbed_minor": sum(g["amount"] for g in ledger_grabs),
+    }
+    return problems, figures
+
+
+def credit_problems(ledger_grabs: list[dict], balances: dict[str, int],
+                    transfers: dict[str, dict], shown: int = 20) -> tuple[list[str], dict]:
+    """Every grab credited exactly once: each receiver's balance is its share (0 without one;
+    the receivers are used for nothing else), and GetTransfer of the grab's transfer says
+    COMMITTED, credited, its amount, escrow -> receiver.
+
+    Args:
+        ledger_grabs: As for ``grab_problems``.
+        balances: Receiver -> its balance (every receiver).
+        transfers: Transfer id -> ``state``, ``credited``, ``amount``, ``to``, ``kind`` as
+            GetTransfer answered (a grab's transfer that it does not know is missing).
+    """
+    problems: list[str] = []
+    share = {g["receiver"]: g["amount"] for g in ledger_grabs}
+    wrong = [f"{r}: {b} (share {share.get(r, 0)})" for r, b in sorted(balances.items())
+             if b != share.get(r, 0)]
+    if wrong:
+        problems.append(f"{len(wrong)} receivers' balances are not their shares: "
+                        f"{wrong[:shown]}")
+    bad = []
+    for g in ledger_grabs:
+        t = transfers.get(g["transfer_id"])
+        if (t is None or t["state"] != "TRANSFER_STATE_COMMITTED" or not t["credited"]
+                or t["amount"] != g["amount"] or t["to"] != g["receiver"]
+                or t["kind"] != "TRANSFER_KIND_ENVELOPE_GRAB"):
+            bad.append(f"position {g['position']} {g['transfer_id']}: {t}")
+    if bad:
+        problems.append(f"{len(bad)} grabs' transfers are not committed and credited as "
+                        f"grabbed: {bad[:shown]}")
+    return problems, {"balances_are_shares": not wrong, "balances_wrong": wrong[:shown],
+                      "transfers_credited": len(ledger_grabs) - len(bad),
+                      "transfers_bad": bad[:shown]}
+
+
+def refund_problems(envelope: dict, grabbed_minor: int, sender_initial: int,
+                    sender_balance: int, refund: dict | None) -> tuple[list[str], dict]:
+    """The rest refunded exactly once: REFUNDED, ``refunded_minor == total - grabbed``,
+    nothing left in escrow, the refund transfer committed and credited for that amount, and
+    the sender's balance ``initial - total + refunded``.
+
+    Args:
+        envelope: GetEnvelope's envelope: ``state``, ``total_minor``, ``refunded_minor``,
+            ``amount_left_minor``.
+        grabbed_minor: The sum of the grabs GetEnvelope lists.
+        sender_initial: The sender's balance before it funded the envelope.
+        sender_balance: The sender's balance now.
+        refund: GetTransfer of ``refund_transfer_id`` (as in ``credit_problems``), or None.
+    """
+    problems: list[str] = []
+    total, refunded = envelope["total_minor"], envelope["refunded_minor"]
+    if envelope["state"] != "ENVELOPE_STATE_REFUNDED":
+        problems.append(f"the envelope is {envelope['state']} after its expiry, not REFUNDED")
+    if refunded != total - grabbed_minor:
+        problems.append(f"refunded {refunded}, but total {total} - grabbed {grabbed_minor} = "
+                        f"{total - grabbed_minor}")
+    if envelope["amount_left_minor"] != 0:
+        problems.append(f"{envelope['amount_left_minor']} left in escrow after the refund")
+    if refunded and (refund is None or refund["state"] != "TRANSFER_STATE_COMMITTED"
+                     or not refund["credited"] or refund["amount"] != refunded
+                     or refund["kind"] != "TRANSFER_KIND_ENVELOPE_REFUND"):
+        problems.append(f"the refund transfer is not committed and credited for {refunded}: "
+                        f"{refund}")
+    expected = sender_initial - total + refunded
+    if sender_balance != expected:
+        problems.append(f"the sender holds {sender_balance}, initial {sender_initial} - total "
+                        f"{total} + refunded {refunded} = {expected}")
+    return problems, {"state": envelope["state"], "total_minor": total,
+                      "grabbed_minor": grabbed_minor, "refunded_minor": refunded,
+                      "refund_exact": refunded == total - grabbed_minor,
+                      "sender_initial_minor": sender_initial,
+                      "sender_balance_minor": sender_balance,
+                      "sender_balance_exact": sender_balance == expected}

@@ -5,6 +5,7 @@
                  [--run-dir DIR] [--keep-cluster] [--keep-data] [--seed N]
                  [--nodes-per-region N] [--coordinators N] [--shards N]
                  [--load RATE] [--load-single-share F] [--load-batch N] [--load-wallets N]
+                 [--envelope-shares N] [--envelope-receivers N] [--envelope-expiry-s S]
 
 The scenarios and what a run checks are described in ``clients.chaos``.
 """
@@ -73,8 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-batch-inflight", type=int, default=4,
                         help="BatchTransfer calls in flight at most")
     parser.add_argument("--load-wallets", type=int, default=256)
+    parser.add_argument("--envelope-shares", type=int, default=2000,
+                        help="hot-envelope: shares of the envelope (ledgerd is started with "
+                             "--envelope-shares-max this)")
+    parser.add_argument("--envelope-total-minor", type=int, default=200_000,
+                        help="hot-envelope: what the envelope holds (minor units)")
+    parser.add_argument("--envelope-receivers", type=int, default=1800,
+                        help="hot-envelope: distinct grabbers, fewer than the shares")
+    parser.add_argument("--envelope-expiry-s", type=float, default=180.0,
+                        help="hot-envelope: the envelope's expiry; long enough to outlast "
+                             "both faults and their heals (a region's Cassandra restart "
+                             "takes minutes on a loaded machine)")
     args = parser.parse_args(argv)
     scenarios = args.scenarios or list(SCENARIOS)
+    if args.envelope_receivers >= args.envelope_shares:
+        parser.error("--envelope-receivers must be fewer than --envelope-shares: the "
+                     "envelope must not sell out")
     for name in scenarios:
         if name not in ALL_SCENARIOS:
             parser.error(f"unknown scenario {name!r}; known: {', '.join(ALL_SCENARIOS)}")
@@ -99,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                          load_single_concurrency=args.load_singles,
                          load_batch=args.load_batch,
                          load_batch_inflight=args.load_batch_inflight,
-                         load_wallets=args.load_wallets)
+                         load_wallets=args.load_wallets,
+                         envelope_shares=args.envelope_shares,
+                         envelope_total_minor=args.envelope_total_minor,
+                         envelope_receivers=args.envelope_receivers,
+                         envelope_expiry_s=args.envelope_expiry_s)
     print(f"cluster in {run_dir}: starting (or reusing)", file=sys.stderr, flush=True)
     run: RunReport | None = None
     try:

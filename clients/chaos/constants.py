@@ -2,9 +2,15 @@
 
 import re
 
-SCENARIOS = ("kill-owner", "pause-owner", "kill-coordinator", "kill-cassandra-node",
-             "kill-region", "restart-etcd")
+# The single faults; each is also a scenario of its own, and ``random`` mixes them.
+FAULTS = ("kill-owner", "pause-owner", "kill-coordinator", "kill-cassandra-node",
+          "kill-region", "restart-etcd")
+# ``hot-envelope``: one envelope grabbed through kill-owner then kill-region of its shard.
+SCENARIOS = FAULTS + ("hot-envelope",)
 ALL_SCENARIOS = SCENARIOS + ("random",)
+# The faults of ``hot-envelope``, in order, each aimed at the envelope's shard: its owner
+# node, then the whole region that owns it.
+HOT_ENVELOPE_STEPS = ("kill-owner", "kill-region")
 
 # Failover target of a whole region (s), with lease 3 s and grace 1 s. Reported, not a verdict:
 # a loaded 2-core machine can miss it without anything being wrong.
@@ -48,3 +54,25 @@ STEP_DOWN_RE = re.compile(r"stops serving|gives up|lost shard|Fenced|lease no lo
                           r"keep-alives late|append failed")
 # Step-down log lines kept as evidence, at most.
 STEP_DOWN_LINES_MAX = 40
+# hot-envelope: grabbing stops this long before the envelope's expiry (s), so that no grab
+# of the run races the expiry (one that is still being resent then may be refused EXPIRED).
+GRAB_STOP_MARGIN_S = 3.0
+# How long after the expiry the drill waits for the owners' sweep to refund the rest (s);
+# the sweep runs every second on the envelope's owner.
+REFUND_TIMEOUT_S = 90.0
+# Deadline of one grab call to one node (s): unary, and a GrabEnvelopes batch.
+GRAB_CALL_TIMEOUT_S = 5.0
+GRAB_BATCH_CALL_TIMEOUT_S = 15.0
+# A grab (or batch item) is resent with its key, node after node, for at most this long
+# before the run counts it as unanswered and asks again after the run (s).
+GRAB_OP_DEADLINE_S = 30.0
+# Pause before a grab that answered transiently is sent again (s), doubling up to the max.
+GRAB_RETRY_PAUSE_S = 0.05
+GRAB_RETRY_PAUSE_S_MAX = 0.5
+# Requests in flight during the envelope's setup and check (wallets, balances, transfers).
+ENVELOPE_SETUP_CONCURRENCY = 32
+# Grab results kept as evidence, at most (refusals, lost grabs).
+ENVELOPE_EVIDENCE_MAX = 20
+# How long the check waits for every grab's credit (and the refund's) to land (s).
+CREDIT_SETTLE_S = 120.0
+CREDIT_POLL_S = 0.5

@@ -18,11 +18,13 @@ import time
 from clients.bank import BankConfig, BankWorkload
 from clients.chaos import checks
 from clients.chaos import ledgerctl
-from clients.chaos.constants import (DROP_KEYSPACE_TIMEOUT_S, NODE_RESTART_PAUSE_S,
-                                     NODE_RESTART_TIMEOUT_S, PROBE_CALL_TIMEOUT_S,
-                                     PROBE_PERIOD_S, RANDOM_GAP_S, RANDOM_STEPS, RECOVERY_MIN_S,
-                                     SCENARIOS, SERVED_TIMEOUT_S, SETTLE_TIMEOUT_S,
-                                     STEP_DOWN_LINES_MAX, STEP_DOWN_RE)
+from clients.chaos.constants import (DROP_KEYSPACE_TIMEOUT_S, FAULTS, HOT_ENVELOPE_STEPS,
+                                     NODE_RESTART_PAUSE_S, NODE_RESTART_TIMEOUT_S,
+                                     PROBE_CALL_TIMEOUT_S, PROBE_PERIOD_S, RANDOM_GAP_S,
+                                     RANDOM_STEPS, RECOVERY_MIN_S, REFUND_TIMEOUT_S,
+                                     SERVED_TIMEOUT_S, SETTLE_TIMEOUT_S, STEP_DOWN_LINES_MAX,
+                                     STEP_DOWN_RE)
+from clients.chaos.envelope import HotEnvelope
 from clients.chaos.model import DrillConfig, FaultWindow, ScenarioReport
 from clients.chaos.observe import OwnerWatcher
 from clients.harness import Deployment, NodeProcess
@@ -44,11 +46,17 @@ class Drill:
         self.log_dir = config.out_dir / "logs" / name
         if self.log_dir.exists():
             shutil.rmtree(self.log_dir, ignore_errors=True)
+        self.hot = name == "hot-envelope"
+        # The hot envelope's shares and total are above ledgerd's defaults: every node of
+        # its deployment (and every restart of one) gets rules that allow them.
+        node_args = (["--envelope-shares-max", str(config.envelope_shares),
+                      "--envelope-total-max-minor", str(config.envelope_total_minor)]
+                     if self.hot else [])
         self.deployment = Deployment(
             cluster, self.regions, nodes_per_region=config.nodes_per_region,
             shards=config.shards, lease_ttl_s=config.lease_ttl_s,
             takeover_grace_s=config.takeover_grace_s, log_dir=self.log_dir,
-            coordinators_per_region=1 if config.coordinators else 0)
+            coordinators_per_region=1 if config.coordinators else 0, node_args=node_args)
         # Deployment places coordinators per region; keep the first ``coordinators`` of them,
         # spread over the regions.
         kept = self.deployment.coordinators[:config.coordinators]
@@ -56,6 +64,7 @@ class Drill:
                                  if n.role == "full" or n in kept]
         self.workload: BankWorkload | None = None
         self.load: LoadWorkload | None = None
+        self.envelope: HotEnvelope | None = None
         self.watcher: OwnerWatcher | None = None
         self.probes = ledgerctl.probe_wallets(config.shards)
         self._probe_clients: dict[str, LedgerClient] = {}
@@ -178,14 +187,35 @@ class Drill:
         return out
 
     def pick_owner(self) -> tuple[NodeProcess, dict[int, int]]:
+        """A live node that owns shards (hot-envelope: the one that owns the envelope's
+        shard), and the shards it owns with their epochs."""
         owned = self.owners_now()
         candidates = [n for n in self.deployment.owners if n.alive and owned.get(n.node_id)]
+        if self.envelope is not None:
+            assert self.watcher is not None
+            owner = self.watcher.owners.get(self.envelope.shard)
+            candidates = [n for n in candidates if owner and n.node_id == owner[0]]
+            if not candidates:
+                raise RuntimeError(f"no live node owns the envelope's shard "
+                                   f"{self.envelope.shard} (etcd says {owner})")
         if not candidates:
             raise RuntimeError("no live node owns a shard")
         node = self.rng.choice(candidates)
         return node, dict(owned[node.node_id])
 
+    def envelope_region(self) -> str | None:
+        """hot-envelope: the region whose node owns the envelope's shard now."""
+        if self.envelope is None:
+            return None
+        assert self.watcher is not None
+        owner = self.watcher.owners.get(self.envelope.shard)
+        if owner is None:
+            raise RuntimeError(f"the envelope's shard {self.envelope.shard} has no owner")
+        return owner[1]
+
     def open_window(self, fault: str, target: str, **notes) -> FaultWindow:
+        if self.envelope is not None and fault != "failback":
+            notes["envelope_shard"] = self.envelope.shard
         window = FaultWindow(fault, target, self.t(), notes=notes)
         self.report.windows.append(window)
         return window
@@ -311,7 +341,7 @@ class Drill:
         window.notes["cassandra_restart_s"] = round(window.end_s - restart_at, 3)
 
     async def fault_kill_region(self, region: str | None = None) -> None:
-        region = region or self.rng.choice(self.regions)
+        region = region or self.envelope_region() or self.rng.choice(self.regions)
         nodes = [n for n in self.deployment.in_region(region) if n.alive]
         owned = self.owners_now()
         shards = {s: e for n in nodes for s, e in owned.get(n.node_id, {}).items()}
@@ -440,9 +470,21 @@ class Drill:
                     wallets=config.load_wallets, prefix=f"load-{self.name}",
                     seed=self.rng.randrange(1 << 30)), caller="chaos-load")
                 await self.load.setup()
+            if self.hot:
+                self.envelope = HotEnvelope(
+                    self.deployment.addresses, config, prefix=f"env-{self.name}",
+                    seed=self.rng.randrange(1 << 30))
+                await self.envelope.setup_wallets()
             await self.workload.setup()
             if self.load is not None:
                 self.load.t0 = self.workload.t0  # one clock for the report
+            if self.envelope is not None:
+                # Created last, so that its expiry counts from the start of the workloads.
+                await self.envelope.create()
+                self.envelope.t0 = self.workload.t0
+                escrow = self.envelope.escrow_wallet_id
+                self.envelope.shard = (await ledgerctl.shard_of([escrow], config.shards))[escrow]
+                report.envelope.update(self.envelope.figures())
             # Times of the report count from the workload's start; what happened before it
             # (deployment start, initial placement) has negative times.
             shift = self.workload.t0 - self.watcher.t0
@@ -453,6 +495,8 @@ class Drill:
             load = asyncio.create_task(self.workload.run(stop))
             traffic = (asyncio.create_task(self.load.run(stop)) if self.load is not None
                        else None)
+            grabbing = (asyncio.create_task(self.envelope.run(stop))
+                        if self.envelope is not None else None)
             try:
                 await self._hold_until(config.warmup_s)
                 for i, step in enumerate(steps):
@@ -468,22 +512,46 @@ class Drill:
                     window.end_s = self.t()
                     report.measured.setdefault("failback_s", []).append(back)
                 await self._hold_until(max(config.seconds, self.t() + RECOVERY_MIN_S))
+                if self.envelope is not None and grabbing is not None:
+                    # The grabbers stop by themselves before the expiry; then the owners'
+                    # sweep must refund the rest (the bank keeps running meanwhile).
+                    await grabbing
+                    if not await self.envelope.wait_refunded(REFUND_TIMEOUT_S):
+                        self.problem(f"the envelope was not REFUNDED within "
+                                     f"{REFUND_TIMEOUT_S:.0f} s after its expiry")
+                    report.envelope["last_heal_s"] = max(
+                        (w.end_s for w in report.windows
+                         if w.fault != "failback" and w.end_s is not None), default=None)
+                    report.envelope["expired_after_last_heal"] = (
+                        report.envelope["last_heal_s"] is not None
+                        and self.envelope.expires_at_s() > report.envelope["last_heal_s"])
             finally:
                 stop.set()
                 await load
                 if traffic is not None:
                     await traffic
+                if grabbing is not None:
+                    await grabbing
                 report.counts_run = self.workload.result.counts()
                 report.ops_plot = [(op.started, op.finished, op.result)
                                    for op in self.workload.result.ops]
                 if self.load is not None:
                     report.load["counts_run"] = self.load.counts()
+                if self.envelope is not None:
+                    report.envelope["counts_run"] = self.envelope.counts()
+                    report.envelope_plot = [(op.started, op.finished, op.result)
+                                            for op in self.envelope.ops]
             await self.workload.settle(timeout_s=SETTLE_TIMEOUT_S)
             report.problems.extend(await self.workload.check())
             report.counts_final = self.workload.result.counts()
             if self.load is not None:
                 await self.load.settle(timeout_s=SETTLE_TIMEOUT_S)
                 report.problems.extend(f"{self.name}: {p}" for p in await self.load.check())
+            if self.envelope is not None:
+                await self.envelope.settle(timeout_s=SETTLE_TIMEOUT_S)
+                report.problems.extend(f"{self.name}: envelope: {p}"
+                                       for p in await self.envelope.check())
+                report.evidence["hot-envelope"] = self.envelope.evidence
             await self._verify_store()
         except Exception as exc:
             report.problems.append(f"{self.name}: drill error {type(exc).__name__}: {exc}")
@@ -502,6 +570,9 @@ class Drill:
             report.load_plot = [(op.started, op.finished, op.result) for op in self.load.ops]
             report.load.update(self.load.figures())
             report.load["series"] = checks.series(report.load_plot)
+        if self.envelope is not None:
+            report.envelope.update(self.envelope.figures())
+            report.envelope["series"] = checks.series(report.envelope_plot)
         checks.summarize(
             report,
             self.workload.result.ops if self.workload is not None else [],
@@ -524,6 +595,9 @@ class Drill:
         expected = len(self.workload.wallets) + self.workload.result.counts()["ok"]
         if self.load is not None:
             expected += len(self.load.wallets) + self.load.counts()["ok"]
+        if self.envelope is not None:
+            expected += self.envelope.expected_commits()
+            await self._envelope_show()
         self.report.evidence["commits_expected"] = expected
         self.report.evidence["commits_in_journals"] = result["transfers_committed"]
         problem = checks.commit_count_problem(expected, result["transfers_committed"])
@@ -541,6 +615,36 @@ class Drill:
                 self.problem(text)
             self.report.evidence["pause-owner"]["old_epoch_appends_after_resume"] = late
 
+    async def _envelope_show(self) -> None:
+        """``ledgerctl envelope show ID``: the envelope as its shard's journal has it; exit 0
+        iff it adds up. Its figures, and whether they agree with GetEnvelope, as evidence."""
+        assert self.envelope is not None
+        try:
+            code, doc = await ledgerctl.run_json_code(
+                ["envelope", "show", self.envelope.envelope_id, *self._store_args()])
+        except ledgerctl.LedgerctlError as exc:
+            self.problem(f"ledgerctl envelope show failed: {exc}")
+            self.report.evidence["envelope_show"] = {"exit_code": None, "error": str(exc)}
+            return
+        e = doc["envelope"]
+        grabs = self.report.evidence.get("hot-envelope", {}).get("grabs", {})
+        refund = self.report.evidence.get("hot-envelope", {}).get("refund", {})
+        shown = {"exit_code": code, "shard": doc["shard"], "source": doc["source"],
+                 "state": doc["state"], "grabs": len(doc["grabs"]),
+                 "credits": {c: sum(1 for g in doc["grabs"] if g["credit"] == c)
+                             for c in sorted({g["credit"] for g in doc["grabs"]})},
+                 "refunded_minor": e["refunded_minor"], "left_minor": e["left_minor"],
+                 "escrow_minor": doc["escrow_minor"], "problems": doc["problems"]}
+        shown["agrees_with_get_envelope"] = (
+            shown["grabs"] == grabs.get("grabs_in_ledger")
+            and shown["refunded_minor"] == refund.get("refunded_minor")
+            and shown["shard"] == self.envelope.shard)
+        self.report.evidence["envelope_show"] = shown
+        if code != 0:
+            self.problem(f"ledgerctl envelope show exited {code}: {doc['problems'][:5]}")
+        if not shown["agrees_with_get_envelope"]:
+            self.problem(f"ledgerctl envelope show disagrees with GetEnvelope: {shown}")
+
     async def _teardown(self) -> None:
         if self.watcher is not None:
             await self.watcher.stop()
@@ -548,6 +652,8 @@ class Drill:
             await self.workload.close()
         if self.load is not None:
             await self.load.close()
+        if self.envelope is not None:
+            await self.envelope.close()
         for client in self._probe_clients.values():
             await client.close()
         await asyncio.to_thread(self.deployment.stop)
@@ -568,9 +674,12 @@ class Drill:
 
 
 def plan_steps(name: str, rng: random.Random, config: DrillConfig) -> list[str]:
-    """The faults of scenario ``name``: itself, or for ``random`` a seeded mix."""
+    """The faults of scenario ``name``: itself, for ``hot-envelope`` its two faults (aimed
+    at the envelope's shard when they happen), or for ``random`` a seeded mix."""
+    if name == "hot-envelope":
+        return list(HOT_ENVELOPE_STEPS)
     if name != "random":
         return [name]
-    choices = [s for s in SCENARIOS if s != "kill-coordinator" or config.coordinators]
+    choices = [s for s in FAULTS if s != "kill-coordinator" or config.coordinators]
     return [rng.choice(choices) for _ in range(RANDOM_STEPS)]
 

@@ -37,6 +37,12 @@ async def run_json(args: list[str], timeout_s: float = LEDGERCTL_TIMEOUT_S,
     Raises:
         LedgerctlError: another exit code, a timeout, or output that is not JSON.
     """
+    return (await run_json_code(args, timeout_s, ok_codes))[1]
+
+
+async def run_json_code(args: list[str], timeout_s: float = LEDGERCTL_TIMEOUT_S,
+                        ok_codes: tuple[int, ...] = (0, 1)) -> tuple[int, dict]:
+    """``run_json``, with the exit code: ``(code, what it printed)``."""
     proc = await asyncio.create_subprocess_exec(
         *_command([*args, "--json"]), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
@@ -50,14 +56,22 @@ async def run_json(args: list[str], timeout_s: float = LEDGERCTL_TIMEOUT_S,
             proc.kill()
             await proc.wait()
     text = out.decode("utf-8", "replace")
-    if proc.returncode not in ok_codes:
-        raise LedgerctlError(f"ledgerctl {args[0]} exited {proc.returncode}: "
+    code = proc.returncode
+    assert code is not None  # communicate() returned: the process has exited
+    if code not in ok_codes:
+        raise LedgerctlError(f"ledgerctl {args[0]} exited {code}: "
                              f"{err.decode('utf-8', 'replace')[-2000:]}")
     try:
-        return json.loads(text)
+        return code, json.loads(text)
     except ValueError:
         raise LedgerctlError(f"ledgerctl {args[0]} printed no JSON: {text[-500:]!r} "
                              f"{err.decode('utf-8', 'replace')[-2000:]}") from None
+
+
+async def shard_of(wallets: list[str], shards: int) -> dict[str, int]:
+    """The shard each wallet id hashes to, as the router hashes it (``ledgerctl shard-of``).
+    An envelope lives on the shard of its escrow wallet (``Envelope.escrow_wallet_id``)."""
+    return await run_json(["shard-of", "--shards", str(shards), *wallets], ok_codes=(0,))
 
 
 def store_args(contact_point: str, cql_port: int, dc: str, keyspace: str,

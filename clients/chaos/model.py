@@ -30,6 +30,20 @@ class DrillConfig:
     load_batch: int = 200            # items per BatchTransfer call
     load_batch_inflight: int = 4
     load_wallets: int = 256
+    # hot-envelope: one LUCKY envelope of ``envelope_shares`` shares holding
+    # ``envelope_total_minor``, open ``envelope_expiry_s`` (long enough to outlast both faults
+    # and their heals, short enough to expire during the drill); ``envelope_receivers``
+    # distinct wallets (fewer than the shares: it never sells out) grab it once each, paced
+    # evenly until shortly before the expiry, ``envelope_single_share`` of them through
+    # GrabEnvelope and the rest in GrabEnvelopes batches of ``envelope_batch``.
+    envelope_shares: int = 2000
+    envelope_total_minor: int = 200_000
+    envelope_receivers: int = 1800
+    envelope_expiry_s: float = 180.0
+    envelope_single_share: float = 0.3
+    envelope_singles: int = 8            # GrabEnvelope calls in flight at most
+    envelope_batch: int = 20             # items per GrabEnvelopes call
+    envelope_batches_inflight: int = 2
 
     @property
     def fault_hold_s(self) -> float:
@@ -67,11 +81,14 @@ class ScenarioReport:
     ops_plot: list = field(default_factory=list)       # (started, finished, result), for the picture
     load: dict = field(default_factory=dict)           # the transfer load's figures (--load)
     load_plot: list = field(default_factory=list)      # (started, finished, result) of load ops
+    envelope: dict = field(default_factory=dict)       # hot-envelope: the grabs' figures
+    envelope_plot: list = field(default_factory=list)  # (started, finished, result) of grabs
 
     def to_json(self) -> dict:
         out = asdict(self)
         out.pop("ops_plot")
         out.pop("load_plot")
+        out.pop("envelope_plot")
         return out
 
 

@@ -227,6 +227,9 @@ def render_html(run: RunReport) -> str:
             parts.append(throughput_svg(s, s.load["series"],
                                         "load: acknowledged transfers / s"))
             parts.append("<br>")
+        if s.envelope.get("series"):
+            parts.append(throughput_svg(s, s.envelope["series"], "acknowledged grabs / s"))
+            parts.append("<br>")
         parts.append(latency_svg(s))
         rows = "".join(
             f"<tr><td>{html.escape(w.fault)}</td><td>{html.escape(w.target)}</td>"
@@ -238,6 +241,9 @@ def render_html(run: RunReport) -> str:
         if s.load:
             figures = {k: v for k, v in s.load.items() if k != "series"}
             parts.append(f"<pre>load: {html.escape(json.dumps(figures))}</pre>")
+        if s.envelope:
+            figures = {k: v for k, v in s.envelope.items() if k != "series"}
+            parts.append(f"<pre>hot envelope: {html.escape(json.dumps(figures))}</pre>")
         parts.append(f"<pre>measured: {html.escape(json.dumps(s.measured))}\n"
                      f"problems: {html.escape(json.dumps(s.problems[:PROBLEMS_SHOWN_HTML], indent=1))}</pre>")
     parts.append("</body></html>")
@@ -277,6 +283,13 @@ def summary_line(s: ScenarioReport) -> str:
                                                    for w in faults)
                      + " load_gap_s=" + ",".join(_fmt(w.notes.get("load_ack_gap_max_s"))
                                                  for w in faults))
+    if s.envelope.get("counts"):
+        refund = s.evidence.get("hot-envelope", {}).get("refund", {})
+        parts.append(f"grabs ok={s.envelope['counts']['ok']} "
+                     f"({s.envelope.get('ok_per_s')}/s) in_fault="
+                     + ",".join(str(w.notes.get("grabs_acked")) for w in s.windows
+                                if w.fault != "failback")
+                     + f" refunded={refund.get('refunded_minor', '-')}")
     parts.append(f"lost={s.measured.get('lost', '-')}")
     parts.append("reconcile=" + ("clean" if s.reconcile.get("clean") else "NOT-clean"))
     parts.append(f"{s.duration_s:.0f}s")

@@ -12,6 +12,10 @@ Proves, each under the bank workload through every node:
   * kill-region: with every process of one region killed (ledger nodes and its Cassandra
     node), every shard that region owned answers again through a surviving node, owned by
     another region, and the failover time is measured;
+  * hot-envelope: one LUCKY envelope of 2,000 shares grabbed by distinct receivers through
+    every node while the owner of its shard is SIGKILLed and then the region owning its shard
+    is killed: no share granted twice, no acknowledged grab lost, every grab credited exactly
+    once, the rest refunded exactly after the expiry, ``ledgerctl envelope show`` clean;
   * every drill writes its JSON report and its self-contained picture, and leaves the cluster
     as it found it (every Cassandra node and etcd running).
 
@@ -47,10 +51,11 @@ LOAD_RATE = 150.0
 LOAD_BATCH = 50
 
 
-async def drill(cluster, name: str, out_dir, seed: int, load_rate: float = 0.0):
+async def drill(cluster, name: str, out_dir, seed: int, load_rate: float = 0.0,
+                charts: int | None = None, **config):
     run = await run_drills(cluster, [name], DrillConfig(
         out_dir=out_dir, seconds=SECONDS, warmup_s=4.0, seed=seed, load_rate=load_rate,
-        load_batch=LOAD_BATCH, load_wallets=64))
+        load_batch=LOAD_BATCH, load_wallets=64, **config))
     [report] = run.scenarios
     # The outputs exist and say what the run said.
     doc = json.loads((out_dir / "report.json").read_text())
@@ -59,7 +64,7 @@ async def drill(cluster, name: str, out_dir, seed: int, load_rate: float = 0.0):
     assert doc["commit_path"]["journal_cas_serial_consistency"] == "SERIAL"
     assert doc["commit_path"]["commit_consistency"] == "QUORUM"
     page = (out_dir / "chaos.html").read_text()
-    assert page.count("<svg") == (3 if load_rate else 2) and name in page
+    assert page.count("<svg") == (charts or (3 if load_rate else 2)) and name in page
     assert "<script" not in page and "<link" not in page and "src=" not in page
     # The cluster is left healthy.
     assert all(s["running"] for s in cluster.status().values()), cluster.status()
@@ -133,3 +138,66 @@ async def test_kill_region(three_regions, tmp_path):
     assert failover_s is not None and window.notes["served_again_s"] == failover_s
     # Reported, not asserted: the target is for an unloaded machine.
     print(f"kill-region failover {failover_s:.2f} s (target {FAILOVER_TARGET_S:.0f} s)")
+
+
+# The hot envelope: 2,000 shares, fewer receivers (it never sells out), open long enough to
+# outlast both faults and their heals (a region's Cassandra restart takes one to three
+# minutes on a loaded 2-core machine), then refunded.
+ENVELOPE_SHARES = 2000
+ENVELOPE_RECEIVERS = 1500
+ENVELOPE_EXPIRY_S = 180.0
+
+
+@pytest.mark.timeout(900)
+async def test_hot_envelope(three_regions, tmp_path):
+    report = await drill(three_regions, "hot-envelope", tmp_path, seed=14, charts=3,
+                         envelope_shares=ENVELOPE_SHARES, envelope_receivers=ENVELOPE_RECEIVERS,
+                         envelope_expiry_s=ENVELOPE_EXPIRY_S)
+    evidence = report.evidence["hot-envelope"]
+    shard = evidence["shard"]
+    assert shard == report.envelope["shard"] >= 0
+    # The faults hit the envelope's shard: its owner node, then the region owning it; both
+    # times it was served again elsewhere, and grabs were acknowledged during each fault.
+    kill_owner, kill_region = fault_window(report, "kill-owner"), fault_window(report,
+                                                                               "kill-region")
+    assert shard in kill_owner.notes["shards"], kill_owner.notes
+    node, _region, _epoch = kill_owner.notes["owners_during_fault"][str(shard)]
+    assert node != kill_owner.target
+    region = report.evidence["kill-region"]
+    assert region["region"] == kill_region.target and shard in region["shards"], region
+    assert region["served_elsewhere"], region["owners_during_fault"]
+    for window in (kill_owner, kill_region):
+        assert window.notes["envelope_shard"] == shard
+        assert window.notes["grabs_acked"] > 0, window.notes
+    # The grabbers: both calls, answered (refused only when still resent at the expiry).
+    counts = report.envelope["counts"]
+    assert counts["ok"] > 0 and counts["unknown"] == 0, counts
+    assert report.envelope["grab"]["ok"] > 0 and report.envelope["batch"]["ok"] > 0
+    assert set(evidence["refusals"]) <= {"RESULT_STATUS_ENVELOPE_EXPIRED"}, evidence
+    # No share granted twice, no acknowledged grab lost.
+    grabs = evidence["grabs"]
+    n = grabs["grabs_in_ledger"]
+    assert grabs["positions_0_to_n_minus_1"] and grabs["receivers_distinct"], grabs
+    assert not grabs["strangers"] and not grabs["granted_unacknowledged"], grabs
+    assert grabs["acknowledged_lost"] == 0 and not grabs["differ"], grabs
+    assert n == grabs["acknowledged"] + grabs["unanswered_held_by_ledger"], grabs
+    assert 0 < n < ENVELOPE_SHARES and evidence["shares"]["shares_left"] == ENVELOPE_SHARES - n
+    # Every grab credited exactly once.
+    credits = evidence["credits"]
+    assert credits["balances_are_shares"], credits
+    assert credits["transfers_credited"] == n, credits
+    # The rest refunded exactly, after the expiry.
+    refund = evidence["refund"]
+    assert refund["state"] == "ENVELOPE_STATE_REFUNDED", refund
+    assert refund["refunded_minor"] == refund["total_minor"] - refund["grabbed_minor"] > 0
+    assert refund["refund_exact"] and refund["sender_balance_exact"], refund
+    assert refund["refunded_after_expiry_s"] >= 0, refund
+    # The operator's view agrees and is clean.
+    shown = report.evidence["envelope_show"]
+    assert shown["exit_code"] == 0 and not shown["problems"], shown
+    assert shown["agrees_with_get_envelope"] and shown["state"] == "REFUNDED", shown
+    print(f"hot-envelope: {n} grabs ({grabs['acknowledged']} acknowledged), in faults "
+          f"{kill_owner.notes['grabs_acked']}/{kill_region.notes['grabs_acked']}, failover "
+          f"{report.measured['failover_s']['each']} s, refunded {refund['refunded_minor']} "
+          f"{refund['refunded_after_expiry_s']} s after the expiry, expired after the last "
+          f"heal: {report.envelope['expired_after_last_heal']}")
