@@ -9,9 +9,12 @@ Proves, each under the bank workload through every node:
   * pause-owner: an owner paused past its lease is taken over under higher epochs while it
     sleeps; once resumed it holds none of its old epochs, its old epoch appends nothing more,
     and a direct append with its old epoch is refused by the journal fence;
-  * kill-region: with every process of one region killed (ledger nodes and its Cassandra
-    node), every shard that region owned answers again through a surviving node, owned by
-    another region, and the failover time is measured;
+  * hot-envelope: one hot red envelope grabbed through every node while its shard's owner
+    is killed and then while the whole region owning it is lost (ledger nodes and its
+    Cassandra node): every shard that region owned answers again through a surviving node,
+    owned by another region (what the kill-region drill proves, folded in here), no share is
+    granted twice, no acknowledged grab is lost, each is credited once, and the rest is
+    refunded exactly at expiry;
   * hot-envelope: one LUCKY envelope of 2,000 shares grabbed by distinct receivers through
     every node while the owner of its shard is SIGKILLed and then the region owning its shard
     is killed: no share granted twice, no acknowledged grab lost, every grab credited exactly
@@ -28,7 +31,7 @@ import json
 
 import pytest
 
-from clients.chaos import FAILOVER_TARGET_S, DrillConfig, run_drills
+from clients.chaos import DrillConfig, run_drills
 
 # Generous: on an idle machine a drill takes about a minute, but a Cassandra restart under
 # load (other suites sharing two cores) was seen to take two minutes.
@@ -126,20 +129,6 @@ async def test_pause_owner(three_regions, tmp_path):
     assert report.measured["failover_s"]["max"] is not None
 
 
-async def test_kill_region(three_regions, tmp_path):
-    report = await drill(three_regions, "kill-region", tmp_path, seed=13)
-    window = fault_window(report, "kill-region")
-    evidence = report.evidence["kill-region"]
-    assert evidence["shards"], "the killed region owned no shard"
-    assert evidence["served_elsewhere"], evidence["owners_during_fault"]
-    assert all(region != evidence["region"]
-               for _node, region, _epoch in evidence["owners_during_fault"].values())
-    failover_s = report.measured["failover_s"]["max"]
-    assert failover_s is not None and window.notes["served_again_s"] == failover_s
-    # Reported, not asserted: the target is for an unloaded machine.
-    print(f"kill-region failover {failover_s:.2f} s (target {FAILOVER_TARGET_S:.0f} s)")
-
-
 # The hot envelope: 2,000 shares, fewer receivers (it never sells out), open long enough to
 # outlast both faults and their heals (a region's Cassandra restart takes one to three
 # minutes on a loaded 2-core machine), then refunded.
@@ -163,9 +152,16 @@ async def test_hot_envelope(three_regions, tmp_path):
     assert shard in kill_owner.notes["shards"], kill_owner.notes
     node, _region, _epoch = kill_owner.notes["owners_during_fault"][str(shard)]
     assert node != kill_owner.target
+    # What test_kill_region asserted, on this drill's region loss (the drill that killed a
+    # region on its own was folded into this one to keep `make test` under 30 minutes; it
+    # stays in `make chaos` as `ledger-chaos kill-region`).
     region = report.evidence["kill-region"]
     assert region["region"] == kill_region.target and shard in region["shards"], region
     assert region["served_elsewhere"], region["owners_during_fault"]
+    assert all(r != region["region"]
+               for _node, r, _epoch in region["owners_during_fault"].values())
+    failover_s = report.measured["failover_s"]["max"]
+    assert failover_s is not None
     for window in (kill_owner, kill_region):
         assert window.notes["envelope_shard"] == shard
         assert window.notes["grabs_acked"] > 0, window.notes
