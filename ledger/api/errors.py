@@ -182,6 +182,13 @@ def _guarded(method: str, handler: UnaryHandler) -> UnaryHandler:
             # the servicer already answered with a refusal: both stand as they are.
             raise
         except Exception as exc:
+            if _deadline_passed(context) or context.cancelled():
+                # The caller is gone: its deadline passed (the servicer's own abort then
+                # fails to send, ExecuteBatchError) or it cancelled. Nothing can be answered
+                # and a second abort would only fail again; end the call as cancelled.
+                log.info("%s: the call ended before its answer was sent (%s)", method,
+                         type(exc).__name__)
+                raise asyncio.CancelledError() from exc
             await fail(context, method, exc)
     return guarded
 

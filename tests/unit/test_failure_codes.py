@@ -49,3 +49,43 @@ def test_failure_code(exc, code):
 def test_a_timeout_after_the_calls_deadline_is_the_deadline():
     assert failure_code(TimeoutError(), deadline_passed=True) is grpc.StatusCode.DEADLINE_EXCEEDED
     assert failure_code(StoreUnavailable(), deadline_passed=True) is UNAVAILABLE
+
+
+class _GoneContext:
+    """A call whose deadline has passed: sending its answer fails (grpc's ExecuteBatchError)."""
+
+    def __init__(self) -> None:
+        self.aborts = 0
+
+    def time_remaining(self):
+        return -0.1
+
+    def cancelled(self):
+        return False
+
+    def set_trailing_metadata(self, md):
+        pass
+
+    async def abort(self, code, message):
+        self.aborts += 1
+        raise RuntimeError("Abort already called!" if self.aborts > 1 else "execute_batch")
+
+
+async def test_a_call_whose_caller_is_gone_is_not_reported_as_an_internal_error(caplog):
+    import asyncio
+
+    from ledger.api.errors import _guarded
+
+    async def servicer(request, context):
+        await context.abort(None, "deadline exceeded")  # fails: the call is over
+
+    context = _GoneContext()
+    with caplog.at_level("INFO", logger="ledger.api"):
+        try:
+            await _guarded("/ledger.v1.LedgerService/GetWallet", servicer)(None, context)
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("the call should end as cancelled")
+    assert context.aborts == 1  # no second abort
+    assert "INTERNAL" not in caplog.text and "ended before its answer" in caplog.text
