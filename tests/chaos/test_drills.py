@@ -133,7 +133,7 @@ async def test_pause_owner(three_regions, tmp_path):
 # outlast both faults and their heals (a region's Cassandra restart takes one to three
 # minutes on a loaded 2-core machine), then refunded.
 ENVELOPE_SHARES = 2000
-ENVELOPE_RECEIVERS = 1500
+ENVELOPE_RECEIVERS = 800
 ENVELOPE_EXPIRY_S = 180.0
 
 

@@ -31,7 +31,23 @@ from coordinator.envelopes import EnvelopeRules
 from ledger import server
 from ledger.core.model import ExpireIdempotency
 from ledgerpb import ledger_pb2 as pb
-from tests.e2e.conftest import SHARDS
+from tests.e2e.conftest import SHARDS, _start_cassandra_backend, close_server
+
+
+@pytest.fixture(scope="module")
+async def ledger_server(request, tmp_path_factory):
+    """One server per backend for this module (conftest's is one per test): a Cassandra
+    keyspace costs 15-25 s to create on the three-region test cluster, and every test here
+    uses wallets and keys of its own (a prefix per test), so they share it."""
+    if request.param == "embedded":
+        running = await server.start_dev(tmp_path_factory.mktemp("envelopes"), port=0,
+                                         shard_count=SHARDS)
+    else:
+        running = await _start_cassandra_backend(request.getfixturevalue("local_cluster"))
+    try:
+        yield running
+    finally:
+        await close_server(request, running)
 
 # The longest any poll below waits (s): credits, views and the owner's sweep (every 1 s)
 # land within a fraction of that even on a loaded machine.
@@ -276,21 +292,24 @@ BAD_CREATES = [
 @pytest.mark.parametrize("name,fields,code,field", BAD_CREATES, ids=[b[0] for b in BAD_CREATES])
 async def test_bad_create_is_refused_names_the_field_and_changes_nothing(client, name, fields,
                                                                          code, field):
-    await wallets(client, "be-alice", deposit=5_000)
+    # A sender and a key per case: the module's server is shared by every case.
+    case = BAD_CREATES.index(next(b for b in BAD_CREATES if b[0] == name))
+    sender, key = f"be{case}-alice", f"bad-env-{case}"
+    await wallets(client, sender, deposit=5_000)
     await wallets(client, "be-bob")
-    before = await client.get_wallet("be-alice")
-    request = dict(idempotency_key="bad-env", sender_wallet_id="be-alice", total_minor=1_000,
+    before = await client.get_wallet(sender)
+    request = dict(idempotency_key=key, sender_wallet_id=sender, total_minor=1_000,
                    shares=5, kind=pb.ENVELOPE_KIND_LUCKY, currency="CNY")
-    request.update(fields)
+    request.update({k: sender if v == "be-alice" else v for k, v in fields.items()})
     error = await refused(client._call(client._envelopes.CreateEnvelope,
                                        pb.CreateEnvelopeRequest(**request), retry=False))
     assert (error.code, error.field) == (code, field), error
     assert error.message.startswith(field + ":")
-    after = await client.get_wallet("be-alice")
+    after = await client.get_wallet(sender)
     assert (after.balance_minor, after.version) == (before.balance_minor, before.version)
     # Nothing was created under the key: a good request with it creates the envelope.
-    good = await client.create_envelope("be-alice", 1_000, 5, "LUCKY", "CNY",
-                                        idempotency_key="bad-env")
+    good = await client.create_envelope(sender, 1_000, 5, "LUCKY", "CNY",
+                                        idempotency_key=key)
     assert not good.replayed
 
 
