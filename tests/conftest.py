@@ -57,6 +57,21 @@ def etcd_endpoint(request) -> str:
     return request.getfixturevalue("local_cluster").etcd_endpoint
 
 
+# Suites whose assertions are about lease timing (who reports a loss before whom gains, a
+# stall noticed before the lease runs out) run first, on the fresh session cluster: after
+# the chaos drills and the Cassandra end-to-end tiers, the loaded etcd and test process made
+# their event order flip in two of two CI runs (2026-11-27), though the module passes
+# repeatedly on its own, also beside two busy CPU hogs. Order only; nothing is skipped.
+TIMING_FIRST = ("tests/integration/test_etcd_ownership.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    first = [i for i in items if i.nodeid.startswith(TIMING_FIRST)]
+    if first:
+        rest = [i for i in items if not i.nodeid.startswith(TIMING_FIRST)]
+        items[:] = first + rest
+
+
 def pytest_collection_finish(session):
     session.config._ledger_real_count = sum(
         1 for item in session.items if item.get_closest_marker("real"))
