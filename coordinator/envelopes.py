@@ -36,7 +36,7 @@ from ledger.core import split, validate
 from ledger.core.ids import envelope_id_for, grab_key, transfer_id_for
 from ledger.core.model import (
     KIND_ENVELOPE_FUND, AbandonEnvelope, CancelReservation, Envelope, GetEnvelope, Grab, GrabEnvelope,
-    OpenEnvelope, ReserveCredit, escrow_wallet_id,
+    OpenEnvelope, ReserveCredit, escrow_wallet_id, luckiest,
 )
 from ledger.core.status import Outcome, Status, ok, refuse
 from ledger.runtime.clock import Clock, now_ms
@@ -100,16 +100,6 @@ class EnvelopeReader(Protocol):
 
     async def list_grabs_received(self, wallet_id: str, after: tuple[int, str] | None,
                                   limit: int) -> list[Grab]: ...
-
-
-def luckiest(grabs: list[Grab]) -> Grab | None:
-    """The largest share; ties go to the earliest grab."""
-    best: Grab | None = None
-    for g in grabs:
-        if best is None or g.amount_minor > best.amount_minor or (
-                g.amount_minor == best.amount_minor and g.position < best.position):
-            best = g
-    return best
 
 
 class Envelopes:

@@ -37,7 +37,7 @@ from ledger.core import codec
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
-    HOLD_HELD, STATE_COMMITTED, CreditsApplied, TransferDecided, escrow_wallet_id,
+    HOLD_HELD, STATE_COMMITTED, CreditsApplied, TransferDecided, escrow_wallet_id, luckiest,
 )
 from ledger.core.shard import Event, ShardState
 from ledger.core.step import fold
@@ -220,14 +220,17 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
     return report
 
 
-def _envelope_problems(state: ShardState, now: int, report: Report) -> list[tuple[str, str]]:
+def _envelope_problems(state: ShardState, now: int, report: Report,
+                       only: str = "") -> list[tuple[str, str]]:
     """What does not add up about the envelopes a shard keeps (and their totals, counted into
     ``report``). A grab whose transfer left the owner's memory (spilled: its credit was
     acknowledged before) was checked while it was there."""
     problems: list[tuple[str, str]] = []
-    owed = {c.transfer_id for items in state.outbox.values() for c in items.values()}
+    owed = state._owed()
     sums = report.envelope_minor
     for env in state.envelopes.values():
+        if only and env.envelope_id != only:
+            continue
         report.envelopes += 1
         grabs = state.grabs.get(env.envelope_id, {})
         report.grabs += len(grabs)
@@ -425,15 +428,8 @@ async def envelope_report(store: JournalStore, shard_count: int, envelope_id: st
         grabs = sorted(state.grabs.get(envelope_id, {}).values(), key=lambda g: g.position)
         escrow = state.wallets.get(escrow_of(envelope_id))
         escrow_minor = escrow.balance_minor if escrow is not None else None
-        one = ShardState(shard)
-        one.envelopes[envelope_id] = envelope
-        one.grabs[envelope_id] = state.grabs.get(envelope_id, {})
-        if escrow is not None:
-            one.wallets[escrow.wallet_id] = escrow
-        one.transfers = state.transfers
-        one.outbox = state.outbox
         problems += [f"{subject}: {detail}" for subject, detail
-                     in _envelope_problems(one, now, Report())]
+                     in _envelope_problems(state, now, Report(), only=envelope_id)]
     else:
         stored = await store.get_envelope(envelope_id)
         if stored is None:
@@ -446,17 +442,14 @@ async def envelope_report(store: JournalStore, shard_count: int, envelope_id: st
             if len(page) < 1000:
                 break
             after = page[-1].position
-    owed = {c.transfer_id for items in state.outbox.values() for c in items.values()}
+    owed = state._owed()
     rows = []
     for g in grabs:
         t = state.transfers.get(g.transfer_id)
         credit = ("owed" if g.transfer_id in owed else
                   "credited" if t is None or t.credited else "unknown")
         rows.append({**asdict(g), "credit": credit})
-    best = None
-    for g in grabs:
-        if best is None or g.amount_minor > best.amount_minor:
-            best = g
+    best = luckiest(grabs)
     return {"shard": shard, "source": source, "state": envelope.state(now),
             "envelope": asdict(envelope), "escrow_minor": escrow_minor, "grabs": rows,
             "luckiest": asdict(best) if best is not None else None, "problems": problems}

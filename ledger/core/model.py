@@ -260,6 +260,16 @@ class Grab:
     at_ms: int
 
 
+def luckiest(grabs: list[Grab]) -> Grab | None:
+    """The largest share of an envelope; ties go to the earliest grab."""
+    best: Grab | None = None
+    for g in grabs:
+        if best is None or g.amount_minor > best.amount_minor or (
+                g.amount_minor == best.amount_minor and g.position < best.position):
+            best = g
+    return best
+
+
 @dataclass(slots=True)
 class IdempotencyRecord:
     """What a (caller, idempotency key) pair was first used for on this shard."""
