@@ -396,7 +396,13 @@ class Coordinator:
         groups: dict[int, list[tuple[int, object]]] = {}
         for index, (shard, command) in commands.items():
             groups.setdefault(shard, []).append((index, command))
-        if len(groups) == 1:  # one shard (a single transfer's round): no task to gather
+        many = getattr(self._executor, "execute_many", None)
+        if many is not None and not wait_credit and len(groups) > 1:
+            # One future per shard, no task per shard (``Router.execute_many``).
+            by_shard = await many({shard: [c for _, c in group]
+                                   for shard, group in groups.items()}, deadline=deadline)
+            answers = [by_shard[shard] for shard in groups]
+        elif len(groups) == 1:  # one shard (a single transfer's round): no task to gather
             ((shard, group),) = groups.items()
             answers = [await self._executor.execute(shard, [c for _, c in group], wait_credit,
                                                     deadline=deadline)]

@@ -273,6 +273,24 @@ class ShardOwner:
             await self._await_credits(commands, outcomes, deadline)
         return outcomes
 
+    def submit_nowait(self, commands: list,
+                      deadline: float | None = None) -> asyncio.Future | list[Outcome]:
+        """``submit_many`` without a coroutine: queue the commands and return the future of
+        their outcomes (or the outcomes at once, if refused before queueing). For callers
+        that send to many shards in one go (``Router.execute_many``): one future per shard,
+        no task or coroutine frame per shard."""
+        if not self._serving:
+            return [UNAVAILABLE] * len(commands)
+        if self._queued_commands + len(commands) > K.OWNER_QUEUE_COMMANDS_MAX:
+            return [OVERLOADED] * len(commands)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._enqueue(_Request(commands, future, deadline))
+        if deadline is not None:
+            timer = loop.call_at(deadline, _answer_unavailable, future, len(commands))
+            future.add_done_callback(lambda _, timer=timer: timer.cancel())
+        return future
+
     def _enqueue(self, request: _Request) -> None:
         self._queue.append(request)
         self._queued_commands += len(request.commands)
@@ -535,9 +553,7 @@ class ShardOwner:
                     pending[dest] = credits[:K.CREDITS_PER_DELIVERY_MAX]
             if not pending:
                 continue
-            results = await asyncio.gather(
-                *(self._peers.execute(dest, [ApplyCredits(self.shard, tuple(credits))])
-                  for dest, credits in pending.items()), return_exceptions=True)
+            results = await self._send_credits(pending)
             progressed = 0
             for (dest, credits), result in zip(pending.items(), results):
                 if isinstance(result, BaseException):
@@ -560,6 +576,22 @@ class ShardOwner:
                 await asyncio.sleep(K.CREDIT_RETRY_BACKOFF_MS / 1000)
             if any(self._deliverable(dest, items) for dest, items in self.state.outbox.items()):
                 self._outbox_kick.set()
+
+    async def _send_credits(self, pending: dict[int, list]) -> list:
+        """One ``ApplyCredits`` per destination, all at once; an answer or an exception per
+        destination, in ``pending``'s order."""
+        groups = {dest: [ApplyCredits(self.shard, tuple(credits))]
+                  for dest, credits in pending.items()}
+        many = getattr(self._peers, "execute_many", None)
+        if many is not None and len(groups) > 1:
+            try:
+                answers = await many(groups)
+            except Exception as exc:  # a bug: reported per destination, retried
+                return [exc] * len(groups)
+            return [answers[dest] for dest in groups]
+        return await asyncio.gather(*(self._peers.execute(dest, commands)
+                                      for dest, commands in groups.items()),
+                                    return_exceptions=True)
 
     def _deliverable(self, dest: int, items: dict) -> list:
         """Credits owed to ``dest`` that may leave now, in order: durable in the journal

@@ -53,6 +53,11 @@ class LocalOwner(Protocol):
         """
         ...
 
+    def submit_nowait(self, commands: list,
+                      deadline: float | None = None) -> asyncio.Future | list[Outcome]:
+        """``submit_many`` without ``wait_credit``, as a future (or the outcomes at once)."""
+        ...
+
 
 class RemoteTransport(Protocol):
     async def execute(self, address: str, shard: int, commands: list,
@@ -111,6 +116,46 @@ class Router:
                 return [UNAVAILABLE] * len(commands)
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, SHARD_RETRY_BACKOFF_MAX_MS / 1000)
+
+    async def execute_many(self, groups: Mapping[int, list],
+                           deadline: float | None = None) -> dict[int, list[Outcome]]:
+        """``execute`` on many shards at once (``{shard: commands}``), without credit waits.
+
+        Shards whose owner is in this process and serving get their commands queued at once,
+        and the call awaits one future per shard: no task or coroutine per shard, which on a
+        batch that touches every shard of the node is most of a round's overhead. A shard
+        with no local owner, or whose owner stopped under the call (all SHARD_UNAVAILABLE),
+        goes through ``execute`` (routing, remote nodes, retries), so the outcomes are
+        those ``execute`` would give.
+        """
+        answers: dict[int, list[Outcome]] = {}
+        waiting: dict[int, asyncio.Future] = {}
+        slow: list[int] = []
+        for shard, commands in groups.items():
+            owner = self._owners.get(shard)
+            if owner is None or not owner.serving:
+                slow.append(shard)
+                continue
+            queued = owner.submit_nowait(commands, deadline)
+            if isinstance(queued, list):
+                answers[shard] = queued
+            else:
+                waiting[shard] = queued
+        if waiting:
+            await asyncio.wait(waiting.values())
+            for shard, future in waiting.items():
+                answers[shard] = future.result()
+        for shard, outcomes in answers.items():
+            if all(o.status is Status.SHARD_UNAVAILABLE for o in outcomes) and (
+                    deadline is None or asyncio.get_running_loop().time() < deadline):
+                slow.append(shard)  # the owner stopped under us: route again
+        if len(slow) == 1:
+            answers[slow[0]] = await self.execute(slow[0], groups[slow[0]], deadline=deadline)
+        elif slow:
+            for shard, outcomes in zip(slow, await asyncio.gather(*(
+                    self.execute(shard, groups[shard], deadline=deadline) for shard in slow))):
+                answers[shard] = outcomes
+        return answers
 
     async def _try(self, shard: int, commands: list, wait_credit: bool,
                    deadline: float | None) -> list[Outcome] | None:
