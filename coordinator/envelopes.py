@@ -36,8 +36,9 @@ from ledger.core import split, validate
 from ledger.core.ids import envelope_id_for, grab_key, transfer_id_for
 from ledger.core.model import (
     KIND_ENVELOPE_FUND, AbandonEnvelope, CancelReservation, Envelope, GetEnvelope, Grab, GrabEnvelope,
-    OpenEnvelope, ReserveCredit, escrow_wallet_id, luckiest,
+    GrantHeadroom, NoteHeadroom, OpenEnvelope, ReserveCredit, escrow_wallet_id, luckiest,
 )
+from ledger.core.shard import HEADROOM_NEEDED
 from ledger.core.status import Outcome, Status, ok, refuse
 from ledger.runtime.clock import Clock, now_ms
 from ledger.runtime.tasks import spawn
@@ -46,6 +47,9 @@ _ENVELOPE_ID = re.compile(r"e[0-9a-f]{24}")
 # Envelopes whose currency this coordinator remembers (terms never change); the memory is
 # dropped whole when it reaches this size.
 _CURRENCIES_KEPT_MAX = 100_000
+# (envelope shard, receiver shard) pairs this coordinator saw a headroom grant noted for
+# (at most shards^2); forgotten whole past this size (asking again costs two steps).
+_GRANTS_SEEN_MAX = 1 << 17
 # A refused funding transfer names its own fields; CreateEnvelope's are these.
 _FUNDING_FIELDS = {"amount_minor": "total_minor", "from_wallet_id": "sender_wallet_id"}
 
@@ -127,6 +131,7 @@ class Envelopes:
         self._clock_ms = clock_ms
         self._new_seed = new_seed
         self._currencies: dict[str, str] = {}
+        self._grants_seen: set[tuple[int, int]] = set()
         self._in_flight: set[tuple[str, str]] = set()
 
     def shard_of_envelope(self, envelope_id: str) -> int:
@@ -285,11 +290,23 @@ class Envelopes:
                     shard_of(item.receiver_wallet_id), transfer_id_for(home, caller, key), now))
             await self._reserve(commands, results, deadline)
             decided = await self._coordinator._by_shard(commands, deadline=deadline)
+            short = {i: o.value for i, o in decided.items()
+                     if o.status is Status.REQUEST_IN_FLIGHT and o.field == HEADROOM_NEEDED}
+            if short:
+                resend = await self._more_headroom(commands, short, results, decided, deadline)
+                decided.update(await self._coordinator._by_shard(resend, deadline=deadline))
+                for i in short:
+                    o = decided[i]
+                    if o.status is Status.REQUEST_IN_FLIGHT and o.field == HEADROOM_NEEDED:
+                        # Still short (a batch owing more than a whole grant to one shard):
+                        # the client retries; the next call asks for more.
+                        decided[i] = refuse(Status.REQUEST_IN_FLIGHT, "receiver_wallet_id",
+                                            "the receiver's shard is granting headroom; retry")
             cancel: dict[int, tuple[int, object]] = {}
             for i, outcome in decided.items():
                 results[i] = outcome
                 c = commands[i][1]
-                if c.reserved_at_ms and not outcome.ok and not outcome.status.transient():
+                if c.reserved_at_ms > 0 and not outcome.ok and not outcome.status.transient():
                     cancel[i] = (c.receiver_shard, CancelReservation(c.transfer_id,
                                                                      c.reserved_at_ms))
             if cancel:
@@ -334,14 +351,57 @@ class Envelopes:
         return failed
 
     async def _reserve(self, commands: dict[int, tuple[int, GrabEnvelope]], results: list,
-                       deadline: float | None) -> None:
-        """Reserve headroom for each grab's credit on its receiver's shard (a receiver on the
-        envelope's own shard is checked there, in the grab's step)."""
+                       deadline: float | None, reserve_all: bool = False) -> None:
+        """Settle how each grab's credit will be owed (a receiver on the envelope's own
+        shard is checked there, in the grab's step).
+
+        A receiver whose shard's owner runs in this process is checked in that owner's
+        durable state, without a journaled step (``Router.wallet_currency``): a missing
+        wallet or another currency is passed on as the refusal; otherwise the credit is owed
+        under the receiver shard's headroom grant to the envelope's shard (``UNDER_GRANT``:
+        PROTOCOL.md, "Headroom grants"), asked for first if this coordinator has not seen
+        it given. Any other receiver (or all, with ``reserve_all``, or where no grant is to
+        be had) gets headroom reserved on its shard (``ReserveCredit``), one journaled step
+        per shard, as before grants existed.
+        """
         currencies = self._currencies
+        facts = None if reserve_all else getattr(self._executor, "wallet_currency", None)
+        granted: dict[int, GrabEnvelope] = {}
+        for i, (home, c) in commands.items():
+            if c.receiver_shard == home:
+                continue
+            currency = currencies[c.envelope_id]
+            known = None if facts is None else facts(c.receiver_shard, c.receiver_wallet_id)
+            if known is None:
+                continue  # reserved below
+            if known is False:
+                commands[i] = (home, _grab_with(c, credit_refusal=(
+                    int(Status.WALLET_NOT_FOUND), "receiver_wallet_id", "no wallet with this id")))
+            elif known != currency:
+                commands[i] = (home, _grab_with(c, credit_refusal=(
+                    int(Status.CURRENCY_MISMATCH), "receiver_wallet_id",
+                    f"receiver_wallet_id holds {known}, the envelope {currency}")))
+            else:
+                granted[i] = _grab_with(c, reserved_at_ms=C.UNDER_GRANT)
+        cold = {(commands[i][0], c.receiver_shard): C.HEADROOM_GRANT_MINOR
+                for i, c in granted.items()
+                if (commands[i][0], c.receiver_shard) not in self._grants_seen}
+        given = await self._grant(cold, deadline) if cold else {}
+        for i, c in granted.items():
+            home = commands[i][0]
+            outcome = given.get((home, c.receiver_shard))
+            if outcome is None or outcome.ok:
+                commands[i] = (home, c)
+            elif outcome.status.transient():
+                results[i] = outcome
+                del commands[i]
+            # else: no grant to be had; reserved below
         reserve = {i: (c.receiver_shard, ReserveCredit(
                        c.transfer_id, c.receiver_wallet_id, currencies[c.envelope_id],
                        C.ENVELOPE_TOTAL_MINOR_CEILING, c.now_ms))
-                   for i, (home, c) in commands.items() if c.receiver_shard != home}
+                   for i, (home, c) in commands.items()
+                   if c.receiver_shard != home and not c.reserved_at_ms
+                   and c.credit_refusal is None}
         if not reserve:
             return
         for i, outcome in (await self._coordinator._by_shard(reserve, deadline=deadline)).items():
@@ -355,6 +415,63 @@ class Envelopes:
                 # The envelope's shard decides: a retry of a grab made before gets its grab.
                 commands[i] = (home, _grab_with(c, credit_refusal=(
                     int(outcome.status), outcome.field, outcome.detail)))
+
+    async def _grant(self, pairs: dict[tuple[int, int], int],
+                     deadline: float | None) -> dict[tuple[int, int], Outcome]:
+        """Have each receiver shard grant each envelope shard headroom up to a total
+        (``{(envelope shard, receiver shard): total}``): ``GrantHeadroom`` on the receiver
+        shard (journaled there; idempotent by the total, so racing coordinators ask for the
+        same), then ``NoteHeadroom`` on the envelope shard with what was granted. The
+        outcome per pair: OK once the envelope shard holds the grant."""
+        keys = list(pairs)
+        given = await self._coordinator._by_shard(
+            {k: (credit, GrantHeadroom(home, pairs[(home, credit)]))
+             for k, (home, credit) in enumerate(keys)}, deadline=deadline)
+        noted = await self._coordinator._by_shard(
+            {k: (home, NoteHeadroom(credit, given[k].value))
+             for k, (home, credit) in enumerate(keys) if given[k].ok}, deadline=deadline)
+        out = {keys[k]: o for k, o in given.items()}
+        out.update({keys[k]: o for k, o in noted.items()})
+        if len(self._grants_seen) > _GRANTS_SEEN_MAX:
+            self._grants_seen.clear()
+        self._grants_seen.update(pair for pair, o in out.items() if o.ok)
+        return out
+
+    async def _more_headroom(self, commands: dict[int, tuple[int, GrabEnvelope]],
+                             short: dict[int, tuple[int, int]], results: list,
+                             decided: dict[int, Outcome],
+                             deadline: float | None) -> dict[int, tuple[int, GrabEnvelope]]:
+        """Grabs their envelope's shard could not owe under the receiver shard's grant (used
+        up: once per HEADROOM_GRANT_MINOR of credits): ask for that much more (``_grant``)
+        and return the grabs to send again; where no grant is to be had (a wallet too close
+        to the int64 ceiling), the grab's credit is reserved on its own instead. (Those
+        grabs are decided after the call's other grabs of the same envelope.)"""
+        pairs: dict[tuple[int, int], int] = {}
+        for i, (credit_shard, granted) in short.items():
+            pair = (commands[i][0], credit_shard)
+            pairs[pair] = max(pairs.get(pair, 0), granted + C.HEADROOM_GRANT_MINOR)
+        given = await self._grant(pairs, deadline)
+        again: dict[int, tuple[int, GrabEnvelope]] = {}
+        fallback: dict[int, tuple[int, GrabEnvelope]] = {}
+        for i in short:
+            home, c = commands[i]
+            outcome = given[(home, c.receiver_shard)]
+            if outcome.ok:
+                again[i] = commands[i]
+            elif outcome.status.transient():
+                decided[i] = outcome
+            else:
+                fallback[i] = (home, _grab_with(c, under_grant=False))
+        if fallback:
+            tried = list(fallback)
+            await self._reserve(fallback, results, deadline, reserve_all=True)
+            for i in tried:
+                if i not in fallback:  # the reservation failed transiently: its answer
+                    decided[i] = results[i]
+                    results[i] = None
+            commands.update(fallback)
+            again.update(fallback)
+        return again
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -425,8 +542,9 @@ class Envelopes:
 
 
 def _grab_with(c: GrabEnvelope, credit_refusal: tuple[int, str, str] | None = None,
-               reserved_at_ms: int = 0) -> GrabEnvelope:
+               reserved_at_ms: int = 0, under_grant: bool = True) -> GrabEnvelope:
+    kept = c.reserved_at_ms if under_grant or c.reserved_at_ms != C.UNDER_GRANT else 0
     return GrabEnvelope(c.caller, c.idempotency_key, c.envelope_id, c.receiver_wallet_id,
                         c.receiver_shard, c.transfer_id, c.now_ms,
                         credit_refusal if credit_refusal is not None else c.credit_refusal,
-                        reserved_at_ms or c.reserved_at_ms)
+                        reserved_at_ms or kept)

@@ -13,6 +13,7 @@ a write has an unknown outcome, or when an invariant breaks: a new owner replays
 from __future__ import annotations
 
 import asyncio
+import functools
 import collections
 import logging
 from typing import Awaitable, Callable, Protocol
@@ -29,7 +30,7 @@ from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS, RESERVATION_TTL_MS
 from ledger.core.model import (
     KIND_HOLD_CAPTURE, STATE_COMMITTED, AckOutbox, ApplyCredits, ChainFinished, DecideChain, DropReservations, ExpireHolds,
     ExpireIdempotency, FinishChain, Post, RefundEnvelope, ReserveCredit, ResolveReservations,
-    SpillIdempotency, Transfer, TransferDecided,
+    SpillIdempotency, Transfer, TransferDecided, WalletCreated,
 )
 from ledger.core.ids import transfer_id_for
 from ledger.core.shard import ShardState, debit_shard_of, record_of_transfer
@@ -85,6 +86,10 @@ def _spills(request: _Request) -> bool:
     return any(type(c) is SpillIdempotency for c in request.commands)
 
 
+def _cancel_timer(timer: asyncio.TimerHandle, _: asyncio.Future) -> None:
+    timer.cancel()
+
+
 def _answer_unavailable(future: asyncio.Future, count: int) -> None:
     """The caller's deadline passed before the answer: SHARD_UNAVAILABLE (may still commit)."""
     if not future.done():
@@ -114,6 +119,8 @@ class ShardOwner:
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued_commands = 0
         self._inflight: list[_Request] = []
+        # Wallets created by the batch whose append is in flight (not durable yet).
+        self._ahead_wallets: set[str] = set()
         self._wakeup = asyncio.Event()
         self._outbox_kick = asyncio.Event()
         self._serving = False
@@ -273,6 +280,17 @@ class ShardOwner:
             await self._await_credits(commands, outcomes, deadline)
         return outcomes
 
+    def wallet_currency(self, wallet_id: str) -> str | None | bool:
+        """What this owner's DURABLE state says of a wallet, without a step: its currency,
+        or False if it does not exist, or None if this owner cannot tell (not serving, or
+        the wallet's creation is in the batch being appended). A wallet is never removed
+        and its currency never changes, so a currency answered here stays true; "does not
+        exist" is as of now."""
+        if not self._serving or not self._lease_valid() or wallet_id in self._ahead_wallets:
+            return None
+        wallet = self.state.wallets.get(wallet_id)
+        return False if wallet is None else wallet.currency
+
     def submit_nowait(self, commands: list,
                       deadline: float | None = None) -> asyncio.Future | list[Outcome]:
         """``submit_many`` without a coroutine: queue the commands and return the future of
@@ -288,7 +306,7 @@ class ShardOwner:
         self._enqueue(_Request(commands, future, deadline))
         if deadline is not None:
             timer = loop.call_at(deadline, _answer_unavailable, future, len(commands))
-            future.add_done_callback(lambda _, timer=timer: timer.cancel())
+            future.add_done_callback(functools.partial(_cancel_timer, timer))
         return future
 
     def _enqueue(self, request: _Request) -> None:
@@ -345,6 +363,7 @@ class ShardOwner:
         finally:
             state.loaded = {}
         events, rows = result.events, result.rows
+        self._ahead_wallets = {e.wallet_id for e in events if type(e) is WalletCreated}
         position = 0
         for request in batch:
             count = len(request.commands)
@@ -382,6 +401,7 @@ class ShardOwner:
             return
         if events:
             state.seq = seq
+            self._ahead_wallets = set()
             failpoints.hit("owner.after_append")
             self._after_append(events)
         for request in batch:

@@ -58,6 +58,11 @@ class LocalOwner(Protocol):
         """``submit_many`` without ``wait_credit``, as a future (or the outcomes at once)."""
         ...
 
+    def wallet_currency(self, wallet_id: str) -> str | None | bool:
+        """The wallet's currency in the owner's durable state, False if it has none, None
+        if the owner cannot tell now."""
+        ...
+
 
 class RemoteTransport(Protocol):
     async def execute(self, address: str, shard: int, commands: list,
@@ -156,6 +161,13 @@ class Router:
                     self.execute(shard, groups[shard], deadline=deadline) for shard in slow))):
                 answers[shard] = outcomes
         return answers
+
+    def wallet_currency(self, shard: int, wallet_id: str) -> str | None | bool:
+        """A wallet's currency from its shard's owner in this process, read from its durable
+        state without a step: the currency, False if there is no such wallet, None if no
+        local owner can tell now (the caller asks the shard the journaled way)."""
+        owner = self._owners.get(shard)
+        return None if owner is None else owner.wallet_currency(wallet_id)
 
     async def _try(self, shard: int, commands: list, wait_credit: bool,
                    deadline: float | None) -> list[Outcome] | None:

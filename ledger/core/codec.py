@@ -121,8 +121,9 @@ def loads(data: bytes | str) -> Any:
 # memory, ``ledger.core.spilled``): same layout, so formats 2 and 3 load alike; a build that
 # knows only 2 refuses a 3 (it would lose the filters) instead of misreading it. Format 4 adds
 # the sections "envelopes" and "grabs" (red envelopes kept on the shard), for the same reason.
+# Format 5 adds "grants" and "headroom" (headroom grants given and received).
 
-SNAPSHOT_FORMAT = 4
+SNAPSHOT_FORMAT = 5
 _SNAPSHOT_MAGIC = b"LSNAP2\n"
 # Records per JSON line: big enough that json does the work in C, small enough that encoding
 # and decoding hand the GIL around often (they run in a worker thread next to the event loop).
@@ -164,6 +165,10 @@ def _snapshot_records(state: ShardState) -> Iterator[tuple[str, list]]:
     envelope, grab = _fields_getter(model.Envelope), _fields_getter(model.Grab)
     yield "envelopes", [envelope(e) for e in state.envelopes.values()]
     yield "grabs", [grab(g) for grabs in state.grabs.values() for g in grabs.values()]
+    yield "grants", [(shard, total, state.grants_used.get(shard, 0))
+                     for shard, total in state.grants_out.items()]
+    yield "headroom", [(shard, total, state.headroom_used.get(shard, 0))
+                       for shard, total in state.headroom_in.items()]
 
 
 def snapshot_lines(state: ShardState) -> Iterator[bytes]:
@@ -336,6 +341,21 @@ def _load_grabs(state: ShardState, records: list) -> None:
         state.grabs.setdefault(g.envelope_id, {})[g.receiver_wallet_id] = g
 
 
+def _load_grants(state: ShardState, records: list) -> None:
+    for shard, total, used in records:
+        state.grants_out[shard] = total
+        if used:
+            state.grants_used[shard] = used
+        state.granted_open += total - used
+
+
+def _load_headroom(state: ShardState, records: list) -> None:
+    for shard, total, used in records:
+        state.headroom_in[shard] = total
+        if used:
+            state.headroom_used[shard] = used
+
+
 _SECTION_LOADERS = {
     "wallets": _load_wallets, "transfers": _load_transfers, "idempotency": _load_idempotency,
     "claims": _load_claims, "holds": _load_holds, "outbox": _load_outbox,
@@ -343,7 +363,8 @@ _SECTION_LOADERS = {
     "chains": _load_chains, "reservations": _load_reservations, "fenced": _load_fenced,
     "chain_waiting": _load_chain_waiting, "chains_purged_before": _load_chains_purged_before,
     "spilled": lambda state, records: state.spilled.load_records(records),
-    "envelopes": _load_envelopes, "grabs": _load_grabs,
+    "envelopes": _load_envelopes, "grabs": _load_grabs, "grants": _load_grants,
+    "headroom": _load_headroom,
 }
 
 

@@ -26,6 +26,17 @@ ENTRIES_PAGE_DEFAULT = 100
 # headroom, so no credit can overflow its receiver.
 RESERVATION_TTL_MS = 30_000
 
+# Headroom grants (see ``coordinator/PROTOCOL.md``, "Headroom grants"): a credit shard may
+# promise a debit shard headroom for credits owed without a per-credit reservation. Every
+# wallet of the credit shard then keeps that much room below the int64 ceiling for them, so
+# a granted credit can always land. A debit shard asks for this much more each time it runs
+# out. 10^15 per debit shard: 256 debit shards hold at most 2.6 * 10^17 of a wallet's
+# 9.2 * 10^18 of room, and one grant covers 5 * 10^10 grabs of 20,000.
+HEADROOM_GRANT_MINOR = 10**15
+# ``reserved_at_ms`` of a credit owed under the credit shard's headroom grant, not under a
+# reservation of its own.
+UNDER_GRANT = -1
+
 # How long an idempotency key and the result it guards are kept. Retries after this are
 # executed as new requests. Configurable per deployment; this is the default.
 IDEMPOTENCY_RETENTION_MS = 24 * 3600 * 1000

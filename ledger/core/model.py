@@ -533,7 +533,9 @@ class GrabEnvelope:
     receiver_shard: int
     transfer_id: str
     now_ms: int
-    # As in Post: the receiver shard's refusal of the credit reservation, or the reservation.
+    # As in Post: the receiver shard's refusal of the credit reservation, or the reservation,
+    # or ``UNDER_GRANT``: owe the credit under the receiver shard's headroom grant (the
+    # coordinator checked the receiver's wallet and currency in its owner's durable state).
     credit_refusal: tuple[int, str, str] | None = None
     reserved_at_ms: int = 0
 
@@ -541,6 +543,24 @@ class GrabEnvelope:
 @dataclass(slots=True, frozen=True)
 class GetEnvelope:
     envelope_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class GrantHeadroom:
+    """On a credit shard: let ``to_shard`` owe credits to this shard's wallets without a
+    reservation each, up to ``total_minor`` in all (cumulative; idempotent). Granted only if
+    every wallet here keeps that room below the int64 ceiling; answers the total granted."""
+
+    to_shard: int
+    total_minor: int
+
+
+@dataclass(slots=True, frozen=True)
+class NoteHeadroom:
+    """On a debit shard: ``from_shard`` granted it ``total_minor`` (cumulative)."""
+
+    from_shard: int
+    total_minor: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -615,6 +635,18 @@ class CreditReserved:
     wallet_id: str
     amount_minor: int
     at_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class HeadroomGranted:
+    to_shard: int
+    total_minor: int
+
+
+@dataclass(slots=True, frozen=True)
+class HeadroomNoted:
+    from_shard: int
+    total_minor: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -712,10 +744,10 @@ EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, Idem
                HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed,
                CreditReserved, ReservationsDropped, ReservationsFenced,
                ChainParticipantFinished, IdempotencySpilled, EnvelopeOpened, EnvelopeGrabbed,
-               EnvelopeRefunded, EnvelopeAbandoned)
+               EnvelopeRefunded, EnvelopeAbandoned, HeadroomGranted, HeadroomNoted)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
                  ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
                  ClaimKey, ResolveReservations, DropReservations, ChainFinished,
                  SpillIdempotency, OpenEnvelope, GrabEnvelope, GetEnvelope, RefundEnvelope,
-                 AbandonEnvelope)
+                 AbandonEnvelope, GrantHeadroom, NoteHeadroom)

@@ -33,6 +33,7 @@ from ledger.core.model import (
     KIND_ENVELOPE_FUND, KIND_ENVELOPE_GRAB, KIND_ENVELOPE_REFUND, Envelope, EnvelopeGrabbed,
     EnvelopeOpened, EnvelopeRefunded, GetEnvelope, Grab, GrabEnvelope, OpenEnvelope,
     RefundEnvelope, envelope_of_escrow, escrow_wallet_id, AbandonEnvelope, EnvelopeAbandoned,
+    GrantHeadroom, HeadroomGranted, HeadroomNoted, NoteHeadroom,
 )
 from ledger.core import split
 from ledger.core.ids import refund_key, transfer_id_for
@@ -43,7 +44,13 @@ Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | Idempo
          | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed
          | CreditReserved | ReservationsDropped | ReservationsFenced
          | ChainParticipantFinished | IdempotencySpilled | EnvelopeOpened | EnvelopeGrabbed
-         | EnvelopeRefunded | EnvelopeAbandoned)
+         | EnvelopeRefunded | EnvelopeAbandoned | HeadroomGranted | HeadroomNoted)
+
+
+# The ``field`` of the (never recorded, never client-facing) answer to a grab owed under a
+# headroom grant that its debit shard has too little of: the value is (credit shard, the
+# total it granted so far); the coordinator asks for more and sends the grab again.
+HEADROOM_NEEDED = "headroom"
 
 
 def debit_shard_of(transfer_id: str) -> int:
@@ -143,7 +150,8 @@ class ShardState:
     __slots__ = ("shard", "seq", "wallets", "transfers", "idempotency", "outbox",
                  "outbox_last_seq", "inbox_applied", "reservations", "incoming", "holds",
                  "chains", "claims", "fenced", "chain_waiting", "chains_purged_before",
-                 "spilled", "loaded", "envelopes", "grabs")
+                 "spilled", "loaded", "envelopes", "grabs", "grants_out", "grants_used",
+                 "granted_open", "headroom_in", "headroom_used")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -190,6 +198,16 @@ class ShardState:
         # Grab. Kept until the idempotency window after they closed (sold out or refunded).
         self.envelopes: dict[str, Envelope] = {}
         self.grabs: dict[str, dict[str, Grab]] = {}
+        # Headroom grants (PROTOCOL.md, "Headroom grants"). As a credit shard: what it
+        # granted each debit shard in all, and how much of it granted credits have used
+        # on landing; ``granted_open`` sums what is granted and not yet landed, and every
+        # wallet here keeps that much room below the ceiling. As a debit shard: what each
+        # credit shard granted it, and how much of that its decided credits took.
+        self.grants_out: dict[int, int] = {}
+        self.grants_used: dict[int, int] = {}
+        self.granted_open = 0
+        self.headroom_in: dict[int, int] = {}
+        self.headroom_used: dict[int, int] = {}
 
     def keys_to_load(self, commands: Iterable[object]) -> list[tuple[str, str]]:
         """The (caller, key) pairs these commands use whose records may be in the store
@@ -387,9 +405,7 @@ class ShardState:
             return refuse(Status.INSUFFICIENT_FUNDS, "amount_minor",
                           "from_wallet_id has less available than amount_minor")
         if target is not None:
-            headroom = C.AMOUNT_MINOR_MAX - target.balance_minor - self.incoming.get(
-                target.wallet_id, 0)
-            if cmd.amount_minor > headroom:
+            if cmd.amount_minor > self._headroom(target):
                 return refuse(Status.BALANCE_OVERFLOW, "amount_minor",
                               "would take to_wallet_id past the int64 range")
         return None
@@ -417,8 +433,7 @@ class ShardState:
             if held[1] != cmd.amount_minor:
                 return _key_reused("amount_minor"), []
             return ok(held[2]), []
-        incoming = self.incoming.get(cmd.wallet_id, 0)
-        if cmd.amount_minor > C.AMOUNT_MINOR_MAX - wallet.balance_minor - incoming:
+        if cmd.amount_minor > self._headroom(wallet):
             return refuse(Status.BALANCE_OVERFLOW, "amount_minor",
                           "would take to_wallet_id past the int64 range"), []
         return ok(cmd.now_ms), [CreditReserved(cmd.transfer_id, cmd.wallet_id, cmd.amount_minor,
@@ -467,9 +482,47 @@ class ShardState:
         events: list[Event] = [ReservationsFenced(tuple(fence), cmd.now_ms)] if fence else []
         return ok(tuple(answers)), events
 
+    def _headroom(self, wallet: Wallet) -> int:
+        """How much more may be credited to ``wallet`` now: the room below the int64 ceiling
+        less the credits reserved for it and the headroom granted to debit shards (which
+        any wallet here may receive)."""
+        return (C.AMOUNT_MINOR_MAX - wallet.balance_minor - self.incoming.get(wallet.wallet_id, 0)
+                - self.granted_open)
+
+    def _decide_grant_headroom(self, cmd: GrantHeadroom) -> tuple[Outcome, list[Event]]:
+        granted = self.grants_out.get(cmd.to_shard, 0)
+        if cmd.total_minor <= granted:
+            return ok(granted), []  # granted before (a retry, or a racing coordinator)
+        if cmd.to_shard == self.shard or not 0 < cmd.total_minor <= C.AMOUNT_MINOR_MAX:
+            return refuse(Status.INVALID_ARGUMENT, "total_minor", "not a grant"), []
+        more = cmd.total_minor - granted
+        # Every wallet must keep the new room: the fullest one decides (a scan, but a debit
+        # shard asks once per HEADROOM_GRANT_MINOR of credits).
+        incoming = self.incoming
+        fullest = max((w.balance_minor + incoming.get(w.wallet_id, 0)
+                       for w in self.wallets.values()), default=0)
+        if fullest + self.granted_open + more > C.AMOUNT_MINOR_MAX:
+            return refuse(Status.BALANCE_OVERFLOW, "total_minor",
+                          "a wallet of the credit shard is too close to the int64 range"), []
+        return ok(cmd.total_minor), [HeadroomGranted(cmd.to_shard, cmd.total_minor)]
+
+    def _decide_note_headroom(self, cmd: NoteHeadroom) -> tuple[Outcome, list[Event]]:
+        if cmd.total_minor <= self.headroom_in.get(cmd.from_shard, 0):
+            return ok(), []
+        return ok(), [HeadroomNoted(cmd.from_shard, cmd.total_minor)]
+
+    def headroom_left(self, credit_shard: int) -> int:
+        """How much more this shard may owe ``credit_shard`` under its grant."""
+        return self.headroom_in.get(credit_shard, 0) - self.headroom_used.get(credit_shard, 0)
+
     def _lapsed(self, transfer_id: str, reserved_at_ms: int) -> Outcome | None:
         """A Post under a reservation the debit shard fenced (its credit shard asked, and
         it had not been decided): refused, not recorded; the client's retry reserves anew."""
+        if reserved_at_ms < 0:
+            # Only a grab may owe its credit under a headroom grant (it checks the grant;
+            # ``_decide_grab_envelope`` passes 0 here).
+            return refuse(Status.INVALID_ARGUMENT, "reserved_at_ms",
+                          "only grabs owe credits under a headroom grant")
         fenced = self.fenced.get(transfer_id)
         if reserved_at_ms and fenced is not None and fenced[0] == reserved_at_ms:
             return refuse(Status.REQUEST_IN_FLIGHT, "idempotency_key",
@@ -623,7 +676,7 @@ class ShardState:
         if envelope.left_shares == 0:
             return refuse(Status.ENVELOPE_SOLD_OUT, "envelope_id",
                           "every share of the envelope is taken"), []
-        lapsed = self._lapsed(cmd.transfer_id, cmd.reserved_at_ms)
+        lapsed = self._lapsed(cmd.transfer_id, max(cmd.reserved_at_ms, 0))
         if lapsed is not None:
             return lapsed, []
         local = cmd.receiver_shard == self.shard
@@ -638,6 +691,13 @@ class ShardState:
                                     envelope.left_shares, envelope.min_share_minor)
         ensure(local or amount <= C.ENVELOPE_TOTAL_MINOR_CEILING,
                "share of %s larger than a grab's reservation", cmd.envelope_id)
+        if not local and cmd.reserved_at_ms == C.UNDER_GRANT \
+                and amount > self.headroom_left(cmd.receiver_shard):
+            # Not decided: the coordinator gets more headroom granted and sends it again
+            # (this answer never reaches a client).
+            return Outcome(Status.REQUEST_IN_FLIGHT, HEADROOM_NEEDED,
+                           "the receiver's shard has not granted enough headroom yet",
+                           (cmd.receiver_shard, self.headroom_in.get(cmd.receiver_shard, 0))), []
         grab = Grab(cmd.envelope_id, position, cmd.receiver_wallet_id, amount, cmd.transfer_id,
                     cmd.caller, cmd.idempotency_key, cmd.now_ms)
         transfer = Transfer(cmd.transfer_id, KIND_ENVELOPE_GRAB,
@@ -660,7 +720,7 @@ class ShardState:
         if wallet.currency != currency:
             return refuse(Status.CURRENCY_MISMATCH, field_name,
                           f"{field_name} holds {wallet.currency}, the envelope {currency}")
-        if amount > C.AMOUNT_MINOR_MAX - wallet.balance_minor - self.incoming.get(wallet_id, 0):
+        if amount > self._headroom(wallet):
             return refuse(Status.BALANCE_OVERFLOW, field_name,
                           f"would take {field_name} past the int64 range")
         return None
@@ -818,8 +878,7 @@ class ShardState:
             if target.currency != hold.currency:
                 refusal = refuse(Status.CURRENCY_MISMATCH, "to_wallet_id",
                                  f"to_wallet_id holds {target.currency}")
-            elif amount > (C.AMOUNT_MINOR_MAX - target.balance_minor
-                           - self.incoming.get(target.wallet_id, 0)):
+            elif amount > self._headroom(target):
                 refusal = refuse(Status.BALANCE_OVERFLOW, "amount_minor",
                                  "would take to_wallet_id past the int64 range")
         if refusal is not None and not refusal.status.recorded():
@@ -1010,6 +1069,12 @@ class ShardState:
             ensure(e.outbox_seq == self.outbox_last_seq.get(e.to_shard, 0) + 1,
                    "outbox sequence gap to shard %d", e.to_shard)
             self.outbox_last_seq[e.to_shard] = e.outbox_seq
+            if e.reserved_at_ms == C.UNDER_GRANT:
+                used = self.headroom_used.get(e.to_shard, 0) + t.amount_minor
+                ensure(used <= self.headroom_in.get(e.to_shard, 0),
+                       "credit %s owed past the headroom granted by shard %d", t.transfer_id,
+                       e.to_shard)
+                self.headroom_used[e.to_shard] = used
             self.outbox.setdefault(e.to_shard, {})[e.outbox_seq] = Credit(
                 e.outbox_seq, t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
                 t.amount_minor, t.currency, t.created_at_ms, e.reserved_at_ms)
@@ -1187,7 +1252,15 @@ class ShardState:
         for c in e.credits:
             ensure(c.outbox_seq == applied + 1, "credit out of order from shard %d", e.from_shard)
             applied = c.outbox_seq
-            self._drop_reservation(c.transfer_id)
+            if c.reserved_at_ms == C.UNDER_GRANT:
+                used = self.grants_used.get(e.from_shard, 0) + c.amount_minor
+                ensure(used <= self.grants_out.get(e.from_shard, 0),
+                       "credit %s landed past the headroom granted to shard %d",
+                       c.transfer_id, e.from_shard)
+                self.grants_used[e.from_shard] = used
+                self.granted_open -= c.amount_minor
+            else:
+                self._drop_reservation(c.transfer_id)
             # A transfer record for history lookups; the debit shard holds the decision.
             t = Transfer(c.transfer_id, c.kind, c.from_wallet_id, c.to_wallet_id,
                          c.amount_minor, c.currency, "", "", "", c.at_ms, credited=True)
@@ -1195,6 +1268,17 @@ class ShardState:
             if c.kind == KIND_ENVELOPE_FUND:
                 self._fund_envelope(t, c.at_ms, rows)
         self.inbox_applied[e.from_shard] = applied
+
+    def _evolve_headroom_granted(self, e: HeadroomGranted, rows: list | None) -> None:
+        granted = self.grants_out.get(e.to_shard, 0)
+        ensure(e.total_minor > granted, "headroom granted to shard %d shrinks", e.to_shard)
+        self.grants_out[e.to_shard] = e.total_minor
+        self.granted_open += e.total_minor - granted
+
+    def _evolve_headroom_noted(self, e: HeadroomNoted, rows: list | None) -> None:
+        ensure(e.total_minor > self.headroom_in.get(e.from_shard, 0),
+               "headroom from shard %d shrinks", e.from_shard)
+        self.headroom_in[e.from_shard] = e.total_minor
 
     def _evolve_credit_reserved(self, e: CreditReserved, rows: list | None) -> None:
         ensure(e.transfer_id not in self.reservations, "reservation %s made twice",
@@ -1275,6 +1359,14 @@ class ShardState:
 
     def check(self) -> None:
         """Assert the shard's invariants (cheap enough to run after every snapshot)."""
+        ensure(self.granted_open == sum(g - self.grants_used.get(d, 0)
+                                        for d, g in self.grants_out.items())
+               and all(0 <= self.grants_used.get(d, 0) <= g for d, g in self.grants_out.items())
+               and set(self.grants_used) <= set(self.grants_out),
+               "headroom granted disagrees with what landed under it")
+        ensure(all(0 <= self.headroom_used.get(c, 0) <= g for c, g in self.headroom_in.items())
+               and set(self.headroom_used) <= set(self.headroom_in),
+               "credits owed past the headroom granted")
         held: dict[str, int] = {}
         for h in self.holds.values():
             if h.state == HOLD_HELD:
@@ -1287,9 +1379,11 @@ class ShardState:
             ensure(w.held_minor == held.get(w.wallet_id, 0), "held amount of %s disagrees "
                    "with its holds", w.wallet_id)
             _ensure_in_range(w)
-            # Every credit on its way here holds a reservation: landing cannot overflow.
-            ensure(w.balance_minor + incoming.get(w.wallet_id, 0) <= C.AMOUNT_MINOR_MAX,
-                   "credits reserved for %s exceed its headroom", w.wallet_id)
+            # Every credit on its way here holds a reservation or falls under a grant:
+            # landing cannot overflow.
+            ensure(w.balance_minor + incoming.get(w.wallet_id, 0) + self.granted_open
+                   <= C.AMOUNT_MINOR_MAX,
+                   "credits reserved or granted for %s exceed its headroom", w.wallet_id)
             ensure(w.allow_negative or w.balance_minor - w.held_minor >= 0,
                    "wallet %s below zero", w.wallet_id)
         for env in self.envelopes.values():
@@ -1349,6 +1443,8 @@ _DECIDERS: dict[type, Callable[[ShardState, Any], tuple[Outcome, list[Event]]]] 
     GrabEnvelope: ShardState._decide_grab_envelope,
     RefundEnvelope: ShardState._decide_refund_envelope,
     AbandonEnvelope: ShardState._decide_abandon_envelope,
+    GrantHeadroom: ShardState._decide_grant_headroom,
+    NoteHeadroom: ShardState._decide_note_headroom,
 }
 
 _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
@@ -1371,4 +1467,6 @@ _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
     EnvelopeGrabbed: ShardState._evolve_envelope_grabbed,
     EnvelopeRefunded: ShardState._evolve_envelope_refunded,
     EnvelopeAbandoned: ShardState._evolve_envelope_abandoned,
+    HeadroomGranted: ShardState._evolve_headroom_granted,
+    HeadroomNoted: ShardState._evolve_headroom_noted,
 }
