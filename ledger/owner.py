@@ -86,6 +86,12 @@ def _spills(request: _Request) -> bool:
     return any(type(c) is SpillIdempotency for c in request.commands)
 
 
+def _thin(pending: dict[int, list]) -> bool:
+    """Credits ready for many destinations, few for each (see ``ShardOwner._linger``)."""
+    return (len(pending) >= K.CREDIT_LINGER_FANOUT_MIN
+            and sum(map(len, pending.values())) < len(pending) * K.CREDIT_LINGER_PER_DEST)
+
+
 def _cancel_timer(timer: asyncio.TimerHandle, _: asyncio.Future) -> None:
     timer.cancel()
 
@@ -573,6 +579,8 @@ class ShardOwner:
                     pending[dest] = credits[:K.CREDITS_PER_DELIVERY_MAX]
             if not pending:
                 continue
+            if _thin(pending):
+                pending = await self._linger(pending)
             results = await self._send_credits(pending)
             progressed = 0
             for (dest, credits), result in zip(pending.items(), results):
@@ -596,6 +604,27 @@ class ShardOwner:
                 await asyncio.sleep(K.CREDIT_RETRY_BACKOFF_MS / 1000)
             if any(self._deliverable(dest, items) for dest, items in self.state.outbox.items()):
                 self._outbox_kick.set()
+
+    async def _linger(self, pending: dict[int, list]) -> dict[int, list]:
+        """A wide fan-out of a few credits per destination (a hot envelope's grabs, one
+        wallet paying many): each destination's step costs about as much as ten credits in
+        it, so let the next appends' credits join, until the round is thick enough or
+        CREDIT_LINGER_MS passed. What is ready then is sent (never less than before)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + K.CREDIT_LINGER_MS / 1000
+        while self._serving and _thin(pending) and loop.time() < until:
+            try:
+                await asyncio.wait_for(self._outbox_kick.wait(), until - loop.time())
+            except asyncio.TimeoutError:
+                pass
+            self._outbox_kick.clear()
+            more: dict[int, list] = {}
+            for dest, items in self.state.outbox.items():
+                credits = self._deliverable(dest, items)
+                if credits:
+                    more[dest] = credits[:K.CREDITS_PER_DELIVERY_MAX]
+            pending = more or pending
+        return pending
 
     async def _send_credits(self, pending: dict[int, list]) -> list:
         """One ``ApplyCredits`` per destination, all at once; an answer or an exception per
