@@ -258,6 +258,7 @@ class Envelopes:
         # The shard of each envelope, once per call (a hot envelope is in every item).
         homes = {e: self.shard_of_envelope(e) for e in {it.envelope_id for it in live.values()}}
         shard_of = self._coordinator.shard_of
+        facts = getattr(self._executor, "wallet_currency", None)
         claimed: list[tuple[str, str]] = []
         # The same grab key twice in one call: the later items get the first one's answer.
         firsts: dict[str, int] = {}
@@ -285,9 +286,14 @@ class Envelopes:
                 self._in_flight.add((caller, key))
                 claimed.append((caller, key))
                 home = homes[item.envelope_id]
+                receiver_shard = shard_of(item.receiver_wallet_id)
+                refusal, reserved = None, 0
+                if receiver_shard != home and facts is not None:
+                    refusal, reserved = _owed_how(
+                        facts(receiver_shard, item.receiver_wallet_id), currency)
                 commands[i] = (home, GrabEnvelope(
-                    caller, key, item.envelope_id, item.receiver_wallet_id,
-                    shard_of(item.receiver_wallet_id), transfer_id_for(home, caller, key), now))
+                    caller, key, item.envelope_id, item.receiver_wallet_id, receiver_shard,
+                    transfer_id_for(home, caller, key), now, refusal, reserved))
             await self._reserve(commands, results, deadline)
             decided = await self._coordinator._by_shard(commands, deadline=deadline)
             short = {i: o.value for i, o in decided.items()
@@ -351,51 +357,35 @@ class Envelopes:
         return failed
 
     async def _reserve(self, commands: dict[int, tuple[int, GrabEnvelope]], results: list,
-                       deadline: float | None, reserve_all: bool = False) -> None:
+                       deadline: float | None) -> None:
         """Settle how each grab's credit will be owed (a receiver on the envelope's own
         shard is checked there, in the grab's step).
 
-        A receiver whose shard's owner runs in this process is checked in that owner's
-        durable state, without a journaled step (``Router.wallet_currency``): a missing
-        wallet or another currency is passed on as the refusal; otherwise the credit is owed
-        under the receiver shard's headroom grant to the envelope's shard (``UNDER_GRANT``:
-        PROTOCOL.md, "Headroom grants"), asked for first if this coordinator has not seen
-        it given. Any other receiver (or all, with ``reserve_all``, or where no grant is to
-        be had) gets headroom reserved on its shard (``ReserveCredit``), one journaled step
-        per shard, as before grants existed.
+        ``grab_many`` checked each receiver whose shard's owner runs in this process in that
+        owner's durable state, without a journaled step (``Router.wallet_currency``,
+        ``_owed_how``): a missing wallet or another currency became the grab's refusal, a
+        fitting one is owed under the receiver shard's headroom grant to the envelope's
+        shard (``UNDER_GRANT``: PROTOCOL.md, "Headroom grants"). Here the grants this
+        coordinator has not seen given are asked for; every other receiver (another node's,
+        or one whose shard cannot grant) gets headroom reserved on its shard
+        (``ReserveCredit``), one journaled step per shard, as before grants existed.
         """
+        cold = {(home, c.receiver_shard): C.HEADROOM_GRANT_MINOR
+                for home, c in commands.values()
+                if c.reserved_at_ms == C.UNDER_GRANT
+                and (home, c.receiver_shard) not in self._grants_seen}
+        if cold:
+            given = await self._grant(cold, deadline)
+            for i, (home, c) in list(commands.items()):
+                outcome = given.get((home, c.receiver_shard))
+                if outcome is None or outcome.ok or c.reserved_at_ms != C.UNDER_GRANT:
+                    continue
+                if outcome.status.transient():
+                    results[i] = outcome
+                    del commands[i]
+                else:  # no grant to be had: reserved below
+                    commands[i] = (home, _grab_with(c, under_grant=False))
         currencies = self._currencies
-        facts = None if reserve_all else getattr(self._executor, "wallet_currency", None)
-        granted: dict[int, GrabEnvelope] = {}
-        for i, (home, c) in commands.items():
-            if c.receiver_shard == home:
-                continue
-            currency = currencies[c.envelope_id]
-            known = None if facts is None else facts(c.receiver_shard, c.receiver_wallet_id)
-            if known is None:
-                continue  # reserved below
-            if known is False:
-                commands[i] = (home, _grab_with(c, credit_refusal=(
-                    int(Status.WALLET_NOT_FOUND), "receiver_wallet_id", "no wallet with this id")))
-            elif known != currency:
-                commands[i] = (home, _grab_with(c, credit_refusal=(
-                    int(Status.CURRENCY_MISMATCH), "receiver_wallet_id",
-                    f"receiver_wallet_id holds {known}, the envelope {currency}")))
-            else:
-                granted[i] = _grab_with(c, reserved_at_ms=C.UNDER_GRANT)
-        cold = {(commands[i][0], c.receiver_shard): C.HEADROOM_GRANT_MINOR
-                for i, c in granted.items()
-                if (commands[i][0], c.receiver_shard) not in self._grants_seen}
-        given = await self._grant(cold, deadline) if cold else {}
-        for i, c in granted.items():
-            home = commands[i][0]
-            outcome = given.get((home, c.receiver_shard))
-            if outcome is None or outcome.ok:
-                commands[i] = (home, c)
-            elif outcome.status.transient():
-                results[i] = outcome
-                del commands[i]
-            # else: no grant to be had; reserved below
         reserve = {i: (c.receiver_shard, ReserveCredit(
                        c.transfer_id, c.receiver_wallet_id, currencies[c.envelope_id],
                        C.ENVELOPE_TOTAL_MINOR_CEILING, c.now_ms))
@@ -464,7 +454,7 @@ class Envelopes:
                 fallback[i] = (home, _grab_with(c, under_grant=False))
         if fallback:
             tried = list(fallback)
-            await self._reserve(fallback, results, deadline, reserve_all=True)
+            await self._reserve(fallback, results, deadline)
             for i in tried:
                 if i not in fallback:  # the reservation failed transiently: its answer
                     decided[i] = results[i]
@@ -539,6 +529,22 @@ class Envelopes:
         grabs = grabs[:size]
         token = f"{grabs[-1].at_ms}.{grabs[-1].envelope_id}" if more and grabs else ""
         return ok((grabs, token))
+
+
+def _owed_how(known: str | None | bool,
+             currency: str) -> tuple[tuple[int, str, str] | None, int]:
+    """How a grab's credit will be owed, from what the receiver's owner says of its wallet
+    (``Router.wallet_currency``): ``(credit_refusal, reserved_at_ms)``. Unknown: reserved
+    (0, 0 -> ``_reserve``); no such wallet or another currency: the refusal the envelope's
+    shard passes on; else under the receiver shard's headroom grant."""
+    if known is None:
+        return None, 0
+    if known is False:
+        return (int(Status.WALLET_NOT_FOUND), "receiver_wallet_id", "no wallet with this id"), 0
+    if known != currency:
+        return (int(Status.CURRENCY_MISMATCH), "receiver_wallet_id",
+                f"receiver_wallet_id holds {known}, the envelope {currency}"), 0
+    return None, C.UNDER_GRANT
 
 
 def _grab_with(c: GrabEnvelope, credit_refusal: tuple[int, str, str] | None = None,
