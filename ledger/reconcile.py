@@ -97,7 +97,7 @@ class Report:
 
 
 CHECKS = ("journal_replays", "books_balance", "legs_once", "non_negative", "holds_timely", "nothing_in_doubt",
-          "rows_match_journal", "envelopes")
+          "rows_match_journal", "envelopes", "headroom_grants")
 
 
 async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = None,
@@ -187,6 +187,8 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
     for shard, state in states.items():
         for subject, detail in _envelope_problems(state, now, report):
             report.add("envelopes", shard, subject, detail)
+    for shard, subject, detail in _grant_problems(states):
+        report.add("headroom_grants", shard, subject, detail)
 
     for currency in set(report.totals) | set(report.in_transit) | set(beyond):
         total = (report.totals.get(currency, 0) + report.in_transit.get(currency, 0)
@@ -218,6 +220,36 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
         for wallet_id, detail, _ in problems:
             report.add("rows_match_journal", shard, wallet_id, detail)
     return report
+
+
+def _grant_problems(states: dict[int, ShardState]) -> list[tuple[int, str, str]]:
+    """Headroom grants (PROTOCOL.md) agree across each pair of shards: a debit shard D may
+    owe a credit shard R under grants only what R granted it (D's noted total <= R's granted
+    total), and R cannot have landed more granted credits from D than D owed (R's used <=
+    D's used). Shards are read one after the other (0 first) and both sides only grow, so
+    each inequality is checked where the read order makes it exact: the first when D was
+    read before R, the second when R was read before D."""
+    problems = []
+    for d, debit in states.items():
+        for r, noted in debit.headroom_in.items():
+            credit = states.get(r)
+            if credit is None:
+                continue
+            granted = credit.grants_out.get(d, 0)
+            if d < r and noted > granted:
+                problems.append((d, f"shard {r}", f"noted {noted} of headroom from shard {r}, "
+                                                  f"which granted {granted}"))
+            landed, owed = credit.grants_used.get(d, 0), debit.headroom_used.get(r, 0)
+            if r < d and landed > owed:
+                problems.append((r, f"shard {d}", f"landed {landed} of granted credits from "
+                                                  f"shard {d}, which owed {owed}"))
+    for r, credit in states.items():
+        for d, landed in credit.grants_used.items():
+            debit = states.get(d)
+            if debit is not None and r < d and r not in debit.headroom_in:
+                problems.append((r, f"shard {d}", f"landed {landed} of granted credits from "
+                                                  f"shard {d}, which noted no grant"))
+    return problems
 
 
 def _envelope_problems(state: ShardState, now: int, report: Report,

@@ -1,5 +1,6 @@
 """``ledgerctl reconcile`` and ``ledgerctl envelope show`` on red envelopes: clean books are
-clean, and a share journaled without its money (a forged grab) is named.
+clean (headroom grants included), a share journaled without its money (a forged grab) is
+named, and so is a headroom grant noted by a debit shard that its credit shard never gave.
 
 Real commands (subprocesses) against a store written by a real ``ledgerd dev``-style server.
 """
@@ -16,7 +17,7 @@ import pytest
 
 from coordinator.envelopes import GrabItem
 from ledger import server
-from ledger.core.model import EnvelopeGrabbed, Grab, escrow_wallet_id
+from ledger.core.model import EnvelopeGrabbed, Grab, HeadroomNoted, escrow_wallet_id
 from shard_router import shard_of
 from tests.e2e.test_reconcile import POLL_S, append_raw, replayed, run_reconcile
 
@@ -63,7 +64,7 @@ async def test_clean_envelope_books_and_show(ledger_dir):
     data_dir, envelope_id, grabs = ledger_dir
     code, report = run_reconcile(data_dir)
     assert code == 0 and report["clean"], report["findings"]
-    assert report["checks"]["envelopes"] == 0
+    assert report["checks"]["envelopes"] == report["checks"]["headroom_grants"] == 0
     assert (report["envelopes"], report["grabs"]) == (1, 3)
     grabbed = sum(g.amount_minor for g in grabs)
     assert report["envelope_minor"] == {"grabbed": grabbed, "refunded": 0,
@@ -95,3 +96,24 @@ async def test_share_journaled_without_its_money_is_named(ledger_dir):
                                           for f in report["findings"]]
     code, doc = envelope_show(data_dir, envelope_id)
     assert code == 1 and any("escrow holds" in p for p in doc["problems"])
+
+
+async def test_a_grant_noted_but_never_given_is_named(ledger_dir):
+    data_dir, envelope_id, grabs = ledger_dir
+    path = data_dir / "ledger.sqlite3"
+    # The grabs' credits went to other shards under grants the envelope's shard noted.
+    debit = shard_of(escrow_wallet_id(envelope_id), SHARDS)
+    state = replayed(path, debit)
+    assert state.headroom_used, "the grabs were owed under headroom grants"
+    # A grant from a shard read after this one, larger than that shard ever gave.
+    credit = next(s for s in range(debit + 1, SHARDS)) if debit < SHARDS - 1 else None
+    if credit is None:  # the envelope's shard is read last: note one on shard 0 instead
+        debit, credit = 0, 1
+        state = replayed(path, debit)
+    total = max(state.headroom_in.get(credit, 0), replayed(path, credit).grants_out.get(
+        debit, 0)) + 5
+    append_raw(path, debit, [HeadroomNoted(credit, total)])
+    code, report = run_reconcile(data_dir)
+    assert code == 1
+    assert ("headroom_grants", debit, f"shard {credit}") in [
+        (f["check"], f["shard"], f["subject"]) for f in report["findings"]]
