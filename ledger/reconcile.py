@@ -245,8 +245,7 @@ def _grant_problems(states: dict[int, ShardState]) -> list[tuple[int, str, str]]
                                                   f"shard {d}, which owed {owed}"))
     for r, credit in states.items():
         for d, landed in credit.grants_used.items():
-            debit = states.get(d)
-            if debit is not None and r < d and r not in debit.headroom_in:
+            if d in states and r < d and r not in states[d].headroom_in:
                 problems.append((r, f"shard {d}", f"landed {landed} of granted credits from "
                                                   f"shard {d}, which noted no grant"))
     return problems
