@@ -10,8 +10,11 @@ Its owner serializes every grab on it, so a hot envelope has no lock to fight ov
   claim, credit reservation, Post on the sender's shard: the commit point). The credit landing
   on the escrow makes the envelope ACTIVE. The money is in the sender's wallet or in the
   escrow, never both and never neither; a refused funding leaves an envelope with no money.
-* **Grab.** The receiver's shard reserves headroom for the credit (``ReserveCredit``: the
-  wallet exists, has the envelope's currency, cannot overflow), then the envelope's shard
+* **Grab.** The receiver's wallet is checked in its owner's durable state when that owner
+  runs in this process (exists, has the envelope's currency), and the credit is owed under
+  the receiver shard's headroom grant to the envelope's shard (PROTOCOL.md, "Headroom
+  grants"); otherwise the receiver's shard reserves headroom for the credit
+  (``ReserveCredit``: exists, currency, cannot overflow). Then the envelope's shard
   decides the grab (``GrabEnvelope``): it draws the amount (``ledger.core.split``), debits the
   escrow and owes the credit in the same journal batch, and answers once that batch is
   durable. The crediting pipeline delivers the credit exactly once, in order. A grab's key is
