@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed
 REGIONS    ?= r1
 PORT       ?= 50051
 
-.PHONY: help install proto run lint test test-fast services services-stop services-status bench chaos clean
+.PHONY: help install proto run lint test test-fast services services-stop services-status bench chaos certs clean
 
 help:
 	@echo "make run              ledger on the embedded default at localhost:$(PORT)"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench            ledger-bench on the embedded default and on Cassandra + etcd"
 	@echo "make chaos            every ledger-chaos drill; report in chaos-out/"
 	@echo "make proto            regenerate clients/python/ledgerpb from proto/"
+	@echo "make certs            a development CA, certificates and policy in certs/ (mutual TLS)"
 
 # Two distributions: the server (this directory) and the client library with the generated
 # stubs (clients/python, redledger-client), which the server imports too.
@@ -38,6 +39,10 @@ proto: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/ledgerd dev --port $(PORT)
+
+# Development certificates only (the CA key sits beside them): ledgerctl certs --help.
+certs: $(STAMP)
+	$(VENV)/bin/ledgerctl certs --dir certs
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -11,7 +11,7 @@ without the server. Its public names are re-exported here for the tools beside i
 """
 
 from redledger_client import (TRANSIENT_CODES, LedgerClient, LedgerError, LedgerOutcomeUnknown,
-                              LedgerRefused, LedgerUnavailable, new_idempotency_key)
+                              LedgerRefused, LedgerUnavailable, mutual_tls, new_idempotency_key)
 
 __all__ = ["LedgerClient", "LedgerError", "LedgerOutcomeUnknown", "LedgerRefused",
-           "LedgerUnavailable", "TRANSIENT_CODES", "new_idempotency_key"]
+           "LedgerUnavailable", "TRANSIENT_CODES", "mutual_tls", "new_idempotency_key"]

@@ -33,6 +33,8 @@ from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.api.shard_service import GrpcShardTransport, ShardOwnerServicer
 from ledgerpb import ledger_pb2, shard_pb2, ledger_pb2_grpc, shard_pb2_grpc
 from ledger.node import Node
+from ledger.security.authz import Authorization, Authorizer
+from ledger.security.tls import TlsFiles, channel_credentials, is_loopback, server_credentials
 from ledger.store.port import JournalStore
 
 log = logging.getLogger("ledger.server")
@@ -162,13 +164,48 @@ class Running:
                 release()
 
 
+@dataclass(frozen=True)
+class Security:
+    """How a server admits callers. ``tls`` None: plaintext, loopback only (unless
+    ``insecure`` says the operator accepts plaintext elsewhere), no authorization, callers
+    named by the ``ledger-caller`` header. With ``tls``: mutual TLS on the port and on calls to
+    other nodes, callers named by their certificate, every call checked against the policy
+    (``policy``: a file, or ``ledger.security.authz.DEFAULT_POLICY``)."""
+
+    tls: TlsFiles | None = None
+    policy: str | None = None
+    insecure: bool = False
+
+
+PLAINTEXT = Security()
+
+
+def _check_security(host: str, security: Security) -> None:
+    if security.tls is None and not security.insecure and not is_loopback(host):
+        raise StartupRefused(
+            f"{host} is not a loopback address and no TLS is configured (--tls-dir): every "
+            f"caller on the network could move money; give --tls-dir, or "
+            f"--insecure-plaintext to accept that explicitly")
+    if security.tls is None and security.policy:
+        raise StartupRefused("--policy needs TLS (--tls-dir): without certificates there is "
+                             "no identity to authorize")
+
+
 async def start(store: JournalStore, ownership, shard_count: int, host: str, port: int,
                 serve_timeout_s: float = 60.0, shards_min: int = 0,
                 retention_ms: int = IDEMPOTENCY_RETENTION_MS,
                 memory_ms: int = K.IDEMPOTENCY_MEMORY_MS,
-                envelope_rules: EnvelopeRules = DEFAULT_ENVELOPE_RULES) -> Running:
+                envelope_rules: EnvelopeRules = DEFAULT_ENVELOPE_RULES,
+                security: Security = PLAINTEXT) -> Running:
     """Start node and gRPC server; return once the node serves its shards (or timeout)."""
-    transport = GrpcShardTransport()
+    _check_security(host, security)
+    try:
+        authorizer = (Authorizer(security.policy) if security.tls is not None else None)
+        credentials = (server_credentials(security.tls) if security.tls is not None else None)
+        transport = GrpcShardTransport(channel_credentials(security.tls)
+                                       if security.tls is not None else None)
+    except (OSError, ValueError) as exc:
+        raise StartupRefused(f"TLS or policy files unusable: {exc}") from None
     node = Node(store, ownership, transport, idempotency_retention_ms=retention_ms,
                 idempotency_memory_ms=memory_ms)
     coordinator = Coordinator(node.router, store, shard_count)
@@ -178,9 +215,12 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
                           envelope_rules)
     # Public calls answer failures (store down, a bug) with a fixed message and a reference,
     # never the exception's text; the node-to-node service keeps its own errors.
-    server = grpc.aio.server(options=list(SERVER_OPTIONS),
-                             interceptors=[ErrorBoundary(PUBLIC_SERVICE_NAMES)])
-    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(coordinator), server)
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorBoundary(PUBLIC_SERVICE_NAMES)]
+    if authorizer is not None:
+        interceptors.insert(0, Authorization(authorizer))
+    server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(coordinator, authorizer),
+                                                        server)
     ledger_pb2_grpc.add_RedEnvelopeServiceServicer_to_server(RedEnvelopeServicer(envelopes),
                                                              server)
     shard_pb2_grpc.add_ShardOwnerServiceServicer_to_server(ShardOwnerServicer(node), server)
@@ -190,7 +230,8 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
         SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                          reflection.SERVICE_NAME), server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = (server.add_secure_port(f"{host}:{port}", credentials)
+                 if credentials is not None else server.add_insecure_port(f"{host}:{port}"))
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -219,7 +260,8 @@ async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 5
                     shard_count: int = 256,
                     retention_ms: int = IDEMPOTENCY_RETENTION_MS,
                     memory_ms: int = K.IDEMPOTENCY_MEMORY_MS,
-                    envelope_rules: EnvelopeRules = DEFAULT_ENVELOPE_RULES) -> Running:
+                    envelope_rules: EnvelopeRules = DEFAULT_ENVELOPE_RULES,
+                    security: Security = PLAINTEXT) -> Running:
     """The embedded default: one process, SQLite file, this process owns every shard.
 
     Raises ``DataDirLocked`` when another process serves ``data_dir`` (it owns every shard of
@@ -238,7 +280,8 @@ async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 5
             ownership = LocalOwnership(shard_count, epoch=time.time_ns() // 1_000_000)
             running = await start(store, ownership, shard_count, host, port,
                                   shards_min=shard_count, retention_ms=retention_ms,
-                                  memory_ms=memory_ms, envelope_rules=envelope_rules)
+                                  memory_ms=memory_ms, envelope_rules=envelope_rules,
+                                  security=security)
         except BaseException:
             await store.close()
             raise

@@ -17,6 +17,7 @@ from ledger.api.errors import status_name
 from ledger.core import constants as C
 from ledger.core.model import KIND_DEPOSIT, KIND_WITHDRAWAL
 from ledger.core.status import Outcome, Status
+from ledger.security.authz import PRIVILEGED_NEGATIVE_WALLET, Authorizer, current_principal
 from ledgerpb import ledger_pb2 as pb
 from ledgerpb import ledger_pb2_grpc as pb_grpc
 
@@ -25,7 +26,11 @@ ANONYMOUS = "anonymous"
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> str:
-    """The caller an idempotency key is scoped to (from mTLS identity once enabled)."""
+    """The caller an idempotency key is scoped to: the certificate's identity under mutual
+    TLS (the ``ledger-caller`` header is then ignored), else the header."""
+    principal = current_principal()
+    if principal is not None:
+        return principal
     for key, value in context.invocation_metadata() or ():
         if key == CALLER_METADATA:
             return value
@@ -68,10 +73,23 @@ def _item(req: pb.TransferRequest) -> TransferItem:
 
 
 class LedgerServicer(pb_grpc.LedgerServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    """Args:
+        authorizer: The policy (mutual TLS on), for actions finer than a method; None when
+            the port has no TLS (loopback development).
+    """
+
+    def __init__(self, coordinator: Coordinator, authorizer: Authorizer | None = None) -> None:
         self._c = coordinator
+        self._authz = authorizer
 
     async def CreateWallet(self, request, context):
+        if request.allow_negative and self._authz is not None and not self._authz.allows(
+                current_principal(), PRIVILEGED_NEGATIVE_WALLET):
+            # A wallet that may go negative can create money: privileged principals only.
+            context.set_trailing_metadata((("ledger-field", "allow_negative"),))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "allow_negative: only privileged callers may create a wallet "
+                                "that can go below zero")
         outcome = await self._c.create_wallet(caller_of(context), request.idempotency_key,
                                               request.wallet_id, request.currency,
                                               request.allow_negative,

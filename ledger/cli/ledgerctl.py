@@ -378,6 +378,29 @@ async def _restore_homes(args) -> int:
         await view.close()
 
 
+async def _certs(args) -> int:
+    """A development CA, a certificate per identity and the default policy, in --dir."""
+    import json
+    from pathlib import Path
+
+    from ledger.security import authz, certs
+
+    out = Path(args.dir)
+    if (out / "ca.pem").exists() and not args.force:
+        print(f"ledgerctl certs: {out}/ca.pem exists (--force makes a new CA)", file=sys.stderr)
+        return 1
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(n for n in text.split(",") if n)
+
+    issued = certs.make_dev_pki(out, nodes=names(args.nodes), services=names(args.services),
+                                operators=names(args.operators))
+    (out / "policy.json").write_text(json.dumps(authz.DEFAULT_POLICY, indent=2) + "\n")
+    for name, files in issued.items():
+        print(f"{name:<22} {files.cert}")
+    print(f"{'policy':<22} {out / 'policy.json'}")
+    return 0
+
+
 async def _shard_of(args) -> int:
     """Which shard each wallet id hashes to (the same stable hash the router uses)."""
     from shard_router.hashing import shard_of
@@ -567,6 +590,12 @@ def main(argv: list[str] | None = None) -> int:
     fence.add_argument("--shard", type=int, required=True)
     fence.add_argument("--epoch", type=int, required=True)
     fence.add_argument("--json", action="store_true")
+    certs_p = sub.add_parser("certs", help="a development CA and certificates (mutual TLS)")
+    certs_p.add_argument("--dir", default="certs")
+    certs_p.add_argument("--nodes", default="n1,n2,n3")
+    certs_p.add_argument("--services", default="payments,envelopes,bench,chaos")
+    certs_p.add_argument("--operators", default="ops")
+    certs_p.add_argument("--force", action="store_true", help="replace an existing CA")
     commit_path = sub.add_parser("commit-path", help="consistency levels of the commit path")
     commit_path.add_argument("--json", action="store_true")
     envelope = sub.add_parser("envelope", help="red envelopes, as the journal has them")
@@ -584,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                 "failback": _failback, "move-shard": _move_shard,
                 "replication": _replication, "restore-homes": _restore_homes,
                 "shard-of": _shard_of, "journal": _journal, "fence-check": _fence_check,
-                "commit-path": _commit_path, "envelope": _envelope}
+                "commit-path": _commit_path, "envelope": _envelope, "certs": _certs}
     try:
         return asyncio.run(handlers[args.command](args))
     except StoreError as exc:

@@ -11,6 +11,11 @@ Both take the red-envelope rules (checked by the coordinator on every CreateEnve
 expiry of a request that gives none). Rules that cannot hold (a minimum share above the
 maximum total, a zero) refuse the start with the reason.
 
+``--tls-dir DIR`` turns on mutual TLS (``ledgerctl certs`` makes a development CA and
+certificates; ``--tls-name`` picks this node's) and authorization (``--policy FILE``, default
+the built-in policy). Without it a server listens on loopback addresses only, unless
+``--insecure-plaintext`` accepts plaintext elsewhere explicitly.
+
 ``--metrics-port`` serves Prometheus metrics (ledger/metrics.py) at http://HOST:PORT/metrics
 on the ``--host`` address; 0 serves none (the default of ``ledgerd node``).
 
@@ -82,6 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--metrics-port", type=int, default=metrics.METRICS_DISABLED,
                       help="serve /metrics on this port of --host (0, the default: none)")
     for p in (dev, node):
+        p.add_argument("--tls-dir", default=os.environ.get("LEDGER_TLS_DIR"),
+                       help="mutual TLS: ca.pem and this node's certificate and key "
+                            "(ledgerctl certs' layout); every caller then needs a certificate "
+                            "of that CA, and every call is authorized (--policy)")
+        p.add_argument("--tls-name", default="node-n1",
+                       help="the certificate's file name in --tls-dir, without .pem/.key")
+        p.add_argument("--policy", default=os.environ.get("LEDGER_POLICY"),
+                       help="authorization policy file (JSON; read again when it changes); "
+                            "default: the built-in policy (README, Security)")
+        p.add_argument("--insecure-plaintext", action="store_true",
+                       help="serve without TLS on a non-loopback address (refused otherwise)")
         p.add_argument("--log-level", default=os.environ.get("LEDGER_LOG_LEVEL", "INFO"))
         p.add_argument("--idempotency-memory-s", type=float,
                        default=K.IDEMPOTENCY_MEMORY_MS / 1000,
@@ -143,6 +159,13 @@ def _envelope_rules(args) -> EnvelopeRules:
             f"--envelope-expiry-max-s {args.envelope_expiry_max_s:g})") from None
 
 
+def _security(args) -> server.Security:
+    from ledger.security.tls import TlsFiles
+
+    tls = TlsFiles.from_dir(args.tls_dir, args.tls_name) if args.tls_dir else None
+    return server.Security(tls=tls, policy=args.policy, insecure=args.insecure_plaintext)
+
+
 def _memory_ms(args) -> int:
     if args.idempotency_memory_s <= 0:
         raise SystemExit("ledgerd: --idempotency-memory-s must be positive")
@@ -153,7 +176,8 @@ async def _dev(args) -> None:
     running = await server.start_dev(args.data_dir, args.host, args.port, args.shards,
                                      retention_ms=_retention_ms(args),
                                      memory_ms=_memory_ms(args),
-                                     envelope_rules=_envelope_rules(args))
+                                     envelope_rules=_envelope_rules(args),
+                                     security=_security(args))
     await _serve_metrics(running, args)
     print(f"ledgerd dev: serving ledger.v1 on {args.host}:{running.port} "
           f"({args.shards} shards, data in {args.data_dir})", flush=True)
@@ -275,7 +299,8 @@ async def _node(args) -> None:
         running = await server.start(store, ownership, args.shards, args.host, args.port,
                                      retention_ms=_retention_ms(args),
                                      memory_ms=_memory_ms(args),
-                                     envelope_rules=envelope_rules)
+                                     envelope_rules=envelope_rules,
+                                     security=_security(args))
     except BaseException:
         await store.close()
         raise

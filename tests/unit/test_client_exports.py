@@ -21,6 +21,7 @@ PUBLIC_NAMES = {
     "LedgerRefused",
     "LedgerUnavailable",
     "TRANSIENT_CODES",
+    "mutual_tls",
     "new_idempotency_key",
 }
 

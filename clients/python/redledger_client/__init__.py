@@ -14,8 +14,8 @@ The request and response messages are in the generated package ``ledgerpb``
 
 from redledger_client.client import (
     TRANSIENT_CODES, LedgerClient, LedgerError, LedgerOutcomeUnknown, LedgerRefused,
-    LedgerUnavailable, new_idempotency_key,
+    LedgerUnavailable, mutual_tls, new_idempotency_key,
 )
 
 __all__ = ["LedgerClient", "LedgerError", "LedgerOutcomeUnknown", "LedgerRefused",
-           "LedgerUnavailable", "TRANSIENT_CODES", "new_idempotency_key"]
+           "LedgerUnavailable", "TRANSIENT_CODES", "mutual_tls", "new_idempotency_key"]

@@ -130,6 +130,16 @@ def _enum(enum: Any, prefix: str, value: int | str) -> int:
     return value
 
 
+def mutual_tls(ca_pem: str, cert_pem: str, key_pem: str) -> grpc.ChannelCredentials:
+    """Channel credentials for a ledger with mutual TLS, from PEM file paths (``ledgerctl
+    certs`` writes ``ca.pem`` and ``service-<name>.pem``/``.key``). The server then names the
+    caller by its certificate; ``caller`` is ignored."""
+    with open(ca_pem, "rb") as ca, open(cert_pem, "rb") as cert, open(key_pem, "rb") as key:
+        return grpc.ssl_channel_credentials(root_certificates=ca.read(),
+                                            private_key=key.read(),
+                                            certificate_chain=cert.read())
+
+
 class LedgerClient:
     """An asyncio client of one ledger endpoint; use it as an async context manager.
 
@@ -138,7 +148,8 @@ class LedgerClient:
         caller: The caller name idempotency keys are scoped to (metadata ``ledger-caller``).
         timeout_s: The deadline of each attempt of a call, in seconds.
         retries: Retry transient answers with the same request (and key); False sends once.
-        credentials: Channel credentials for TLS; None for a plaintext channel.
+        credentials: Channel credentials for TLS (``mutual_tls(ca, cert, key)``); None for a
+            plaintext channel.
 
     Every call raises a ``LedgerError`` subclass when it does not succeed.
     """
