@@ -39,7 +39,7 @@ from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
     KIND_DEPOSIT, KIND_ENVELOPE_FUND, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation, CaptureHold,
     ClaimKey, CreateHold, CreateWallet, GetHold, GetTransfer, GetWallet, Post, ReleaseHold,
-    ReserveCredit, settlement_wallet_id,
+    ReserveCredit, SetFrozen, settlement_wallet_id,
 )
 from ledger.core.shard import (capture_fingerprint, hold_fingerprint, release_fingerprint,
                                transfer_fingerprint, wallet_fingerprint)
@@ -195,6 +195,15 @@ class Coordinator:
             return bad
         return (await self._executor.execute(self.shard_of(wallet_id), [GetWallet(wallet_id)],
                                              deadline=deadline))[0]
+
+    async def set_frozen(self, caller: str, wallet_id: str, frozen: bool, reason: str,
+                         deadline: float | None = None) -> Outcome:
+        """Freeze or unfreeze a wallet (journaled on its shard); the wallet as it is after."""
+        bad = validate.wallet_id(wallet_id) or validate.memo(reason, "reason")
+        if bad:
+            return bad
+        return (await self._executor.execute(self.shard_of(wallet_id), [SetFrozen(
+            wallet_id, frozen, reason, caller, self._clock_ms())], deadline=deadline))[0]
 
     # --- money movement ---------------------------------------------------------------------
 

@@ -107,6 +107,15 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         return pb.GetWalletResponse(
             wallet=convert.wallet_to_proto(outcome.value, self._c.shard_of(request.wallet_id)))
 
+    async def SetWalletFrozen(self, request, context):
+        outcome = await self._c.set_frozen(caller_of(context), request.wallet_id,
+                                           request.frozen, request.reason,
+                                           deadline=deadline_of(context))
+        if not outcome.ok:
+            await abort(context, outcome)
+        return pb.GetWalletResponse(
+            wallet=convert.wallet_to_proto(outcome.value, self._c.shard_of(request.wallet_id)))
+
     async def Deposit(self, request, context):
         outcome = await self._c.deposit(caller_of(context), request.idempotency_key,
                                         request.wallet_id, request.amount_minor,

@@ -401,6 +401,27 @@ async def _certs(args) -> int:
     return 0
 
 
+async def _wallet(args) -> int:
+    """Freeze or unfreeze a wallet through a running ledger (operators' certificate under
+    mutual TLS)."""
+    from clients import LedgerClient, LedgerError, mutual_tls
+
+    creds = None
+    if args.tls_dir:
+        d = args.tls_dir.rstrip("/")
+        creds = mutual_tls(f"{d}/ca.pem", f"{d}/{args.tls_name}.pem", f"{d}/{args.tls_name}.key")
+    async with LedgerClient(args.target, caller="ledgerctl", credentials=creds) as ledger:
+        try:
+            wallet = await ledger.set_wallet_frozen(args.wallet_id, args.action == "freeze",
+                                                    args.reason)
+        except LedgerError as exc:
+            print(f"ledgerctl wallet {args.action}: {exc}", file=sys.stderr)
+            return 1
+    print(f"{wallet.wallet_id}: {'frozen' if wallet.frozen else 'not frozen'} "
+          f"(balance {wallet.balance_minor} {wallet.currency})")
+    return 0
+
+
 async def _shard_of(args) -> int:
     """Which shard each wallet id hashes to (the same stable hash the router uses)."""
     from shard_router.hashing import shard_of
@@ -590,6 +611,14 @@ def main(argv: list[str] | None = None) -> int:
     fence.add_argument("--shard", type=int, required=True)
     fence.add_argument("--epoch", type=int, required=True)
     fence.add_argument("--json", action="store_true")
+    wallet = sub.add_parser("wallet", help="risk controls on a wallet, through a running ledger")
+    wallet.add_argument("action", choices=["freeze", "unfreeze"])
+    wallet.add_argument("wallet_id")
+    wallet.add_argument("--reason", default="", help="journaled with the change")
+    wallet.add_argument("--target", default="127.0.0.1:50051", help="a ledger node host:port")
+    wallet.add_argument("--tls-dir", default=os.environ.get("LEDGER_TLS_DIR"),
+                        help="ca.pem and the operator's certificate (mutual TLS)")
+    wallet.add_argument("--tls-name", default="operator-ops")
     certs_p = sub.add_parser("certs", help="a development CA and certificates (mutual TLS)")
     certs_p.add_argument("--dir", default="certs")
     certs_p.add_argument("--nodes", default="n1,n2,n3")
@@ -613,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                 "failback": _failback, "move-shard": _move_shard,
                 "replication": _replication, "restore-homes": _restore_homes,
                 "shard-of": _shard_of, "journal": _journal, "fence-check": _fence_check,
-                "commit-path": _commit_path, "envelope": _envelope, "certs": _certs}
+                "commit-path": _commit_path, "envelope": _envelope, "certs": _certs,
+                "wallet": _wallet}
     try:
         return asyncio.run(handlers[args.command](args))
     except StoreError as exc:

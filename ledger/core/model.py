@@ -300,6 +300,18 @@ class GetWallet:
 
 
 @dataclass(slots=True, frozen=True)
+class SetFrozen:
+    """Freeze (or unfreeze) a wallet: a frozen wallet refuses debits (WALLET_FROZEN). Setting
+    the state it already has changes nothing and journals nothing."""
+
+    wallet_id: str
+    frozen: bool
+    reason: str
+    caller: str
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
 class Post:
     """Decide a transfer on its debit shard: the commit point of every transfer.
 
@@ -638,6 +650,15 @@ class CreditReserved:
 
 
 @dataclass(slots=True, frozen=True)
+class WalletFrozen:
+    wallet_id: str
+    frozen: bool
+    reason: str
+    caller: str
+    at_ms: int
+
+
+@dataclass(slots=True, frozen=True)
 class HeadroomGranted:
     to_shard: int
     total_minor: int
@@ -744,10 +765,10 @@ EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, Idem
                HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed,
                CreditReserved, ReservationsDropped, ReservationsFenced,
                ChainParticipantFinished, IdempotencySpilled, EnvelopeOpened, EnvelopeGrabbed,
-               EnvelopeRefunded, EnvelopeAbandoned, HeadroomGranted, HeadroomNoted)
+               EnvelopeRefunded, EnvelopeAbandoned, HeadroomGranted, HeadroomNoted, WalletFrozen)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
                  ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
                  ClaimKey, ResolveReservations, DropReservations, ChainFinished,
                  SpillIdempotency, OpenEnvelope, GrabEnvelope, GetEnvelope, RefundEnvelope,
-                 AbandonEnvelope, GrantHeadroom, NoteHeadroom)
+                 AbandonEnvelope, GrantHeadroom, NoteHeadroom, SetFrozen)

@@ -33,7 +33,7 @@ from ledger.core.model import (
     KIND_ENVELOPE_FUND, KIND_ENVELOPE_GRAB, KIND_ENVELOPE_REFUND, Envelope, EnvelopeGrabbed,
     EnvelopeOpened, EnvelopeRefunded, GetEnvelope, Grab, GrabEnvelope, OpenEnvelope,
     RefundEnvelope, envelope_of_escrow, escrow_wallet_id, AbandonEnvelope, EnvelopeAbandoned,
-    GrantHeadroom, HeadroomGranted, HeadroomNoted, NoteHeadroom,
+    GrantHeadroom, HeadroomGranted, HeadroomNoted, NoteHeadroom, SetFrozen, WalletFrozen,
 )
 from ledger.core import split
 from ledger.core.ids import refund_key, transfer_id_for
@@ -44,7 +44,7 @@ Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | Idempo
          | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed
          | CreditReserved | ReservationsDropped | ReservationsFenced
          | ChainParticipantFinished | IdempotencySpilled | EnvelopeOpened | EnvelopeGrabbed
-         | EnvelopeRefunded | EnvelopeAbandoned | HeadroomGranted | HeadroomNoted)
+         | EnvelopeRefunded | EnvelopeAbandoned | HeadroomGranted | HeadroomNoted | WalletFrozen)
 
 
 # The ``field`` of the (never recorded, never client-facing) answer to a grab owed under a
@@ -296,6 +296,17 @@ class ShardState:
         if wallet is None:
             return refuse(Status.WALLET_NOT_FOUND, "wallet_id", "no wallet with this id"), []
         return ok(wallet.copy()), []
+
+    def _decide_set_frozen(self, cmd: SetFrozen) -> tuple[Outcome, list[Event]]:
+        wallet = self.wallets.get(cmd.wallet_id)
+        if wallet is None:
+            return refuse(Status.WALLET_NOT_FOUND, "wallet_id", "no wallet with this id"), []
+        if wallet.frozen == cmd.frozen:
+            return ok(wallet.copy()), []
+        after = wallet.copy()
+        after.frozen = cmd.frozen
+        return ok(after), [WalletFrozen(cmd.wallet_id, cmd.frozen, cmd.reason, cmd.caller,
+                                        cmd.now_ms)]
 
     def _decide_get_transfer(self, cmd: GetTransfer) -> tuple[Outcome, list[Event]]:
         transfer = self.transfers.get(cmd.transfer_id)
@@ -1026,6 +1037,14 @@ class ShardState:
         if rows is not None:
             rows.append(("wallet", wallet.copy()))
 
+    def _evolve_wallet_frozen(self, e: WalletFrozen, rows: list | None) -> None:
+        wallet = self.wallets[e.wallet_id]
+        ensure(wallet.frozen != e.frozen, "wallet %s frozen state set to what it was",
+               e.wallet_id)
+        wallet.frozen = e.frozen
+        if rows is not None:
+            rows.append(("wallet", wallet.copy()))
+
     def _evolve_transfer_decided(self, e: TransferDecided, rows: list | None) -> None:
         t = e.transfer
         self.transfers[t.transfer_id] = t.copy()
@@ -1418,6 +1437,7 @@ def _ensure_in_range(w: Wallet) -> None:
 _DECIDERS: dict[type, Callable[[ShardState, Any], tuple[Outcome, list[Event]]]] = {
     CreateWallet: ShardState._decide_create_wallet,
     GetWallet: ShardState._decide_get_wallet,
+    SetFrozen: ShardState._decide_set_frozen,
     GetTransfer: ShardState._decide_get_transfer,
     Post: ShardState._decide_post,
     ReserveCredit: ShardState._decide_reserve_credit,
@@ -1469,4 +1489,5 @@ _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
     EnvelopeAbandoned: ShardState._evolve_envelope_abandoned,
     HeadroomGranted: ShardState._evolve_headroom_granted,
     HeadroomNoted: ShardState._evolve_headroom_noted,
+    WalletFrozen: ShardState._evolve_wallet_frozen,
 }

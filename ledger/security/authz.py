@@ -150,7 +150,10 @@ def _role(role: str) -> str:
 # privileged actions); services may use the public API, health and reflection.
 DEFAULT_POLICY: dict = {
     "name": "redledger-default",
-    "deny_rules": [],
+    "deny_rules": [
+        {"name": "risk-controls-are-for-operators", "source": {"principals": [_role("service")]},
+         "request": {"paths": ["/ledger.v1.LedgerService/SetWalletFrozen"]}},
+    ],
     "allow_rules": [
         {"name": "nodes", "source": {"principals": [_role("node")]}},
         {"name": "operators", "source": {"principals": [_role("operator")]}},

@@ -332,6 +332,34 @@ async def test_an_unfunded_create_is_refused_and_moves_nothing(client):
     assert again.status == "RESULT_STATUS_INSUFFICIENT_FUNDS"
 
 
+# --- risk control: a frozen wallet (on both stores, on this module's servers) -----------------
+
+async def test_a_frozen_sender_cannot_fund_and_a_frozen_receiver_still_gets_credits(client):
+    await wallets(client, "fz-alice", "fz-bob", "fz-carol", deposit=2_000)
+    frozen = await client.set_wallet_frozen("fz-alice", True, "card reported stolen")
+    assert frozen.frozen and (await client.get_wallet("fz-alice")).frozen
+    error = await refused(client.create_envelope("fz-alice", 1_000, 2, "FIXED", "CNY",
+                                                 idempotency_key="env-fz"))
+    assert (error.code, error.status, error.field) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "RESULT_STATUS_WALLET_FROZEN", "sender_wallet_id")
+    transfer = await refused(client.transfer("fz-alice", "fz-bob", 10, "CNY"))
+    assert transfer.status == "RESULT_STATUS_WALLET_FROZEN"
+    assert (await client.get_wallet("fz-alice")).balance_minor == 2_000
+    # A frozen receiver grabs, and the credit lands.
+    await client.set_wallet_frozen("fz-carol", True)
+    eid = (await create(client, "fz-bob", 600, 2, "FIXED", "env-fz-bob")).envelope.envelope_id
+    grab = await client.grab_envelope(eid, "fz-carol", idempotency_key="g-fz-carol")
+    await until(lambda: _credited(client, "fz-carol", 2_000 + grab.grab.amount_minor),
+                "the frozen receiver's credit")
+    # Unfrozen, the sender funds again (a new key: the refusal is recorded under the old).
+    await client.set_wallet_frozen("fz-alice", False)
+    assert (await create(client, "fz-alice", 1_000, 2, "FIXED", "env-fz-2")).envelope.shares == 2
+
+
+async def _credited(client, wallet_id: str, balance: int) -> bool:
+    return (await client.get_wallet(wallet_id)).balance_minor == balance
+
+
 async def test_unknown_and_malformed_envelope_ids(client):
     await wallets(client, "id-bob")
     unknown = "e" + "0" * 24

@@ -4,7 +4,7 @@ TLS on loopback): who gets in, who may call what, and that a refusal changes not
 * no client certificate, a certificate of another CA, an expired one: the handshake fails;
 * a service may use the public API, but not the node-to-node ``ShardOwnerService`` (an
   ``ApplyCredits`` that would mint money is refused and the wallet is unchanged), nor create
-  a wallet that may go negative; an operator may;
+  a wallet that may go negative, nor freeze one; an operator may;
 * a principal the policy does not know is refused; the policy file is read again when it
   changes;
 * idempotency keys are scoped to the certificate's identity: the ``ledger-caller`` header
@@ -134,6 +134,19 @@ async def test_only_privileged_callers_create_wallets_that_may_go_negative(pki, 
     assert missing.value.code() is grpc.StatusCode.NOT_FOUND  # refused: nothing created
     made = await call(pki, ledger, "operator/ops", "CreateWallet", mint)
     assert made.wallet.allow_negative
+
+
+async def test_only_operators_freeze_wallets(pki, ledger):
+    await call(pki, ledger, "service/payments", "CreateWallet",
+               pb.CreateWalletRequest(idempotency_key="w-fz", wallet_id="fz", currency="CNY"))
+    freeze = pb.SetWalletFrozenRequest(wallet_id="fz", frozen=True, reason="fraud")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(pki, ledger, "service/payments", "SetWalletFrozen", freeze)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert not (await call(pki, ledger, "service/payments", "GetWallet",
+                           pb.GetWalletRequest(wallet_id="fz"))).wallet.frozen
+    done = await call(pki, ledger, "operator/ops", "SetWalletFrozen", freeze)
+    assert done.wallet.frozen
 
 
 async def test_keys_are_scoped_to_the_certificate_not_the_header(pki, ledger):

@@ -257,6 +257,16 @@ class GetWalletRequest(_message.Message):
     wallet_id: str
     def __init__(self, wallet_id: _Optional[str] = ...) -> None: ...
 
+class SetWalletFrozenRequest(_message.Message):
+    __slots__ = ("wallet_id", "frozen", "reason")
+    WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    wallet_id: str
+    frozen: bool
+    reason: str
+    def __init__(self, wallet_id: _Optional[str] = ..., frozen: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class GetWalletResponse(_message.Message):
     __slots__ = ("wallet",)
     WALLET_FIELD_NUMBER: _ClassVar[int]

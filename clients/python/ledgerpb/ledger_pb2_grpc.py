@@ -45,6 +45,11 @@ class LedgerServiceStub:
                 request_serializer=ledgerpb_dot_ledger__pb2.GetWalletRequest.SerializeToString,
                 response_deserializer=ledgerpb_dot_ledger__pb2.GetWalletResponse.FromString,
                 _registered_method=True)
+        self.SetWalletFrozen = channel.unary_unary(
+                '/ledger.v1.LedgerService/SetWalletFrozen',
+                request_serializer=ledgerpb_dot_ledger__pb2.SetWalletFrozenRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.GetWalletResponse.FromString,
+                _registered_method=True)
         self.Deposit = channel.unary_unary(
                 '/ledger.v1.LedgerService/Deposit',
                 request_serializer=ledgerpb_dot_ledger__pb2.DepositRequest.SerializeToString,
@@ -108,6 +113,16 @@ class LedgerServiceServicer:
 
     def GetWallet(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetWalletFrozen(self, request, context):
+        """Risk control: freeze or unfreeze a wallet. A frozen wallet refuses every debit
+        (transfers out, withdrawals, holds, envelope funding) with WALLET_FROZEN; credits still
+        land. Journaled on the wallet's shard (replayed, kept across failovers). Operators only
+        under the default authorization policy.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -185,6 +200,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
             'GetWallet': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWallet,
                     request_deserializer=ledgerpb_dot_ledger__pb2.GetWalletRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.GetWalletResponse.SerializeToString,
+            ),
+            'SetWalletFrozen': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWalletFrozen,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.SetWalletFrozenRequest.FromString,
                     response_serializer=ledgerpb_dot_ledger__pb2.GetWalletResponse.SerializeToString,
             ),
             'Deposit': grpc.unary_unary_rpc_method_handler(
@@ -291,6 +311,33 @@ class LedgerService:
             target,
             '/ledger.v1.LedgerService/GetWallet',
             ledgerpb_dot_ledger__pb2.GetWalletRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.GetWalletResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWalletFrozen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/SetWalletFrozen',
+            ledgerpb_dot_ledger__pb2.SetWalletFrozenRequest.SerializeToString,
             ledgerpb_dot_ledger__pb2.GetWalletResponse.FromString,
             options,
             channel_credentials,

@@ -212,6 +212,14 @@ class LedgerClient:
                                     retry=True)
         return response.wallet
 
+    async def set_wallet_frozen(self, wallet_id: str, frozen: bool,
+                                reason: str = "") -> pb.Wallet:
+        """Freeze (or unfreeze) a wallet: a frozen wallet refuses debits (``WALLET_FROZEN``).
+        Setting the state it has changes nothing, so a retry is safe."""
+        response = await self._call(self._stub.SetWalletFrozen, pb.SetWalletFrozenRequest(
+            wallet_id=wallet_id, frozen=frozen, reason=reason), retry=True)
+        return response.wallet
+
     # --- money ------------------------------------------------------------------------------
 
     async def deposit(self, wallet_id: str, amount_minor: int, currency: str, memo: str = "",
