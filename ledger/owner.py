@@ -263,25 +263,10 @@ class ShardOwner:
                 whose append is in flight may still commit, and a retry with the same key
                 is answered from the record.
         """
-        if not self._serving:
-            return [UNAVAILABLE] * len(commands)
-        if self._queued_commands + len(commands) > K.OWNER_QUEUE_COMMANDS_MAX:
-            return [OVERLOADED] * len(commands)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._enqueue(_Request(commands, future, deadline))
-        if deadline is None:
-            outcomes = await future
-        else:
-            # At the deadline a timer answers SHARD_UNAVAILABLE in the commit loop's place (its
-            # own answer then finds the future done and is dropped: nobody waits for it). A
-            # timer handle per call, not wait_for + shield: this runs for every shard of every
-            # batch, and those two cost a task-like wrapper and a second future each.
-            timer = loop.call_at(deadline, _answer_unavailable, future, len(commands))
-            try:
-                outcomes = await future
-            finally:
-                timer.cancel()
+        queued = self.submit_nowait(commands, deadline)
+        # At the deadline a timer answers SHARD_UNAVAILABLE in the commit loop's place (its own
+        # answer then finds the future done and is dropped: nobody waits for it).
+        outcomes = queued if isinstance(queued, list) else await queued
         if wait_credit:
             await self._await_credits(commands, outcomes, deadline)
         return outcomes
@@ -299,10 +284,11 @@ class ShardOwner:
 
     def submit_nowait(self, commands: list,
                       deadline: float | None = None) -> asyncio.Future | list[Outcome]:
-        """``submit_many`` without a coroutine: queue the commands and return the future of
-        their outcomes (or the outcomes at once, if refused before queueing). For callers
+        """Queue the commands and return the future of their outcomes (or the outcomes at
+        once, if refused before queueing): ``submit_many`` without a coroutine, for callers
         that send to many shards in one go (``Router.execute_many``): one future per shard,
-        no task or coroutine frame per shard."""
+        no task or coroutine frame per shard. With a deadline, a timer handle per call (not
+        wait_for + shield, which cost a task-like wrapper and a second future each)."""
         if not self._serving:
             return [UNAVAILABLE] * len(commands)
         if self._queued_commands + len(commands) > K.OWNER_QUEUE_COMMANDS_MAX:

@@ -130,7 +130,7 @@ class Policy:
 
         return cls(doc["name"], rules("deny_rules"), rules("allow_rules"))
 
-    def decide(self, principal: str | None, path: str) -> tuple[bool, str]:
+    def verdict(self, principal: str | None, path: str) -> tuple[bool, str]:
         """(allowed, the deciding rule's name or why none)."""
         for rule in self.deny:
             if rule.matches(principal, path):
@@ -195,12 +195,12 @@ class Authorizer:
             log.error("authorization policy %s not reloaded, the one before stays: %s",
                       self._path, exc)
 
-    def decide(self, principal: str | None, path: str) -> tuple[bool, str]:
+    def verdict(self, principal: str | None, path: str) -> tuple[bool, str]:
         self._maybe_reload()
-        return self.policy.decide(principal, path)
+        return self.policy.verdict(principal, path)
 
     def allows(self, principal: str | None, path: str) -> bool:
-        return self.decide(principal, path)[0]
+        return self.verdict(principal, path)[0]
 
 
 def _refusal(allowed_why: str, principal: str | None) -> tuple[grpc.StatusCode, str]:
@@ -228,7 +228,7 @@ class Authorization(grpc.aio.ServerInterceptor):
 
         async def admit(context: grpc.aio.ServicerContext) -> None:
             principal = identity_of(context)
-            allowed, why = authorizer.decide(principal, method)
+            allowed, why = authorizer.verdict(principal, method)
             if not allowed:
                 code, detail = _refusal(why, principal)
                 log.warning("authorization refused: principal=%s method=%s (%s)",

@@ -23,13 +23,13 @@ TRANSFER = "/ledger.v1.LedgerService/Transfer"
 
 def test_the_default_policy_keeps_node_methods_and_minting_to_nodes_and_operators():
     p = Policy.parse(DEFAULT_POLICY)
-    assert p.decide(SERVICE, TRANSFER)[0]
-    assert p.decide(SERVICE, "/grpc.health.v1.Health/Check")[0]
-    assert not p.decide(SERVICE, EXECUTE)[0]
-    assert not p.decide(SERVICE, PRIVILEGED_NEGATIVE_WALLET)[0]
-    assert p.decide(NODE, EXECUTE)[0] and p.decide(OPERATOR, PRIVILEGED_NEGATIVE_WALLET)[0]
-    assert not p.decide(None, TRANSFER)[0]  # no certificate: nothing
-    assert not p.decide("spiffe://other/service/payments", TRANSFER)[0]
+    assert p.verdict(SERVICE, TRANSFER)[0]
+    assert p.verdict(SERVICE, "/grpc.health.v1.Health/Check")[0]
+    assert not p.verdict(SERVICE, EXECUTE)[0]
+    assert not p.verdict(SERVICE, PRIVILEGED_NEGATIVE_WALLET)[0]
+    assert p.verdict(NODE, EXECUTE)[0] and p.verdict(OPERATOR, PRIVILEGED_NEGATIVE_WALLET)[0]
+    assert not p.verdict(None, TRANSFER)[0]  # no certificate: nothing
+    assert not p.verdict("spiffe://other/service/payments", TRANSFER)[0]
 
 
 def test_deny_rules_win_over_allow_rules_and_unmatched_is_refused():
@@ -37,17 +37,17 @@ def test_deny_rules_win_over_allow_rules_and_unmatched_is_refused():
                       "deny_rules": [{"name": "no-batch", "source": {"principals": [SERVICE]},
                                       "request": {"paths": ["*/BatchTransfer"]}}],
                       "allow_rules": [{"name": "all", "source": {"principals": ["*"]}}]})
-    assert p.decide(SERVICE, "/ledger.v1.LedgerService/BatchTransfer") == (
+    assert p.verdict(SERVICE, "/ledger.v1.LedgerService/BatchTransfer") == (
         False, "deny rule no-batch")
-    assert p.decide(SERVICE, TRANSFER) == (True, "all")
-    assert p.decide(None, TRANSFER) == (False, "no allow rule matches")  # "*": authenticated
+    assert p.verdict(SERVICE, TRANSFER) == (True, "all")
+    assert p.verdict(None, TRANSFER) == (False, "no allow rule matches")  # "*": authenticated
 
 
 def test_a_rule_without_source_matches_callers_without_certificates_too():
     p = Policy.parse({"name": "t", "allow_rules": [
         {"name": "health", "request": {"paths": ["/grpc.health.v1.Health/*"]}}]})
-    assert p.decide(None, "/grpc.health.v1.Health/Check")[0]
-    assert not p.decide(None, TRANSFER)[0]
+    assert p.verdict(None, "/grpc.health.v1.Health/Check")[0]
+    assert not p.verdict(None, TRANSFER)[0]
 
 
 @pytest.mark.parametrize("doc, why", [
@@ -69,7 +69,7 @@ _name = st.text("abcdefghijklmnopqrstuvwxyz/._-:", min_size=1, max_size=30)
 def test_patterns_match_exactly_by_prefix_and_by_suffix(value, cut):
     def allowed(pattern):
         return Policy.parse({"name": "t", "allow_rules": [
-            {"name": "r", "request": {"paths": [pattern]}}]}).decide(None, value)[0]
+            {"name": "r", "request": {"paths": [pattern]}}]}).verdict(None, value)[0]
     assert allowed(value) and allowed("*")
     assert allowed(value[:cut] + "*") and allowed("*" + value[cut:])
     assert not allowed(value + "x") and not allowed("x" + value)
