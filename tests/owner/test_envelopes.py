@@ -31,14 +31,23 @@ async def until(condition, what: str) -> None:
         await asyncio.sleep(POLL_S)
 
 
-@pytest.fixture
-async def ledger():
+async def envelope_ledger(peers=None) -> Ledger:
+    """Owners of every shard, a coordinator and the envelope calls over ``peers`` (the
+    default test peers unless given)."""
     led = Ledger(SHARDS)
+    if peers is not None:
+        led.peers = peers
     for shard in range(SHARDS):
         await led.start(shard)
     led.coordinator = Coordinator(led.peers, led.store, SHARDS, clock_ms=lambda: led.now)
     led.envelopes = Envelopes(led.coordinator, led.peers, led.store, SHARDS,
                               clock_ms=lambda: led.now, new_seed=lambda: 7)
+    return led
+
+
+@pytest.fixture
+async def ledger():
+    led = await envelope_ledger()
     try:
         yield led
     finally:

@@ -9,14 +9,13 @@ import asyncio
 
 import pytest
 
-from coordinator import Coordinator
-from coordinator.envelopes import Envelopes, GrabItem
+from coordinator.envelopes import GrabItem
 from ledger.core import constants as C
 from ledger.core.model import CreateWallet, GrantHeadroom, ReserveCredit
 from ledger.core.status import Status
 from shard_router.hashing import shard_of
 from tests.owner.conftest import Ledger, Peers
-from tests.owner.test_envelopes import check_all, owed, until
+from tests.owner.test_envelopes import check_all, envelope_ledger, owed, until
 from tests.owner.test_idempotency_claims import SHARDS, wallet_on
 
 
@@ -29,13 +28,7 @@ class LocalPeers(Peers):
 
 @pytest.fixture
 async def ledger():
-    led = Ledger(SHARDS)
-    led.peers = LocalPeers()
-    for shard in range(SHARDS):
-        await led.start(shard)
-    led.coordinator = Coordinator(led.peers, led.store, SHARDS, clock_ms=lambda: led.now)
-    led.envelopes = Envelopes(led.coordinator, led.peers, led.store, SHARDS,
-                              clock_ms=lambda: led.now, new_seed=lambda: 7)
+    led = await envelope_ledger(LocalPeers())
     try:
         yield led
     finally:
