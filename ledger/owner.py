@@ -558,11 +558,7 @@ class ShardOwner:
         while self._serving:
             await self._outbox_kick.wait()
             self._outbox_kick.clear()
-            pending: dict[int, list] = {}
-            for dest, items in self.state.outbox.items():
-                credits = self._deliverable(dest, items)
-                if credits:
-                    pending[dest] = credits[:K.CREDITS_PER_DELIVERY_MAX]
+            pending = self._ready_credits()
             if not pending:
                 continue
             if _thin(pending):
@@ -604,12 +600,17 @@ class ShardOwner:
             except asyncio.TimeoutError:
                 pass
             self._outbox_kick.clear()
-            more: dict[int, list] = {}
-            for dest, items in self.state.outbox.items():
-                credits = self._deliverable(dest, items)
-                if credits:
-                    more[dest] = credits[:K.CREDITS_PER_DELIVERY_MAX]
-            pending = more or pending
+            pending = self._ready_credits() or pending
+        return pending
+
+    def _ready_credits(self) -> dict[int, list]:
+        """The credits that may leave now, per destination (at most
+        CREDITS_PER_DELIVERY_MAX each)."""
+        pending: dict[int, list] = {}
+        for dest, items in self.state.outbox.items():
+            credits = self._deliverable(dest, items)
+            if credits:
+                pending[dest] = credits[:K.CREDITS_PER_DELIVERY_MAX]
         return pending
 
     async def _send_credits(self, pending: dict[int, list]) -> list:
