@@ -203,7 +203,7 @@ class Authorizer:
         return self.verdict(principal, path)[0]
 
 
-def _refusal(allowed_why: str, principal: str | None) -> tuple[grpc.StatusCode, str]:
+def _refusal(principal: str | None) -> tuple[grpc.StatusCode, str]:
     if principal is None:
         return grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required"
     return grpc.StatusCode.PERMISSION_DENIED, f"{principal} may not call this method"
@@ -230,7 +230,7 @@ class Authorization(grpc.aio.ServerInterceptor):
             principal = identity_of(context)
             allowed, why = authorizer.verdict(principal, method)
             if not allowed:
-                code, detail = _refusal(why, principal)
+                code, detail = _refusal(principal)
                 log.warning("authorization refused: principal=%s method=%s (%s)",
                             principal or "-", method, why)
                 await context.abort(code, detail)
