@@ -39,7 +39,7 @@ from ledger.core.invariants import InvariantViolation
 from ledger.core.model import (
     KIND_DEPOSIT, KIND_ENVELOPE_FUND, KIND_TRANSFER, KIND_WITHDRAWAL, STATE_COMMITTED, CancelReservation, CaptureHold,
     ClaimKey, CreateHold, CreateWallet, GetHold, GetTransfer, GetWallet, Post, ReleaseHold,
-    ReserveCredit, SetFrozen, settlement_wallet_id,
+    ReserveCredit, SetFrozen, SetRiskLimits, ConfirmDevice, settlement_wallet_id,
 )
 from ledger.core.shard import (capture_fingerprint, hold_fingerprint, release_fingerprint,
                                transfer_fingerprint, wallet_fingerprint)
@@ -66,6 +66,7 @@ class TransferItem:
     memo: str = ""
     kind: str = KIND_TRANSFER
     linked: bool = False
+    device_id: str = ""  # the payer's device (the step-up check, ledger.core.risk)
 
 
 # Kinds whose credit goes to another shard's wallet and is reserved there first (deposits and
@@ -189,12 +190,48 @@ class Coordinator:
                                now)
         return (await self._executor.execute(shard, [command], deadline=deadline))[0]
 
-    async def get_wallet(self, wallet_id: str, deadline: float | None = None) -> Outcome:
+    async def get_wallet(self, wallet_id: str, deadline: float | None = None,
+                         with_risk: bool = False) -> Outcome:
+        """The wallet (``with_risk``: ``(Wallet, RiskView)``) as its owner holds it."""
         bad = validate.wallet_id(wallet_id)
         if bad:
             return bad
-        return (await self._executor.execute(self.shard_of(wallet_id), [GetWallet(wallet_id)],
-                                             deadline=deadline))[0]
+        return (await self._executor.execute(self.shard_of(wallet_id), [GetWallet(
+            wallet_id, with_risk, self._clock_ms())], deadline=deadline))[0]
+
+    async def set_risk_limits(self, caller: str, wallet_id: str, window_ms: int,
+                              max_amount_minor: int, max_count: int, step_up_above_minor: int,
+                              reason: str, deadline: float | None = None) -> Outcome:
+        """Set a wallet's risk limits (journaled on its shard), or with ``wallet_id`` empty
+        the default of every wallet (journaled on every shard, in one round). Value: the
+        number of shards that hold the change."""
+        bad = ((validate.wallet_id(wallet_id) if wallet_id else None)
+               or validate.risk_limits(bool(wallet_id), window_ms, max_amount_minor, max_count,
+                                       step_up_above_minor)
+               or validate.memo(reason, "reason"))
+        if bad:
+            return bad
+        command = SetRiskLimits(wallet_id, window_ms, max_amount_minor, max_count,
+                                step_up_above_minor, reason, caller, self._clock_ms())
+        shards = [self.shard_of(wallet_id)] if wallet_id else list(range(self._shard_count))
+        results = await self._by_shard({s: (s, command) for s in shards}, deadline=deadline)
+        for shard in shards:
+            if not results[shard].ok:
+                # A default is set on every shard or reported failed (those that took it keep
+                # it; the same call again sets it on the rest, and changes nothing where it is).
+                return results[shard]
+        return ok(len(shards))
+
+    async def confirm_device(self, caller: str, wallet_id: str, device_id: str, confirmed: bool,
+                             reason: str, deadline: float | None = None) -> Outcome:
+        """Confirm (or forget) a device of a wallet for the step-up check (journaled)."""
+        bad = (validate.wallet_id(wallet_id) or validate.device_id(device_id, required=True)
+               or validate.memo(reason, "reason"))
+        if bad:
+            return bad
+        return (await self._executor.execute(self.shard_of(wallet_id), [ConfirmDevice(
+            wallet_id, device_id, confirmed, reason, caller, self._clock_ms())],
+            deadline=deadline))[0]
 
     async def set_frozen(self, caller: str, wallet_id: str, frozen: bool, reason: str,
                          deadline: float | None = None) -> Outcome:
@@ -215,9 +252,9 @@ class Coordinator:
 
     async def withdraw(self, caller: str, idempotency_key: str, wallet_id: str,
                        amount_minor: int, currency: str, memo: str = "",
-                       deadline: float | None = None) -> Outcome:
+                       deadline: float | None = None, device_id: str = "") -> Outcome:
         item = TransferItem(idempotency_key, wallet_id, "", amount_minor, currency, memo,
-                            KIND_WITHDRAWAL)
+                            KIND_WITHDRAWAL, device_id=device_id)
         return (await self.batch_transfer(caller, [item], deadline))[0]
 
     async def transfer(self, caller: str, item: TransferItem,
@@ -394,9 +431,13 @@ class Coordinator:
             shard = self.shard_of(item.from_wallet_id)
             source, target, to_shard = (item.from_wallet_id, item.to_wallet_id,
                                         self.shard_of(item.to_wallet_id))
+        if item.device_id:
+            bad = validate.device_id(item.device_id)
+            if bad:
+                return bad
         return Post(caller, item.idempotency_key, transfer_id_for(shard, caller,
                     item.idempotency_key), item.kind, source, target, item.amount_minor,
-                    item.currency, item.memo, to_shard, now)
+                    item.currency, item.memo, to_shard, now, device_id=item.device_id)
 
     async def _by_shard(self, commands: Mapping[int, tuple[int, object]],
                         wait_credit: bool = False,
@@ -472,10 +513,10 @@ class Coordinator:
 
     async def create_hold(self, caller: str, idempotency_key: str, wallet_id: str,
                           amount_minor: int, currency: str, timeout_ms: int,
-                          deadline: float | None = None) -> Outcome:
+                          deadline: float | None = None, device_id: str = "") -> Outcome:
         bad = (validate.caller(caller) or validate.idempotency_key(idempotency_key)
                or validate.wallet_id(wallet_id) or validate.amount(amount_minor)
-               or validate.currency(currency))
+               or validate.currency(currency) or validate.device_id(device_id))
         if bad:
             return bad
         if not 0 < timeout_ms <= C.HOLD_TIMEOUT_MS_MAX:
@@ -489,7 +530,7 @@ class Coordinator:
         if refused is not None:
             return refused
         command = CreateHold(caller, idempotency_key, hold_id, wallet_id, amount_minor,
-                             currency, timeout_ms, now)
+                             currency, timeout_ms, now, device_id)
         return (await self._executor.execute(shard, [command], deadline=deadline))[0]
 
     def _hold_shard(self, hold_id: str) -> int | Outcome:

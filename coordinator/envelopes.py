@@ -188,13 +188,17 @@ class Envelopes:
     async def create(self, caller: str, idempotency_key: str, sender_wallet_id: str,
                      total_minor: int, shares: int, kind: str, currency: str,
                      expiry_ms: int = 0, memo: str = "", receiver_wallet_id: str = "",
-                     deadline: float | None = None) -> Outcome:
-        """Create and fund an envelope. Value: ``(Envelope, funding Transfer)``."""
+                     deadline: float | None = None, device_id: str = "") -> Outcome:
+        """Create and fund an envelope. Value: ``(Envelope, funding Transfer)``. The funding
+        is a debit of the sender like any other: frozen wallets, velocity limits and the
+        step-up check (``device_id``) apply to it."""
         if kind == split.KIND_EXCLUSIVE and shares == 0:
             shares = 1
         expiry_ms = expiry_ms or self.rules.expiry_ms_max
         bad = self._check_terms(caller, idempotency_key, sender_wallet_id, total_minor, shares,
                                 kind, currency, expiry_ms, memo, receiver_wallet_id)
+        if not bad and device_id:
+            bad = validate.device_id(device_id)
         if bad:
             return bad
         now = self._clock_ms()
@@ -212,7 +216,7 @@ class Envelopes:
             return opened
         funded = await self._coordinator.transfer(caller, TransferItem(
             idempotency_key, sender_wallet_id, escrow_wallet_id(envelope_id), total_minor,
-            currency, memo, KIND_ENVELOPE_FUND), deadline)
+            currency, memo, KIND_ENVELOPE_FUND, device_id=device_id), deadline)
         if not funded.ok:
             if funded.status.recorded():
                 # Refused for good: the money will never reach the escrow. Close the

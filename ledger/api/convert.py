@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ledger.core import split
+from ledger.core.risk import RiskView
 from ledger.core.model import (
     ENVELOPE_ACTIVE, ENVELOPE_EXPIRED, ENVELOPE_FUNDING, ENVELOPE_REFUNDED, ENVELOPE_UNFUNDED, ENVELOPE_SOLD_OUT,
     HOLD_CAPTURED, HOLD_EXPIRED, HOLD_HELD, HOLD_RELEASED, KIND_DEPOSIT, KIND_ENVELOPE_FUND,
@@ -48,11 +49,21 @@ ENVELOPE_STATE_TO_PROTO = {
 }
 
 
-def wallet_to_proto(w: Wallet, shard: int) -> pb.Wallet:
+def wallet_to_proto(w: Wallet, shard: int, risk: RiskView | None = None) -> pb.Wallet:
     return pb.Wallet(wallet_id=w.wallet_id, currency=w.currency, balance_minor=w.balance_minor,
                      held_minor=w.held_minor, available_minor=w.available_minor,
                      version=w.version, allow_negative=w.allow_negative, frozen=w.frozen,
-                     created_at_ms=w.created_at_ms, shard=shard)
+                     created_at_ms=w.created_at_ms, shard=shard,
+                     risk=risk_to_proto(risk) if risk is not None else None)
+
+
+def risk_to_proto(r: RiskView) -> pb.WalletRisk:
+    return pb.WalletRisk(window_ms=r.limits.window_ms,
+                         max_amount_minor=r.limits.max_amount_minor,
+                         max_count=r.limits.max_count, velocity_own=r.velocity_own,
+                         used_amount_minor=r.used_amount_minor, used_count=r.used_count,
+                         step_up_above_minor=r.limits.step_up_above_minor,
+                         step_up_own=r.step_up_own, devices=list(r.devices))
 
 
 def transfer_to_proto(t: Transfer) -> pb.Transfer:

@@ -36,7 +36,8 @@ class RedEnvelopeServicer(pb_grpc.RedEnvelopeServiceServicer):
                                        convert.envelope_kind_from_proto(request.kind),
                                        request.currency, request.expiry_ms, request.memo,
                                        request.receiver_wallet_id,
-                                       deadline=deadline_of(context))
+                                       deadline=deadline_of(context),
+                                       device_id=request.device_id)
         if not outcome.ok:
             await abort(context, outcome)
         envelope, funding = outcome.value

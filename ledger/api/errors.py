@@ -65,6 +65,8 @@ GRPC_CODE: dict[Status, grpc.StatusCode] = {
     Status.ENVELOPE_SOLD_OUT: grpc.StatusCode.FAILED_PRECONDITION,
     Status.ENVELOPE_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
     Status.ENVELOPE_NOT_ELIGIBLE: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.VELOCITY_LIMIT_EXCEEDED: grpc.StatusCode.FAILED_PRECONDITION,
+    Status.STEP_UP_REQUIRED: grpc.StatusCode.FAILED_PRECONDITION,
     # Transient: the same request (same key) may succeed later.
     Status.REQUEST_IN_FLIGHT: grpc.StatusCode.ABORTED,
     Status.SHARD_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,

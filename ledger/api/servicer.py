@@ -69,7 +69,8 @@ async def abort(context: grpc.aio.ServicerContext, outcome: Outcome) -> None:
 
 def _item(req: pb.TransferRequest) -> TransferItem:
     return TransferItem(req.idempotency_key, req.from_wallet_id, req.to_wallet_id,
-                        req.amount_minor, req.currency, req.memo, linked=req.linked)
+                        req.amount_minor, req.currency, req.memo, linked=req.linked,
+                        device_id=req.device_id)
 
 
 class LedgerServicer(pb_grpc.LedgerServiceServicer):
@@ -100,12 +101,17 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             wallet=convert.wallet_to_proto(outcome.value, self._c.shard_of(request.wallet_id)),
             replayed=outcome.replayed)
 
-    async def GetWallet(self, request, context):
-        outcome = await self._c.get_wallet(request.wallet_id, deadline=deadline_of(context))
+    async def _wallet(self, wallet_id: str, context) -> pb.Wallet:
+        """The wallet with its risk controls, as its owner holds it now."""
+        outcome = await self._c.get_wallet(wallet_id, deadline=deadline_of(context),
+                                           with_risk=True)
         if not outcome.ok:
             await abort(context, outcome)
-        return pb.GetWalletResponse(
-            wallet=convert.wallet_to_proto(outcome.value, self._c.shard_of(request.wallet_id)))
+        wallet, risk = outcome.value
+        return convert.wallet_to_proto(wallet, self._c.shard_of(wallet_id), risk)
+
+    async def GetWallet(self, request, context):
+        return pb.GetWalletResponse(wallet=await self._wallet(request.wallet_id, context))
 
     async def SetWalletFrozen(self, request, context):
         outcome = await self._c.set_frozen(caller_of(context), request.wallet_id,
@@ -113,8 +119,27 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
                                            deadline=deadline_of(context))
         if not outcome.ok:
             await abort(context, outcome)
-        return pb.GetWalletResponse(
-            wallet=convert.wallet_to_proto(outcome.value, self._c.shard_of(request.wallet_id)))
+        return pb.GetWalletResponse(wallet=await self._wallet(request.wallet_id, context))
+
+    async def SetRiskLimits(self, request, context):
+        outcome = await self._c.set_risk_limits(
+            caller_of(context), request.wallet_id, request.window_ms, request.max_amount_minor,
+            request.max_count, request.step_up_above_minor, request.reason,
+            deadline=deadline_of(context))
+        if not outcome.ok:
+            await abort(context, outcome)
+        if not request.wallet_id:
+            return pb.SetRiskLimitsResponse(shards=outcome.value)
+        return pb.SetRiskLimitsResponse(wallet=await self._wallet(request.wallet_id, context),
+                                        shards=outcome.value)
+
+    async def ConfirmDevice(self, request, context):
+        outcome = await self._c.confirm_device(caller_of(context), request.wallet_id,
+                                               request.device_id, not request.forget,
+                                               request.reason, deadline=deadline_of(context))
+        if not outcome.ok:
+            await abort(context, outcome)
+        return pb.GetWalletResponse(wallet=await self._wallet(request.wallet_id, context))
 
     async def Deposit(self, request, context):
         outcome = await self._c.deposit(caller_of(context), request.idempotency_key,
@@ -127,7 +152,8 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         outcome = await self._c.withdraw(caller_of(context), request.idempotency_key,
                                          request.wallet_id, request.amount_minor,
                                          request.currency, request.memo,
-                                         deadline=deadline_of(context))
+                                         deadline=deadline_of(context),
+                                         device_id=request.device_id)
         return await self._transfer_response(outcome, context)
 
     async def Transfer(self, request, context):
@@ -182,7 +208,8 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         outcome = await self._c.create_hold(caller_of(context), request.idempotency_key,
                                             request.wallet_id, request.amount_minor,
                                             request.currency, request.timeout_ms,
-                                            deadline=deadline_of(context))
+                                            deadline=deadline_of(context),
+                                            device_id=request.device_id)
         return await self._hold_response(outcome, context)
 
     async def CaptureHold(self, request, context):

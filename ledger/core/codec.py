@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from ledger.core import model
+from ledger.core import model, risk
 from ledger.core.shard import ShardState
 
 FORMAT_VERSION = 1
@@ -121,9 +121,10 @@ def loads(data: bytes | str) -> Any:
 # memory, ``ledger.core.spilled``): same layout, so formats 2 and 3 load alike; a build that
 # knows only 2 refuses a 3 (it would lose the filters) instead of misreading it. Format 4 adds
 # the sections "envelopes" and "grabs" (red envelopes kept on the shard), for the same reason.
-# Format 5 adds "grants" and "headroom" (headroom grants given and received).
+# Format 5 adds "grants" and "headroom" (headroom grants given and received). Format 6 adds
+# "risk_default" and "risk" (risk limits, confirmed devices and velocity windows).
 
-SNAPSHOT_FORMAT = 5
+SNAPSHOT_FORMAT = 6
 _SNAPSHOT_MAGIC = b"LSNAP2\n"
 # Records per JSON line: big enough that json does the work in C, small enough that encoding
 # and decoding hand the GIL around often (they run in a worker thread next to the event loop).
@@ -169,6 +170,11 @@ def _snapshot_records(state: ShardState) -> Iterator[tuple[str, list]]:
                      for shard, total in state.grants_out.items()]
     yield "headroom", [(shard, total, state.headroom_used.get(shard, 0))
                        for shard, total in state.headroom_in.items()]
+    d = state.risk_default
+    yield "risk_default", ([] if d is risk.NO_LIMITS else
+                           [(d.window_ms, d.max_amount_minor, d.max_count,
+                             d.step_up_above_minor)])
+    yield "risk", [r.record() for r in state.risk.values()]
 
 
 def snapshot_lines(state: ShardState) -> Iterator[bytes]:
@@ -356,6 +362,17 @@ def _load_headroom(state: ShardState, records: list) -> None:
             state.headroom_used[shard] = used
 
 
+def _load_risk_default(state: ShardState, records: list) -> None:
+    for window, amount, count, step_up in records:
+        state.risk_default = risk.Limits(window, amount, count, step_up)
+
+
+def _load_risk(state: ShardState, records: list) -> None:
+    for r in records:
+        held = risk.WalletRisk.from_record(r)
+        state.risk[held.wallet_id] = held
+
+
 _SECTION_LOADERS = {
     "wallets": _load_wallets, "transfers": _load_transfers, "idempotency": _load_idempotency,
     "claims": _load_claims, "holds": _load_holds, "outbox": _load_outbox,
@@ -364,7 +381,7 @@ _SECTION_LOADERS = {
     "chain_waiting": _load_chain_waiting, "chains_purged_before": _load_chains_purged_before,
     "spilled": lambda state, records: state.spilled.load_records(records),
     "envelopes": _load_envelopes, "grabs": _load_grabs, "grants": _load_grants,
-    "headroom": _load_headroom,
+    "headroom": _load_headroom, "risk_default": _load_risk_default, "risk": _load_risk,
 }
 
 

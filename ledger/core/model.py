@@ -297,6 +297,10 @@ class CreateWallet:
 @dataclass(slots=True, frozen=True)
 class GetWallet:
     wallet_id: str
+    # Answer (Wallet, ledger.core.risk.RiskView) instead of the Wallet alone; the risk view's
+    # velocity window is read as of ``now_ms``.
+    with_risk: bool = False
+    now_ms: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -306,6 +310,35 @@ class SetFrozen:
 
     wallet_id: str
     frozen: bool
+    reason: str
+    caller: str
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class SetRiskLimits:
+    """Set a wallet's own risk limits, or (``wallet_id`` empty) the shard's default for every
+    wallet without its own (``ledger.core.risk``). ``window_ms`` and ``step_up_above_minor``
+    may be ``risk.INHERIT`` for a wallet (follow the default). Setting what is in force
+    already changes nothing and journals nothing."""
+
+    wallet_id: str
+    window_ms: int
+    max_amount_minor: int
+    max_count: int
+    step_up_above_minor: int
+    reason: str
+    caller: str
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class ConfirmDevice:
+    """Confirm (or, ``confirmed`` False, forget) a device of a wallet for the step-up check."""
+
+    wallet_id: str
+    device_id: str
+    confirmed: bool
     reason: str
     caller: str
     now_ms: int
@@ -337,6 +370,9 @@ class Post:
     # The credit shard's reservation (its ``at_ms``) this transfer commits under; 0 when the
     # credit is local or was refused.
     reserved_at_ms: int = 0
+    # The device the request came from (step-up check, ``ledger.core.risk``); not part of the
+    # request's identity (a retry from another device is the same payment).
+    device_id: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -443,6 +479,7 @@ class CreateHold:
     currency: str
     timeout_ms: int
     now_ms: int
+    device_id: str = ""  # as in Post
 
 
 @dataclass(slots=True, frozen=True)
@@ -659,6 +696,28 @@ class WalletFrozen:
 
 
 @dataclass(slots=True, frozen=True)
+class RiskLimitsSet:
+    wallet_id: str  # "": the shard's default
+    window_ms: int
+    max_amount_minor: int
+    max_count: int
+    step_up_above_minor: int
+    reason: str
+    caller: str
+    at_ms: int
+
+
+@dataclass(slots=True, frozen=True)
+class DeviceConfirmed:
+    wallet_id: str
+    device_id: str
+    confirmed: bool  # False: forgotten
+    reason: str
+    caller: str
+    at_ms: int
+
+
+@dataclass(slots=True, frozen=True)
 class HeadroomGranted:
     to_shard: int
     total_minor: int
@@ -765,10 +824,12 @@ EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, Idem
                HoldCreated, HoldReleased, ChainPrepared, ChainDecided, KeyClaimed,
                CreditReserved, ReservationsDropped, ReservationsFenced,
                ChainParticipantFinished, IdempotencySpilled, EnvelopeOpened, EnvelopeGrabbed,
-               EnvelopeRefunded, EnvelopeAbandoned, HeadroomGranted, HeadroomNoted, WalletFrozen)
+               EnvelopeRefunded, EnvelopeAbandoned, HeadroomGranted, HeadroomNoted, WalletFrozen,
+               RiskLimitsSet, DeviceConfirmed)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
                  ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
                  ClaimKey, ResolveReservations, DropReservations, ChainFinished,
                  SpillIdempotency, OpenEnvelope, GrabEnvelope, GetEnvelope, RefundEnvelope,
-                 AbandonEnvelope, GrantHeadroom, NoteHeadroom, SetFrozen)
+                 AbandonEnvelope, GrantHeadroom, NoteHeadroom, SetFrozen, SetRiskLimits,
+                 ConfirmDevice)

@@ -34,7 +34,9 @@ from ledger.core.model import (
     EnvelopeOpened, EnvelopeRefunded, GetEnvelope, Grab, GrabEnvelope, OpenEnvelope,
     RefundEnvelope, envelope_of_escrow, escrow_wallet_id, AbandonEnvelope, EnvelopeAbandoned,
     GrantHeadroom, HeadroomGranted, HeadroomNoted, NoteHeadroom, SetFrozen, WalletFrozen,
+    RESERVED_PREFIX, ConfirmDevice, DeviceConfirmed, RiskLimitsSet, SetRiskLimits,
 )
+from ledger.core import risk as R
 from ledger.core import split
 from ledger.core.ids import refund_key, transfer_id_for
 from ledger.core.spilled import SpilledKeys
@@ -44,7 +46,8 @@ Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | Idempo
          | HoldCreated | HoldReleased | ChainPrepared | ChainDecided | KeyClaimed
          | CreditReserved | ReservationsDropped | ReservationsFenced
          | ChainParticipantFinished | IdempotencySpilled | EnvelopeOpened | EnvelopeGrabbed
-         | EnvelopeRefunded | EnvelopeAbandoned | HeadroomGranted | HeadroomNoted | WalletFrozen)
+         | EnvelopeRefunded | EnvelopeAbandoned | HeadroomGranted | HeadroomNoted | WalletFrozen
+         | RiskLimitsSet | DeviceConfirmed)
 
 
 # The ``field`` of the (never recorded, never client-facing) answer to a grab owed under a
@@ -151,7 +154,7 @@ class ShardState:
                  "outbox_last_seq", "inbox_applied", "reservations", "incoming", "holds",
                  "chains", "claims", "fenced", "chain_waiting", "chains_purged_before",
                  "spilled", "loaded", "envelopes", "grabs", "grants_out", "grants_used",
-                 "granted_open", "headroom_in", "headroom_used")
+                 "granted_open", "headroom_in", "headroom_used", "risk", "risk_default")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -208,6 +211,10 @@ class ShardState:
         self.granted_open = 0
         self.headroom_in: dict[int, int] = {}
         self.headroom_used: dict[int, int] = {}
+        # Risk controls (``ledger.core.risk``): the limits of every wallet without its own,
+        # and the wallets with settings of their own or a velocity window being counted.
+        self.risk_default: R.Limits = R.NO_LIMITS
+        self.risk: dict[str, R.WalletRisk] = {}
 
     def keys_to_load(self, commands: Iterable[object]) -> list[tuple[str, str]]:
         """The (caller, key) pairs these commands use whose records may be in the store
@@ -295,7 +302,102 @@ class ShardState:
         wallet = self.wallets.get(cmd.wallet_id)
         if wallet is None:
             return refuse(Status.WALLET_NOT_FOUND, "wallet_id", "no wallet with this id"), []
+        if cmd.with_risk:
+            return ok((wallet.copy(), self.risk_view(cmd.wallet_id, cmd.now_ms))), []
         return ok(wallet.copy()), []
+
+    # --- risk controls (ledger.core.risk) -----------------------------------------------
+
+    def risk_view(self, wallet_id: str, now_ms: int) -> R.RiskView:
+        """A wallet's limits in force, whose they are, its window's use, its devices."""
+        held = self.risk.get(wallet_id)
+        if held is None:
+            return R.RiskView(self.risk_default, False, False, 0, 0, ())
+        limits = held.limits(self.risk_default)
+        used = held.used(limits.window_ms, now_ms) if limits.window_ms else (0, 0)
+        return R.RiskView(limits, held.window_ms != R.INHERIT,
+                          held.step_up_above_minor != R.INHERIT, used[0], used[1],
+                          tuple(held.devices))
+
+    def _risk_free(self, wallet_id: str) -> bool:
+        """No risk control can apply to this wallet (the common case, checked first)."""
+        return ((not self.risk and self.risk_default is R.NO_LIMITS)
+                or wallet_id.startswith(RESERVED_PREFIX))
+
+    def _step_up_refusal(self, wallet_id: str, amount_minor: int,
+                         device_id: str) -> Outcome | None:
+        if self._risk_free(wallet_id):
+            return None
+        held = self.risk.get(wallet_id)
+        threshold = (held.limits(self.risk_default) if held is not None
+                     else self.risk_default).step_up_above_minor
+        if not threshold or amount_minor <= threshold:
+            return None
+        if held is not None and device_id and device_id in held.devices:
+            return None
+        return refuse(Status.STEP_UP_REQUIRED, "device_id",
+                      "amount_minor is above the wallet's step-up threshold and "
+                      + ("device_id is not a device the wallet confirmed" if device_id
+                         else "the request names no device_id"))
+
+    def _velocity_refusal(self, wallet_id: str, amount_minor: int, now_ms: int,
+                          wallet_field: str) -> Outcome | None:
+        if self._risk_free(wallet_id):
+            return None
+        held = self.risk.get(wallet_id)
+        limits = held.limits(self.risk_default) if held is not None else self.risk_default
+        if not limits.window_ms:
+            return None
+        amount, count = held.used(limits.window_ms, now_ms) if held is not None else (0, 0)
+        window = f"rolling {limits.window_ms // 1000} s window"
+        if limits.max_count and count + 1 > limits.max_count:
+            return refuse(Status.VELOCITY_LIMIT_EXCEEDED, wallet_field,
+                          f"{wallet_field} made {count} debits in its {window}, its limit "
+                          f"is {limits.max_count}")
+        if limits.max_amount_minor and amount + amount_minor > limits.max_amount_minor:
+            return refuse(Status.VELOCITY_LIMIT_EXCEEDED, "amount_minor",
+                          f"would take {wallet_field}'s debits in its {window} to "
+                          f"{amount + amount_minor}, its limit is {limits.max_amount_minor}")
+        return None
+
+    def _note_debit(self, wallet_id: str, amount_minor: int, at_ms: int) -> None:
+        """Count a decided debit in the wallet's velocity window, if a limit is in force."""
+        if self._risk_free(wallet_id):
+            return
+        held = self.risk.get(wallet_id)
+        window = (held.limits(self.risk_default) if held is not None
+                  else self.risk_default).window_ms
+        if not window:
+            return
+        if held is None:
+            held = self.risk[wallet_id] = R.WalletRisk(wallet_id)
+        held.note_debit(window, amount_minor, at_ms)
+
+    def _decide_set_risk_limits(self, cmd: SetRiskLimits) -> tuple[Outcome, list[Event]]:
+        if cmd.wallet_id:
+            if cmd.wallet_id not in self.wallets:
+                return refuse(Status.WALLET_NOT_FOUND, "wallet_id", "no wallet with this id"), []
+            held = self.risk.get(cmd.wallet_id) or R.WalletRisk(cmd.wallet_id)
+            now = (held.window_ms, held.max_amount_minor, held.max_count,
+                   held.step_up_above_minor)
+        else:
+            d = self.risk_default
+            now = (d.window_ms, d.max_amount_minor, d.max_count, d.step_up_above_minor)
+        wanted = (cmd.window_ms, cmd.max_amount_minor, cmd.max_count, cmd.step_up_above_minor)
+        if now == wanted:
+            return ok(), []
+        return ok(), [RiskLimitsSet(cmd.wallet_id, *wanted, cmd.reason, cmd.caller,
+                                    cmd.now_ms)]
+
+    def _decide_confirm_device(self, cmd: ConfirmDevice) -> tuple[Outcome, list[Event]]:
+        if cmd.wallet_id not in self.wallets:
+            return refuse(Status.WALLET_NOT_FOUND, "wallet_id", "no wallet with this id"), []
+        held = self.risk.get(cmd.wallet_id)
+        known = held is not None and cmd.device_id in held.devices
+        if known == cmd.confirmed:
+            return ok(), []
+        return ok(), [DeviceConfirmed(cmd.wallet_id, cmd.device_id, cmd.confirmed, cmd.reason,
+                                      cmd.caller, cmd.now_ms)]
 
     def _decide_set_frozen(self, cmd: SetFrozen) -> tuple[Outcome, list[Event]]:
         wallet = self.wallets.get(cmd.wallet_id)
@@ -407,6 +509,9 @@ class ShardState:
                           f"to_wallet_id holds {target.currency}")
         if source.frozen:
             return refuse(Status.WALLET_FROZEN, "from_wallet_id", "wallet is frozen")
+        stepped = self._step_up_refusal(cmd.from_wallet_id, cmd.amount_minor, cmd.device_id)
+        if stepped is not None:
+            return stepped
         if source.allow_negative:
             overflow = _debit_overflow(source, cmd.amount_minor)
             if overflow is not None:
@@ -419,7 +524,8 @@ class ShardState:
             if cmd.amount_minor > self._headroom(target):
                 return refuse(Status.BALANCE_OVERFLOW, "amount_minor",
                               "would take to_wallet_id past the int64 range")
-        return None
+        return self._velocity_refusal(cmd.from_wallet_id, cmd.amount_minor, cmd.now_ms,
+                                      "from_wallet_id")
 
     def _account(self, wallet_id: str, currency: str, settlement_ok: bool) -> Wallet | None:
         """The wallet, or a fresh settlement sub-account (they exist implicitly)."""
@@ -816,6 +922,9 @@ class ShardState:
                           f"wallet_id holds {wallet.currency}"), []
         if wallet.frozen:
             return refuse(Status.WALLET_FROZEN, "wallet_id", "wallet is frozen"), []
+        stepped = self._step_up_refusal(cmd.wallet_id, cmd.amount_minor, cmd.device_id)
+        if stepped is not None:
+            return stepped, []
         if wallet.allow_negative:
             overflow = _debit_overflow(wallet, cmd.amount_minor)
             if overflow is not None:
@@ -824,6 +933,10 @@ class ShardState:
         elif wallet.available_minor < cmd.amount_minor:
             return refuse(Status.INSUFFICIENT_FUNDS, "amount_minor",
                           "wallet_id has less available than amount_minor"), []
+        fast = self._velocity_refusal(cmd.wallet_id, cmd.amount_minor, cmd.now_ms, "wallet_id")
+        if fast is not None:
+            # Not recorded as a hold (a hold has no refused state): answered, not journaled.
+            return fast, []
         hold = Hold(cmd.hold_id, cmd.wallet_id, cmd.currency, cmd.amount_minor, cmd.caller,
                     cmd.idempotency_key, cmd.now_ms, cmd.now_ms + cmd.timeout_ms)
         return ok(hold.copy()), [HoldCreated(hold)]
@@ -1037,6 +1150,34 @@ class ShardState:
         if rows is not None:
             rows.append(("wallet", wallet.copy()))
 
+    def _evolve_risk_limits_set(self, e: RiskLimitsSet, rows: list | None) -> None:
+        if not e.wallet_id:
+            self.risk_default = R.Limits(e.window_ms, e.max_amount_minor, e.max_count,
+                                         e.step_up_above_minor)
+            if self.risk_default == R.NO_LIMITS:
+                self.risk_default = R.NO_LIMITS  # the one object the fast path tests for
+            return
+        ensure(e.wallet_id in self.wallets, "risk limits of unknown wallet %s", e.wallet_id)
+        held = self.risk.get(e.wallet_id)
+        if held is None:
+            held = self.risk[e.wallet_id] = R.WalletRisk(e.wallet_id)
+        held.window_ms, held.max_amount_minor, held.max_count = (e.window_ms, e.max_amount_minor,
+                                                                 e.max_count)
+        held.step_up_above_minor = e.step_up_above_minor
+
+    def _evolve_device_confirmed(self, e: DeviceConfirmed, rows: list | None) -> None:
+        ensure(e.wallet_id in self.wallets, "device of unknown wallet %s", e.wallet_id)
+        held = self.risk.get(e.wallet_id)
+        if held is None:
+            held = self.risk[e.wallet_id] = R.WalletRisk(e.wallet_id)
+        ensure((e.device_id in held.devices) != e.confirmed,
+               "device of %s confirmed or forgotten twice", e.wallet_id)
+        if e.confirmed:
+            held.devices.append(e.device_id)
+            del held.devices[:-R.DEVICES_MAX]
+        else:
+            held.devices.remove(e.device_id)
+
     def _evolve_wallet_frozen(self, e: WalletFrozen, rows: list | None) -> None:
         wallet = self.wallets[e.wallet_id]
         ensure(wallet.frozen != e.frozen, "wallet %s frozen state set to what it was",
@@ -1048,6 +1189,9 @@ class ShardState:
     def _evolve_transfer_decided(self, e: TransferDecided, rows: list | None) -> None:
         t = e.transfer
         self.transfers[t.transfer_id] = t.copy()
+        if not e.closes_hold and t.state == STATE_COMMITTED:
+            # A hold's capture and a chain item were counted when held.
+            self._note_debit(t.from_wallet_id, t.amount_minor, t.created_at_ms)
         hold = self.holds.get(e.closes_hold) if e.closes_hold else None
         if hold is not None and hold.chain_id:
             pass  # a chain item: its key was recorded when it was prepared
@@ -1127,6 +1271,7 @@ class ShardState:
         ensure(wallet.allow_negative or wallet.available_minor >= 0,
                "hold takes %s below zero", wallet.wallet_id)
         self.holds[hold.hold_id] = hold
+        self._note_debit(hold.wallet_id, hold.amount_minor, hold.created_at_ms)
         self.idempotency[(hold.caller, hold.idempotency_key)] = IdempotencyRecord(
             hold.caller, hold.idempotency_key, "hold:" + hold.hold_id,
             hold_fingerprint(hold.wallet_id, hold.amount_minor, hold.currency,
@@ -1159,6 +1304,7 @@ class ShardState:
         _ensure_in_range(wallet)
         ensure(wallet.allow_negative or wallet.available_minor >= 0,
                "chain hold takes %s below zero", wallet.wallet_id)
+        self._note_debit(t.from_wallet_id, t.amount_minor, t.created_at_ms)
         self.holds[t.transfer_id] = Hold(t.transfer_id, t.from_wallet_id, t.currency,
                                          t.amount_minor, t.caller, t.idempotency_key,
                                          t.created_at_ms, 0, chain_id=e.chain_id,
@@ -1438,6 +1584,8 @@ _DECIDERS: dict[type, Callable[[ShardState, Any], tuple[Outcome, list[Event]]]] 
     CreateWallet: ShardState._decide_create_wallet,
     GetWallet: ShardState._decide_get_wallet,
     SetFrozen: ShardState._decide_set_frozen,
+    SetRiskLimits: ShardState._decide_set_risk_limits,
+    ConfirmDevice: ShardState._decide_confirm_device,
     GetTransfer: ShardState._decide_get_transfer,
     Post: ShardState._decide_post,
     ReserveCredit: ShardState._decide_reserve_credit,
@@ -1490,4 +1638,6 @@ _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
     HeadroomGranted: ShardState._evolve_headroom_granted,
     HeadroomNoted: ShardState._evolve_headroom_noted,
     WalletFrozen: ShardState._evolve_wallet_frozen,
+    RiskLimitsSet: ShardState._evolve_risk_limits_set,
+    DeviceConfirmed: ShardState._evolve_device_confirmed,
 }

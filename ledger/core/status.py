@@ -64,6 +64,12 @@ class Status(enum.IntEnum):
     # RESOURCE_EXHAUSTED: a bounded queue is full.
     OVERLOADED = 70
 
+    # FAILED_PRECONDITION, risk controls (``ledger.core.risk``): the wallet's velocity limit
+    # would be passed (recorded, like INSUFFICIENT_FUNDS); the amount needs a device the
+    # wallet has confirmed (not recorded: the same request succeeds once it is confirmed).
+    VELOCITY_LIMIT_EXCEEDED = 80
+    STEP_UP_REQUIRED = 81
+
     def transient(self) -> bool:
         """True when the same request may succeed if retried unchanged later."""
         return self in _TRANSIENT
@@ -75,7 +81,8 @@ class Status(enum.IntEnum):
         with the same key returns the same refusal. Malformed requests and transient failures
         are not recorded: nothing was decided.
         """
-        return self is Status.OK or 40 <= self < 50 or self in (Status.WALLET_EXISTS,)
+        return self is Status.OK or 40 <= self < 50 or self in (
+            Status.WALLET_EXISTS, Status.VELOCITY_LIMIT_EXCEEDED)
 
 
 _TRANSIENT = frozenset({Status.REQUEST_IN_FLIGHT, Status.SHARD_UNAVAILABLE, Status.OVERLOADED})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from ledger.core import constants as C
+from ledger.core import risk
 from ledger.core.model import RESERVED_PREFIX
 from ledger.core.status import Outcome, Status, refuse
 
@@ -91,3 +92,42 @@ def movement(key: str, wallet: str, amount_minor: int, currency_code: str,
     """Validate a Deposit or Withdraw request."""
     return (idempotency_key(key) or wallet_id(wallet) or amount(amount_minor)
             or currency(currency_code) or memo(memo_text))
+
+
+def device_id(value: str, field: str = "device_id", required: bool = False) -> Outcome | None:
+    """A device id (the step-up check, ``ledger.core.risk``): optional on money movements."""
+    if not value:
+        return refuse(Status.INVALID_ARGUMENT, field, "is required") if required else None
+    if len(value.encode()) > risk.DEVICE_ID_MAX:
+        return refuse(Status.INVALID_ARGUMENT, field,
+                      f"is longer than {risk.DEVICE_ID_MAX} bytes")
+    if not _WALLET_ID.fullmatch(value):
+        return refuse(Status.INVALID_ARGUMENT, field,
+                      "may contain only letters, digits and . _ : @ -")
+    return None
+
+
+def risk_limits(for_wallet: bool, window_ms: int, max_amount_minor: int, max_count: int,
+                step_up_above_minor: int) -> Outcome | None:
+    """Validate a SetRiskLimits request (``ledger.core.risk``): -1 (follow the default) only
+    for a wallet; a window needs an amount or a count limit, and limits need a window."""
+    lowest = risk.INHERIT if for_wallet else 0
+    follow = " or -1 (follow the default)" if for_wallet else ""
+    if window_ms < lowest or 0 < window_ms < risk.WINDOW_MIN_MS or (
+            window_ms > risk.WINDOW_MAX_MS):
+        return refuse(Status.INVALID_ARGUMENT, "window_ms",
+                      f"must be 0 (no velocity limit){follow} or {risk.WINDOW_MIN_MS}-"
+                      f"{risk.WINDOW_MAX_MS} ms")
+    for name, value in (("max_amount_minor", max_amount_minor), ("max_count", max_count)):
+        if not 0 <= value <= C.AMOUNT_MINOR_MAX:
+            return refuse(Status.INVALID_ARGUMENT, name, "must be 0 (unlimited) or positive")
+        if value and window_ms <= 0:
+            return refuse(Status.INVALID_ARGUMENT, name,
+                          "needs window_ms > 0 (a limit counts within a window)")
+    if window_ms > 0 and not (max_amount_minor or max_count):
+        return refuse(Status.INVALID_ARGUMENT, "max_amount_minor",
+                      "a velocity window needs max_amount_minor or max_count")
+    if not lowest <= step_up_above_minor <= C.AMOUNT_MINOR_MAX:
+        return refuse(Status.INVALID_ARGUMENT, "step_up_above_minor",
+                      f"must be 0 (no step-up){follow} or a positive amount")
+    return None

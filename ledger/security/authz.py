@@ -152,7 +152,9 @@ DEFAULT_POLICY: dict = {
     "name": "redledger-default",
     "deny_rules": [
         {"name": "risk-controls-are-for-operators", "source": {"principals": [_role("service")]},
-         "request": {"paths": ["/ledger.v1.LedgerService/SetWalletFrozen"]}},
+         "request": {"paths": ["/ledger.v1.LedgerService/SetWalletFrozen",
+                               "/ledger.v1.LedgerService/SetRiskLimits",
+                               "/ledger.v1.LedgerService/ConfirmDevice"]}},
     ],
     "allow_rules": [
         {"name": "nodes", "source": {"principals": [_role("node")]}},

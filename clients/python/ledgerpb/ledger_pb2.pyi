@@ -41,6 +41,8 @@ class ResultStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESULT_STATUS_REQUEST_IN_FLIGHT: _ClassVar[ResultStatus]
     RESULT_STATUS_SHARD_UNAVAILABLE: _ClassVar[ResultStatus]
     RESULT_STATUS_OVERLOADED: _ClassVar[ResultStatus]
+    RESULT_STATUS_VELOCITY_LIMIT_EXCEEDED: _ClassVar[ResultStatus]
+    RESULT_STATUS_STEP_UP_REQUIRED: _ClassVar[ResultStatus]
 
 class TransferKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -121,6 +123,8 @@ RESULT_STATUS_ENVELOPE_NOT_ELIGIBLE: ResultStatus
 RESULT_STATUS_REQUEST_IN_FLIGHT: ResultStatus
 RESULT_STATUS_SHARD_UNAVAILABLE: ResultStatus
 RESULT_STATUS_OVERLOADED: ResultStatus
+RESULT_STATUS_VELOCITY_LIMIT_EXCEEDED: ResultStatus
+RESULT_STATUS_STEP_UP_REQUIRED: ResultStatus
 TRANSFER_KIND_UNSPECIFIED: TransferKind
 TRANSFER_KIND_TRANSFER: TransferKind
 TRANSFER_KIND_DEPOSIT: TransferKind
@@ -154,7 +158,7 @@ ENVELOPE_ROLE_SENT: EnvelopeRole
 ENVELOPE_ROLE_RECEIVED: EnvelopeRole
 
 class Wallet(_message.Message):
-    __slots__ = ("wallet_id", "currency", "balance_minor", "held_minor", "available_minor", "version", "allow_negative", "frozen", "created_at_ms", "shard")
+    __slots__ = ("wallet_id", "currency", "balance_minor", "held_minor", "available_minor", "version", "allow_negative", "frozen", "created_at_ms", "shard", "risk")
     WALLET_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     BALANCE_MINOR_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +169,7 @@ class Wallet(_message.Message):
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
     wallet_id: str
     currency: str
     balance_minor: int
@@ -175,7 +180,30 @@ class Wallet(_message.Message):
     frozen: bool
     created_at_ms: int
     shard: int
-    def __init__(self, wallet_id: _Optional[str] = ..., currency: _Optional[str] = ..., balance_minor: _Optional[int] = ..., held_minor: _Optional[int] = ..., available_minor: _Optional[int] = ..., version: _Optional[int] = ..., allow_negative: _Optional[bool] = ..., frozen: _Optional[bool] = ..., created_at_ms: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
+    risk: WalletRisk
+    def __init__(self, wallet_id: _Optional[str] = ..., currency: _Optional[str] = ..., balance_minor: _Optional[int] = ..., held_minor: _Optional[int] = ..., available_minor: _Optional[int] = ..., version: _Optional[int] = ..., allow_negative: _Optional[bool] = ..., frozen: _Optional[bool] = ..., created_at_ms: _Optional[int] = ..., shard: _Optional[int] = ..., risk: _Optional[_Union[WalletRisk, _Mapping]] = ...) -> None: ...
+
+class WalletRisk(_message.Message):
+    __slots__ = ("window_ms", "max_amount_minor", "max_count", "velocity_own", "used_amount_minor", "used_count", "step_up_above_minor", "step_up_own", "devices")
+    WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_COUNT_FIELD_NUMBER: _ClassVar[int]
+    VELOCITY_OWN_FIELD_NUMBER: _ClassVar[int]
+    USED_AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    USED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STEP_UP_ABOVE_MINOR_FIELD_NUMBER: _ClassVar[int]
+    STEP_UP_OWN_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    window_ms: int
+    max_amount_minor: int
+    max_count: int
+    velocity_own: bool
+    used_amount_minor: int
+    used_count: int
+    step_up_above_minor: int
+    step_up_own: bool
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, window_ms: _Optional[int] = ..., max_amount_minor: _Optional[int] = ..., max_count: _Optional[int] = ..., velocity_own: _Optional[bool] = ..., used_amount_minor: _Optional[int] = ..., used_count: _Optional[int] = ..., step_up_above_minor: _Optional[int] = ..., step_up_own: _Optional[bool] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Transfer(_message.Message):
     __slots__ = ("transfer_id", "kind", "from_wallet_id", "to_wallet_id", "amount_minor", "currency", "memo", "state", "status", "status_field", "status_detail", "credited", "created_at_ms", "idempotency_key")
@@ -273,6 +301,42 @@ class GetWalletResponse(_message.Message):
     wallet: Wallet
     def __init__(self, wallet: _Optional[_Union[Wallet, _Mapping]] = ...) -> None: ...
 
+class SetRiskLimitsRequest(_message.Message):
+    __slots__ = ("wallet_id", "window_ms", "max_amount_minor", "max_count", "step_up_above_minor", "reason")
+    WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STEP_UP_ABOVE_MINOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    wallet_id: str
+    window_ms: int
+    max_amount_minor: int
+    max_count: int
+    step_up_above_minor: int
+    reason: str
+    def __init__(self, wallet_id: _Optional[str] = ..., window_ms: _Optional[int] = ..., max_amount_minor: _Optional[int] = ..., max_count: _Optional[int] = ..., step_up_above_minor: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetRiskLimitsResponse(_message.Message):
+    __slots__ = ("wallet", "shards")
+    WALLET_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    wallet: Wallet
+    shards: int
+    def __init__(self, wallet: _Optional[_Union[Wallet, _Mapping]] = ..., shards: _Optional[int] = ...) -> None: ...
+
+class ConfirmDeviceRequest(_message.Message):
+    __slots__ = ("wallet_id", "device_id", "forget", "reason")
+    WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    FORGET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    wallet_id: str
+    device_id: str
+    forget: bool
+    reason: str
+    def __init__(self, wallet_id: _Optional[str] = ..., device_id: _Optional[str] = ..., forget: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class DepositRequest(_message.Message):
     __slots__ = ("idempotency_key", "wallet_id", "amount_minor", "currency", "memo")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -288,21 +352,23 @@ class DepositRequest(_message.Message):
     def __init__(self, idempotency_key: _Optional[str] = ..., wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., memo: _Optional[str] = ...) -> None: ...
 
 class WithdrawRequest(_message.Message):
-    __slots__ = ("idempotency_key", "wallet_id", "amount_minor", "currency", "memo")
+    __slots__ = ("idempotency_key", "wallet_id", "amount_minor", "currency", "memo", "device_id")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     WALLET_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     MEMO_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     wallet_id: str
     amount_minor: int
     currency: str
     memo: str
-    def __init__(self, idempotency_key: _Optional[str] = ..., wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., memo: _Optional[str] = ...) -> None: ...
+    device_id: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., memo: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class TransferRequest(_message.Message):
-    __slots__ = ("idempotency_key", "from_wallet_id", "to_wallet_id", "amount_minor", "currency", "memo", "linked")
+    __slots__ = ("idempotency_key", "from_wallet_id", "to_wallet_id", "amount_minor", "currency", "memo", "linked", "device_id")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     FROM_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
     TO_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +376,7 @@ class TransferRequest(_message.Message):
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     MEMO_FIELD_NUMBER: _ClassVar[int]
     LINKED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     from_wallet_id: str
     to_wallet_id: str
@@ -317,7 +384,8 @@ class TransferRequest(_message.Message):
     currency: str
     memo: str
     linked: bool
-    def __init__(self, idempotency_key: _Optional[str] = ..., from_wallet_id: _Optional[str] = ..., to_wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., memo: _Optional[str] = ..., linked: _Optional[bool] = ...) -> None: ...
+    device_id: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., from_wallet_id: _Optional[str] = ..., to_wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., memo: _Optional[str] = ..., linked: _Optional[bool] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class TransferResponse(_message.Message):
     __slots__ = ("transfer", "replayed")
@@ -406,18 +474,20 @@ class Hold(_message.Message):
     def __init__(self, hold_id: _Optional[str] = ..., wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., state: _Optional[_Union[HoldState, str]] = ..., captured_minor: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., closed_at_ms: _Optional[int] = ...) -> None: ...
 
 class CreateHoldRequest(_message.Message):
-    __slots__ = ("idempotency_key", "wallet_id", "amount_minor", "currency", "timeout_ms")
+    __slots__ = ("idempotency_key", "wallet_id", "amount_minor", "currency", "timeout_ms", "device_id")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     WALLET_ID_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_MINOR_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     wallet_id: str
     amount_minor: int
     currency: str
     timeout_ms: int
-    def __init__(self, idempotency_key: _Optional[str] = ..., wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    device_id: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class CaptureHoldRequest(_message.Message):
     __slots__ = ("idempotency_key", "hold_id", "amount_minor", "to_wallet_id", "memo")
@@ -516,7 +586,7 @@ class Grab(_message.Message):
     def __init__(self, envelope_id: _Optional[str] = ..., position: _Optional[int] = ..., receiver_wallet_id: _Optional[str] = ..., amount_minor: _Optional[int] = ..., transfer_id: _Optional[str] = ..., at_ms: _Optional[int] = ...) -> None: ...
 
 class CreateEnvelopeRequest(_message.Message):
-    __slots__ = ("idempotency_key", "sender_wallet_id", "total_minor", "shares", "kind", "currency", "expiry_ms", "memo", "receiver_wallet_id")
+    __slots__ = ("idempotency_key", "sender_wallet_id", "total_minor", "shares", "kind", "currency", "expiry_ms", "memo", "receiver_wallet_id", "device_id")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     SENDER_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MINOR_FIELD_NUMBER: _ClassVar[int]
@@ -526,6 +596,7 @@ class CreateEnvelopeRequest(_message.Message):
     EXPIRY_MS_FIELD_NUMBER: _ClassVar[int]
     MEMO_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     sender_wallet_id: str
     total_minor: int
@@ -535,7 +606,8 @@ class CreateEnvelopeRequest(_message.Message):
     expiry_ms: int
     memo: str
     receiver_wallet_id: str
-    def __init__(self, idempotency_key: _Optional[str] = ..., sender_wallet_id: _Optional[str] = ..., total_minor: _Optional[int] = ..., shares: _Optional[int] = ..., kind: _Optional[_Union[EnvelopeKind, str]] = ..., currency: _Optional[str] = ..., expiry_ms: _Optional[int] = ..., memo: _Optional[str] = ..., receiver_wallet_id: _Optional[str] = ...) -> None: ...
+    device_id: str
+    def __init__(self, idempotency_key: _Optional[str] = ..., sender_wallet_id: _Optional[str] = ..., total_minor: _Optional[int] = ..., shares: _Optional[int] = ..., kind: _Optional[_Union[EnvelopeKind, str]] = ..., currency: _Optional[str] = ..., expiry_ms: _Optional[int] = ..., memo: _Optional[str] = ..., receiver_wallet_id: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class CreateEnvelopeResponse(_message.Message):
     __slots__ = ("envelope", "replayed", "funding")

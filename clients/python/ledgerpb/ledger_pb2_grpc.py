@@ -50,6 +50,16 @@ class LedgerServiceStub:
                 request_serializer=ledgerpb_dot_ledger__pb2.SetWalletFrozenRequest.SerializeToString,
                 response_deserializer=ledgerpb_dot_ledger__pb2.GetWalletResponse.FromString,
                 _registered_method=True)
+        self.SetRiskLimits = channel.unary_unary(
+                '/ledger.v1.LedgerService/SetRiskLimits',
+                request_serializer=ledgerpb_dot_ledger__pb2.SetRiskLimitsRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.SetRiskLimitsResponse.FromString,
+                _registered_method=True)
+        self.ConfirmDevice = channel.unary_unary(
+                '/ledger.v1.LedgerService/ConfirmDevice',
+                request_serializer=ledgerpb_dot_ledger__pb2.ConfirmDeviceRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.GetWalletResponse.FromString,
+                _registered_method=True)
         self.Deposit = channel.unary_unary(
                 '/ledger.v1.LedgerService/Deposit',
                 request_serializer=ledgerpb_dot_ledger__pb2.DepositRequest.SerializeToString,
@@ -122,6 +132,22 @@ class LedgerServiceServicer:
         (transfers out, withdrawals, holds, envelope funding) with WALLET_FROZEN; credits still
         land. Journaled on the wallet's shard (replayed, kept across failovers). Operators only
         under the default authorization policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRiskLimits(self, request, context):
+        """Risk control: velocity limits and the step-up threshold of a wallet, or the default of
+        every wallet (journaled on every shard). Operators only under the default policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmDevice(self, request, context):
+        """Risk control: confirm (or forget) a device of a wallet after a second check, so that
+        debits above the step-up threshold from it pass. Operators and the risk service.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +231,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
             'SetWalletFrozen': grpc.unary_unary_rpc_method_handler(
                     servicer.SetWalletFrozen,
                     request_deserializer=ledgerpb_dot_ledger__pb2.SetWalletFrozenRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.GetWalletResponse.SerializeToString,
+            ),
+            'SetRiskLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRiskLimits,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.SetRiskLimitsRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.SetRiskLimitsResponse.SerializeToString,
+            ),
+            'ConfirmDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmDevice,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.ConfirmDeviceRequest.FromString,
                     response_serializer=ledgerpb_dot_ledger__pb2.GetWalletResponse.SerializeToString,
             ),
             'Deposit': grpc.unary_unary_rpc_method_handler(
@@ -338,6 +374,60 @@ class LedgerService:
             target,
             '/ledger.v1.LedgerService/SetWalletFrozen',
             ledgerpb_dot_ledger__pb2.SetWalletFrozenRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.GetWalletResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRiskLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/SetRiskLimits',
+            ledgerpb_dot_ledger__pb2.SetRiskLimitsRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.SetRiskLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/ConfirmDevice',
+            ledgerpb_dot_ledger__pb2.ConfirmDeviceRequest.SerializeToString,
             ledgerpb_dot_ledger__pb2.GetWalletResponse.FromString,
             options,
             channel_credentials,

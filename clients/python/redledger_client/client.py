@@ -220,6 +220,27 @@ class LedgerClient:
             wallet_id=wallet_id, frozen=frozen, reason=reason), retry=True)
         return response.wallet
 
+    async def set_risk_limits(self, wallet_id: str = "", window_ms: int = 0,
+                              max_amount_minor: int = 0, max_count: int = 0,
+                              step_up_above_minor: int = 0,
+                              reason: str = "") -> pb.SetRiskLimitsResponse:
+        """Set a wallet's velocity limit and step-up threshold, or (``wallet_id`` empty) the
+        default of every wallet without its own. ``window_ms`` / ``step_up_above_minor`` -1
+        makes a wallet follow the default; 0 means no limit. Setting what is in force changes
+        nothing, so a retry is safe."""
+        return await self._call(self._stub.SetRiskLimits, pb.SetRiskLimitsRequest(
+            wallet_id=wallet_id, window_ms=window_ms, max_amount_minor=max_amount_minor,
+            max_count=max_count, step_up_above_minor=step_up_above_minor, reason=reason),
+            retry=True)
+
+    async def confirm_device(self, wallet_id: str, device_id: str, forget: bool = False,
+                             reason: str = "") -> pb.Wallet:
+        """Confirm a device of a wallet after a second check (or forget it): debits above the
+        step-up threshold pass only from confirmed devices. Idempotent."""
+        response = await self._call(self._stub.ConfirmDevice, pb.ConfirmDeviceRequest(
+            wallet_id=wallet_id, device_id=device_id, forget=forget, reason=reason), retry=True)
+        return response.wallet
+
     # --- money ------------------------------------------------------------------------------
 
     async def deposit(self, wallet_id: str, amount_minor: int, currency: str, memo: str = "",
@@ -230,18 +251,22 @@ class LedgerClient:
         return await self._call(self._stub.Deposit, request, retry=True)
 
     async def withdraw(self, wallet_id: str, amount_minor: int, currency: str, memo: str = "",
-                       idempotency_key: str | None = None) -> pb.TransferResponse:
+                       idempotency_key: str | None = None,
+                       device_id: str = "") -> pb.TransferResponse:
         request = pb.WithdrawRequest(idempotency_key=idempotency_key or new_idempotency_key(),
                                      wallet_id=wallet_id, amount_minor=amount_minor,
-                                     currency=currency, memo=memo)
+                                     currency=currency, memo=memo, device_id=device_id)
         return await self._call(self._stub.Withdraw, request, retry=True)
 
     async def transfer(self, from_wallet_id: str, to_wallet_id: str, amount_minor: int,
                        currency: str, memo: str = "",
-                       idempotency_key: str | None = None) -> pb.TransferResponse:
+                       idempotency_key: str | None = None,
+                       device_id: str = "") -> pb.TransferResponse:
+        """Move money; ``device_id`` names the payer's device (the step-up check)."""
         request = pb.TransferRequest(idempotency_key=idempotency_key or new_idempotency_key(),
                                      from_wallet_id=from_wallet_id, to_wallet_id=to_wallet_id,
-                                     amount_minor=amount_minor, currency=currency, memo=memo)
+                                     amount_minor=amount_minor, currency=currency, memo=memo,
+                                     device_id=device_id)
         return await self._call(self._stub.Transfer, request, retry=True)
 
     async def batch_transfer(self, transfers: list[pb.TransferRequest]
@@ -255,10 +280,12 @@ class LedgerClient:
                                 pb.BatchTransferRequest(transfers=transfers), retry=True)
 
     async def create_hold(self, wallet_id: str, amount_minor: int, currency: str, timeout_ms: int,
-                          idempotency_key: str | None = None) -> pb.HoldResponse:
+                          idempotency_key: str | None = None,
+                          device_id: str = "") -> pb.HoldResponse:
         request = pb.CreateHoldRequest(idempotency_key=idempotency_key or new_idempotency_key(),
                                        wallet_id=wallet_id, amount_minor=amount_minor,
-                                       currency=currency, timeout_ms=timeout_ms)
+                                       currency=currency, timeout_ms=timeout_ms,
+                                       device_id=device_id)
         return await self._call(self._stub.CreateHold, request, retry=True)
 
     async def capture_hold(self, hold_id: str, to_wallet_id: str, amount_minor: int = 0,
@@ -304,7 +331,7 @@ class LedgerClient:
     async def create_envelope(self, sender_wallet_id: str, total_minor: int, shares: int,
                               kind: pb.EnvelopeKind | str, currency: str, expiry_ms: int = 0,
                               memo: str = "", receiver_wallet_id: str = "",
-                              idempotency_key: str | None = None
+                              idempotency_key: str | None = None, device_id: str = ""
                               ) -> pb.CreateEnvelopeResponse:
         """Put ``total_minor`` of the sender's money into a new envelope of ``shares`` shares.
 
@@ -319,7 +346,7 @@ class LedgerClient:
             sender_wallet_id=sender_wallet_id, total_minor=total_minor, shares=shares,
             kind=_enum(pb.EnvelopeKind, "ENVELOPE_KIND_", kind),  # type: ignore[arg-type]
             currency=currency, expiry_ms=expiry_ms, memo=memo,
-            receiver_wallet_id=receiver_wallet_id)
+            receiver_wallet_id=receiver_wallet_id, device_id=device_id)
         return await self._call(self._envelopes.CreateEnvelope, request, retry=True)
 
     async def grab_envelope(self, envelope_id: str, receiver_wallet_id: str,
