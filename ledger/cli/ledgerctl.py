@@ -401,25 +401,90 @@ async def _certs(args) -> int:
     return 0
 
 
+_DURATION_UNITS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _limit_value(text: str) -> int:
+    """A limit flag: ``default`` (follow the ledger's default: -1), ``none`` (0), a number,
+    or for windows a duration such as ``90s``, ``1h``, ``7d``."""
+    low = text.strip().lower()
+    if low == "default":
+        return -1
+    if low in ("none", "off"):
+        return 0
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if low.endswith(unit) and low[:-len(unit)].isdigit():
+            return int(low[:-len(unit)]) * _DURATION_UNITS[unit]
+    try:
+        return int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number, a duration like 1h, 'none' or "
+                                         "'default'") from None
+
+
+def _print_wallet(w) -> None:
+    r = w.risk
+    velocity = ("none" if not r.window_ms else
+                f"{r.max_amount_minor or 'any'} {w.currency} and {r.max_count or 'any'} debits "
+                f"per {r.window_ms // 1000} s ({'own' if r.velocity_own else 'default'}); "
+                f"used {r.used_amount_minor} {w.currency} in {r.used_count} debits")
+    step_up = (f"above {r.step_up_above_minor} ({'own' if r.step_up_own else 'default'})"
+               if r.step_up_above_minor else "none")
+    print(f"{w.wallet_id}: balance {w.balance_minor} {w.currency}, available "
+          f"{w.available_minor}, {'FROZEN' if w.frozen else 'not frozen'}, shard {w.shard}\n"
+          f"  velocity limit: {velocity}\n  step-up: {step_up}; confirmed devices: "
+          f"{', '.join(r.devices) or 'none'}")
+
+
 async def _wallet(args) -> int:
-    """Freeze or unfreeze a wallet through a running ledger (operators' certificate under
-    mutual TLS)."""
+    """Risk controls on a wallet through a running ledger (operators' certificate under
+    mutual TLS): show, freeze / unfreeze, velocity limits and step-up threshold (of a wallet,
+    or with ``--default`` of every wallet), confirm / forget a device."""
     from clients import LedgerClient, LedgerError, mutual_tls
 
+    if args.action == "limits" and bool(args.wallet_id) == args.default:
+        print("ledgerctl wallet limits: name a wallet, or --default (not both)",
+              file=sys.stderr)
+        return 2
+    if args.action != "limits" and not args.wallet_id:
+        print(f"ledgerctl wallet {args.action}: name a wallet", file=sys.stderr)
+        return 2
+    if args.action in ("confirm-device", "forget-device") and not args.device:
+        print(f"ledgerctl wallet {args.action}: --device is required", file=sys.stderr)
+        return 2
     creds = None
     if args.tls_dir:
         d = args.tls_dir.rstrip("/")
         creds = mutual_tls(f"{d}/ca.pem", f"{d}/{args.tls_name}.pem", f"{d}/{args.tls_name}.key")
     async with LedgerClient(args.target, caller="ledgerctl", credentials=creds) as ledger:
         try:
-            wallet = await ledger.set_wallet_frozen(args.wallet_id, args.action == "freeze",
-                                                    args.reason)
+            if args.action in ("freeze", "unfreeze"):
+                await ledger.set_wallet_frozen(args.wallet_id, args.action == "freeze",
+                                               args.reason)
+            elif args.action == "limits":
+                inherit = -1 if args.wallet_id else 0
+                done = await ledger.set_risk_limits(
+                    args.wallet_id or "", window_ms=_given(args.window, inherit),
+                    max_amount_minor=_given(args.max_amount, 0),
+                    max_count=_given(args.max_count, 0),
+                    step_up_above_minor=_given(args.step_up_above, inherit),
+                    reason=args.reason)
+                if args.default:
+                    print(f"default risk limits set on {done.shards} shards")
+                    return 0
+            elif args.action in ("confirm-device", "forget-device"):
+                await ledger.confirm_device(args.wallet_id, args.device,
+                                            forget=args.action == "forget-device",
+                                            reason=args.reason)
+            _print_wallet(await ledger.get_wallet(args.wallet_id))
         except LedgerError as exc:
             print(f"ledgerctl wallet {args.action}: {exc}", file=sys.stderr)
             return 1
-    print(f"{wallet.wallet_id}: {'frozen' if wallet.frozen else 'not frozen'} "
-          f"(balance {wallet.balance_minor} {wallet.currency})")
     return 0
+
+
+def _given(value: int | None, otherwise: int) -> int:
+    return otherwise if value is None else value
 
 
 async def _shard_of(args) -> int:
@@ -612,8 +677,20 @@ def main(argv: list[str] | None = None) -> int:
     fence.add_argument("--epoch", type=int, required=True)
     fence.add_argument("--json", action="store_true")
     wallet = sub.add_parser("wallet", help="risk controls on a wallet, through a running ledger")
-    wallet.add_argument("action", choices=["freeze", "unfreeze"])
-    wallet.add_argument("wallet_id")
+    wallet.add_argument("action", choices=["show", "freeze", "unfreeze", "limits",
+                                           "confirm-device", "forget-device"])
+    wallet.add_argument("wallet_id", nargs="?")
+    wallet.add_argument("--default", action="store_true",
+                        help="limits: the default of every wallet without its own")
+    wallet.add_argument("--window", type=_limit_value, help="limits: the velocity window "
+                        "(1h, 1d, ms; 'none'; 'default' follows the default)")
+    wallet.add_argument("--max-amount", type=_limit_value,
+                        help="limits: most money out per window (minor units; 'none')")
+    wallet.add_argument("--max-count", type=_limit_value,
+                        help="limits: most debits per window ('none')")
+    wallet.add_argument("--step-up-above", type=_limit_value, help="limits: debits above this "
+                        "need a confirmed device ('none'; 'default')")
+    wallet.add_argument("--device", help="confirm-device / forget-device: the device id")
     wallet.add_argument("--reason", default="", help="journaled with the change")
     wallet.add_argument("--target", default="127.0.0.1:50051", help="a ledger node host:port")
     wallet.add_argument("--tls-dir", default=os.environ.get("LEDGER_TLS_DIR"),

@@ -149,6 +149,36 @@ async def test_only_operators_freeze_wallets(pki, ledger):
     assert done.wallet.frozen
 
 
+@pytest.mark.parametrize("what", ["wallet-limits", "default-limits", "confirm-device"])
+async def test_only_operators_set_limits_and_confirm_devices(pki, ledger, what):
+    # A payment service may not lift a limit or vouch for a device (the thief's own device).
+    wallet = "rl-" + what
+    await call(pki, ledger, "service/payments", "CreateWallet", pb.CreateWalletRequest(
+        idempotency_key="w-" + wallet, wallet_id=wallet, currency="CNY"))
+    method, request = {
+        "wallet-limits": ("SetRiskLimits", pb.SetRiskLimitsRequest(
+            wallet_id=wallet, window_ms=60_000, max_count=1)),
+        "default-limits": ("SetRiskLimits", pb.SetRiskLimitsRequest(
+            window_ms=60_000, max_count=1000)),
+        "confirm-device": ("ConfirmDevice", pb.ConfirmDeviceRequest(
+            wallet_id=wallet, device_id="stolen-phone")),
+    }[what]
+
+    async def risk():
+        return (await call(pki, ledger, "service/payments", "GetWallet",
+                           pb.GetWalletRequest(wallet_id=wallet))).wallet.risk
+
+    before = await risk()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(pki, ledger, "service/payments", method, request)
+    assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert await risk() == before  # nothing changed
+    await call(pki, ledger, "operator/ops", method, request)
+    after = await risk()
+    assert after.window_ms == 60_000 if method == "SetRiskLimits" else \
+        list(after.devices) == ["stolen-phone"]
+
+
 async def test_keys_are_scoped_to_the_certificate_not_the_header(pki, ledger):
     # Two services, the same key and the same (ignored) header: two requests, two wallets.
     for who, wallet in (("service/payments", "scoped-a"), ("service/other", "scoped-b")):

@@ -231,3 +231,12 @@ def test_bad_limits_name_their_field(bad):
                                args["max_amount_minor"], args["max_count"],
                                args["step_up_above_minor"])
     assert out is not None and out.status is Status.INVALID_ARGUMENT and out.field
+
+
+def test_ledgerctl_reads_limits_as_operators_write_them():
+    from ledger.cli.ledgerctl import _limit_value
+    assert [_limit_value(t) for t in ("1h", "90s", "7d", "250ms", "5000", "none", "default")] \
+        == [3_600_000, 90_000, 7 * 86_400_000, 250, 5_000, 0, -1]
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError):
+        _limit_value("soon")

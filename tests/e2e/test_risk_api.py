@@ -1,0 +1,142 @@
+"""Risk controls through the API, on the embedded default and on Cassandra + etcd, across a
+failover: velocity limits (a wallet's own and the default), the device step-up check and
+freezing, set through ``SetRiskLimits`` / ``ConfirmDevice`` / ``SetWalletFrozen``, shown by
+``GetWallet``, enforced by the wallet's shard owner; then the node stops and a new owner
+(another node on the same journal) takes every shard over, replays, and enforces exactly the
+same: the same frozen wallet, the same confirmed device, and the debits counted before the
+failover still count in the window. Bad input names its field and changes nothing."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+
+from clients import LedgerClient, LedgerRefused
+from ledger import server
+from tests.e2e.conftest import SHARDS
+
+HOUR = 3_600_000
+
+
+async def _start(kind: str, request, tmp_path, keyspace: str, node: str):
+    if kind == "embedded":
+        return await server.start_dev(tmp_path, port=0, shard_count=SHARDS)
+    from ledger.store.cassandra import CassandraStore
+    from shard_router.etcd import EtcdOwnership
+    from tests.conftest import TEST_CQL_PORT
+
+    cluster = request.getfixturevalue("local_cluster")
+    region = cluster.regions[0]
+    store = await CassandraStore.connect([cluster.contact_points[region]], TEST_CQL_PORT,
+                                         local_dc=region, keyspace=keyspace,
+                                         replication={region: 1},
+                                         require_region_survival=False)
+    ownership = EtcdOwnership(cluster.etcd_endpoint, node, region, "127.0.0.1:0", [region],
+                              shard_count=SHARDS, lease_ttl_s=5.0, prefix=f"/e2e/{keyspace}")
+    return await server.start(store, ownership, SHARDS, "127.0.0.1", 0)
+
+
+async def refused(call) -> LedgerRefused:
+    with pytest.raises(LedgerRefused) as err:
+        await call
+    return err.value
+
+
+@pytest.mark.parametrize("kind", ["embedded", pytest.param("cassandra", marks=pytest.mark.real)])
+async def test_risk_controls_hold_across_a_failover(kind, request, tmp_path):
+    keyspace = "risk_" + uuid.uuid4().hex[:8]
+    first = await _start(kind, request, tmp_path, keyspace, "node-a")
+    try:
+        async with LedgerClient(f"127.0.0.1:{first.port}", caller="tests",
+                                retries=False) as c:
+            for w in ("rk-alice", "rk-bob", "rk-merchant", "rk-thief"):
+                await c.create_wallet(w, "CNY", idempotency_key="w-" + w)
+                await c.deposit(w, 100_000, "CNY", idempotency_key="d-" + w)
+            # The default: 3 debits and 100,000 per hour, step-up above 20,000.
+            done = await c.set_risk_limits("", HOUR, 100_000, 3, 20_000, reason="policy v1")
+            assert done.shards == SHARDS
+            # The merchant is exempt from velocity limits, and follows the default step-up.
+            own = await c.set_risk_limits("rk-merchant", 0, 0, 0, -1, reason="merchant")
+            assert (own.wallet.risk.window_ms, own.wallet.risk.velocity_own,
+                    own.wallet.risk.step_up_above_minor) == (0, True, 20_000)
+            wallet = await c.get_wallet("rk-alice")
+            assert (wallet.risk.window_ms, wallet.risk.max_count, wallet.risk.velocity_own) == \
+                (HOUR, 3, False)
+            # Two debits count in alice's window.
+            await c.transfer("rk-alice", "rk-bob", 100, "CNY", idempotency_key="a1")
+            await c.withdraw("rk-alice", 100, "CNY", idempotency_key="a2")
+            assert (await c.get_wallet("rk-alice")).risk.used_count == 2
+            # Step-up: a big transfer from a new device is refused, not recorded...
+            error = await refused(c.transfer("rk-bob", "rk-alice", 30_000, "CNY",
+                                             idempotency_key="big", device_id="bob-phone"))
+            assert (error.code, error.status, error.field) == (
+                grpc.StatusCode.FAILED_PRECONDITION, "RESULT_STATUS_STEP_UP_REQUIRED",
+                "device_id")
+            # ...and the same request passes once the device is confirmed.
+            confirmed = await c.confirm_device("rk-bob", "bob-phone", reason="sms code")
+            assert list(confirmed.risk.devices) == ["bob-phone"]
+            passed = await c.transfer("rk-bob", "rk-alice", 30_000, "CNY",
+                                      idempotency_key="big", device_id="bob-phone")
+            assert not passed.replayed
+            # A thief's wallet is frozen.
+            await c.set_wallet_frozen("rk-thief", True, "account taken over")
+            # Bad input names its field and changes nothing.
+            for call, field in (
+                    (c.set_risk_limits("rk-alice", 10, 0, 1, 0), "window_ms"),
+                    (c.set_risk_limits("", -1, 0, 0, 0), "window_ms"),
+                    (c.set_risk_limits("rk-alice", HOUR, 0, 0, 0), "max_amount_minor"),
+                    (c.set_risk_limits("rk-alice", 0, 0, 0, -7), "step_up_above_minor"),
+                    (c.confirm_device("rk-alice", ""), "device_id"),
+                    (c.confirm_device("rk-alice", "bad device"), "device_id"),
+                    (c.transfer("rk-alice", "rk-bob", 1, "CNY", device_id="x" * 200),
+                     "device_id")):
+                error = await refused(call)
+                assert (error.code, error.field) == (grpc.StatusCode.INVALID_ARGUMENT, field)
+            missing = await refused(c.set_risk_limits("rk-nobody", HOUR, 0, 1, 0))
+            assert (missing.code, missing.field) == (grpc.StatusCode.NOT_FOUND, "wallet_id")
+            assert (await c.get_wallet("rk-alice")).risk.window_ms == HOUR
+    finally:
+        await first.close(grace_s=0.5)
+
+    # Failover: another node takes every shard over and replays the journal.
+    second = await _start(kind, request, tmp_path, keyspace, "node-b")
+    try:
+        async with LedgerClient(f"127.0.0.1:{second.port}", caller="tests",
+                                retries=False) as c:
+            alice = await c.get_wallet("rk-alice")
+            assert (alice.risk.used_count, alice.risk.used_amount_minor) == (2, 200)
+            await c.transfer("rk-alice", "rk-bob", 100, "CNY", idempotency_key="a3")
+            error = await refused(c.transfer("rk-alice", "rk-bob", 100, "CNY",
+                                             idempotency_key="a4"))
+            assert (error.status, error.field) == ("RESULT_STATUS_VELOCITY_LIMIT_EXCEEDED",
+                                                   "from_wallet_id")
+            again = await refused(c.transfer("rk-alice", "rk-bob", 100, "CNY",
+                                             idempotency_key="a4"))
+            assert again.status == "RESULT_STATUS_VELOCITY_LIMIT_EXCEEDED"  # recorded
+            for i in range(5):  # the merchant has no velocity limit
+                await c.transfer("rk-merchant", "rk-bob", 10, "CNY", idempotency_key=f"m{i}")
+            # The device confirmed before the failover is still confirmed; others are not.
+            await c.transfer("rk-bob", "rk-alice", 25_000, "CNY", idempotency_key="big2",
+                             device_id="bob-phone")
+            other = await refused(c.transfer("rk-bob", "rk-alice", 25_000, "CNY",
+                                             idempotency_key="big3", device_id="new-phone"))
+            assert other.status == "RESULT_STATUS_STEP_UP_REQUIRED"
+            frozen = await refused(c.transfer("rk-thief", "rk-bob", 1, "CNY"))
+            assert frozen.status == "RESULT_STATUS_WALLET_FROZEN"
+            balances = {w: (await c.get_wallet(w)).balance_minor
+                        for w in ("rk-alice", "rk-bob", "rk-merchant", "rk-thief")}
+            assert balances == {"rk-alice": 100_000 - 300 + 55_000,
+                                "rk-bob": 100_000 + 200 - 55_000 + 50,
+                                "rk-merchant": 100_000 - 50, "rk-thief": 100_000}
+    finally:
+        await second.close(grace_s=0.5)
+        if kind != "embedded":
+            from clients.localcluster import cql_query
+            import asyncio
+            cluster = request.getfixturevalue("local_cluster")
+            region = cluster.regions[0]
+            await asyncio.to_thread(cql_query, cluster.contact_points[region],
+                                    cluster.cql_port, f"DROP KEYSPACE IF EXISTS {keyspace}",
+                                    60.0)
