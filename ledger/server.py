@@ -34,7 +34,7 @@ from ledger.api.shard_service import GrpcShardTransport, ShardOwnerServicer
 from ledgerpb import ledger_pb2, shard_pb2, ledger_pb2_grpc, shard_pb2_grpc
 from ledger.node import Node
 from ledger.security.authz import Authorization, Authorizer
-from ledger.security.tls import TlsFiles, channel_credentials, is_loopback, server_credentials
+from ledger.security.tls import TlsFiles, is_loopback, server_credentials
 from ledger.store.port import JournalStore
 
 log = logging.getLogger("ledger.server")
@@ -202,8 +202,7 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
     try:
         authorizer = (Authorizer(security.policy) if security.tls is not None else None)
         credentials = (server_credentials(security.tls) if security.tls is not None else None)
-        transport = GrpcShardTransport(channel_credentials(security.tls)
-                                       if security.tls is not None else None)
+        transport = GrpcShardTransport(security.tls)
     except (OSError, ValueError) as exc:
         raise StartupRefused(f"TLS or policy files unusable: {exc}") from None
     node = Node(store, ownership, transport, idempotency_retention_ms=retention_ms,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from typing import Callable
 
 import grpc
 
@@ -12,10 +14,15 @@ from ledger import constants as K
 from ledger.core import codec
 from ledger.core.status import Outcome, Status
 from ledgerpb import shard_pb2 as spb
+from ledger.runtime.tasks import spawn
+from ledger.security.tls import TlsFiles, channel_credentials
 from ledgerpb import shard_pb2_grpc as spb_grpc
 from shard_router.router import NotOwner
 
 log = logging.getLogger("ledger.shard_service")
+
+# How often outgoing node-to-node calls look at the node's certificate files for a rotation.
+TLS_RELOAD_CHECK_S = 1.0
 
 
 # The node-to-node channel takes messages as large as the servers do (gRPC's default receive
@@ -57,14 +64,44 @@ class ShardOwnerServicer(spb_grpc.ShardOwnerServiceServicer):
 
 
 class GrpcShardTransport:
-    """``RemoteTransport`` over gRPC, one channel per peer address."""
+    """``RemoteTransport`` over gRPC, one channel per peer address.
 
-    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
+    With ``tls`` (mutual TLS between nodes) the node's own certificate files are looked at
+    again at most every ``TLS_RELOAD_CHECK_S``: when they changed (a rotation), new channels
+    are made with the new files and the old ones are closed once the calls on them had
+    their time (``SHARD_RPC_TIMEOUT_S``), so outgoing calls follow a rotation without a
+    restart, as the serving side does (``ledger.security.tls.server_credentials``)."""
+
+    def __init__(self, tls: TlsFiles | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._stubs: dict[str, spb_grpc.ShardOwnerServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
-        self._credentials = credentials
+        self._tls = tls
+        self._clock = clock
+        self._credentials = channel_credentials(tls) if tls is not None else None
+        self._stamp = tls.stamp() if tls is not None else ()
+        self._checked = clock()
+
+    def _reload_if_rotated(self) -> None:
+        if self._tls is None or self._clock() - self._checked < TLS_RELOAD_CHECK_S:
+            return
+        self._checked = self._clock()
+        try:
+            stamp = self._tls.stamp()
+            if stamp == self._stamp:
+                return
+            credentials = channel_credentials(self._tls)
+        except OSError as exc:  # a rotation half done: keep the old files, look again later
+            log.warning("node TLS files not reloaded for outgoing calls: %s", exc)
+            return
+        self._stamp, self._credentials = stamp, credentials
+        retired, self._channels, self._stubs = self._channels, [], {}
+        log.info("node TLS files reloaded for outgoing calls (%s)", self._tls.cert)
+        for channel in retired:
+            spawn(channel.close(grace=K.SHARD_RPC_TIMEOUT_S), "retire node channel")
 
     def _stub(self, address: str) -> spb_grpc.ShardOwnerServiceStub:
+        self._reload_if_rotated()
         stub = self._stubs.get(address)
         if stub is None:
             channel = (grpc.aio.secure_channel(address, self._credentials, CHANNEL_OPTIONS)

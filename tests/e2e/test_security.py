@@ -252,3 +252,54 @@ async def test_certificates_rotate_without_a_restart(tmp_path):
         assert not await works(tmp_path / "old", old["service/payments"])
     finally:
         await running.close()
+
+
+async def test_outgoing_node_calls_follow_a_rotation_without_a_restart(tmp_path):
+    """A node's calls to other nodes (``GrpcShardTransport``) pick up its rotated certificate:
+    after the rotation, a peer that trusts only the new CA refuses the old certificate and
+    lets the rotated transport in, though that transport was made before the rotation."""
+    from ledger.api.shard_service import TLS_RELOAD_CHECK_S, GrpcShardTransport
+    from ledger.core.model import GetWallet
+
+    for pki in ("old", "new"):
+        certs.make_dev_pki(tmp_path / pki, nodes=("n1", "n2", "n3"), services=(),
+                           operators=())
+    own_dir = tmp_path / "own"
+    own_dir.mkdir()
+
+    def rotate_own(pki: str) -> None:
+        for name in ("ca.pem", "node-n2.pem", "node-n2.key"):
+            (own_dir / name).write_bytes((tmp_path / pki / name).read_bytes())
+
+    async def peer(pki: str, name: str):
+        return await server.start_dev(tmp_path / name, port=0, shard_count=SHARDS,
+                                      security=server.Security(tls=TlsFiles.from_dir(
+                                          tmp_path / pki, name)))
+
+    async def answered(t: GrpcShardTransport, running) -> bool:
+        try:
+            outcome = (await t.execute(f"127.0.0.1:{running.port}", 0, [GetWallet("nobody")],
+                                       False, asyncio.get_running_loop().time() + 5))[0]
+        except ConnectionError:
+            return False
+        return outcome.field == "wallet_id"  # WALLET_NOT_FOUND: in, and answered
+
+    rotate_own("old")
+    now = [0.0]
+    transport = GrpcShardTransport(TlsFiles.from_dir(own_dir, "node-n2"), clock=lambda: now[0])
+    stale = GrpcShardTransport(TlsFiles.from_dir(tmp_path / "old", "node-n2"))
+    before = await peer("old", "node-n1")
+    after = None
+    try:
+        assert await answered(transport, before) and await answered(stale, before)
+        rotate_own("new")
+        after = await peer("new", "node-n3")  # trusts only the new CA
+        assert not await answered(stale, after)  # the old certificate is refused
+        now[0] += TLS_RELOAD_CHECK_S
+        assert await answered(transport, after)  # the rotated files, no restart
+    finally:
+        await transport.close()
+        await stale.close()
+        await before.close()
+        if after is not None:
+            await after.close()
