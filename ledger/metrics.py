@@ -66,6 +66,13 @@ TRANSFERS_COMMITTED = Counter(
     "and whose retry was answered as a replay, is not counted.")
 
 
+AUTHZ_REFUSALS = Counter(
+    "ledger_authz_refusals",
+    "Calls the authorization policy refused before they ran (``ledger.security.authz``), by "
+    "method and gRPC code; each is also logged on the logger ``ledger.audit``.",
+    ["method", "code"])
+
+
 def serve(host: str, port: int) -> Callable[[], None]:
     """Serve /metrics on ``host:port`` in a daemon thread; return its stop function.
 

@@ -39,10 +39,14 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from ledger import metrics
 from ledger.security.certs import TRUST_DOMAIN
 from ledger.security.tls import identity_of
 
 log = logging.getLogger("ledger.security")
+# Refused calls: principal and method only (never a request's content), on their own logger
+# so that operators can route them to their audit sink; counted in ``/metrics`` too.
+audit_log = logging.getLogger("ledger.audit")
 
 RELOAD_CHECK_S = 1.0
 PRIVILEGED_NEGATIVE_WALLET = "/ledger.v1.Privileged/CreateNegativeWallet"
@@ -233,8 +237,9 @@ class Authorization(grpc.aio.ServerInterceptor):
             allowed, why = authorizer.verdict(principal, method)
             if not allowed:
                 code, detail = _refusal(principal)
-                log.warning("authorization refused: principal=%s method=%s (%s)",
-                            principal or "-", method, why)
+                audit_log.warning("authorization refused: principal=%s method=%s (%s)",
+                                  principal or "-", method, why)
+                metrics.AUTHZ_REFUSALS.labels(method, code.name).inc()
                 await context.abort(code, detail)
             _principal.set(principal)
 

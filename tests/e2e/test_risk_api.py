@@ -140,3 +140,35 @@ async def test_risk_controls_hold_across_a_failover(kind, request, tmp_path):
             await asyncio.to_thread(cql_query, cluster.contact_points[region],
                                     cluster.cql_port, f"DROP KEYSPACE IF EXISTS {keyspace}",
                                     60.0)
+
+
+async def test_no_personal_data_or_secret_reaches_the_logs(tmp_path, caplog):
+    """Memos, reasons, device ids and idempotency keys (what a caller may fill with personal
+    data) never appear in the server's log, at any level, refusals and failures included."""
+    import logging
+    marker = "PII-7f3a"
+    caplog.set_level(logging.DEBUG)
+    running = await server.start_dev(tmp_path, port=0, shard_count=SHARDS)
+    try:
+        async with LedgerClient(f"127.0.0.1:{running.port}", caller="tests",
+                                retries=False) as c:
+            for w in ("lg-a", "lg-b"):
+                await c.create_wallet(w, "CNY", idempotency_key=f"{marker}-w-{w}")
+            await c.deposit("lg-a", 1_000, "CNY", memo=f"{marker} salary",
+                            idempotency_key=f"{marker}-d")
+            await c.transfer("lg-a", "lg-b", 10, "CNY", memo=f"{marker} rent",
+                             idempotency_key=f"{marker}-t", device_id=f"{marker}-phone")
+            await c.set_risk_limits("lg-a", HOUR, 0, 1, 5, reason=f"{marker} reason")
+            await c.confirm_device("lg-a", f"{marker}-phone", reason=f"{marker} sms")
+            await c.set_wallet_frozen("lg-b", True, reason=f"{marker} stolen")
+            for call in (c.transfer("lg-a", "lg-b", 10, "CNY", memo=f"{marker} again",
+                                    idempotency_key=f"{marker}-t2"),
+                         c.transfer("lg-b", "lg-a", 1, "CNY", memo=f"{marker} frozen"),
+                         c.transfer("lg-a", "lg-b", 1, "CNY", memo=marker * 200)):
+                await refused(call)
+    finally:
+        await running.close(grace_s=0.5)
+    assert caplog.records, "the server logged nothing: the test would prove nothing"
+    leaked = [r.getMessage() for r in caplog.records if marker in r.getMessage()
+              or marker in (r.exc_text or "")]
+    assert not leaked

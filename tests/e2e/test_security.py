@@ -140,9 +140,14 @@ async def test_only_operators_freeze_wallets(pki, ledger):
     await call(pki, ledger, "service/payments", "CreateWallet",
                pb.CreateWalletRequest(idempotency_key="w-fz", wallet_id="fz", currency="CNY"))
     freeze = pb.SetWalletFrozenRequest(wallet_id="fz", frozen=True, reason="fraud")
+    from prometheus_client import REGISTRY
+    labels = {"method": "/ledger.v1.LedgerService/SetWalletFrozen", "code": "PERMISSION_DENIED"}
+    refusals = REGISTRY.get_sample_value("ledger_authz_refusals_total", labels) or 0
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call(pki, ledger, "service/payments", "SetWalletFrozen", freeze)
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    # Audited: counted (and logged on ``ledger.audit``, principal and method only).
+    assert REGISTRY.get_sample_value("ledger_authz_refusals_total", labels) == refusals + 1
     assert not (await call(pki, ledger, "service/payments", "GetWallet",
                            pb.GetWalletRequest(wallet_id="fz"))).wallet.frozen
     done = await call(pki, ledger, "operator/ops", "SetWalletFrozen", freeze)
