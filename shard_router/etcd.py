@@ -137,13 +137,17 @@ class EtcdOwnership:
             of the home region, and then other regions, campaign.
         prefix: Root of every key this adapter uses.
         rebalance: Hand shards to better-ranked nodes of the home region once they are stable.
+        credentials: Mutual TLS to etcd with these channel credentials (the caller's
+            certificate: ``ledger.security.etcd_auth``, etcd then lets only node and operator
+            certificates use the map); None: plaintext.
     """
 
     def __init__(self, endpoint: str, node_id: str, region: str, address: str,
                  regions: list[str], shard_count: int = 256, lease_ttl_s: float = 5.0,
                  takeover_grace_s: float = 2.0, prefix: str = "/redledger", *,
                  rebalance: bool = True, campaign: bool = True,
-                 sticky_failover: bool = True) -> None:
+                 sticky_failover: bool = True,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         if not regions:
             raise ValueError("regions must not be empty")
         if shard_count <= 0:
@@ -171,6 +175,7 @@ class EtcdOwnership:
         self._sticky_failover = sticky_failover
         self._root = prefix.rstrip("/") + "/"
         self._host, self._port = host or "127.0.0.1", int(port)
+        self._credentials = credentials
 
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         # Keep-alives get a thread of their own: queued behind campaigns, watches and
@@ -349,7 +354,11 @@ class EtcdOwnership:
     def _client(self) -> Any:
         # time_retry=0: pyetcd otherwise refuses every call for 300 s after one failed call to
         # an endpoint, which would turn a short etcd restart into a five-minute outage.
-        endpoint = pyetcd.Endpoint(self._host, self._port, secure=False, time_retry=0.0)
+        if self._credentials is not None:
+            endpoint = pyetcd.Endpoint(self._host, self._port, secure=True,
+                                       creds=self._credentials, time_retry=0.0)
+        else:
+            endpoint = pyetcd.Endpoint(self._host, self._port, secure=False, time_retry=0.0)
         return pyetcd.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=ETCD_RPC_TIMEOUT_S)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -8,6 +8,7 @@
     ledgerctl failback   --region REGION --etcd HOST:PORT --regions ...
     ledgerctl move-shard SHARD --to REGION --etcd HOST:PORT --regions ...
     ledgerctl restore-homes --etcd HOST:PORT --regions ... [--no-wait] [--json]
+    ledgerctl etcd-auth  --etcd HOST:PORT --etcd-tls-dir DIR   (etcd RBAC: nodes, operators)
     ledgerctl shard-of   WALLET ... [--shards N] [--json]
     ledgerctl journal    [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--shard S ...] [--json]
     ledgerctl fence-check --shard S --epoch E [--data-dir DIR | --cassandra HOST:PORT --dc DC]
@@ -25,6 +26,7 @@ import sys
 import time
 
 from ledger.store.port import StoreError
+from shard_router.etcd import EtcdOwnershipError
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.reconcile import CHECKS, Report, envelope_report, reconcile
 from shard_router.placement import failback_moves, failover_moves
@@ -165,9 +167,43 @@ def _etcd_args(p: argparse.ArgumentParser) -> None:
                    help="TOML deployment file (ledger/config.py): etcd, regions, shards")
     p.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
     p.add_argument("--etcd-prefix", default="/redledger")
+    p.add_argument("--etcd-tls-dir", default=os.environ.get("LEDGER_ETCD_TLS_DIR"),
+                   help="mutual TLS to etcd: ca.pem and the operator's certificate")
+    p.add_argument("--etcd-tls-name", default="operator-ops",
+                   help="the certificate's file name in --etcd-tls-dir, without .pem/.key")
     p.add_argument("--regions", default=os.environ.get("LEDGER_REGIONS", "r1"),
                    help="all regions, comma separated")
     p.add_argument("--shards", type=int, default=256)
+
+
+def _etcd_tls(args):
+    """Channel credentials for etcd from ``--etcd-tls-dir`` (the operator's certificate)."""
+    from ledger.security.tls import TlsFiles, channel_credentials
+
+    if not getattr(args, "etcd_tls_dir", None):
+        return None
+    return channel_credentials(TlsFiles.from_dir(args.etcd_tls_dir, args.etcd_tls_name))
+
+
+async def _etcd_auth(args) -> int:
+    """Turn on etcd's access control for the ledger (``ledger.security.etcd_auth``)."""
+    from ledger.security.etcd_auth import LEDGER_USERS, enable_rbac
+    from ledger.security.tls import TlsFiles
+
+    tls = (TlsFiles.from_dir(args.etcd_tls_dir, args.etcd_tls_name) if args.etcd_tls_dir
+           else None)
+    if tls is None:
+        print("ledgerctl etcd-auth: --etcd-tls-dir is required (etcd with client "
+              "certificates)", file=sys.stderr)
+        return 2
+    try:
+        await asyncio.to_thread(enable_rbac, args.etcd, tls, args.etcd_prefix)
+    except Exception as exc:  # grpc.RpcError or an unreadable file: say which, exit 1
+        print(f"ledgerctl etcd-auth: {exc}", file=sys.stderr)
+        return 1
+    print(f"etcd authentication on: users {', '.join(LEDGER_USERS)} may use "
+          f"{args.etcd_prefix}/, no one else")
+    return 0
 
 
 async def _view(args):
@@ -182,7 +218,8 @@ async def _view(args):
 
     view = EtcdOwnership(args.etcd, f"ledgerctl-{os.getpid()}", "-", "",
                          args.regions.split(","), shard_count=args.shards,
-                         prefix=args.etcd_prefix, campaign=False)
+                         prefix=args.etcd_prefix, campaign=False,
+                         credentials=_etcd_tls(args))
 
     async def ignore(shard: int, epoch: int) -> None:
         return None
@@ -660,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="set the homes and return; do not wait for the new owners")
     restore.add_argument("--json", action="store_true",
                          help="print the homes and the moves as JSON (implies --no-wait)")
+    etcd_auth = sub.add_parser("etcd-auth", help="turn on etcd's access control: only node "
+                               "and operator certificates may use the shard map")
+    _etcd_args(etcd_auth)
     shard_of = sub.add_parser("shard-of", help="the shard each wallet id hashes to")
     shard_of.add_argument("wallets", nargs="+", metavar="WALLET")
     shard_of.add_argument("--shards", type=int, default=256)
@@ -720,12 +760,16 @@ def main(argv: list[str] | None = None) -> int:
                 "replication": _replication, "restore-homes": _restore_homes,
                 "shard-of": _shard_of, "journal": _journal, "fence-check": _fence_check,
                 "commit-path": _commit_path, "envelope": _envelope, "certs": _certs,
-                "wallet": _wallet}
+                "wallet": _wallet, "etcd-auth": _etcd_auth}
     try:
         return asyncio.run(handlers[args.command](args))
     except StoreError as exc:
         # The store could not be reached or is not a ledger: say so, without a traceback.
         print(f"ledgerctl {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except EtcdOwnershipError as exc:
+        # etcd unreachable, or it refused this certificate (or its absence).
+        print(f"ledgerctl {args.command}: {exc} ({exc.__cause__!r})", file=sys.stderr)
         return 2
 
 

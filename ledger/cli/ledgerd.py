@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="coordinator: serve the API and route, own no shards")
     node.add_argument("--lease-ttl-s", type=float, default=5.0)
     node.add_argument("--takeover-grace-s", type=float, default=2.0)
+    node.add_argument("--etcd-tls", action="store_true",
+                      help="talk to etcd over mutual TLS with this node's certificate "
+                           "(--tls-dir/--tls-name); see ledgerctl etcd-auth")
     dev.add_argument("--metrics-port", type=int, default=metrics.DEV_METRICS_PORT_DEFAULT,
                      help="serve /metrics on this port of --host (0: none)")
     node.add_argument("--metrics-port", type=int, default=metrics.METRICS_DISABLED,
@@ -164,6 +167,17 @@ def _security(args) -> server.Security:
 
     tls = TlsFiles.from_dir(args.tls_dir, args.tls_name) if args.tls_dir else None
     return server.Security(tls=tls, policy=args.policy, insecure=args.insecure_plaintext)
+
+
+def _etcd_tls(args):
+    """The node's certificate for etcd (``--etcd-tls``), or None (plaintext)."""
+    from ledger.security.tls import TlsFiles, channel_credentials
+
+    if not args.etcd_tls:
+        return None
+    if not args.tls_dir:
+        raise server.StartupRefused("--etcd-tls needs --tls-dir (the node's certificate)")
+    return channel_credentials(TlsFiles.from_dir(args.tls_dir, args.tls_name))
 
 
 def _memory_ms(args) -> int:
@@ -291,7 +305,7 @@ async def _node(args) -> None:
     ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
                               takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix,
-                              campaign=args.role == "full")
+                              campaign=args.role == "full", credentials=_etcd_tls(args))
     # Appends are plain writes: the store acknowledges one only while this node's lease holds
     # (coordinator/PROTOCOL.md, "Fencing").
     store.bind_lease(ownership.lease_valid)

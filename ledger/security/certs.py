@@ -5,8 +5,13 @@ Every identity is a URI SAN ``spiffe://redledger/<role>/<name>`` (the principal 
 authorization policy matches, ``ledger.security.authz``): ``node`` (ledger nodes: server and
 client certificates, for their ports and their calls to each other), ``service`` (internal
 clients: payments, the envelope front end), ``operator`` (people and tools with operator
-rights). Node certificates also name ``localhost`` and 127.0.0.1-127.0.0.3 (the loopback
-regions) so that clients can check the host they dialed.
+rights), ``etcd`` (the etcd members' server certificates: they may call nothing). Node and
+etcd certificates also name ``localhost`` and 127.0.0.1-127.0.0.3 (the loopback regions) so
+that clients can check the host they dialed.
+
+A certificate's subject CN is its role alone: etcd's client-certificate authentication takes
+the CN as the etcd user, so etcd's RBAC gives the users ``node`` and ``operator`` the shard
+map and no other role anything (``ledger.security.etcd_auth``).
 
 For development and tests only: the CA key sits next to the certificates, unencrypted.
 """
@@ -24,7 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 TRUST_DOMAIN = "redledger"
-ROLES = ("node", "service", "operator")
+ROLES = ("node", "service", "operator", "etcd")
+# Roles whose certificates also serve (server authentication, loopback host names).
+SERVING_ROLES = ("node", "etcd")
 # How long development certificates live (days).
 DEV_CERT_DAYS = 365
 LOOPBACK_HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
@@ -100,12 +107,12 @@ def issue(ca: Issued, directory: Path, role: str, name: str, days: int = DEV_CER
     names: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(uri or principal(role, name))]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if role == "node":
+    if role in SERVING_ROLES:
         names += [x509.DNSName("localhost")]
         names += [x509.IPAddress(ipaddress.ip_address(h)) for h in LOOPBACK_HOSTS]
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}/{name}")]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, role)]))
             .issuer_name(ca_cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
@@ -122,11 +129,13 @@ def issue(ca: Issued, directory: Path, role: str, name: str, days: int = DEV_CER
 
 def make_dev_pki(directory: Path, nodes: tuple[str, ...] = ("n1", "n2", "n3"),
                  services: tuple[str, ...] = ("payments", "envelopes", "bench", "chaos"),
-                 operators: tuple[str, ...] = ("ops",)) -> dict[str, Issued]:
+                 operators: tuple[str, ...] = ("ops",),
+                 etcd: tuple[str, ...] = ("server",)) -> dict[str, Issued]:
     """A CA and a certificate per identity; returns them by ``role/name``."""
     ca = make_ca(directory)
     out = {"ca": ca}
-    for role, names in (("node", nodes), ("service", services), ("operator", operators)):
+    for role, names in (("node", nodes), ("service", services), ("operator", operators),
+                        ("etcd", etcd)):
         for name in names:
             out[f"{role}/{name}"] = issue(ca, directory, role, name)
     return out
