@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from clients.harness import free_port
 from clients.localcluster.etcd import etcd_command
 from clients.localcluster.fetch import ensure_etcd
 from ledger.cli import ledgerctl
@@ -27,12 +28,6 @@ SHARDS = 4
 START_TIMEOUT_S = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tls_etcd(tmp_path_factory):
     """A TLS-only etcd on free loopback ports, with the dev PKI it trusts."""
@@ -41,8 +36,8 @@ def tls_etcd(tmp_path_factory):
     certs.make_dev_pki(pki, nodes=("n1",), services=("payments",), operators=("ops",))
     certs.make_dev_pki(root / "other", nodes=("n1",), services=(), operators=("ops",))
     etcd, _ = ensure_etcd()
-    port = _free_port()
-    proc = subprocess.Popen(etcd_command(etcd, root / "data", port, _free_port(), tls_dir=pki),
+    port = free_port()
+    proc = subprocess.Popen(etcd_command(etcd, root / "data", port, free_port(), tls_dir=pki),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"127.0.0.1:{port}"
     try:
