@@ -121,9 +121,11 @@ def loads(data: bytes | str) -> Any:
 # memory, ``ledger.core.spilled``): same layout, so formats 2 and 3 load alike; a build that
 # knows only 2 refuses a 3 (it would lose the filters) instead of misreading it. Format 4 adds
 # the sections "envelopes" and "grabs" (red envelopes kept on the shard), for the same reason.
-# Format 5 adds "grants" and "headroom" (headroom grants given and received).
+# Format 5 adds "grants" and "headroom" (headroom grants given and received). Format 6 adds
+# "audit": the audit chain's head ([[audit_seq, audit_head]], ``ledger.core.audit``); an older
+# snapshot loads with an empty head (no rows were chained before it).
 
-SNAPSHOT_FORMAT = 5
+SNAPSHOT_FORMAT = 6
 _SNAPSHOT_MAGIC = b"LSNAP2\n"
 # Records per JSON line: big enough that json does the work in C, small enough that encoding
 # and decoding hand the GIL around often (they run in a worker thread next to the event loop).
@@ -169,6 +171,7 @@ def _snapshot_records(state: ShardState) -> Iterator[tuple[str, list]]:
                      for shard, total in state.grants_out.items()]
     yield "headroom", [(shard, total, state.headroom_used.get(shard, 0))
                        for shard, total in state.headroom_in.items()]
+    yield "audit", [(state.audit_seq, state.audit_head)]
 
 
 def snapshot_lines(state: ShardState) -> Iterator[bytes]:
@@ -356,6 +359,11 @@ def _load_headroom(state: ShardState, records: list) -> None:
             state.headroom_used[shard] = used
 
 
+def _load_audit(state: ShardState, records: list) -> None:
+    for audit_seq, audit_head in records:
+        state.audit_seq, state.audit_head = audit_seq, audit_head
+
+
 _SECTION_LOADERS = {
     "wallets": _load_wallets, "transfers": _load_transfers, "idempotency": _load_idempotency,
     "claims": _load_claims, "holds": _load_holds, "outbox": _load_outbox,
@@ -364,7 +372,7 @@ _SECTION_LOADERS = {
     "chain_waiting": _load_chain_waiting, "chains_purged_before": _load_chains_purged_before,
     "spilled": lambda state, records: state.spilled.load_records(records),
     "envelopes": _load_envelopes, "grabs": _load_grabs, "grants": _load_grants,
-    "headroom": _load_headroom,
+    "headroom": _load_headroom, "audit": _load_audit,
 }
 
 
