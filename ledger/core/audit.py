@@ -270,6 +270,19 @@ BUILDERS: dict[type, Callable[[Any, list[tuple]], None]] = {
 }
 
 
+# Journaled event types that are deliberately not audited on their own: bookkeeping of the
+# protocol (acknowledgements, reservations, key expiry and spills, headroom) or the second half
+# of a movement whose ``TransferDecided`` is audited (a grab, a refund, an abandonment).
+# ``tests/unit/test_audit.py`` fails for an event type in neither table, so a new event (the
+# risk controls' included) is audited or excluded on purpose, never forgotten.
+NOT_AUDITED: frozenset[type] = frozenset({
+    model.OutboxAcked, model.IdempotencyExpired, model.IdempotencySpilled, model.KeyClaimed,
+    model.CreditReserved, model.ReservationsDropped, model.ReservationsFenced,
+    model.ChainParticipantFinished, model.EnvelopeGrabbed, model.EnvelopeRefunded,
+    model.EnvelopeAbandoned, model.HeadroomGranted, model.HeadroomNoted,
+})
+
+
 def records_of(events: Iterable[object]) -> list[tuple]:
     """The audit records of a batch's events, in event order (plain tuples, in
     ``AuditRecord`` field order). Reads event fields only: deterministic."""
