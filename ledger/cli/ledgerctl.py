@@ -158,6 +158,11 @@ async def _envelope(args) -> int:
     return 0 if not doc["problems"] else 1
 
 
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 async def _audit(args) -> int:
     """``audit verify``: exit 0 if every chain is intact, 1 with each problem named (shard,
     batch, what). ``audit show``: the records that match every filter given."""
@@ -168,8 +173,8 @@ async def _audit(args) -> int:
         anchors = None
         if args.expect:
             try:
-                with open(args.expect, encoding="utf-8") as f:
-                    anchors = audit_report.anchors_from_json(json.load(f))
+                text = await asyncio.to_thread(_read_text, args.expect)
+                anchors = audit_report.anchors_from_json(json.loads(text))
             except (OSError, ValueError) as exc:
                 print(f"ledgerctl audit verify: --expect {args.expect}: {exc}", file=sys.stderr)
                 return 2

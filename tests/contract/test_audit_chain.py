@@ -20,7 +20,7 @@ import pytest
 from ledger.compaction import compact
 from ledger.core import audit
 from ledger.core.audit import AuditHead, AuditRow
-from ledger.core.model import ExpireIdempotency, Post, SetFrozen, settlement_wallet_id
+from ledger.core.model import ExpireIdempotency, Post, SetFrozen
 from ledger.audit_report import show, verify
 from ledger.store.rows import AUDIT_COLS
 from tests.owner.conftest import Ledger
