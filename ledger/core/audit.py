@@ -45,12 +45,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
 import orjson
 
 from ledger.core import model
 from ledger.core.status import Status
+
+if TYPE_CHECKING:  # the shard module imports the model only; no cycle, but none needed
+    from ledger.core.shard import ShardState
 
 # What the ledger's own steps (sweeps, coordinator decisions, credit deliveries) show as the
 # principal: they have no caller of their own.
@@ -307,14 +310,11 @@ class AuditHead(NamedTuple):
     hash: str
 
 
-def chain(state: Any, seq: int, epoch: int, events: Iterable[object]) -> AuditRow | None:
-    """The audit row of batch ``seq`` (written by ``epoch``), chained to ``state``'s head,
-    and the head advanced to it; None (head unchanged) if the batch has nothing audited.
-
-    ``state`` is a ``ShardState`` (its ``shard``, ``audit_seq``, ``audit_head``); typed
-    loosely so that this module does not import the shard module, which imports the model
-    this one builds records from.
-    """
+def chain(state: ShardState, seq: int, epoch: int,
+          events: Iterable[object]) -> AuditRow | None:
+    """The audit row of batch ``seq`` (written by ``epoch``), chained to ``state``'s head
+    (``audit_seq``, ``audit_head``), and the head advanced to it; None (head unchanged) if
+    the batch has nothing audited."""
     records = records_of(events)
     if not records:
         return None

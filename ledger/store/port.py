@@ -5,7 +5,8 @@ contract suite (``tests/contract``). The journal of a shard is a sequence of bat
 1, 2, 3, ... without gaps; each batch holds the codec-encoded events of one group commit.
 Snapshots (``save_snapshot``) bound what a new owner replays; the batches a complete snapshot
 covers may then be truncated (``truncate_journal``), so the journal's first batch is the one
-after the latest snapshot, or 1 (``ledger.compaction``).
+after the latest snapshot, or 1 (``ledger.compaction``). The audit rows of the batches
+(``ledger.core.audit``, ``read_audit``) are never truncated.
 """
 
 from __future__ import annotations
