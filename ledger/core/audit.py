@@ -11,9 +11,16 @@ and hash::
 
 so altering, deleting or inserting a row breaks a link or a hash, and deleting the last rows
 is caught against the head (``audit_seq``, ``audit_head``) that the shard's state carries
-(``ShardState``: snapshots keep it, the journal after them advances it). The recommended form
-hashed only shard, seq, epoch and the records; ``at_ms`` and ``prev_seq`` are covered too, or
-a row's time or its claimed predecessor could be edited without a trace.
+(``ShardState``: snapshots keep it, the journal after them advances it).
+
+Where this departs from the design first proposed, and why: the hash covers ``at_ms`` and
+``prev_seq`` too (hashing only shard, seq, epoch and records would let a row's time or its
+claimed predecessor be edited without a trace); credit legs (``CreditsApplied``) and chain
+items (``ChainPrepared``) are audited as well, since money moves on the receiving wallet's
+shard and into a chain's hold there; every event type is either audited (``BUILDERS``) or
+excluded by name (``NOT_AUDITED``), and a test fails for one in neither, so a new event is
+never silently left out; the request hash keeps 128 bits of sha256, not a handful of
+characters, since it is what ties a record to a disputed request.
 
 Why rows apart from the journal: compaction truncates journal batches once a snapshot covers
 them (``ledger.compaction``), so records that lived only in batches would vanish. The rows are
