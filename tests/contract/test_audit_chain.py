@@ -4,7 +4,11 @@ proves the chain intact, then names what was done to it: one record altered (wit
 its hash recomputed), one deleted, the last one deleted, one inserted in the middle or past the
 end, and a consistent rewrite of the tail caught only by an anchored head.
 
-Each test runs on SQLite and on the real Cassandra cluster (``real``). The tampering goes
+On Cassandra alone (rows there are written behind the journal): an audit row its owner never
+wrote is reported, then written again by the next owner's replay, and ``ledgerctl audit
+verify --cassandra`` (the command, a subprocess) says so before and after.
+
+Each tamper test runs on SQLite and on the real Cassandra cluster (``real``). The tampering goes
 around the ledger, as an attacker with store access would: straight SQL on the SQLite file,
 CQL with a write timestamp above the ledger's on Cassandra.
 """
@@ -238,3 +242,71 @@ async def test_a_consistent_rewrite_is_caught_by_an_anchored_head_only(case):
     assert [(p.seq, "anchored head" in p.what) for p in problems] == [(anchor.seq, True)]
     # And against the real snapshot and journal, the forged tail shows at once.
     assert not (await verify(case.store, [shard])).ok
+
+
+# --- Cassandra: rows behind the journal, rewritten by replay ---------------------------------
+
+
+class DropsAuditRows:
+    """A store whose appends lose the audit row of the batches in ``drop``: what a Cassandra
+    owner that dies after the journal write, before its row writer ran, leaves behind."""
+
+    def __init__(self, store, drop: set[int]) -> None:
+        self._store = store
+        self.drop = drop
+
+    async def append(self, shard, epoch, seq, events, rows):
+        rows = [r for r in rows if not (seq in self.drop and r[0] == "audit")]
+        await self._store.append(shard, epoch, seq, events, rows)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+@pytest.mark.real
+async def test_cassandra_replay_rewrites_audit_rows_its_owner_never_wrote(
+        cassandra_store, fresh_shard, local_cluster):
+    import subprocess
+    import sys
+    import uuid
+
+    shard, prefix = fresh_shard, uuid.uuid4().hex[:8]
+    dropping = DropsAuditRows(cassandra_store, set())
+    led = Ledger()
+    led.store = dropping
+    owner = await led.start(shard)
+    a, b = f"{prefix}-a", f"{prefix}-b"
+    await led.wallet(shard, a, 1_000)
+    await led.wallet(shard, b)
+    dropping.drop.add(owner.state.seq + 1)
+    lost = owner.state.seq + 1
+    assert (await owner.submit(Post("alice", f"{prefix}-k", f"{prefix}-t", "TRANSFER", a, b,
+                                    7, "CNY", "", shard, led.now))).ok
+    assert (await owner.submit(Post("alice", f"{prefix}-k2", f"{prefix}-t2", "TRANSFER", a, b,
+                                    8, "CNY", "", shard, led.now))).ok
+    await cassandra_store.flush_rows(shard, owner.state.seq)
+    await owner.stop("crashed")
+    report = await verify(cassandra_store, [shard])
+    assert [(p.seq, "broken link" in p.what) for p in report.problems] == [(lost + 1, True)]
+
+    def ledgerctl_verify() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "ledger.cli.ledgerctl", "audit", "verify", "--cassandra",
+             f"{local_cluster.contact_points['r1']}:{local_cluster.cql_port}", "--dc", "r1",
+             "--keyspace", cassandra_store._keyspace, "--shard", str(shard), "--json"],
+            capture_output=True, text=True, timeout=120)
+
+    proc = await asyncio.to_thread(ledgerctl_verify)
+    assert proc.returncode == 1, proc.stderr
+    assert [p["seq"] for p in orjson.loads(proc.stdout)["problems"]] == [lost + 1]
+    # The next owner replays the journal (no snapshot yet) and writes every row again.
+    del led.peers.owners[shard]
+    again = await led.start(shard, epoch=2)
+    await again.stop("test over")
+    report = await verify(cassandra_store, [shard])
+    assert report.ok, report.problems
+    assert lost in [r.seq for r in await cassandra_store.read_audit(shard, 0, 100)]
+    proc = await asyncio.to_thread(ledgerctl_verify)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    body = orjson.loads(proc.stdout)
+    assert body["shards"][str(shard)]["head"]["seq"] == report.shards[shard].head.seq
