@@ -26,7 +26,7 @@ from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailabl
 from ledger.core.audit import AuditRow
 from ledger.store.rows import (AUDIT_COLS as _AUDIT_COLS, ENTRY_COLS as _ENTRY_COLS, ENVELOPE_COLS as _ENVELOPE_COLS,
                                GRAB_COLS as _GRAB_COLS, TRANSFER_COLS as _TRANSFER_COLS,
-                               WALLET_COLS as _WALLET_COLS, CLAIM, IDEM, PositionedRow, Row,
+                               WALLET_COLS as _WALLET_COLS, AUDIT, CLAIM, IDEM, PositionedRow, Row,
                                rows_at,
                                last_of_each_key)
 
@@ -304,7 +304,8 @@ class SqliteStore:
         The rows of every journaled batch were written by its append, in the same
         transaction, so they are here already and at least as new as any replayed row: rows
         at or below the head are skipped (a deposed owner's late replay cannot roll them
-        back, and a replay writes nothing). Rows above the head only come from callers that
+        back, and a replay writes nothing), but for audit rows, which are immutable and
+        written where missing (``_write_positioned_rows``). Rows above the head only come from callers that
         write rows without a journal (tests); they are upserted.
         """
         await self._call(_write_positioned_rows, shard, rows_at(rows, seq))
@@ -431,8 +432,12 @@ def _write_positioned_rows(db: sqlite3.Connection, shard: int,
                            rows: list[PositionedRow]) -> None:
     row = db.execute("SELECT head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
     head = row[0] if row else 0
+    # Audit rows are the exception: written once and never changed (INSERT OR IGNORE), and
+    # identical in every replay, so a replay writes those that are missing: the rows of
+    # batches journaled before this build chained them (an upgrade), which the head would
+    # otherwise leave out of the chain for good.
     _write_rows(db, shard, [(kind, value) for kind, value, seq in rows  # type: ignore[misc]
-                            if seq > head])
+                            if seq > head or kind == AUDIT])
 
 
 def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
