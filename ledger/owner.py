@@ -23,7 +23,7 @@ from ledger.runtime import failpoints
 from ledger.runtime.tasks import spawn
 from ledger import compaction
 from ledger.compaction import Compactor
-from ledger.core import codec
+from ledger.core import audit, codec
 from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.core.invariants import InvariantViolation
 from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS, RESERVATION_TTL_MS
@@ -363,6 +363,13 @@ class ShardOwner:
             position += count
         seq = state.seq + 1
         if events:
+            # The batch's audit row, chained exactly as every fold of the journal chains it
+            # (``ledger.core.step.fold_batch``), written with the batch's rows. Like the rest
+            # of the state, the head runs ahead until the append returns (a failed append
+            # reloads it from the journal).
+            audit_row = audit.chain(state, seq, self.epoch, events)
+            if audit_row is not None:
+                rows.append(("audit", audit_row))
             failpoints.hit("owner.before_append")
             try:
                 if failpoints.fault("owner.append_unavailable"):

@@ -405,6 +405,10 @@ async def _read_shard(store: JournalStore, shard: int) -> _ShardRead:
     return read
 
 
+# Other readers of a shard's folded journal (``ledger.audit_report``) use the same read.
+read_shard = _read_shard
+
+
 async def _read_shard_once(store: JournalStore, shard: int) -> _ShardRead:
     snapshot_seq, snapshot = await store.load_snapshot(shard)
     try:

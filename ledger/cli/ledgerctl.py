@@ -14,6 +14,10 @@
     ledgerctl fence-check --shard S --epoch E [--data-dir DIR | --cassandra HOST:PORT --dc DC]
     ledgerctl commit-path [--json]
     ledgerctl envelope show ENVELOPE_ID [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--json]
+    ledgerctl audit verify [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--shard S ...]
+                           [--expect FILE] [--json]
+    ledgerctl audit show   [--wallet W] [--principal P] [--since T] [--until T] [--shard S ...]
+                           [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--json]
 """
 
 from __future__ import annotations
@@ -154,6 +158,64 @@ async def _envelope(args) -> int:
     for problem in doc["problems"]:
         print(f"  PROBLEM: {problem}")
     return 0 if not doc["problems"] else 1
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+async def _audit(args) -> int:
+    """``audit verify``: exit 0 if every chain is intact, 1 with each problem named (shard,
+    batch, what). ``audit show``: the records that match every filter given."""
+    from ledger import audit_report
+
+    shards = args.shard if args.shard else range(args.shards)
+    if args.action == "verify":
+        anchors = None
+        if args.expect:
+            try:
+                text = await asyncio.to_thread(_read_text, args.expect)
+                anchors = audit_report.anchors_from_json(json.loads(text))
+            except (OSError, ValueError) as exc:
+                print(f"ledgerctl audit verify: --expect {args.expect}: {exc}", file=sys.stderr)
+                return 2
+        store = await _open_store(args)
+        try:
+            report = await audit_report.verify(store, shards, anchors)
+        finally:
+            await store.close()
+        if args.json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            chained = [(s, c) for s, c in sorted(report.shards.items()) if c.head.seq]
+            print(f"{len(report.shards)} shards, {len(chained)} with audit rows, "
+                  f"{sum(c.rows for _, c in chained)} rows, "
+                  f"{sum(c.records for _, c in chained)} records")
+            for p in report.problems:
+                print(f"PROBLEM shard {p.shard} batch {p.seq}: {p.what}")
+            print("RESULT: every audit chain is intact" if report.ok else
+                  f"RESULT: {len(report.problems)} problems")
+        return 0 if report.ok else 1
+    try:
+        since = audit_report.parse_time_ms(args.since) if args.since else None
+        until = audit_report.parse_time_ms(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"ledgerctl audit show: {exc}", file=sys.stderr)
+        return 2
+    store = await _open_store(args)
+    try:
+        found = [shown async for shown in audit_report.show(
+            store, shards, wallet=args.wallet, principal=args.principal, since_ms=since,
+            until_ms=until)]
+    finally:
+        await store.close()
+    if args.json:
+        print(json.dumps([shown.to_json() for shown in found], indent=2))
+    else:
+        for shown in found:
+            print(audit_report.format_record(shown))
+    return 0
 
 
 # --- shard map and ownership ------------------------------------------------------------
@@ -751,6 +813,26 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("envelope_id")
     _store_args(show)
     show.add_argument("--json", action="store_true")
+    audit = sub.add_parser("audit", help="the tamper-evident audit trail: verify the chains, "
+                           "show records")
+    audit_sub = audit.add_subparsers(dest="action", required=True)
+    verify = audit_sub.add_parser("verify", help="prove every shard's audit chain; exit 1 "
+                                  "naming each problem")
+    verify.add_argument("--expect", default=None, metavar="FILE",
+                        help="a saved `audit verify --json`: its heads must still be in "
+                             "the chains (catches a consistent rewrite)")
+    audit_show = audit_sub.add_parser("show", help="audit records by wallet, principal or "
+                                      "time")
+    audit_show.add_argument("--wallet", default=None, help="debited or credited wallet")
+    audit_show.add_argument("--principal", default=None, help="the caller that acted")
+    audit_show.add_argument("--since", default=None,
+                            help="from this time on (RFC 3339, or ms since the epoch)")
+    audit_show.add_argument("--until", default=None, help="before this time (exclusive)")
+    for p in (verify, audit_show):
+        _store_args(p)
+        p.add_argument("--shard", type=int, action="append", default=None,
+                       help="only this shard (repeat for more)")
+        p.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     # Which flags were given explicitly: they win over a configuration file.
     args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
@@ -760,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
                 "replication": _replication, "restore-homes": _restore_homes,
                 "shard-of": _shard_of, "journal": _journal, "fence-check": _fence_check,
                 "commit-path": _commit_path, "envelope": _envelope, "certs": _certs,
-                "wallet": _wallet, "etcd-auth": _etcd_auth}
+                "wallet": _wallet, "etcd-auth": _etcd_auth, "audit": _audit}
     try:
         return asyncio.run(handlers[args.command](args))
     except StoreError as exc:

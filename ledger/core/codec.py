@@ -122,7 +122,9 @@ def loads(data: bytes | str) -> Any:
 # knows only 2 refuses a 3 (it would lose the filters) instead of misreading it. Format 4 adds
 # the sections "envelopes" and "grabs" (red envelopes kept on the shard), for the same reason.
 # Format 5 adds "grants" and "headroom" (headroom grants given and received). Format 6 adds
-# "risk_default" and "risk" (risk limits, confirmed devices and velocity windows).
+# "risk_default" and "risk" (risk limits, confirmed devices and velocity windows), and
+# "audit": the audit chain's head ([[audit_seq, audit_head]], ``ledger.core.audit``); an older
+# snapshot loads with an empty head (no rows were chained before it).
 
 SNAPSHOT_FORMAT = 6
 _SNAPSHOT_MAGIC = b"LSNAP2\n"
@@ -175,6 +177,7 @@ def _snapshot_records(state: ShardState) -> Iterator[tuple[str, list]]:
                            [(d.window_ms, d.max_amount_minor, d.max_count,
                              d.step_up_above_minor)])
     yield "risk", [r.record() for r in state.risk.values()]
+    yield "audit", [(state.audit_seq, state.audit_head)]
 
 
 def snapshot_lines(state: ShardState) -> Iterator[bytes]:
@@ -373,6 +376,11 @@ def _load_risk(state: ShardState, records: list) -> None:
         state.risk[held.wallet_id] = held
 
 
+def _load_audit(state: ShardState, records: list) -> None:
+    for audit_seq, audit_head in records:
+        state.audit_seq, state.audit_head = audit_seq, audit_head
+
+
 _SECTION_LOADERS = {
     "wallets": _load_wallets, "transfers": _load_transfers, "idempotency": _load_idempotency,
     "claims": _load_claims, "holds": _load_holds, "outbox": _load_outbox,
@@ -382,6 +390,7 @@ _SECTION_LOADERS = {
     "spilled": lambda state, records: state.spilled.load_records(records),
     "envelopes": _load_envelopes, "grabs": _load_grabs, "grants": _load_grants,
     "headroom": _load_headroom, "risk_default": _load_risk_default, "risk": _load_risk,
+    "audit": _load_audit,
 }
 
 

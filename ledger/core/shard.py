@@ -154,12 +154,17 @@ class ShardState:
                  "outbox_last_seq", "inbox_applied", "reservations", "incoming", "holds",
                  "chains", "claims", "fenced", "chain_waiting", "chains_purged_before",
                  "spilled", "loaded", "envelopes", "grabs", "grants_out", "grants_used",
-                 "granted_open", "headroom_in", "headroom_used", "risk", "risk_default")
+                 "granted_open", "headroom_in", "headroom_used", "risk", "risk_default",
+                 "audit_seq", "audit_head")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
         # Sequence number of the last journal batch folded into this state.
         self.seq = 0
+        # The audit chain's head: the last batch with audit records and its row's hash
+        # (``ledger.core.audit.chain`` advances them; snapshots keep them).
+        self.audit_seq = 0
+        self.audit_head = ""
         self.wallets: dict[str, Wallet] = {}
         # Transfers decided on this shard and still within the idempotency retention window.
         self.transfers: dict[str, Transfer] = {}

@@ -4,7 +4,9 @@
 the state as the commands before it left it, and its events are applied at once, so that the
 next command sees them. ``fold`` is what every reader of a journal does with its batches (a
 takeover replay, a snapshot build, reconciliation, the simulation's running fold): it applies
-the journaled events of each batch in order and advances the state's batch number.
+the journaled events of each batch in order and advances the state's batch number and its audit
+chain (``ledger.core.audit``: the owner chains its live batches the same way, so a replay
+re-emits identical audit rows and a snapshot carries the head the owner had).
 
 Every decide-then-evolve loop and every replay loop of the ledger goes through these two
 functions, so the rules for "how a command changes a shard" live in one place
@@ -17,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
-from ledger.core import codec
+from ledger.core import audit, codec
 from ledger.core.invariants import InvariantViolation
 from ledger.core.shard import Event, ShardState
 from ledger.core.status import Outcome
@@ -84,6 +86,11 @@ class Batch(Protocol):
         ...
 
     @property
+    def epoch(self) -> int:
+        """The writer epoch of the batch (part of its audit row's hash)."""
+        ...
+
+    @property
     def events(self) -> bytes:
         """The batch's events, encoded with ``ledger.core.codec.dumps``."""
         ...
@@ -120,6 +127,33 @@ def fold_events(state: ShardState, events: Iterable[Event], rows: list | None = 
         evolve(event, rows)
 
 
+def fold_batch(state: ShardState, batch: Batch, rows: list | None = None,
+               observer: FoldObserver | None = None) -> None:
+    """Apply one journal batch, whatever its number: its events, its audit row (collected
+    into ``rows`` as ``("audit", AuditRow)``), and the state's ``seq``. ``fold`` checks the
+    numbers; the simulation's running fold calls this directly (its oracle checks them).
+
+    Raises:
+        InvariantViolation: an event does not apply (without an observer).
+    """
+    events = codec.loads(batch.events)
+    if observer is None:
+        fold_events(state, events, rows)
+    else:
+        for event in events:
+            try:
+                state.evolve(event, rows)
+            except InvariantViolation as exc:
+                observer.on_violation(batch.seq, exc)
+                continue
+            observer.on_event(batch.seq, event)
+    # From the decoded events, applied or not: the records say what the journal holds.
+    row = audit.chain(state, batch.seq, batch.epoch, events)
+    if row is not None and rows is not None:
+        rows.append(("audit", row))
+    state.seq = batch.seq
+
+
 def fold(state: ShardState, batches: Sequence[Batch], rows: list | None = None,
          rows_max: int | None = None, observer: FoldObserver | None = None) -> int:
     """Apply journal ``batches`` to ``state`` in order; the state's ``seq`` follows them.
@@ -147,17 +181,7 @@ def fold(state: ShardState, batches: Sequence[Batch], rows: list | None = None,
                 raise JournalGap(f"shard {state.shard}: journal gap before batch {batch.seq} "
                                  f"(state is at {state.seq})")
             observer.on_gap(batch.seq, state.seq + 1)
-        if observer is None:
-            fold_events(state, codec.loads(batch.events), rows)
-        else:
-            for event in codec.loads(batch.events):
-                try:
-                    state.evolve(event, rows)
-                except InvariantViolation as exc:
-                    observer.on_violation(batch.seq, exc)
-                    continue
-                observer.on_event(batch.seq, event)
-        state.seq = batch.seq
+        fold_batch(state, batch, rows, observer)
         done += 1
         if rows_max is not None and rows is not None and len(rows) > rows_max:
             break

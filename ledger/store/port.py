@@ -5,7 +5,8 @@ contract suite (``tests/contract``). The journal of a shard is a sequence of bat
 1, 2, 3, ... without gaps; each batch holds the codec-encoded events of one group commit.
 Snapshots (``save_snapshot``) bound what a new owner replays; the batches a complete snapshot
 covers may then be truncated (``truncate_journal``), so the journal's first batch is the one
-after the latest snapshot, or 1 (``ledger.compaction``).
+after the latest snapshot, or 1 (``ledger.compaction``). The audit rows of the batches
+(``ledger.core.audit``, ``read_audit``) are never truncated.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
+from ledger.core.audit import AuditRow
 from ledger.core.model import Entry, Envelope, Grab, IdempotencyRecord, Transfer, Wallet
 # The row types live with the code both adapters share about rows; they are named here too
 # because the port's signatures use them.
@@ -200,6 +202,22 @@ class JournalStore(Protocol):
         Batches up to the latest complete snapshot may have been truncated: a reader that
         wants the whole history starts from ``load_snapshot`` and reads after its ``seq``
         (``ledger.reconcile`` does); reading from 0 returns what is left.
+        """
+        ...
+
+    async def read_audit(self, shard: int, after_seq: int = 0,
+                         limit: int = 1000) -> list[AuditRow]:
+        """One page of the shard's audit rows (``ledger.core.audit``): ``seq`` ascending,
+        each greater than ``after_seq``, at most ``limit``; shorter than ``limit`` (or
+        empty): the last page. The next page starts after the last ``seq`` of this one.
+
+        Audit rows are written with the rows of their batch (``append``: a view, so in
+        Cassandra behind the journal, readable once ``flush_rows`` of their batch returned)
+        and never truncated: they outlive the journal batches they came from. A store keeps
+        what was written; it does not check the chain (``ledgerctl audit verify`` does).
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
         """
         ...
 

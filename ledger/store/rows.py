@@ -6,7 +6,7 @@ evolves a shard (``ShardState.evolve``); the stores write them (``JournalStore.a
 ``write_rows``). This module is what the SQLite and Cassandra adapters share about them:
 
 * the row types, tagged by kind (``WalletRow``, ``EntryRow``, ``TransferRow``,
-  ``EnvelopeRow``, ``GrabRow``), and the same with the journal position of the batch that
+  ``EnvelopeRow``, ``GrabRow``, ``AuditRowOf``), and the same with the journal position of the batch that
   produced them (``PositionedRow``);
 * the column order of each table, which is also the field order of the model dataclass a
   read rebuilds (``Wallet(*row)``);
@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, NamedTuple, TypeAlias
 
+from ledger.core.audit import AuditRow
 from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
 
 WALLET = "wallet"
@@ -32,18 +33,23 @@ GRAB = "grab"
 # retry is answered from once they left owner memory (``ledger.core.spilled``).
 IDEM = "idem"
 CLAIM = "claim"
+# The audit row of a batch (``ledger.core.audit``): keyed by (shard, batch seq), written once,
+# never changed and never truncated (compaction drops journal batches, not audit rows).
+AUDIT = "audit"
 
 RowKind: TypeAlias = Literal["wallet", "entry", "transfer", "envelope", "grab", "idem",
-                             "claim"]
+                             "claim", "audit"]
 WalletRow: TypeAlias = tuple[Literal["wallet"], Wallet]
 EntryRow: TypeAlias = tuple[Literal["entry"], Entry]
 TransferRow: TypeAlias = tuple[Literal["transfer"], Transfer]
 EnvelopeRow: TypeAlias = tuple[Literal["envelope"], Envelope]
 GrabRow: TypeAlias = tuple[Literal["grab"], Grab]
+AuditRowOf: TypeAlias = tuple[Literal["audit"], AuditRow]
 # One row of a view as the core emits it.
-Row: TypeAlias = WalletRow | EntryRow | TransferRow | EnvelopeRow | GrabRow
+Row: TypeAlias = WalletRow | EntryRow | TransferRow | EnvelopeRow | GrabRow | AuditRowOf
 # A row with the journal position (batch ``seq``) of the batch that produced it.
-PositionedRow: TypeAlias = tuple[RowKind, Wallet | Entry | Transfer | Envelope | Grab, int]
+PositionedRow: TypeAlias = tuple[RowKind, Wallet | Entry | Transfer | Envelope | Grab | AuditRow,
+                                 int]
 
 # Columns of each view, in the field order of its model dataclass.
 WALLET_COLS = ("wallet_id", "currency", "balance_minor", "held_minor", "version",
@@ -60,6 +66,7 @@ ENVELOPE_COLS = ("envelope_id", "sender_wallet_id", "currency", "kind", "total_m
                  "refund_transfer_id", "closed_at_ms")
 GRAB_COLS = ("envelope_id", "position", "receiver_wallet_id", "amount_minor", "transfer_id",
              "caller", "idempotency_key", "at_ms")
+AUDIT_COLS = ("shard", "seq", "epoch", "at_ms", "prev_seq", "prev_hash", "records", "hash")
 
 
 def rows_at(rows: Iterable[Row | PositionedRow], seq: int | None) -> list[PositionedRow]:
@@ -92,10 +99,12 @@ class LatestRows:
     grabs: dict[tuple[str, int], tuple[Grab, int]] = field(default_factory=dict)
     # (kind, caller, key) -> (IdempotencyRecord, position); written once, never changed.
     keys: dict[tuple[str, str, str], tuple[object, int]] = field(default_factory=dict)
+    # (shard, seq) -> (AuditRow, position); written once, never changed.
+    audits: dict[tuple[int, int], tuple[AuditRow, int]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.wallets or self.entries or self.transfers or self.envelopes
-                    or self.grabs or self.keys)
+                    or self.grabs or self.keys or self.audits)
 
 
 def latest_rows(rows: Iterable[PositionedRow]) -> LatestRows:
@@ -130,6 +139,8 @@ def latest_rows(rows: Iterable[PositionedRow]) -> LatestRows:
         elif kind == IDEM or kind == CLAIM:
             keep(out.keys, (kind, value.caller, value.idempotency_key),  # type: ignore[union-attr]
                  value, seq)
+        elif kind == AUDIT:
+            keep(out.audits, (value.shard, value.seq), value, seq)  # type: ignore[union-attr]
         else:
             raise ValueError(f"unknown row kind {kind!r}")
     return out
@@ -144,6 +155,7 @@ class KeyedRows(NamedTuple):
     envelopes: dict[str, Envelope]
     grabs: dict[tuple[str, int], Grab]
     keys: list  # (kind, IdempotencyRecord): written once each, never updated
+    audits: list  # AuditRow: one per batch at most, written once
 
     def size(self) -> int:
         """How many rows there are to write."""
@@ -168,6 +180,7 @@ def last_of_each_key(rows: Iterable[Row]) -> KeyedRows:
     envelopes: dict[str, Envelope] = {}
     grabs: dict[tuple[str, int], Grab] = {}
     keys: list = []
+    audits: list = []
     for kind, value in rows:
         if kind == WALLET:
             wallets[value.wallet_id] = value  # type: ignore[union-attr,assignment]
@@ -182,6 +195,8 @@ def last_of_each_key(rows: Iterable[Row]) -> KeyedRows:
             grabs[(grab.envelope_id, grab.position)] = grab
         elif kind == IDEM or kind == CLAIM:
             keys.append((kind, value))
+        elif kind == AUDIT:
+            audits.append(value)
         else:
             raise ValueError(f"unknown row kind {kind!r}")
-    return KeyedRows(wallets, entries, transfers, envelopes, grabs, keys)
+    return KeyedRows(wallets, entries, transfers, envelopes, grabs, keys, audits)

@@ -23,9 +23,10 @@ from ledger.core import codec
 from ledger.core.model import Entry, Envelope, Grab, IdempotencyRecord, Transfer, Wallet
 from ledger.store.bridge import settle as _settle
 from ledger.store.port import Fenced, JournalBatch, LoadedShard, StoreUnavailable
-from ledger.store.rows import (ENTRY_COLS as _ENTRY_COLS, ENVELOPE_COLS as _ENVELOPE_COLS,
+from ledger.core.audit import AuditRow
+from ledger.store.rows import (AUDIT_COLS as _AUDIT_COLS, ENTRY_COLS as _ENTRY_COLS, ENVELOPE_COLS as _ENVELOPE_COLS,
                                GRAB_COLS as _GRAB_COLS, TRANSFER_COLS as _TRANSFER_COLS,
-                               WALLET_COLS as _WALLET_COLS, CLAIM, IDEM, PositionedRow, Row,
+                               WALLET_COLS as _WALLET_COLS, AUDIT, CLAIM, IDEM, PositionedRow, Row,
                                rows_at,
                                last_of_each_key)
 
@@ -85,6 +86,10 @@ CREATE TABLE IF NOT EXISTS grabs (
   idempotency_key TEXT NOT NULL, at_ms INTEGER NOT NULL,
   PRIMARY KEY (envelope_id, position)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS grabs_by_receiver ON grabs (receiver_wallet_id, at_ms, envelope_id);
+CREATE TABLE IF NOT EXISTS audit (
+  shard INTEGER NOT NULL, seq INTEGER NOT NULL, epoch INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+  prev_seq INTEGER NOT NULL, prev_hash TEXT NOT NULL, records BLOB NOT NULL,
+  hash TEXT NOT NULL, PRIMARY KEY (shard, seq)) WITHOUT ROWID;
 """
 
 _UPSERT_WALLET = (
@@ -110,6 +115,10 @@ _entry_cols = operator.attrgetter(*_ENTRY_COLS)
 _transfer_cols = operator.attrgetter(*_TRANSFER_COLS)
 _envelope_cols = operator.attrgetter(*_ENVELOPE_COLS)
 _grab_cols = operator.attrgetter(*_GRAB_COLS)
+_audit_cols = operator.attrgetter(*_AUDIT_COLS)
+# An audit row is immutable: written once (in its batch's append), never replaced.
+_INSERT_AUDIT = ("INSERT OR IGNORE INTO audit (" + ", ".join(_AUDIT_COLS) + ") VALUES ("
+                 + ", ".join("?" * len(_AUDIT_COLS)) + ")")
 
 
 class SqliteStore:
@@ -295,7 +304,8 @@ class SqliteStore:
         The rows of every journaled batch were written by its append, in the same
         transaction, so they are here already and at least as new as any replayed row: rows
         at or below the head are skipped (a deposed owner's late replay cannot roll them
-        back, and a replay writes nothing). Rows above the head only come from callers that
+        back, and a replay writes nothing), but for audit rows, which are immutable and
+        written where missing (``_write_positioned_rows``). Rows above the head only come from callers that
         write rows without a journal (tests); they are upserted.
         """
         await self._call(_write_positioned_rows, shard, rows_at(rows, seq))
@@ -327,6 +337,10 @@ class SqliteStore:
 
     async def list_entries(self, wallet_id: str, after_version: int, limit: int) -> list[Entry]:
         return await self._call(_list_entries, wallet_id, after_version, limit)
+
+    async def read_audit(self, shard: int, after_seq: int = 0,
+                         limit: int = 1000) -> list[AuditRow]:
+        return await self._call(_read_audit, shard, after_seq, limit)
 
     async def get_transfer(self, transfer_id: str) -> Transfer | None:
         return await self._call(_get_transfer, transfer_id)
@@ -418,8 +432,12 @@ def _write_positioned_rows(db: sqlite3.Connection, shard: int,
                            rows: list[PositionedRow]) -> None:
     row = db.execute("SELECT head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
     head = row[0] if row else 0
+    # Audit rows are the exception: written once and never changed (INSERT OR IGNORE), and
+    # identical in every replay, so a replay writes those that are missing: the rows of
+    # batches journaled before this build chained them (an upgrade), which the head would
+    # otherwise leave out of the chain for good.
     _write_rows(db, shard, [(kind, value) for kind, value, seq in rows  # type: ignore[misc]
-                            if seq > head])
+                            if seq > head or kind == AUDIT])
 
 
 def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
@@ -447,6 +465,8 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
                        "kind, record, created_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
                        [(shard, r.caller, r.idempotency_key, kind, codec.dumps(r),
                          r.created_at_ms) for kind, r in keys])
+    if keyed.audits:
+        db.executemany(_INSERT_AUDIT, [_audit_cols(a) for a in keyed.audits])
 
 # Calls that raise these refusals only before their first write (so they need no savepoint).
 _CHECKS_FIRST: dict[Callable, tuple[type[Exception], ...]] = {
@@ -499,6 +519,14 @@ def _read_journal(db: sqlite3.Connection, shard: int, after_seq: int,
     return [JournalBatch(seq, epoch, bytes(events)) for seq, epoch, events in db.execute(
         "SELECT seq, epoch, events FROM journal WHERE shard = ? AND seq > ? ORDER BY seq "
         "LIMIT ?", (shard, after_seq, limit))]
+
+
+def _read_audit(db: sqlite3.Connection, shard: int, after_seq: int,
+                limit: int) -> list[AuditRow]:
+    return [AuditRow(shard_, seq, epoch, at_ms, prev_seq, prev_hash, bytes(records), digest)
+            for shard_, seq, epoch, at_ms, prev_seq, prev_hash, records, digest in db.execute(
+                "SELECT " + ", ".join(_AUDIT_COLS) + " FROM audit WHERE shard = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?", (shard, after_seq, limit))]
 
 
 def _load_keys(db: sqlite3.Connection, shard: int, keys: dict[tuple[str, str], str]) -> dict:

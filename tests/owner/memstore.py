@@ -117,6 +117,12 @@ class MemStore:
         self.rows[shard] = [r for r in self.rows.get(shard, []) if r[0] not in (
             "idem", "claim") or r[1].created_at_ms >= before_ms]
 
+    async def read_audit(self, shard: int, after_seq: int = 0, limit: int = 1000):
+        """The shard's audit rows (the last written per batch), ascending ``seq``."""
+        latest = {value.seq: value for kind, value, *_ in self.rows.get(shard, [])
+                  if kind == "audit"}
+        return [latest[s] for s in sorted(latest) if s > after_seq][:limit]
+
     async def scan_wallets(self, shard: int):
         return []
 

@@ -75,7 +75,8 @@ from ledger.core.model import (
     KIND_DEPOSIT, KIND_TRANSFER, KIND_WITHDRAWAL, settlement_wallet_id,
 )
 from ledger.core.shard import ShardState
-from ledger.core.step import fold, fold_events
+from ledger.core import audit
+from ledger.core.step import fold, fold_batch
 from ledger.core.status import Outcome, Status
 from ledger.node import Node
 from ledger.store.port import JournalBatch
@@ -189,7 +190,10 @@ def _digest(state: ShardState) -> tuple:
                           e.refunded_minor, e.refund_transfer_id, e.closed_at_ms)
                          for e in state.envelopes.values())),
             tuple(sorted((g.envelope_id, g.position, g.receiver_wallet_id, g.amount_minor)
-                         for grabs in state.grabs.values() for g in grabs.values())))
+                         for grabs in state.grabs.values() for g in grabs.values())),
+            # The audit chain's head: the owner's live chaining, every replay and every
+            # snapshot must agree on it (``ledger.core.audit``).
+            (state.audit_seq, state.audit_head))
 
 
 class _TraceHandler(logging.Handler):
@@ -308,8 +312,7 @@ class Simulation:
         state = self.folds.setdefault(shard, ShardState(shard))
         try:
             # The running fold checks nothing about batch numbers: the oracle does.
-            fold_events(state, codec.loads(batch.events))
-            state.seq = batch.seq
+            fold_batch(state, batch)
         except InvariantViolation as exc:
             self._violated(f"shard {shard}: journal batch {batch.seq} cannot be replayed: {exc}")
             return
@@ -1063,6 +1066,13 @@ class Simulation:
             fold(from_snapshot, loaded.batches)
             if _digest(from_snapshot) != _digest(replayed):
                 self.oracle.fail(f"shard {shard}: snapshot + tail differs from the journal")
+            # The audit rows the owners wrote (and replays rewrote) form one intact chain that
+            # ends at the head the journal gives.
+            for problem in audit.check_chain(
+                    shard, await self.store.read_audit(shard, 0, 1 << 40),
+                    audit.AuditHead(replayed.audit_seq, replayed.audit_head)):
+                self.oracle.fail(f"shard {shard}: audit chain, batch {problem.seq}: "
+                                 f"{problem.what}")
             for wallet in replayed.wallets.values():
                 found = self.oracle.wallets.get(wallet.wallet_id)
                 if found is None or (found.balance, found.held) != (wallet.balance_minor,

@@ -97,6 +97,8 @@ class FaultyStore:
         # envelope id -> (position, envelope): a row of an older position never replaces it.
         self.envelope_rows: dict[str, tuple[int, Envelope]] = {}
         self.grab_rows: dict[tuple[str, int], Grab] = {}
+        # (shard, seq) -> AuditRow: the audit chain (checked at the end of a run).
+        self.audit_rows: dict[tuple[int, int], object] = {}
 
     def _count(self, kind: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -268,6 +270,8 @@ class FaultyStore:
                 self.transfer_rows[value.transfer_id] = value
             elif kind in ("idem", "claim"):
                 self.key_rows[(shard, value.caller, value.idempotency_key, kind)] = value
+            elif kind == "audit":
+                self.audit_rows[(shard, value.seq)] = value
             else:
                 self.entry_rows[(value.wallet_id, value.version)] = value
 
@@ -287,6 +291,10 @@ class FaultyStore:
                 self._count("spilled_key_found")  # a retry answered from the store
             found[(caller, key)] = (record, claim, transfer)
         return found
+
+    async def read_audit(self, shard: int, after_seq: int = 0, limit: int = 1000) -> list:
+        return [self.audit_rows[k] for k in sorted(self.audit_rows)
+                if k[0] == shard and k[1] > after_seq][:limit]
 
     async def expire_keys(self, shard: int, before_ms: int) -> None:
         for k in [k for k, r in self.key_rows.items()

@@ -240,3 +240,21 @@ def test_ledgerctl_reads_limits_as_operators_write_them():
     import argparse
     with pytest.raises(argparse.ArgumentTypeError):
         _limit_value("soon")
+
+
+def test_risk_changes_are_audited_without_the_device_id():
+    from ledger.core import audit
+    from ledger.core.model import DeviceConfirmed, RiskLimitsSet
+    records = audit.records_of([
+        RiskLimitsSet("alice", MINUTE, 0, 3, 500, "fraud wave", "spiffe://redledger/operator/ops",
+                      7),
+        RiskLimitsSet("", MINUTE, 10_000, 0, 0, "", "ops", 8),
+        DeviceConfirmed("alice", "imei-356938035643809", True, "sms ok", "ops", 9),
+        DeviceConfirmed("alice", "imei-356938035643809", False, "lost", "ops", 10)])
+    assert [(r[0], r[1], r[8]) for r in records] == [
+        ("SetRiskLimits", "spiffe://redledger/operator/ops", "alice"),
+        ("SetRiskLimits", "ops", "default"), ("ConfirmDevice", "ops", "alice"),
+        ("ForgetDevice", "ops", "alice")]
+    assert "max_count=3" in records[0][-1] and "fraud wave" in records[0][-1]
+    assert "imei" not in repr(records)
+    assert records[2][2] != records[3][2]  # the request hashes differ

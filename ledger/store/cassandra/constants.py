@@ -32,6 +32,11 @@ SNAPSHOT_LOAD_ATTEMPTS_MAX = 5
 ROWS_BATCH_BYTES_MAX = 16 * 1024
 # Entries / wallets read per round trip by list_entries / scan_wallets.
 ROWS_PAGE_MAX = 1000
+# Batch numbers per partition of ``audit_chain`` (a shard's audit rows are partitioned by
+# (shard, seq // this)). A row holds the records of one group commit (~150-250 B per record,
+# up to a few hundred records), so a full partition stays in the tens of MiB, under the
+# ~100 MiB past which Cassandra partitions get slow to compact and repair.
+AUDIT_BUCKET_BATCHES = 1000
 # CAS attempts of one fence before giving up with StoreUnavailable. A retry happens only when
 # another fencer changed the epoch between our read and our CAS, or a CAS timed out (the next
 # SERIAL read then settles it).

@@ -121,6 +121,13 @@ def schema_ddl(keyspace: str, replication: dict[str, int]) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS {ks}.idempotency_keys (
               shard int, caller text, idempotency_key text, kind text, record blob,
               PRIMARY KEY ((shard, caller, idempotency_key), kind))""",
+        # The audit chain (ledger.core.audit): one row per journal batch with audit records,
+        # never updated, never truncated. Partitioned by shard and a bucket of batch numbers
+        # (AUDIT_BUCKET_BATCHES) so that no partition grows without bound.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.audit_chain (
+              shard int, bucket bigint, seq bigint, epoch bigint, at_ms bigint,
+              prev_seq bigint, prev_hash text, records blob, hash text,
+              PRIMARY KEY ((shard, bucket), seq)) WITH CLUSTERING ORDER BY (seq ASC)""",
     ]
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Cluster, Session
 
+from ledger.core.audit import AuditRow
 from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
 from ledger.store.cassandra.constants import REQUEST_TIMEOUT_S_DEFAULT
 from ledger.store.cassandra.driver import Driver, consistency as _consistency, new_cluster
@@ -210,6 +211,13 @@ class CassandraStore:
                          seq: int | None = None) -> None:
         """See ``JournalStore.write_rows`` and ``Views.write_rows``."""
         await self._views.write_rows(shard, rows, seq)
+
+    async def read_audit(self, shard: int, after_seq: int = 0,
+                         limit: int = 1000) -> list[AuditRow]:
+        """See ``JournalStore.read_audit`` and ``Views.read_audit`` (which reads bucket
+        after bucket up to the journal head's)."""
+        _, head, _ = await self._journal.journal_position(shard)
+        return await self._views.read_audit(shard, after_seq, limit, head)
 
     async def list_entries(self, wallet_id: str, after_version: int,
                            limit: int) -> list[Entry]:

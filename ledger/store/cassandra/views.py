@@ -25,13 +25,14 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statem
 from ledger import metrics
 from ledger.core import codec
 from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
-from ledger.store.cassandra.constants import (KEY_ROWS_TTL_S, ROW_TIMESTAMP_BASE,
+from ledger.core.audit import AuditRow
+from ledger.store.cassandra.constants import (AUDIT_BUCKET_BATCHES, KEY_ROWS_TTL_S, ROW_TIMESTAMP_BASE,
                                               ROWS_BATCH_BYTES_MAX, ROWS_IN_FLIGHT_MAX,
                                               ROWS_LAG_BATCHES_MAX, ROWS_PAGE_MAX,
                                               ROWS_RETRY_BACKOFF_S)
 from ledger.store.cassandra.driver import DRIVER_ERRORS, Driver
 from ledger.store.port import StoreUnavailable
-from ledger.store.rows import (CLAIM, ENTRY_COLS, ENVELOPE_COLS, GRAB_COLS, IDEM,
+from ledger.store.rows import (AUDIT_COLS, CLAIM, ENTRY_COLS, ENVELOPE_COLS, GRAB_COLS, IDEM,
                                TRANSFER_COLS, WALLET_COLS, PositionedRow, Row, latest_rows,
                                rows_at)
 from ledger.runtime.tasks import spawn
@@ -115,6 +116,13 @@ class Views:
             "INSERT INTO {ks}.idempotency_keys (shard, caller, idempotency_key, kind, record) "
             "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ? AND TTL " + str(KEY_ROWS_TTL_S),
             w, idempotent=True)
+        self._q_audit_put = prepare(
+            "INSERT INTO {ks}.audit_chain (bucket, " + ", ".join(AUDIT_COLS) + ") VALUES ("
+            + ", ".join("?" * (len(AUDIT_COLS) + 1)) + ") USING TIMESTAMP ?",
+            w, idempotent=True)
+        self._q_audit = prepare(
+            "SELECT " + ", ".join(AUDIT_COLS) + " FROM {ks}.audit_chain "
+            "WHERE shard = ? AND bucket = ? AND seq > ? LIMIT ?", r, idempotent=True)
         self._q_keys = prepare(
             "SELECT kind, record FROM {ks}.idempotency_keys WHERE shard = ? AND caller = ? "
             "AND idempotency_key = ?", r, idempotent=True)
@@ -326,8 +334,14 @@ class Views:
             blob = codec.dumps(record)
             upserts.append((self._q_key_put, (shard, caller, key, kind, blob, ts),
                             60 + len(caller) + len(key) + len(blob)))
-        metrics.STORE_ROWS_WRITTEN.inc(len(upserts))
         statements: list[Statement] = []
+        # An audit row may be far above ROWS_BATCH_BYTES_MAX (the records of a whole group
+        # commit): each goes as a statement of its own, never in a multi-partition batch.
+        for a, ts in latest.audits.values():
+            statements.append(self._q_audit_put.bind(
+                (a.seq // AUDIT_BUCKET_BATCHES, a.shard, a.seq, a.epoch, a.at_ms, a.prev_seq,
+                 a.prev_hash, a.records, a.hash, ts)))
+        metrics.STORE_ROWS_WRITTEN.inc(len(upserts) + len(statements))
         if wallet_values:
             by_shard = self._new_rows_batch()
             for v in wallet_values:
@@ -376,6 +390,28 @@ class Views:
         except DRIVER_ERRORS as exc:
             raise StoreUnavailable(f"rows of shard {shard}: {type(exc).__name__}: "
                                    f"{exc}") from exc
+
+    async def read_audit(self, shard: int, after_seq: int, limit: int,
+                         head: int) -> list[AuditRow]:
+        """A shard's audit rows above ``after_seq``, ascending, at most ``limit``, reading
+        bucket after bucket up to the one of batch ``head`` (the journal head: a bucket may
+        be empty, when none of its batches had audit records, so an empty bucket is not the
+        end).
+
+        Raises:
+            StoreUnavailable: the store could not be reached.
+        """
+        out: list[AuditRow] = []
+        bucket = (after_seq + 1) // AUDIT_BUCKET_BATCHES
+        while len(out) < limit and bucket <= head // AUDIT_BUCKET_BATCHES:
+            page_max = min(limit - len(out), ROWS_PAGE_MAX)
+            rows = await self._driver.read(self._q_audit, (shard, bucket, after_seq, page_max))
+            out.extend(AuditRow(*(r[c] for c in AUDIT_COLS)) for r in rows)
+            if len(rows) < page_max:
+                bucket += 1
+            else:
+                after_seq = rows[-1]["seq"]
+        return out
 
     async def list_entries(self, wallet_id: str, after_version: int,
                            limit: int) -> list[Entry]:
