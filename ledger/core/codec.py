@@ -26,7 +26,9 @@ _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (*model.EVENT_TYPES, *model.COMMAND_TYPES, model.Transfer, model.Credit,
                 model.Wallet, model.Entry, model.IdempotencyRecord, model.Hold,
-                model.Envelope, model.Grab)
+                model.Envelope, model.Grab,
+                # Answers that cross nodes (GetWallet's risk view), never journaled.
+                risk.RiskView, risk.Limits)
 }
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
 

@@ -172,3 +172,30 @@ async def test_no_personal_data_or_secret_reaches_the_logs(tmp_path, caplog):
     leaked = [r.getMessage() for r in caplog.records if marker in r.getMessage()
               or marker in (r.exc_text or "")]
     assert not leaked
+
+
+async def test_a_wallet_read_on_another_node_carries_its_risk_controls(tmp_path):
+    """GetWallet answered by the owner on another node: the answer (wallet and risk view)
+    crosses the node-to-node transport (its codec) intact."""
+    from ledger.api.shard_service import GrpcShardTransport
+    from ledger.core.model import GetWallet
+    from shard_router import shard_of
+
+    running = await server.start_dev(tmp_path, port=0, shard_count=SHARDS)
+    transport = GrpcShardTransport()
+    try:
+        async with LedgerClient(f"127.0.0.1:{running.port}", caller="tests",
+                                retries=False) as c:
+            await c.create_wallet("xn-alice", "CNY", idempotency_key="w-xn")
+            await c.set_risk_limits("xn-alice", HOUR, 500, 2, 100, reason="test")
+            await c.confirm_device("xn-alice", "phone-1")
+        outcome = (await transport.execute(
+            f"127.0.0.1:{running.port}", shard_of("xn-alice", SHARDS),
+            [GetWallet("xn-alice", True, 1)], False))[0]
+        wallet, risk = outcome.value
+        assert wallet.wallet_id == "xn-alice"
+        assert (risk.limits.window_ms, risk.limits.max_count, risk.limits.step_up_above_minor,
+                risk.velocity_own, risk.devices) == (HOUR, 2, 100, True, ("phone-1",))
+    finally:
+        await transport.close()
+        await running.close(grace_s=0.5)
