@@ -758,9 +758,12 @@ class Simulation:
 
     async def op_read(self) -> None:
         wallet = self.workload_rng.choice(self._funded("CNY") + self._funded("USD"))
-        outcome = await self.request(f"read {wallet}", lambda c: c.get_wallet(wallet))
+        # As the API reads (with the risk view): the answer crosses nodes as codec bytes.
+        outcome = await self.request(f"read {wallet}",
+                                     lambda c: c.get_wallet(wallet, with_risk=True))
         if outcome.ok:
-            self.oracle.read(wallet, outcome.value.version, outcome.value.balance_minor)
+            read, _ = outcome.value
+            self.oracle.read(wallet, read.version, read.balance_minor)
 
     async def op_reuse(self) -> None:
         """Send an earlier request's idempotency key again: with the same payload, or with
