@@ -113,7 +113,7 @@ async def reconcile(store: JournalStore, shard_count: int, now_ms: int | None = 
     before_snapshot: set[str] = set()     # credits whose debit a snapshot holds
     snapshot_outbox: dict[int, dict[int, int]] = {}
     for shard in range(shard_count):
-        read = await _read_shard(store, shard)
+        read = await read_shard(store, shard)
         state = read.state
         for check, subject, detail in read.findings:
             report.add(check, shard, subject, detail)
@@ -386,7 +386,7 @@ class _ReadObserver:
                 read.credits.append((event.from_shard, credit))
 
 
-async def _read_shard(store: JournalStore, shard: int) -> _ShardRead:
+async def read_shard(store: JournalStore, shard: int) -> _ShardRead:
     """Fold the shard's latest snapshot and the journal after it.
 
     Transfers the snapshot holds (those within the idempotency retention) count as decided
@@ -403,10 +403,6 @@ async def _read_shard(store: JournalStore, shard: int) -> _ShardRead:
     read.findings.append(("journal_replays", f"shard {shard}", "the journal kept being "
                           "truncated by compactions during the read; run again"))
     return read
-
-
-# Other readers of a shard's folded journal (``ledger.audit_report``) use the same read.
-read_shard = _read_shard
 
 
 async def _read_shard_once(store: JournalStore, shard: int) -> _ShardRead:
@@ -453,7 +449,7 @@ async def envelope_report(store: JournalStore, shard_count: int, envelope_id: st
 
     now = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     shard = shard_of(escrow_of(envelope_id), shard_count)
-    read = await _read_shard(store, shard)
+    read = await read_shard(store, shard)
     state = read.state
     envelope = state.envelopes.get(envelope_id)
     problems: list[str] = [f"{check} {subject}: {detail}" for check, subject, detail

@@ -238,22 +238,28 @@ def _etcd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=256)
 
 
-def _etcd_tls(args):
-    """Channel credentials for etcd from ``--etcd-tls-dir`` (the operator's certificate)."""
-    from ledger.security.tls import TlsFiles, channel_credentials
+def _etcd_files(args):
+    """The operator's certificate for etcd (``--etcd-tls-dir``), or None (plaintext)."""
+    from ledger.security.tls import TlsFiles
 
     if not getattr(args, "etcd_tls_dir", None):
         return None
-    return channel_credentials(TlsFiles.from_dir(args.etcd_tls_dir, args.etcd_tls_name))
+    return TlsFiles.from_dir(args.etcd_tls_dir, args.etcd_tls_name)
+
+
+def _etcd_tls(args):
+    """Channel credentials for etcd from ``--etcd-tls-dir``, or None (plaintext)."""
+    from ledger.security.tls import channel_credentials
+
+    files = _etcd_files(args)
+    return channel_credentials(files) if files is not None else None
 
 
 async def _etcd_auth(args) -> int:
     """Turn on etcd's access control for the ledger (``ledger.security.etcd_auth``)."""
     from ledger.security.etcd_auth import LEDGER_USERS, enable_rbac
-    from ledger.security.tls import TlsFiles
 
-    tls = (TlsFiles.from_dir(args.etcd_tls_dir, args.etcd_tls_name) if args.etcd_tls_dir
-           else None)
+    tls = _etcd_files(args)
     if tls is None:
         print("ledgerctl etcd-auth: --etcd-tls-dir is required (etcd with client "
               "certificates)", file=sys.stderr)

@@ -315,14 +315,19 @@ class ShardState:
 
     def risk_view(self, wallet_id: str, now_ms: int) -> R.RiskView:
         """A wallet's limits in force, whose they are, its window's use, its devices."""
-        held = self.risk.get(wallet_id)
+        held, limits = self._limits_of(wallet_id)
         if held is None:
-            return R.RiskView(self.risk_default, False, False, 0, 0, ())
-        limits = held.limits(self.risk_default)
+            return R.RiskView(limits, False, False, 0, 0, ())
         used = held.used(limits.window_ms, now_ms) if limits.window_ms else (0, 0)
         return R.RiskView(limits, held.window_ms != R.INHERIT,
                           held.step_up_above_minor != R.INHERIT, used[0], used[1],
                           tuple(held.devices))
+
+    def _limits_of(self, wallet_id: str) -> tuple[R.WalletRisk | None, R.Limits]:
+        """The wallet's own risk record (None if it has none) and the limits in force."""
+        held = self.risk.get(wallet_id)
+        return held, (held.limits(self.risk_default) if held is not None
+                      else self.risk_default)
 
     def _risk_free(self, wallet_id: str) -> bool:
         """No risk control can apply to this wallet (the common case, checked first)."""
@@ -333,9 +338,8 @@ class ShardState:
                          device_id: str) -> Outcome | None:
         if self._risk_free(wallet_id):
             return None
-        held = self.risk.get(wallet_id)
-        threshold = (held.limits(self.risk_default) if held is not None
-                     else self.risk_default).step_up_above_minor
+        held, limits = self._limits_of(wallet_id)
+        threshold = limits.step_up_above_minor
         if not threshold or amount_minor <= threshold:
             return None
         if held is not None and device_id and device_id in held.devices:
@@ -349,8 +353,7 @@ class ShardState:
                           wallet_field: str) -> Outcome | None:
         if self._risk_free(wallet_id):
             return None
-        held = self.risk.get(wallet_id)
-        limits = held.limits(self.risk_default) if held is not None else self.risk_default
+        held, limits = self._limits_of(wallet_id)
         if not limits.window_ms:
             return None
         amount, count = held.used(limits.window_ms, now_ms) if held is not None else (0, 0)
@@ -369,9 +372,8 @@ class ShardState:
         """Count a decided debit in the wallet's velocity window, if a limit is in force."""
         if self._risk_free(wallet_id):
             return
-        held = self.risk.get(wallet_id)
-        window = (held.limits(self.risk_default) if held is not None
-                  else self.risk_default).window_ms
+        held, limits = self._limits_of(wallet_id)
+        window = limits.window_ms
         if not window:
             return
         if held is None:

@@ -26,13 +26,17 @@ THREE_DC_TESTS = ("test_money_moves_and_books_balance",
                   "test_idempotent_retry_returns_original_and_moves_money_once")
 
 
-async def _start_cassandra_backend(local_cluster, three_dc: bool = False, **server_options):
+async def _start_cassandra_backend(local_cluster, three_dc: bool = False,
+                                   keyspace: str | None = None, node_id: str | None = None,
+                                   **server_options):
+    """A node on a keyspace of its own (or on ``keyspace``: a second node there takes the
+    shards over when the first one is gone, as in a failover)."""
     from ledger.store.cassandra import CassandraStore
     from shard_router.etcd import EtcdOwnership
     from tests.conftest import TEST_CQL_PORT
 
     region = local_cluster.regions[0] if hasattr(local_cluster, "regions") else "r1"
-    keyspace = ("e2e3_" if three_dc else "e2e_") + uuid.uuid4().hex[:8]
+    keyspace = keyspace or ("e2e3_" if three_dc else "e2e_") + uuid.uuid4().hex[:8]
     if three_dc:
         # The node serves from r1; its keyspace keeps a replica in each of three regions and
         # the store runs at its default, durable consistency.
@@ -47,7 +51,7 @@ async def _start_cassandra_backend(local_cluster, three_dc: bool = False, **serv
                                              keyspace=keyspace, replication={region: 1},
                                              # one datacenter: a test keyspace, not RPO 0
                                              require_region_survival=False)
-    ownership = EtcdOwnership(local_cluster.etcd_endpoint, f"node-{keyspace}", region,
+    ownership = EtcdOwnership(local_cluster.etcd_endpoint, node_id or f"node-{keyspace}", region,
                               "127.0.0.1:0", [region], shard_count=SHARDS, lease_ttl_s=5.0,
                               prefix=f"/e2e/{keyspace}")
     running = await server.start(store, ownership, SHARDS, "127.0.0.1", 0, **server_options)
@@ -85,12 +89,16 @@ async def close_server(request, running) -> None:
     """Close a server of ``ledger_server``'s kind; drop its keyspace if it had one."""
     await running.close(grace_s=0.5)
     if request.param != "embedded":
-        # Every keyspace's tables live in the test cluster's heap: drop what we made.
-        from clients.localcluster import cql_query
-        cluster = request.getfixturevalue("local_cluster")
-        region = cluster.regions[0]
-        await asyncio.to_thread(cql_query, cluster.contact_points[region], cluster.cql_port,
-                                f"DROP KEYSPACE IF EXISTS {running.keyspace}", 60.0)
+        await drop_keyspace(request, running.keyspace)
+
+
+async def drop_keyspace(request, keyspace: str) -> None:
+    """Every keyspace's tables live in the test cluster's heap: drop what a test made."""
+    from clients.localcluster import cql_query
+    cluster = request.getfixturevalue("local_cluster")
+    region = cluster.regions[0]
+    await asyncio.to_thread(cql_query, cluster.contact_points[region], cluster.cql_port,
+                            f"DROP KEYSPACE IF EXISTS {keyspace}", 60.0)
 
 
 @pytest.fixture

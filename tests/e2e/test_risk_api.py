@@ -15,7 +15,7 @@ import pytest
 
 from clients import LedgerClient, LedgerRefused
 from ledger import server
-from tests.e2e.conftest import SHARDS
+from tests.e2e.conftest import SHARDS, _start_cassandra_backend, drop_keyspace
 
 HOUR = 3_600_000
 
@@ -23,19 +23,8 @@ HOUR = 3_600_000
 async def _start(kind: str, request, tmp_path, keyspace: str, node: str):
     if kind == "embedded":
         return await server.start_dev(tmp_path, port=0, shard_count=SHARDS)
-    from ledger.store.cassandra import CassandraStore
-    from shard_router.etcd import EtcdOwnership
-    from tests.conftest import TEST_CQL_PORT
-
-    cluster = request.getfixturevalue("local_cluster")
-    region = cluster.regions[0]
-    store = await CassandraStore.connect([cluster.contact_points[region]], TEST_CQL_PORT,
-                                         local_dc=region, keyspace=keyspace,
-                                         replication={region: 1},
-                                         require_region_survival=False)
-    ownership = EtcdOwnership(cluster.etcd_endpoint, node, region, "127.0.0.1:0", [region],
-                              shard_count=SHARDS, lease_ttl_s=5.0, prefix=f"/e2e/{keyspace}")
-    return await server.start(store, ownership, SHARDS, "127.0.0.1", 0)
+    return await _start_cassandra_backend(request.getfixturevalue("local_cluster"),
+                                          keyspace=keyspace, node_id=node)
 
 
 async def refused(call) -> LedgerRefused:
@@ -133,13 +122,7 @@ async def test_risk_controls_hold_across_a_failover(kind, request, tmp_path):
     finally:
         await second.close(grace_s=0.5)
         if kind != "embedded":
-            from clients.localcluster import cql_query
-            import asyncio
-            cluster = request.getfixturevalue("local_cluster")
-            region = cluster.regions[0]
-            await asyncio.to_thread(cql_query, cluster.contact_points[region],
-                                    cluster.cql_port, f"DROP KEYSPACE IF EXISTS {keyspace}",
-                                    60.0)
+            await drop_keyspace(request, keyspace)
 
 
 async def test_no_personal_data_or_secret_reaches_the_logs(tmp_path, caplog):
