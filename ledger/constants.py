@@ -64,6 +64,12 @@ CREDIT_LINGER_PER_DEST = 8
 # before it is journaled on its own (ms).
 ACK_DELAY_MS = 200
 
+# How long an admin note (a takeover, a policy or certificate change: ``ShardOwner.note_admin``)
+# waits for a batch to ride in before it is journaled on its own (s). Busy shards record it in
+# their next batch; a region's worth of idle shards taken over at once write theirs spread
+# over the following seconds, not in the takeover's critical moments.
+ADMIN_NOTE_LINGER_S = 5.0
+
 # Pause of the crediting pipeline after a failed delivery before trying again (ms).
 CREDIT_RETRY_BACKOFF_MS = 50
 

@@ -1,13 +1,30 @@
-"""A ledger node: the shard owners this node has won, wired to the store and the elector."""
+"""A ledger node: the shard owners this node has won, wired to the store and the elector.
+
+The node also records, in the audit chain of every shard it serves, the admin actions that
+never pass through a shard's journal (``model.NoteAdmin``, ``ShardOwner.note_admin``):
+
+* each takeover: ``TakeOver`` (this node's principal; a node start, a lease that lapsed), or,
+  when a shard map change brought the shard here and the chain has not recorded it yet, that
+  change under its own principal and action (``MoveShard``, ``Failover``, ``Failback``,
+  ``RestoreHomes`` by an operator; ``AutoFailover`` by the node that took a dead region's
+  shards), with the regions, the new owner and epoch, and the policy and certificate the new
+  owner enforces;
+* each change of what it enforces: ``PolicyReloaded`` (the policy file changed; its name and
+  digest) and ``CertificateRotated`` (the node's certificate; its principal, fingerprint and
+  expiry), on every shard it serves.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from typing import Callable
 
 from ledger import constants as K
-from ledger.owner import ShardOwner
+from ledger.core.model import NoteAdmin
+from ledger.core.shard import ShardState
+from ledger.owner import AdminNote, ShardOwner
 from ledger.runtime.tasks import spawn
 from ledger.store.port import JournalStore
 from shard_router.ownership import Ownership
@@ -20,9 +37,14 @@ class Node:
     """Starts an owner for every shard the elector gives this node, stops it on loss."""
 
     def __init__(self, store: JournalStore, ownership: Ownership,
-                 transport: RemoteTransport | None = None, **owner_options) -> None:
+                 transport: RemoteTransport | None = None, principal: str | None = None,
+                 **owner_options) -> None:
         self.store = store
         self.ownership = ownership
+        # Who this node is in the audit trail: its certificate's identity, or node:<id>.
+        self.principal = principal or f"node:{ownership.node_id}"
+        # What it enforces, as its takeover records say (``ledger.server`` sets it).
+        self.security_facts: Callable[[], str] = lambda: "plaintext (no TLS, no policy)"
         self.owners: dict[int, ShardOwner] = {}
         self.router = Router(ownership.node_id, self.owners, ownership, transport)
         self._owner_options = owner_options
@@ -87,10 +109,36 @@ class Node:
                     spawn(self.ownership.release(shard), f"release-{shard}")
                 else:
                     self.owners[shard] = owner
+                    owner.note_admin(self._takeover_note(shard, epoch))
                     took_s = time.monotonic() - started
                     (log.warning if took_s > K.SLOW_TAKEOVER_S else log.debug)(
                         "shard %d epoch %d serving after %.0f ms (replayed to batch %d)",
                         shard, epoch, took_s * 1000, owner.state.seq)
+
+    def _takeover_note(self, shard: int, epoch: int) -> AdminNote:
+        """How this node came to serve ``shard`` (built when the owner's batch is formed)."""
+        ownership = self.ownership
+
+        def build(state: ShardState, now_ms: int) -> NoteAdmin:
+            served = (f"served by node {ownership.node_id} ({ownership.region}) epoch {epoch}; "
+                      f"{self.security_facts()}")
+            change = ownership.home_change(shard)
+            if (change is not None and change.change_id != state.admin_change
+                    and change.to_region == ownership.region):
+                reason = f"; reason: {change.reason}" if change.reason else ""
+                return NoteAdmin(change.action, change.principal, ownership.node_id,
+                                 f"home {change.from_region or '?'} -> {change.to_region} at "
+                                 f"{change.at_ms}{reason}; {served}", change.change_id, now_ms)
+            return NoteAdmin("TakeOver", self.principal, ownership.node_id, served, "", now_ms)
+
+        return build
+
+    def note_admin(self, action: str, subject: str, detail: str) -> None:
+        """Record an admin action of this node (a policy or certificate change) in the audit
+        chain of every shard it serves. Call on the event loop."""
+        for owner in list(self.owners.values()):
+            owner.note_admin(lambda _state, now_ms: NoteAdmin(
+                action, self.principal, subject, detail, "", now_ms))
 
     async def _owner_stopped(self, shard: int, epoch: int, reason: str) -> None:
         owner = self.owners.get(shard)

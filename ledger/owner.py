@@ -29,7 +29,8 @@ from ledger.core.invariants import InvariantViolation
 from ledger.core.constants import CHAIN_RESOLVE_AFTER_MS, RESERVATION_TTL_MS
 from ledger.core.model import (
     KIND_HOLD_CAPTURE, STATE_COMMITTED, AckOutbox, ApplyCredits, ChainFinished, DecideChain, DropReservations, ExpireHolds,
-    ExpireIdempotency, FinishChain, Post, RefundEnvelope, ReserveCredit, ResolveReservations,
+    ExpireIdempotency, FinishChain, NoteAdmin, Post, RefundEnvelope, ReserveCredit,
+    ResolveReservations,
     SpillIdempotency, Transfer, TransferDecided, WalletCreated,
 )
 from ledger.core.ids import transfer_id_for
@@ -41,6 +42,10 @@ from ledger.runtime.clock import Clock, now_ms
 from ledger.store.port import Fenced, JournalStore, StoreUnavailable, UnknownOutcome
 
 log = logging.getLogger("ledger.owner")
+
+# An admin note, or what builds it from the live state and the time when its batch is formed
+# (``ShardOwner.note_admin``).
+AdminNote = NoteAdmin | Callable[[ShardState, int], NoteAdmin]
 
 
 
@@ -149,6 +154,13 @@ class ShardOwner:
         self._ack_timer: asyncio.TimerHandle | None = None
         # When each stale reservation may be asked about again (loop time, s).
         self._next_ask: dict[tuple[str, int], float] = {}
+        # Admin notes not yet journaled (``note_admin``), how many of them are in the batch
+        # being appended, whether they waited long enough to go in a batch of their own, and
+        # the timer that says so.
+        self._admin_notes: list[AdminNote] = []
+        self._notes_inflight = 0
+        self._notes_due = False
+        self._notes_timer: asyncio.TimerHandle | None = None
 
     @property
     def serving(self) -> bool:
@@ -230,6 +242,9 @@ class ShardOwner:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
+        if self._notes_timer is not None:
+            self._notes_timer.cancel()
+            self._notes_timer = None
         self._acks_pending.clear()  # the next owner redelivers; the receiver dedupes
         # No snapshot of the live state here: it may hold a batch whose append was still in
         # flight when the commit loop was cancelled (a snapshot of it could hold money the
@@ -313,9 +328,13 @@ class ShardOwner:
             # Pending acknowledgements ride along with queued commands; alone, they wait for
             # their timer (ACK_DELAY_MS).
             while self._serving and (self._queue or (self._acks_pending
-                                                     and self._ack_timer is None)):
+                                                     and self._ack_timer is None)
+                                     or (self._notes_due and self._admin_notes)):
                 acks = self._take_acks()
                 batch: list[_Request] = [acks] if acks else []
+                notes = self._take_notes()
+                if notes is not None:
+                    batch.insert(0, notes)
                 size = 0
                 now = asyncio.get_running_loop().time()
                 while self._queue and (size == 0 or size + len(self._queue[0].commands)
@@ -338,6 +357,7 @@ class ShardOwner:
                 self._inflight = batch
                 await self._commit(batch)
                 self._inflight = []
+                self._notes_inflight = 0  # journaled (and dropped) or kept for the next batch
 
     async def _commit(self, batch: list[_Request]) -> None:
         state = self.state
@@ -401,6 +421,8 @@ class ShardOwner:
         if events:
             state.seq = seq
             self._ahead_wallets = set()
+            if self._notes_inflight:
+                self._notes_journaled()
             failpoints.hit("owner.after_append")
             self._after_append(events)
         for request in batch:
@@ -673,6 +695,60 @@ class ShardOwner:
         acks = [AckOutbox(dest, hwm) for dest, hwm in sorted(self._acks_pending.items())]
         self._acks_pending.clear()
         return _Request(acks, None)
+
+    # --- admin notes ------------------------------------------------------------------------
+
+    def note_admin(self, note: AdminNote) -> None:
+        """Record an admin action made outside this shard's journal (``model.NoteAdmin``: a
+        takeover and the shard map change behind it, a policy or certificate change) in the
+        shard's audit chain. It rides in the next batch (the first batch of a new owner
+        carries its takeover), or goes in one of its own after ``ADMIN_NOTE_LINGER_S`` if the
+        shard stays idle: a takeover of many busy shards costs no extra append. A note is
+        kept until a batch holding it is durable (a failed append retries it); an owner that
+        stops first loses it, and its successor records its own takeover instead.
+
+        ``note`` may be a function of (the live state, now in ms), called when the batch is
+        formed: a takeover note then sees the shard map change the elector has learned by
+        that time, and what the chain has recorded already."""
+        if not self._serving:
+            return
+        self._admin_notes.append(note)
+        if self._notes_timer is None:
+            self._notes_timer = asyncio.get_running_loop().call_later(
+                K.ADMIN_NOTE_LINGER_S, self._notes_lapsed)
+
+    def _notes_lapsed(self) -> None:
+        self._notes_timer = None
+        if self._admin_notes and self._serving:
+            self._notes_due = True
+            self._wakeup.set()
+
+    def _take_notes(self) -> _Request | None:
+        if not self._admin_notes or self._notes_inflight:
+            return None
+        now = self._clock_ms()
+        notes = []
+        for note in list(self._admin_notes):
+            if callable(note):
+                try:
+                    note = note(self.state, now)
+                except Exception:  # a bug in a note must not stop the commit loop: logged
+                    log.exception("shard %d: admin note not built, dropped", self.shard)
+                    self._admin_notes.remove(note)
+                    continue
+            notes.append(note)
+        if not notes:
+            return None
+        self._notes_inflight = len(notes)
+        return _Request(notes, None)
+
+    def _notes_journaled(self) -> None:
+        del self._admin_notes[:self._notes_inflight]
+        self._notes_inflight = 0
+        self._notes_due = False
+        if not self._admin_notes and self._notes_timer is not None:
+            self._notes_timer.cancel()
+            self._notes_timer = None
 
     # --- housekeeping -----------------------------------------------------------------------
 

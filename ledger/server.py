@@ -33,6 +33,7 @@ from ledger.core.constants import IDEMPOTENCY_RETENTION_MS
 from ledger.api.shard_service import GrpcShardTransport, ShardOwnerServicer
 from ledgerpb import ledger_pb2, shard_pb2, ledger_pb2_grpc, shard_pb2_grpc
 from ledger.node import Node
+from ledger.security import certs
 from ledger.security.authz import Authorization, Authorizer
 from ledger.security.tls import TlsFiles, is_loopback, server_credentials
 from ledger.store.port import JournalStore
@@ -199,14 +200,38 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
                 security: Security = PLAINTEXT) -> Running:
     """Start node and gRPC server; return once the node serves its shards (or timeout)."""
     _check_security(host, security)
+    loop = asyncio.get_running_loop()
+    # The node's certificate as the audit trail records it: (principal, fingerprint, expiry).
+    cert: list[tuple[str | None, str, str]] = []
+
+    def cert_rotated(pem: bytes) -> None:  # a gRPC thread: hand over to the event loop
+        cert[0] = certs.describe(pem)
+        who, fingerprint, until = cert[0]
+        loop.call_soon_threadsafe(node.note_admin, "CertificateRotated", who or "?",
+                                  f"sha256:{fingerprint} valid until {until}")
+
     try:
         authorizer = (Authorizer(security.policy) if security.tls is not None else None)
-        credentials = (server_credentials(security.tls) if security.tls is not None else None)
+        if security.tls is not None:
+            cert.append(certs.describe(security.tls.cert.read_bytes()))
+        credentials = (server_credentials(security.tls, cert_rotated)
+                       if security.tls is not None else None)
         transport = GrpcShardTransport(security.tls)
     except (OSError, ValueError) as exc:
         raise StartupRefused(f"TLS or policy files unusable: {exc}") from None
-    node = Node(store, ownership, transport, idempotency_retention_ms=retention_ms,
-                idempotency_memory_ms=memory_ms)
+    node = Node(store, ownership, transport, principal=cert[0][0] if cert else None,
+                idempotency_retention_ms=retention_ms, idempotency_memory_ms=memory_ms)
+    if authorizer is not None:
+        def enforced() -> str:
+            who, fingerprint, until = cert[0]
+            return (f"policy {authorizer.policy.name} sha256:{authorizer.digest} "
+                    f"({authorizer.source}); certificate {who} sha256:{fingerprint} "
+                    f"valid until {until}")
+
+        node.security_facts = enforced
+        authorizer.on_reload = lambda: node.note_admin(
+            "PolicyReloaded", authorizer.policy.name,
+            f"sha256:{authorizer.digest} ({authorizer.source})")
     coordinator = Coordinator(node.router, store, shard_count)
     # The store's envelope views (get_envelope, list_grabs, list_envelopes_sent,
     # list_grabs_received) answer what the owners no longer hold, and the per-wallet lists.

@@ -2,9 +2,13 @@
 
 Key layout (all under ``prefix``, default ``/redledger``)::
 
-    {prefix}/map/{shard:05d}    {"home_region": "r1"}                       no lease
+    {prefix}/map/{shard:05d}    {"home_region": "r1", "origin": .., "change": ..}  no lease
     {prefix}/owner/{shard:05d}  {"node_id": .., "region": .., "address": ..}  owner's lease
     {prefix}/nodes/{node_id}    {"region": .., "address": ..}                node's lease
+
+A map entry written by a move carries ``change`` (``shard_router.ownership.HomeChange``: who
+moved it, how, why, when); the node that then takes the shard over records it in the shard's
+audit chain (``ledger.node``).
 
 Election: a node wins a shard with the transaction ``create_revision(owner key) == 0 ->
 put(owner key, lease)``. The key's create revision is the shard's epoch (fencing token). etcd
@@ -42,6 +46,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
@@ -52,7 +57,7 @@ from pyetcd import exceptions as etcd_exceptions
 from pyetcd import transactions as etcd_txn
 
 from ledger.runtime.tasks import spawn
-from shard_router.ownership import OwnerInfo, OwnershipListener, ShardPlacement
+from shard_router.ownership import HomeChange, OwnerInfo, OwnershipListener, ShardPlacement
 from shard_router.placement import (Action, ShardView, default_home, is_failover,
                                     keepalive_period_s, lease_deadline, plan,
                                     preferred_node, release_hold_s)
@@ -140,6 +145,8 @@ class EtcdOwnership:
         credentials: Mutual TLS to etcd with these channel credentials (the caller's
             certificate: ``ledger.security.etcd_auth``, etcd then lets only node and operator
             certificates use the map); None: plaintext.
+        principal: Who this process is, as recorded with the shard map changes it makes
+            (``HomeChange.principal``): its certificate's identity; default ``node:<node_id>``.
     """
 
     def __init__(self, endpoint: str, node_id: str, region: str, address: str,
@@ -147,7 +154,8 @@ class EtcdOwnership:
                  takeover_grace_s: float = 2.0, prefix: str = "/redledger", *,
                  rebalance: bool = True, campaign: bool = True,
                  sticky_failover: bool = True,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 principal: str | None = None) -> None:
         if not regions:
             raise ValueError("regions must not be empty")
         if shard_count <= 0:
@@ -176,6 +184,7 @@ class EtcdOwnership:
         self._root = prefix.rstrip("/") + "/"
         self._host, self._port = host or "127.0.0.1", int(port)
         self._credentials = credentials
+        self.principal = principal or f"node:{node_id}"
 
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         # Keep-alives get a thread of their own: queued behind campaigns, watches and
@@ -191,6 +200,8 @@ class EtcdOwnership:
         self._homes: dict[int, str] = {}
         # Where a shard lived before an unplanned failover moved its home (for failback).
         self._origins: dict[int, str] = {}
+        # The latest recorded change of each shard's home (who, how, why).
+        self._changes: dict[int, HomeChange] = {}
         # The region of the last owner seen per shard: a takeover is a failover (recorded,
         # failback on command) only if the shard was last served in its home region. A
         # region that has simply not started yet gets its shards back when it comes up.
@@ -300,26 +311,43 @@ class EtcdOwnership:
         """The region a shard lived in before an unplanned failover took it away."""
         return self._origins.get(shard)
 
+    def home_change(self, shard: int) -> HomeChange | None:
+        """The latest change of ``shard``'s home as last seen (who, how, why), or None."""
+        return self._changes.get(shard)
+
     async def set_homes(self, mapping: dict[int, str],
-                        origins: dict[int, str] | None = None) -> None:
+                        origins: dict[int, str] | None = None, *,
+                        action: str = "MoveShard", reason: str = "") -> str:
         """Move many shards' homes, one transaction per chunk of ``TXN_OPS_MAX``.
 
         ``origins`` records, per shard, the region it is moved away from after a failover
-        (``ledgerctl failback`` moves such shards home again); omitted, it is cleared."""
+        (``ledgerctl failback`` moves such shards home again); omitted, it is cleared. Every
+        entry carries the change (``HomeChange``: this object's ``principal``, ``action``,
+        ``reason``, one id for the whole call), which the shard's next owner records in its
+        audit chain. Returns the change id."""
         for shard, region in mapping.items():
             self._check_shard(shard)
             if region not in self._regions:
                 raise ValueError(f"unknown region {region!r}")
         items = sorted(mapping.items())
+        change_id = uuid.uuid4().hex
+        at_ms = int(time.time() * 1000)
+
+        def entry(shard: int, region: str) -> str:
+            change = HomeChange(change_id, self.principal, action, self._home(shard), region,
+                                at_ms, reason)
+            return json.dumps({"home_region": region,
+                               **({"origin": origins[shard]} if origins and shard in origins
+                                  else {}),
+                               "change": change.as_doc()})
+
         try:
             for chunk in _chunks(items, TXN_OPS_MAX):
-                puts = [etcd_txn.Put(self._map_key(s), json.dumps(
-                    {"home_region": r, **({"origin": origins[s]} if origins and s in origins
-                                          else {})}))
-                        for s, r in chunk]
+                puts = [etcd_txn.Put(self._map_key(s), entry(s, r)) for s, r in chunk]
                 await self._call(self._kv.transaction, compare=[], success=puts, failure=[])
         except _ETCD_ERRORS as exc:
             raise EtcdOwnershipError("cannot update the shard map") from exc
+        return change_id
 
     async def release(self, shard: int) -> None:
         """Give ``shard`` up (for draining): report the loss, then delete the owner key.
@@ -397,9 +425,14 @@ class EtcdOwnership:
                 if deleted:
                     self._homes.pop(shard, None)
                     self._origins.pop(shard, None)
+                    self._changes.pop(shard, None)
                 else:
                     doc = json.loads(value)
                     self._homes[shard] = str(doc["home_region"])
+                    if doc.get("change"):
+                        self._changes[shard] = HomeChange.from_doc(doc["change"])
+                    else:
+                        self._changes.pop(shard, None)
                     if doc.get("origin"):
                         self._origins[shard] = str(doc["origin"])
                     else:
@@ -431,7 +464,7 @@ class EtcdOwnership:
         response = await self._call(self._kv.get_prefix_response, self._root)
         now = time.monotonic()
         old_absent, old_nodes = self._absent_since, self._nodes
-        self._homes, self._owners, self._nodes = {}, {}, {}
+        self._homes, self._owners, self._nodes, self._changes = {}, {}, {}, {}
         for kv in response.kvs:
             self._apply_kv(kv.key, kv.value, kv.create_revision, kv.lease, False, now)
         for name, rec in self._nodes.items():
@@ -725,7 +758,9 @@ class EtcdOwnership:
             # back and forth. The old home is kept as the origin.
             origins = {s: self._home(s) for s in taken_over}
             try:
-                await self.set_homes({s: self.region for s in taken_over}, origins)
+                await self.set_homes({s: self.region for s in taken_over}, origins,
+                                     action="AutoFailover",
+                                     reason="the home region had no live node")
                 log.warning("node %s took over shards %s from %s", self.node_id, taken_over,
                             sorted(set(origins.values())))
             except EtcdOwnershipError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from shard_router.ownership import OwnerInfo, OwnershipListener, ShardPlacement
+from shard_router.ownership import HomeChange, OwnerInfo, OwnershipListener, ShardPlacement
 
 # Pause before a shard given up by its owner (after a failure) is granted again, doubling per
 # release of that shard up to the maximum (s): a shard whose owner keeps failing does not
@@ -89,3 +89,6 @@ class LocalOwnership:
     def placements(self) -> list[ShardPlacement]:
         return [ShardPlacement(shard=s, home_region=self.region)
                 for s in range(self._shard_count)]
+
+    def home_change(self, shard: int) -> HomeChange | None:
+        return None  # one region: no shard ever changes home

@@ -29,6 +29,44 @@ class ShardPlacement:
     home_region: str
 
 
+@dataclass(slots=True, frozen=True)
+class HomeChange:
+    """Who changed a shard's home, how and why: written with the shard map entry
+    (``EtcdOwnership.set_homes``), and recorded in the shard's audit chain by the owner that
+    then takes the shard over (``ledger.node``), so that an operator's move or failover is
+    audited where the money is.
+
+    Attributes:
+        change_id: Unique per change (one id for every shard of one command).
+        principal: Who: an operator's certificate identity (``ledgerctl``), or the node that
+            took shards over from a dead region (``AutoFailover``).
+        action: ``MoveShard``, ``Failover``, ``Failback``, ``RestoreHomes``, ``AutoFailover``.
+        from_region: The shard's home before the change ("" if unknown).
+        to_region: Its home after.
+        at_ms: When it was made (wall clock of the one who made it).
+        reason: The reason given, if any (free text from an operator: no personal data).
+    """
+
+    change_id: str
+    principal: str
+    action: str
+    from_region: str
+    to_region: str
+    at_ms: int
+    reason: str = ""
+
+    def as_doc(self) -> dict:
+        return {"id": self.change_id, "by": self.principal, "action": self.action,
+                "from": self.from_region, "to": self.to_region, "at_ms": self.at_ms,
+                **({"reason": self.reason} if self.reason else {})}
+
+    @classmethod
+    def from_doc(cls, doc: dict) -> "HomeChange":
+        return cls(str(doc["id"]), str(doc.get("by", "")), str(doc.get("action", "")),
+                   str(doc.get("from", "")), str(doc.get("to", "")), int(doc.get("at_ms", 0)),
+                   str(doc.get("reason", "")))
+
+
 # Called when this node gains (epoch > 0) or loses (epoch == 0) a shard.
 OwnershipListener = Callable[[int, int], Awaitable[None]]
 
@@ -123,4 +161,9 @@ class Ownership(Protocol):
 
     def placements(self) -> list[ShardPlacement]:
         """Every shard's home region as last seen, in shard order (no round trip)."""
+        ...
+
+    def home_change(self, shard: int) -> HomeChange | None:
+        """The latest change of ``shard``'s home as last seen (no round trip), or None if
+        its home was never changed (the local adapter: never)."""
         ...

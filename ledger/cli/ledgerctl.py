@@ -247,6 +247,21 @@ def _etcd_files(args):
     return TlsFiles.from_dir(args.etcd_tls_dir, args.etcd_tls_name)
 
 
+def _operator(args) -> str:
+    """Who makes a shard map change, as the shard's audit chain records it: the identity of
+    the certificate used with etcd, or (plaintext etcd: nothing proves it) the local user,
+    marked ``unverified:``."""
+    files = _etcd_files(args)
+    if files is not None:
+        from ledger.security import certs
+        who = certs.describe(files.cert.read_bytes())[0]
+        if who:
+            return who
+    import getpass
+    import socket
+    return f"unverified:{getpass.getuser()}@{socket.gethostname()}"
+
+
 def _etcd_tls(args):
     """Channel credentials for etcd from ``--etcd-tls-dir``, or None (plaintext)."""
     from ledger.security.tls import channel_credentials
@@ -287,7 +302,7 @@ async def _view(args):
     view = EtcdOwnership(args.etcd, f"ledgerctl-{os.getpid()}", "-", "",
                          args.regions.split(","), shard_count=args.shards,
                          prefix=args.etcd_prefix, campaign=False,
-                         credentials=_etcd_tls(args))
+                         credentials=_etcd_tls(args), principal=_operator(args))
 
     async def ignore(shard: int, epoch: int) -> None:
         return None
@@ -382,13 +397,17 @@ async def _replication(args) -> int:
 
 
 async def _move(args, mapping: dict[int, str], origins: dict[int, str] | None,
-                view) -> int:
-    """Re-home shards and wait until each is served by a node of its new home region."""
+                view, action: str) -> int:
+    """Re-home shards and wait until each is served by a node of its new home region. The
+    change (who, ``action``, ``--reason``) goes with the map entries; each new owner records
+    it in its shard's audit chain."""
     if not mapping:
         print("nothing to move")
         return 0
     started = time.monotonic()
-    await view.set_homes(mapping, origins)
+    change_id = await view.set_homes(mapping, origins, action=action,
+                                     reason=getattr(args, "reason", "") or "")
+    print(f"change {change_id} by {view.principal}", flush=True)
     print(f"moving {len(mapping)} shards ...", flush=True)
     while True:
         pending = [s for s, r in mapping.items()
@@ -412,7 +431,7 @@ async def _failover(args) -> int:
         # A planned failover remembers where the shards came from, for failback.
         mapping, origins = failover_moves(
             {p.shard: p.home_region for p in view.placements()}, args.src, args.to)
-        return await _move(args, mapping, origins, view)
+        return await _move(args, mapping, origins, view, "Failover")
     finally:
         await view.close()
 
@@ -422,7 +441,7 @@ async def _failback(args) -> int:
     try:
         mapping = failback_moves({p.shard: view.origin(p.shard) for p in view.placements()},
                                  args.region)
-        return await _move(args, mapping, None, view)
+        return await _move(args, mapping, None, view, "Failback")
     finally:
         await view.close()
 
@@ -432,7 +451,7 @@ async def _move_shard(args) -> int:
     try:
         if not 0 <= args.shard < args.shards:
             raise SystemExit(f"ledgerctl: shard must be 0..{args.shards - 1}")
-        return await _move(args, {args.shard: args.to}, None, view)
+        return await _move(args, {args.shard: args.to}, None, view, "MoveShard")
     finally:
         await view.close()
 
@@ -471,14 +490,15 @@ async def _restore_homes(args) -> int:
                    if p.home_region != homes[p.shard]}
         if args.no_wait or args.json:
             if mapping:
-                await view.set_homes(mapping)
+                await view.set_homes(mapping, action="RestoreHomes",
+                                     reason=args.reason or "")
             if args.json:
                 print(json.dumps({"homes": {str(s): r for s, r in homes.items()},
                                   "moved": {str(s): r for s, r in mapping.items()}}))
             else:
                 print(f"re-homed {len(mapping)} shards")
             return 0
-        return await _move(args, mapping, None, view)
+        return await _move(args, mapping, None, view, "RestoreHomes")
     finally:
         await view.close()
 
@@ -751,16 +771,20 @@ def main(argv: list[str] | None = None) -> int:
     _etcd_args(failover)
     failover.add_argument("--from", dest="src", required=True)
     failover.add_argument("--to", required=True)
+    failover.add_argument("--reason", default="", help="recorded in the audit trail")
     failback = sub.add_parser("failback", help="move shards home to a recovered region")
     _etcd_args(failback)
     failback.add_argument("--region", required=True)
+    failback.add_argument("--reason", default="", help="recorded in the audit trail")
     move = sub.add_parser("move-shard", help="re-home one shard")
     _etcd_args(move)
     move.add_argument("shard", type=int)
     move.add_argument("--to", required=True)
+    move.add_argument("--reason", default="", help="recorded in the audit trail")
     restore = sub.add_parser("restore-homes", help="home every shard in its default region "
                              "again (shard s in regions[s % n])")
     _etcd_args(restore)
+    restore.add_argument("--reason", default="", help="recorded in the audit trail")
     restore.add_argument("--no-wait", action="store_true",
                          help="set the homes and return; do not wait for the new owners")
     restore.add_argument("--json", action="store_true",

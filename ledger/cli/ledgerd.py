@@ -180,6 +180,17 @@ def _etcd_tls(args):
     return channel_credentials(TlsFiles.from_dir(args.tls_dir, args.tls_name))
 
 
+def _principal(args) -> str | None:
+    """This node's certificate identity (what its shard map changes are recorded under), or
+    None without TLS (then ``node:<id>``)."""
+    if not args.tls_dir:
+        return None
+    from ledger.security import certs
+    from ledger.security.tls import TlsFiles
+
+    return certs.describe(TlsFiles.from_dir(args.tls_dir, args.tls_name).cert.read_bytes())[0]
+
+
 def _memory_ms(args) -> int:
     if args.idempotency_memory_s <= 0:
         raise SystemExit("ledgerd: --idempotency-memory-s must be positive")
@@ -305,7 +316,8 @@ async def _node(args) -> None:
     ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
                               takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix,
-                              campaign=args.role == "full", credentials=_etcd_tls(args))
+                              campaign=args.role == "full", credentials=_etcd_tls(args),
+                              principal=_principal(args))
     # Appends are plain writes: the store acknowledges one only while this node's lease holds
     # (coordinator/PROTOCOL.md, "Fencing").
     store.bind_lease(ownership.lease_valid)

@@ -288,6 +288,14 @@ def _device_confirmed(e: model.DeviceConfirmed, out: list[tuple]) -> None:
                 e.wallet_id, "", 0, "", "OK", e.wallet_id, e.at_ms, e.reason))
 
 
+def _admin_noted(e: model.AdminNoted, out: list[tuple]) -> None:
+    # Admin actions made outside the journal (ownership changes, the owner's policy and
+    # certificate), recorded by the shard's owner (``model.NoteAdmin``).
+    out.append((e.action, e.principal,
+                request_hash(e.principal, e.action, e.subject, e.detail, e.change_id, e.at_ms),
+                "", "", 0, "", "OK", e.subject, e.at_ms, e.detail))
+
+
 BUILDERS: dict[type, Callable[[Any, list[tuple]], None]] = {
     model.TransferDecided: _transfer_decided,
     model.ChainPrepared: _chain_prepared,
@@ -300,6 +308,7 @@ BUILDERS: dict[type, Callable[[Any, list[tuple]], None]] = {
     model.EnvelopeOpened: _envelope_opened,
     model.RiskLimitsSet: _risk_limits_set,
     model.DeviceConfirmed: _device_confirmed,
+    model.AdminNoted: _admin_noted,
 }
 
 

@@ -126,9 +126,10 @@ def loads(data: bytes | str) -> Any:
 # Format 5 adds "grants" and "headroom" (headroom grants given and received). Format 6 adds
 # "risk_default" and "risk" (risk limits, confirmed devices and velocity windows), and
 # "audit": the audit chain's head ([[audit_seq, audit_head]], ``ledger.core.audit``); an older
-# snapshot loads with an empty head (no rows were chained before it).
+# snapshot loads with an empty head (no rows were chained before it). Format 7 adds a third
+# field to "audit": the latest shard map change recorded in the chain (``admin_change``).
 
-SNAPSHOT_FORMAT = 6
+SNAPSHOT_FORMAT = 7
 _SNAPSHOT_MAGIC = b"LSNAP2\n"
 # Records per JSON line: big enough that json does the work in C, small enough that encoding
 # and decoding hand the GIL around often (they run in a worker thread next to the event loop).
@@ -179,7 +180,7 @@ def _snapshot_records(state: ShardState) -> Iterator[tuple[str, list]]:
                            [(d.window_ms, d.max_amount_minor, d.max_count,
                              d.step_up_above_minor)])
     yield "risk", [r.record() for r in state.risk.values()]
-    yield "audit", [(state.audit_seq, state.audit_head)]
+    yield "audit", [(state.audit_seq, state.audit_head, state.admin_change)]
 
 
 def snapshot_lines(state: ShardState) -> Iterator[bytes]:
@@ -379,8 +380,9 @@ def _load_risk(state: ShardState, records: list) -> None:
 
 
 def _load_audit(state: ShardState, records: list) -> None:
-    for audit_seq, audit_head in records:
+    for audit_seq, audit_head, *admin_change in records:  # format 6: no admin_change
         state.audit_seq, state.audit_head = audit_seq, audit_head
+        state.admin_change = admin_change[0] if admin_change else ""
 
 
 _SECTION_LOADERS = {

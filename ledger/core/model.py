@@ -345,6 +345,24 @@ class ConfirmDevice:
 
 
 @dataclass(slots=True, frozen=True)
+class NoteAdmin:
+    """Record, in this shard's audit chain, an admin action made outside its journal: a change
+    of owner (``TakeOver`` after a lease lapsed or a node started; an operator's ``MoveShard``,
+    ``Failover``, ``Failback`` or ``RestoreHomes``, or a node's ``AutoFailover``, which the
+    shard map carries with its principal) or of the security the owner enforces
+    (``PolicyReloaded``, ``CertificateRotated``). Sent by the shard's own node only (the
+    public API has no such method); ``ledger.owner.ShardOwner.note_admin`` journals it with
+    the owner's next batch."""
+
+    action: str
+    principal: str
+    subject: str  # what it acted on: the node now serving, the policy's name, a certificate
+    detail: str  # short facts, no personal data (regions, epoch, digests, the stated reason)
+    change_id: str  # the shard map change this records ("" if none)
+    now_ms: int
+
+
+@dataclass(slots=True, frozen=True)
 class Post:
     """Decide a transfer on its debit shard: the commit point of every transfer.
 
@@ -718,6 +736,16 @@ class DeviceConfirmed:
 
 
 @dataclass(slots=True, frozen=True)
+class AdminNoted:
+    action: str
+    principal: str
+    subject: str
+    detail: str
+    change_id: str
+    at_ms: int
+
+
+@dataclass(slots=True, frozen=True)
 class HeadroomGranted:
     to_shard: int
     total_minor: int
@@ -825,11 +853,11 @@ EVENT_TYPES = (WalletCreated, TransferDecided, CreditsApplied, OutboxAcked, Idem
                CreditReserved, ReservationsDropped, ReservationsFenced,
                ChainParticipantFinished, IdempotencySpilled, EnvelopeOpened, EnvelopeGrabbed,
                EnvelopeRefunded, EnvelopeAbandoned, HeadroomGranted, HeadroomNoted, WalletFrozen,
-               RiskLimitsSet, DeviceConfirmed)
+               RiskLimitsSet, DeviceConfirmed, AdminNoted)
 COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation, ApplyCredits,
                  AckOutbox, GetTransfer, ExpireIdempotency, CreateHold, CaptureHold,
                  ReleaseHold, GetHold, ExpireHolds, PrepareLinked, DecideChain, FinishChain,
                  ClaimKey, ResolveReservations, DropReservations, ChainFinished,
                  SpillIdempotency, OpenEnvelope, GrabEnvelope, GetEnvelope, RefundEnvelope,
                  AbandonEnvelope, GrantHeadroom, NoteHeadroom, SetFrozen, SetRiskLimits,
-                 ConfirmDevice)
+                 ConfirmDevice, NoteAdmin)

@@ -35,6 +35,7 @@ from ledger.core.model import (
     RefundEnvelope, envelope_of_escrow, escrow_wallet_id, AbandonEnvelope, EnvelopeAbandoned,
     GrantHeadroom, HeadroomGranted, HeadroomNoted, NoteHeadroom, SetFrozen, WalletFrozen,
     RESERVED_PREFIX, ConfirmDevice, DeviceConfirmed, RiskLimitsSet, SetRiskLimits,
+    AdminNoted, NoteAdmin,
 )
 from ledger.core import risk as R
 from ledger.core import split
@@ -47,7 +48,7 @@ Event = (WalletCreated | TransferDecided | CreditsApplied | OutboxAcked | Idempo
          | CreditReserved | ReservationsDropped | ReservationsFenced
          | ChainParticipantFinished | IdempotencySpilled | EnvelopeOpened | EnvelopeGrabbed
          | EnvelopeRefunded | EnvelopeAbandoned | HeadroomGranted | HeadroomNoted | WalletFrozen
-         | RiskLimitsSet | DeviceConfirmed)
+         | RiskLimitsSet | DeviceConfirmed | AdminNoted)
 
 
 # The ``field`` of the (never recorded, never client-facing) answer to a grab owed under a
@@ -155,7 +156,7 @@ class ShardState:
                  "chains", "claims", "fenced", "chain_waiting", "chains_purged_before",
                  "spilled", "loaded", "envelopes", "grabs", "grants_out", "grants_used",
                  "granted_open", "headroom_in", "headroom_used", "risk", "risk_default",
-                 "audit_seq", "audit_head")
+                 "audit_seq", "audit_head", "admin_change")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -165,6 +166,9 @@ class ShardState:
         # (``ledger.core.audit.chain`` advances them; snapshots keep them).
         self.audit_seq = 0
         self.audit_head = ""
+        # The latest shard map change (``NoteAdmin.change_id``) recorded in the audit chain:
+        # an owner that takes the shard over records a change only once (``ledger.node``).
+        self.admin_change = ""
         self.wallets: dict[str, Wallet] = {}
         # Transfers decided on this shard and still within the idempotency retention window.
         self.transfers: dict[str, Transfer] = {}
@@ -405,6 +409,12 @@ class ShardState:
             return ok(), []
         return ok(), [DeviceConfirmed(cmd.wallet_id, cmd.device_id, cmd.confirmed, cmd.reason,
                                       cmd.caller, cmd.now_ms)]
+
+    def _decide_note_admin(self, cmd: NoteAdmin) -> tuple[Outcome, list[Event]]:
+        if not cmd.action:
+            return refuse(Status.INVALID_ARGUMENT, "action", "an admin note needs an action"), []
+        return ok(), [AdminNoted(cmd.action, cmd.principal, cmd.subject, cmd.detail,
+                                 cmd.change_id, cmd.now_ms)]
 
     def _decide_set_frozen(self, cmd: SetFrozen) -> tuple[Outcome, list[Event]]:
         wallet = self.wallets.get(cmd.wallet_id)
@@ -1185,6 +1195,10 @@ class ShardState:
         else:
             held.devices.remove(e.device_id)
 
+    def _evolve_admin_noted(self, e: AdminNoted, rows: list | None) -> None:
+        if e.change_id:
+            self.admin_change = e.change_id
+
     def _evolve_wallet_frozen(self, e: WalletFrozen, rows: list | None) -> None:
         wallet = self.wallets[e.wallet_id]
         ensure(wallet.frozen != e.frozen, "wallet %s frozen state set to what it was",
@@ -1593,6 +1607,7 @@ _DECIDERS: dict[type, Callable[[ShardState, Any], tuple[Outcome, list[Event]]]] 
     SetFrozen: ShardState._decide_set_frozen,
     SetRiskLimits: ShardState._decide_set_risk_limits,
     ConfirmDevice: ShardState._decide_confirm_device,
+    NoteAdmin: ShardState._decide_note_admin,
     GetTransfer: ShardState._decide_get_transfer,
     Post: ShardState._decide_post,
     ReserveCredit: ShardState._decide_reserve_credit,
@@ -1647,4 +1662,5 @@ _EVOLVERS: dict[type, Callable[[ShardState, Any, list | None], None]] = {
     WalletFrozen: ShardState._evolve_wallet_frozen,
     RiskLimitsSet: ShardState._evolve_risk_limits_set,
     DeviceConfirmed: ShardState._evolve_device_confirmed,
+    AdminNoted: ShardState._evolve_admin_noted,
 }

@@ -28,6 +28,7 @@ The matcher is our own (grpcio does not ship this engine for Python).
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import inspect
 import json
 import logging
@@ -172,8 +173,19 @@ DEFAULT_POLICY: dict = {
 }
 
 
+def policy_digest(doc: Any) -> str:
+    """SHA-256 (hex) of the built-in policy's canonical JSON (a policy file's digest is
+    that of its bytes, what ``sha256sum`` prints): which policy was in force, as the audit
+    trail records it."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
 class Authorizer:
-    """The policy in force: from a file (read again when it changes) or the default."""
+    """The policy in force: from a file (read again when it changes) or the default.
+
+    ``on_reload`` (settable) is called on the event loop after a changed file took effect,
+    with no arguments: the node records the new policy in its shards' audit chains."""
 
     def __init__(self, path: str | Path | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -181,10 +193,18 @@ class Authorizer:
         self._clock = clock
         self._stamp: int | None = None
         self._checked = 0.0
+        self.on_reload: Callable[[], None] | None = None
         self.policy = Policy.parse(DEFAULT_POLICY)
+        self.digest = policy_digest(DEFAULT_POLICY)
         if self._path is not None:
             self._stamp = os.stat(self._path).st_mtime_ns
-            self.policy = Policy.parse(json.loads(self._path.read_text()))  # errors: no start
+            raw = self._path.read_bytes()
+            self.policy = Policy.parse(json.loads(raw))  # errors: no start
+            self.digest = hashlib.sha256(raw).hexdigest()
+
+    @property
+    def source(self) -> str:
+        return str(self._path) if self._path is not None else "built-in"
 
     def _maybe_reload(self) -> None:
         if self._path is None or self._clock() - self._checked < RELOAD_CHECK_S:
@@ -194,9 +214,15 @@ class Authorizer:
             stamp = os.stat(self._path).st_mtime_ns
             if stamp == self._stamp:
                 return
-            self.policy = Policy.parse(json.loads(self._path.read_text()))
-            self._stamp = stamp
+            raw = self._path.read_bytes()
+            policy = Policy.parse(json.loads(raw))
+            self.policy, self.digest, self._stamp = policy, hashlib.sha256(raw).hexdigest(), stamp
             log.info("authorization policy %s reloaded (%s)", self.policy.name, self._path)
+            if self.on_reload is not None:
+                try:
+                    self.on_reload()
+                except Exception:  # the policy stands; only its record failed (logged)
+                    log.exception("recording the policy reload failed")
         except (OSError, ValueError) as exc:
             log.error("authorization policy %s not reloaded, the one before stays: %s",
                       self._path, exc)

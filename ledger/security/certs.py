@@ -44,6 +44,22 @@ def principal(role: str, name: str) -> str:
     return f"spiffe://{TRUST_DOMAIN}/{role}/{name}"
 
 
+def describe(pem: bytes) -> tuple[str | None, str, str]:
+    """A certificate's principal (its ``spiffe://`` URI SAN, or None), its SHA-256
+    fingerprint (hex) and the end of its validity (ISO 8601): what the audit trail records
+    of a node's certificate (``ledger.node``)."""
+    cert = x509.load_pem_x509_certificate(pem)
+    who = None
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        who = next((u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+                    if u.startswith("spiffe://")), None)
+    except x509.ExtensionNotFound:
+        pass
+    return (who, cert.fingerprint(hashes.SHA256()).hex(),
+            cert.not_valid_after_utc.isoformat())
+
+
 @dataclass(frozen=True)
 class Issued:
     cert: Path

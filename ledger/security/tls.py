@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -48,9 +49,12 @@ class TlsFiles:
         return tuple(os.stat(p).st_mtime_ns for p in (self.ca, self.cert, self.key))
 
 
-def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+def server_credentials(files: TlsFiles,
+                       on_reload: Callable[[bytes], None] | None = None
+                       ) -> grpc.ServerCredentials:
     """Server credentials that require a client certificate signed by the CA, and pick up
-    new files (rotation) at the next handshake after they change."""
+    new files (rotation) at the next handshake after they change. ``on_reload(cert_pem)`` is
+    called after a reload, on a gRPC thread (not the event loop's)."""
     ca, cert, key = files.read()
     seen = [files.stamp()]
 
@@ -68,6 +72,11 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
             return None
         seen[0] = stamp
         log.info("TLS certificate files reloaded (%s)", files.cert)
+        if on_reload is not None:
+            try:
+                on_reload(files.cert.read_bytes())
+            except Exception:  # the reload stands; only its record failed (logged)
+                log.exception("recording the TLS reload failed")
         return fresh
 
     return grpc.dynamic_ssl_server_credentials(config(ca, cert, key), fetch,

@@ -126,3 +126,21 @@ async def test_show_filters_by_wallet_principal_and_time(ledger_dir):
     assert text.returncode == 0 and "Withdraw by ops OK 5 CNY w0" in text.stdout
     bad = ledgerctl("show", "--data-dir", str(ledger_dir), "--since", "yesterday")
     assert bad.returncode == 2 and "not a time" in bad.stderr
+
+
+async def test_every_owner_records_its_takeover_before_its_first_batch(ledger_dir):
+    # The node started once: each shard that journaled anything begins its chain with the
+    # takeover that made the node its owner (node:dev, its epoch, what it enforced).
+    proc = ledgerctl("show", "--data-dir", str(ledger_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    first: dict[int, dict] = {}
+    for r in records:
+        first.setdefault(r["shard"], r)
+    assert first and all(r["method"] == "TakeOver" for r in first.values()), first
+    assert all(r["principal"] == "node:dev" and r["subject"] == "dev"
+               and f"epoch {r['epoch']}" in r["detail"] for r in first.values())
+    assert sum(r["method"] == "TakeOver" for r in records) == len(first)
+    takeovers = ledgerctl("show", "--data-dir", str(ledger_dir), "--principal", "node:dev",
+                          "--json")
+    assert {r["method"] for r in json.loads(takeovers.stdout)} == {"TakeOver"}

@@ -15,6 +15,7 @@ TLS on loopback): who gets in, who may call what, and that a refusal changes not
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 
@@ -22,7 +23,7 @@ import grpc
 import pytest
 
 from ledger import server
-from ledger.core import codec
+from ledger.core import audit, codec
 from ledger.core.model import ApplyCredits, Credit
 from ledger.security import authz, certs
 from ledger.security.tls import TlsFiles
@@ -82,6 +83,12 @@ async def call(pki, running, who, method, request, caller="spoofed"):
         stub = pb_grpc.LedgerServiceStub(ch)
         return await getattr(stub, method)(request, timeout=CALL_TIMEOUT_S,
                                            metadata=(("ledger-caller", caller),))
+
+
+async def audited(running, wallet_id: str) -> list[audit.AuditRecord]:
+    """The audit records of the shard that holds ``wallet_id``."""
+    rows = await running.store.read_audit(shard_of(wallet_id, SHARDS))
+    return [r for row in rows for r in audit.decode_records(row.records)]
 
 
 async def balance(pki, running, wallet_id: str) -> int:
@@ -215,6 +222,21 @@ async def test_an_unknown_principal_is_refused_and_the_policy_reloads(pki, ledge
             assert exc.code() is grpc.StatusCode.PERMISSION_DENIED
             assert loop.time() < give_up, "the changed policy was not picked up"
             await asyncio.sleep(authz.RELOAD_CHECK_S / 2)
+    # The audit trail says which policy is in force from where on: the reload is recorded
+    # on the shards this node serves, with the new file's digest (what sha256sum prints).
+    digest = hashlib.sha256(policy.read_bytes()).hexdigest()
+    await call(pki, ledger, "service/payments", "CreateWallet", pb.CreateWalletRequest(
+        idempotency_key="w-after-reload", wallet_id="after-reload", currency="CNY"))
+    records = await audited(ledger, "after-reload")
+    reloads = [r for r in records if r.method == "PolicyReloaded"]
+    assert reloads and reloads[-1].detail.startswith(f"sha256:{digest} ")
+    assert reloads[-1].principal == "spiffe://redledger/node/n1"
+    assert reloads[-1].subject == authz.DEFAULT_POLICY["name"]
+    # The shard's first record is the takeover, naming the node and what it enforced.
+    assert records[0].method == "TakeOver"
+    assert records[0].principal == "spiffe://redledger/node/n1"
+    assert "policy redledger-default sha256:" in records[0].detail
+    assert "certificate spiffe://redledger/node/n1 sha256:" in records[0].detail
     policy.write_text(json.dumps(authz.DEFAULT_POLICY))
 
 
@@ -255,6 +277,21 @@ async def test_certificates_rotate_without_a_restart(tmp_path):
         # CA's no longer do; the server never restarted.
         assert await works(tmp_path / "new", new["service/payments"])
         assert not await works(tmp_path / "old", old["service/payments"])
+        # The rotation is in the audit trail of the shards the node serves: the new
+        # certificate's identity and fingerprint, recorded under the node's identity.
+        issued = new["service/payments"]
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=(tmp_path / "new" / "ca.pem").read_bytes(),
+            private_key=issued.key.read_bytes(), certificate_chain=issued.cert.read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{running.port}", creds) as ch:
+            await pb_grpc.LedgerServiceStub(ch).CreateWallet(pb.CreateWalletRequest(
+                idempotency_key="w-rotated", wallet_id="rotated", currency="CNY"),
+                timeout=CALL_TIMEOUT_S)
+        _, fingerprint, _ = certs.describe((live / "node-n1.pem").read_bytes())
+        rotations = [r for r in await audited(running, "rotated")
+                     if r.method == "CertificateRotated"]
+        assert [(r.subject, r.detail.split()[0]) for r in rotations] == [
+            ("spiffe://redledger/node/n1", f"sha256:{fingerprint}")]
     finally:
         await running.close()
 

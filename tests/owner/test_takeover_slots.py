@@ -65,6 +65,9 @@ class CalledOwnership:
     def placements(self):
         return []
 
+    def home_change(self, shard: int) -> None:
+        return None  # homes never change here
+
 
 async def test_takeovers_run_a_few_at_a_time_and_a_lost_gain_starts_nothing():
     store, ownership = HeldLoads(), CalledOwnership()

@@ -16,7 +16,7 @@ from ledger.core.audit import AuditHead, AuditRow, check_chain
 from ledger.core.ids import envelope_id_for, grab_key, transfer_id_for
 from ledger.core.model import (
     KIND_DEPOSIT, KIND_ENVELOPE_FUND, CreateHold, CreateWallet, Envelope, GrabEnvelope,
-    OpenEnvelope, Post, ReleaseHold, SetFrozen, escrow_wallet_id, settlement_wallet_id,
+    NoteAdmin, OpenEnvelope, Post, ReleaseHold, SetFrozen, escrow_wallet_id, settlement_wallet_id,
 )
 from ledger.core.shard import ShardState
 from ledger.core.step import fold, step
@@ -33,7 +33,9 @@ def scenario() -> list[list[object]]:
     settlement = settlement_wallet_id("CNY", SHARD)
     gk = grab_key(eid, "g-bob")
     return [
-        [CreateWallet("svc", "w-alice", "alice", "CNY", False, 1),
+        [NoteAdmin("MoveShard", "spiffe://redledger/operator/ops", "n2",
+                   "home r1 -> r2; reason: rack maintenance", "change-1", 1),
+         CreateWallet("svc", "w-alice", "alice", "CNY", False, 1),
          CreateWallet("svc", "w-bob", "bob", "CNY", False, 1),
          CreateWallet("admin", "w-ops", "ops-float", "CNY", True, 1)],
         [Post("svc", "dep", "tdep", KIND_DEPOSIT, settlement, "alice", 5_000, "CNY",
@@ -85,6 +87,9 @@ def test_records_say_who_did_what_to_which_wallets_and_how_it_ended():
     assert by_method["EnvelopeGrab"][0].to_wallet_id == "bob"
     assert [(r.principal, r.detail) for r in by_method["FreezeWallet"]] == [
         ("ops", "chargeback review")]
+    # An admin action made outside the journal (a shard move) is in the chain too.
+    assert [(r.principal, r.subject, r.detail) for r in by_method["MoveShard"]] == [
+        ("spiffe://redledger/operator/ops", "n2", "home r1 -> r2; reason: rack maintenance")]
     # Every row is stamped with the batch it came from, and its time is its records'.
     assert all(row.shard == SHARD and row.epoch == EPOCH for row in rows)
     assert all(row.at_ms == max(r.at_ms for r in row.decoded()) for row in rows)
@@ -117,6 +122,7 @@ def test_a_fold_of_the_decoded_journal_gives_identical_rows_and_head():
     restored = codec.snapshot_loads(codec.snapshot_dumps(middle))
     assert (restored.audit_seq, restored.audit_head) == (middle.audit_seq, middle.audit_head)
     assert restored.audit_head
+    assert restored.admin_change == middle.admin_change == "change-1"
     rest: list = []
     fold(restored, decoded[4:], rest)
     assert [v for k, v in rest if k == "audit"] == [r for r in live_rows if r.seq > 4]
@@ -258,3 +264,19 @@ def test_a_consistent_rewrite_is_caught_only_by_an_anchored_head():
     assert [(p.seq, "anchored head" in p.what) for p in problems] == [(anchor.seq, True)]
     # An anchor the chain still extends is fine.
     assert check_chain(SHARD, rows, head_of(rows), anchor=anchor) == []
+
+
+def test_a_snapshot_of_format_6_loads_without_a_recorded_map_change():
+    state, _, _ = live_run()
+    lines = [json.loads(line) for line in
+             zlib.decompress(codec.snapshot_dumps(state)[len(b"LSNAP2\n"):]).splitlines()]
+    header, body = lines[0], lines[1:]
+    header["format"] = 6
+    for line in body:
+        if line[0] == "audit":
+            line[1] = [record[:2] for record in line[1]]
+    old = b"LSNAP2\n" + zlib.compress(b"\n".join(
+        json.dumps(x, separators=(",", ":")).encode() for x in [header, *body]) + b"\n")
+    loaded = codec.snapshot_loads(old)
+    assert (loaded.audit_seq, loaded.audit_head) == (state.audit_seq, state.audit_head)
+    assert state.admin_change == "change-1" and loaded.admin_change == ""
