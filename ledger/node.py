@@ -3,12 +3,12 @@
 The node also records, in the audit chain of every shard it serves, the admin actions that
 never pass through a shard's journal (``model.NoteAdmin``, ``ShardOwner.note_admin``):
 
-* each takeover: ``TakeOver`` (this node's principal; a node start, a lease that lapsed), or,
-  when a shard map change brought the shard here and the chain has not recorded it yet, that
-  change under its own principal and action (``MoveShard``, ``Failover``, ``Failback``,
+* each takeover: first every change of the shard's home the shard map holds and the chain
+  lacks, each under its own principal and action (``MoveShard``, ``Failover``, ``Failback``,
   ``RestoreHomes`` by an operator; ``AutoFailover`` by the node that took a dead region's
-  shards), with the regions, the new owner and epoch, and the policy and certificate the new
-  owner enforces;
+  shards) with its regions and reason; then ``TakeOver`` under this node's principal (a
+  move, a node start, a lease that lapsed), with its epoch and the policy and certificate it
+  enforces;
 * each change of what it enforces: ``PolicyReloaded`` (the policy file changed; its name and
   digest) and ``CertificateRotated`` (the node's certificate; its principal, fingerprint and
   expiry), on every shard it serves.
@@ -119,17 +119,21 @@ class Node:
         """How this node came to serve ``shard`` (built when the owner's batch is formed)."""
         ownership = self.ownership
 
-        def build(state: ShardState, now_ms: int) -> NoteAdmin:
-            served = (f"served by node {ownership.node_id} ({ownership.region}) epoch {epoch}; "
-                      f"{self.security_facts()}")
-            change = ownership.home_change(shard)
-            if (change is not None and change.change_id != state.admin_change
-                    and change.to_region == ownership.region):
-                reason = f"; reason: {change.reason}" if change.reason else ""
-                return NoteAdmin(change.action, change.principal, ownership.node_id,
-                                 f"home {change.from_region or '?'} -> {change.to_region} at "
-                                 f"{change.at_ms}{reason}; {served}", change.change_id, now_ms)
-            return NoteAdmin("TakeOver", self.principal, ownership.node_id, served, "", now_ms)
+        def build(state: ShardState, now_ms: int) -> list[NoteAdmin]:
+            changes = ownership.home_changes(shard)
+            ids = [c.change_id for c in changes]
+            # Changes up to the last one recorded are in the chain already (the map keeps
+            # them in order); all of them if that one is no longer kept.
+            start = ids.index(state.admin_change) + 1 if state.admin_change in ids else 0
+            notes = [NoteAdmin(c.action, c.principal, f"shard {shard}",
+                               f"home {c.from_region or '?'} -> {c.to_region} at {c.at_ms}"
+                               + (f"; reason: {c.reason}" if c.reason else ""),
+                               c.change_id, now_ms) for c in changes[start:]]
+            notes.append(NoteAdmin(
+                "TakeOver", self.principal, ownership.node_id,
+                f"node {ownership.node_id} ({ownership.region}) epoch {epoch}; "
+                f"{self.security_facts()}", "", now_ms))
+            return notes
 
         return build
 
@@ -137,8 +141,8 @@ class Node:
         """Record an admin action of this node (a policy or certificate change) in the audit
         chain of every shard it serves. Call on the event loop."""
         for owner in list(self.owners.values()):
-            owner.note_admin(lambda _state, now_ms: NoteAdmin(
-                action, self.principal, subject, detail, "", now_ms))
+            owner.note_admin(lambda _state, now_ms: [NoteAdmin(
+                action, self.principal, subject, detail, "", now_ms)])
 
     async def _owner_stopped(self, shard: int, epoch: int, reason: str) -> None:
         owner = self.owners.get(shard)

@@ -45,7 +45,7 @@ log = logging.getLogger("ledger.owner")
 
 # An admin note, or what builds it from the live state and the time when its batch is formed
 # (``ShardOwner.note_admin``).
-AdminNote = NoteAdmin | Callable[[ShardState, int], NoteAdmin]
+AdminNote = NoteAdmin | Callable[[ShardState, int], list[NoteAdmin]]
 
 
 
@@ -707,9 +707,9 @@ class ShardOwner:
         kept until a batch holding it is durable (a failed append retries it); an owner that
         stops first loses it, and its successor records its own takeover instead.
 
-        ``note`` may be a function of (the live state, now in ms), called when the batch is
-        formed: a takeover note then sees the shard map change the elector has learned by
-        that time, and what the chain has recorded already."""
+        ``note`` may be a function of (the live state, now in ms) giving the notes, called
+        when the batch is formed: a takeover note then sees the shard map changes the elector
+        has learned by that time, and what the chain has recorded already."""
         if not self._serving:
             return
         self._admin_notes.append(note)
@@ -727,19 +727,19 @@ class ShardOwner:
         if not self._admin_notes or self._notes_inflight:
             return None
         now = self._clock_ms()
-        notes = []
+        notes: list[NoteAdmin] = []
         for note in list(self._admin_notes):
-            if callable(note):
-                try:
-                    note = note(self.state, now)
-                except Exception:  # a bug in a note must not stop the commit loop: logged
-                    log.exception("shard %d: admin note not built, dropped", self.shard)
-                    self._admin_notes.remove(note)
-                    continue
-            notes.append(note)
+            if not callable(note):
+                notes.append(note)
+                continue
+            try:
+                notes.extend(note(self.state, now))
+            except Exception:  # a bug in a note must not stop the commit loop: logged
+                log.exception("shard %d: admin note not built, dropped", self.shard)
+                self._admin_notes.remove(note)
         if not notes:
             return None
-        self._notes_inflight = len(notes)
+        self._notes_inflight = len(self._admin_notes)
         return _Request(notes, None)
 
     def _notes_journaled(self) -> None:

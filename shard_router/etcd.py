@@ -6,9 +6,12 @@ Key layout (all under ``prefix``, default ``/redledger``)::
     {prefix}/owner/{shard:05d}  {"node_id": .., "region": .., "address": ..}  owner's lease
     {prefix}/nodes/{node_id}    {"region": .., "address": ..}                node's lease
 
-A map entry written by a move carries ``change`` (``shard_router.ownership.HomeChange``: who
-moved it, how, why, when); the node that then takes the shard over records it in the shard's
-audit chain (``ledger.node``).
+A map entry written by a move carries ``changes``, the latest ``HOME_CHANGES_KEPT`` changes of
+the shard's home (``shard_router.ownership.HomeChange``: who moved it, how, why, when); the
+node that next takes the shard over records those its audit chain lacks (``ledger.node``).
+Two processes changing one shard's home at the same instant may drop each other's entry from
+the list (the write is not compared against the entry it extends): the move stands, its
+record may be missing.
 
 Election: a node wins a shard with the transaction ``create_revision(owner key) == 0 ->
 put(owner key, lease)``. The key's create revision is the shard's epoch (fencing token). etcd
@@ -57,7 +60,8 @@ from pyetcd import exceptions as etcd_exceptions
 from pyetcd import transactions as etcd_txn
 
 from ledger.runtime.tasks import spawn
-from shard_router.ownership import HomeChange, OwnerInfo, OwnershipListener, ShardPlacement
+from shard_router.ownership import (HOME_CHANGES_KEPT, HomeChange, OwnerInfo,
+                                    OwnershipListener, ShardPlacement)
 from shard_router.placement import (Action, ShardView, default_home, is_failover,
                                     keepalive_period_s, lease_deadline, plan,
                                     preferred_node, release_hold_s)
@@ -200,8 +204,8 @@ class EtcdOwnership:
         self._homes: dict[int, str] = {}
         # Where a shard lived before an unplanned failover moved its home (for failback).
         self._origins: dict[int, str] = {}
-        # The latest recorded change of each shard's home (who, how, why).
-        self._changes: dict[int, HomeChange] = {}
+        # The latest recorded changes of each shard's home (who, how, why), oldest first.
+        self._changes: dict[int, list[HomeChange]] = {}
         # The region of the last owner seen per shard: a takeover is a failover (recorded,
         # failback on command) only if the shard was last served in its home region. A
         # region that has simply not started yet gets its shards back when it comes up.
@@ -311,9 +315,10 @@ class EtcdOwnership:
         """The region a shard lived in before an unplanned failover took it away."""
         return self._origins.get(shard)
 
-    def home_change(self, shard: int) -> HomeChange | None:
-        """The latest change of ``shard``'s home as last seen (who, how, why), or None."""
-        return self._changes.get(shard)
+    def home_changes(self, shard: int) -> list[HomeChange]:
+        """The latest changes of ``shard``'s home as last seen (who, how, why), oldest
+        first."""
+        return list(self._changes.get(shard, ()))
 
     async def set_homes(self, mapping: dict[int, str],
                         origins: dict[int, str] | None = None, *,
@@ -322,9 +327,9 @@ class EtcdOwnership:
 
         ``origins`` records, per shard, the region it is moved away from after a failover
         (``ledgerctl failback`` moves such shards home again); omitted, it is cleared. Every
-        entry carries the change (``HomeChange``: this object's ``principal``, ``action``,
-        ``reason``, one id for the whole call), which the shard's next owner records in its
-        audit chain. Returns the change id."""
+        entry gets the change appended to its list (``HomeChange``: this object's
+        ``principal``, ``action``, ``reason``, one id for the whole call), which the shard's
+        next owner records in its audit chain. Returns the change id."""
         for shard, region in mapping.items():
             self._check_shard(shard)
             if region not in self._regions:
@@ -336,10 +341,11 @@ class EtcdOwnership:
         def entry(shard: int, region: str) -> str:
             change = HomeChange(change_id, self.principal, action, self._home(shard), region,
                                 at_ms, reason)
+            kept = [*self._changes.get(shard, ()), change][-HOME_CHANGES_KEPT:]
             return json.dumps({"home_region": region,
                                **({"origin": origins[shard]} if origins and shard in origins
                                   else {}),
-                               "change": change.as_doc()})
+                               "changes": [c.as_doc() for c in kept]})
 
         try:
             for chunk in _chunks(items, TXN_OPS_MAX):
@@ -429,8 +435,9 @@ class EtcdOwnership:
                 else:
                     doc = json.loads(value)
                     self._homes[shard] = str(doc["home_region"])
-                    if doc.get("change"):
-                        self._changes[shard] = HomeChange.from_doc(doc["change"])
+                    if doc.get("changes"):
+                        self._changes[shard] = [HomeChange.from_doc(c)
+                                                for c in doc["changes"]]
                     else:
                         self._changes.pop(shard, None)
                     if doc.get("origin"):

@@ -90,5 +90,5 @@ class LocalOwnership:
         return [ShardPlacement(shard=s, home_region=self.region)
                 for s in range(self._shard_count)]
 
-    def home_change(self, shard: int) -> HomeChange | None:
-        return None  # one region: no shard ever changes home
+    def home_changes(self, shard: int) -> list[HomeChange]:
+        return []  # one region: no shard ever changes home

@@ -29,12 +29,18 @@ class ShardPlacement:
     home_region: str
 
 
+# Changes of one shard's home the shard map keeps: an owner records every change it finds
+# there that its chain lacks, so a shard moved several times before its next owner journaled
+# anything loses none of them from its audit trail (up to this many).
+HOME_CHANGES_KEPT = 8
+
+
 @dataclass(slots=True, frozen=True)
 class HomeChange:
     """Who changed a shard's home, how and why: written with the shard map entry
-    (``EtcdOwnership.set_homes``), and recorded in the shard's audit chain by the owner that
-    then takes the shard over (``ledger.node``), so that an operator's move or failover is
-    audited where the money is.
+    (``EtcdOwnership.set_homes``, which keeps the latest ``HOME_CHANGES_KEPT``), and recorded
+    in the shard's audit chain by the owner that next takes the shard over (``ledger.node``),
+    so that an operator's move or failover is audited where the money is.
 
     Attributes:
         change_id: Unique per change (one id for every shard of one command).
@@ -163,7 +169,7 @@ class Ownership(Protocol):
         """Every shard's home region as last seen, in shard order (no round trip)."""
         ...
 
-    def home_change(self, shard: int) -> HomeChange | None:
-        """The latest change of ``shard``'s home as last seen (no round trip), or None if
-        its home was never changed (the local adapter: never)."""
+    def home_changes(self, shard: int) -> list[HomeChange]:
+        """The latest changes of ``shard``'s home as last seen (no round trip), oldest
+        first; empty if its home never changed (the local adapter: never)."""
         ...

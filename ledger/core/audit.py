@@ -13,6 +13,11 @@ so altering, deleting or inserting a row breaks a link or a hash, and deleting t
 is caught against the head (``audit_seq``, ``audit_head``) that the shard's state carries
 (``ShardState``: snapshots keep it, the journal after them advances it).
 
+Admin actions made outside any journal (a takeover, an operator's move or failover through
+the shard map, a policy or certificate change on a node) reach the chain as ``AdminNoted``
+events that the shard's owner journals (``model.NoteAdmin``, ``ledger.node``), so every admin
+action is chained where the money it governs is.
+
 Where this departs from the design first proposed, and why: the hash covers ``at_ms`` and
 ``prev_seq`` too (hashing only shard, seq, epoch and records would let a row's time or its
 claimed predecessor be edited without a trace); credit legs (``CreditsApplied``) and chain

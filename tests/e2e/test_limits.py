@@ -63,8 +63,8 @@ class _SeenFromAnotherNode:
     def placements(self) -> list[ShardPlacement]:
         return [ShardPlacement(shard=s, home_region="dev") for s in range(SHARDS)]
 
-    def home_change(self, shard: int) -> None:
-        return None  # homes never change here
+    def home_changes(self, shard: int) -> list:
+        return []  # homes never change here
 
 
 def test_worst_case_batch_fits_the_message_limit():

@@ -88,7 +88,8 @@ async def test_failover_failback_and_move_shard_under_load(deployment):
     stop = asyncio.Event()
     running = asyncio.create_task(bank.run(stop))
     try:
-        proc = await asyncio.to_thread(ctl, deployment, "failover", "--from", src, "--to", dst)
+        proc = await asyncio.to_thread(ctl, deployment, "failover", "--from", src, "--to", dst,
+                                       "--reason", "drill: planned handover")
         assert "served by their new home regions" in proc.stdout
         during = shard_table(deployment)
         for r in during:
@@ -97,7 +98,8 @@ async def test_failover_failback_and_move_shard_under_load(deployment):
                 old = next(b for b in before if b["shard"] == r["shard"])
                 assert r["epoch"] > old["epoch"]
         await asyncio.to_thread(ctl, deployment, "failback", "--region", src)
-        await asyncio.to_thread(ctl, deployment, "move-shard", str(moved[0]), "--to", dst)
+        await asyncio.to_thread(ctl, deployment, "move-shard", str(moved[0]), "--to", dst,
+                                "--reason", "rack maintenance")
     finally:
         stop.set()
         await running
@@ -118,6 +120,34 @@ async def test_failover_failback_and_move_shard_under_load(deployment):
         assert report.clean, report.findings
     finally:
         await store.close()
+    await admin_actions_are_audited(deployment, moved, dst)
+
+
+async def admin_actions_are_audited(deployment, moved: list[int], dst: str) -> None:
+    """Every moved shard's chain holds the failover and the failback once each, under the
+    operator's principal and with the reason given; the moved-again shard its move too; and
+    every chain still verifies. (Idle shards journal their notes within the linger.)"""
+    expected = {(s, "Failover") for s in moved} | {(s, "Failback") for s in moved} | {
+        (moved[0], "MoveShard")}
+    deadline = time.monotonic() + 60
+    while True:
+        proc = await asyncio.to_thread(ctl_store, deployment, "audit", "show", "--json")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        changes = [r for r in json.loads(proc.stdout)
+                   if r["method"] in ("Failover", "Failback", "MoveShard")]
+        found = [(r["shard"], r["method"]) for r in changes]
+        if set(found) >= expected:
+            break
+        assert time.monotonic() < deadline, sorted(expected - set(found))
+        await asyncio.sleep(0.5)
+    assert sorted(found) == sorted(expected)  # each change recorded once per shard
+    assert all(r["principal"].startswith("unverified:") for r in changes)
+    assert all("drill: planned handover" in r["detail"] for r in changes
+               if r["method"] == "Failover")
+    move = next(r for r in changes if r["method"] == "MoveShard")
+    assert f"-> {dst}" in move["detail"] and "rack maintenance" in move["detail"]
+    verify = await asyncio.to_thread(ctl_store, deployment, "audit", "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 async def test_drill_support_commands(deployment):

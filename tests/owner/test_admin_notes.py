@@ -93,37 +93,53 @@ async def test_a_note_that_cannot_be_built_is_dropped_and_the_shard_serves_on(le
 
 
 class MovedOwnership:
-    """The parts of the ownership port a takeover note reads: a shard moved to r2."""
+    """The parts of the ownership port a takeover note reads: shard 7's home changes."""
 
     node_id, region = "n2", "r2"
 
-    def __init__(self, change: HomeChange | None) -> None:
-        self.change = change
+    def __init__(self, changes: list[HomeChange]) -> None:
+        self.changes = changes
 
-    def home_change(self, shard: int) -> HomeChange | None:
-        return self.change
+    def home_changes(self, shard: int) -> list[HomeChange]:
+        return list(self.changes)
 
     def owner(self, shard: int):
         return None
 
 
-def test_a_takeover_records_the_map_change_once_then_plain_takeovers():
-    change = HomeChange("c1", "spiffe://redledger/operator/ops", "MoveShard", "r1", "r2",
-                        5_000, "rack maintenance")
-    node = Node(store=None, ownership=MovedOwnership(change), principal="node:n2")
+OPS = "spiffe://redledger/operator/ops"
+
+
+def test_a_takeover_records_each_map_change_once_then_itself():
+    move = HomeChange("c1", OPS, "MoveShard", "r1", "r2", 5_000, "rack maintenance")
+    node = Node(store=None, ownership=MovedOwnership([move]), principal="node:n2")
     build = node._takeover_note(7, epoch=41)
     state = ShardState(7)
     first = build(state, 6_000)
-    assert (first.action, first.principal, first.change_id, first.subject) == (
-        "MoveShard", "spiffe://redledger/operator/ops", "c1", "n2")
-    assert "r1 -> r2" in first.detail and "rack maintenance" in first.detail
-    assert "epoch 41" in first.detail
-    # Once the chain holds the change, the next takeover is recorded as what it is.
+    assert [(n.action, n.principal, n.change_id) for n in first] == [
+        ("MoveShard", OPS, "c1"), ("TakeOver", "node:n2", "")]
+    assert first[0].subject == "shard 7" and first[0].detail == (
+        "home r1 -> r2 at 5000; reason: rack maintenance")
+    assert first[1].subject == "n2" and "epoch 41" in first[1].detail
+    # Once the chain holds the change, the next takeover records only itself.
     state.admin_change = "c1"
-    again = build(state, 7_000)
-    assert (again.action, again.principal, again.change_id) == ("TakeOver", "node:n2", "")
-    # A change that moved the shard elsewhere is the next home's to record, not ours.
-    away = HomeChange("c2", "spiffe://redledger/operator/ops", "MoveShard", "r2", "r3", 8_000)
-    node.ownership.change = away
-    state.admin_change = "c1"
-    assert build(state, 9_000).action == "TakeOver"
+    assert [n.action for n in build(state, 7_000)] == ["TakeOver"]
+    # Moved away and back before this owner journaled anything: both changes, in order.
+    node.ownership.changes = [
+        move, HomeChange("c2", OPS, "Failover", "r2", "r3", 8_000),
+        HomeChange("c3", OPS, "Failback", "r3", "r2", 9_000)]
+    assert [(n.action, n.change_id) for n in build(state, 9_500)] == [
+        ("Failover", "c2"), ("Failback", "c3"), ("TakeOver", "")]
+    # The recorded one no longer kept in the map: every kept change is recorded.
+    state.admin_change = "c0"
+    assert [n.change_id for n in build(state, 9_500)] == ["c1", "c2", "c3", ""]
+
+
+async def test_notes_of_one_builder_go_in_one_batch_in_order(ledger):
+    owner = await ledger.start(0)
+    owner.note_admin(lambda state, now_ms: [note("MoveShard"), note("TakeOver")])
+    created = await owner.submit(CreateWallet("t", "w-a", "a", "CNY", False, 1_000))
+    assert created.ok
+    assert [r.method for r in await records(ledger)] == ["MoveShard", "TakeOver",
+                                                         "CreateWallet"]
+    assert not owner._admin_notes

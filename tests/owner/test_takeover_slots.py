@@ -65,8 +65,8 @@ class CalledOwnership:
     def placements(self):
         return []
 
-    def home_change(self, shard: int) -> None:
-        return None  # homes never change here
+    def home_changes(self, shard: int) -> list:
+        return []  # homes never change here
 
 
 async def test_takeovers_run_a_few_at_a_time_and_a_lost_gain_starts_nothing():

@@ -157,8 +157,8 @@ class NodeOwnership:
     def placements(self) -> list[ShardPlacement]:
         return [ShardPlacement(s, self.region) for s in range(self._shard_count)]
 
-    def home_change(self, shard: int) -> None:
-        return None  # homes never change here
+    def home_changes(self, shard: int) -> list:
+        return []  # homes never change here
 
     def lease_valid(self) -> bool:
         """False from the moment the node's lease may have expired at the elector."""
