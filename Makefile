@@ -50,7 +50,7 @@ lint: $(STAMP)
 
 # The suite runs only on code that passes the lint.
 test: $(STAMP) lint
-	$(PY) -m pytest -p no:cacheprovider -rs
+	$(PY) -m pytest -p no:cacheprovider -rs --durations=40
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -m "not real"
