@@ -1,4 +1,23 @@
-"""Counters of what the ledger process asks of its store, served for Prometheus.
+"""What a ledger process exposes for Prometheus (``/metrics``): its calls, its shards, its
+store work, its takeovers.
+
+Families (names and units by Prometheus conventions; ``_total`` counters, ``_seconds``):
+
+* calls: ``ledger_grpc_server_handled_total{grpc_service,grpc_method,grpc_code}`` and
+  ``ledger_grpc_server_handling_seconds{grpc_service,grpc_method}`` (``RpcMetrics``, every
+  port, every method, refusals and failures with their code);
+* per shard, read when scraped from the owners (``NodeCollector``: nothing on the hot path):
+  ``ledger_shard_owned``, ``ledger_shard_epoch``, ``ledger_shard_queue_commands``,
+  ``ledger_shard_outbox_credits`` (credits owed to other shards, not yet known delivered),
+  ``ledger_shard_credit_lag_seconds`` (age of the oldest of them), ``ledger_shard_idempotency_
+  records``, and the counters ``ledger_shard_appends_total``, ``ledger_shard_commands_total``
+  and ``ledger_shard_append_seconds_total`` (a shard's group-commit size is the ratio of the
+  rates of the second to the first, its mean append latency the third's to the first's);
+* node-wide distributions: ``ledger_group_commit_commands``, ``ledger_append_duration_seconds``;
+* ownership: ``ledger_takeovers_total``, ``ledger_takeover_duration_seconds`` (gain reported to
+  serving, replay included), ``ledger_takeover_failures_total``, ``ledger_shard_losses_total``,
+  ``ledger_failovers_total`` (shards a node took from a region without a live node);
+* the store: ``ledger_store_errors_total{op,kind}`` and the work counters below.
 
 Why: the cost of a transfer is mostly the store work around it (journal appends, view rows,
 lightweight transactions), and ``ledger-bench`` reports that work per committed transfer by
@@ -23,7 +42,16 @@ import logging
 import sys
 from typing import Callable
 
-from prometheus_client import Counter, start_http_server
+import asyncio
+import inspect
+import time
+import weakref
+from typing import Any, Iterable
+
+import grpc
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("ledger.metrics")
 
@@ -71,6 +99,200 @@ AUTHZ_REFUSALS = Counter(
     "Calls the authorization policy refused before they ran (``ledger.security.authz``), by "
     "method and gRPC code; each is also logged on the logger ``ledger.audit``.",
     ["method", "code"])
+
+
+# --- calls --------------------------------------------------------------------------------
+
+RPC_HANDLED = Counter(
+    "ledger_grpc_server_handled",
+    "Calls completed by this process's gRPC server, by service, method and gRPC code "
+    "(refusals and failures included; a stream counts once, when it ends).",
+    ["grpc_service", "grpc_method", "grpc_code"])
+RPC_SECONDS = Histogram(
+    "ledger_grpc_server_handling_seconds",
+    "Time from a call's handler starting to its answer (or the end of its stream).",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+             10.0))
+
+# --- shards and ownership --------------------------------------------------------------------
+
+GROUP_COMMIT_COMMANDS = Histogram(
+    "ledger_group_commit_commands",
+    "Commands decided per journal append (group commit) of one shard.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
+APPEND_SECONDS = Histogram(
+    "ledger_append_duration_seconds",
+    "Time of one journal append (the batch's events and rows) as the shard owner saw it.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+TAKEOVERS = Counter(
+    "ledger_takeovers",
+    "Shards this process began to serve (each gain of a shard that ended serving).")
+TAKEOVER_SECONDS = Histogram(
+    "ledger_takeover_duration_seconds",
+    "From a shard's gain being reported to its owner serving: fence, journal replay, checks.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0))
+TAKEOVER_FAILURES = Counter(
+    "ledger_takeover_failures",
+    "Gains of a shard whose owner failed to start (fenced, store unreachable): given up, "
+    "elected again.")
+SHARD_LOSSES = Counter(
+    "ledger_shard_losses",
+    "Shards this process stopped serving: a handover, a lease lost, or an owner that gave "
+    "its shard up (fenced, an unknown outcome, an invariant).")
+FAILOVERS = Counter(
+    "ledger_failovers",
+    "Shards this node took over from a home region that had no live node (recorded as "
+    "AutoFailover in the shard map and the audit trail).")
+STORE_ERRORS = Counter(
+    "ledger_store_errors",
+    "Store calls of the shard owners that failed, by operation and error "
+    "(StoreUnavailable, UnknownOutcome, Fenced, or another exception's class).",
+    ["op", "kind"])
+
+
+def code_name(code: Any) -> str:
+    """A gRPC status code's name, whether gRPC gives the enum or its integer."""
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for member in grpc.StatusCode:
+            if member.value[0] == code:
+                return member.name
+    return "OK" if code is None else str(code)
+
+
+class RpcMetrics(grpc.aio.ServerInterceptor):
+    """Server interceptor: counts every call by service, method and code, and times it.
+    Placed first, so it sees the code of refusals by the authorization interceptor and of
+    failures the error boundary answered. Cost: two clock reads and two metric updates per
+    call."""
+
+    async def intercept_service(self, continuation: Callable[..., Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        seconds = RPC_SECONDS.labels(service, method)
+
+        def done(started: float, code: str) -> None:
+            seconds.observe(time.perf_counter() - started)
+            RPC_HANDLED.labels(service, method, code).inc()
+
+        def ended(exc: BaseException, context: Any) -> str:
+            if isinstance(exc, asyncio.CancelledError):
+                return "CANCELLED"
+            if isinstance(exc, grpc.aio.AbortError):
+                return code_name(context.code())
+            return "UNKNOWN"
+
+        def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behavior):
+                async def stream(request: Any, context: Any) -> Any:
+                    started, code = time.perf_counter(), "OK"
+                    try:
+                        async for item in behavior(request, context):
+                            yield item
+                    except BaseException as exc:
+                        code = ended(exc, context)
+                        raise
+                    finally:
+                        done(started, code)
+                return stream
+
+            async def call(request: Any, context: Any) -> Any:
+                started, code = time.perf_counter(), "OK"
+                try:
+                    result = behavior(request, context)
+                    return await result if inspect.isawaitable(result) else result
+                except BaseException as exc:
+                    code = ended(exc, context)
+                    raise
+                finally:
+                    done(started, code)
+            return call
+
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
+        for attr, make in kinds:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return make(wrap(behavior), request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
+
+
+class NodeCollector(Collector):
+    """Per-shard gauges and counters, read from the live owners of every node of this
+    process when ``/metrics`` is scraped (so serving pays nothing for them). Nodes register
+    with ``watch_node`` and leave when they are garbage (a weak set)."""
+
+    def __init__(self) -> None:
+        self._nodes: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def add(self, node: Any) -> None:
+        self._nodes.add(node)
+
+    def collect(self) -> Iterable[Any]:
+        labels = ["node", "shard"]
+        owned = GaugeMetricFamily("ledger_shard_owned", "1 if this node serves the shard now, "
+                                  "0 if not (every shard of the map is listed).", labels=labels)
+        epoch = GaugeMetricFamily("ledger_shard_epoch", "The epoch (fencing token) this node "
+                                  "serves the shard with.", labels=labels)
+        queue = GaugeMetricFamily("ledger_shard_queue_commands", "Commands queued for the "
+                                  "shard's next group commits.", labels=labels)
+        outbox = GaugeMetricFamily("ledger_shard_outbox_credits", "Credits the shard owes "
+                                   "wallets of other shards, not yet known delivered.",
+                                   labels=labels)
+        lag = GaugeMetricFamily("ledger_shard_credit_lag_seconds", "Age of the oldest credit "
+                                "the shard owes another shard and has not delivered (0: none).",
+                                labels=labels)
+        keys = GaugeMetricFamily("ledger_shard_idempotency_records", "Idempotency records and "
+                                 "key claims the shard's owner holds in memory.", labels=labels)
+        appends = CounterMetricFamily("ledger_shard_appends", "Journal appends of the shard by "
+                                      "its current owner.", labels=labels)
+        commands = CounterMetricFamily("ledger_shard_commands", "Commands the shard's current "
+                                       "owner decided in journaled batches.", labels=labels)
+        seconds = CounterMetricFamily("ledger_shard_append_seconds", "Time the shard's current "
+                                      "owner spent in journal appends.", labels=labels)
+        now_ms = int(time.time() * 1000)
+        for node in list(self._nodes):
+            try:
+                node_id = node.ownership.node_id
+                owners = dict(node.owners)
+                shards = {p.shard for p in node.ownership.placements()} | set(owners)
+            except Exception:  # a node closing under the scrape: left out of this one
+                log.debug("metrics: node skipped", exc_info=True)
+                continue
+            for shard in sorted(shards):
+                key = [node_id, str(shard)]
+                owner = owners.get(shard)
+                serving = owner is not None and owner.serving
+                owned.add_metric(key, 1.0 if serving else 0.0)
+                if owner is None:
+                    continue
+                st = owner.stats(now_ms)
+                epoch.add_metric(key, owner.epoch)
+                queue.add_metric(key, st.queued_commands)
+                outbox.add_metric(key, st.owed_credits)
+                lag.add_metric(key, st.credit_lag_s)
+                keys.add_metric(key, st.idempotency_records)
+                appends.add_metric(key, st.appends)
+                commands.add_metric(key, st.commands)
+                seconds.add_metric(key, st.append_seconds)
+        yield from (owned, epoch, queue, outbox, lag, keys, appends, commands, seconds)
+
+
+_NODES = NodeCollector()
+REGISTRY.register(_NODES)
+
+
+def watch_node(node: Any) -> None:
+    """Expose ``node``'s shards (``NodeCollector``) while it lives."""
+    _NODES.add(node)
 
 
 def serve(host: str, port: int) -> Callable[[], None]:

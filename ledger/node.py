@@ -22,6 +22,7 @@ import time
 from typing import Callable
 
 from ledger import constants as K
+from ledger import metrics
 from ledger.core.model import NoteAdmin
 from ledger.core.shard import ShardState
 from ledger.owner import AdminNote, ShardOwner
@@ -56,6 +57,8 @@ class Node:
         # The latest epoch reported per shard (0: lost). A gain that waited for a takeover slot
         # while a later report came in is void: the later one decides.
         self._latest: dict[int, int] = {}
+        # When the latest gain or loss of each shard was reported (takeover time, /metrics).
+        self._reported_at: dict[int, float] = {}
 
     async def start(self) -> None:
         await self.ownership.start(self._on_ownership)
@@ -71,6 +74,7 @@ class Node:
         # transitions of one shard stay in order behind its lock.
         self._transitions += 1
         self._latest[shard] = epoch
+        self._reported_at[shard] = time.monotonic()
         if epoch == 0:
             await self._transition(shard, 0)  # a loss must be complete before we return
         else:
@@ -96,6 +100,7 @@ class Node:
             current = self.owners.pop(shard, None)
             if current is not None:
                 await current.stop("ownership lost" if epoch == 0 else "stopped")
+                metrics.SHARD_LOSSES.inc()
             if epoch:
                 owner = ShardOwner(shard, epoch, self.store, self.router,
                                    on_stopped=self._owner_stopped,
@@ -105,12 +110,17 @@ class Node:
                 try:
                     await owner.start()
                 except Exception:
+                    metrics.TAKEOVER_FAILURES.inc()
                     log.exception("shard %d epoch %d failed to start", shard, epoch)
                     spawn(self.ownership.release(shard), f"release-{shard}")
                 else:
                     self.owners[shard] = owner
                     owner.note_admin(self._takeover_note(shard, epoch))
                     took_s = time.monotonic() - started
+                    metrics.TAKEOVERS.inc()
+                    # From the report of the gain: a wait for a takeover slot counts too.
+                    metrics.TAKEOVER_SECONDS.observe(
+                        time.monotonic() - self._reported_at.get(shard, started))
                     (log.warning if took_s > K.SLOW_TAKEOVER_S else log.debug)(
                         "shard %d epoch %d serving after %.0f ms (replayed to batch %d)",
                         shard, epoch, took_s * 1000, owner.state.seq)
@@ -148,6 +158,7 @@ class Node:
         owner = self.owners.get(shard)
         if owner is not None and owner.epoch == epoch:
             del self.owners[shard]
+            metrics.SHARD_LOSSES.inc()
         # Give the shard up so that it is elected again with a new epoch (here or elsewhere)
         # and the new owner replays what the journal really holds.
         spawn(self.ownership.release(shard), f"release-{shard}")

@@ -16,9 +16,11 @@ import asyncio
 import functools
 import collections
 import logging
-from typing import Awaitable, Callable, Protocol
+import time
+from typing import Awaitable, Callable, NamedTuple, Protocol
 
 from ledger import constants as K
+from ledger import metrics
 from ledger.runtime import failpoints
 from ledger.runtime.tasks import spawn
 from ledger import compaction
@@ -42,6 +44,16 @@ from ledger.runtime.clock import Clock, now_ms
 from ledger.store.port import Fenced, JournalStore, StoreUnavailable, UnknownOutcome
 
 log = logging.getLogger("ledger.owner")
+
+class OwnerStats(NamedTuple):
+    queued_commands: int
+    owed_credits: int  # owed to other shards, not yet known delivered there
+    credit_lag_s: float  # age of the oldest of them (0: none)
+    idempotency_records: int
+    appends: int
+    commands: int  # commands in journaled batches
+    append_seconds: float
+
 
 # An admin note, or what builds it from the live state and the time when its batch is formed
 # (``ShardOwner.note_admin``).
@@ -161,10 +173,31 @@ class ShardOwner:
         self._notes_inflight = 0
         self._notes_due = False
         self._notes_timer: asyncio.TimerHandle | None = None
+        # What /metrics reads of this owner (``stats``): its appends, the commands they
+        # carried, and the time they took.
+        self._appends = 0
+        self._commands_journaled = 0
+        self._append_s = 0.0
 
     @property
     def serving(self) -> bool:
         return self._serving
+
+    def stats(self, now_ms: int) -> OwnerStats:
+        """What ``/metrics`` shows of this owner (``ledger.metrics.NodeCollector``): read
+        when scraped, so it walks the outbox then and never on the write path. Called from
+        the metrics server's thread: the dicts are copied with ``list`` first (one C call
+        each under the GIL), never iterated while the event loop may change them."""
+        owed, oldest = 0, now_ms
+        for dest, items in list(self.state.outbox.items()):
+            delivered = self._delivered.get(dest, 0)
+            for seq, credit in list(items.items()):
+                if seq > delivered:
+                    owed += 1
+                    oldest = min(oldest, credit.at_ms)
+        return OwnerStats(self._queued_commands, owed, max(0, now_ms - oldest) / 1000,
+                          len(self.state.idempotency) + len(self.state.claims),
+                          self._appends, self._commands_journaled, self._append_s)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -391,6 +424,7 @@ class ShardOwner:
             if audit_row is not None:
                 rows.append(("audit", audit_row))
             failpoints.hit("owner.before_append")
+            started = time.perf_counter()
             try:
                 if failpoints.fault("owner.append_unavailable"):
                     raise StoreUnavailable(f"failpoint: append of batch {seq} not written")
@@ -400,9 +434,11 @@ class ShardOwner:
             except (Fenced, UnknownOutcome) as exc:
                 # The in-memory state is ahead of (or unknown to) the journal: never answer
                 # from it again. A new owner replays what the journal really holds.
+                metrics.STORE_ERRORS.labels("append", type(exc).__name__).inc()
                 await self._abdicate(f"{type(exc).__name__}: {exc}")
                 return
             except Exception as exc:  # StoreUnavailable or a bug: nothing was written
+                metrics.STORE_ERRORS.labels("append", type(exc).__name__).inc()
                 log.warning("shard %d: append failed, reloading: %s", self.shard, exc)
                 for request in batch:
                     request.answer([UNAVAILABLE] * len(request.commands))
@@ -419,6 +455,12 @@ class ShardOwner:
             await self._abdicate("lease no longer valid")
             return
         if events:
+            took_s = time.perf_counter() - started
+            metrics.APPEND_SECONDS.observe(took_s)
+            metrics.GROUP_COMMIT_COMMANDS.observe(len(commands))
+            self._appends += 1
+            self._commands_journaled += len(commands)
+            self._append_s += took_s
             state.seq = seq
             self._ahead_wallets = set()
             if self._notes_inflight:
@@ -442,6 +484,7 @@ class ShardOwner:
             loaded = await self._store.load_keys(
                 self.shard, {k: transfer_id_for(self.shard, *k) for k in keys})
         except Exception as exc:  # StoreUnavailable, or a bug: decide nothing
+            metrics.STORE_ERRORS.labels("load_keys", type(exc).__name__).inc()
             log.warning("shard %d: loading %d spilled keys failed: %r", self.shard, len(keys),
                         exc)
             return False
@@ -466,6 +509,7 @@ class ShardOwner:
         try:
             await self._store.flush_rows(self.shard, self.state.seq)
         except Exception as exc:  # StoreUnavailable: nothing spilled, tried again later
+            metrics.STORE_ERRORS.labels("flush_rows", type(exc).__name__).inc()
             log.warning("shard %d: rows not flushed, spill postponed: %r", self.shard, exc)
             return
         await self.submit(SpillIdempotency(now - self._memory_ms))
@@ -780,6 +824,7 @@ class ShardOwner:
                     try:
                         await self._store.expire_keys(self.shard, now - self._retention_ms)
                     except Exception as exc:  # the rows are deleted on the next sweep
+                        metrics.STORE_ERRORS.labels("expire_keys", type(exc).__name__).inc()
                         log.warning("shard %d: expired key rows not deleted: %r", self.shard,
                                     exc)
 

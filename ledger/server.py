@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from coordinator import Coordinator
 from coordinator.envelopes import EnvelopeRules, Envelopes
 from ledger import constants as K
+from ledger import metrics
 from ledger.api.envelopes import RedEnvelopeServicer
 from ledger.api.errors import ErrorBoundary
 from ledger.api.servicer import LedgerServicer
@@ -221,6 +222,7 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
         raise StartupRefused(f"TLS or policy files unusable: {exc}") from None
     node = Node(store, ownership, transport, principal=cert[0][0] if cert else None,
                 idempotency_retention_ms=retention_ms, idempotency_memory_ms=memory_ms)
+    metrics.watch_node(node)
     if authorizer is not None:
         def enforced() -> str:
             who, fingerprint, until = cert[0]
@@ -242,6 +244,7 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorBoundary(PUBLIC_SERVICE_NAMES)]
     if authorizer is not None:
         interceptors.insert(0, Authorization(authorizer))
+    interceptors.insert(0, metrics.RpcMetrics())  # first: it sees every call's final code
     server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(coordinator, authorizer),
                                                         server)

@@ -59,6 +59,7 @@ from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exceptions
 from pyetcd import transactions as etcd_txn
 
+from ledger import metrics
 from ledger.runtime.tasks import spawn
 from shard_router.ownership import (HOME_CHANGES_KEPT, HomeChange, OwnerInfo,
                                     OwnershipListener, ShardPlacement)
@@ -764,6 +765,7 @@ class EtcdOwnership:
             # back (`ledgerctl failback`), so a region that flaps does not drag its shards
             # back and forth. The old home is kept as the origin.
             origins = {s: self._home(s) for s in taken_over}
+            metrics.FAILOVERS.inc(len(taken_over))
             try:
                 await self.set_homes({s: self.region for s in taken_over}, origins,
                                      action="AutoFailover",
