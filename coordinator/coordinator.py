@@ -27,7 +27,7 @@ import asyncio
 import re
 from dataclasses import dataclass, fields
 from operator import attrgetter
-from typing import Any, Coroutine, Mapping
+from typing import Any, Coroutine, Mapping, NamedTuple
 
 from coordinator import chains
 from coordinator.constants import HISTORY_POLL_MS, HISTORY_WAIT_MS
@@ -110,6 +110,16 @@ def refused_for_good(outcome: Outcome) -> bool:
     """True when the debit shard refused a transfer and recorded it under its key: it can
     never commit, so no credit will use its reservation."""
     return not outcome.ok and outcome.status.recorded()
+
+
+class BalanceAt(NamedTuple):
+    """A wallet's balance after one entry of its history (version 0: before the first)."""
+
+    wallet_id: str
+    currency: str
+    balance_minor: int
+    version: int
+    at_ms: int
 
 
 class Coordinator:
@@ -650,22 +660,75 @@ class Coordinator:
         if not wallet.ok:
             return wallet
         size = min(page_size or C.ENTRIES_PAGE_DEFAULT, C.ENTRIES_PAGE_MAX)
-        # History rows are written behind the journal (bounded lag). The wallet's version,
-        # read from its owner, says how many entries exist: wait for them, so a caller reads
-        # its own writes.
-        wanted = min(size + 1, max(wallet.value.version - after, 0))
+        entries = await self._history_page(wallet_id, after, size + 1, wallet.value.version,
+                                           deadline)
+        more = len(entries) > size
+        entries = entries[:size]
+        return ok((entries, str(entries[-1].version) if more else ""))
+
+    async def _history_page(self, wallet_id: str, after: int, size: int, version: int,
+                            deadline: float | None) -> list:
+        """Up to ``size`` entries after version ``after``. History rows are written behind
+        the journal (bounded lag); the wallet's ``version``, read from its owner, says how
+        many exist: they are waited for (``HISTORY_WAIT_MS``), so a caller reads its own
+        writes. Fewer come back only if the rows lag longer than that."""
+        wanted = min(size, max(version - after, 0))
         loop = asyncio.get_running_loop()
         wait_until = loop.time() + HISTORY_WAIT_MS / 1000
         if deadline is not None:
             wait_until = min(wait_until, deadline)
         while True:
-            entries = await self._history.list_entries(wallet_id, after, size + 1)
+            entries = await self._history.list_entries(wallet_id, after, size)
             if len(entries) >= wanted or loop.time() >= wait_until:
-                break
+                return entries
             await asyncio.sleep(HISTORY_POLL_MS / 1000)
-        more = len(entries) > size
-        entries = entries[:size]
-        return ok((entries, str(entries[-1].version) if more else ""))
+
+    async def balance_at(self, wallet_id: str, version: int = 0, at_ms: int = 0,
+                         deadline: float | None = None) -> Outcome:
+        """A wallet's balance after its entry ``version``, or as of ``at_ms``: after the
+        longest prefix of its history whose entries are all at or before that time (entries
+        carry their shard's decision time; one prefix is one state the wallet was in).
+        Value: ``BalanceAt``. Reads one page of history per ``ENTRIES_PAGE_MAX`` entries
+        before the time (a version costs one read)."""
+        bad = validate.wallet_id(wallet_id)
+        if bad:
+            return bad
+        if version < 0 or at_ms < 0 or (version > 0) == (at_ms > 0):
+            return refuse(Status.INVALID_ARGUMENT, "at_ms" if at_ms else "version",
+                          "give exactly one of version and at_ms, positive")
+        got = await self.get_wallet(wallet_id, deadline)
+        if not got.ok:
+            return got
+        wallet = got.value
+        before = BalanceAt(wallet.wallet_id, wallet.currency, 0, 0, 0)
+        if version:
+            if version > wallet.version:
+                return refuse(Status.INVALID_ARGUMENT, "version",
+                              f"the wallet is at version {wallet.version}")
+            page = await self._history_page(wallet_id, version - 1, 1, wallet.version, deadline)
+            if not page or page[0].version != version:
+                return refuse(Status.SHARD_UNAVAILABLE, "version",
+                              "the wallet's history is not written that far yet; retry")
+            e = page[0]
+            return ok(before._replace(balance_minor=e.balance_after_minor, version=e.version,
+                                      at_ms=e.at_ms))
+        if at_ms < wallet.created_at_ms:
+            return refuse(Status.WALLET_NOT_FOUND, "at_ms",
+                          "the wallet did not exist yet at that time")
+        answer, after = before, 0
+        while after < wallet.version:
+            page = await self._history_page(wallet_id, after, C.ENTRIES_PAGE_MAX,
+                                            wallet.version, deadline)
+            if not page:
+                return refuse(Status.SHARD_UNAVAILABLE, "at_ms",
+                              "the wallet's history is not written that far yet; retry")
+            for e in page:
+                if e.at_ms > at_ms:
+                    return ok(answer)
+                answer = before._replace(balance_minor=e.balance_after_minor,
+                                         version=e.version, at_ms=e.at_ms)
+            after = page[-1].version
+        return ok(answer)
 
 
 __all__ = ["Coordinator", "TransferItem", "transfer_id_for", "STATE_COMMITTED"]

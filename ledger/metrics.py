@@ -140,10 +140,6 @@ SHARD_LOSSES = Counter(
     "ledger_shard_losses",
     "Shards this process stopped serving: a handover, a lease lost, or an owner that gave "
     "its shard up (fenced, an unknown outcome, an invariant).")
-FAILOVERS = Counter(
-    "ledger_failovers",
-    "Shards this node took over from a home region that had no live node (recorded as "
-    "AutoFailover in the shard map and the audit trail).")
 STORE_ERRORS = Counter(
     "ledger_store_errors",
     "Store calls of the shard owners that failed, by operation and error "
@@ -236,6 +232,9 @@ class NodeCollector(Collector):
     def add(self, node: Any) -> None:
         self._nodes.add(node)
 
+    def discard(self, node: Any) -> None:
+        self._nodes.discard(node)
+
     def collect(self) -> Iterable[Any]:
         labels = ["node", "shard"]
         owned = GaugeMetricFamily("ledger_shard_owned", "1 if this node serves the shard now, "
@@ -258,6 +257,9 @@ class NodeCollector(Collector):
                                        "owner decided in journaled batches.", labels=labels)
         seconds = CounterMetricFamily("ledger_shard_append_seconds", "Time the shard's current "
                                       "owner spent in journal appends.", labels=labels)
+        failovers = CounterMetricFamily(
+            "ledger_failovers", "Shards the node took over from a home region that had no "
+            "live node (AutoFailover in the shard map and the audit trail).", labels=["node"])
         now_ms = int(time.time() * 1000)
         for node in list(self._nodes):
             try:
@@ -267,6 +269,7 @@ class NodeCollector(Collector):
             except Exception:  # a node closing under the scrape: left out of this one
                 log.debug("metrics: node skipped", exc_info=True)
                 continue
+            failovers.add_metric([node_id], getattr(node.ownership, "failovers", 0))
             for shard in sorted(shards):
                 key = [node_id, str(shard)]
                 owner = owners.get(shard)
@@ -283,7 +286,8 @@ class NodeCollector(Collector):
                 appends.add_metric(key, st.appends)
                 commands.add_metric(key, st.commands)
                 seconds.add_metric(key, st.append_seconds)
-        yield from (owned, epoch, queue, outbox, lag, keys, appends, commands, seconds)
+        yield from (owned, epoch, queue, outbox, lag, keys, appends, commands, seconds,
+                    failovers)
 
 
 _NODES = NodeCollector()
@@ -291,8 +295,13 @@ REGISTRY.register(_NODES)
 
 
 def watch_node(node: Any) -> None:
-    """Expose ``node``'s shards (``NodeCollector``) while it lives."""
+    """Expose ``node``'s shards (``NodeCollector``) until ``forget_node``."""
     _NODES.add(node)
+
+
+def forget_node(node: Any) -> None:
+    """Stop exposing a node that closed (its shards are served elsewhere now)."""
+    _NODES.discard(node)
 
 
 def serve(host: str, port: int) -> Callable[[], None]:

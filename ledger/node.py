@@ -64,6 +64,7 @@ class Node:
         await self.ownership.start(self._on_ownership)
 
     async def close(self) -> None:
+        metrics.forget_node(self)
         await self.ownership.close()
         for shard in list(self.owners):
             self._transitions += 1

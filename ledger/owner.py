@@ -178,10 +178,30 @@ class ShardOwner:
         self._appends = 0
         self._commands_journaled = 0
         self._append_s = 0.0
+        # Set at the next durable append (or stop), for change streams (``wait_appended``);
+        # None while nobody waits.
+        self._appended: asyncio.Event | None = None
 
     @property
     def serving(self) -> bool:
         return self._serving
+
+    @property
+    def durable_seq(self) -> int:
+        """The last batch this owner holds durably (its journal head while it serves)."""
+        return self.state.seq
+
+    async def wait_appended(self, after_seq: int, timeout_s: float) -> None:
+        """Return once a batch after ``after_seq`` is durable, this owner stops, or
+        ``timeout_s`` passes (the caller then looks again: the owner may have changed)."""
+        if self.state.seq > after_seq or not self._serving:
+            return
+        if self._appended is None:
+            self._appended = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._appended.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
 
     def stats(self, now_ms: int) -> OwnerStats:
         """What ``/metrics`` shows of this owner (``ledger.metrics.NodeCollector``): read
@@ -278,6 +298,9 @@ class ShardOwner:
         if self._notes_timer is not None:
             self._notes_timer.cancel()
             self._notes_timer = None
+        if self._appended is not None:  # change streams look elsewhere now
+            self._appended.set()
+            self._appended = None
         self._acks_pending.clear()  # the next owner redelivers; the receiver dedupes
         # No snapshot of the live state here: it may hold a batch whose append was still in
         # flight when the commit loop was cancelled (a snapshot of it could hold money the
@@ -463,6 +486,9 @@ class ShardOwner:
             self._append_s += took_s
             state.seq = seq
             self._ahead_wallets = set()
+            if self._appended is not None:
+                self._appended.set()
+                self._appended = None
             if self._notes_inflight:
                 self._notes_journaled()
             failpoints.hit("owner.after_append")

@@ -24,6 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from coordinator import Coordinator
+from coordinator.changes import ChangeFeed
 from coordinator.envelopes import EnvelopeRules, Envelopes
 from ledger import constants as K
 from ledger import metrics
@@ -246,8 +247,9 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
         interceptors.insert(0, Authorization(authorizer))
     interceptors.insert(0, metrics.RpcMetrics())  # first: it sees every call's final code
     server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
-    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(coordinator, authorizer),
-                                                        server)
+    changes = ChangeFeed(node.router, store, node.router.local_owner)
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
+        LedgerServicer(coordinator, authorizer, changes, shard_count), server)
     ledger_pb2_grpc.add_RedEnvelopeServiceServicer_to_server(RedEnvelopeServicer(envelopes),
                                                              server)
     shard_pb2_grpc.add_ShardOwnerServiceServicer_to_server(ShardOwnerServicer(node), server)

@@ -59,7 +59,6 @@ from pyetcd import events as etcd_events
 from pyetcd import exceptions as etcd_exceptions
 from pyetcd import transactions as etcd_txn
 
-from ledger import metrics
 from ledger.runtime.tasks import spawn
 from shard_router.ownership import (HOME_CHANGES_KEPT, HomeChange, OwnerInfo,
                                     OwnershipListener, ShardPlacement)
@@ -190,6 +189,8 @@ class EtcdOwnership:
         self._host, self._port = host or "127.0.0.1", int(port)
         self._credentials = credentials
         self.principal = principal or f"node:{node_id}"
+        # Shards this node took over from a home region without a live node (/metrics).
+        self.failovers = 0
 
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         # Keep-alives get a thread of their own: queued behind campaigns, watches and
@@ -765,7 +766,7 @@ class EtcdOwnership:
             # back (`ledgerctl failback`), so a region that flaps does not drag its shards
             # back and forth. The old home is kept as the origin.
             origins = {s: self._home(s) for s in taken_over}
-            metrics.FAILOVERS.inc(len(taken_over))
+            self.failovers += len(taken_over)
             try:
                 await self.set_homes({s: self.region for s in taken_over}, origins,
                                      action="AutoFailover",

@@ -63,6 +63,16 @@ class LocalOwner(Protocol):
         if the owner cannot tell now."""
         ...
 
+    @property
+    def durable_seq(self) -> int:
+        """The last journal batch the owner holds durably."""
+        ...
+
+    async def wait_appended(self, after_seq: int, timeout_s: float) -> None:
+        """Return once a batch after ``after_seq`` is durable, the owner stops, or the
+        timeout passes."""
+        ...
+
 
 class RemoteTransport(Protocol):
     async def execute(self, address: str, shard: int, commands: list,
@@ -94,6 +104,11 @@ class Router:
         self._ownership = ownership
         self._transport = transport
         self._retry_deadline_s = retry_deadline_ms / 1000
+
+    def local_owner(self, shard: int) -> LocalOwner | None:
+        """This node's owner of ``shard`` if it serves it now, else None."""
+        owner = self._owners.get(shard)
+        return owner if owner is not None and owner.serving else None
 
     async def execute(self, shard: int, commands: list, wait_credit: bool = False,
                       deadline: float | None = None) -> list[Outcome]:

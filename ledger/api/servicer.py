@@ -9,6 +9,7 @@ import asyncio
 import contextvars
 
 from coordinator import Coordinator, TransferItem
+from coordinator.changes import ChangeFeed, Compacted, event_json
 from coordinator.constants import REQUEST_DEADLINE_DEFAULT_S
 from ledger import metrics
 from ledger.api import convert
@@ -79,9 +80,12 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             the port has no TLS (loopback development).
     """
 
-    def __init__(self, coordinator: Coordinator, authorizer: Authorizer | None = None) -> None:
+    def __init__(self, coordinator: Coordinator, authorizer: Authorizer | None = None,
+                 changes: ChangeFeed | None = None, shard_count: int = 0) -> None:
         self._c = coordinator
         self._authz = authorizer
+        self._changes = changes
+        self._shard_count = shard_count
 
     async def CreateWallet(self, request, context):
         if request.allow_negative and self._authz is not None and not self._authz.allows(
@@ -203,6 +207,38 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         entries, next_token = outcome.value
         return pb.ListWalletEntriesResponse(
             entries=[convert.entry_to_proto(e) for e in entries], next_page_token=next_token)
+
+    async def GetBalanceAt(self, request, context):
+        outcome = await self._c.balance_at(request.wallet_id, request.version, request.at_ms,
+                                           deadline=deadline_of(context))
+        if not outcome.ok:
+            await abort(context, outcome)
+        b = outcome.value
+        return pb.GetBalanceAtResponse(wallet_id=b.wallet_id, currency=b.currency,
+                                       balance_minor=b.balance_minor, version=b.version,
+                                       at_ms=b.at_ms)
+
+    async def WatchChanges(self, request, context):
+        count, changes = self._shard_count, self._changes
+        if changes is None or not count:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no change feed on this port")
+            return
+        for field, shards in (("shards", list(request.shards)),
+                              ("positions", [p.shard for p in request.positions])):
+            wrong = [s for s in shards if s >= count]
+            if wrong:
+                await abort(context, Outcome(Status.INVALID_ARGUMENT, field,
+                                             f"shard {wrong[0]} is not in 0..{count - 1}"))
+        shards = sorted(set(request.shards)) or list(range(count))
+        positions = {p.shard: p.after_seq for p in request.positions}
+        try:
+            async for change in changes.watch(shards, positions, request.follow):
+                yield pb.ChangeBatch(shard=change.shard, seq=change.seq, epoch=change.epoch,
+                                     events=[pb.ChangeEvent(type=type(e).__name__,
+                                                            json=event_json(e))
+                                             for e in change.events])
+        except Compacted as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
 
     async def CreateHold(self, request, context):
         outcome = await self._c.create_hold(caller_of(context), request.idempotency_key,

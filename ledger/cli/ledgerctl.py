@@ -18,6 +18,8 @@
                            [--expect FILE] [--json]
     ledgerctl audit show   [--wallet W] [--principal P] [--since T] [--until T] [--shard S ...]
                            [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--json]
+    ledgerctl tail       [--shard S ...] [--after S:SEQ ...] [--follow] [--json]
+                         [--target HOST:PORT] [--tls-dir DIR --tls-name NAME]
 """
 
 from __future__ import annotations
@@ -561,6 +563,39 @@ def _print_wallet(w) -> None:
           f"{', '.join(r.devices) or 'none'}")
 
 
+async def _tail(args) -> int:
+    """Print the change stream (``WatchChanges``): a line per event, or JSON lines (one per
+    batch: shard, seq, epoch, events with their fields). Ends at the heads of the start
+    unless ``--follow``; exit 1 naming the position if the batches after it were compacted."""
+    from clients import LedgerClient, LedgerError, mutual_tls
+
+    try:
+        positions = {int(s): int(q) for s, q in (p.split(":") for p in args.after)}
+    except ValueError:
+        print("ledgerctl tail: --after takes SHARD:SEQ", file=sys.stderr)
+        return 2
+    creds = None
+    if args.tls_dir:
+        d = args.tls_dir.rstrip("/")
+        creds = mutual_tls(f"{d}/ca.pem", f"{d}/{args.tls_name}.pem", f"{d}/{args.tls_name}.key")
+    async with LedgerClient(args.target, caller="ledgerctl", credentials=creds) as ledger:
+        try:
+            async for batch in ledger.watch_changes(args.shard, positions, args.follow):
+                if args.json:
+                    print(json.dumps({"shard": batch.shard, "seq": batch.seq,
+                                      "epoch": batch.epoch,
+                                      "events": [{"type": e.type, **json.loads(e.json)}
+                                                 for e in batch.events]}), flush=True)
+                    continue
+                for e in batch.events:
+                    print(f"{batch.shard:>5} {batch.seq:>8} {batch.epoch:>15}  {e.type:<22} "
+                          f"{e.json}", flush=True)
+        except LedgerError as exc:
+            print(f"ledgerctl tail: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
 async def _wallet(args) -> int:
     """Risk controls on a wallet through a running ledger (operators' certificate under
     mutual TLS): show, freeze / unfreeze, velocity limits and step-up threshold (of a wallet,
@@ -828,6 +863,18 @@ def main(argv: list[str] | None = None) -> int:
     wallet.add_argument("--tls-dir", default=os.environ.get("LEDGER_TLS_DIR"),
                         help="ca.pem and the operator's certificate (mutual TLS)")
     wallet.add_argument("--tls-name", default="operator-ops")
+    tail = sub.add_parser("tail", help="print the change stream: every committed journal "
+                          "batch, in order per shard")
+    tail.add_argument("--shard", type=int, action="append", default=[],
+                      help="a shard to follow (repeat; default every shard)")
+    tail.add_argument("--after", action="append", default=[], metavar="SHARD:SEQ",
+                      help="resume a shard after this batch (repeat)")
+    tail.add_argument("--follow", action="store_true", help="stay open for new batches")
+    tail.add_argument("--json", action="store_true", help="JSON lines, one per batch")
+    tail.add_argument("--target", default="127.0.0.1:50051", help="a ledger node host:port")
+    tail.add_argument("--tls-dir", default=os.environ.get("LEDGER_TLS_DIR"),
+                      help="ca.pem and a certificate allowed the stream (mutual TLS)")
+    tail.add_argument("--tls-name", default="operator-ops")
     certs_p = sub.add_parser("certs", help="a development CA and certificates (mutual TLS)")
     certs_p.add_argument("--dir", default="certs")
     certs_p.add_argument("--nodes", default="n1,n2,n3")
@@ -872,7 +919,8 @@ def main(argv: list[str] | None = None) -> int:
                 "replication": _replication, "restore-homes": _restore_homes,
                 "shard-of": _shard_of, "journal": _journal, "fence-check": _fence_check,
                 "commit-path": _commit_path, "envelope": _envelope, "certs": _certs,
-                "wallet": _wallet, "etcd-auth": _etcd_auth, "audit": _audit}
+                "wallet": _wallet, "etcd-auth": _etcd_auth, "audit": _audit,
+                "tail": _tail}
     try:
         return asyncio.run(handlers[args.command](args))
     except StoreError as exc:

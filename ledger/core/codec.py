@@ -43,6 +43,8 @@ def _default(obj: Any) -> Any:
 def _tuple_getter(names: tuple[str, ...]) -> Callable[[Any], tuple]:
     """A type's field values as a tuple, in one C call (``attrgetter`` of one name returns
     the bare value, hence the wrap)."""
+    if not names:  # a command without fields (GetHead)
+        return lambda obj: ()
     if len(names) == 1:
         one = operator.attrgetter(names[0])
         return lambda obj: (one(obj),)

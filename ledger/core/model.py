@@ -345,6 +345,12 @@ class ConfirmDevice:
 
 
 @dataclass(slots=True, frozen=True)
+class GetHead:
+    """Read the shard's durable journal head: the seq of the last batch its owner holds
+    durably (what a change stream may send up to)."""
+
+
+@dataclass(slots=True, frozen=True)
 class NoteAdmin:
     """Record, in this shard's audit chain, an admin action made outside its journal: a change
     of owner (``TakeOver`` after a lease lapsed or a node started; an operator's ``MoveShard``,
@@ -860,4 +866,4 @@ COMMAND_TYPES = (CreateWallet, GetWallet, Post, ReserveCredit, CancelReservation
                  ClaimKey, ResolveReservations, DropReservations, ChainFinished,
                  SpillIdempotency, OpenEnvelope, GrabEnvelope, GetEnvelope, RefundEnvelope,
                  AbandonEnvelope, GrantHeadroom, NoteHeadroom, SetFrozen, SetRiskLimits,
-                 ConfirmDevice, NoteAdmin)
+                 ConfirmDevice, NoteAdmin, GetHead)

@@ -35,7 +35,7 @@ from ledger.core.model import (
     RefundEnvelope, envelope_of_escrow, escrow_wallet_id, AbandonEnvelope, EnvelopeAbandoned,
     GrantHeadroom, HeadroomGranted, HeadroomNoted, NoteHeadroom, SetFrozen, WalletFrozen,
     RESERVED_PREFIX, ConfirmDevice, DeviceConfirmed, RiskLimitsSet, SetRiskLimits,
-    AdminNoted, NoteAdmin,
+    AdminNoted, GetHead, NoteAdmin,
 )
 from ledger.core import risk as R
 from ledger.core import split
@@ -409,6 +409,10 @@ class ShardState:
             return ok(), []
         return ok(), [DeviceConfirmed(cmd.wallet_id, cmd.device_id, cmd.confirmed, cmd.reason,
                                       cmd.caller, cmd.now_ms)]
+
+    def _decide_get_head(self, cmd: GetHead) -> tuple[Outcome, list[Event]]:
+        # The live state's seq advances only once an append is durable (ledger.owner).
+        return ok(self.seq), []
 
     def _decide_note_admin(self, cmd: NoteAdmin) -> tuple[Outcome, list[Event]]:
         if not cmd.action:
@@ -1608,6 +1612,7 @@ _DECIDERS: dict[type, Callable[[ShardState, Any], tuple[Outcome, list[Event]]]] 
     SetRiskLimits: ShardState._decide_set_risk_limits,
     ConfirmDevice: ShardState._decide_confirm_device,
     NoteAdmin: ShardState._decide_note_admin,
+    GetHead: ShardState._decide_get_head,
     GetTransfer: ShardState._decide_get_transfer,
     Post: ShardState._decide_post,
     ReserveCredit: ShardState._decide_reserve_credit,

@@ -11,6 +11,8 @@ proved clean by ``ledgerctl reconcile``: nothing a refusal did is left half-done
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 
 import grpc
@@ -34,6 +36,8 @@ DELIBERATE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusC
               grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE,
               grpc.StatusCode.RESOURCE_EXHAUSTED}
 INT64 = (-(2**63), 2**63 - 1)
+# How long a fuzzed live stream (WatchChanges with follow) is read before hanging up (s).
+STREAM_LOOK_S = 0.2
 
 _strings = st.one_of(
     st.sampled_from(KNOWN + ["", " ", "CNY", "USD", "LUCKY", "e" + "0" * 24, "x" * 300,
@@ -156,8 +160,22 @@ async def test_malformed_and_boundary_requests_get_deliberate_answers(
     _, stubs = ledger
     request = _build(getattr(pb, request_type), data.draw(_message(
         getattr(pb, request_type).DESCRIPTOR), label="request"))
+    streaming = pb.DESCRIPTOR.services_by_name[service].methods_by_name[
+        method].server_streaming
     try:
-        await getattr(stubs[service], method)(request, timeout=CALL_TIMEOUT_S)
+        if not streaming:
+            await getattr(stubs[service], method)(request, timeout=CALL_TIMEOUT_S)
+        elif not getattr(request, "follow", False):
+            async for _ in getattr(stubs[service], method)(request, timeout=CALL_TIMEOUT_S):
+                pass
+        else:  # a live stream: its first answers, then the caller hangs up
+            call = getattr(stubs[service], method)(request, timeout=CALL_TIMEOUT_S)
+            try:
+                await asyncio.wait_for(call.read(), STREAM_LOOK_S)
+            except asyncio.TimeoutError:
+                pass  # caught up, waiting for the next commit: alive, not failed
+            finally:
+                call.cancel()
     except grpc.aio.AioRpcError as exc:
         assert exc.code() in DELIBERATE, (method, request, exc.code(), exc.details())
         assert exc.details(), (method, request)

@@ -29,7 +29,7 @@ CLIENT_METHODS = {
     "close", "create_wallet", "get_wallet", "deposit", "withdraw", "transfer", "batch_transfer",
     "create_hold", "capture_hold", "release_hold", "get_hold", "get_transfer", "list_entries",
     "set_wallet_frozen", "set_risk_limits", "confirm_device",
-    "all_entries",
+    "all_entries", "balance_at", "watch_changes",
     # ledger.v1.RedEnvelopeService
     "create_envelope", "grab_envelope", "grab_envelopes", "get_envelope", "list_envelopes",
 }

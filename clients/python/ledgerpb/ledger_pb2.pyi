@@ -451,6 +451,68 @@ class ListWalletEntriesResponse(_message.Message):
     next_page_token: str
     def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class GetBalanceAtRequest(_message.Message):
+    __slots__ = ("wallet_id", "version", "at_ms")
+    WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    wallet_id: str
+    version: int
+    at_ms: int
+    def __init__(self, wallet_id: _Optional[str] = ..., version: _Optional[int] = ..., at_ms: _Optional[int] = ...) -> None: ...
+
+class GetBalanceAtResponse(_message.Message):
+    __slots__ = ("wallet_id", "currency", "balance_minor", "version", "at_ms")
+    WALLET_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    BALANCE_MINOR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    wallet_id: str
+    currency: str
+    balance_minor: int
+    version: int
+    at_ms: int
+    def __init__(self, wallet_id: _Optional[str] = ..., currency: _Optional[str] = ..., balance_minor: _Optional[int] = ..., version: _Optional[int] = ..., at_ms: _Optional[int] = ...) -> None: ...
+
+class ShardPosition(_message.Message):
+    __slots__ = ("shard", "after_seq")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    after_seq: int
+    def __init__(self, shard: _Optional[int] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class WatchChangesRequest(_message.Message):
+    __slots__ = ("shards", "positions", "follow")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedCompositeFieldContainer[ShardPosition]
+    follow: bool
+    def __init__(self, shards: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[_Union[ShardPosition, _Mapping]]] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class ChangeEvent(_message.Message):
+    __slots__ = ("type", "json")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    json: str
+    def __init__(self, type: _Optional[str] = ..., json: _Optional[str] = ...) -> None: ...
+
+class ChangeBatch(_message.Message):
+    __slots__ = ("shard", "seq", "epoch", "events")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    seq: int
+    epoch: int
+    events: _containers.RepeatedCompositeFieldContainer[ChangeEvent]
+    def __init__(self, shard: _Optional[int] = ..., seq: _Optional[int] = ..., epoch: _Optional[int] = ..., events: _Optional[_Iterable[_Union[ChangeEvent, _Mapping]]] = ...) -> None: ...
+
 class Hold(_message.Message):
     __slots__ = ("hold_id", "wallet_id", "amount_minor", "currency", "state", "captured_minor", "created_at_ms", "expires_at_ms", "closed_at_ms")
     HOLD_ID_FIELD_NUMBER: _ClassVar[int]

@@ -90,6 +90,16 @@ class LedgerServiceStub:
                 request_serializer=ledgerpb_dot_ledger__pb2.ListWalletEntriesRequest.SerializeToString,
                 response_deserializer=ledgerpb_dot_ledger__pb2.ListWalletEntriesResponse.FromString,
                 _registered_method=True)
+        self.GetBalanceAt = channel.unary_unary(
+                '/ledger.v1.LedgerService/GetBalanceAt',
+                request_serializer=ledgerpb_dot_ledger__pb2.GetBalanceAtRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.GetBalanceAtResponse.FromString,
+                _registered_method=True)
+        self.WatchChanges = channel.unary_stream(
+                '/ledger.v1.LedgerService/WatchChanges',
+                request_serializer=ledgerpb_dot_ledger__pb2.WatchChangesRequest.SerializeToString,
+                response_deserializer=ledgerpb_dot_ledger__pb2.ChangeBatch.FromString,
+                _registered_method=True)
         self.CreateHold = channel.unary_unary(
                 '/ledger.v1.LedgerService/CreateHold',
                 request_serializer=ledgerpb_dot_ledger__pb2.CreateHoldRequest.SerializeToString,
@@ -190,6 +200,23 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBalanceAt(self, request, context):
+        """Point-in-time balance: a wallet's balance after one of its entries (version), or as of
+        a time, from its history (every entry carries the balance after it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchChanges(self, request, context):
+        """Change data capture: every committed journal batch of the chosen shards, in journal
+        order per shard, from a position (the batch's seq is the per-shard resume token), then
+        live as batches commit (follow). Only batches the shard's owner holds durably are sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateHold(self, request, context):
         """Holds: reserve money on a wallet with a timeout, then capture all or part, or release.
         """
@@ -272,6 +299,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ListWalletEntries,
                     request_deserializer=ledgerpb_dot_ledger__pb2.ListWalletEntriesRequest.FromString,
                     response_serializer=ledgerpb_dot_ledger__pb2.ListWalletEntriesResponse.SerializeToString,
+            ),
+            'GetBalanceAt': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBalanceAt,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.GetBalanceAtRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.GetBalanceAtResponse.SerializeToString,
+            ),
+            'WatchChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchChanges,
+                    request_deserializer=ledgerpb_dot_ledger__pb2.WatchChangesRequest.FromString,
+                    response_serializer=ledgerpb_dot_ledger__pb2.ChangeBatch.SerializeToString,
             ),
             'CreateHold': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateHold,
@@ -591,6 +628,60 @@ class LedgerService:
             '/ledger.v1.LedgerService/ListWalletEntries',
             ledgerpb_dot_ledger__pb2.ListWalletEntriesRequest.SerializeToString,
             ledgerpb_dot_ledger__pb2.ListWalletEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBalanceAt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ledger.v1.LedgerService/GetBalanceAt',
+            ledgerpb_dot_ledger__pb2.GetBalanceAtRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.GetBalanceAtResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ledger.v1.LedgerService/WatchChanges',
+            ledgerpb_dot_ledger__pb2.WatchChangesRequest.SerializeToString,
+            ledgerpb_dot_ledger__pb2.ChangeBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,7 +9,7 @@ money twice, and the answer after a retry is the ledger's original result.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Self
+from typing import Any, AsyncIterator, Iterable, Mapping, Self
 
 import grpc
 from tenacity import (
@@ -325,6 +325,32 @@ class LedgerClient:
             token = page.next_page_token
             if not token:
                 return entries
+
+    async def balance_at(self, wallet_id: str, *, version: int = 0,
+                         at_ms: int = 0) -> pb.GetBalanceAtResponse:
+        """The wallet's balance after its entry ``version``, or as of ``at_ms`` (give one)."""
+        return await self._call(self._stub.GetBalanceAt, pb.GetBalanceAtRequest(
+            wallet_id=wallet_id, version=version, at_ms=at_ms), retry=True)
+
+    async def watch_changes(self, shards: Iterable[int] = (),
+                            positions: Mapping[int, int] | None = None,
+                            follow: bool = False) -> AsyncIterator[pb.ChangeBatch]:
+        """Committed journal batches of ``shards`` (all if empty) after ``positions`` (shard
+        -> last seq seen), in order per shard; with ``follow`` the stream stays open. Not
+        retried here: on an error, call again with the last seq seen per shard."""
+        request = pb.WatchChangesRequest(
+            shards=list(shards), follow=follow,
+            positions=[pb.ShardPosition(shard=s, after_seq=q)
+                       for s, q in sorted((positions or {}).items())])
+        call = self._stub.WatchChanges(request, metadata=self._metadata,
+                                       timeout=None if follow else self._timeout_s)
+        try:
+            async for batch in call:
+                yield batch
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc, request, 1) from None
+        finally:
+            call.cancel()
 
     # --- red envelopes ----------------------------------------------------------------------
 
