@@ -53,7 +53,10 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ledger.runtime.requests import REQUEST_ID, from_metadata
+
 log = logging.getLogger("ledger.metrics")
+rpc_log = logging.getLogger("ledger.rpc")
 
 # The port ``ledgerd dev`` serves /metrics on unless told otherwise (``make run`` documents
 # localhost:9464/metrics; 9464 is the port commonly used by Prometheus exporters of
@@ -159,10 +162,12 @@ def code_name(code: Any) -> str:
 
 
 class RpcMetrics(grpc.aio.ServerInterceptor):
-    """Server interceptor: counts every call by service, method and code, and times it.
-    Placed first, so it sees the code of refusals by the authorization interceptor and of
-    failures the error boundary answered. Cost: two clock reads and two metric updates per
-    call."""
+    """Server interceptor: counts every call by service, method and code, and times it; and
+    serves it under its request id (``ledger.runtime.requests``: the caller's, or a new one),
+    so every log record of the call carries it; at DEBUG it logs each call's end (logger
+    ``ledger.rpc``: method, code, time, request id). Placed first, so it sees the code of
+    refusals by the authorization interceptor and of failures the error boundary answered.
+    Cost: two clock reads, two metric updates and a metadata scan per call."""
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -172,9 +177,14 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         seconds = RPC_SECONDS.labels(service, method)
 
+        full = handler_call_details.method
+
         def done(started: float, code: str) -> None:
-            seconds.observe(time.perf_counter() - started)
+            took_s = time.perf_counter() - started
+            seconds.observe(took_s)
             RPC_HANDLED.labels(service, method, code).inc()
+            if rpc_log.isEnabledFor(logging.DEBUG):
+                rpc_log.debug("%s %s in %.1f ms", full, code, took_s * 1000)
 
         def ended(exc: BaseException, context: Any) -> str:
             if isinstance(exc, asyncio.CancelledError):
@@ -186,6 +196,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if inspect.isasyncgenfunction(behavior):
                 async def stream(request: Any, context: Any) -> Any:
+                    REQUEST_ID.set(from_metadata(context.invocation_metadata()))
                     started, code = time.perf_counter(), "OK"
                     try:
                         async for item in behavior(request, context):
@@ -198,6 +209,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
                 return stream
 
             async def call(request: Any, context: Any) -> Any:
+                REQUEST_ID.set(from_metadata(context.invocation_metadata()))
                 started, code = time.perf_counter(), "OK"
                 try:
                     result = behavior(request, context)
@@ -257,6 +269,9 @@ class NodeCollector(Collector):
                                        "owner decided in journaled batches.", labels=labels)
         seconds = CounterMetricFamily("ledger_shard_append_seconds", "Time the shard's current "
                                       "owner spent in journal appends.", labels=labels)
+        info = GaugeMetricFamily("ledger_node_info", "1 per node of this process, with its "
+                                 "region (what ledgerctl top groups by).",
+                                 labels=["node", "region"])
         failovers = CounterMetricFamily(
             "ledger_failovers", "Shards the node took over from a home region that had no "
             "live node (AutoFailover in the shard map and the audit trail).", labels=["node"])
@@ -270,6 +285,7 @@ class NodeCollector(Collector):
                 log.debug("metrics: node skipped", exc_info=True)
                 continue
             failovers.add_metric([node_id], getattr(node.ownership, "failovers", 0))
+            info.add_metric([node_id, str(getattr(node.ownership, "region", ""))], 1.0)
             for shard in sorted(shards):
                 key = [node_id, str(shard)]
                 owner = owners.get(shard)
@@ -287,7 +303,7 @@ class NodeCollector(Collector):
                 commands.add_metric(key, st.commands)
                 seconds.add_metric(key, st.append_seconds)
         yield from (owned, epoch, queue, outbox, lag, keys, appends, commands, seconds,
-                    failovers)
+                    failovers, info)
 
 
 _NODES = NodeCollector()

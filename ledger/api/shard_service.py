@@ -13,6 +13,7 @@ import grpc
 from ledger import constants as K
 from ledger.core import codec
 from ledger.core.status import Outcome, Status
+from ledger.runtime.requests import METADATA_KEY, REQUEST_ID
 from ledgerpb import shard_pb2 as spb
 from ledger.runtime.tasks import spawn
 from ledger.security.tls import TlsFiles, channel_credentials
@@ -120,7 +121,10 @@ class GrpcShardTransport:
         timeout_s = (K.SHARD_RPC_TIMEOUT_S if deadline is None
                      else max(deadline - asyncio.get_running_loop().time(), 0.0))
         try:
-            response = await self._stub(address).Execute(request, timeout=timeout_s)
+            request_id = REQUEST_ID.get()
+            response = await self._stub(address).Execute(
+                request, timeout=timeout_s,
+                metadata=((METADATA_KEY, request_id),) if request_id else None)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # A message above the limit fails the same way on every resend: say so loudly.

@@ -20,6 +20,7 @@
                            [--data-dir DIR | --cassandra HOST:PORT --dc DC] [--json]
     ledgerctl tail       [--shard S ...] [--after S:SEQ ...] [--follow] [--json]
                          [--target HOST:PORT] [--tls-dir DIR --tls-name NAME]
+    ledgerctl top        --metrics URL [--metrics URL ...] [--interval S] [--once]
 """
 
 from __future__ import annotations
@@ -596,6 +597,14 @@ async def _tail(args) -> int:
     return 0
 
 
+async def _top(args) -> int:
+    """The live terminal view of the cluster (``ledger.cli.top``)."""
+    from ledger.cli import top
+
+    return await asyncio.to_thread(top.run, args.metrics or ["http://127.0.0.1:9464/metrics"],
+                                   args.interval, args.once)
+
+
 async def _wallet(args) -> int:
     """Risk controls on a wallet through a running ledger (operators' certificate under
     mutual TLS): show, freeze / unfreeze, velocity limits and step-up threshold (of a wallet,
@@ -875,6 +884,13 @@ def main(argv: list[str] | None = None) -> int:
     tail.add_argument("--tls-dir", default=os.environ.get("LEDGER_TLS_DIR"),
                       help="ca.pem and a certificate allowed the stream (mutual TLS)")
     tail.add_argument("--tls-name", default="operator-ops")
+    top_p = sub.add_parser("top", help="a live view of the cluster from the nodes' /metrics")
+    top_p.add_argument("--metrics", action="append", default=[], metavar="URL",
+                       help="a node's /metrics URL (repeat; default "
+                            "http://127.0.0.1:9464/metrics, what make run serves)")
+    top_p.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    top_p.add_argument("--once", action="store_true",
+                       help="print one frame (two scrapes --interval apart) and exit")
     certs_p = sub.add_parser("certs", help="a development CA and certificates (mutual TLS)")
     certs_p.add_argument("--dir", default="certs")
     certs_p.add_argument("--nodes", default="n1,n2,n3")
@@ -920,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shard-of": _shard_of, "journal": _journal, "fence-check": _fence_check,
                 "commit-path": _commit_path, "envelope": _envelope, "certs": _certs,
                 "wallet": _wallet, "etcd-auth": _etcd_auth, "audit": _audit,
-                "tail": _tail}
+                "tail": _tail, "top": _top}
     try:
         return asyncio.run(handlers[args.command](args))
     except StoreError as exc:

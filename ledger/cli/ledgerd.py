@@ -36,7 +36,7 @@ from typing import Any
 
 from coordinator.envelopes import EnvelopeRules
 from ledger import constants as K
-from ledger import metrics, server
+from ledger import logs, metrics, server
 from ledger.core import constants as C
 
 # Exit status of a ledgerd that refused to start (port in use, data directory locked).
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--insecure-plaintext", action="store_true",
                        help="serve without TLS on a non-loopback address (refused otherwise)")
         p.add_argument("--log-level", default=os.environ.get("LEDGER_LOG_LEVEL", "INFO"))
+        p.add_argument("--log-format", choices=logs.FORMATS,
+                       default=os.environ.get("LEDGER_LOG_FORMAT", "text"),
+                       help="text, or json: one object per line with the request id")
         p.add_argument("--idempotency-memory-s", type=float,
                        default=K.IDEMPOTENCY_MEMORY_MS / 1000,
                        help="how long key records stay in owner memory before they are "
@@ -124,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     # Which flags were given explicitly: they win over the configuration file.
     args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
                    for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(args.log_level, args.log_format, getattr(args, "node_id", "") or "")
     # Cassandra warns on every row batch above 5 KiB; the rows are packed on purpose
     # (ledger/store/cassandra/views.py), so these warnings would drown the log.
     logging.getLogger("cassandra.protocol").setLevel(logging.ERROR)

@@ -21,7 +21,7 @@ from ledgerpb import ledger_pb2 as pb
 from ledgerpb import ledger_pb2_grpc as pb_grpc
 from redledger_client.constants import (
     DEFAULT_TIMEOUT_S, GRPC_MESSAGE_BYTES_MAX, RETRY_ATTEMPTS_MAX, RETRY_BACKOFF_S_FIRST,
-    RETRY_BACKOFF_S_MAX, RETRY_JITTER_S_MAX, RETRY_TOTAL_S_MAX,
+    RETRY_BACKOFF_S_MAX, RETRY_JITTER_S_MAX, RETRY_TOTAL_S_MAX, REQUEST_ID_METADATA,
 )
 
 # Codes a call is retried on, with the same request (and so the same idempotency key).
@@ -179,10 +179,14 @@ class LedgerClient:
     async def _call(self, method, request, retry: bool):
         attempts = 0
 
+        # One request id per logical call, the same on its retries: the ledger's logs on
+        # every node that handles it carry it (``ledger-request-id``).
+        metadata = self._metadata + ((REQUEST_ID_METADATA, uuid.uuid4().hex[:16]),)
+
         async def once():
             nonlocal attempts
             attempts += 1
-            return await method(request, timeout=self._timeout_s, metadata=self._metadata)
+            return await method(request, timeout=self._timeout_s, metadata=metadata)
         try:
             if not (retry and self._retries):
                 return await once()
@@ -342,7 +346,8 @@ class LedgerClient:
             shards=list(shards), follow=follow,
             positions=[pb.ShardPosition(shard=s, after_seq=q)
                        for s, q in sorted((positions or {}).items())])
-        call = self._stub.WatchChanges(request, metadata=self._metadata,
+        call = self._stub.WatchChanges(request, metadata=self._metadata + (
+                                           (REQUEST_ID_METADATA, uuid.uuid4().hex[:16]),),
                                        timeout=None if follow else self._timeout_s)
         try:
             async for batch in call:

@@ -29,3 +29,7 @@ RETRY_JITTER_S_MAX = 1.0
 
 # The longest wait between two attempts, in seconds.
 RETRY_BACKOFF_S_MAX = 2.0
+
+# Metadata carrying the id of one logical call (the same on its retries), which the ledger
+# puts on every log record of every node that handles it.
+REQUEST_ID_METADATA = "ledger-request-id"
