@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     # Which flags were given explicitly: they win over the configuration file.
     args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
                    for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-    logs.configure(args.log_level, args.log_format, getattr(args, "node_id", "") or "")
+    logs.configure(args.log_level, args.log_format,
+                   "dev" if args.command == "dev" else
+                   (args.node_id or f"{args.region}-{os.getpid()}"))
     # Cassandra warns on every row batch above 5 KiB; the rows are packed on purpose
     # (ledger/store/cassandra/views.py), so these warnings would drown the log.
     logging.getLogger("cassandra.protocol").setLevel(logging.ERROR)
