@@ -52,6 +52,15 @@ async def journal(running, shard: int) -> list[tuple[int, int, list[str]]]:
             for b in batches]
 
 
+async def journals_agree(running, got: dict, before: dict) -> None:
+    """What a stream gave holds every batch journaled before it began, and is a prefix of
+    the journal as it is now."""
+    for shard in range(SHARDS):
+        mine, now = got.get(shard, []), await journal(running, shard)
+        assert mine[:len(before[shard])] == before[shard], shard
+        assert mine == now[:len(mine)], shard
+
+
 def as_rows(batches) -> dict[int, list[tuple[int, int, list[str]]]]:
     out: dict[int, list] = {}
     for b in batches:
@@ -66,12 +75,12 @@ async def test_the_stream_is_the_journal_then_follows_and_resumes(ledger):
         await stub.Transfer(pb.TransferRequest(
             idempotency_key=f"t{i}", from_wallet_id="ca", to_wallet_id=("cb", "cc")[i % 2],
             amount_minor=10 + i, currency="CNY"), timeout=TIMEOUT_S)
-    # Not following: everything committed so far, then the stream ends.
+    # Not following: everything committed so far, then the stream ends. (Acknowledgements
+    # may still be journaled while it runs: the journal is read before and after it.)
+    before = {s: await journal(running, s) for s in range(SHARDS)}
     history = [b async for b in stub.WatchChanges(pb.WatchChangesRequest(), timeout=TIMEOUT_S)]
     got = as_rows(history)
-    for shard in range(SHARDS):
-        expected = await journal(running, shard)
-        assert got.get(shard, [])[:len(expected)] == expected
+    await journals_agree(running, got, before)
     # Events carry their fields as JSON: the transfers are there, amounts exact.
     decided = [json.loads(e.json)["transfer"] for b in history for e in b.events
                if e.type == "TransferDecided"]
@@ -237,6 +246,7 @@ async def test_ledgerctl_tail_prints_the_journal(ledger):
                                            to_wallet_id="tb", amount_minor=42, currency="CNY"),
                         timeout=TIMEOUT_S)
     target = f"127.0.0.1:{running.port}"
+    before = {s: await journal(running, s) for s in range(SHARDS)}
     code, out, err = await ledgerctl("tail", "--target", target, "--json")
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
@@ -244,9 +254,7 @@ async def test_ledgerctl_tail_prints_the_journal(ledger):
     for line in lines:
         got.setdefault(line["shard"], []).append(
             (line["seq"], line["epoch"], [e["type"] for e in line["events"]]))
-    for shard in range(SHARDS):
-        expected = await journal(running, shard)
-        assert got.get(shard, [])[:len(expected)] == expected
+    await journals_agree(running, got, before)
     assert any(e.get("transfer", {}).get("amount_minor") == 42
                for line in lines for e in line["events"])
     shard = shard_of("ta", SHARDS)
