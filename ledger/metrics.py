@@ -53,6 +53,7 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ledger import tracing
 from ledger.runtime.requests import REQUEST_ID, from_metadata
 
 log = logging.getLogger("ledger.metrics")
@@ -196,20 +197,23 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             if inspect.isasyncgenfunction(behavior):
                 async def stream(request: Any, context: Any) -> Any:
-                    REQUEST_ID.set(from_metadata(context.invocation_metadata()))
+                    metadata = context.invocation_metadata()
+                    request_id = from_metadata(metadata)
+                    REQUEST_ID.set(request_id)
                     started, code = time.perf_counter(), "OK"
-                    try:
-                        async for item in behavior(request, context):
-                            yield item
-                    except BaseException as exc:
-                        code = ended(exc, context)
-                        raise
-                    finally:
-                        done(started, code)
+                    with tracing.server_span(full, metadata, request_id) as span:
+                        try:
+                            async for item in behavior(request, context):
+                                yield item
+                        except BaseException as exc:
+                            code = ended(exc, context)
+                            raise
+                        finally:
+                            done(started, code)
+                            tracing.end_code(span, code)
                 return stream
 
-            async def call(request: Any, context: Any) -> Any:
-                REQUEST_ID.set(from_metadata(context.invocation_metadata()))
+            async def run(request: Any, context: Any, span: Any) -> Any:
                 started, code = time.perf_counter(), "OK"
                 try:
                     result = behavior(request, context)
@@ -219,6 +223,16 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     done(started, code)
+                    tracing.end_code(span, code)
+
+            async def call(request: Any, context: Any) -> Any:
+                metadata = context.invocation_metadata()
+                request_id = from_metadata(metadata)
+                REQUEST_ID.set(request_id)
+                if not tracing.enabled():
+                    return await run(request, context, None)
+                with tracing.server_span(full, metadata, request_id) as span:
+                    return await run(request, context, span)
             return call
 
         kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),

@@ -11,6 +11,7 @@ from typing import Callable
 import grpc
 
 from ledger import constants as K
+from ledger import tracing
 from ledger.core import codec
 from ledger.core.status import Outcome, Status
 from ledger.runtime.requests import METADATA_KEY, REQUEST_ID
@@ -122,9 +123,10 @@ class GrpcShardTransport:
                      else max(deadline - asyncio.get_running_loop().time(), 0.0))
         try:
             request_id = REQUEST_ID.get()
-            response = await self._stub(address).Execute(
-                request, timeout=timeout_s,
-                metadata=((METADATA_KEY, request_id),) if request_id else None)
+            with tracing.client_span("/ledger.v1.ShardOwnerService/Execute") as traced:
+                metadata = [(METADATA_KEY, request_id)] if request_id else []
+                response = await self._stub(address).Execute(
+                    request, timeout=timeout_s, metadata=tuple(metadata + traced) or None)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # A message above the limit fails the same way on every resend: say so loudly.

@@ -36,7 +36,7 @@ from typing import Any
 
 from coordinator.envelopes import EnvelopeRules
 from ledger import constants as K
-from ledger import logs, metrics, server
+from ledger import logs, metrics, server, tracing
 from ledger.core import constants as C
 
 # Exit status of a ledgerd that refused to start (port in use, data directory locked).
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--insecure-plaintext", action="store_true",
                        help="serve without TLS on a non-loopback address (refused otherwise)")
         p.add_argument("--log-level", default=os.environ.get("LEDGER_LOG_LEVEL", "INFO"))
+        p.add_argument("--otlp-endpoint",
+                       default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+                       help="export OpenTelemetry traces to this OTLP/gRPC collector "
+                            "(host:port or URL); default none: no tracing")
         p.add_argument("--log-format", choices=logs.FORMATS,
                        default=os.environ.get("LEDGER_LOG_FORMAT", "text"),
                        help="text, or json: one object per line with the request id")
@@ -127,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     # Which flags were given explicitly: they win over the configuration file.
     args._given = {a.lstrip("-").split("=")[0].replace("-", "_")
                    for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-    logs.configure(args.log_level, args.log_format,
-                   "dev" if args.command == "dev" else
-                   (args.node_id or f"{args.region}-{os.getpid()}"))
+    node_name = ("dev" if args.command == "dev" else
+                 (args.node_id or f"{args.region}-{os.getpid()}"))
+    logs.configure(args.log_level, args.log_format, node_name)
+    if tracing.configure(args.otlp_endpoint, node_name):
+        logging.getLogger("ledgerd").info("traces to %s", args.otlp_endpoint)
     # Cassandra warns on every row batch above 5 KiB; the rows are packed on purpose
     # (ledger/store/cassandra/views.py), so these warnings would drown the log.
     logging.getLogger("cassandra.protocol").setLevel(logging.ERROR)
@@ -141,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         # A taken port or a data directory another process serves: say so, no traceback.
         print(f"ledgerd {args.command}: refusing to start: {exc}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
+    finally:
+        tracing.disable()  # exports the spans still buffered
     return 0
 
 
