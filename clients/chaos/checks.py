@@ -7,6 +7,8 @@ printed) and returns figures or problems. The unit tier feeds them recorded data
 
 from __future__ import annotations
 
+import bisect
+
 import math
 from collections import Counter
 from typing import Iterable
@@ -49,6 +51,32 @@ def series(ops: list) -> dict:
     p99 = [round(pct(sorted(v), 0.99), 1) if v else None for v in lat]
     return {"seconds": end, "ok": ok, "refused": refused, "unknown": unknown,
             "p50_ms": p50, "p99_ms": p99}
+
+
+def by_region(ops: list, changes: list, shard_of: dict[str, int], seconds: int) -> dict:
+    """Acknowledged transfers per second by the region that committed them: the region of
+    the node that owned the transfer's debit shard when it was answered, from the owner
+    timeline polled from etcd (``changes``: (t, shard, node, region, epoch), in time order).
+    Transfers whose shard had no owner on record then count under "?".
+
+    Args:
+        ops: Requests with ``src``, ``finished`` and ``result``.
+        shard_of: Wallet id -> shard.
+        seconds: Length of the series (the bank's, so that the lines share its axis).
+    """
+    timeline: dict[int, list[tuple[float, str]]] = {}
+    for t, shard, _node, region, _epoch in changes:
+        timeline.setdefault(shard, []).append((t, region or "?"))
+    out: dict[str, list[int]] = {}
+    for op in ops:
+        if op.result != "ok" or op.finished <= 0:
+            continue
+        marks = timeline.get(shard_of.get(op.src, -1), [])
+        at = bisect.bisect_right(marks, (op.finished, "\uffff")) - 1
+        region = marks[at][1] if at >= 0 else "?"
+        sec = min(max(seconds, 1) - 1, int(op.finished))
+        out.setdefault(region, [0] * max(seconds, 1))[sec] += 1
+    return dict(sorted(out.items()))
 
 
 def summarize(report: ScenarioReport, bank_ops: list, bank_lost: Iterable[str],

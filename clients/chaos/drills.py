@@ -573,6 +573,8 @@ class Drill:
         if self.envelope is not None:
             report.envelope.update(self.envelope.figures())
             report.envelope["series"] = checks.series(report.envelope_plot)
+        if self.watcher is not None:
+            await self._series_by_region(report)
         checks.summarize(
             report,
             self.workload.result.ops if self.workload is not None else [],
@@ -581,6 +583,24 @@ class Drill:
             self.load.lost if self.load is not None else ())
         report.verdict = checks.verdict(report)
         return report
+
+    async def _series_by_region(self, report: ScenarioReport) -> None:
+        """Acknowledged transfers per second by committing region (bank and load together),
+        for the picture's per-region lines."""
+        assert self.watcher is not None
+        ops: list = list(self.workload.result.ops if self.workload is not None else [])
+        if self.load is not None:
+            ops.extend(self.load.ops)
+        if not ops:
+            return
+        try:
+            shards = await ledgerctl.shard_of(sorted({op.src for op in ops}),
+                                              self.config.shards)
+        except Exception as exc:  # the picture loses its lines; the verdict does not change
+            report.problems.append(f"{self.name}: per-region series not drawn: {exc}")
+            return
+        report.series["by_region"] = checks.by_region(
+            ops, self.watcher.changes, shards, report.series.get("seconds") or 0)
 
     async def _verify_store(self) -> None:
         """Reconcile, check that epochs never go back along any journal, and (pause-owner)

@@ -68,7 +68,12 @@ def throughput_svg(report: ScenarioReport, series: dict | None = None,
     (the load's) on the same time axis."""
     s = series if series is not None else report.series
     duration = max(1.0, float(max(report.series.get("seconds") or 1, s.get("seconds") or 1)))
-    peak = max([*s.get("ok", []), *s.get("refused", []), 1])
+    # Per-region lines: acknowledged transfers per second by the region that committed them
+    # (the debit shard's owner when answered), bank and load together; they may rise above
+    # the bars, which count the bank only.
+    lines = s.get("by_region") or {}
+    peak = max([*s.get("ok", []), *s.get("refused", []), 1,
+                *(v for counts in lines.values() for v in counts)])
     top = _nice(peak)
     ph, pw = _H - _MT - _MB, _W - _ML - _MR
 
@@ -92,10 +97,23 @@ def throughput_svg(report: ScenarioReport, series: dict | None = None,
         if n:
             out.append(f'<text x="{_ML + (sec + 0.5) * bw:.1f}" y="{_MT + 24}" fill="#d00" '
                        f'text-anchor="middle">?{n}</text>')
-    out.append(_legend([("#2a9d8f", "acknowledged (ok)"), ("#bbb", "refused"),
-                        ("#d00", "?n unanswered during the run")]))
+    legend = [("#2a9d8f", "acknowledged (ok)"), ("#bbb", "refused"),
+              ("#d00", "?n unanswered during the run")]
+    for i, (region, counts) in enumerate(sorted(lines.items())):
+        color = _REGION_COLORS[i % len(_REGION_COLORS)]
+        points = " ".join(f"{_ML + (sec + 0.5) * bw:.1f},{y(n):.1f}"
+                          for sec, n in enumerate(counts))
+        out.append(f'<polyline class="region" points="{points}" fill="none" stroke="{color}" '
+                   f'stroke-width="1.5"><title>{html.escape(region)}: acknowledged / s by '
+                   f'committing region</title></polyline>')
+        legend.append((color, f"region {region}"))
+    out.append(_legend(legend))
     out.append("</svg>")
     return "\n".join(out)
+
+
+# Line colors of the regions in the throughput picture, in region name order.
+_REGION_COLORS = ("#e76f51", "#264653", "#8e44ad", "#f4a261", "#1d3557")
 
 
 def latency_svg(report: ScenarioReport) -> str:

@@ -152,3 +152,24 @@ def test_report_files_from_a_recorded_run(tmp_path):
     line = summary_line(report)
     assert line.startswith("kill-owner") and "PASS" in line and "failover_s=3.10" in line
     assert "load ok=120 (6.0/s)" in line and "reconcile=clean" in line
+
+
+def test_throughput_by_committing_region_follows_the_owner_timeline():
+    # Wallet a on shard 0, b on shard 1. Shard 0 moves from r1 to r2 at 5.0 s (a failover);
+    # shard 1 stays in r2. Unanswered and refused requests are not acknowledgements.
+    ops = [SimpleNamespace(src="a", finished=t, result="ok") for t in (1.2, 4.9, 5.1, 7.5)]
+    ops += [SimpleNamespace(src="b", finished=t, result="ok") for t in (2.0, 6.0)]
+    ops += [SimpleNamespace(src="a", finished=3.0, result="refused"),
+            SimpleNamespace(src="b", finished=0.0, result="unknown"),
+            SimpleNamespace(src="c", finished=1.0, result="ok")]       # no owner on record
+    changes = [(0.1, 0, "r1-n0", "r1", 10), (0.1, 1, "r2-n0", "r2", 11),
+               (5.0, 0, None, None, 0), (5.05, 0, "r2-n0", "r2", 20)]
+    lines = checks.by_region(ops, changes, {"a": 0, "b": 1, "c": 2}, seconds=8)
+    assert lines == {"?": [0, 1, 0, 0, 0, 0, 0, 0],
+                     "r1": [0, 1, 0, 0, 1, 0, 0, 0],
+                     "r2": [0, 0, 1, 0, 0, 1, 1, 1]}
+    report = recorded_scenario()
+    report.series["by_region"] = lines
+    svg = throughput_svg(report)
+    assert svg.count('<polyline class="region"') == 3
+    assert "region r1" in svg and "region r2" in svg
