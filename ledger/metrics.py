@@ -168,22 +168,41 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
     so every log record of the call carries it; at DEBUG it logs each call's end (logger
     ``ledger.rpc``: method, code, time, request id). Placed first, so it sees the code of
     refusals by the authorization interceptor and of failures the error boundary answered.
-    Cost: two clock reads, two metric updates and a metadata scan per call."""
+
+    Cost: two clock reads, two metric updates and a metadata scan per call. The wrapped
+    handler of each method is built once, on its first call, and reused (building closures
+    and a handler per call cost about 5 % of a unary call's CPU, measured with py-spy):
+    the interceptors below this one do their per-call work inside the handler they return,
+    never in ``intercept_service`` itself, so reusing their handler keeps every check."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
+        full = handler_call_details.method
+        cached = self._handlers.get(full)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        seconds = RPC_SECONDS.labels(service, method)
+        wrapped = self._wrap(full, handler)
+        self._handlers[full] = wrapped
+        return wrapped
 
-        full = handler_call_details.method
+    def _wrap(self, full: str, handler: Any) -> Any:
+        service, _, method = full.lstrip("/").rpartition("/")
+        seconds = RPC_SECONDS.labels(service, method)
+        handled: dict[str, Any] = {}
 
         def done(started: float, code: str) -> None:
             took_s = time.perf_counter() - started
             seconds.observe(took_s)
-            RPC_HANDLED.labels(service, method, code).inc()
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled[code] = RPC_HANDLED.labels(service, method, code)
+            counter.inc()
             if rpc_log.isEnabledFor(logging.DEBUG):
                 rpc_log.debug("%s %s in %.1f ms", full, code, took_s * 1000)
 

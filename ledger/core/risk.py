@@ -14,9 +14,13 @@ ledger's own accounts, settlement and escrows, are exempt):
   rolling ``window_ms``. A debit counts when it is decided (a hold when it is created, a
   chain item when it is prepared), and keeps counting if the hold is released or the chain
   aborts: the limit bounds what a wallet tried to move, which is what a thief would do. The
-  window is kept as ``BUCKETS`` + 1 buckets of ``window_ms // BUCKETS``: a debit counts for
-  at least ``window_ms`` and at most one bucket longer (never shorter: the error is on the
-  safe side). Refused with VELOCITY_LIMIT_EXCEEDED, a recorded decision (a retry of the same
+  window is kept in buckets of ``window_ms // BUCKETS``: a check sums every bucket from the
+  one holding ``now - window_ms`` on, so a debit counts for at least ``window_ms`` and at most
+  one bucket longer (never shorter: the error is on the safe side; until 2026-11-27 the sum
+  started ``BUCKETS`` buckets back, up to 59 ms short of a window that is not a multiple of
+  60 ms, found by the property test). Buckets are kept for two windows behind the newest
+  debit, so a command stamped earlier than one before it (coordinators' clocks differ) is
+  still checked against everything in its window. Refused with VELOCITY_LIMIT_EXCEEDED, a recorded decision (a retry of the same
   key gets the same answer, like INSUFFICIENT_FUNDS).
 * **Step-up.** A debit above ``step_up_above_minor`` from a device the wallet has not
   confirmed is refused with STEP_UP_REQUIRED (field ``device_id``). The device id comes with
@@ -40,7 +44,7 @@ from dataclasses import dataclass, field
 
 # A wallet's own setting "use the default" (``window_ms`` and ``step_up_above_minor``).
 INHERIT = -1
-# Buckets per window: the check sums at most BUCKETS + 1 of them.
+# Buckets per window: the check sums about BUCKETS + 1 of them.
 BUCKETS = 60
 # Confirmed devices kept per wallet; confirming one more forgets the oldest.
 DEVICES_MAX = 32
@@ -110,11 +114,12 @@ class WalletRisk:
         """Count a decided debit in the window ``window_ms`` (> 0) in force."""
         if self.usage_window_ms != window_ms:
             self.usage_window_ms, self.buckets = window_ms, {}
-        index = at_ms // bucket_width(window_ms)
+        width = bucket_width(window_ms)
+        index = at_ms // width
         held = self.buckets.get(index)
         if held is None:
             self.buckets[index] = [amount_minor, 1]
-            oldest = index - BUCKETS
+            oldest = (at_ms - 2 * window_ms) // width
             for stale in [i for i in self.buckets if i < oldest]:
                 del self.buckets[stale]
         else:
@@ -125,7 +130,7 @@ class WalletRisk:
         """(amount, count) of the debits in the window ending at ``now_ms``."""
         if self.usage_window_ms != window_ms or not self.buckets:
             return 0, 0
-        oldest = now_ms // bucket_width(window_ms) - BUCKETS
+        oldest = (now_ms - window_ms) // bucket_width(window_ms)
         amount = count = 0
         for index, (a, c) in self.buckets.items():
             if index >= oldest:

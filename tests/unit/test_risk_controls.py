@@ -258,3 +258,23 @@ def test_risk_changes_are_audited_without_the_device_id():
     assert "max_count=3" in records[0][-1] and "fraud wave" in records[0][-1]
     assert "imei" not in repr(records)
     assert records[2][2] != records[3][2]  # the request hashes differ
+
+
+def test_a_window_not_a_multiple_of_the_bucket_count_is_never_short():
+    """Found by the property test above: a 1,000 ms window in buckets of 16 ms summed only
+    960-976 ms back, so a debit 999 ms after a full window passed."""
+    s = funded()
+    run(s, limits(window=1000, amount=104))
+    assert run(s, post("k1", 104, 7465))[0].ok
+    late = run(s, post("k2", 1, 8464))[0]
+    assert late.status is Status.VELOCITY_LIMIT_EXCEEDED
+    # A window and one bucket (16 ms) later the first debit no longer counts.
+    assert run(s, post("k3", 1, 7465 + 1000 + 16))[0].ok
+
+
+def test_a_debit_stamped_earlier_than_the_last_is_checked_against_its_window():
+    # Coordinators' clocks differ: a later command may carry an earlier time.
+    s = funded()
+    run(s, limits(window=60_000, amount=100))
+    assert run(s, post("k1", 100, 200_000))[0].ok
+    assert run(s, post("k2", 1, 150_000))[0].status is Status.VELOCITY_LIMIT_EXCEEDED
