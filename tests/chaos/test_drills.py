@@ -69,6 +69,12 @@ async def drill(cluster, name: str, out_dir, seed: int, load_rate: float = 0.0,
     page = (out_dir / "chaos.html").read_text()
     assert page.count("<svg") == (charts or (3 if load_rate else 2)) and name in page
     assert "<script" not in page and "<link" not in page and "src=" not in page
+    # Acknowledged transfers per second by committing region: one line per region that
+    # committed any, every bank acknowledgement among them (the load's come on top).
+    lines = report.series["by_region"]
+    assert lines and set(lines) <= set(cluster.regions) | {"?"}
+    assert sum(map(sum, lines.values())) >= sum(report.series["ok"])
+    assert page.count('class="region"') >= len(lines)
     # The cluster is left healthy.
     assert all(s["running"] for s in cluster.status().values()), cluster.status()
     assert report.verdict == "PASS", report.problems
