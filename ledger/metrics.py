@@ -54,6 +54,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ledger import tracing
+from ledger.api.handlers import rewrap
 from ledger.runtime.requests import REQUEST_ID, from_metadata
 
 log = logging.getLogger("ledger.metrics")
@@ -254,16 +255,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
                     return await run(request, context, span)
             return call
 
-        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
-        for attr, make in kinds:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return make(wrap(behavior), request_deserializer=handler.request_deserializer,
-                            response_serializer=handler.response_serializer)
-        return handler
+        return rewrap(handler, wrap)
 
 
 class NodeCollector(Collector):

@@ -564,22 +564,29 @@ def _print_wallet(w) -> None:
           f"{', '.join(r.devices) or 'none'}")
 
 
+def _client_tls(args):
+    """Client credentials from ``--tls-dir``/``--tls-name`` (mutual TLS), or None."""
+    from clients import mutual_tls
+
+    if not args.tls_dir:
+        return None
+    d = args.tls_dir.rstrip("/")
+    return mutual_tls(f"{d}/ca.pem", f"{d}/{args.tls_name}.pem", f"{d}/{args.tls_name}.key")
+
+
 async def _tail(args) -> int:
     """Print the change stream (``WatchChanges``): a line per event, or JSON lines (one per
     batch: shard, seq, epoch, events with their fields). Ends at the heads of the start
     unless ``--follow``; exit 1 naming the position if the batches after it were compacted."""
-    from clients import LedgerClient, LedgerError, mutual_tls
+    from clients import LedgerClient, LedgerError
 
     try:
         positions = {int(s): int(q) for s, q in (p.split(":") for p in args.after)}
     except ValueError:
         print("ledgerctl tail: --after takes SHARD:SEQ", file=sys.stderr)
         return 2
-    creds = None
-    if args.tls_dir:
-        d = args.tls_dir.rstrip("/")
-        creds = mutual_tls(f"{d}/ca.pem", f"{d}/{args.tls_name}.pem", f"{d}/{args.tls_name}.key")
-    async with LedgerClient(args.target, caller="ledgerctl", credentials=creds) as ledger:
+    async with LedgerClient(args.target, caller="ledgerctl",
+                            credentials=_client_tls(args)) as ledger:
         try:
             async for batch in ledger.watch_changes(args.shard, positions, args.follow):
                 if args.json:
@@ -609,7 +616,7 @@ async def _wallet(args) -> int:
     """Risk controls on a wallet through a running ledger (operators' certificate under
     mutual TLS): show, freeze / unfreeze, velocity limits and step-up threshold (of a wallet,
     or with ``--default`` of every wallet), confirm / forget a device."""
-    from clients import LedgerClient, LedgerError, mutual_tls
+    from clients import LedgerClient, LedgerError
 
     if args.action == "limits" and bool(args.wallet_id) == args.default:
         print("ledgerctl wallet limits: name a wallet, or --default (not both)",
@@ -621,11 +628,8 @@ async def _wallet(args) -> int:
     if args.action in ("confirm-device", "forget-device") and not args.device:
         print(f"ledgerctl wallet {args.action}: --device is required", file=sys.stderr)
         return 2
-    creds = None
-    if args.tls_dir:
-        d = args.tls_dir.rstrip("/")
-        creds = mutual_tls(f"{d}/ca.pem", f"{d}/{args.tls_name}.pem", f"{d}/{args.tls_name}.key")
-    async with LedgerClient(args.target, caller="ledgerctl", credentials=creds) as ledger:
+    async with LedgerClient(args.target, caller="ledgerctl",
+                            credentials=_client_tls(args)) as ledger:
         try:
             if args.action in ("freeze", "unfreeze"):
                 await ledger.set_wallet_frozen(args.wallet_id, args.action == "freeze",

@@ -41,6 +41,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 
 from ledger import metrics
+from ledger.api.handlers import rewrap
 from ledger.security.certs import TRUST_DOMAIN
 from ledger.security.tls import identity_of
 
@@ -283,13 +284,4 @@ class Authorization(grpc.aio.ServerInterceptor):
                 return await result if inspect.isawaitable(result) else result
             return call
 
-        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
-        for attr, make in kinds:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return make(wrap(behavior), request_deserializer=handler.request_deserializer,
-                            response_serializer=handler.response_serializer)
-        return handler
+        return rewrap(handler, wrap)
