@@ -653,7 +653,7 @@ class Coordinator:
         bad = validate.wallet_id(wallet_id)
         if bad:
             return bad
-        if page_token and not page_token.isdigit():
+        if page_token and not (page_token.isascii() and page_token.isdigit()):
             return refuse(Status.INVALID_ARGUMENT, "page_token", "is not a token from this API")
         after = int(page_token or 0)
         wallet = await self.get_wallet(wallet_id, deadline)

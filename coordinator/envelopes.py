@@ -477,7 +477,7 @@ class Envelopes:
         """The envelope, a page of its grabs and its luckiest grab (``EnvelopeView``)."""
         if not _ENVELOPE_ID.fullmatch(envelope_id or ""):
             return refuse(Status.INVALID_ARGUMENT, "envelope_id", "is not an envelope id")
-        if page_token and not page_token.isdigit():
+        if page_token and not (page_token.isascii() and page_token.isdigit()):
             return refuse(Status.INVALID_ARGUMENT, "page_token", "is not a token from this API")
         after = int(page_token or 0)
         size = min(page_size or C.ENVELOPE_GRABS_PAGE_DEFAULT, C.ENVELOPE_GRABS_PAGE_MAX)
@@ -519,7 +519,7 @@ class Envelopes:
         after: tuple[int, str] | None = None
         if page_token:
             at, _, envelope_id = page_token.partition(".")
-            if not at.isdigit() or not _ENVELOPE_ID.fullmatch(envelope_id):
+            if not (at.isascii() and at.isdigit()) or not _ENVELOPE_ID.fullmatch(envelope_id):
                 return refuse(Status.INVALID_ARGUMENT, "page_token",
                               "is not a token from this API")
             after = (int(at), envelope_id)

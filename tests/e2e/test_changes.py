@@ -264,3 +264,28 @@ async def test_ledgerctl_tail_prints_the_journal(ledger):
     assert all(int(line.split()[1]) > 1 for line in out.splitlines())
     code, _, err = await ledgerctl("tail", "--target", target, "--after", "x")
     assert code == 2 and "SHARD:SEQ" in err
+
+
+async def test_a_page_token_of_non_ascii_digits_is_refused_naming_it(ledger):
+    """Found by the fuzz run: "²" is a digit to ``str.isdigit`` but not to ``int``, so a
+    page token of it answered INTERNAL (a crash in the coordinator) instead of a refusal."""
+    running, stub = ledger
+    await wallets(stub, "pt")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        envelopes = pb_grpc.RedEnvelopeServiceStub(ch)
+        calls = [
+            (stub.ListWalletEntries, pb.ListWalletEntriesRequest(wallet_id="pt",
+                                                                 page_token="²")),
+            (envelopes.GetEnvelope, pb.GetEnvelopeRequest(
+                envelope_id="e" + "0" * 24, page_token="²")),
+            (envelopes.ListEnvelopes, pb.ListEnvelopesRequest(
+                wallet_id="pt", role=pb.ENVELOPE_ROLE_SENT, page_token="²." + "e" + "0" * 24)),
+        ]
+        for call, request in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(request, timeout=TIMEOUT_S)
+            assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                        grpc.StatusCode.NOT_FOUND), (request, err.value)
+            if err.value.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                assert dict(err.value.trailing_metadata() or ()).get(
+                    "ledger-field") == "page_token"
