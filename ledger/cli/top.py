@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
@@ -41,7 +41,6 @@ class NodeView:
     store_errors: float = 0.0
     calls: float = 0.0
     failed_calls: float = 0.0
-    seen: set = field(default_factory=set)
 
 
 def scrape(url: str) -> dict[str, NodeView]:
