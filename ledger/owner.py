@@ -103,10 +103,11 @@ def _spills(request: _Request) -> bool:
     return any(type(c) is SpillIdempotency for c in request.commands)
 
 
-def _thin(pending: dict[int, list]) -> bool:
-    """Credits ready for many destinations, few for each (see ``ShardOwner._linger``)."""
+def _thin(pending: dict[int, list], per_dest: int) -> bool:
+    """Credits ready for many destinations, fewer than ``per_dest`` for each on average (see
+    ``ShardOwner._linger``)."""
     return (len(pending) >= K.CREDIT_LINGER_FANOUT_MIN
-            and sum(map(len, pending.values())) < len(pending) * K.CREDIT_LINGER_PER_DEST)
+            and sum(map(len, pending.values())) < len(pending) * per_dest)
 
 
 def _cancel_timer(timer: asyncio.TimerHandle, _: asyncio.Future) -> None:
@@ -161,6 +162,11 @@ class ShardOwner:
         self._durable_outbox: dict[int, int] = {}
         # Answers waiting for their credit leg: to_shard -> deque of (outbox_seq, future).
         self._credit_waiters: dict[int, collections.deque] = {}
+        # When the last append owing new credits became durable (loop time, s): credits
+        # nobody waits for linger while more keep coming (``_linger``).
+        self._credits_owed_at = 0.0
+        # The usual gap between two such appends (s, a moving average over runs of them).
+        self._credits_owed_gap = 0.0
         # Acknowledgements of delivered credits not yet journaled: to_shard -> highest seq.
         self._acks_pending: dict[int, int] = {}
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -561,6 +567,12 @@ class ShardOwner:
                     durable[event.to_shard] = event.outbox_seq
                 kick = True
         if kick:
+            now = asyncio.get_running_loop().time()
+            gap = now - self._credits_owed_at
+            if gap < K.CREDIT_LINGER_ASYNC_MS / 1000:  # a run of appends owing credits
+                self._credits_owed_gap = (0.7 * self._credits_owed_gap + 0.3 * gap
+                                          if self._credits_owed_gap else gap)
+            self._credits_owed_at = now
             self._outbox_kick.set()
 
     # --- crediting pipeline -----------------------------------------------------------------
@@ -606,6 +618,7 @@ class ShardOwner:
             fut = loop.create_future()
             self._credit_waiters.setdefault(dest, collections.deque()).append((seq, fut))
             waits.append(fut)
+        self._outbox_kick.set()  # a lingering pipeline sends what is waited for sooner
         wait_s = K.CREDIT_WAIT_MS / 1000
         if deadline is not None:
             wait_s = max(min(wait_s, deadline - loop.time()), 0.0)
@@ -660,7 +673,7 @@ class ShardOwner:
             pending = self._ready_credits()
             if not pending:
                 continue
-            if _thin(pending):
+            if _thin(pending, K.CREDIT_LINGER_ASYNC_PER_DEST):
                 pending = await self._linger(pending)
             results = await self._send_credits(pending)
             progressed = 0
@@ -688,14 +701,38 @@ class ShardOwner:
 
     async def _linger(self, pending: dict[int, list]) -> dict[int, list]:
         """A wide fan-out of a few credits per destination (a hot envelope's grabs, one
-        wallet paying many): each destination's step costs about as much as ten credits in
-        it, so let the next appends' credits join, until the round is thick enough or
-        CREDIT_LINGER_MS passed. What is ready then is sent (never less than before)."""
+        wallet paying many): each destination's step costs far more than a credit in it, so
+        let the next appends' credits join, until the round is thick enough or the linger is
+        over. What is ready then is sent (never less than before).
+
+        Credits a caller waits for (``_await_credits``) linger at most CREDIT_LINGER_MS, to
+        CREDIT_LINGER_PER_DEST each; credits nobody waits for (grabs) at most
+        CREDIT_LINGER_ASYNC_MS, to CREDIT_LINGER_ASYNC_PER_DEST each, and only while new
+        credits keep coming (none for CREDIT_LINGER_IDLE_MS: they leave). A waiter that
+        arrives meanwhile kicks the pipeline, and the shorter rule applies at once."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + K.CREDIT_LINGER_MS / 1000
-        while self._serving and _thin(pending) and loop.time() < until:
+        started = loop.time()
+        while self._serving:
+            waited = any(self._credit_waiters.get(dest) for dest in pending)
+            if waited:
+                if not _thin(pending, K.CREDIT_LINGER_PER_DEST):
+                    break
+                until = started + K.CREDIT_LINGER_MS / 1000
+            else:
+                if not _thin(pending, K.CREDIT_LINGER_ASYNC_PER_DEST):
+                    break
+                # Twice the usual gap between appends owing credits (the longest idle
+                # while that gap is not known yet).
+                idle = min(max(2 * self._credits_owed_gap or 1.0,
+                               K.CREDIT_LINGER_IDLE_MIN_MS / 1000),
+                           K.CREDIT_LINGER_IDLE_MAX_MS / 1000)
+                until = min(started + K.CREDIT_LINGER_ASYNC_MS / 1000,
+                            self._credits_owed_at + idle)
+            left = until - loop.time()
+            if left <= 0:
+                break
             try:
-                await asyncio.wait_for(self._outbox_kick.wait(), until - loop.time())
+                await asyncio.wait_for(self._outbox_kick.wait(), left)
             except asyncio.TimeoutError:
                 pass
             self._outbox_kick.clear()
