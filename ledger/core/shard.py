@@ -1169,7 +1169,7 @@ class ShardState:
             e.caller, e.idempotency_key, "wallet:" + e.wallet_id,
             wallet_fingerprint(e.wallet_id, e.currency, e.allow_negative), e.at_ms)
         if rows is not None:
-            rows.append(("wallet", wallet.copy()))
+            rows.append(("wallet", wallet))
 
     def _evolve_risk_limits_set(self, e: RiskLimitsSet, rows: list | None) -> None:
         if not e.wallet_id:
@@ -1209,7 +1209,7 @@ class ShardState:
                e.wallet_id)
         wallet.frozen = e.frozen
         if rows is not None:
-            rows.append(("wallet", wallet.copy()))
+            rows.append(("wallet", wallet))
 
     def _evolve_transfer_decided(self, e: TransferDecided, rows: list | None) -> None:
         t = e.transfer
@@ -1245,7 +1245,7 @@ class ShardState:
             hold.captured_minor = t.amount_minor if t.state == STATE_COMMITTED else 0
             hold.closed_at_ms = t.created_at_ms
             if rows is not None:
-                rows.append(("wallet", wallet.copy()))
+                rows.append(("wallet", wallet))
         if t.state != STATE_COMMITTED:
             return
         self._change(t.from_wallet_id, t.currency, -t.amount_minor, t, t.to_wallet_id, rows)
@@ -1285,7 +1285,7 @@ class ShardState:
         if rows is not None:
             rows.append(("entry", Entry(wallet_id, wallet.version, t.transfer_id, t.kind, delta,
                                         balance, counterparty, currency, t.created_at_ms)))
-            rows.append(("wallet", wallet.copy()))
+            rows.append(("wallet", wallet))
 
     def _evolve_hold_created(self, e: HoldCreated, rows: list | None) -> None:
         hold = e.hold.copy()
@@ -1302,7 +1302,7 @@ class ShardState:
             hold_fingerprint(hold.wallet_id, hold.amount_minor, hold.currency,
                              hold.expires_at_ms - hold.created_at_ms), hold.created_at_ms)
         if rows is not None:
-            rows.append(("wallet", wallet.copy()))
+            rows.append(("wallet", wallet))
 
     def _evolve_hold_released(self, e: HoldReleased, rows: list | None) -> None:
         hold = self.holds[e.hold_id]
@@ -1316,7 +1316,7 @@ class ShardState:
                 e.caller, e.idempotency_key, "release:" + e.hold_id, (("hold_id", e.hold_id),),
                 e.at_ms)
         if rows is not None:
-            rows.append(("wallet", wallet.copy()))
+            rows.append(("wallet", wallet))
 
     def _evolve_chain_prepared(self, e: ChainPrepared, rows: list | None) -> None:
         t = e.transfer
@@ -1338,7 +1338,7 @@ class ShardState:
         self.transfers[t.transfer_id] = t.copy()
         self._record(record_of_transfer(t), None if _derived(t, self.shard) else rows)
         if rows is not None:
-            rows.append(("wallet", wallet.copy()))
+            rows.append(("wallet", wallet))
 
     def _evolve_envelope_opened(self, e: EnvelopeOpened, rows: list | None) -> None:
         envelope = e.envelope.copy()
@@ -1350,8 +1350,8 @@ class ShardState:
                                                created_at_ms=envelope.created_at_ms)
         self.envelopes[envelope.envelope_id] = envelope
         if rows is not None:
-            rows.append(("wallet", wallet.copy()))
-            rows.append(("envelope", envelope.copy()))
+            rows.append(("wallet", wallet))
+            rows.append(("envelope", envelope))
 
     def _fund_envelope(self, t: Transfer, at_ms: int, rows: list | None) -> None:
         """The funding credit landed on the escrow: the envelope is live."""
@@ -1366,7 +1366,7 @@ class ShardState:
         envelope.left_minor = envelope.total_minor
         envelope.left_shares = envelope.shares
         if rows is not None:
-            rows.append(("envelope", envelope.copy()))
+            rows.append(("envelope", envelope))
 
     def _evolve_envelope_grabbed(self, e: EnvelopeGrabbed, rows: list | None) -> None:
         g = e.grab
@@ -1389,7 +1389,7 @@ class ShardState:
             envelope.closed_at_ms = g.at_ms or 1
         if rows is not None:
             rows.append(("grab", g))
-            rows.append(("envelope", envelope.copy()))
+            rows.append(("envelope", envelope))
 
     def _evolve_envelope_abandoned(self, e: EnvelopeAbandoned, rows: list | None) -> None:
         envelope = self.envelopes[e.envelope_id]
@@ -1397,7 +1397,7 @@ class ShardState:
                "envelope %s abandoned after it was funded or closed", e.envelope_id)
         envelope.closed_at_ms = e.at_ms or 1
         if rows is not None:
-            rows.append(("envelope", envelope.copy()))
+            rows.append(("envelope", envelope))
 
     def _evolve_envelope_refunded(self, e: EnvelopeRefunded, rows: list | None) -> None:
         envelope = self.envelopes[e.envelope_id]
@@ -1407,7 +1407,7 @@ class ShardState:
         envelope.refund_transfer_id = e.transfer_id
         envelope.closed_at_ms = e.at_ms or 1
         if rows is not None:
-            rows.append(("envelope", envelope.copy()))
+            rows.append(("envelope", envelope))
 
     def _evolve_key_claimed(self, e: KeyClaimed, rows: list | None) -> None:
         claim = self.claims[(e.caller, e.idempotency_key)] = IdempotencyRecord(

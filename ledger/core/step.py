@@ -40,6 +40,33 @@ class StepResult:
     rows: list
 
 
+# Rows of mutable objects (a wallet, an envelope) are collected by ``ShardState.evolve`` as
+# the live object, and copied once when the step (or batch) ends (``_own_rows``): a hot
+# envelope's step changes its envelope and escrow wallet once per grab, and only the last of
+# those rows is ever written (``ledger.store.rows``: the last row of a key wins).
+_LIVE_ROWS = frozenset({"wallet", "envelope"})
+
+
+def _own_rows(rows: list, start: int) -> None:
+    """Copy the live rows collected since ``start``, once per object: the LAST row of each
+    object stays where it is, as a copy of the object now; earlier rows of the same object
+    are dropped (a store would have let the last one win anyway). Other rows and the order
+    of the rows kept are unchanged."""
+    seen: set[int] = set()
+    kept: list = []
+    for index in range(len(rows) - 1, start - 1, -1):
+        row = rows[index]
+        if row[0] in _LIVE_ROWS:
+            ident = id(row[1])
+            if ident in seen:
+                continue
+            seen.add(ident)
+            row = (row[0], row[1].copy())
+        kept.append(row)
+    kept.reverse()
+    rows[start:] = kept
+
+
 def step(state: ShardState, commands: Iterable[object],
          rows: list | None = None) -> StepResult:
     """Decide ``commands`` in order against ``state``, applying each one's events at once.
@@ -60,16 +87,20 @@ def step(state: ShardState, commands: Iterable[object],
             it: the caller must not answer from it again (an owner gives the shard up).
     """
     collected = [] if rows is None else rows
+    start = len(collected)
     outcomes: list[Outcome] = []
     events: list[Event] = []
     decide = state.decide
     evolve = state.evolve
-    for command in commands:
-        outcome, new_events = decide(command)
-        for event in new_events:
-            evolve(event, collected)
-        events.extend(new_events)
-        outcomes.append(outcome)
+    try:
+        for command in commands:
+            outcome, new_events = decide(command)
+            for event in new_events:
+                evolve(event, collected)
+            events.extend(new_events)
+            outcomes.append(outcome)
+    finally:
+        _own_rows(collected, start)
     return StepResult(outcomes, events, collected)
 
 
@@ -123,8 +154,13 @@ def fold_events(state: ShardState, events: Iterable[Event], rows: list | None = 
         InvariantViolation: an event does not apply.
     """
     evolve = state.evolve
-    for event in events:
-        evolve(event, rows)
+    start = len(rows) if rows is not None else 0
+    try:
+        for event in events:
+            evolve(event, rows)
+    finally:
+        if rows is not None:
+            _own_rows(rows, start)
 
 
 def fold_batch(state: ShardState, batch: Batch, rows: list | None = None,
@@ -140,6 +176,7 @@ def fold_batch(state: ShardState, batch: Batch, rows: list | None = None,
     if observer is None:
         fold_events(state, events, rows)
     else:
+        start = len(rows) if rows is not None else 0
         for event in events:
             try:
                 state.evolve(event, rows)
@@ -147,6 +184,8 @@ def fold_batch(state: ShardState, batch: Batch, rows: list | None = None,
                 observer.on_violation(batch.seq, exc)
                 continue
             observer.on_event(batch.seq, event)
+        if rows is not None:
+            _own_rows(rows, start)
     # From the decoded events, applied or not: the records say what the journal holds.
     row = audit.chain(state, batch.seq, batch.epoch, events)
     if row is not None and rows is not None:
