@@ -73,6 +73,8 @@ CREDIT_LINGER_PER_DEST = 8
 # call, 2 in flight, alternating runs): 200 ms / 8 per destination: 0.128 appends and
 # 154-178 us of CPU per grab, credits included; 1,000 ms / 64: 0.052 appends, 113-118 us.
 CREDIT_LINGER_ASYNC_MS = 1_000
+# Destination shards sent lingered credits nobody waits for in one round (``_rounds``).
+CREDIT_DESTS_PER_ROUND = 32
 CREDIT_LINGER_ASYNC_PER_DEST = 64
 CREDIT_LINGER_IDLE_MIN_MS = 50
 CREDIT_LINGER_IDLE_MAX_MS = 400

@@ -114,3 +114,46 @@ async def test_credits_a_transfer_waits_for_are_not_held_by_the_grab_linger(
     assert [o.value.credited for o in out] == [True] * len(payees)
     balances = ledger.balances()
     assert [balances[w] for w in payees] == [5] * len(payees)
+
+
+async def test_while_grabs_keep_coming_credits_leave_a_few_destinations_at_a_time(
+        ledger, monkeypatch):
+    # Never idle (credits keep "coming" for a minute) and no linger: every delivery happens
+    # while the envelope's shard is busy, so each goes out in rounds of at most 4 shards.
+    monkeypatch.setattr(K, "CREDIT_LINGER_IDLE_MIN_MS", 60_000)
+    monkeypatch.setattr(K, "CREDIT_LINGER_IDLE_MAX_MS", 60_000)
+    monkeypatch.setattr(K, "CREDIT_LINGER_ASYNC_MS", 0)
+    monkeypatch.setattr(K, "CREDIT_DESTS_PER_ROUND", 4)
+    c = ledger.coordinator
+    sender = wallet_on(0, "sender")
+    assert (await c.create_wallet("svc", "w-" + sender, sender, "CNY")).ok
+    assert (await c.deposit("svc", "d-" + sender, sender, 100_000, "CNY")).ok
+    made = await ledger.envelopes.create("svc", "env", sender, RECEIVER_SHARDS * 10,
+                                         RECEIVER_SHARDS, split.KIND_FIXED, "CNY", 60_000)
+    assert made.ok, made
+    envelope = made.value[0]
+    home = shard_of(escrow_wallet_id(envelope.envelope_id), SHARDS)
+    targets = [s for s in range(SHARDS) if s != home][:RECEIVER_SHARDS]
+    receivers = [wallet_on(s, f"r{s}-") for s in targets]
+    for w in receivers:
+        assert (await c.create_wallet("svc", "w-" + w, w, "CNY")).ok
+    in_flight, most = 0, 0
+    execute = ledger.peers.execute
+
+    async def counting(shard, commands, wait_credit=False, deadline=None):
+        nonlocal in_flight, most
+        credits = type(commands[0]) is ApplyCredits and commands[0].from_shard == home
+        in_flight += credits
+        most = max(most, in_flight)
+        try:
+            return await execute(shard, commands, wait_credit, deadline)
+        finally:
+            in_flight -= credits
+    monkeypatch.setattr(ledger.peers, "execute", counting)
+    out = await ledger.envelopes.grab_many("svc", [
+        GrabItem(f"g-{w}", envelope.envelope_id, w) for w in receivers])
+    assert all(o.ok for o in out), out
+    await until(lambda: owed(ledger) == 0, "every grab credited")
+    assert 1 <= most <= 4, most  # one round of all 18 shards before rounds existed
+    balances = ledger.balances()
+    assert [balances[w] for w in receivers] == [10] * RECEIVER_SHARDS
