@@ -1248,9 +1248,11 @@ class ShardState:
                 rows.append(("wallet", wallet))
         if t.state != STATE_COMMITTED:
             return
-        self._change(t.from_wallet_id, t.currency, -t.amount_minor, t, t.to_wallet_id, rows)
+        self._change(t.from_wallet_id, t.currency, -t.amount_minor, t.transfer_id, t.kind,
+                     t.created_at_ms, t.to_wallet_id, rows)
         if e.to_shard == self.shard:
-            self._change(t.to_wallet_id, t.currency, t.amount_minor, t, t.from_wallet_id, rows)
+            self._change(t.to_wallet_id, t.currency, t.amount_minor, t.transfer_id, t.kind,
+                         t.created_at_ms, t.from_wallet_id, rows)
             if t.kind == KIND_ENVELOPE_FUND:
                 self._fund_envelope(t, t.created_at_ms, rows)
         else:
@@ -1267,8 +1269,8 @@ class ShardState:
                 e.outbox_seq, t.transfer_id, t.kind, t.from_wallet_id, t.to_wallet_id,
                 t.amount_minor, t.currency, t.created_at_ms, e.reserved_at_ms)
 
-    def _change(self, wallet_id: str, currency: str, delta: int, t: Transfer,
-                counterparty: str, rows: list | None) -> None:
+    def _change(self, wallet_id: str, currency: str, delta: int, transfer_id: str, kind: str,
+                at_ms: int, counterparty: str, rows: list | None) -> None:
         wallet = self.wallets.get(wallet_id)
         if wallet is None:
             ensure(is_settlement(wallet_id), "posting to unknown wallet %s", wallet_id)
@@ -1283,8 +1285,8 @@ class ShardState:
         _ensure_in_range(wallet)
         wallet.version += 1
         if rows is not None:
-            rows.append(("entry", Entry(wallet_id, wallet.version, t.transfer_id, t.kind, delta,
-                                        balance, counterparty, currency, t.created_at_ms)))
+            rows.append(("entry", Entry(wallet_id, wallet.version, transfer_id, kind, delta,
+                                        balance, counterparty, currency, at_ms)))
             rows.append(("wallet", wallet))
 
     def _evolve_hold_created(self, e: HoldCreated, rows: list | None) -> None:
@@ -1451,12 +1453,13 @@ class ShardState:
                 self.granted_open -= c.amount_minor
             else:
                 self._drop_reservation(c.transfer_id)
-            # A transfer record for history lookups; the debit shard holds the decision.
-            t = Transfer(c.transfer_id, c.kind, c.from_wallet_id, c.to_wallet_id,
-                         c.amount_minor, c.currency, "", "", "", c.at_ms, credited=True)
-            self._change(c.to_wallet_id, c.currency, c.amount_minor, t, c.from_wallet_id, rows)
+            self._change(c.to_wallet_id, c.currency, c.amount_minor, c.transfer_id, c.kind,
+                         c.at_ms, c.from_wallet_id, rows)
             if c.kind == KIND_ENVELOPE_FUND:
-                self._fund_envelope(t, c.at_ms, rows)
+                # The debit shard holds the decision; the envelope checks what it names.
+                self._fund_envelope(Transfer(c.transfer_id, c.kind, c.from_wallet_id,
+                                             c.to_wallet_id, c.amount_minor, c.currency, "", "",
+                                             "", c.at_ms, credited=True), c.at_ms, rows)
         self.inbox_applied[e.from_shard] = applied
 
     def _evolve_headroom_granted(self, e: HeadroomGranted, rows: list | None) -> None:
