@@ -60,6 +60,7 @@ from pyetcd import exceptions as etcd_exceptions
 from pyetcd import transactions as etcd_txn
 
 from ledger.runtime.tasks import spawn
+from shard_router.endpoints import parse_endpoints
 from shard_router.ownership import (HOME_CHANGES_KEPT, HomeChange, OwnerInfo,
                                     OwnershipListener, ShardPlacement)
 from shard_router.placement import (Action, ShardView, default_home, is_failover,
@@ -74,6 +75,11 @@ log = logging.getLogger(__name__)
 
 # Every unary etcd call gives up after this long; the loop that made it retries.
 ETCD_RPC_TIMEOUT_S = 2.0
+# With several endpoints (one etcd member per region), one whose call failed (the member is
+# down, or unreachable) is passed over for this long: the calls go to the next member. With
+# one endpoint there is no other to go to, and it is tried again at once (pyetcd's default,
+# 300 s, would turn a short etcd restart into a five-minute outage).
+ETCD_ENDPOINT_RETRY_S = 1.0
 # Worker threads for blocking pyetcd calls. Keep-alives, campaigns and the watch setup may
 # block at the same time; more than this queue behind each other.
 ETCD_THREADS = 4
@@ -96,6 +102,7 @@ T = TypeVar("T")
 
 class EtcdOwnershipError(RuntimeError):
     """etcd could not be reached or refused a request while joining or moving shards."""
+
 
 
 @dataclass(slots=True)
@@ -170,7 +177,7 @@ class EtcdOwnership:
             raise ValueError("takeover_grace_s must be positive")
         if not node_id or "/" in node_id:
             raise ValueError("node_id must be non-empty and contain no '/'")
-        host, _, port = endpoint.rpartition(":")
+        self._endpoints = parse_endpoints(endpoint)
         self.node_id = node_id
         self.region = region
         self.address = address
@@ -186,7 +193,6 @@ class EtcdOwnership:
         # sticky_failover: shards taken over from a dead region stay (failback on command).
         self._sticky_failover = sticky_failover
         self._root = prefix.rstrip("/") + "/"
-        self._host, self._port = host or "127.0.0.1", int(port)
         self._credentials = credentials
         self.principal = principal or f"node:{node_id}"
         # Shards this node took over from a home region without a live node (/metrics).
@@ -259,7 +265,7 @@ class EtcdOwnership:
                 await self._reconcile_once()
         except _ETCD_ERRORS as exc:
             await self._shutdown(revoke=True)
-            raise EtcdOwnershipError(f"cannot join etcd at {self._host}:{self._port}") from exc
+            raise EtcdOwnershipError(f"cannot join etcd at {self._where()}") from exc
         if not self._campaign_enabled:
             self._tasks = [self._spawn_loop("watch", self._watch_loop, guards_lease=False)]
             return
@@ -387,15 +393,21 @@ class EtcdOwnership:
         if not 0 <= shard < self._shard_count:
             raise ValueError(f"shard {shard} out of range 0..{self._shard_count - 1}")
 
+    def _where(self) -> str:
+        return ",".join(f"{host}:{port}" for host, port in self._endpoints)
+
     def _client(self) -> Any:
-        # time_retry=0: pyetcd otherwise refuses every call for 300 s after one failed call to
-        # an endpoint, which would turn a short etcd restart into a five-minute outage.
-        if self._credentials is not None:
-            endpoint = pyetcd.Endpoint(self._host, self._port, secure=True,
-                                       creds=self._credentials, time_retry=0.0)
-        else:
-            endpoint = pyetcd.Endpoint(self._host, self._port, secure=False, time_retry=0.0)
-        return pyetcd.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=ETCD_RPC_TIMEOUT_S)
+        """A client of every endpoint: it starts on one (pyetcd picks at random, so a
+        region's nodes spread over the members) and moves to the next when a call fails with
+        the member unreachable (``ETCD_ENDPOINT_RETRY_S``). The call that failed is retried
+        by the loop that made it, as with one endpoint."""
+        several = len(self._endpoints) > 1
+        retry_s = ETCD_ENDPOINT_RETRY_S if several else 0.0
+        endpoints = [pyetcd.Endpoint(host, port, secure=self._credentials is not None,
+                                     creds=self._credentials, time_retry=retry_s)
+                     for host, port in self._endpoints]
+        return pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=ETCD_RPC_TIMEOUT_S,
+                                               failover=several)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self._run_on(self._executor, fn, *args, **kwargs)

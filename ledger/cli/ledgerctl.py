@@ -37,6 +37,7 @@ from shard_router.etcd import EtcdOwnershipError
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.reconcile import CHECKS, Report, envelope_report, reconcile
 from shard_router.placement import failback_moves, failover_moves
+from shard_router.endpoints import etcd_endpoints
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -230,7 +231,11 @@ MOVE_TIMEOUT_S = 60.0
 def _etcd_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=os.environ.get("LEDGER_CONFIG"),
                    help="TOML deployment file (ledger/config.py): etcd, regions, shards")
-    p.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
+    p.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"),
+                      type=etcd_endpoints,
+                      help="etcd's client endpoints, HOST:PORT[,HOST:PORT...]: give every "
+                           "member (one per region), and a member's loss moves the calls to "
+                           "the next")
     p.add_argument("--etcd-prefix", default="/redledger")
     p.add_argument("--etcd-tls-dir", default=os.environ.get("LEDGER_ETCD_TLS_DIR"),
                    help="mutual TLS to etcd: ca.pem and the operator's certificate")

@@ -38,6 +38,7 @@ from coordinator.envelopes import EnvelopeRules
 from ledger import constants as K
 from ledger import logs, metrics, server, tracing
 from ledger.core import constants as C
+from shard_router.endpoints import etcd_endpoints
 
 # Exit status of a ledgerd that refused to start (port in use, data directory locked).
 EXIT_REFUSED = 3
@@ -75,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="development and tests only: serve in the durable mode although "
                            "the keyspace cannot survive the loss of a region (e.g. one "
                            "region, {r1: 1}); without it such a node refuses to start")
-    node.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"))
+    node.add_argument("--etcd", default=os.environ.get("LEDGER_ETCD", "127.0.0.1:2379"),
+                      type=etcd_endpoints,
+                      help="etcd's client endpoints, HOST:PORT[,HOST:PORT...]: give every "
+                           "member (one per region), and a member's loss moves the calls to "
+                           "the next")
     node.add_argument("--shards", type=int, default=256)
     node.add_argument("--etcd-prefix", default="/redledger")
     node.add_argument("--role", choices=["full", "coordinator"], default="full",

@@ -129,6 +129,18 @@ class BlackholeProxy:
         for writer in self._writers:
             writer.close()
 
+    async def down(self) -> None:
+        """As a member that went down: its connections close, new ones are refused."""
+        await self.close()
+        self._writers = []
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def up(self) -> None:
+        """Listen again on the same port."""
+        host, _, port = self.endpoint.rpartition(":")
+        self._server = await asyncio.start_server(self._handle, host, int(port))
+
 
 @pytest.fixture
 async def cluster(etcd_endpoint):
@@ -416,3 +428,27 @@ async def test_a_failed_keepalive_loop_gives_up_the_shards_and_wins_them_back(cl
                          TAKEOVER_TIMEOUT_S, "every shard to be won again")
     assert all(rec.first("a", s, True, 0.0) is not None for s in before)
     assert any("etcd keepalive loop failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_node_given_every_etcd_endpoint_keeps_its_shards_while_each_goes_down(cluster):
+    """``--etcd`` lists every member (one per region): when the endpoint a node's calls use
+    goes down (here a proxy to the session's etcd that closes its connections and refuses new
+    ones, as a dead member's port does), its keep-alives, reads and watch move to another.
+    Each of three endpoints down in turn for two lease TTLs, the others up: the node never
+    loses a shard, and its cache still agrees with etcd."""
+    proxies = [await cluster.proxy() for _ in range(3)]
+    node = await cluster.node("multi", "r1", ["r1"],
+                              endpoint=",".join(p.endpoint for p in proxies))
+    recorder = cluster.recorder
+    await wait_until(recorder, lambda: len(recorder.owned("multi")) == SHARDS,
+                     SETTLE_TIMEOUT_S, "the node to own every shard")
+    for proxy in proxies:
+        await proxy.down()
+        # An observation window, not a synchronization: no loss may happen during it.
+        await asyncio.sleep(2 * LEASE_TTL_S)
+        losses = [e for e in recorder.events if e[1] == "multi" and e[3] == 0]
+        assert not losses, f"lost shards with {proxy.endpoint} down: {losses}"
+        await proxy.up()
+    assert len(recorder.owned("multi")) == SHARDS
+    await wait_until(recorder, lambda: cache_matches_etcd(node, cluster.etcd, cluster.prefix),
+                     SETTLE_TIMEOUT_S, "the node's cache to agree with etcd")
