@@ -27,6 +27,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shard_router.endpoints import parse_endpoints
+
 
 @dataclass(frozen=True)
 class Region:
@@ -89,6 +91,15 @@ def load(path: str | Path) -> Config:
         raise ConfigError("region names must be unique")
     etcd = doc.get("etcd", {})
     endpoints = tuple(etcd.get("endpoints", ["127.0.0.1:2379"]))
+    # Every member (one per region): a node's calls move to the next when one is lost.
+    for i, endpoint in enumerate(endpoints):
+        try:
+            if not isinstance(endpoint, str) or len(parse_endpoints(endpoint)) != 1:
+                raise ValueError(f"{endpoint!r} is not one HOST:PORT")
+        except ValueError as exc:
+            raise ConfigError(f"etcd.endpoints[{i}]: {exc}") from None
+    if not endpoints:
+        raise ConfigError("etcd.endpoints must list at least one HOST:PORT")
     shards = int(doc.get("shards", 256))
     if shards < 1:
         raise ConfigError("shards must be at least 1")

@@ -304,7 +304,7 @@ async def _view(args):
     if getattr(args, "config", None):
         from ledger import config
         cfg = config.load(args.config)
-        args.etcd, args.etcd_prefix = cfg.etcd_endpoints[0], cfg.etcd_prefix
+        args.etcd, args.etcd_prefix = ",".join(cfg.etcd_endpoints), cfg.etcd_prefix
         args.regions, args.shards = ",".join(r.name for r in cfg.regions), cfg.shards
 
     view = EtcdOwnership(args.etcd, f"ledgerctl-{os.getpid()}", "-", "",

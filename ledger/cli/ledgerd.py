@@ -258,7 +258,7 @@ def _apply_config(args) -> None:
         args.replication = ",".join(f"{dc}={n}" for dc, n in cfg.replication.items())
     args.datacenters = [r.datacenter for r in cfg.regions]
     if "etcd" not in given:
-        args.etcd = cfg.etcd_endpoints[0]
+        args.etcd = ",".join(cfg.etcd_endpoints)
     for flag, value in (("etcd_prefix", cfg.etcd_prefix), ("shards", cfg.shards),
                         ("keyspace", cfg.keyspace), ("lease_ttl_s", cfg.lease_ttl_s),
                         ("takeover_grace_s", cfg.takeover_grace_s)):

@@ -45,7 +45,23 @@ def test_a_good_file(tmp_path):
     ('[[regions]]\nname = "a"\ncassandra = ["h:1"]\nreplicas = 0\n', "replicas"),
     ('[[regions]]\nname = "a"\ncassandra = ["h:1"]\n[[regions]]\nname = "a"\n'
      'cassandra = ["h:2"]\n', "unique"),
+    ('[etcd]\nendpoints = ["h:2379", "h"]\n[[regions]]\nname = "a"\ncassandra = ["h:1"]\n',
+     r"etcd.endpoints\[1\]"),
+    ('[etcd]\nendpoints = ["h:2379,h:2380"]\n[[regions]]\nname = "a"\ncassandra = ["h:1"]\n',
+     r"etcd.endpoints\[0\]"),
+    ('[etcd]\nendpoints = []\n[[regions]]\nname = "a"\ncassandra = ["h:1"]\n', "at least one"),
 ])
 def test_a_wrong_file_names_the_field(tmp_path, text, field):
     with pytest.raises(config.ConfigError, match=field):
         config.load(write(tmp_path, text))
+
+
+def test_a_node_and_ledgerctl_are_given_every_etcd_member(tmp_path):
+    """Not just the first: losing that member's region must not cut a node off etcd."""
+    import argparse
+
+    from ledger.cli import ledgerd
+
+    args = argparse.Namespace(config=write(tmp_path, GOOD), region="shanghai", _given=())
+    ledgerd._apply_config(args)
+    assert args.etcd == "10.0.0.1:2379,10.0.0.2:2379"
