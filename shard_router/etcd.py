@@ -104,6 +104,23 @@ class EtcdOwnershipError(RuntimeError):
     """etcd could not be reached or refused a request while joining or moving shards."""
 
 
+def etcd_client(endpoints: str | list[tuple[str, int]], timeout_s: float,
+                credentials: grpc.ChannelCredentials | None = None) -> Any:
+    """A pyetcd client of every endpoint (``HOST:PORT[,...]`` or parsed): it starts on one
+    (pyetcd picks at random, so a region's nodes spread over the members) and moves to the
+    next when a call fails with the member unreachable, passing the failed one over for
+    ``ETCD_ENDPOINT_RETRY_S``. The call that failed raises; its caller retries, as with one
+    endpoint."""
+    pairs = parse_endpoints(endpoints) if isinstance(endpoints, str) else endpoints
+    several = len(pairs) > 1
+    retry_s = ETCD_ENDPOINT_RETRY_S if several else 0.0
+    return pyetcd.MultiEndpointEtcd3Client(
+        endpoints=[pyetcd.Endpoint(host, port, secure=credentials is not None,
+                                   creds=credentials, time_retry=retry_s)
+                   for host, port in pairs],
+        timeout=timeout_s, failover=several)
+
+
 
 @dataclass(slots=True)
 class _Session:
@@ -397,17 +414,7 @@ class EtcdOwnership:
         return ",".join(f"{host}:{port}" for host, port in self._endpoints)
 
     def _client(self) -> Any:
-        """A client of every endpoint: it starts on one (pyetcd picks at random, so a
-        region's nodes spread over the members) and moves to the next when a call fails with
-        the member unreachable (``ETCD_ENDPOINT_RETRY_S``). The call that failed is retried
-        by the loop that made it, as with one endpoint."""
-        several = len(self._endpoints) > 1
-        retry_s = ETCD_ENDPOINT_RETRY_S if several else 0.0
-        endpoints = [pyetcd.Endpoint(host, port, secure=self._credentials is not None,
-                                     creds=self._credentials, time_retry=retry_s)
-                     for host, port in self._endpoints]
-        return pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=ETCD_RPC_TIMEOUT_S,
-                                               failover=several)
+        return etcd_client(self._endpoints, ETCD_RPC_TIMEOUT_S, self._credentials)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self._run_on(self._executor, fn, *args, **kwargs)

@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         if cluster.regions != regions:
             parser.error(f"the cluster in {run_dir} has regions {cluster.regions}")
     else:
+        # One etcd member per region: kill-region takes the region's member with it.
         cluster = LocalCluster(run_dir, regions=regions, cql_port=cql, storage_port=storage,
                                etcd_client_port=etcd_client, etcd_peer_port=etcd_peer,
-                               heap_mb=args.heap_mb)
+                               heap_mb=args.heap_mb, etcd_per_region=True)
     config = DrillConfig(out_dir=Path(args.out), seconds=args.seconds, seed=args.seed,
                          nodes_per_region=args.nodes_per_region,
                          coordinators=args.coordinators, shards=args.shards,

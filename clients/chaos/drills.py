@@ -26,6 +26,7 @@ from clients.chaos.constants import (DROP_KEYSPACE_TIMEOUT_S, FAULTS, HOT_ENVELO
                                      STEP_DOWN_RE)
 from clients.chaos.envelope import HotEnvelope
 from clients.chaos.model import DrillConfig, FaultWindow, ScenarioReport
+from clients.localcluster.etcd import etcd_leader
 from clients.chaos.observe import OwnerWatcher
 from clients.harness import Deployment, NodeProcess
 from clients import LedgerClient, LedgerError
@@ -329,7 +330,7 @@ class Drill:
         window = self.open_window("kill-cassandra-node", f"cassandra-{region}",
                                   shards=sorted(shards))
         self._cassandra_down.add(region)
-        await asyncio.to_thread(self.cluster.kill_region, region)
+        await asyncio.to_thread(self.cluster.kill_region, region, False)
         await self._hold_until(window.start_s + self.config.fault_hold_s)
         # Which of the region's shards were served during the fault, and by whom.
         served = await self.wait_served(sorted(shards), since=window.start_s, timeout_s=1.0)
@@ -347,6 +348,12 @@ class Drill:
         shards = {s: e for n in nodes for s, e in owned.get(n.node_id, {}).items()}
         window = self.open_window("kill-region", region, nodes=[n.node_id for n in nodes],
                                   shards=sorted(shards))
+        member = self.cluster.etcd_member_of(region)
+        if member is not None:
+            # The region's etcd member goes with it: was it the Raft leader?
+            status = await asyncio.to_thread(etcd_leader, member)
+            window.notes["etcd_member"] = member
+            window.notes["etcd_leader_lost"] = status is not None and status[0] == status[1]
         for node in nodes:
             node.kill()
         self._cassandra_down.add(region)

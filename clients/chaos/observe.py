@@ -26,10 +26,14 @@ class OwnerWatcher:
     def __init__(self, endpoint: str, prefix: str, t0: float) -> None:
         import pyetcd
 
-        host, _, port = endpoint.rpartition(":")
+        # Every member (``HOST:PORT[,...]``): a region's loss takes one of them, and the next
+        # poll reads from another (a failed member is passed over for a second).
+        members = [item.rpartition(":") for item in endpoint.split(",")]
         self._client = pyetcd.MultiEndpointEtcd3Client(
             endpoints=[pyetcd.Endpoint(host or "127.0.0.1", int(port), secure=False,
-                                       time_retry=0.0)], timeout=WATCH_READ_TIMEOUT_S)
+                                       time_retry=1.0 if len(members) > 1 else 0.0)
+                       for host, _, port in members],
+            timeout=WATCH_READ_TIMEOUT_S, failover=len(members) > 1)
         self._root = prefix.rstrip("/") + "/owner/"
         self.t0 = t0
         self.owners: dict[int, tuple[str, str, int]] = {}  # shard -> (node, region, epoch)

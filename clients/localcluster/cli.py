@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="default ${LEDGER_RUN_DIR:-~/.cache/redledger/run}")
     p.add_argument("--regions", default=None, help="comma-separated, e.g. r1,r2,r3 (start only)")
     p.add_argument("--heap-mb", type=int, default=None)
+    p.add_argument("--one-etcd", action="store_true",
+                   help="start: one etcd member for all regions (default: one per region, on "
+                        "the region's address, so that losing a region loses its member)")
     a = p.parse_args(argv)
     if a.command == "fetch":
         ensure_etcd()
@@ -35,13 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     regions = [r.strip() for r in a.regions.split(",") if r.strip()] if a.regions else None
     if a.command == "start":
+        per_region = not a.one_etcd
         cl = LocalCluster.from_run_dir(a.run_dir, heap_mb=a.heap_mb)
-        if regions and regions != cl.regions:
-            running = [n for n, s in cl.status().items() if s["running"] and n != "etcd"]
+        if (regions and regions != cl.regions) or cl.etcd_per_region != (
+                per_region and len(regions or cl.regions) > 1):
+            running = [n for n, s in cl.status().items() if s["running"]]
             if running:
                 print(f"error: {running} already run with regions {cl.regions}; stop first", file=sys.stderr)
                 return 2
-            cl = LocalCluster.from_run_dir(a.run_dir, regions=regions, heap_mb=a.heap_mb)
+            cl = LocalCluster.from_run_dir(a.run_dir, regions=regions, heap_mb=a.heap_mb,
+                                           etcd_per_region=per_region)
         try:
             cl.start()
         except LocalClusterError as e:

@@ -60,7 +60,7 @@ class LocalCluster:
                  cluster_name: str = "redledger",
                  start_timeout: float = CASSANDRA_START_TIMEOUT_S,
                  cassandra_version: str | None = None, commitlog_sync: str = "periodic",
-                 commitlog_sync_period_ms: int = 10000):
+                 commitlog_sync_period_ms: int = 10000, etcd_per_region: bool = False):
         # `start_timeout` keeps its name (no `_s`) because run directories written by earlier
         # versions may record it; it is in seconds, per node.
         self.run_dir = Path(run_dir or default_run_dir()).expanduser().resolve()
@@ -86,8 +86,19 @@ class LocalCluster:
         self.commitlog_sync = commitlog_sync
         self.commitlog_sync_period_ms = commitlog_sync_period_ms
         self.contact_points: dict[str, str] = {r: f"127.0.0.{i + 1}" for i, r in enumerate(self.regions)}
-        self.etcd_endpoint = f"127.0.0.1:{etcd_client_port}"
-        self._etcd = Service("etcd", self.run_dir / "etcd", self.etcd_endpoint)
+        # One etcd member per region (on the region's address, the same ports), so that a
+        # region's loss takes its member too; or one member on 127.0.0.1 for them all.
+        self.etcd_per_region = etcd_per_region and len(self.regions) > 1
+        self._etcd_hosts: dict[str, str] = (dict(self.contact_points) if self.etcd_per_region
+                                            else {"ledger": "127.0.0.1"})
+        self._etcds: dict[str, Service] = {
+            member: Service("etcd" if not self.etcd_per_region else f"etcd-{member}",
+                            self.run_dir / ("etcd" if not self.etcd_per_region
+                                            else f"etcd-{member}"),
+                            f"{host}:{etcd_client_port}")
+            for member, host in self._etcd_hosts.items()}
+        # Every member's client endpoint, as ``--etcd`` takes them.
+        self.etcd_endpoint = ",".join(svc.address for svc in self._etcds.values())
         self._nodes = {r: Service(f"cassandra-{r}", self.run_dir / f"cassandra-{r}",
                                   f"{self.contact_points[r]}:{cql_port}") for r in self.regions}
         self._dist: CassandraDist | None = None
@@ -100,7 +111,8 @@ class LocalCluster:
                 "storage_port": self.storage_port, "heap_mb": self.heap_mb,
                 "jmx_base_port": self.jmx_base_port, "cluster_name": self.cluster_name,
                 "commitlog_sync": self.commitlog_sync,
-                "commitlog_sync_period_ms": self.commitlog_sync_period_ms}
+                "commitlog_sync_period_ms": self.commitlog_sync_period_ms,
+                "etcd_per_region": self.etcd_per_region}
 
     def _save_state(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,33 +141,57 @@ class LocalCluster:
 
     # ---- etcd ----
 
+    def _launch_etcd(self, member: str) -> None:
+        svc = self._etcds[member]
+        if svc.running():
+            return
+        etcd, _ = ensure_etcd()
+        host = self._etcd_hosts[member]
+        for port in (self.etcd_client_port, self.etcd_peer_port):
+            if port_open(host, port):
+                raise LocalClusterError(f"{host}:{port} is already in use by another process")
+        data = svc.dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)  # etcd warns (and newer versions refuse) otherwise
+        if self.etcd_per_region:
+            svc.launch(etcd_command(etcd, data, self.etcd_client_port, self.etcd_peer_port,
+                                    name=member, host=host, members=self._etcd_hosts,
+                                    token=self.cluster_name))
+        else:
+            svc.launch(etcd_command(etcd, data, self.etcd_client_port, self.etcd_peer_port))
+
+    def _wait_etcd(self, members: Iterable[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for member in members:
+            svc = self._etcds[member]
+            while not etcd_healthy(svc.address):
+                if not svc.running():
+                    raise LocalClusterError(f"{svc.name} exited during startup\n{tail(svc.log_file)}")
+                if time.monotonic() > deadline:
+                    raise LocalClusterError(f"{svc.name} not healthy after {timeout:.0f}s\n"
+                                            f"{tail(svc.log_file)}")
+                time.sleep(ETCD_POLL_S)
+
     def start_etcd(self, timeout: float = ETCD_START_TIMEOUT_S) -> None:
-        """Start etcd unless it runs; wait until it is healthy (``timeout`` in seconds).
+        """Start every etcd member not running (all before waiting: a member of several is
+        healthy only once a quorum runs); wait until each is healthy (``timeout`` in s).
 
         Raises:
-            LocalClusterError: a port is taken, etcd exited, or it is not healthy in time.
+            LocalClusterError: a port is taken, a member exited, or one is not healthy in time.
         """
-        svc = self._etcd
-        if not svc.running():
-            etcd, _ = ensure_etcd()
-            for port in (self.etcd_client_port, self.etcd_peer_port):
-                if port_open("127.0.0.1", port):
-                    raise LocalClusterError(f"127.0.0.1:{port} is already in use by another process")
-            data = svc.dir / "data"
-            data.mkdir(parents=True, exist_ok=True)
-            data.chmod(0o700)  # etcd warns (and newer versions refuse) otherwise
-            svc.launch(etcd_command(etcd, data, self.etcd_client_port, self.etcd_peer_port))
-        deadline = time.monotonic() + timeout
-        while not etcd_healthy(self.etcd_endpoint):
-            if not svc.running():
-                raise LocalClusterError(f"etcd exited during startup\n{tail(svc.log_file)}")
-            if time.monotonic() > deadline:
-                raise LocalClusterError(f"etcd not healthy after {timeout:.0f}s\n{tail(svc.log_file)}")
-            time.sleep(ETCD_POLL_S)
+        for member in self._etcds:
+            self._launch_etcd(member)
+        self._wait_etcd(self._etcds, timeout)
 
     def stop_etcd(self, timeout: float = ETCD_STOP_TIMEOUT_S) -> None:
-        """SIGTERM etcd, SIGKILL after ``timeout`` seconds; its data stays."""
-        self._etcd.stop(timeout)
+        """SIGTERM every etcd member, SIGKILL after ``timeout`` seconds; their data stays."""
+        for svc in self._etcds.values():
+            svc.stop(timeout)
+
+    def etcd_member_of(self, region: str) -> str | None:
+        """The client endpoint of ``region``'s own etcd member (None: one member for all)."""
+        svc = self._etcds.get(region) if self.etcd_per_region else None
+        return svc.address if svc is not None else None
 
     # ---- Cassandra ----
 
@@ -239,13 +275,20 @@ class LocalCluster:
             LocalClusterError: the node exited or was not ready within ``start_timeout``.
         """
         deadline = time.monotonic() + self.start_timeout
+        if self.etcd_per_region:
+            self._launch_etcd(region)
+            self._wait_etcd([region], ETCD_START_TIMEOUT_S)
         self._launch_node(region)
         self._wait_cql(region, deadline)
         self._wait_dcs([region], deadline)
 
-    def kill_region(self, region: str) -> None:
-        """SIGKILL the node of ``region`` (a crash, not a clean shutdown); data stays."""
+    def kill_region(self, region: str, etcd: bool = True) -> None:
+        """SIGKILL the node of ``region`` (a crash, not a clean shutdown), and its etcd
+        member when each region has one (unless ``etcd`` is False: the Cassandra node alone);
+        data stays."""
         self._nodes[region].kill()
+        if etcd and self.etcd_per_region:
+            self._etcds[region].kill()
 
     def stop_region(self, region: str, timeout: float = CASSANDRA_STOP_TIMEOUT_S) -> None:
         """SIGTERM the node of ``region``, SIGKILL after ``timeout`` seconds; data stays."""
@@ -297,16 +340,17 @@ class LocalCluster:
                 self._nodes[region].stop(timeout)
             except LocalClusterError as e:
                 errors.append(str(e))
-        try:
-            self._etcd.stop(ETCD_STOP_TIMEOUT_S)
-        except LocalClusterError as e:
-            errors.append(str(e))
+        for svc in self._etcds.values():
+            try:
+                svc.stop(ETCD_STOP_TIMEOUT_S)
+            except LocalClusterError as e:
+                errors.append(str(e))
         if errors:
             raise LocalClusterError("; ".join(errors))
 
     def status(self) -> dict[str, dict]:
         """{"etcd": {...}, "cassandra-r1": {...}, ...}; each running/pid/address/rss_mb."""
-        out = {"etcd": self._etcd.status()}
+        out = {svc.name: svc.status() for svc in self._etcds.values()}
         for region in self.regions:
             out[self._nodes[region].name] = self._nodes[region].status()
         return out

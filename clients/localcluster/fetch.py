@@ -153,6 +153,14 @@ def http_get(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> bytes:
         return r.read()
 
 
+def http_post(url: str, body: bytes, timeout_s: float = HTTP_TIMEOUT_S) -> bytes:
+    """The body of the answer to a POST of ``body`` (JSON) to ``url``."""
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as r:
+        return r.read()
+
+
 def _maven_versions(artifact: str) -> list[str]:
     """5.0.x versions of org.apache.cassandra:<artifact> on Maven Central, newest first."""
     try:

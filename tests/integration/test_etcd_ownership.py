@@ -178,11 +178,9 @@ async def cluster(etcd_endpoint):
 
 
 def _client(endpoint: str):
-    import pyetcd
+    from shard_router.etcd import etcd_client
 
-    host, _, port = endpoint.rpartition(":")
-    return pyetcd.MultiEndpointEtcd3Client(
-        endpoints=[pyetcd.Endpoint(host, int(port), secure=False, time_retry=0.0)], timeout=5.0)
+    return etcd_client(endpoint, 5.0)
 
 
 def etcd_owners(client, prefix: str) -> dict[int, tuple[str, int]]:

@@ -34,7 +34,7 @@ def test_state_file_of_an_earlier_version_is_read(tmp_path):
 
 def test_pid_files_and_logs_where_earlier_versions_wrote_them(tmp_path):
     cluster = LocalCluster(tmp_path, regions=["r1"])
-    assert cluster._etcd.pid_file == tmp_path.resolve() / "etcd" / "etcd.pid"
+    assert cluster._etcds["ledger"].pid_file == tmp_path.resolve() / "etcd" / "etcd.pid"
     node = cluster._nodes["r1"]
     assert node.pid_file == tmp_path.resolve() / "cassandra-r1" / "cassandra-r1.pid"
     assert node.log_file == tmp_path.resolve() / "cassandra-r1" / "logs" / "stdout.log"
@@ -75,3 +75,29 @@ def test_node_and_etcd_command_lines_name_their_directories(tmp_path):
     assert "-Xmx512m" in cmd and "-javaagent:" + str(lib / "jamm-0.4.0.jar") in cmd
     etcd_dir = tmp_path / "run" / "etcd" / "data"
     assert str(etcd_dir) in etcd_command("etcd", etcd_dir, 33791, 33801)
+
+
+def test_one_etcd_member_per_region_on_the_regions_addresses(tmp_path):
+    """Every region's member on its own address with the same ports, in its own directory;
+    ``--etcd`` gets them all; each member's command names the whole cluster."""
+    cluster = LocalCluster(tmp_path, regions=["r1", "r2", "r3"], etcd_client_port=33791,
+                           etcd_peer_port=33801, etcd_per_region=True)
+    assert cluster.etcd_endpoint == "127.0.0.1:33791,127.0.0.2:33791,127.0.0.3:33791"
+    assert cluster.etcd_member_of("r2") == "127.0.0.2:33791"
+    assert set(cluster.status()) == {"etcd-r1", "etcd-r2", "etcd-r3", "cassandra-r1",
+                                     "cassandra-r2", "cassandra-r3"}
+    assert cluster._etcds["r3"].pid_file == tmp_path.resolve() / "etcd-r3" / "etcd-r3.pid"
+    command = etcd_command("etcd", tmp_path / "d", 33791, 33801, name="r2", host="127.0.0.2",
+                           members={"r1": "127.0.0.1", "r2": "127.0.0.2", "r3": "127.0.0.3"},
+                           token="redledger")
+    flags = dict(zip(command[1::2], command[2::2]))
+    assert flags["--name"] == "r2"
+    assert flags["--listen-client-urls"] == "http://127.0.0.2:33791"
+    assert flags["--initial-cluster"] == ("r1=http://127.0.0.1:33801,r2=http://127.0.0.2:33801,"
+                                          "r3=http://127.0.0.3:33801")
+    # Recorded, so that `stop` and `status` in another process find the members.
+    cluster._save_state()
+    again = LocalCluster.from_run_dir(tmp_path)
+    assert again.etcd_per_region and again.etcd_endpoint == cluster.etcd_endpoint
+    # One region: one member, as before.
+    assert not LocalCluster(tmp_path / "one", regions=["r1"], etcd_per_region=True).etcd_per_region
