@@ -710,15 +710,15 @@ class ShardOwner:
     def _rounds(self, pending: dict[int, list]) -> list[dict[int, list]]:
         """The destinations to send to at once: all of them when a caller waits for one of
         their credits, or when the shard stopped owing new credits; else
-        CREDIT_DESTS_PER_ROUND at a time, so that a hot envelope's
-        lingered credits (a step on each of hundreds of shards, all on this event loop) do
-        not hold the envelope's grabs behind them (grab p99 ~500 ms with one round of 255
-        destinations in the middle of the grabs, ledger-bench hot-envelope)."""
+        CREDIT_DESTS_PER_ROUND at a time, so that a hot envelope's lingered credits (a step
+        on each of hundreds of shards, all on this event loop) do not hold the envelope's
+        grabs behind them (grab p99 ~500 ms with one round of 255 destinations in the middle
+        of the grabs, ledger-bench hot-envelope)."""
         idle = (asyncio.get_running_loop().time() - self._credits_owed_at
                 >= self._credit_idle_s())
         if idle or len(pending) <= K.CREDIT_DESTS_PER_ROUND or any(
                 self._credit_waiters.get(dest) for dest in pending):
-            return [pending]  # (when no more credits come, nothing is held behind them)
+            return [pending]  # idle: no grab is held behind them
         dests = list(pending)
         return [{dest: pending[dest] for dest in dests[i:i + K.CREDIT_DESTS_PER_ROUND]}
                 for i in range(0, len(dests), K.CREDIT_DESTS_PER_ROUND)]
@@ -732,8 +732,8 @@ class ShardOwner:
         Credits a caller waits for (``_await_credits``) linger at most CREDIT_LINGER_MS, to
         CREDIT_LINGER_PER_DEST each; credits nobody waits for (grabs) at most
         CREDIT_LINGER_ASYNC_MS, to CREDIT_LINGER_ASYNC_PER_DEST each, and only while new
-        credits keep coming (none for CREDIT_LINGER_IDLE_MS: they leave). A waiter that
-        arrives meanwhile kicks the pipeline, and the shorter rule applies at once."""
+        credits keep coming (none for ``_credit_idle_s``: they leave). A waiter that arrives
+        meanwhile kicks the pipeline, and the shorter rule applies at once."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         while self._serving:
