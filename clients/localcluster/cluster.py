@@ -3,7 +3,8 @@
 Everything lives under one run directory::
 
     <run_dir>/cluster.json                 how the cluster was started (ports, regions, ...)
-    <run_dir>/etcd/etcd.pid, data/, logs/stdout.log
+    <run_dir>/etcd/etcd.pid, data/, logs/stdout.log          (one member for all regions)
+    <run_dir>/etcd-<region>/etcd-<region>.pid, data/, logs/   (or one member per region)
     <run_dir>/cassandra-<region>/cassandra-<region>.pid, conf/, data/, ..., logs/
 
 so ``stop`` and ``status`` in another process (or by a later version of this package) find
@@ -49,7 +50,8 @@ class LocalCluster:
     """etcd + one Cassandra node per region, all on loopback, all under ``run_dir``.
 
     Region i (0-based) runs its node on 127.0.0.(i+1) with the datacenter named after the
-    region; etcd runs on 127.0.0.1. Every method that starts something is idempotent: what
+    region; etcd runs on 127.0.0.1, or (``etcd_per_region``) a member of one etcd cluster runs
+    on each region's address, so that a region's loss (``kill_region``) takes its member. Every method that starts something is idempotent: what
     already runs is left alone.
     """
 
