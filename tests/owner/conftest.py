@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from coordinator import Coordinator
 from ledger.core.model import CreateWallet, Post, settlement_wallet_id
 from ledger.owner import ShardOwner
 from tests.owner.memstore import Gate, MemStore
@@ -96,3 +97,12 @@ async def ledger():
         yield led
     finally:
         await led.close()
+
+
+async def ledger_of(shards: int) -> Ledger:
+    """An owner of every shard of a ``shards``-shard ledger, and a coordinator over them."""
+    led = Ledger(shards)
+    for shard in range(shards):
+        await led.start(shard)
+    led.coordinator = Coordinator(led.peers, led.store, shards, clock_ms=lambda: led.now)
+    return led

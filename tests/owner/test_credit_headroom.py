@@ -14,23 +14,20 @@ import asyncio
 
 import pytest
 
-from coordinator import Coordinator, TransferItem
+from coordinator import TransferItem
 from ledger.core import constants as C
 from ledger.core.model import (ApplyCredits, CreateWallet, Post, ReserveCredit, ResolveReservations,
                                settlement_wallet_id)
 from ledger.core.shard import ShardState
 from ledger.core.step import step as core_step
 from ledger.core.status import Status
-from tests.owner.conftest import Ledger
+from tests.owner.conftest import ledger_of
 from tests.owner.test_idempotency_claims import SHARDS, wallet_on
 
 
 @pytest.fixture
 async def ledger():
-    led = Ledger(SHARDS)
-    for shard in range(SHARDS):
-        await led.start(shard)
-    led.coordinator = Coordinator(led.peers, led.store, SHARDS, clock_ms=lambda: led.now)
+    led = await ledger_of(SHARDS)
     try:
         yield led
     finally:

@@ -5,19 +5,17 @@ leg) are never held for that longer linger."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
-from coordinator import Coordinator
 from coordinator.coordinator import TransferItem
 from coordinator.envelopes import EnvelopeRules, Envelopes, GrabItem
 from ledger import constants as K
 from ledger.core import split
 from ledger.core.model import ApplyCredits, escrow_wallet_id
 from shard_router.hashing import shard_of
-from tests.owner.conftest import Ledger
+from tests.owner.conftest import Ledger, ledger_of
 from tests.owner.test_envelopes import owed, until
+from tests.owner.test_idempotency_claims import wallet_on as claims_wallet_on
 
 # Wide enough for the linger (CREDIT_LINGER_FANOUT_MIN destination shards and more).
 SHARDS = 24
@@ -26,16 +24,12 @@ GRAB_CALLS = 12  # one grab per receiver shard per call: 12 credits owed to each
 
 
 def wallet_on(shard: int, prefix: str) -> str:
-    return next(f"{prefix}{i}" for i in itertools.count()
-                if shard_of(f"{prefix}{i}", SHARDS) == shard)
+    return claims_wallet_on(shard, prefix, SHARDS)
 
 
 @pytest.fixture
 async def ledger():
-    led = Ledger(SHARDS)
-    for shard in range(SHARDS):
-        await led.start(shard)
-    led.coordinator = Coordinator(led.peers, led.store, SHARDS, clock_ms=lambda: led.now)
+    led = await ledger_of(SHARDS)
     led.envelopes = Envelopes(led.coordinator, led.peers, led.store, SHARDS,
                               EnvelopeRules(shares_max=1_000), clock_ms=lambda: led.now,
                               new_seed=lambda: 7)
@@ -43,6 +37,28 @@ async def ledger():
         yield led
     finally:
         await led.close()
+
+
+async def envelope_and_receivers(led: Ledger, shares: int, kind: str,
+                                 per_shard: int) -> tuple:
+    """A funded sender's envelope of ``shares`` shares of 10, and ``per_shard`` receivers on
+    each of RECEIVER_SHARDS shards other than the envelope's: (envelope, its shard,
+    {receiver shard: [wallet, ...]})."""
+    c = led.coordinator
+    sender = wallet_on(0, "sender")
+    assert (await c.create_wallet("svc", "w-" + sender, sender, "CNY")).ok
+    assert (await c.deposit("svc", "d-" + sender, sender, 100_000, "CNY")).ok
+    made = await led.envelopes.create("svc", "env", sender, shares * 10, shares, kind, "CNY",
+                                      60_000)
+    assert made.ok, made
+    envelope = made.value[0]
+    home = shard_of(escrow_wallet_id(envelope.envelope_id), SHARDS)
+    targets = [s for s in range(SHARDS) if s != home][:RECEIVER_SHARDS]
+    receivers = {s: [wallet_on(s, f"r{s}-{i}-") for i in range(per_shard)] for s in targets}
+    for wallets in receivers.values():
+        for w in wallets:
+            assert (await c.create_wallet("svc", "w-" + w, w, "CNY")).ok
+    return envelope, home, receivers
 
 
 def deliveries_from(led: Ledger, shard: int) -> dict[int, int]:
@@ -62,21 +78,10 @@ async def test_grab_credits_go_to_each_receiver_shard_once_while_grabs_keep_comi
     monkeypatch.setattr(K, "CREDIT_LINGER_IDLE_MIN_MS", 1_000)
     monkeypatch.setattr(K, "CREDIT_LINGER_IDLE_MAX_MS", 1_000)
     monkeypatch.setattr(K, "CREDIT_LINGER_ASYNC_MS", 60_000)
-    c = ledger.coordinator
-    sender = wallet_on(0, "sender")
-    assert (await c.create_wallet("svc", "w-" + sender, sender, "CNY")).ok
-    assert (await c.deposit("svc", "d-" + sender, sender, 100_000, "CNY")).ok
     shares = RECEIVER_SHARDS * GRAB_CALLS
-    made = await ledger.envelopes.create("svc", "env", sender, shares * 10, shares,
-                                         split.KIND_LUCKY, "CNY", 60_000)
-    assert made.ok, made
-    envelope = made.value[0]
-    home = shard_of(escrow_wallet_id(envelope.envelope_id), SHARDS)
-    targets = [s for s in range(SHARDS) if s != home][:RECEIVER_SHARDS]
-    receivers = {s: [wallet_on(s, f"r{s}-{i}-") for i in range(GRAB_CALLS)] for s in targets}
-    for wallets in receivers.values():
-        for w in wallets:
-            assert (await c.create_wallet("svc", "w-" + w, w, "CNY")).ok
+    envelope, home, receivers = await envelope_and_receivers(ledger, shares, split.KIND_LUCKY,
+                                                             GRAB_CALLS)
+    targets = list(receivers)
     ledger.peers.calls.clear()
     for call in range(GRAB_CALLS):  # each call its own step and append on the envelope shard
         out = await ledger.envelopes.grab_many("svc", [
@@ -124,19 +129,9 @@ async def test_while_grabs_keep_coming_credits_leave_a_few_destinations_at_a_tim
     monkeypatch.setattr(K, "CREDIT_LINGER_IDLE_MAX_MS", 60_000)
     monkeypatch.setattr(K, "CREDIT_LINGER_ASYNC_MS", 0)
     monkeypatch.setattr(K, "CREDIT_DESTS_PER_ROUND", 4)
-    c = ledger.coordinator
-    sender = wallet_on(0, "sender")
-    assert (await c.create_wallet("svc", "w-" + sender, sender, "CNY")).ok
-    assert (await c.deposit("svc", "d-" + sender, sender, 100_000, "CNY")).ok
-    made = await ledger.envelopes.create("svc", "env", sender, RECEIVER_SHARDS * 10,
-                                         RECEIVER_SHARDS, split.KIND_FIXED, "CNY", 60_000)
-    assert made.ok, made
-    envelope = made.value[0]
-    home = shard_of(escrow_wallet_id(envelope.envelope_id), SHARDS)
-    targets = [s for s in range(SHARDS) if s != home][:RECEIVER_SHARDS]
-    receivers = [wallet_on(s, f"r{s}-") for s in targets]
-    for w in receivers:
-        assert (await c.create_wallet("svc", "w-" + w, w, "CNY")).ok
+    envelope, home, per_shard = await envelope_and_receivers(ledger, RECEIVER_SHARDS,
+                                                             split.KIND_FIXED, 1)
+    receivers = [wallets[0] for wallets in per_shard.values()]
     in_flight, most = 0, 0
     execute = ledger.peers.execute
 

@@ -12,17 +12,17 @@ import itertools
 
 import pytest
 
-from coordinator import Coordinator, TransferItem
+from coordinator import TransferItem
 from coordinator.coordinator import key_shard_of
 from ledger.core.status import Status
 from shard_router.hashing import shard_of
-from tests.owner.conftest import Ledger
+from tests.owner.conftest import Ledger, ledger_of
 
 SHARDS = 4
 
 
-def wallet_on(shard: int, prefix: str) -> str:
-    return next(f"{prefix}{i}" for i in itertools.count() if shard_of(f"{prefix}{i}", SHARDS)
+def wallet_on(shard: int, prefix: str, shards: int = SHARDS) -> str:
+    return next(f"{prefix}{i}" for i in itertools.count() if shard_of(f"{prefix}{i}", shards)
                 == shard)
 
 
@@ -33,10 +33,7 @@ def key_on(shard: int, prefix: str = "k") -> str:
 
 @pytest.fixture
 async def ledger():
-    led = Ledger(SHARDS)
-    for shard in range(SHARDS):
-        await led.start(shard)
-    led.coordinator = Coordinator(led.peers, led.store, SHARDS, clock_ms=lambda: led.now)
+    led = await ledger_of(SHARDS)
     try:
         yield led
     finally:
