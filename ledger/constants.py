@@ -65,20 +65,21 @@ CREDIT_LINGER_PER_DEST = 8
 # or until the shard stopped owing new credits (for twice the usual gap between its appends
 # that owe credits, within CREDIT_LINGER_IDLE_MIN_MS..CREDIT_LINGER_IDLE_MAX_MS), and never
 # beyond CREDIT_LINGER_ASYNC_MS. A hot envelope's 10,000 grabs owe ~40 credits to each of 256
-# shards; every receiver shard's step (append, rows, answer, and the acknowledgement back)
-# costs about as much as fifty credits in it, so the fewer steps the better, and the moment
-# the grabs stop the credits leave. As soon as a caller waits for a credit (a Transfer's
-# answer holds for its credit leg), that destination's credits go at CREDIT_LINGER_MS.
+# shards: they then cost one step per receiver shard, run after the grabs instead of among
+# them, and the moment the grabs stop the credits leave. As soon as a caller waits for a
+# credit (a Transfer's answer holds for its credit leg), that destination's credits go at
+# CREDIT_LINGER_MS.
 # Measured in the ledger process (``python -m tests.tools.hotgrab``, 3 rounds each, the
 # session's start then this rule): 6,006-6,212 -> 8,408-10,293 grabs/s, 0.129 -> 0.052-0.077
 # appends per grab; the CPU of a grab with its credit moved little (171-184 -> 137-181 us):
 # the grabs go faster because their credits wait until the grabs stop.
 CREDIT_LINGER_ASYNC_MS = 1_000
-# Destination shards sent lingered credits nobody waits for in one round (``_rounds``).
-CREDIT_DESTS_PER_ROUND = 32
 CREDIT_LINGER_ASYNC_PER_DEST = 64
 CREDIT_LINGER_IDLE_MIN_MS = 50
 CREDIT_LINGER_IDLE_MAX_MS = 400
+# Destination shards sent lingered credits nobody waits for in one round while the shard
+# still owes new ones (``ShardOwner._rounds``).
+CREDIT_DESTS_PER_ROUND = 32
 
 # How long an acknowledgement of delivered credits may wait for a group commit to ride in
 # before it is journaled on its own (ms).

@@ -725,9 +725,9 @@ class ShardOwner:
 
     async def _linger(self, pending: dict[int, list]) -> dict[int, list]:
         """A wide fan-out of a few credits per destination (a hot envelope's grabs, one
-        wallet paying many): each destination's step costs far more than a credit in it, so
-        let the next appends' credits join, until the round is thick enough or the linger is
-        over. What is ready then is sent (never less than before).
+        wallet paying many): let the next appends' credits join, so that each destination
+        takes fewer steps, until the round is thick enough or the linger is over. What is
+        ready then is sent (never less than before).
 
         Credits a caller waits for (``_await_credits``) linger at most CREDIT_LINGER_MS, to
         CREDIT_LINGER_PER_DEST each; credits nobody waits for (grabs) at most

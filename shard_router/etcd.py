@@ -121,7 +121,6 @@ def etcd_client(endpoints: str | list[tuple[str, int]], timeout_s: float,
         timeout=timeout_s, failover=several)
 
 
-
 @dataclass(slots=True)
 class _Session:
     """One lease and the deadline until which this node may serve under it."""

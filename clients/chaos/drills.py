@@ -26,9 +26,9 @@ from clients.chaos.constants import (DROP_KEYSPACE_TIMEOUT_S, FAULTS, HOT_ENVELO
                                      STEP_DOWN_RE)
 from clients.chaos.envelope import HotEnvelope
 from clients.chaos.model import DrillConfig, FaultWindow, ScenarioReport
-from clients.localcluster.etcd import etcd_leader
 from clients.chaos.observe import OwnerWatcher
 from clients.harness import Deployment, NodeProcess
+from clients.localcluster.etcd import etcd_leader
 from clients import LedgerClient, LedgerError
 from clients.load import LoadConfig, LoadWorkload
 from clients.localcluster import cql_query
