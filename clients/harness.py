@@ -134,18 +134,19 @@ class NodeProcess:
 class Deployment:
     """``nodes_per_region`` ledger nodes in each region of a running ``LocalCluster``;
     ``node_args`` are more ``ledgerd node`` flags for every node (``--envelope-shares-max
-    2000``), kept for its restarts."""
+    2000``), kept for its restarts. ``keyspace``: serve that one (made by the first node if
+    it does not exist) instead of a new ``ledger_<name>``."""
 
     def __init__(self, cluster, regions: list[str] | None = None, nodes_per_region: int = 1,
                  shards: int = 16, cql_port: int | None = None, lease_ttl_s: float = 3.0,
                  takeover_grace_s: float = 1.0, log_dir: Path | None = None,
                  name: str | None = None, coordinators_per_region: int = 0,
-                 node_args: list[str] | None = None) -> None:
+                 node_args: list[str] | None = None, keyspace: str | None = None) -> None:
         self.cluster = cluster
         self.regions = list(regions or cluster.regions)
         self.shards = shards
         self.name = name or "d" + uuid.uuid4().hex[:8]
-        self.keyspace = f"ledger_{self.name}"
+        self.keyspace = keyspace or f"ledger_{self.name}"
         self.prefix = f"/{self.name}"
         port = cql_port or getattr(cluster, "cql_port", 9042)
         self.nodes: list[NodeProcess] = []

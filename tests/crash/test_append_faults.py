@@ -113,10 +113,12 @@ def injected(log_path, failpoint: str) -> int:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.failpoint for c in CASES])
-async def test_append_faults_under_cross_shard_traffic(local_cluster, tmp_path, case):
+async def test_append_faults_under_cross_shard_traffic(local_cluster, keyspaces, tmp_path, case):
     region = local_cluster.regions[0]
+    keyspace = await keyspaces.take({region: 1}, "faults")
     deployment = Deployment(local_cluster, regions=[region], nodes_per_region=NODES,
-                            shards=SHARDS, log_dir=tmp_path)
+                            shards=SHARDS, log_dir=tmp_path,
+                            keyspace=keyspace.name)
     bank = None
     load = None
     store = None
@@ -222,4 +224,5 @@ async def test_append_faults_under_cross_shard_traffic(local_cluster, tmp_path, 
             await load.close()
         if store is not None:
             await store.close()
-        await asyncio.to_thread(deployment.stop, True)
+        await asyncio.to_thread(deployment.stop)
+        await keyspaces.give_back(keyspace)

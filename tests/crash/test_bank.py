@@ -90,10 +90,12 @@ class FaultSchedule:
         assert not dead, f"nodes not running after the run: {dead}"
 
 
-async def test_bank_survives_random_sigkills(local_cluster, tmp_path):
+async def test_bank_survives_random_sigkills(local_cluster, keyspaces, tmp_path):
     region = local_cluster.regions[0]
+    keyspace = await keyspaces.take({region: 1}, "bank")
     deployment = Deployment(local_cluster, regions=[region], nodes_per_region=NODES,
-                            shards=SHARDS, log_dir=tmp_path)
+                            shards=SHARDS, log_dir=tmp_path,
+                            keyspace=keyspace.name)
     bank = None
     store = None
     faults = FaultSchedule(deployment, FAULT_SEED)
@@ -155,4 +157,5 @@ async def test_bank_survives_random_sigkills(local_cluster, tmp_path):
             await bank.close()
         if store is not None:
             await store.close()
-        await asyncio.to_thread(deployment.stop, True)
+        await asyncio.to_thread(deployment.stop)
+        await keyspaces.give_back(keyspace)

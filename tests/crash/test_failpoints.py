@@ -196,10 +196,12 @@ def single_key(case: Case, debit_shard: int) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-async def test_crash_at_failpoint(local_cluster, tmp_path, case: Case):
+async def test_crash_at_failpoint(local_cluster, keyspaces, tmp_path, case: Case):
     region = local_cluster.regions[0]
+    keyspace = await keyspaces.take({region: 1}, "failpoint")
     deployment = Deployment(local_cluster, regions=[region], nodes_per_region=case.nodes,
-                            shards=SHARDS, log_dir=tmp_path)
+                            shards=SHARDS, log_dir=tmp_path,
+                            keyspace=keyspace.name)
     store = None
     try:
         start_deployment(deployment)
@@ -305,4 +307,5 @@ async def test_crash_at_failpoint(local_cluster, tmp_path, case: Case):
     finally:
         if store is not None:
             await store.close()
-        await asyncio.to_thread(deployment.stop, True)
+        await asyncio.to_thread(deployment.stop)
+        await keyspaces.give_back(keyspace)

@@ -235,10 +235,12 @@ async def chain_until_definitive(client: MultiClient, items: list[pb.TransferReq
 
 @pytest.mark.real
 @pytest.mark.timeout(300)
-async def test_concurrent_duplicates_execute_once(local_cluster):
+async def test_concurrent_duplicates_execute_once(local_cluster, keyspaces):
     region = local_cluster.regions[0]
+    keyspace = await keyspaces.take({region: 1}, "storm")
     deployment = Deployment(local_cluster, regions=[region], nodes_per_region=NODES,
-                            shards=SHARDS)
+                            shards=SHARDS,
+                            keyspace=keyspace.name)
     rng = random.Random(SEED)
     groups = wallet_layout()
     wallets = [w for g in groups for w in g]
@@ -391,7 +393,8 @@ async def test_concurrent_duplicates_execute_once(local_cluster):
             await multi.close()
         if store is not None:
             await store.close()
-        await asyncio.to_thread(deployment.stop, True)
+        await asyncio.to_thread(deployment.stop)
+        await keyspaces.give_back(keyspace)
 
 
 async def test_key_reused_with_debit_wallet_on_another_shard(tmp_path):

@@ -43,7 +43,7 @@ async def ledger_server(request, tmp_path_factory):
         running = await server.start_dev(tmp_path_factory.mktemp("envelopes"), port=0,
                                          shard_count=SHARDS)
     else:
-        running = await _start_cassandra_backend(request.getfixturevalue("local_cluster"))
+        running = await _start_cassandra_backend(request)
     try:
         yield running
     finally:

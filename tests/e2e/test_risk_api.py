@@ -8,23 +8,21 @@ failover still count in the window. Bad input names its field and changes nothin
 
 from __future__ import annotations
 
-import uuid
 
 import grpc
 import pytest
 
 from clients import LedgerClient, LedgerRefused
 from ledger import server
-from tests.e2e.conftest import SHARDS, _start_cassandra_backend, drop_keyspace
+from tests.e2e.conftest import SHARDS, _start_cassandra_backend
 
 HOUR = 3_600_000
 
 
-async def _start(kind: str, request, tmp_path, keyspace: str, node: str):
+async def _start(kind: str, request, tmp_path, keyspace, node: str):
     if kind == "embedded":
         return await server.start_dev(tmp_path, port=0, shard_count=SHARDS)
-    return await _start_cassandra_backend(request.getfixturevalue("local_cluster"),
-                                          keyspace=keyspace, node_id=node)
+    return await _start_cassandra_backend(request, keyspace=keyspace, node_id=node)
 
 
 async def refused(call) -> LedgerRefused:
@@ -35,7 +33,10 @@ async def refused(call) -> LedgerRefused:
 
 @pytest.mark.parametrize("kind", ["embedded", pytest.param("cassandra", marks=pytest.mark.real)])
 async def test_risk_controls_hold_across_a_failover(kind, request, tmp_path):
-    keyspace = "risk_" + uuid.uuid4().hex[:8]
+    keyspace = None
+    if kind != "embedded":  # both nodes serve one keyspace, the second after a failover
+        region = request.getfixturevalue("local_cluster").regions[0]
+        keyspace = await request.getfixturevalue("keyspaces").take({region: 1}, "risk")
     first = await _start(kind, request, tmp_path, keyspace, "node-a")
     try:
         async with LedgerClient(f"127.0.0.1:{first.port}", caller="tests",
@@ -122,7 +123,7 @@ async def test_risk_controls_hold_across_a_failover(kind, request, tmp_path):
     finally:
         await second.close(grace_s=0.5)
         if kind != "embedded":
-            await drop_keyspace(request, keyspace)
+            await request.getfixturevalue("keyspaces").give_back(keyspace)
 
 
 async def test_no_personal_data_or_secret_reaches_the_logs(tmp_path, caplog):

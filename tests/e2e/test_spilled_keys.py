@@ -28,8 +28,7 @@ async def spilling_server(request, tmp_path):
         running = await server.start_dev(tmp_path, port=0, shard_count=SHARDS,
                                          memory_ms=MEMORY_MS)
     else:
-        running = await _start_cassandra_backend(request.getfixturevalue("local_cluster"),
-                                                 memory_ms=MEMORY_MS)
+        running = await _start_cassandra_backend(request, memory_ms=MEMORY_MS)
     try:
         yield running
     finally:

@@ -81,27 +81,24 @@ def deposit(key: str, wallet: str, amount: int) -> Post:
 
 
 @pytest.fixture
-async def stores(local_cluster):
-    """Three stores (old owner, new owner, an onlooker) on one fresh keyspace."""
+async def stores(local_cluster, keyspaces):
+    """Three stores (old owner, new owner, an onlooker) on one empty keyspace."""
     from ledger.store.cassandra import CassandraStore
 
-    from clients.localcluster import cql_query
-
     region = "r1"
-    keyspace = f"fencing_{uuid.uuid4().hex[:8]}"
+    keyspace = await keyspaces.take({region: 1}, "fencing")
     host, port = local_cluster.contact_points[region], local_cluster.cql_port
     opened = []
     try:
         for _ in range(3):
             opened.append(await CassandraStore.connect(
-                [host], port, local_dc=region, keyspace=keyspace, replication={region: 1},
+                [host], port, local_dc=region, keyspace=keyspace.name, replication={region: 1},
                 require_region_survival=False))
         yield opened
     finally:
         for store in opened:
             await store.close()
-        await asyncio.to_thread(cql_query, host, port, f"DROP KEYSPACE IF EXISTS {keyspace}",
-                                60.0)
+        await keyspaces.give_back(keyspace)
 
 
 async def raw_rows(store, shard: int) -> list[tuple[int, int]]:

@@ -25,14 +25,17 @@ LOAD_S = 3.0
 
 
 @pytest.fixture
-def deployment(local_cluster):
+async def deployment(local_cluster, keyspaces):
     region = local_cluster.regions[0]
-    d = Deployment(local_cluster, regions=[region], nodes_per_region=2, shards=SHARDS)
-    d.start()
+    keyspace = await keyspaces.take({region: 1}, "stream")
+    d = Deployment(local_cluster, regions=[region], nodes_per_region=2, shards=SHARDS,
+                   keyspace=keyspace.name)
     try:
+        await asyncio.to_thread(d.start)
         yield d
     finally:
-        d.stop(drop_keyspace=True)
+        await asyncio.to_thread(d.stop)
+        await keyspaces.give_back(keyspace)
 
 
 async def test_the_stream_is_the_journal_through_an_owner_kill(deployment):
