@@ -340,6 +340,33 @@ async def test_truncation_drops_exactly_the_batches_a_snapshot_covers(case):
     assert [b.seq for b in (await case.store.load(shard)).batches] == [7, 8, 9, 10, 11]
 
 
+async def test_a_journal_compacted_through_its_head_keeps_its_head(case):
+    """A snapshot at the very head, then truncation of everything it covers (an idle shard
+    compacted after its last append, or a planned hand-over): the next fence must still
+    return that head. Before the fix the Cassandra journal found no row of the recorded
+    epoch and answered the epoch's start (0 here), so every takeover failed with "journal
+    head moved during takeover" and the shard was never served again."""
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 4)
+    await case.store.save_snapshot(shard, 4, b"after 4")
+    await case.store.truncate_journal(shard, 4)
+    assert await journal(case.store, shard) == []
+    assert await case.store.fence(shard, 2) == 4
+    assert await case.store.journal_position(shard) == (2, 4, 4)
+    loaded = await case.store.load(shard)
+    assert (loaded.snapshot, loaded.snapshot_seq, loaded.batches) == (b"after 4", 4, [])
+    await case.store.append(shard, 2, 5, events(shard, 5), [])
+    # Compacted through the head again, under the new epoch, then fenced once more.
+    await case.store.save_snapshot(shard, 5, b"after 5")
+    await case.store.truncate_journal(shard, 5)
+    assert await case.store.fence(shard, 3) == 5
+    with pytest.raises(Fenced):
+        await case.store.append(shard, 2, 6, events(shard, 6), [])
+    await case.store.append(shard, 3, 6, events(shard, 6), [])
+    assert [b.seq for b in (await case.store.load(shard)).batches] == [6]
+
+
 async def test_truncation_past_the_latest_snapshot_is_refused(case):
     shard = case.shard()
     await case.store.fence(shard, 1)

@@ -273,12 +273,19 @@ class Journal:
         return rows[0]["epoch"], dict(rows[0]["starts"] or {})
 
     async def _head(self, shard: int, recorded: int | None, starts: dict[int, int]) -> int:
-        """The last batch number that counts: the recorded epoch's last batch, else its start.
+        """The last batch number that counts: the recorded epoch's last batch, else the
+        latest complete snapshot's batch or the epoch's start, whichever is higher.
 
         Only the recorded epoch can own batches past its start (older epochs' runs end at
         it), so this reads batch numbers downwards from the top until it meets one of the
         recorded epoch's rows; rows of older epochs met on the way are late writes that do
         not count. A QUORUM read: it sees every batch acknowledged before it started.
+
+        When no row of the recorded epoch is left above its start, a snapshot may have
+        covered them and truncation dropped them (compaction up to the very head: an idle
+        shard, a planned hand-over). A snapshot is built from counted, durable batches
+        only, so its batch number is then the head. Answering the epoch's start instead made
+        every later takeover of such a shard fail ("journal head moved during takeover").
         """
         if recorded is None:
             return 0
@@ -291,7 +298,7 @@ class Journal:
                 if row["writer_epoch"] == recorded:
                     return int(row["seq"])
             if len(rows) < JOURNAL_PAGE_BATCHES:
-                return base
+                return max(base, (await self._latest_mark_seq(shard))[0])
             upper = (rows[-1]["seq"], rows[-1]["writer_epoch"])
 
     # --- the journal ------------------------------------------------------------------
