@@ -15,6 +15,14 @@ check stays exact) and is checked the same way:
   initial balances plus the acknowledged transfers (credits land asynchronously: the check
   waits, bounded, for the balances to reach those values).
 
+Library callers (``library_callers``): besides the load's own resending, that many callers
+send single ``Transfer`` calls through the client library as an application would use it
+(``LedgerClient``, one node each, its retries on: same request and key on transient answers,
+with backoff, up to 8 attempts or 30 s). What reaches them after the library's retries is an
+*error an application would see*, kept in ``library_errors`` with when it happened; the op
+itself stays in the checks (an unknown outcome is asked again by ``settle``). A planned
+handover must show them none (issue 11; ``ledger-chaos drain-region``).
+
 Pacing: two shared pacers (one for single calls, one for batch items) hand out the target
 rate; a bounded number of calls are in flight (``single_concurrency`` Transfer callers,
 ``batch_inflight`` BatchTransfer callers). When the ledger is slower than the target (during a
@@ -32,7 +40,7 @@ from dataclasses import dataclass
 import grpc
 
 from clients.bank import MultiClient
-from redledger_client import LedgerError
+from redledger_client import LedgerClient, LedgerError, LedgerRefused
 from ledgerpb import ledger_pb2 as pb
 
 CURRENCY = "CNY"
@@ -71,6 +79,7 @@ class LoadConfig:
     amount_max: int = 100
     prefix: str = "load"
     seed: int = 1
+    library_callers: int = 0        # Transfer callers through LedgerClient's own retries
 
 
 class LoadOp:
@@ -82,7 +91,7 @@ class LoadOp:
     def __init__(self, key: str, src: str, dst: str, amount: int, via: str,
                  started: float) -> None:
         self.key, self.src, self.dst, self.amount = key, src, dst, amount
-        self.via = via                 # "transfer" | "batch"
+        self.via = via                 # "transfer" | "batch" | "library"
         self.started = started
         self.finished = 0.0
         self.result = "pending"        # ok | refused | unknown
@@ -116,6 +125,12 @@ class LoadWorkload:
                  caller: str = "load") -> None:
         self.config = config or LoadConfig()
         self.singles = MultiClient(targets, caller, call_timeout_s=SINGLE_CALL_TIMEOUT_S)
+        # One library client per caller, the callers spread over the nodes in turn.
+        self.library = [LedgerClient(targets[i % len(targets)], caller,
+                                     timeout_s=SINGLE_CALL_TIMEOUT_S)
+                        for i in range(self.config.library_callers)]
+        # Errors that reached a library caller: (seconds since t0, error class, status).
+        self.library_errors: list[tuple[float, str, str]] = []
         self.batches = MultiClient(targets, caller, call_timeout_s=BATCH_CALL_TIMEOUT_S)
         self.wallets = [f"{self.config.prefix}-w{i}" for i in range(self.config.wallets)]
         self.rng = random.Random(self.config.seed)
@@ -172,6 +187,21 @@ class LoadWorkload:
         except TimeoutError as exc:
             self._done(op, "unknown", detail=str(exc))
 
+    async def _library(self, client: LedgerClient, op: LoadOp) -> None:
+        """One Transfer through the client library with its retries, as an application
+        sends it. An error is recorded as one that reached the application; a refusal is
+        definitive, anything else leaves the op unknown for ``settle``."""
+        try:
+            response = await client.transfer(op.src, op.dst, op.amount, CURRENCY,
+                                             idempotency_key=op.key)
+            self._done(op, "ok", response.transfer.transfer_id)
+        except LedgerError as exc:
+            status = exc.status or exc.code.name
+            self.library_errors.append((round(time.monotonic() - self.t0, 3),
+                                        type(exc).__name__, status))
+            self._done(op, "refused" if isinstance(exc, LedgerRefused) else "unknown",
+                       detail=f"{type(exc).__name__} {status}")
+
     async def _batch(self, ops: list[LoadOp], deadline_s: float = OP_DEADLINE_S) -> None:
         """Send ``ops`` in one BatchTransfer; resend the items that answered transiently
         (same keys) until each has a definitive answer or the deadline passes."""
@@ -215,6 +245,14 @@ class LoadWorkload:
                 return
             await self._single(self._new_op("transfer"))
 
+    async def _library_caller(self, client: LedgerClient, stop: asyncio.Event,
+                              pacer: Pacer) -> None:
+        while not stop.is_set():
+            await pacer.take(1)
+            if stop.is_set():
+                return
+            await self._library(client, self._new_op("library"))
+
     async def _batch_caller(self, stop: asyncio.Event, pacer: Pacer) -> None:
         size = self.config.batch_size
         while not stop.is_set():
@@ -233,6 +271,9 @@ class LoadWorkload:
             pacer = Pacer(single_rate)
             tasks += [asyncio.create_task(self._single_caller(stop, pacer))
                       for _ in range(c.single_concurrency)]
+            # The library callers share the single calls' rate.
+            tasks += [asyncio.create_task(self._library_caller(client, stop, pacer))
+                      for client in self.library]
         if batch_rate > 0 and c.batch_inflight > 0:
             pacer = Pacer(batch_rate)
             tasks += [asyncio.create_task(self._batch_caller(stop, pacer))
@@ -252,7 +293,8 @@ class LoadWorkload:
             if not unknown:
                 return
             remaining = max(0.1, min(OP_DEADLINE_S, deadline - time.monotonic()))
-            singles = [op for op in unknown if op.via == "transfer"]
+            # A library op unanswered is asked again like a single call (same key).
+            singles = [op for op in unknown if op.via in ("transfer", "library")]
             batched = [op for op in unknown if op.via == "batch"]
             chunks = [batched[i:i + self.config.batch_size]
                       for i in range(0, len(batched), self.config.batch_size)]
@@ -366,8 +408,10 @@ class LoadWorkload:
             "wallets")}, "counts": counts, "run_s": round(self.run_s, 3),
             "ok_per_s": round(counts["ok"] / self.run_s, 1) if self.run_s else None,
             "settled_after_run": self.settled, "lost": len(self.lost),
-            "lost_keys": self.lost[:20]}
-        for via in ("transfer", "batch"):
+            "lost_keys": self.lost[:20], "library_callers": len(self.library),
+            "library_errors": len(self.library_errors),
+            "library_errors_first": [list(e) for e in self.library_errors[:20]]}
+        for via in ("transfer", "batch", "library"):
             lat = sorted((op.finished - op.started) * 1000 for op in self.ops
                          if op.via == via and op.result != "unknown" and op.finished > 0)
             n_ok = sum(1 for op in self.ops if op.via == via and op.result == "ok")
@@ -380,6 +424,8 @@ class LoadWorkload:
     async def close(self) -> None:
         await self.singles.close()
         await self.batches.close()
+        for client in self.library:
+            await client.close()
 
 
 __all__ = ["LoadConfig", "LoadOp", "LoadWorkload", "Pacer"]

@@ -34,6 +34,13 @@ Scenarios (default: every one but ``random``):
   GetTransfer says credited), the rest refunded exactly (REFUNDED, refunded = total -
   grabbed, the sender holds initial - total + refunded), one commit per envelope transfer in
   the journals, and ``ledgerctl envelope show`` exits 0 and agrees.
+* ``drain-region``: a planned drain and return of one region under a transfer load (at
+  ``--load``, or 60 transfers/s without it; some of its callers send through the client
+  library with its own retries): ``ledgerctl failover --from R --to S``, held, then
+  ``ledgerctl failback --region R``. Measured: the time until every moved shard is served in
+  S and back in R, and the longest stretch without an acknowledged transfer on the moved
+  shards (against 1 s, reported), beside the same per-shard figure over a calm stretch before.
+  Any error that reaches a library caller is a problem: a planned drain shows clients none.
 * ``random``: a seeded mix of three of the single faults above, one after the other.
 
 Each scenario starts a fresh ``Deployment`` (its own keyspace and etcd prefix) on the running

@@ -13,7 +13,7 @@ import math
 from collections import Counter
 from typing import Iterable
 
-from clients.chaos.constants import FAILOVER_TARGET_S, RECOVERY_MIN_S
+from clients.chaos.constants import DRAIN_GAP_TARGET_S, FAILOVER_TARGET_S, RECOVERY_MIN_S
 from clients.chaos.model import ScenarioReport
 
 
@@ -29,6 +29,33 @@ def ack_gap(ops: list, start: float, end: float) -> float:
     acks = sorted(f for _, f, r in ops if r == "ok" and start <= f <= end)
     points = [start, *acks, end]
     return round(max(b - a for a, b in zip(points, points[1:])), 3)
+
+
+def shard_ack_gaps(ops: Iterable, shard_of: dict[str, int], shards: Iterable[int],
+                   start: float, end: float) -> dict:
+    """How long transfers debiting ``shards`` went unacknowledged within [start, end]: the
+    longest stretch without an acknowledgement on any of them (``any_s``) and, per shard,
+    without one on that shard (``per_shard_s``, and its ``max_s``).
+
+    Args:
+        ops: Requests with ``src`` (the debited wallet), ``finished`` and ``result``.
+        shard_of: Wallet id -> shard.
+    """
+    wanted = set(shards)
+    acks: dict[int, list[float]] = {s: [] for s in wanted}
+    for op in ops:
+        shard = shard_of.get(op.src, -1)
+        if op.result == "ok" and shard in wanted and start <= op.finished <= end:
+            acks[shard].append(op.finished)
+
+    def gap(times: list[float]) -> float:
+        points = [start, *sorted(times), end]
+        return round(max(b - a for a, b in zip(points, points[1:])), 3)
+
+    per_shard = {s: gap(t) for s, t in sorted(acks.items())}
+    return {"any_s": gap([t for times in acks.values() for t in times]),
+            "per_shard_s": {str(s): g for s, g in per_shard.items()},
+            "max_s": max(per_shard.values(), default=None)}
 
 
 def series(ops: list) -> dict:
@@ -102,6 +129,10 @@ def summarize(report: ScenarioReport, bank_ops: list, bank_lost: Iterable[str],
     if failover and failover["max"] is not None:
         report.measured["failover_target_s"] = FAILOVER_TARGET_S
         report.measured["failover_within_target"] = failover["max"] <= FAILOVER_TARGET_S
+    drain = report.measured.get("drain_gap_s")
+    if drain and drain["max"] is not None:
+        report.measured["drain_gap_target_s"] = DRAIN_GAP_TARGET_S
+        report.measured["drain_gap_within_target"] = drain["max"] <= DRAIN_GAP_TARGET_S
     lost_bank = set(bank_lost)
     lost_load = set(load_lost)
     report.measured["lost"] = len(lost_bank) + (len(lost_load) if load_ops is not None else 0)

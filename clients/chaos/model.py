@@ -30,6 +30,9 @@ class DrillConfig:
     load_batch: int = 200            # items per BatchTransfer call
     load_batch_inflight: int = 4
     load_wallets: int = 256
+    # Callers of the load that send through the client library's own retries (one node
+    # each); errors that reach them are counted (clients.load, "Library callers").
+    load_library_callers: int = 4
     # hot-envelope: one LUCKY envelope of ``envelope_shares`` shares holding
     # ``envelope_total_minor``, open ``envelope_expiry_s`` (long enough to outlast both faults
     # and their heals, short enough to expire during the drill); ``envelope_receivers``

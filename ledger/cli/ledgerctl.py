@@ -226,6 +226,9 @@ async def _audit(args) -> int:
 
 # How long failover / failback / move-shard wait for the new owners (s).
 MOVE_TIMEOUT_S = 60.0
+# How often they look at etcd's owner keys while they wait (s); the time they report is
+# accurate to this.
+MOVE_POLL_S = 0.05
 
 
 def _etcd_args(p: argparse.ArgumentParser) -> None:
@@ -408,27 +411,45 @@ async def _move(args, mapping: dict[int, str], origins: dict[int, str] | None,
                 view, action: str) -> int:
     """Re-home shards and wait until each is served by a node of its new home region. The
     change (who, ``action``, ``--reason``) goes with the map entries; each new owner records
-    it in its shard's audit chain."""
+    it in its shard's audit chain. With ``--json``: one document at the end (the change, the
+    shards moved with their new regions, how long until all were served, those still not)."""
+    as_json = getattr(args, "json", False)
+
+    def say(text: str) -> None:
+        if not as_json:
+            print(text, flush=True)
+
     if not mapping:
-        print("nothing to move")
+        if as_json:
+            print(json.dumps({"action": action, "change_id": "", "moved": {},
+                              "served_after_s": 0.0, "pending": []}))
+        else:
+            print("nothing to move")
         return 0
     started = time.monotonic()
     change_id = await view.set_homes(mapping, origins, action=action,
                                      reason=getattr(args, "reason", "") or "")
-    print(f"change {change_id} by {view.principal}", flush=True)
-    print(f"moving {len(mapping)} shards ...", flush=True)
+    say(f"change {change_id} by {view.principal}")
+    say(f"moving {len(mapping)} shards ...")
     while True:
         pending = [s for s, r in mapping.items()
                    if (view.owner(s) is None or view.owner(s).region != r)]
-        if not pending:
-            print(f"done: {len(mapping)} shards served by their new home regions after "
-                  f"{time.monotonic() - started:.1f} s")
-            return 0
-        if time.monotonic() - started > MOVE_TIMEOUT_S:
-            print(f"timeout: {len(pending)} shards not yet served by their new region "
-                  f"(no live node there?): {pending[:20]}")
-            return 1
-        await asyncio.sleep(0.2)
+        took_s = round(time.monotonic() - started, 3)
+        if not pending or took_s > MOVE_TIMEOUT_S:
+            break
+        await asyncio.sleep(MOVE_POLL_S)
+    if as_json:
+        print(json.dumps({"action": action, "change_id": change_id,
+                          "moved": {str(s): r for s, r in sorted(mapping.items())},
+                          "served_after_s": None if pending else took_s,
+                          "pending": sorted(pending)}))
+    elif pending:
+        print(f"timeout: {len(pending)} shards not yet served by their new region "
+              f"(no live node there?): {pending[:20]}")
+    else:
+        print(f"done: {len(mapping)} shards served by their new home regions after "
+              f"{took_s:.1f} s")
+    return 1 if pending else 0
 
 
 async def _failover(args) -> int:
@@ -825,15 +846,21 @@ def main(argv: list[str] | None = None) -> int:
     failover.add_argument("--from", dest="src", required=True)
     failover.add_argument("--to", required=True)
     failover.add_argument("--reason", default="", help="recorded in the audit trail")
+    failover.add_argument("--json", action="store_true",
+                          help="print the change, the moves and the time taken as JSON")
     failback = sub.add_parser("failback", help="move shards home to a recovered region")
     _etcd_args(failback)
     failback.add_argument("--region", required=True)
     failback.add_argument("--reason", default="", help="recorded in the audit trail")
+    failback.add_argument("--json", action="store_true",
+                          help="print the change, the moves and the time taken as JSON")
     move = sub.add_parser("move-shard", help="re-home one shard")
     _etcd_args(move)
     move.add_argument("shard", type=int)
     move.add_argument("--to", required=True)
     move.add_argument("--reason", default="", help="recorded in the audit trail")
+    move.add_argument("--json", action="store_true",
+                      help="print the change, the move and the time taken as JSON")
     restore = sub.add_parser("restore-homes", help="home every shard in its default region "
                              "again (shard s in regions[s % n])")
     _etcd_args(restore)

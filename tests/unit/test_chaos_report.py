@@ -173,3 +173,28 @@ def test_throughput_by_committing_region_follows_the_owner_timeline():
     svg = throughput_svg(report)
     assert svg.count('<polyline class="region"') == 3
     assert "region r1" in svg and "region r2" in svg
+
+
+def test_shard_ack_gaps_per_moved_shard_and_over_all_of_them():
+    ops = [SimpleNamespace(src=src, finished=f, result=r) for src, f, r in [
+        ("a", 1.0, "ok"), ("a", 2.5, "ok"), ("b", 1.5, "ok"), ("b", 1.8, "refused"),
+        ("b", 4.0, "ok"), ("c", 3.0, "ok"), ("a", 9.0, "ok")]]
+    shard_of = {"a": 1, "b": 2, "c": 3}
+    gaps = checks.shard_ack_gaps(ops, shard_of, [1, 2], 0.0, 5.0)
+    # Shard 1: 0 -> 1.0 -> 2.5 -> 5.0; shard 2: 0 -> 1.5 -> 4.0 (the refusal is no ack).
+    assert gaps["per_shard_s"] == {"1": 2.5, "2": 2.5}
+    assert gaps["max_s"] == 2.5
+    # Any of them: 0 -> 1.0 -> 1.5 -> 2.5 -> 4.0 -> 5.0; shard 3's ack at 3.0 does not count.
+    assert gaps["any_s"] == 1.5
+    # A shard with no ack at all in the stretch is unserved for all of it.
+    assert checks.shard_ack_gaps(ops, shard_of, [3], 3.5, 8.0)["max_s"] == 4.5
+
+
+def test_drain_gap_is_reported_against_its_target():
+    from clients.chaos.constants import DRAIN_GAP_TARGET_S
+
+    report = ScenarioReport("drain-region")
+    report.measured["drain_gap_s"] = [0.4, DRAIN_GAP_TARGET_S + 0.2]
+    checks.summarize(report, [], [])
+    assert report.measured["drain_gap_s"]["max"] == DRAIN_GAP_TARGET_S + 0.2
+    assert report.measured["drain_gap_within_target"] is False
