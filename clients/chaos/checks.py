@@ -24,11 +24,15 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def _longest_gap(times: Iterable[float], start: float, end: float) -> float:
+    """Longest stretch of [start, end] between consecutive ``times`` (all within it)."""
+    points = [start, *sorted(times), end]
+    return round(max(b - a for a, b in zip(points, points[1:])), 3)
+
+
 def ack_gap(ops: list, start: float, end: float) -> float:
     """Longest stretch of [start, end] without an acknowledged transfer (s)."""
-    acks = sorted(f for _, f, r in ops if r == "ok" and start <= f <= end)
-    points = [start, *acks, end]
-    return round(max(b - a for a, b in zip(points, points[1:])), 3)
+    return _longest_gap((f for _, f, r in ops if r == "ok" and start <= f <= end), start, end)
 
 
 def shard_ack_gaps(ops: Iterable, shard_of: dict[str, int], shards: Iterable[int],
@@ -48,12 +52,8 @@ def shard_ack_gaps(ops: Iterable, shard_of: dict[str, int], shards: Iterable[int
         if op.result == "ok" and shard in wanted and start <= op.finished <= end:
             acks[shard].append(op.finished)
 
-    def gap(times: list[float]) -> float:
-        points = [start, *sorted(times), end]
-        return round(max(b - a for a, b in zip(points, points[1:])), 3)
-
-    per_shard = {s: gap(t) for s, t in sorted(acks.items())}
-    return {"any_s": gap([t for times in acks.values() for t in times]),
+    per_shard = {s: _longest_gap(t, start, end) for s, t in sorted(acks.items())}
+    return {"any_s": _longest_gap((t for times in acks.values() for t in times), start, end),
             "per_shard_s": {str(s): g for s, g in per_shard.items()},
             "max_s": max(per_shard.values(), default=None)}
 

@@ -431,18 +431,22 @@ class Drill:
         window.end_s = self.t()
         self._drains.append((window, sorted(shards)))
 
-    async def _drain_gaps(self) -> None:
+    def _drain_gaps(self, ops: list, shard_of: dict[str, int] | None) -> None:
         """Per drain: the longest stretch without an acknowledged transfer (bank and load)
         debiting a moved shard, from the failover until the failback's shards serve, and
-        per shard; the same per-shard figure over an equally long calm stretch before it
-        (what the load's own spacing gives); and the library callers' errors."""
-        assert self.workload is not None
-        ops: list = list(self.workload.result.ops)
-        if self.load is not None:
-            ops.extend(self.load.ops)
-        shard_of = await ledgerctl.shard_of(sorted({op.src for op in ops}), self.config.shards)
+        per shard; the same figures over an equally long calm stretch before it (what the
+        load's own spacing gives); and the library callers' errors (any is a problem)."""
+        if self.load is not None and self.load.library_errors:
+            errors = self.load.library_errors
+            self.problem(f"drain-region: {len(errors)} errors reached callers using the "
+                         f"client library's retries, first {errors[:3]}")
         for window, shards in self._drains:
             end = window.end_s if window.end_s is not None else self.t()
+            if self.load is not None:
+                window.notes["library_errors"] = sum(
+                    1 for e in self.load.library_errors if window.start_s <= e[0] <= end)
+            if shard_of is None:
+                continue  # the lookup failed: a problem says so already
             during = checks.shard_ack_gaps(ops, shard_of, shards, window.start_s, end)
             calm_from = max(0.0, window.start_s - (end - window.start_s))
             calm = checks.shard_ack_gaps(ops, shard_of, shards, calm_from, window.start_s)
@@ -452,13 +456,6 @@ class Drill:
             window.notes["calm_moved_ack_gap_s"] = calm["any_s"]
             window.notes["calm_shard_ack_gap_max_s"] = calm["max_s"]
             self.report.measured.setdefault("drain_gap_s", []).append(during["any_s"])
-            if self.load is not None:
-                errors = [e for e in self.load.library_errors if window.start_s <= e[0] <= end]
-                window.notes["library_errors"] = len(errors)
-                if self.load.library_errors:
-                    self.problem(f"drain-region: {len(self.load.library_errors)} errors reached "
-                                 f"callers using the client library's retries, first "
-                                 f"{self.load.library_errors[:3]}")
 
     async def fault_restart_etcd(self) -> None:
         window = self.open_window("restart-etcd", "etcd")
@@ -665,13 +662,18 @@ class Drill:
         if self.envelope is not None:
             report.envelope.update(self.envelope.figures())
             report.envelope["series"] = checks.series(report.envelope_plot)
-        if self.watcher is not None:
-            await self._series_by_region(report)
+        ops = self._transfer_ops()
+        shards: dict[str, int] | None = None
+        if ops and (self.watcher is not None or self._drains):
+            try:  # one lookup of the debited wallets' shards for both uses below
+                shards = await ledgerctl.shard_of(sorted({op.src for op in ops}),
+                                                  self.config.shards)
+            except Exception as exc:  # the picture loses its lines, the drains their gaps
+                report.problems.append(f"{self.name}: shards of the wallets not read: {exc}")
+        if shards is not None and self.watcher is not None:
+            await self._series_by_region(report, ops, shards)
         if self._drains:
-            try:
-                await self._drain_gaps()
-            except Exception as exc:  # noqa: BLE001 - the figures are missing: say so
-                self.problem(f"drain gaps not measured: {type(exc).__name__}: {exc}")
+            self._drain_gaps(ops, shards)
         checks.summarize(
             report,
             self.workload.result.ops if self.workload is not None else [],
@@ -681,21 +683,19 @@ class Drill:
         report.verdict = checks.verdict(report)
         return report
 
-    async def _series_by_region(self, report: ScenarioReport) -> None:
-        """Acknowledged transfers per second by committing region (bank and load together),
-        for the picture's per-region lines."""
-        assert self.watcher is not None
+    def _transfer_ops(self) -> list:
+        """The bank's and the load's requests (objects with ``src``, ``finished``,
+        ``result``)."""
         ops: list = list(self.workload.result.ops if self.workload is not None else [])
         if self.load is not None:
             ops.extend(self.load.ops)
-        if not ops:
-            return
-        try:
-            shards = await ledgerctl.shard_of(sorted({op.src for op in ops}),
-                                              self.config.shards)
-        except Exception as exc:  # the picture loses its lines; the verdict does not change
-            report.problems.append(f"{self.name}: per-region series not drawn: {exc}")
-            return
+        return ops
+
+    async def _series_by_region(self, report: ScenarioReport, ops: list,
+                                shards: dict[str, int]) -> None:
+        """Acknowledged transfers per second by committing region (bank and load together),
+        for the picture's per-region lines."""
+        assert self.watcher is not None
         report.series["by_region"] = checks.by_region(
             ops, self.watcher.changes, shards, report.series.get("seconds") or 0)
 

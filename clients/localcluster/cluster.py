@@ -51,8 +51,8 @@ class LocalCluster:
 
     Region i (0-based) runs its node on 127.0.0.(i+1) with the datacenter named after the
     region; etcd runs on 127.0.0.1, or (``etcd_per_region``) a member of one etcd cluster runs
-    on each region's address, so that a region's loss (``kill_region``) takes its member. Every method that starts something is idempotent: what
-    already runs is left alone.
+    on each region's address, so that a region's loss (``kill_region``) takes its member.
+    Every method that starts something is idempotent: what already runs is left alone.
     """
 
     def __init__(self, run_dir: str | Path | None = None, regions: Sequence[str] = ("r1",),

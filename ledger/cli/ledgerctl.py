@@ -413,7 +413,7 @@ async def _move(args, mapping: dict[int, str], origins: dict[int, str] | None,
     change (who, ``action``, ``--reason``) goes with the map entries; each new owner records
     it in its shard's audit chain. With ``--json``: one document at the end (the change, the
     shards moved with their new regions, how long until all were served, those still not)."""
-    as_json = getattr(args, "json", False)
+    as_json = args.json
 
     def say(text: str) -> None:
         if not as_json:

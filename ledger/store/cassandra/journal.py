@@ -282,8 +282,8 @@ class Journal:
         not count. A QUORUM read: it sees every batch acknowledged before it started.
 
         When no row of the recorded epoch is left above its start, a snapshot may have
-        covered them and truncation dropped them (compaction up to the very head: an idle
-        shard, a planned hand-over). A snapshot is built from counted, durable batches
+        covered them and truncation dropped them (compaction up to the very head: a shard
+        that went idle right after its last append). A snapshot is built from counted, durable batches
         only, so its batch number is then the head. Answering the epoch's start instead made
         every later takeover of such a shard fail ("journal head moved during takeover").
         """
