@@ -45,6 +45,12 @@ REPLAY_ROW_WRITE_BACKOFF_MAX_S = 4.0
 # serves only when the slowest is done, and the node's lease keep-alives starve meanwhile.
 TAKEOVERS_CONCURRENT_MAX = 2
 
+# A node that stops serving a shard waits up to this long for the shard's rows to be written
+# and marked (``JournalStore.flush_rows``) before it lets etcd hand the shard on, so that the
+# next owner's replay writes none of them again (``ledger.compaction.replay``). Bounded: a
+# store that cannot be reached must not hold a release (the next owner then writes them).
+RELEASE_ROWS_FLUSH_S = 0.5
+
 # Credits sent to one destination shard in one ApplyCredits call of the crediting pipeline.
 CREDITS_PER_DELIVERY_MAX = 2_000
 

@@ -133,6 +133,9 @@ class ShardOwner:
         self._lease_valid = lease_valid
         self.epoch = epoch
         self.state = ShardState(shard)
+        # What ``start`` spent where (fence, load, replay, the rows the replay wrote): the
+        # node's takeover log line.
+        self.takeover_timings: dict = {}
         self._store = store
         self._peers = peers
         self._clock_ms = clock_ms
@@ -233,7 +236,9 @@ class ShardOwner:
         Raises:
             Fenced: a newer owner exists. StoreUnavailable, UnknownOutcome.
         """
+        started = time.monotonic()
         head = await self._store.fence(self.shard, self.epoch)
+        self.takeover_timings["fence_s"] = time.monotonic() - started
         await self._replay()
         if self.state.seq != head:
             raise Fenced(f"shard {self.shard}: journal head moved from {head} to "
@@ -266,8 +271,13 @@ class ShardOwner:
         # The fold runs in a worker thread, a slice at a time (ledger.compaction.replay): a
         # takeover replay of thousands of batches must not stall this node's other owners
         # and its lease keep-alives, or the node loses every shard while taking one over.
+        started = time.monotonic()
         loaded = await self._store.load(self.shard)
-        state = await compaction.replay(self._store, self.shard, loaded)
+        timings = self.takeover_timings
+        timings["load_s"] = time.monotonic() - started
+        started = time.monotonic()
+        state = await compaction.replay(self._store, self.shard, loaded, timings)
+        timings["replay_s"] = time.monotonic() - started
         self.state = state
         self._delivered = {}
         self._durable_outbox = dict(state.outbox_last_seq)

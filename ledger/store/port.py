@@ -62,6 +62,12 @@ class LoadedShard:
     snapshot: bytes | None
     snapshot_seq: int
     batches: list[JournalBatch]
+    # A batch up to which every row of the shard's batches is known to be written, never above
+    # the last batch loaded; 0 when not known. A replay writes again only the rows of the
+    # batches after it (``ledger.compaction.replay``). Cassandra keeps it as the rows mark
+    # (``ledger.store.cassandra.views``); SQLite answers 0: its rows are written in each
+    # append's own transaction, and its replay writes only audit rows an older build left out.
+    rows_seq: int = 0
 
 
 class JournalStore(Protocol):
@@ -136,7 +142,18 @@ class JournalStore(Protocol):
         ...
 
     async def flush_rows(self, shard: int, seq: int) -> None:
-        """Return once the rows of the shard's batches up to ``seq`` are written."""
+        """Return once the rows of the shard's batches up to ``seq`` are written (and, where
+        the store keeps one, a later ``load``'s ``rows_seq`` is at least ``seq``)."""
+        ...
+
+    async def mark_rows(self, shard: int, seq: int) -> None:
+        """Record that every row of the shard's batches up to ``seq`` is written (a replay
+        wrote the rows after ``LoadedShard.rows_seq``), so that the next load's ``rows_seq``
+        is at least ``seq``. A store without a mark does nothing.
+
+        Raises:
+            StoreUnavailable: the mark could not be written.
+        """
         ...
 
     async def write_rows(self, shard: int, rows: Iterable[Row | PositionedRow],

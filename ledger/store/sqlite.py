@@ -297,6 +297,9 @@ class SqliteStore:
     async def flush_rows(self, shard: int, seq: int) -> None:
         """Rows are written in the append's own transaction: nothing is ever pending."""
 
+    async def mark_rows(self, shard: int, seq: int) -> None:
+        """No rows mark: ``load`` answers ``rows_seq`` 0 (see ``LoadedShard``)."""
+
     async def write_rows(self, shard: int, rows: Iterable[Row | PositionedRow],
                          seq: int | None = None) -> None:
         """Upsert rows of positions above the shard's journal head (see the port).

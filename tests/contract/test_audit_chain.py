@@ -285,6 +285,14 @@ async def test_a_replay_writes_the_audit_rows_missing_behind_the_journal(case, r
                                     8, "CNY", "", shard, led.now))).ok
     await case.store.flush_rows(shard, owner.state.seq)
     await owner.stop("crashed")
+    if case.adapter == "cassandra":
+        # An owner that died before its row writer ran never marked those rows written (the
+        # rows mark, ``ledger.store.cassandra.views``); the flush above did: take it back.
+        from ledger.store.cassandra import ROW_TIMESTAMP_BASE
+        await asyncio.to_thread(
+            case.store._session.execute,
+            f"DELETE FROM {case.store._keyspace}.rows_marks USING TIMESTAMP "
+            f"{ROW_TIMESTAMP_BASE + (1 << 40)} WHERE shard = %s", (shard,))
     report = await verify(case.store, [shard])
     assert [(p.seq, "broken link" in p.what) for p in report.problems] == [(lost + 1, True)]
 

@@ -137,3 +137,112 @@ async def test_a_row_writer_stopped_by_a_bug_fails_appends_instead_of_stalling(
     await store.append(shard, 1, 2, events(shard, 2), [("wallet", good)])
     await asyncio.wait_for(store.flush_rows(shard, 2), NO_HANG_S)
     assert await store.scan_wallets(shard) == [good]
+
+
+# --- the rows mark: a takeover writes again only the rows after it ---------------------------
+
+
+async def _load_rows_seq(store, shard: int) -> int:
+    return (await store.load(shard)).rows_seq
+
+
+async def test_the_rows_mark_follows_the_rows_written_never_ahead_of_them(
+        cassandra_store, local_cluster, fresh_shard, monkeypatch):
+    reader, shard = cassandra_store, fresh_shard
+    writer = await _second_store(local_cluster, reader)
+    gate, holding = asyncio.Event(), asyncio.Event()
+    real_write_all = writer._driver.write_all
+    try:
+        await writer.fence(shard, 1)
+        await writer.append(shard, 1, 1, events(shard, 1), [("wallet", wallet(f"m-{shard}", 1, 1))])
+        await asyncio.wait_for(writer.flush_rows(shard, 1), NO_HANG_S)
+        assert await _load_rows_seq(reader, shard) == 1
+
+        async def held_write_all(statements, *args):
+            holding.set()
+            await gate.wait()
+            await real_write_all(statements, *args)
+
+        monkeypatch.setattr(writer._driver, "write_all", held_write_all)
+        # Batches 2 and 3 are durable; their rows wait at the gate: the mark stays at 1.
+        await writer.append(shard, 1, 2, events(shard, 2), [("wallet", wallet(f"m-{shard}", 2, 2))])
+        await writer.append(shard, 1, 3, events(shard, 3), [("wallet", wallet(f"m-{shard}", 3, 3))])
+        await asyncio.wait_for(holding.wait(), NO_HANG_S)
+        loaded = await reader.load(shard)
+        assert [b.seq for b in loaded.batches] == [1, 2, 3] and loaded.rows_seq == 1
+        gate.set()
+        await asyncio.wait_for(writer.flush_rows(shard, 3), NO_HANG_S)
+        assert await _load_rows_seq(reader, shard) == 3
+        # A late, lower mark (a deposed owner's, a slow replay's) does not lower it.
+        await reader.mark_rows(shard, 2)
+        assert await _load_rows_seq(reader, shard) == 3
+    finally:
+        gate.set()
+        await writer.close()
+
+
+async def test_a_takeover_writes_again_only_the_rows_after_the_rows_mark(
+        cassandra_store, local_cluster, fresh_shard, monkeypatch):
+    """The new owner's replay skips the rows of the batches up to the mark and writes those
+    after it (here: of a batch whose owner died before its row writer ran)."""
+    import dataclasses
+
+    from ledger import compaction
+    from ledger.core.model import Post
+    from ledger.store.cassandra import ROW_TIMESTAMP_BASE
+    from tests.owner.conftest import Ledger
+
+    store, shard = cassandra_store, fresh_shard
+    dying = await _second_store(local_cluster, store)
+    led = Ledger()
+    led.store = dying
+    owner = await led.start(shard)
+    a, b = f"mark-a-{shard}", f"mark-b-{shard}"
+    await led.wallet(shard, a, 1_000)
+    await led.wallet(shard, b)
+
+    async def pay(tid: str, amount: int) -> None:
+        assert (await owner.submit(Post("t", "k-" + tid, tid, "TRANSFER", a, b, amount, "CNY",
+                                        "", shard, led.now))).ok
+
+    t1, t2 = f"mark-t1-{shard}", f"mark-t2-{shard}"
+    await pay(t1, 7)
+    marked = owner.state.seq
+    await asyncio.wait_for(dying.flush_rows(shard, marked), NO_HANG_S)
+    # A probe on t1's row, stamped at the mark: a rewrite of t1's row by a replay (stamped
+    # with a later batch) would replace it.
+    await asyncio.to_thread(
+        store._session.execute,
+        f"UPDATE {store._keyspace}.transfers USING TIMESTAMP {ROW_TIMESTAMP_BASE + marked} "
+        f"SET memo = 'probe' WHERE transfer_id = %s", (t1,))
+    # The owner dies after t2's batch is durable, before its row writer writes its rows.
+    gate = asyncio.Event()
+    real_write_all = dying._driver.write_all
+
+    async def never(statements, *args):
+        await gate.wait()
+        await real_write_all(statements, *args)
+
+    monkeypatch.setattr(dying._driver, "write_all", never)
+    await pay(t2, 8)
+    head = owner.state.seq
+    await owner.stop("died")
+    await dying._views.close(0.0)  # its pending rows are dropped
+    await dying.close()
+    assert await store.get_transfer(t2) is None
+
+    led.store = store
+    del led.peers.owners[shard]
+    again = await led.start(shard, epoch=2)
+    try:
+        assert (await store.get_transfer(t1)).memo == "probe"  # not written again
+        assert (await store.get_transfer(t2)).amount_minor == 8  # written by the replay
+        assert again.state.seq == head
+        # The replay raised the mark: the next takeover writes no row at all.
+        loaded = await store.load(shard)
+        assert loaded.rows_seq == head
+        # The probe sees a rewrite: a replay that does not know the mark writes t1 again.
+        await compaction.replay(store, shard, dataclasses.replace(loaded, rows_seq=0))
+        assert (await store.get_transfer(t1)).memo == ""
+    finally:
+        await again.stop("test over")

@@ -79,6 +79,9 @@ class MemStore:
     async def flush_rows(self, shard: int, seq: int) -> None:
         return None
 
+    async def mark_rows(self, shard: int, seq: int) -> None:
+        return None
+
     async def write_rows(self, shard: int, rows, *args, **kwargs) -> None:
         self.rows.setdefault(shard, []).extend(rows)
 

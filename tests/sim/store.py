@@ -245,6 +245,9 @@ class FaultyStore:
     async def flush_rows(self, shard: int, seq: int) -> None:
         """Rows are written with their batch: nothing is ever pending."""
 
+    async def mark_rows(self, shard: int, seq: int) -> None:
+        """No rows mark (``rows_seq`` 0): a replay writes every row again, as on SQLite."""
+
     async def write_rows(self, shard: int, rows: Iterable, seq: int | None = None) -> None:
         with self._busy(shard):
             await self._delay(self._rng.uniform(0, self.faults.delay_s_max))

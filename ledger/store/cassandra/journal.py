@@ -426,6 +426,8 @@ class Journal:
             StoreUnavailable: the store could not be reached, the journal read came back
                 incomplete, or it raced truncations ``SNAPSHOT_LOAD_ATTEMPTS_MAX`` times.
         """
+        # Read first: the rows it covers stay written, so it holds for whatever comes after.
+        rows_mark = await self._views.read_mark(shard)
         for _ in range(SNAPSHOT_LOAD_ATTEMPTS_MAX):
             recorded, starts = await self._fence_state(shard)
             head = await self._head(shard, recorded, starts)
@@ -447,7 +449,7 @@ class Journal:
             if expected - 1 < head:
                 raise StoreUnavailable(f"shard {shard}: journal read ended at batch "
                                        f"{expected - 1}, head is {head}")
-            return LoadedShard(snapshot, snapshot_seq, batches)
+            return LoadedShard(snapshot, snapshot_seq, batches, min(rows_mark, expected - 1))
         raise StoreUnavailable(f"shard {shard}: the journal was truncated under every one of "
                                f"{SNAPSHOT_LOAD_ATTEMPTS_MAX} loads")
 

@@ -11,7 +11,7 @@ per region):
   once their completion mark is written (``journal.py``).
 * ``wallets``, ``shard_wallets``, ``wallet_entries``, ``transfers``, ``envelopes``,
   ``envelopes_by_sender``, ``grabs``, ``grabs_by_receiver``: rows materialized from the journal
-  (``views.py``).
+  (``views.py``); ``rows_marks``: per shard, the batch up to which they are all written.
 
 Every statement is ``CREATE ... IF NOT EXISTS`` and all of them run at every connect that
 creates the schema, so a keyspace made by an older build gets the tables added since.
@@ -128,6 +128,12 @@ def schema_ddl(keyspace: str, replication: dict[str, int]) -> list[str]:
               shard int, bucket bigint, seq bigint, epoch bigint, at_ms bigint,
               prev_seq bigint, prev_hash text, records blob, hash text,
               PRIMARY KEY ((shard, bucket), seq)) WITH CLUSTERING ORDER BY (seq ASC)""",
+        # The rows mark of each shard: the batch up to which every row of the shard's views
+        # is written (``views.py``, "The rows mark"), so that a new owner writes again only
+        # the rows of the batches after it. Stamped with that batch's position, like the rows:
+        # a late, lower mark never replaces a higher one.
+        f"""CREATE TABLE IF NOT EXISTS {ks}.rows_marks (
+              shard int PRIMARY KEY, seq bigint)""",
     ]
 
 

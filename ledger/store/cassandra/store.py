@@ -207,6 +207,10 @@ class CassandraStore:
         """See ``JournalStore.flush_rows`` and ``Views.flush``."""
         await self._views.flush(shard, seq)
 
+    async def mark_rows(self, shard: int, seq: int) -> None:
+        """See ``JournalStore.mark_rows`` and ``Views.mark``."""
+        await self._views.mark(shard, seq)
+
     async def write_rows(self, shard: int, rows: Iterable[Row | PositionedRow],
                          seq: int | None = None) -> None:
         """See ``JournalStore.write_rows`` and ``Views.write_rows``."""
