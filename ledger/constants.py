@@ -41,9 +41,14 @@ REPLAY_ROW_WRITE_BACKOFF_S = 0.5
 REPLAY_ROW_WRITE_BACKOFF_MAX_S = 4.0
 
 # Shard takeovers (fence, load, replay) one node runs at once; the others wait their turn.
-# Replays are CPU-bound: run all at once on 2 cores, every shard of a failed-over region
-# serves only when the slowest is done, and the node's lease keep-alives starve meanwhile.
-TAKEOVERS_CONCURRENT_MAX = 2
+# Of these, REPLAYS_CONCURRENT_MAX fold at once: folds are CPU-bound (run all at once on 2
+# cores, every shard of a failed-over region serves only when the slowest is done, and the
+# node's lease keep-alives starve meanwhile), fences and loads are round trips to the store.
+# On a planned drain under load, with the rows mark (takeovers write almost no rows), two
+# takeovers at a time left the fifth shard waiting up to 1.1 s for a slot while each fold
+# took 15-70 ms (README, "Planned drain").
+TAKEOVERS_CONCURRENT_MAX = 8
+REPLAYS_CONCURRENT_MAX = 2
 
 # A node that stops serving a shard waits up to this long for the shard's rows to be written
 # and marked (``JournalStore.flush_rows``) before it lets etcd hand the shard on, so that the

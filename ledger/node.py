@@ -47,18 +47,24 @@ class Node:
         # What it enforces, as its takeover records say (``ledger.server`` sets it).
         self.security_facts: Callable[[], str] = lambda: "plaintext (no TLS, no policy)"
         self.owners: dict[int, ShardOwner] = {}
-        self.router = Router(ownership.node_id, self.owners, ownership, transport)
+        self.router = Router(ownership.node_id, self.owners, ownership, transport,
+                             await_takeover=self.serving_owner)
         self._owner_options = owner_options
         self._locks: dict[int, asyncio.Lock] = {}
         self._changed = asyncio.Condition()
         self._transitions = 0  # shard gains or losses in progress
-        # Takeovers replaying at once (a loss never waits for it: it only stops an owner).
+        # Takeovers at once (a loss never waits for it: it only stops an owner), and of
+        # them, replays folding at once (the CPU-bound part).
         self._takeover_slots = asyncio.Semaphore(K.TAKEOVERS_CONCURRENT_MAX)
+        self._replay_slots = asyncio.Semaphore(K.REPLAYS_CONCURRENT_MAX)
         # The latest epoch reported per shard (0: lost). A gain that waited for a takeover slot
         # while a later report came in is void: the later one decides.
         self._latest: dict[int, int] = {}
         # When the latest gain or loss of each shard was reported (takeover time, /metrics).
         self._reported_at: dict[int, float] = {}
+        # Per shard being taken over: set once that takeover ended (serving, or failed).
+        # Calls for the shard wait on it (``serving_owner``) instead of being sent back.
+        self._taking_over: dict[int, asyncio.Event] = {}
 
     async def start(self) -> None:
         await self.ownership.start(self._on_ownership)
@@ -79,9 +85,13 @@ class Node:
         if epoch == 0:
             await self._transition(shard, 0)  # a loss must be complete before we return
         else:
-            spawn(self._transition(shard, epoch), f"takeover-{shard}")
+            ended = self._taking_over.get(shard)
+            if ended is None or ended.is_set():
+                ended = self._taking_over[shard] = asyncio.Event()
+            spawn(self._transition(shard, epoch, ended), f"takeover-{shard}")
 
-    async def _transition(self, shard: int, epoch: int) -> None:
+    async def _transition(self, shard: int, epoch: int,
+                          ended: asyncio.Event | None = None) -> None:
         lock = self._locks.setdefault(shard, asyncio.Lock())
         try:
             if epoch:
@@ -91,8 +101,28 @@ class Node:
                 await self._transition_locked(lock, shard, epoch)
         finally:
             self._transitions -= 1
+            if ended is not None and self._taking_over.get(shard) is ended:
+                ended.set()  # the takeover is over: served, failed, or superseded
+            if epoch and shard in self.owners:
+                self.router.route_changed()
             async with self._changed:
                 self._changed.notify_all()
+
+    async def serving_owner(self, shard: int, wait_s: float) -> ShardOwner | None:
+        """This node's owner of ``shard`` if it serves it; if the node is taking the shard
+        over, that owner once it serves, waiting up to ``wait_s``; else None."""
+        owner = self.owners.get(shard)
+        if owner is not None and owner.serving:
+            return owner
+        ended = self._taking_over.get(shard)
+        if ended is None or ended.is_set() or wait_s <= 0:
+            return None
+        try:
+            await asyncio.wait_for(ended.wait(), wait_s)
+        except asyncio.TimeoutError:
+            return None
+        owner = self.owners.get(shard)
+        return owner if owner is not None and owner.serving else None
 
     async def _transition_locked(self, lock: asyncio.Lock, shard: int, epoch: int) -> None:
         async with lock:
@@ -114,6 +144,7 @@ class Node:
                 owner = ShardOwner(shard, epoch, self.store, self.router,
                                    on_stopped=self._owner_stopped,
                                    lease_valid=self.ownership.lease_valid,
+                                   replay_slots=self._replay_slots,
                                    **self._owner_options)
                 started = time.monotonic()
                 try:

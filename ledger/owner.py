@@ -128,8 +128,11 @@ class ShardOwner:
                  on_stopped: Callable[[int, int, str], Awaitable[None]] | None = None,
                  idempotency_retention_ms: int = IDEMPOTENCY_RETENTION_MS,
                  lease_valid: Callable[[], bool] = lambda: True,
-                 idempotency_memory_ms: int = K.IDEMPOTENCY_MEMORY_MS) -> None:
+                 idempotency_memory_ms: int = K.IDEMPOTENCY_MEMORY_MS,
+                 replay_slots: asyncio.Semaphore | None = None) -> None:
         self.shard = shard
+        # Shared by a node's owners: how many takeover replays (CPU-bound folds) run at once.
+        self._replay_slots = replay_slots
         self._lease_valid = lease_valid
         self.epoch = epoch
         self.state = ShardState(shard)
@@ -276,7 +279,11 @@ class ShardOwner:
         timings = self.takeover_timings
         timings["load_s"] = time.monotonic() - started
         started = time.monotonic()
-        state = await compaction.replay(self._store, self.shard, loaded, timings)
+        if self._replay_slots is None:
+            state = await compaction.replay(self._store, self.shard, loaded, timings)
+        else:
+            async with self._replay_slots:
+                state = await compaction.replay(self._store, self.shard, loaded, timings)
         timings["replay_s"] = time.monotonic() - started
         self.state = state
         self._delivered = {}

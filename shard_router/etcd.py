@@ -242,6 +242,8 @@ class EtcdOwnership:
         self._watch_id: int | None = None
         self._watch_broken = asyncio.Event()
         self._changed = asyncio.Event()
+        # Called (on the event loop) whenever an owner key appears or goes in the cache.
+        self._owner_listeners: list[Callable[[], None]] = []
 
         # This node's ownership.
         self._session: _Session | None = None
@@ -303,6 +305,18 @@ class EtcdOwnership:
         is not told anything. Used by tests and chaos drills.
         """
         await self._shutdown(revoke=False)
+
+    def on_owner_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the event loop) whenever the cache sees a shard's owner key
+        appear or go: the router's retries wake on it (``shard_router.router``)."""
+        self._owner_listeners.append(callback)
+
+    def _owner_changed(self) -> None:
+        for callback in self._owner_listeners:
+            try:
+                callback()
+            except Exception:  # a listener's bug must not stop the watch
+                log.exception("node %s: owner change listener failed", self.node_id)
 
     def owner(self, shard: int) -> OwnerInfo | None:
         rec = self._owners.get(shard)
@@ -475,6 +489,7 @@ class EtcdOwnership:
                         str(doc.get("address", "")), create_rev, lease)
                     self._absent_since.pop(shard, None)
                     self._last_owner_region[shard] = str(doc.get("region", ""))
+                self._owner_changed()
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring malformed etcd key %s", name)
 

@@ -162,6 +162,10 @@ class Ownership(Protocol):
 
         None if the shard has no owner now, or (local adapter) is out of range or the
         ownership is closed.
+
+        An adapter whose cache changes under other nodes' moves may also offer
+        ``on_owner_change(callback)``: called on the event loop whenever an owner appears or
+        goes, so the router's retries wake at once (``EtcdOwnership`` does).
         """
         ...
 

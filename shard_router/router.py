@@ -5,6 +5,14 @@ credits by outbox sequence, acknowledgements and reads trivially), so when an ow
 serving - moving, fenced, or its node is down - the router retries on whoever owns the shard
 next, until the call's deadline, and only then answers SHARD_UNAVAILABLE.
 
+A retry waits for the route to change rather than only for its backoff: the ownership cache
+reports every owner key that appears or goes (``on_owner_change``, where the ownership has
+it), and this node's takeovers report when they serve, so a call waiting out a shard's
+hand-over tries again the moment a new owner is named. A node named owner that is still
+taking the shard over holds the call until it serves (``await_takeover``) instead of sending
+it back. The backoff stays the bound of each wait. (A planned drain under load, before:
+the router slept 25, 50, ... 500 ms between attempts whatever happened meanwhile.)
+
 Deadlines are points on the event loop's clock (``loop.time()``, monotonic; a simulation runs
 it virtually). A call's deadline bounds every attempt: the wait for a local owner's answer,
 the gRPC timeout of a node-to-node call (the time left), and the retries. No attempt starts
@@ -14,12 +22,12 @@ after it. A call without one (an owner's own traffic) retries for ``retry_deadli
 from __future__ import annotations
 
 import asyncio
-from typing import Mapping, Protocol
+from typing import Awaitable, Callable, Mapping, Protocol
 
 from ledger.core.outcomes import UNAVAILABLE
 from ledger.core.status import Outcome, Status
 from shard_router.constants import (SHARD_RETRY_BACKOFF_MAX_MS, SHARD_RETRY_BACKOFF_MS,
-                                     SHARD_RETRY_DEADLINE_MS)
+                                     SHARD_RETRY_DEADLINE_MS, TAKEOVER_WAIT_S_MAX)
 from shard_router.ownership import Ownership
 
 
@@ -98,12 +106,30 @@ class Router:
 
     def __init__(self, node_id: str, owners: Mapping[int, LocalOwner], ownership: Ownership,
                  transport: RemoteTransport | None = None,
-                 retry_deadline_ms: int = SHARD_RETRY_DEADLINE_MS) -> None:
+                 retry_deadline_ms: int = SHARD_RETRY_DEADLINE_MS,
+                 await_takeover: Callable[[int, float], Awaitable[LocalOwner | None]]
+                 | None = None) -> None:
+        """Args:
+            await_takeover: ``(shard, wait_s)``: this node's owner of the shard once it
+                serves, waiting up to ``wait_s`` if the node is taking the shard over; None
+                when it does not serve it (``ledger.node.Node.serving_owner``).
+        """
         self._node_id = node_id
         self._owners = owners
         self._ownership = ownership
         self._transport = transport
         self._retry_deadline_s = retry_deadline_ms / 1000
+        self._await_takeover = await_takeover
+        # Set (and replaced) whenever a route may have changed: a retry waits on it.
+        self._route_changed = asyncio.Event()
+        hook = getattr(ownership, "on_owner_change", None)
+        if hook is not None:
+            hook(self.route_changed)
+
+    def route_changed(self) -> None:
+        """A shard's owner changed (named, gone, or now serving here): wake the retries."""
+        changed, self._route_changed = self._route_changed, asyncio.Event()
+        changed.set()
 
     def local_owner(self, shard: int) -> LocalOwner | None:
         """This node's owner of ``shard`` if it serves it now, else None."""
@@ -129,12 +155,17 @@ class Router:
         while True:
             if deadline is not None and loop.time() >= deadline:
                 return [UNAVAILABLE] * len(commands)  # not started: the caller gave up
+            changed = self._route_changed  # taken before the attempt: no change is missed
             outcomes = await self._try(shard, commands, wait_credit, deadline)
             if outcomes is not None:
                 return outcomes
             if loop.time() + backoff_s > retry_until:
                 return [UNAVAILABLE] * len(commands)
-            await asyncio.sleep(backoff_s)
+            if not changed.is_set():
+                try:
+                    await asyncio.wait_for(changed.wait(), backoff_s)
+                except asyncio.TimeoutError:
+                    pass
             backoff_s = min(backoff_s * 2, SHARD_RETRY_BACKOFF_MAX_MS / 1000)
 
     async def execute_many(self, groups: Mapping[int, list],
@@ -195,6 +226,19 @@ class Router:
                 return None
             return outcomes
         info = self._ownership.owner(shard)
+        if info is not None and info.node_id == self._node_id \
+                and self._await_takeover is not None:
+            # Named owner, still taking the shard over: wait for it here.
+            wait_s = TAKEOVER_WAIT_S_MAX
+            if deadline is not None:
+                wait_s = min(wait_s, deadline - asyncio.get_running_loop().time())
+            owner = await self._await_takeover(shard, wait_s)
+            if owner is None:
+                return None
+            outcomes = await owner.submit_many(commands, wait_credit, deadline)
+            if all(o.status is Status.SHARD_UNAVAILABLE for o in outcomes):
+                return None
+            return outcomes
         if info is None or info.node_id == self._node_id or self._transport is None:
             return None
         try:

@@ -19,6 +19,7 @@ from ledgerpb import shard_pb2 as spb
 from ledger.runtime.tasks import spawn
 from ledger.security.tls import TlsFiles, channel_credentials
 from ledgerpb import shard_pb2_grpc as spb_grpc
+from shard_router.constants import TAKEOVER_WAIT_S_MAX
 from shard_router.router import NotOwner
 
 log = logging.getLogger("ledger.shard_service")
@@ -51,13 +52,17 @@ class ShardOwnerServicer(spb_grpc.ShardOwnerServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"codec_version {request.codec_version} is not "
                                 f"{codec.FORMAT_VERSION}")
-        owner = self._node.owners.get(request.shard)
-        if owner is None or not owner.serving:
+        # The calling node's deadline arrives as this call's gRPC deadline: the owner here
+        # starts nothing after it either. A shard this node is taking over holds the call
+        # until it serves (bounded), instead of sending the caller back to its retry loop.
+        remaining_s = context.time_remaining()
+        owner = await self._node.serving_owner(
+            request.shard, TAKEOVER_WAIT_S_MAX if remaining_s is None
+            else min(TAKEOVER_WAIT_S_MAX, remaining_s))
+        if owner is None:
             info = self._node.ownership.owner(request.shard)
             return spb.ExecuteResponse(not_owner=True, owner_hint=info.address if info else "")
         commands = list(codec.loads(request.commands))
-        # The calling node's deadline arrives as this call's gRPC deadline: the owner here
-        # starts nothing after it either.
         remaining_s = context.time_remaining()
         deadline = (None if remaining_s is None
                     else asyncio.get_running_loop().time() + remaining_s)

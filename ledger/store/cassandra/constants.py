@@ -14,6 +14,9 @@ ROWS_IN_FLIGHT_MAX = 64
 # Journal batches read per round trip by load/read_journal. A batch is one group commit (up
 # to a few hundred KB), so pages are counted in batches, not bytes.
 JOURNAL_PAGE_BATCHES = 64
+# Spans of JOURNAL_PAGE_BATCHES batch numbers a takeover's load reads at once (it knows the
+# head from its fence, so the pages need not wait for each other).
+LOAD_SPANS_IN_FLIGHT = 8
 # Bytes of one snapshot part: one mutation each, far below Cassandra's limit (half the commit
 # log segment: 16 MiB by default), and a size where a QUORUM insert costs little more per byte
 # than a larger one (notes: ~62 inserts/s of 1 MB, about 60 MB/s, on one node here).
@@ -55,6 +58,10 @@ ROWS_LAG_BATCHES_MAX = 64
 # Pause before the materializer retries rows that failed to write (s). Rows are idempotent
 # upserts; they are retried until written or the store closes (then replay rewrites them).
 ROWS_RETRY_BACKOFF_S = 0.2
+# The row writer raises a shard's rows mark (``views.py``) with its rows at most this often
+# (s): one more statement per shard per second at most, and a failover's new owner writes
+# again at most about this much of the rows (a planned hand-over flushes them all).
+ROWS_MARK_EVERY_S = 1.0
 # Write timestamp of a materialized row: the journal position (batch ``seq``) of the batch
 # that produced it, plus this base. Cassandra keeps, per cell, the write with the highest
 # timestamp, so a row of an older batch (a deposed owner's late row writer, a replay) can never

@@ -39,6 +39,7 @@ from ledger import metrics
 from ledger.runtime import failpoints
 from ledger.store.cassandra.constants import (APPEND_SENDS_MAX, BIGINT_MAX,
                                               FENCE_ATTEMPTS_MAX, JOURNAL_PAGE_BATCHES,
+                                              LOAD_SPANS_IN_FLIGHT,
                                               SNAPSHOT_LOAD_ATTEMPTS_MAX,
                                               SNAPSHOT_PART_BYTES, SNAPSHOT_PARTS_IN_FLIGHT,
                                               SNAPSHOT_PARTS_PER_READ)
@@ -111,6 +112,10 @@ class _Writer:
     busy: bool = False
     broken: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # What the fence recorded: every epoch's start (``epoch`` included) and the head it
+    # fenced at. ``load`` right after the fence uses them instead of reading them again.
+    starts: dict[int, int] = field(default_factory=dict)
+    fenced_head: int = -1
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -177,6 +182,10 @@ class Journal:
         self._q_journal = prepare(
             "SELECT seq, writer_epoch, events FROM {ks}.epoch_journal WHERE shard = ? "
             "AND (seq, writer_epoch) > (?, ?) LIMIT ?", r, idempotent=True)
+        self._q_journal_span = prepare(
+            "SELECT seq, writer_epoch, events FROM {ks}.epoch_journal WHERE shard = ? "
+            "AND (seq, writer_epoch) > (?, ?) AND (seq, writer_epoch) <= (?, ?) LIMIT ?", r,
+            idempotent=True)
         # --- snapshots and truncation (as durable as an append: see _snapshot_consistency) ---
         self._q_snapshot_part_put = prepare(
             "INSERT INTO {ks}.snapshot_parts (shard, seq, digest, part, data) "
@@ -240,7 +249,8 @@ class Journal:
                 raise Fenced(f"shard {shard}: epoch {recorded} recorded, {epoch} is stale")
             head = await self._head(shard, recorded, starts)
             if recorded == epoch:
-                self._writers[shard] = _Writer(epoch, head + 1)
+                self._writers[shard] = _Writer(epoch, head + 1, starts=starts,
+                                               fenced_head=head)
                 return head
             statement = (self._q_fence_new.bind((epoch, {epoch: head}, shard))
                          if recorded is None else
@@ -255,7 +265,8 @@ class Journal:
                 # so what it returns is final; recording the same epoch again is harmless.
                 continue
             if result and result[0].get("[applied]"):
-                self._writers[shard] = _Writer(epoch, head + 1)
+                self._writers[shard] = _Writer(epoch, head + 1, starts={**starts, epoch: head},
+                                               fenced_head=head)
                 return head
             # Another fencer changed the epoch between our read and our CAS: read again.
         raise StoreUnavailable(f"fence of shard {shard}: still contended after "
@@ -428,11 +439,22 @@ class Journal:
         """
         # Read first: the rows it covers stay written, so it holds for whatever comes after.
         rows_mark = await self._views.read_mark(shard)
+        # Right after this store object fenced the shard (an owner's start), what the fence
+        # read and recorded is the state: no other epoch appends after it (etcd leases), and
+        # a newer fence only deposes this writer, which then appends nothing. Two reads saved.
+        writer = self._writers.get(shard)
+        fenced = (writer if writer is not None and not writer.broken and writer.starts
+                  and writer.next_seq == writer.fenced_head + 1 else None)
         for _ in range(SNAPSHOT_LOAD_ATTEMPTS_MAX):
-            recorded, starts = await self._fence_state(shard)
-            head = await self._head(shard, recorded, starts)
+            recorded: int | None
+            if fenced is not None:
+                recorded, starts, head = fenced.epoch, fenced.starts, fenced.fenced_head
+                fenced = None  # a retry (truncated under us) reads them
+            else:
+                recorded, starts = await self._fence_state(shard)
+                head = await self._head(shard, recorded, starts)
             snapshot_seq, snapshot = await self.load_snapshot(shard)
-            batches = await self._read_counted(shard, snapshot_seq, None, epoch_runs(starts))
+            batches = await self._read_spans(shard, snapshot_seq, head, epoch_runs(starts))
             if ((not batches and head > snapshot_seq)
                     or (batches and batches[0].seq > snapshot_seq + 1)):
                 # The first batches after the snapshot are missing: truncated under us if a
@@ -453,14 +475,40 @@ class Journal:
         raise StoreUnavailable(f"shard {shard}: the journal was truncated under every one of "
                                f"{SNAPSHOT_LOAD_ATTEMPTS_MAX} loads")
 
+    async def _read_spans(self, shard: int, after_seq: int, head: int,
+                          runs: dict[int, tuple[int, int]]) -> list[JournalBatch]:
+        """``_read_counted(shard, after_seq, None, runs)``, with the batches up to ``head``
+        read as spans of ``JOURNAL_PAGE_BATCHES`` numbers, ``LOAD_SPANS_IN_FLIGHT`` at once.
+
+        A takeover's load is sequential page reads otherwise: 140-220 batches took 250-1045
+        ms on a planned drain under load (four round trips one after the other).
+        """
+        bounds = [(low, min(low + JOURNAL_PAGE_BATCHES, head))
+                  for low in range(after_seq, head, JOURNAL_PAGE_BATCHES)]
+        gate = asyncio.Semaphore(LOAD_SPANS_IN_FLIGHT)
+
+        async def span(low: int, high: int | None) -> list[JournalBatch]:
+            async with gate:
+                return await self._read_counted(shard, low, None, runs, through_seq=high)
+
+        parts = await asyncio.gather(*(span(low, high) for low, high in bounds),
+                                     span(max(after_seq, head), None))
+        return [batch for part in parts for batch in part]
+
     async def _read_counted(self, shard: int, after_seq: int, limit: int | None,
-                            runs: dict[int, tuple[int, int]]) -> list[JournalBatch]:
-        """Batches above ``after_seq`` that count under ``runs``, in order, at most ``limit``."""
+                            runs: dict[int, tuple[int, int]],
+                            through_seq: int | None = None) -> list[JournalBatch]:
+        """Batches above ``after_seq`` (up to ``through_seq`` if given) that count under
+        ``runs``, in order, at most ``limit``."""
         out: list[JournalBatch] = []
         after = (after_seq, BIGINT_MAX)
         while limit is None or len(out) < limit:
-            rows = await self._driver.read(self._q_journal, (shard, *after,
-                                                             JOURNAL_PAGE_BATCHES))
+            if through_seq is None:
+                rows = await self._driver.read(self._q_journal, (shard, *after,
+                                                                 JOURNAL_PAGE_BATCHES))
+            else:
+                rows = await self._driver.read(self._q_journal_span, (
+                    shard, *after, through_seq, BIGINT_MAX, JOURNAL_PAGE_BATCHES))
             for r in rows:
                 if counts(runs, r["seq"], r["writer_epoch"]):
                     out.append(JournalBatch(r["seq"], r["writer_epoch"], r["events"]))

@@ -13,10 +13,11 @@ journal waits for room before it appends (``wait_room``) and hands the batch's r
 it is durable (``enqueue``).
 
 The rows mark. Table ``rows_marks`` holds, per shard, a batch up to which every row of the
-shard's batches is written (``mark``, ``read_mark``). The writer raises it with the request
-after the one that wrote those rows (or alone when it falls idle), so a mark is never ahead
-of the rows it covers; it is stamped with its batch's position like the rows, so a late,
-lower mark changes nothing. A new owner's replay writes again only the rows of the batches
+shard's batches is written (``mark``, ``read_mark``). The writer raises it with a request
+after the one that wrote those rows, at most every ``ROWS_MARK_EVERY_S`` (one statement per
+shard per second at most, beside the rows), so a mark is never ahead of the rows it covers;
+``flush`` raises it to what it flushed. It is stamped with its batch's position like the
+rows, so a late, lower mark changes nothing. A new owner's replay writes again only the rows of the batches
 after the mark (``ledger.compaction.replay``): a node that gives a shard up flushes its rows
 first (``flush``), so after a planned hand-over the new owner writes none. Measured on the
 planned drain (README, "Planned drain"): the row rewrite was about 90 % of a takeover's
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from typing import Any, Iterable
 
 from cassandra import ConsistencyLevel
@@ -39,7 +42,7 @@ from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
 from ledger.core.audit import AuditRow
 from ledger.store.cassandra.constants import (AUDIT_BUCKET_BATCHES, KEY_ROWS_TTL_S, ROW_TIMESTAMP_BASE,
                                               ROWS_BATCH_BYTES_MAX, ROWS_IN_FLIGHT_MAX,
-                                              ROWS_LAG_BATCHES_MAX, ROWS_PAGE_MAX,
+                                              ROWS_LAG_BATCHES_MAX, ROWS_MARK_EVERY_S, ROWS_PAGE_MAX,
                                               ROWS_RETRY_BACKOFF_S)
 from ledger.store.cassandra.driver import DRIVER_ERRORS, Driver
 from ledger.store.port import StoreUnavailable
@@ -98,6 +101,7 @@ class Views:
         # The rows mark last written per shard: the writer raises it to ``_rows_done`` when
         # that is higher.
         self._rows_marked: dict[int, int] = {}
+        self._rows_marked_at: dict[int, float] = {}
         # A mark read proves its rows readable only if every read meets every write: quorums
         # of all replicas. With LOCAL writes another region's mark may arrive before its rows
         # (replication between datacenters keeps no order across partitions): not used then.
@@ -251,21 +255,11 @@ class Views:
         try:
             while not self._closed:
                 pending = self._rows_pending.get(shard)
-                # The mark of the rows written before, with this request (never ahead of
-                # them: those rows are durable already), or alone once nothing is pending.
-                mark = self._mark_statement(shard)
                 if not pending:
-                    if mark is None:
-                        return
-                    try:
-                        await self._driver.write_all([mark[0]])
-                    except DRIVER_ERRORS as exc:
-                        log.warning("shard %d: rows mark not written yet (%s); retrying",
-                                    shard, exc)
-                        await asyncio.sleep(ROWS_RETRY_BACKOFF_S)
-                        continue
-                    self._marked(shard, mark)
-                    continue
+                    return
+                # The mark of the rows written before goes with this request (never ahead of
+                # them: those rows are durable already), at most every ROWS_MARK_EVERY_S.
+                mark = self._mark_statement(shard, due_only=True)
                 taken = list(pending)
                 # Each row carries the position of the batch that produced it.
                 rows = [(kind, value, seq) for seq, batch_rows in taken
@@ -317,16 +311,22 @@ class Views:
 
     # --- the rows mark ------------------------------------------------------------------
 
-    def _mark_statement(self, shard: int) -> tuple[Statement, int] | None:
+    def _mark_statement(self, shard: int,
+                        due_only: bool = False) -> tuple[Statement, int] | None:
         """The upsert raising the shard's rows mark to the rows written, and that batch; or
-        None when the mark is there already."""
+        None when the mark is there already (or, ``due_only``, was raised less than
+        ``ROWS_MARK_EVERY_S`` ago)."""
         done = self._rows_done.get(shard, 0)
         if not self._marks_usable or done <= self._rows_marked.get(shard, 0):
+            return None
+        if due_only and (time.monotonic() - self._rows_marked_at.get(shard, -math.inf)
+                         < ROWS_MARK_EVERY_S):
             return None
         return self._q_mark_put.bind((row_timestamp(done), done, shard)), done
 
     def _marked(self, shard: int, mark: tuple[Statement, int]) -> None:
         self._rows_marked[shard] = max(self._rows_marked.get(shard, 0), mark[1])
+        self._rows_marked_at[shard] = time.monotonic()
 
     async def mark(self, shard: int, seq: int) -> None:
         """Record that every row of the shard's batches up to ``seq`` is written (a replay
