@@ -39,7 +39,7 @@ class Node:
 
     def __init__(self, store: JournalStore, ownership: Ownership,
                  transport: RemoteTransport | None = None, principal: str | None = None,
-                 **owner_options) -> None:
+                 log_transitions: bool = True, **owner_options) -> None:
         self.store = store
         self.ownership = ownership
         # Who this node is in the audit trail: its certificate's identity, or node:<id>.
@@ -50,6 +50,8 @@ class Node:
         self.router = Router(ownership.node_id, self.owners, ownership, transport,
                              await_takeover=self.serving_owner)
         self._owner_options = owner_options
+        # The line per shard taken over or given up: INFO, or DEBUG (``ledger.server.start``).
+        self._log_transition = log.info if log_transitions else log.debug
         self._locks: dict[int, asyncio.Lock] = {}
         self._changed = asyncio.Condition()
         self._transitions = 0  # shard gains or losses in progress
@@ -136,10 +138,10 @@ class Node:
                 if epoch == 0:
                     flushing = time.monotonic()
                     await self._flush_rows(shard, current.state.seq)
-                    log.info("shard %d epoch %d given up at batch %d: stopped in %.0f ms, "
-                             "rows flushed in %.0f ms", shard, current.epoch,
-                             current.state.seq, (flushing - stopping) * 1000,
-                             (time.monotonic() - flushing) * 1000)
+                    self._log_transition(
+                        "shard %d epoch %d given up at batch %d: stopped in %.0f ms, rows "
+                        "flushed in %.0f ms", shard, current.epoch, current.state.seq,
+                        (flushing - stopping) * 1000, (time.monotonic() - flushing) * 1000)
             if epoch:
                 owner = ShardOwner(shard, epoch, self.store, self.router,
                                    on_stopped=self._owner_stopped,
@@ -164,7 +166,7 @@ class Node:
                     t = owner.takeover_timings
                     # A takeover is rare and is what a failover or a drain costs: one line
                     # each, with where the time went.
-                    (log.warning if took_s > K.SLOW_TAKEOVER_S else log.info)(
+                    (log.warning if took_s > K.SLOW_TAKEOVER_S else self._log_transition)(
                         "shard %d epoch %d serving after %.0f ms (waited %.0f ms for a slot; "
                         "fence %.0f, load %.0f, replay %.0f ms: %d batches, to batch %d, rows "
                         "of %d written again: %d rows in %.0f ms)",

@@ -199,8 +199,12 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
                 retention_ms: int = IDEMPOTENCY_RETENTION_MS,
                 memory_ms: int = K.IDEMPOTENCY_MEMORY_MS,
                 envelope_rules: EnvelopeRules = DEFAULT_ENVELOPE_RULES,
-                security: Security = PLAINTEXT) -> Running:
-    """Start node and gRPC server; return once the node serves its shards (or timeout)."""
+                security: Security = PLAINTEXT, log_transitions: bool = True) -> Running:
+    """Start node and gRPC server; return once the node serves its shards (or timeout).
+
+    ``log_transitions``: a line at INFO per shard taken over or given up (False: at DEBUG,
+    for the embedded default, whose one node takes every shard at start and gives every one
+    up at stop)."""
     _check_security(host, security)
     loop = asyncio.get_running_loop()
     # The node's certificate as the audit trail records it: (principal, fingerprint, expiry).
@@ -222,6 +226,7 @@ async def start(store: JournalStore, ownership, shard_count: int, host: str, por
     except (OSError, ValueError) as exc:
         raise StartupRefused(f"TLS or policy files unusable: {exc}") from None
     node = Node(store, ownership, transport, principal=cert[0][0] if cert else None,
+                log_transitions=log_transitions,
                 idempotency_retention_ms=retention_ms, idempotency_memory_ms=memory_ms)
     metrics.watch_node(node)
     if authorizer is not None:
@@ -310,7 +315,7 @@ async def start_dev(data_dir: str | Path, host: str = "127.0.0.1", port: int = 5
             running = await start(store, ownership, shard_count, host, port,
                                   shards_min=shard_count, retention_ms=retention_ms,
                                   memory_ms=memory_ms, envelope_rules=envelope_rules,
-                                  security=security)
+                                  security=security, log_transitions=False)
         except BaseException:
             await store.close()
             raise
