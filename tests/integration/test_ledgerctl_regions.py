@@ -45,11 +45,16 @@ def ctl_store(deployment: Deployment, *args: str) -> subprocess.CompletedProcess
 
 
 def shard_table(deployment: Deployment) -> list[dict]:
+    """``ledgerctl shards --json``: exit 0, or 1 while some shard has no owner (one in the
+    middle of a hand-over: the table says which)."""
     region = deployment.regions[0]
     proc = ctl(deployment, "shards", "--json", "--cassandra",
                f"{deployment.cluster.contact_points[region]}:{deployment.cluster.cql_port}",
-               "--dc", region, "--keyspace", deployment.keyspace)
-    return json.loads(proc.stdout)
+               "--dc", region, "--keyspace", deployment.keyspace, check=False)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    table = json.loads(proc.stdout)
+    assert (proc.returncode == 1) == any(not r["owner"] for r in table), proc.stdout
+    return table
 
 
 @pytest.fixture
