@@ -68,8 +68,10 @@ bench: $(STAMP)
 	$(VENV)/bin/ledger-bench --backend embedded
 	$(VENV)/bin/ledger-bench --backend cassandra
 
+# Every scenario under a transfer load beside the bank (transfers/s offered; 0: the bank only).
+CHAOS_LOAD ?= 60
 chaos: $(STAMP)
-	$(VENV)/bin/ledger-chaos --out chaos-out
+	$(VENV)/bin/ledger-chaos --load $(CHAOS_LOAD) --out chaos-out
 
 clean:
 	rm -rf $(VENV) .ledger-dev build *.egg-info
