@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import collections
+import contextlib
 import logging
 import time
 from typing import Awaitable, Callable, NamedTuple, Protocol
@@ -279,11 +280,8 @@ class ShardOwner:
         timings = self.takeover_timings
         timings["load_s"] = time.monotonic() - started
         started = time.monotonic()
-        if self._replay_slots is None:
+        async with self._replay_slots or contextlib.nullcontext():
             state = await compaction.replay(self._store, self.shard, loaded, timings)
-        else:
-            async with self._replay_slots:
-                state = await compaction.replay(self._store, self.shard, loaded, timings)
         timings["replay_s"] = time.monotonic() - started
         self.state = state
         self._delivered = {}

@@ -217,25 +217,24 @@ class Router:
 
     async def _try(self, shard: int, commands: list, wait_credit: bool,
                    deadline: float | None) -> list[Outcome] | None:
-        owner = self._owners.get(shard)
-        if owner is not None and owner.serving:
+        owner: LocalOwner | None = self._owners.get(shard)
+        info = None
+        if owner is None or not owner.serving:
+            owner = None
+            info = self._ownership.owner(shard)
+            if info is not None and info.node_id == self._node_id \
+                    and self._await_takeover is not None:
+                # Named owner, still taking the shard over: wait for it here.
+                wait_s = TAKEOVER_WAIT_S_MAX
+                if deadline is not None:
+                    wait_s = min(wait_s, deadline - asyncio.get_running_loop().time())
+                owner = await self._await_takeover(shard, wait_s)
+                if owner is None:
+                    return None
+        if owner is not None:
             outcomes = await owner.submit_many(commands, wait_credit, deadline)
             # All-unavailable means the owner stopped under us (or the deadline passed,
             # which the caller's loop sees): route again.
-            if all(o.status is Status.SHARD_UNAVAILABLE for o in outcomes):
-                return None
-            return outcomes
-        info = self._ownership.owner(shard)
-        if info is not None and info.node_id == self._node_id \
-                and self._await_takeover is not None:
-            # Named owner, still taking the shard over: wait for it here.
-            wait_s = TAKEOVER_WAIT_S_MAX
-            if deadline is not None:
-                wait_s = min(wait_s, deadline - asyncio.get_running_loop().time())
-            owner = await self._await_takeover(shard, wait_s)
-            if owner is None:
-                return None
-            outcomes = await owner.submit_many(commands, wait_credit, deadline)
             if all(o.status is Status.SHARD_UNAVAILABLE for o in outcomes):
                 return None
             return outcomes

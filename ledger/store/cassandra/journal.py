@@ -109,13 +109,14 @@ class _Writer:
 
     epoch: int
     next_seq: int
+    # What the fence recorded: every epoch's start (``epoch`` included) and the head it
+    # fenced at. ``load`` right after the fence (no append since) uses them instead of
+    # reading them again.
+    starts: dict[int, int]
+    fenced_head: int
     busy: bool = False
     broken: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    # What the fence recorded: every epoch's start (``epoch`` included) and the head it
-    # fenced at. ``load`` right after the fence uses them instead of reading them again.
-    starts: dict[int, int] = field(default_factory=dict)
-    fenced_head: int = -1
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -249,8 +250,7 @@ class Journal:
                 raise Fenced(f"shard {shard}: epoch {recorded} recorded, {epoch} is stale")
             head = await self._head(shard, recorded, starts)
             if recorded == epoch:
-                self._writers[shard] = _Writer(epoch, head + 1, starts=starts,
-                                               fenced_head=head)
+                self._writers[shard] = _Writer(epoch, head + 1, starts, head)
                 return head
             statement = (self._q_fence_new.bind((epoch, {epoch: head}, shard))
                          if recorded is None else
@@ -265,8 +265,7 @@ class Journal:
                 # so what it returns is final; recording the same epoch again is harmless.
                 continue
             if result and result[0].get("[applied]"):
-                self._writers[shard] = _Writer(epoch, head + 1, starts={**starts, epoch: head},
-                                               fenced_head=head)
+                self._writers[shard] = _Writer(epoch, head + 1, {**starts, epoch: head}, head)
                 return head
             # Another fencer changed the epoch between our read and our CAS: read again.
         raise StoreUnavailable(f"fence of shard {shard}: still contended after "
@@ -443,7 +442,7 @@ class Journal:
         # read and recorded is the state: no other epoch appends after it (etcd leases), and
         # a newer fence only deposes this writer, which then appends nothing. Two reads saved.
         writer = self._writers.get(shard)
-        fenced = (writer if writer is not None and not writer.broken and writer.starts
+        fenced = (writer if writer is not None and not writer.broken
                   and writer.next_seq == writer.fenced_head + 1 else None)
         for _ in range(SNAPSHOT_LOAD_ATTEMPTS_MAX):
             recorded: int | None
