@@ -55,6 +55,13 @@ REPLAYS_CONCURRENT_MAX = 2
 # next owner's replay writes none of them again (``ledger.compaction.replay``). Bounded: a
 # store that cannot be reached must not hold a release (the next owner then writes them).
 RELEASE_ROWS_FLUSH_S = 0.5
+# An owner starts a journal append only while its node's lease stays valid this long without
+# another keep-alive (s); otherwise it holds its queue until etcd answers one (or confirms the
+# lease of a suspended node). An append whose write ends after the lease's local deadline is
+# never acknowledged and costs the shard a takeover, so the headroom covers an append's write
+# (under load on the three-region path: tens to a few hundred ms). Keep-alives are sent every
+# third of the TTL, so with a healthy etcd the lease always has more than this left.
+APPEND_LEASE_HEADROOM_S = 0.5
 
 # Credits sent to one destination shard in one ApplyCredits call of the crediting pipeline.
 CREDITS_PER_DELIVERY_MAX = 2_000

@@ -16,7 +16,10 @@ Families (names and units by Prometheus conventions; ``_total`` counters, ``_sec
 * node-wide distributions: ``ledger_group_commit_commands``, ``ledger_append_duration_seconds``;
 * ownership: ``ledger_takeovers_total``, ``ledger_takeover_duration_seconds`` (gain reported to
   serving, replay included), ``ledger_takeover_failures_total``, ``ledger_shard_losses_total``,
-  ``ledger_failovers_total`` (shards a node took from a region without a live node);
+  ``ledger_failovers_total`` (shards a node took from a region without a live node),
+  ``ledger_lease_suspensions_total`` (times a node's keep-alives were late past its local
+  deadline and its shards were held) and ``ledger_lease_resumptions_total`` (of those, the
+  times etcd then confirmed the lease and the shards served again without a takeover);
 * the store: ``ledger_store_errors_total{op,kind}`` and the work counters below.
 
 Why: the cost of a transfer is mostly the store work around it (journal appends, view rows,
@@ -300,6 +303,13 @@ class NodeCollector(Collector):
         failovers = CounterMetricFamily(
             "ledger_failovers", "Shards the node took over from a home region that had no "
             "live node (AutoFailover in the shard map and the audit trail).", labels=["node"])
+        suspensions = CounterMetricFamily(
+            "ledger_lease_suspensions", "Times the node's lease keep-alives were late past "
+            "its local deadline: its shards were held, not served, until etcd answered.",
+            labels=["node"])
+        resumptions = CounterMetricFamily(
+            "ledger_lease_resumptions", "Suspensions that ended with etcd confirming the "
+            "lease: the shards served again without a takeover.", labels=["node"])
         now_ms = int(time.time() * 1000)
         for node in list(self._nodes):
             try:
@@ -310,6 +320,8 @@ class NodeCollector(Collector):
                 log.debug("metrics: node skipped", exc_info=True)
                 continue
             failovers.add_metric([node_id], getattr(node.ownership, "failovers", 0))
+            suspensions.add_metric([node_id], getattr(node.ownership, "suspensions", 0))
+            resumptions.add_metric([node_id], getattr(node.ownership, "resumptions", 0))
             info.add_metric([node_id, str(getattr(node.ownership, "region", ""))], 1.0)
             for shard in sorted(shards):
                 key = [node_id, str(shard)]
@@ -328,7 +340,7 @@ class NodeCollector(Collector):
                 commands.add_metric(key, st.commands)
                 seconds.add_metric(key, st.append_seconds)
         yield from (owned, epoch, queue, outbox, lag, keys, appends, commands, seconds,
-                    failovers, info)
+                    failovers, suspensions, resumptions, info)
 
 
 _NODES = NodeCollector()

@@ -147,6 +147,10 @@ class Node:
                                    on_stopped=self._owner_stopped,
                                    lease_valid=self.ownership.lease_valid,
                                    replay_slots=self._replay_slots,
+                                   lease_valid_for=getattr(self.ownership, "lease_valid_for",
+                                                           None),
+                                   wait_lease=getattr(self.ownership, "wait_lease_valid",
+                                                      None),
                                    **self._owner_options)
                 started = time.monotonic()
                 try:

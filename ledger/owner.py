@@ -130,8 +130,15 @@ class ShardOwner:
                  idempotency_retention_ms: int = IDEMPOTENCY_RETENTION_MS,
                  lease_valid: Callable[[], bool] = lambda: True,
                  idempotency_memory_ms: int = K.IDEMPOTENCY_MEMORY_MS,
-                 replay_slots: asyncio.Semaphore | None = None) -> None:
+                 replay_slots: asyncio.Semaphore | None = None,
+                 lease_valid_for: Callable[[float], bool] | None = None,
+                 wait_lease: Callable[[float], Awaitable[None]] | None = None) -> None:
         self.shard = shard
+        # With an etcd lease (``EtcdOwnership``): is it valid for another N s, and wait until
+        # it is (after keep-alives were late: the node's shards are suspended, not lost, until
+        # etcd confirms the lease). None (no lease, tests): appends are not held.
+        self._lease_valid_for = lease_valid_for
+        self._wait_lease = wait_lease
         # Shared by a node's owners: how many takeover replays (CPU-bound folds) run at once.
         self._replay_slots = replay_slots
         self._lease_valid = lease_valid
@@ -407,6 +414,14 @@ class ShardOwner:
             while self._serving and (self._queue or (self._acks_pending
                                                      and self._ack_timer is None)
                                      or (self._notes_due and self._admin_notes)):
+                if (self._wait_lease is not None and self._lease_valid_for is not None
+                        and not self._lease_valid_for(K.APPEND_LEASE_HEADROOM_S)):
+                    # Keep-alives are late (etcd away or slow): no batch starts that could
+                    # end past the lease. The queue waits for etcd to answer; a loss of the
+                    # shard stops this loop. Commands whose deadline passes meanwhile are
+                    # answered SHARD_UNAVAILABLE by their timers (not started, retried).
+                    await self._wait_lease(K.APPEND_LEASE_HEADROOM_S)
+                    continue
                 acks = self._take_acks()
                 batch: list[_Request] = [acks] if acks else []
                 notes = self._take_notes()

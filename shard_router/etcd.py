@@ -20,12 +20,30 @@ revisions only grow, so a shard won again always gets a higher epoch than any be
 Safety: an owner key lives exactly as long as its node's lease. The lease can expire at etcd no
 earlier than ``TTL`` after etcd received the last successful keep-alive, which is after this
 node *sent* it. So this node counts its own deadline from the moment it sends each keep-alive,
-minus a safety margin for clock-rate drift and scheduling delay, and reports the loss of every
-shard when that deadline passes. A node therefore stops serving before any other node can win
-its shards. A node paused longer than that (GC, SIGSTOP) cannot notice in time; the journal
-store stops it then: an append is acknowledged only if this lease is still valid once the write
-completed, and a batch written after the next owner fenced never counts
+minus a safety margin for clock-rate drift and scheduling delay, and stops serving when that
+deadline passes (``lease_valid()`` turns False). A node therefore stops serving before any other
+node can win its shards. A node paused longer than that (GC, SIGSTOP) cannot notice in time; the
+journal store stops it then: an append is acknowledged only if this lease is still valid once
+the write completed, and a batch written after the next owner fenced never counts
 (``coordinator/PROTOCOL.md``, "Fencing").
+
+Suspend, not give up: at the deadline the node *suspends* its shards (their owners keep their
+state and hold their commands, ``wait_lease_valid``) instead of reporting them lost, and keeps
+sending keep-alives every ``SUSPENDED_RETRY_S``. etcd's answer decides:
+
+* the lease is alive (TTL > 0): nobody can have won a shard whose owner key is on it, unless
+  the key was deleted outright (a release, an operator, a stale-key cleanup). A linearizable
+  read of the owner keys settles that: shards whose key still names this node with the same
+  create revision (epoch) serve again at once, with the deadline of that keep-alive; any other
+  is reported lost. An etcd restart (every member down, then up: etcd's new leader extends
+  every lease by its TTL) or a leader election longer than the margin therefore costs the time
+  etcd was away, not a takeover of every shard;
+* the lease is gone (TTL 0: the node was cut off from a live etcd, or paused, for longer than
+  the TTL, and others may own its shards by now): every shard is reported lost, as before.
+
+While etcd cannot be reached at all the shards stay suspended: this node cannot tell an etcd
+outage (nobody can win anything) from a partition that cuts only it off (others win its shards
+after the TTL), so it serves nothing until etcd answers.
 
 Which node campaigns for an unowned shard, and when an owner hands a shard on, is a pure,
 deterministic policy in ``shard_router.placement`` (rendezvous hashing of (shard, node id)
@@ -85,6 +103,13 @@ ETCD_ENDPOINT_RETRY_S = 1.0
 ETCD_THREADS = 4
 # Operations per transaction. etcd refuses transactions above --max-txn-ops (default 128).
 TXN_OPS_MAX = 64
+# While suspended (past the local deadline, no keep-alive answered), a keep-alive is sent
+# this often: the shards serve again as soon as etcd is back and confirms the lease.
+SUSPENDED_RETRY_S = 0.1
+# gRPC's reconnect backoff of the etcd channels (ms). Its defaults (1 s growing to 120 s) left
+# a node reconnecting seconds after a restarted etcd answered again (restart-etcd drill).
+ETCD_RECONNECT_BACKOFF_MS_MIN = 100
+ETCD_RECONNECT_BACKOFF_MS_MAX = 500
 # Grace timers are checked at least this often even when the watch reports nothing.
 RECONCILE_TICK_S_MAX = 0.5
 # Backoff between retries of a failed etcd step (watch setup, new lease, reconcile round).
@@ -96,6 +121,9 @@ CLOSE_LISTENER_TIMEOUT_S = 5.0
 TASK_STOP_TIMEOUT_S = 5.0
 
 _ETCD_ERRORS = (etcd_exceptions.Etcd3Exception, grpc.RpcError, ValueError)
+_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", ETCD_RECONNECT_BACKOFF_MS_MIN),
+                    ("grpc.min_reconnect_backoff_ms", ETCD_RECONNECT_BACKOFF_MS_MIN),
+                    ("grpc.max_reconnect_backoff_ms", ETCD_RECONNECT_BACKOFF_MS_MAX)]
 
 T = TypeVar("T")
 
@@ -116,7 +144,7 @@ def etcd_client(endpoints: str | list[tuple[str, int]], timeout_s: float,
     retry_s = ETCD_ENDPOINT_RETRY_S if several else 0.0
     return pyetcd.MultiEndpointEtcd3Client(
         endpoints=[pyetcd.Endpoint(host, port, secure=credentials is not None,
-                                   creds=credentials, time_retry=retry_s)
+                                   creds=credentials, time_retry=retry_s, opts=_CHANNEL_OPTIONS)
                    for host, port in pairs],
         timeout=timeout_s, failover=several)
 
@@ -129,6 +157,9 @@ class _Session:
     opened_at: float  # monotonic
     deadline: float   # monotonic; past it the lease may be gone at etcd
     lost: bool = False
+    # Since when (monotonic) the deadline passed without an answered keep-alive: the shards
+    # are held, not served, until etcd confirms the lease or says it is gone. None: not.
+    suspended_at: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -247,6 +278,14 @@ class EtcdOwnership:
 
         # This node's ownership.
         self._session: _Session | None = None
+        # Set while the session's lease is confirmed; cleared while suspended. Owners wait on
+        # it to serve again (``wait_lease_valid``).
+        self._lease_ok = asyncio.Event()
+        # Suspensions of this node's shards, and how many of them ended with the lease
+        # confirmed (the shards served again) rather than lost (/metrics, tests).
+        self.suspensions = 0
+        self.resumptions = 0
+        self.longest_suspension_s = 0.0  # of those that ended with the lease confirmed
         self._owned: dict[int, int] = {}
         self._rebalanced_at: dict[int, float] = {}
         self._hold_until: dict[int, float] = {}
@@ -617,6 +656,7 @@ class EtcdOwnership:
             raise
         self._session = session
         self._changed.set()
+        self._lease_ok.set()
         log.info("node %s holds lease %x", self.node_id, lease.id)
 
     def _refresh(self, lease_id: int) -> int | None:
@@ -647,12 +687,19 @@ class EtcdOwnership:
                 ttl = None
             if session is self._session and not session.lost:
                 if ttl is not None and ttl > 0:
-                    session.deadline = max(session.deadline, lease_deadline(
-                        sent_at=sent_at, ttl_granted_s=float(ttl), ttl_s=self._ttl_s))
+                    deadline = lease_deadline(sent_at=sent_at, ttl_granted_s=float(ttl),
+                                              ttl_s=self._ttl_s)
+                    if session.suspended_at is None:
+                        session.deadline = max(session.deadline, deadline)
+                        self._lease_ok.set()
+                    else:
+                        await self._resume(session, deadline)
                 elif ttl is not None:
                     self._lose_session(session, "lease expired at etcd")
                     continue
-            if ttl:
+            if session.suspended_at is not None and not session.lost:
+                await asyncio.sleep(SUSPENDED_RETRY_S)
+            elif ttl:
                 backoff_s = RETRY_BACKOFF_S_MIN
                 await asyncio.sleep(self._keepalive_period_s)
             else:
@@ -662,7 +709,7 @@ class EtcdOwnership:
                 backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
 
     async def _watchdog_loop(self) -> None:
-        """Report every loss once the local lease deadline passes without a keep-alive."""
+        """Suspend every shard once the local lease deadline passes without a keep-alive."""
         while not self._closed:
             session = self._session
             now = time.monotonic()
@@ -670,9 +717,72 @@ class EtcdOwnership:
                 await asyncio.sleep(RETRY_BACKOFF_S_MIN)
                 continue
             if now >= session.deadline:
-                self._lose_session(session, "keep-alives late; lease may expire")
+                if session.suspended_at is None:
+                    self._suspend(session, now)
+                # Until the keep-alive loop resumes the session, or loses it.
+                await self._lease_ok.wait()
                 continue
             await asyncio.sleep(session.deadline - now)
+
+    def _suspend(self, session: _Session, now: float) -> None:
+        session.suspended_at = now
+        self._lease_ok.clear()
+        self.suspensions += 1
+        log.warning("node %s suspends %d shards: keep-alives late, the lease may expire; "
+                    "they serve again if etcd confirms it", self.node_id, len(self._owned))
+
+    async def _resume(self, session: _Session, deadline: float) -> None:
+        """The lease of a suspended session is alive at etcd: serve again every shard whose
+        owner key still names this node with its epoch (one linearizable read), report the
+        loss of any other. A failed read leaves the session suspended (tried again)."""
+        try:
+            response = await self._call(self._kv.get_prefix_response, self._root + "owner/")
+        except _ETCD_ERRORS as exc:
+            log.warning("node %s: owner keys not read after the lease was confirmed: %r",
+                        self.node_id, exc)
+            return
+        if session is not self._session or session.lost or session.suspended_at is None:
+            return
+        held: dict[int, int] = {}
+        for kv in response.kvs:
+            try:
+                shard = int(kv.key.decode().rsplit("/", 1)[1])
+                node_id = json.loads(kv.value)["node_id"]
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+            if node_id == self.node_id and kv.lease == session.lease_id:
+                held[shard] = kv.create_revision
+        lost = sorted(s for s, epoch in self._owned.items() if held.get(s) != epoch)
+        for shard in lost:
+            self._owned.pop(shard, None)
+            self._notify(shard, 0)
+        suspended_s = time.monotonic() - session.suspended_at
+        session.suspended_at = None
+        session.deadline = max(session.deadline, deadline)
+        self.resumptions += 1
+        self.longest_suspension_s = max(self.longest_suspension_s, suspended_s)
+        self._lease_ok.set()
+        self._changed.set()
+        log.warning("node %s resumes %d shards after %.2f s suspended: etcd confirmed the "
+                    "lease%s", self.node_id, len(self._owned), suspended_s,
+                    f"; lost {lost} (owner keys changed)" if lost else "")
+
+    def lease_valid_for(self, seconds: float) -> bool:
+        """``lease_valid()`` now and for ``seconds`` more, without another keep-alive."""
+        session = self._session
+        return (session is not None and not session.lost
+                and time.monotonic() + seconds < session.deadline)
+
+    async def wait_lease_valid(self, for_s: float = 0.0) -> None:
+        """Return once ``lease_valid_for(for_s)`` holds: at once while it does; else after
+        the next answered keep-alive, etcd confirming the lease of a suspended session, or a
+        new session (the old one's shards are reported lost first: their owners are stopped
+        while they wait, not resumed)."""
+        while not self.lease_valid_for(for_s):
+            if self._lease_ok.is_set():
+                # Not suspended (yet): the next answered keep-alive sets it again.
+                self._lease_ok.clear()
+            await self._lease_ok.wait()
 
     def lease_valid(self) -> bool:
         """True while this node's lease is surely alive at etcd (before the local deadline).
@@ -689,6 +799,7 @@ class EtcdOwnership:
             log.warning("node %s gives up %d shards: %s", self.node_id, len(self._owned), reason)
         self._lose_all()
         self._changed.set()
+        self._lease_ok.set()  # wakes the watchdog; owners waiting on it are being stopped
 
     def _lose_all(self) -> None:
         owned, self._owned = self._owned, {}
@@ -717,8 +828,8 @@ class EtcdOwnership:
 
     async def _reconcile_once(self) -> None:
         session = self._session
-        if session is None or session.lost:
-            return
+        if session is None or session.lost or session.suspended_at is not None:
+            return  # suspended: nothing is decided until etcd confirms the lease (_resume)
         now = time.monotonic()
         live = {n: (rec.region, now - rec.first_seen) for n, rec in self._nodes.items()}
         live[self.node_id] = (self.region, now - session.opened_at)
