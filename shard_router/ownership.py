@@ -154,6 +154,11 @@ class Ownership(Protocol):
         (counted from each keep-alive's send time, less a margin); it is False before
         ``start``, once keep-alives are late, and after ``close``. The local adapter has no
         lease and nothing can depose it: always True.
+
+        An adapter whose lease can lapse and come back (etcd: a node past its deadline
+        suspends its shards instead of losing them, and serves them again once etcd confirms
+        the lease) also offers ``lease_valid_for(seconds)`` and ``wait_lease_valid(for_s)``:
+        owners start no journal append that could end past the lease, and wait instead.
         """
         ...
 

@@ -27,7 +27,9 @@ KEEP_CLUSTER_DIR = os.environ.get("LEDGER_TEST_KEEP_CLUSTER_DIR", "")
 
 @pytest.fixture(scope="session")
 def local_cluster():
-    """A real Cassandra (one datacenter per region) and etcd on loopback for the session."""
+    """A real Cassandra (one datacenter per region) and etcd (one member per region, on the
+    region's address: a region's loss in a drill takes its member too, as in a deployment)
+    on loopback for the session. ``etcd_endpoint`` lists every member."""
     from clients.localcluster import LocalCluster
 
     keep = bool(KEEP_CLUSTER_DIR)
@@ -35,7 +37,8 @@ def local_cluster():
                else Path(tempfile.mkdtemp(prefix="ledger-test-cluster-")))
     cluster = LocalCluster(run_dir, regions=TEST_REGIONS, etcd_client_port=TEST_ETCD_PORT,
                            etcd_peer_port=TEST_ETCD_PEER_PORT, cql_port=TEST_CQL_PORT,
-                           storage_port=TEST_STORAGE_PORT, heap_mb=TEST_HEAP_MB)
+                           storage_port=TEST_STORAGE_PORT, heap_mb=TEST_HEAP_MB,
+                           etcd_per_region=True)
     if keep:
         cluster.start()  # idempotent: starts only what is not running
         yield cluster

@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="coordinator-only nodes in all (spread over regions)")
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--heap-mb", type=int, default=512)
+    parser.add_argument("--lease-ttl-s", type=float, default=DrillConfig.lease_ttl_s,
+                        help="the nodes' etcd lease (ledgerd node --lease-ttl-s; etcd's "
+                             "minimum is 2)")
+    parser.add_argument("--takeover-grace-s", type=float,
+                        default=DrillConfig.takeover_grace_s,
+                        help="ledgerd node --takeover-grace-s")
     parser.add_argument("--load", type=float, default=0.0, metavar="RATE",
                         help="transfer load beside the bank: RATE transfers/s through "
                              "Transfer and BatchTransfer, every acknowledged one checked "
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     config = DrillConfig(out_dir=Path(args.out), seconds=args.seconds, seed=args.seed,
                          nodes_per_region=args.nodes_per_region,
                          coordinators=args.coordinators, shards=args.shards,
+                         lease_ttl_s=args.lease_ttl_s,
+                         takeover_grace_s=args.takeover_grace_s,
                          keep_data=args.keep_data, load_rate=args.load,
                          load_single_share=args.load_single_share,
                          load_single_concurrency=args.load_singles,

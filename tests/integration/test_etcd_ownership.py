@@ -94,7 +94,7 @@ class BlackholeProxy:
     keeping connections open: the node's calls hang until their deadlines, as on a partition."""
 
     def __init__(self, target: str) -> None:
-        host, _, port = target.rpartition(":")
+        host, _, port = target.split(",")[0].rpartition(":")  # the first of several members
         self._host, self._port = host, int(port)
         self.blackhole = False
         self._writers: list[asyncio.StreamWriter] = []

@@ -29,6 +29,7 @@ import pytest
 from pyetcd import exceptions as etcd_exceptions
 
 from clients.localcluster import LocalCluster
+from ledger import metrics
 from shard_router.etcd import EtcdOwnership
 from tests.integration.test_etcd_ownership import Recorder, _client, etcd_owners, wait_until
 from tests.integration.test_etcd_regions import _free_port_on_every_address
@@ -61,6 +62,24 @@ async def _node(cluster: LocalCluster, recorder: Recorder, prefix: str) -> EtcdO
     await wait_until(recorder, lambda: len(recorder.owned("a")) == SHARDS, SETTLE_TIMEOUT_S,
                      "the node to own every shard")
     return node
+
+
+class _NodeView:
+    """What the collector reads of a ``ledger.node.Node`` (weakly referenced)."""
+
+    ownership: EtcdOwnership
+    owners: dict
+
+
+def _scraped(ownership: EtcdOwnership) -> dict[str, float]:
+    """The node's suspension counters as ``/metrics`` shows them."""
+    collector = metrics.NodeCollector()
+    node = _NodeView()
+    node.ownership, node.owners = ownership, {}
+    collector.add(node)
+    return {sample.name: sample.value for family in collector.collect()
+            for sample in family.samples if sample.name.startswith("ledger_lease_")
+            and sample.name.endswith("_total")}
 
 
 async def _until(predicate, timeout_s: float, what: str) -> None:
@@ -98,6 +117,8 @@ async def test_etcd_restarted_the_node_keeps_its_shards_and_epochs(etcd):
               f"{resumed_s:.2f} s after etcd started")
         assert node.lease_valid()
         assert node.owned() == before
+        assert _scraped(node) == {"ledger_lease_suspensions_total": 1.0,
+                                  "ledger_lease_resumptions_total": 1.0}
         assert [e for e in recorder.events if e[3] == 0] == []  # no loss, so no takeover
         client = _client(etcd.etcd_endpoint)
         try:
