@@ -20,6 +20,8 @@ Families (names and units by Prometheus conventions; ``_total`` counters, ``_sec
   ``ledger_lease_suspensions_total`` (times a node's keep-alives were late past its local
   deadline and its shards were held) and ``ledger_lease_resumptions_total`` (of those, the
   times etcd then confirmed the lease and the shards served again without a takeover);
+* ``ledger_owner_lease_waits_total``: an owner held its queue for the lease (a keep-alive
+  late by more than the append headroom, or the node suspended);
 * the store: ``ledger_store_errors_total{op,kind}`` and the work counters below.
 
 Why: the cost of a transfer is mostly the store work around it (journal appends, view rows,
@@ -140,6 +142,10 @@ TAKEOVER_SECONDS = Histogram(
     "ledger_takeover_duration_seconds",
     "From a shard's gain being reported to its owner serving: fence, journal replay, checks.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0))
+LEASE_WAITS = Counter(
+    "ledger_owner_lease_waits",
+    "Times an owner held its queue because its node's lease had under "
+    "APPEND_LEASE_HEADROOM_S left (keep-alives late, or the node suspended).")
 TAKEOVER_FAILURES = Counter(
     "ledger_takeover_failures",
     "Gains of a shard whose owner failed to start (fenced, store unreachable): given up, "

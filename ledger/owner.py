@@ -420,6 +420,7 @@ class ShardOwner:
                     # end past the lease. The queue waits for etcd to answer; a loss of the
                     # shard stops this loop. Commands whose deadline passes meanwhile are
                     # answered SHARD_UNAVAILABLE by their timers (not started, retried).
+                    metrics.LEASE_WAITS.inc()
                     await self._wait_lease(K.APPEND_LEASE_HEADROOM_S)
                     continue
                 acks = self._take_acks()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from ledger import constants as K
+from ledger import metrics
 from ledger.core.model import CreateWallet
 from ledger.owner import ShardOwner
 from tests.owner.conftest import Peers
@@ -45,6 +46,10 @@ class Lease:
         self.confirmed.set()
 
 
+def _lease_waits() -> float:
+    return metrics.REGISTRY.get_sample_value("ledger_owner_lease_waits_total") or 0.0
+
+
 async def test_a_suspended_owner_holds_its_queue_until_the_lease_is_confirmed():
     store, lease, stopped = MemStore(), Lease(), []
 
@@ -59,6 +64,7 @@ async def test_a_suspended_owner_holds_its_queue_until_the_lease_is_confirmed():
         made = await owner.submit(CreateWallet("t", "k0", "w0", "CNY", False, 1))
         assert made.ok, made
         appends = store.appends
+        waits = _lease_waits()
         # Less than the headroom left (the deadline is near, or past): nothing is started.
         lease.left_s = K.APPEND_LEASE_HEADROOM_S / 2
         calls = [asyncio.ensure_future(owner.submit(CreateWallet("t", f"k{i}", f"w{i}", "CNY",
@@ -66,6 +72,7 @@ async def test_a_suspended_owner_holds_its_queue_until_the_lease_is_confirmed():
                  for i in (1, 2)]
         await settle()
         assert lease.waits >= 1
+        assert _lease_waits() > waits  # /metrics shows the hold
         assert store.appends == appends
         assert not any(c.done() for c in calls)
         assert owner.serving and stopped == []
