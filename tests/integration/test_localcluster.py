@@ -25,7 +25,9 @@ def cluster(local_cluster):
 
 def _etcd(c: LocalCluster, op: str, body: dict) -> dict:
     # etcd's v3 HTTP/JSON gateway: keys and values are base64 in JSON.
-    req = urllib.request.Request(f"http://{c.etcd_endpoint}/v3/kv/{op}", data=json.dumps(body).encode(),
+    # Any member answers for the cluster: the first (r1's, with a member per region).
+    member = c.etcd_endpoint.split(",")[0]
+    req = urllib.request.Request(f"http://{member}/v3/kv/{op}", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
@@ -35,9 +37,20 @@ def _b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
 
 
+def _etcd_services(c: LocalCluster) -> set[str]:
+    return {f"etcd-{r}" for r in c.regions} if c.etcd_per_region else {"etcd"}
+
+
 def test_layout(cluster: LocalCluster):
     assert cluster.contact_points["r1"] == "127.0.0.1"
-    assert cluster.etcd_endpoint == f"127.0.0.1:{ETCD_CLIENT}"
+    if len(cluster.regions) > 1:
+        # One etcd member per region, on the region's address (tests/conftest.py).
+        assert cluster.etcd_per_region
+        assert cluster.etcd_endpoint == ",".join(
+            f"{cluster.contact_points[r]}:{ETCD_CLIENT}" for r in cluster.regions)
+        assert cluster.etcd_member_of("r2") == f"{cluster.contact_points['r2']}:{ETCD_CLIENT}"
+    else:
+        assert cluster.etcd_endpoint == f"127.0.0.1:{ETCD_CLIENT}"
 
 
 def test_cql_with_driver(cluster: LocalCluster):
@@ -66,7 +79,8 @@ def test_etcd_put_get_and_restart(cluster: LocalCluster):
     got = _etcd(cluster, "range", {"key": _b64("/lc/k")})
     assert base64.b64decode(got["kvs"][0]["value"]) == b"v1"
     cluster.stop_etcd()
-    assert not cluster.status()["etcd"]["running"]
+    status = cluster.status()
+    assert not any(status[name]["running"] for name in _etcd_services(cluster))
     cluster.start_etcd()
     got = _etcd(cluster, "range", {"key": _b64("/lc/k")})  # data survives a restart
     assert base64.b64decode(got["kvs"][0]["value"]) == b"v1"
@@ -74,7 +88,7 @@ def test_etcd_put_get_and_restart(cluster: LocalCluster):
 
 def test_status(cluster: LocalCluster):
     st = cluster.status()
-    assert set(st) == {"etcd"} | {f"cassandra-{r}" for r in cluster.regions}
+    assert set(st) == _etcd_services(cluster) | {f"cassandra-{r}" for r in cluster.regions}
     for name, s in st.items():
         assert s["running"], name
         assert s["pid"] > 0 and s["rss_mb"] > 0
