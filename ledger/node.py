@@ -151,6 +151,7 @@ class Node:
                                                            None),
                                    wait_lease=getattr(self.ownership, "wait_lease_valid",
                                                       None),
+                                   confirm_held=getattr(self.ownership, "confirm_held", None),
                                    **self._owner_options)
                 started = time.monotonic()
                 try:

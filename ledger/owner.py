@@ -132,8 +132,13 @@ class ShardOwner:
                  idempotency_memory_ms: int = K.IDEMPOTENCY_MEMORY_MS,
                  replay_slots: asyncio.Semaphore | None = None,
                  lease_valid_for: Callable[[float], bool] | None = None,
-                 wait_lease: Callable[[float], Awaitable[None]] | None = None) -> None:
+                 wait_lease: Callable[[float], Awaitable[None]] | None = None,
+                 confirm_held: Callable[[int, int], Awaitable[bool]] | None = None) -> None:
         self.shard = shard
+        # For an append that returned after the lease's local deadline: wait for etcd to say
+        # whether this node still holds the shard with this epoch (``EtcdOwnership.
+        # confirm_held``). None: such an append gives the shard up at once.
+        self._confirm_held = confirm_held
         # With an etcd lease (``EtcdOwnership``): is it valid for another N s, and wait until
         # it is (after keep-alives were late: the node's shards are suspended, not lost, until
         # etcd confirms the lease). None (no lease, tests): appends are not held.
@@ -505,13 +510,16 @@ class ShardOwner:
                 self._inflight = []
                 await self._reload_or_abdicate()
                 return
-        if not self._lease_valid():
+        if not self._lease_valid() and (self._confirm_held is None or not await
+                                        self._confirm_held(self.shard, self.epoch)):
             # Paused past our lease: another owner may already serve this shard, so nothing
             # may be answered from our state (reads included), and a batch just written may
             # not count (on Cassandra an append is a plain write: it counts only if the new
             # owner's head read saw it), so it is not treated as durable either: no credit,
             # snapshot or answer comes from it. The router retries on the new owner, which
-            # answers from the journal.
+            # answers from the journal. Unless etcd confirmed (the node was only suspended)
+            # that this node still holds the shard with this epoch: then no newer epoch
+            # exists and the batch is ours (coordinator/PROTOCOL.md, "Suspension").
             await self._abdicate("lease no longer valid")
             return
         if events:

@@ -773,6 +773,21 @@ class EtcdOwnership:
         return (session is not None and not session.lost
                 and time.monotonic() + seconds < session.deadline)
 
+    async def confirm_held(self, shard: int, epoch: int) -> bool:
+        """For a journal write that ended after the local deadline: wait until etcd confirms
+        the lease (the next answered keep-alive, or a suspension resumed) and say whether
+        this node still holds ``shard`` with ``epoch``. False as soon as it does not (the
+        shard reported lost, the lease gone): its write is then never acknowledged."""
+        while True:
+            session = self._session
+            if self._owned.get(shard) != epoch or session is None or session.lost:
+                return False
+            if self.lease_valid():
+                return True
+            if self._lease_ok.is_set():
+                self._lease_ok.clear()  # not suspended yet: the next keep-alive sets it
+            await self._lease_ok.wait()
+
     async def wait_lease_valid(self, for_s: float = 0.0) -> None:
         """Return once ``lease_valid_for(for_s)`` holds: at once while it does; else after
         the next answered keep-alive, etcd confirming the lease of a suspended session, or a

@@ -337,7 +337,7 @@ async def _node(args) -> None:
                               principal=_principal(args))
     # Appends are plain writes: the store acknowledges one only while this node's lease holds
     # (coordinator/PROTOCOL.md, "Fencing").
-    store.bind_lease(ownership.lease_valid)
+    store.bind_lease(ownership.lease_valid, ownership.confirm_held)
     try:
         running = await server.start(store, ownership, args.shards, args.host, args.port,
                                      retention_ms=_retention_ms(args),

@@ -247,3 +247,45 @@ async def test_a_keyspace_with_a_journal_in_the_old_table_is_refused(local_clust
     finally:
         await asyncio.to_thread(cql_query, host, port, f"DROP KEYSPACE IF EXISTS {keyspace}",
                                 60.0)
+
+
+async def test_a_write_that_ends_while_suspended_counts_once_etcd_confirms_the_shard(
+        stores, monkeypatch):
+    """Keep-alives late while a journal write is out (the node suspended, not deposed): the
+    write returns after the lease's local deadline. It is neither acknowledged nor refused
+    until etcd answers; when etcd confirms the lease with this shard and epoch (no newer
+    epoch can exist then: ``coordinator/PROTOCOL.md``, "Suspension"), it is acknowledged, and
+    every later load holds it. Before, it was refused and the shard given up."""
+    old_store, new_store, _ = stores
+    lease = {"valid": True}
+    answered, asked = asyncio.Event(), asyncio.Event()
+
+    async def confirm_held(shard: int, epoch: int) -> bool:
+        assert (shard, epoch) == (SHARD, 1)
+        asked.set()
+        await answered.wait()
+        return True
+
+    old_store.bind_lease(lambda: lease["valid"], confirm_held)
+    owner = ShardOwner(SHARD, 1, old_store, NoPeers(), clock_ms=lambda: NOW_MS,
+                       lease_valid=lambda: lease["valid"], confirm_held=confirm_held)
+    await owner.start()
+    assert (await owner.submit(CreateWallet("t", "w-a", "a", "CNY", False, NOW_MS))).ok
+    gate = hold_next_append(monkeypatch, old_store)
+    late = asyncio.ensure_future(owner.submit(deposit("d1", "a", 500)))
+    await gate.entered.wait()
+    lease["valid"] = False  # the deadline passes while the write is out
+    gate.release.set()
+    await asyncio.wait_for(asked.wait(), 30)  # the write landed and waits for etcd's answer
+    assert not late.done() and owner.serving
+    lease["valid"] = True  # etcd confirmed the lease; the shard is still this node's
+    answered.set()
+    answer = await asyncio.wait_for(late, 30)
+    assert answer.ok, answer
+    assert owner.serving and owner.state.seq == 2
+    await owner.stop()
+    # The next owner counts it.
+    new = ShardOwner(SHARD, 2, new_store, NoPeers(), clock_ms=lambda: NOW_MS)
+    await new.start()
+    assert new.state.seq == 2 and new.state.wallets["a"].balance_minor == 500
+    await new.stop()

@@ -31,7 +31,7 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from cassandra import ConsistencyLevel
 
@@ -143,6 +143,7 @@ class Journal:
         # completes when it no longer does is not acknowledged: a newer owner may have read
         # the head before the row landed, so the row may not count.
         self._lease_valid: Callable[[], bool] = lambda: True
+        self._confirm: Callable[[int, int], Awaitable[bool]] | None = None
         # Per shard: the epoch this store fenced it with, and its next batch number.
         self._writers: dict[int, _Writer] = {}
         # Per shard: the highest epoch whose fence has started here (lower epochs may not
@@ -207,9 +208,17 @@ class Journal:
         self._q_journal_truncate = prepare(
             "DELETE FROM {ks}.epoch_journal WHERE shard = ? AND seq <= ?", d, idempotent=True)
 
-    def bind_lease(self, lease_valid: Callable[[], bool]) -> None:
-        """Acknowledge appends only while ``lease_valid()`` (the node's ownership lease)."""
+    def bind_lease(self, lease_valid: Callable[[], bool],
+                   confirm: Callable[[int, int], Awaitable[bool]] | None = None) -> None:
+        """Acknowledge appends only while ``lease_valid()`` (the node's ownership lease).
+
+        ``confirm(shard, epoch)``: for a write that ended after the lease's local deadline
+        (keep-alives late: the node is suspended), wait until etcd confirms the lease and say
+        whether the node still holds the shard with that epoch; if so the batch is
+        acknowledged (no newer epoch can have fenced: ``coordinator/PROTOCOL.md``,
+        "Suspension"), else it is refused as before."""
         self._lease_valid = lease_valid
+        self._confirm = confirm
 
     # --- fencing ----------------------------------------------------------------------
 
@@ -358,10 +367,16 @@ class Journal:
         try:
             await self._views.wait_room(shard)
             await self._write_row(shard, epoch, seq, events, writer)
+            leased = self._lease_valid()
+            if not leased and self._confirm is not None:
+                # Written after the lease's local deadline (the node suspended meanwhile):
+                # held, still busy, until etcd confirms the lease with this shard and epoch
+                # (then no newer epoch exists, and the batch is ours), or the shard is lost.
+                leased = await self._confirm(shard, epoch)
         finally:
             writer.busy = False
             writer.idle.set()
-        if self._fence_reading.get(shard, 0) > epoch or not self._lease_valid():
+        if self._fence_reading.get(shard, 0) > epoch or not leased:
             writer.broken = True
             raise Fenced(f"shard {shard}: batch {seq} of epoch {epoch} was written but not "
                          f"acknowledged: a newer fence or the end of the lease came first "

@@ -10,7 +10,7 @@ answers the port by delegating.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Cluster, Session
@@ -156,7 +156,8 @@ class CassandraStore:
 
     # --- the journal (``journal.py``) ---------------------------------------------------
 
-    def bind_lease(self, lease_valid: Callable[[], bool]) -> None:
+    def bind_lease(self, lease_valid: Callable[[], bool],
+                   confirm: Callable[[int, int], Awaitable[bool]] | None = None) -> None:
         """Acknowledge appends only while ``lease_valid()`` holds (the node's ownership lease).
 
         Appends are plain writes, not compare-and-set: what keeps a deposed owner from
@@ -164,8 +165,10 @@ class CassandraStore:
         only while its lease is valid, and etcd grants the shard to a successor only after
         that lease expired (``coordinator/PROTOCOL.md``, "Fencing"). ``ledgerd node`` binds
         its etcd lease here; without it (tools, tests) only this store's own fences depose.
+        With ``confirm`` (``EtcdOwnership.confirm_held``), a write that ended while the node
+        was suspended waits for etcd's answer instead of being refused at once.
         """
-        self._journal.bind_lease(lease_valid)
+        self._journal.bind_lease(lease_valid, confirm)
 
     async def fence(self, shard: int, epoch: int) -> int:
         """See ``JournalStore.fence`` and ``Journal.fence``."""
