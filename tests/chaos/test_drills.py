@@ -59,9 +59,8 @@ LOAD_BATCH = 50
 
 async def drill(cluster, name: str, out_dir, seed: int, load_rate: float = 0.0,
                 charts: int | None = None, **config):
-    # Lease 3 s, grace 1 s (ledger-chaos uses etcd's shortest, 2 s / 0.5 s): the suite's
-    # drills share the machine with the rest of the suite; what they prove does not depend
-    # on the failover's speed.
+    # Lease 3 s, grace 1 s (ledger-chaos's default too): the suite's drills share the machine
+    # with the rest of the suite; what they prove does not depend on the failover's speed.
     config = {"lease_ttl_s": 3.0, "takeover_grace_s": 1.0, **config}
     run = await run_drills(cluster, [name], DrillConfig(
         out_dir=out_dir, seconds=SECONDS, warmup_s=4.0, seed=seed, load_rate=load_rate,
