@@ -110,6 +110,17 @@ async def _owner(store, lease, stopped) -> ShardOwner:
     return owner
 
 
+async def _append_past_the_deadline(store, owner, lease) -> asyncio.Future:
+    """A call whose append is out when the lease's deadline passes; it returns after."""
+    gate = store.gate(0, owner.state.seq + 1)
+    call = asyncio.ensure_future(owner.submit(CreateWallet("t", "k1", "w1", "CNY", False, 1)))
+    await asyncio.wait_for(gate.entered.wait(), NO_HANG_S)
+    lease.left_s = 0.0  # the deadline passes while the write is out
+    gate.release.set()
+    await settle()
+    return call
+
+
 async def test_an_append_that_ends_past_the_deadline_waits_for_etcd_and_counts_if_held():
     """Keep-alives late while an append is in flight (a loaded machine, an etcd election):
     the write returns after the deadline. The owner neither answers nor gives the shard up;
@@ -119,13 +130,7 @@ async def test_an_append_that_ends_past_the_deadline_waits_for_etcd_and_counts_i
     store, lease, stopped = MemStore(), Lease(), []
     owner = await _owner(store, lease, stopped)
     try:
-        gate = store.gate(0, owner.state.seq + 1)
-        call = asyncio.ensure_future(owner.submit(CreateWallet("t", "k1", "w1", "CNY", False,
-                                                               1)))
-        await asyncio.wait_for(gate.entered.wait(), NO_HANG_S)
-        lease.left_s = 0.0  # the deadline passes while the write is out
-        gate.release.set()
-        await settle()
+        call = await _append_past_the_deadline(store, owner, lease)
         assert lease.confirms == 1 and not call.done()
         assert owner.serving and stopped == []
         lease.confirm(held=True)
@@ -140,13 +145,7 @@ async def test_an_append_that_ends_past_the_deadline_is_not_acknowledged_if_the_
     store, lease, stopped = MemStore(), Lease(), []
     owner = await _owner(store, lease, stopped)
     try:
-        gate = store.gate(0, owner.state.seq + 1)
-        call = asyncio.ensure_future(owner.submit(CreateWallet("t", "k1", "w1", "CNY", False,
-                                                               1)))
-        await asyncio.wait_for(gate.entered.wait(), NO_HANG_S)
-        lease.left_s = 0.0
-        gate.release.set()
-        await settle()
+        call = await _append_past_the_deadline(store, owner, lease)
         lease.confirm(held=False)  # etcd answered: the key is gone (or the lease expired)
         made = await asyncio.wait_for(call, NO_HANG_S)
         assert not made.ok  # SHARD_UNAVAILABLE: retried on the next owner, never a guess
