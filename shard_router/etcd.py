@@ -743,16 +743,11 @@ class EtcdOwnership:
             return
         if session is not self._session or session.lost or session.suspended_at is None:
             return
-        held: dict[int, int] = {}
-        for kv in response.kvs:
-            try:
-                shard = int(kv.key.decode().rsplit("/", 1)[1])
-                node_id = json.loads(kv.value)["node_id"]
-            except (ValueError, KeyError, TypeError, IndexError):
-                continue
-            if node_id == self.node_id and kv.lease == session.lease_id:
-                held[shard] = kv.create_revision
-        lost = sorted(s for s, epoch in self._owned.items() if held.get(s) != epoch)
+        # A key on this session's lease is this node's; its create revision is the epoch.
+        held = {kv.key: kv.create_revision for kv in response.kvs
+                if kv.lease == session.lease_id}
+        lost = sorted(s for s, epoch in self._owned.items()
+                      if held.get(self._owner_key(s).encode()) != epoch)
         for shard in lost:
             self._owned.pop(shard, None)
             self._notify(shard, 0)
@@ -784,9 +779,7 @@ class EtcdOwnership:
                 return False
             if self.lease_valid():
                 return True
-            if self._lease_ok.is_set():
-                self._lease_ok.clear()  # not suspended yet: the next keep-alive sets it
-            await self._lease_ok.wait()
+            await self._next_lease_answer()
 
     async def wait_lease_valid(self, for_s: float = 0.0) -> None:
         """Return once ``lease_valid_for(for_s)`` holds: at once while it does; else after
@@ -794,10 +787,14 @@ class EtcdOwnership:
         new session (the old one's shards are reported lost first: their owners are stopped
         while they wait, not resumed)."""
         while not self.lease_valid_for(for_s):
-            if self._lease_ok.is_set():
-                # Not suspended (yet): the next answered keep-alive sets it again.
-                self._lease_ok.clear()
-            await self._lease_ok.wait()
+            await self._next_lease_answer()
+
+    async def _next_lease_answer(self) -> None:
+        """Wait for the next answered keep-alive, a resumption or a new session (each sets
+        ``_lease_ok``). Not suspended (yet), the event is still set from the last answer:
+        clear it first."""
+        self._lease_ok.clear()
+        await self._lease_ok.wait()
 
     def lease_valid(self) -> bool:
         """True while this node's lease is surely alive at etcd (before the local deadline).
