@@ -20,6 +20,9 @@ Families (names and units by Prometheus conventions; ``_total`` counters, ``_sec
   ``ledger_lease_suspensions_total`` (times a node's keep-alives were late past its local
   deadline and its shards were held) and ``ledger_lease_resumptions_total`` (of those, the
   times etcd then confirmed the lease and the shards served again without a takeover);
+* the event loop of a node with an etcd lease: ``ledger_event_loop_stalls_total`` (its beat
+  ran more than 0.5 s late) and ``ledger_event_loop_longest_stall_seconds``: the pauses a
+  lease must ride out (keep-alives come from their own thread, ``shard_router.etcd``);
 * ``ledger_owner_lease_waits_total``: an owner held its queue for the lease (a keep-alive
   late by more than the append headroom, or the node suspended);
 * the store: ``ledger_store_errors_total{op,kind}`` and the work counters below.
@@ -316,6 +319,13 @@ class NodeCollector(Collector):
         resumptions = CounterMetricFamily(
             "ledger_lease_resumptions", "Suspensions that ended with etcd confirming the "
             "lease: the shards served again without a takeover.", labels=["node"])
+        stalls = CounterMetricFamily(
+            "ledger_event_loop_stalls", "Times the node's event loop ran more than 0.5 s "
+            "late (its lease keep-alives, sent from their own thread, went on).",
+            labels=["node"])
+        longest_stall = GaugeMetricFamily(
+            "ledger_event_loop_longest_stall_seconds", "The longest the node's event loop "
+            "ran late since the process started.", labels=["node"])
         now_ms = int(time.time() * 1000)
         for node in list(self._nodes):
             try:
@@ -328,6 +338,9 @@ class NodeCollector(Collector):
             failovers.add_metric([node_id], getattr(node.ownership, "failovers", 0))
             suspensions.add_metric([node_id], getattr(node.ownership, "suspensions", 0))
             resumptions.add_metric([node_id], getattr(node.ownership, "resumptions", 0))
+            if hasattr(node.ownership, "loop_stalls"):
+                stalls.add_metric([node_id], node.ownership.loop_stalls)
+                longest_stall.add_metric([node_id], node.ownership.longest_loop_stall_s)
             info.add_metric([node_id, str(getattr(node.ownership, "region", ""))], 1.0)
             for shard in sorted(shards):
                 key = [node_id, str(shard)]
@@ -346,7 +359,7 @@ class NodeCollector(Collector):
                 commands.add_metric(key, st.commands)
                 seconds.add_metric(key, st.append_seconds)
         yield from (owned, epoch, queue, outbox, lag, keys, appends, commands, seconds,
-                    failovers, suspensions, resumptions, info)
+                    failovers, suspensions, resumptions, stalls, longest_stall, info)
 
 
 _NODES = NodeCollector()

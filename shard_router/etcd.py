@@ -53,9 +53,20 @@ failover). This module only gathers what the policy looks at from etcd and carri
 decisions out. The compare-and-swap makes any race safe; the policy only keeps races rare and
 load spread.
 
+Keep-alives from a thread of their own: the lease is renewed by a dedicated thread, not by a
+task of the event loop, so a node whose loop is busy for a while (a takeover decoding a long
+journal, a burst of work on a loaded machine) keeps its lease and serves on when the loop runs
+again, instead of losing every shard to a false failover. It is the split Kafka's consumers made
+(KIP-62: heartbeats from a background thread, a bound on the time between polls): the thread
+stops renewing once the loop has not run for ``LOOP_STALL_MAX_S``, so a wedged process still
+loses its shards. It extends the local deadline itself (under ``_lease_lock``, never for a
+suspended or lost session) and hands every answer to the loop, which does all the rest. The
+loop's own lateness is measured on the way (``loop_stalls``, ``longest_loop_stall_s``).
+
 pyetcd is synchronous, so its calls run in a small thread pool; its watch thread hands
 responses to the event loop with ``call_soon_threadsafe``. All state below is touched only on
-the event loop, so it needs no locks.
+the event loop, so it needs no locks, except a session's deadline and suspension, which the
+keep-alive thread reads and extends under ``_lease_lock``.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ import functools
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -110,6 +122,14 @@ SUSPENDED_RETRY_S = 0.1
 # a node reconnecting seconds after a restarted etcd answered again (restart-etcd drill).
 ETCD_RECONNECT_BACKOFF_MS_MIN = 100
 ETCD_RECONNECT_BACKOFF_MS_MAX = 500
+# The event loop notes that it runs this often (s); the keep-alive thread reads the note.
+LOOP_BEAT_S = 0.1
+# The keep-alive thread renews the lease only while the event loop ran within this long (s):
+# long enough to ride out the stalls of a loaded machine (measured: README, "Failover at
+# load"), short enough that a wedged process loses its shards within this plus the TTL.
+LOOP_STALL_MAX_S = 5.0
+# A beat this much later than due counts as a loop stall (``loop_stalls``, /metrics).
+LOOP_STALL_REPORT_S = 0.5
 # Grace timers are checked at least this often even when the watch reports nothing.
 RECONCILE_TICK_S_MAX = 0.5
 # Backoff between retries of a failed etcd step (watch setup, new lease, reconcile round).
@@ -246,10 +266,22 @@ class EtcdOwnership:
         self.failovers = 0
 
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        # Keep-alives get a thread of their own: queued behind campaigns, watches and
-        # releases in the shared pool (a takeover of many shards at once), a keep-alive is
-        # sent late and the node gives up every shard it holds (seen in drills at load).
-        self._keepalive_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # Keep-alives get a thread of their own (module docstring): queued behind campaigns,
+        # watches and releases in the shared pool (a takeover of many shards at once), or
+        # behind a busy event loop, a keep-alive is sent late and the node gives up every
+        # shard it holds (seen in drills at load).
+        self._keepalive_thread: threading.Thread | None = None
+        self._keepalive_stop = threading.Event()
+        # Guards a session's ``deadline`` and ``suspended_at`` between that thread and the loop.
+        self._lease_lock = threading.Lock()
+        # When the event loop last ran its beat (monotonic; the keep-alive thread reads it).
+        self._loop_beat = time.monotonic()
+        # Beats later than LOOP_STALL_REPORT_S, and the longest lateness seen (/metrics).
+        self.loop_stalls = 0
+        self.longest_loop_stall_s = 0.0
+        # Set when the session is lost: the session loop opens a new one.
+        self._need_session = asyncio.Event()
+        self._resuming = False
         self._kv: Any = None      # client for unary calls
         self._watcher: Any = None  # separate client, so unary errors never tear down the watch
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -310,8 +342,6 @@ class EtcdOwnership:
         self._listener = listener
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=ETCD_THREADS, thread_name_prefix=f"etcd-{self.node_id}")
-        self._keepalive_executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"etcd-keepalive-{self.node_id}")
         self._kv = self._client()
         self._watcher = self._client()
         try:
@@ -326,8 +356,14 @@ class EtcdOwnership:
         if not self._campaign_enabled:
             self._tasks = [self._spawn_loop("watch", self._watch_loop, guards_lease=False)]
             return
+        self._loop_beat = time.monotonic()
+        self._keepalive_thread = threading.Thread(
+            target=self._keepalive_thread_main, name=f"etcd-keepalive-{self.node_id}",
+            daemon=True)
+        self._keepalive_thread.start()
         self._tasks = [
-            self._spawn_loop("keepalive", self._keepalive_loop, guards_lease=True),
+            self._spawn_loop("beat", self._beat_loop, guards_lease=False),
+            self._spawn_loop("session", self._session_loop, guards_lease=True),
             self._spawn_loop("watchdog", self._watchdog_loop, guards_lease=True),
             self._spawn_loop("watch", self._watch_loop, guards_lease=False),
             self._spawn_loop("reconcile", self._reconcile_loop, guards_lease=False),
@@ -470,9 +506,6 @@ class EtcdOwnership:
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self._run_on(self._executor, fn, *args, **kwargs)
-
-    async def _call_keepalive(self, lease_id: int) -> int | None:
-        return await self._run_on(self._keepalive_executor, self._refresh, lease_id)
 
     async def _run_on(self, executor: concurrent.futures.ThreadPoolExecutor | None,
                       fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -664,49 +697,133 @@ class EtcdOwnership:
             return int(response.TTL)
         return None
 
-    async def _keepalive_loop(self) -> None:
+    async def _session_loop(self) -> None:
+        """Open a new session whenever there is none (at start, or after a loss)."""
         backoff_s = RETRY_BACKOFF_S_MIN
         while not self._closed:
+            self._need_session.clear()
+            session = self._session
+            if session is not None and not session.lost:
+                await self._need_session.wait()
+                continue
+            try:
+                await self._open_session()
+                backoff_s = RETRY_BACKOFF_S_MIN
+            except _ETCD_ERRORS as exc:
+                log.warning("node %s cannot get a lease: %r", self.node_id, exc)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+
+    async def _beat_loop(self) -> None:
+        """Note every LOOP_BEAT_S that the event loop runs, and how late each note was
+        (the first note was due when ``start()`` set ``_loop_beat``)."""
+        due = self._loop_beat
+        while not self._closed:
+            now = time.monotonic()
+            late_s = now - due
+            if late_s >= LOOP_STALL_REPORT_S:
+                self.loop_stalls += 1
+                log.warning("node %s: event loop stalled %.2f s", self.node_id, late_s)
+            self.longest_loop_stall_s = max(self.longest_loop_stall_s, late_s)
+            self._loop_beat = now
+            due = now + LOOP_BEAT_S
+            await asyncio.sleep(LOOP_BEAT_S)
+
+    def _keepalive_thread_main(self) -> None:
+        """Renew the session's lease until close (runs on its own thread).
+
+        Every answer goes to the loop (``_keepalive_answered``); a confirmed lease extends
+        the deadline here at once, so a busy loop does not cost it. Nothing is sent while the
+        loop has not run for LOOP_STALL_MAX_S, and nothing here may end the thread: an
+        unexpected error is handed to the loop like an answer.
+        """
+        stop = self._keepalive_stop
+        backoff_s = RETRY_BACKOFF_S_MIN
+        wedged = False
+        while not stop.is_set():
             session = self._session
             if session is None or session.lost:
-                try:
-                    await self._open_session()
-                    backoff_s = RETRY_BACKOFF_S_MIN
-                except _ETCD_ERRORS as exc:
-                    log.warning("node %s cannot get a lease: %r", self.node_id, exc)
-                    await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+                stop.wait(RETRY_BACKOFF_S_MIN)  # the session loop opens a new one
                 continue
+            stalled_s = time.monotonic() - self._loop_beat
+            if stalled_s > LOOP_STALL_MAX_S:
+                if not wedged:
+                    log.error("node %s: event loop has not run for %.1f s; keep-alives stop "
+                              "until it does (its shards go at the TTL)", self.node_id,
+                              stalled_s)
+                wedged = True
+                stop.wait(LOOP_BEAT_S)
+                continue
+            wedged = False
             # The deadline counts from the send time: etcd received the keep-alive later, so
             # its lease expiry is later than ours.
             sent_at = time.monotonic()
+            ttl: int | None = None
+            error: BaseException | None = None
             try:
-                ttl = await self._call_keepalive(session.lease_id)
-            except _ETCD_ERRORS as exc:
-                log.warning("node %s keep-alive failed: %r", self.node_id, exc)
-                ttl = None
-            if session is self._session and not session.lost:
-                if ttl is not None and ttl > 0:
-                    deadline = lease_deadline(sent_at=sent_at, ttl_granted_s=float(ttl),
-                                              ttl_s=self._ttl_s)
-                    if session.suspended_at is None:
+                ttl = self._refresh(session.lease_id)
+            except Exception as exc:  # etcd errors, and bugs: the loop decides (_answered)
+                error = exc
+            if ttl:
+                deadline = lease_deadline(sent_at=sent_at, ttl_granted_s=float(ttl),
+                                          ttl_s=self._ttl_s)
+                with self._lease_lock:
+                    if session.suspended_at is None and not session.lost:
                         session.deadline = max(session.deadline, deadline)
-                        self._lease_ok.set()
-                    else:
-                        await self._resume(session, deadline)
-                elif ttl is not None:
-                    self._lose_session(session, "lease expired at etcd")
-                    continue
+            else:
+                deadline = 0.0
+            loop = self._loop
+            if loop is None or stop.is_set():
+                return
+            try:
+                loop.call_soon_threadsafe(self._keepalive_answered, session, ttl, deadline,
+                                          error)
+            except RuntimeError:  # the loop closed under us: the node is going away
+                return
             if session.suspended_at is not None and not session.lost:
-                await asyncio.sleep(SUSPENDED_RETRY_S)
+                stop.wait(SUSPENDED_RETRY_S)
             elif ttl:
                 backoff_s = RETRY_BACKOFF_S_MIN
-                await asyncio.sleep(self._keepalive_period_s)
+                stop.wait(self._keepalive_period_s)
             else:
                 # Retry soon, so one lost keep-alive does not cost the lease, but back off so a
                 # long etcd outage does not become a busy loop.
-                await asyncio.sleep(min(backoff_s, self._keepalive_period_s))
+                stop.wait(min(backoff_s, self._keepalive_period_s))
                 backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+
+    def _keepalive_answered(self, session: _Session, ttl: int | None, deadline: float,
+                            error: BaseException | None) -> None:
+        """A keep-alive's answer, on the loop: wake the owners waiting on it, resume a
+        suspended session, or give the shards up (the lease is gone at etcd, or the
+        keep-alive hit a bug: the lease may have gone unwatched)."""
+        if self._closed or session is not self._session or session.lost:
+            return
+        if error is not None and not isinstance(error, _ETCD_ERRORS):
+            log.error("node %s: etcd keepalive loop failed", self.node_id, exc_info=error)
+            self._lose_session(session, "the keepalive loop failed")
+            return
+        if error is not None:
+            log.warning("node %s keep-alive failed: %r", self.node_id, error)
+            return
+        if ttl is None:
+            return
+        if ttl <= 0:
+            self._lose_session(session, "lease expired at etcd")
+        elif session.suspended_at is None:
+            self._lease_ok.set()
+        elif not self._resuming:
+            self._resuming = True
+            spawn(self._resume_once(session, deadline), f"etcd-resume-{self.node_id}")
+
+    async def _resume_once(self, session: _Session, deadline: float) -> None:
+        try:
+            await self._resume(session, deadline)
+        except Exception:  # a bug: the lease is unwatched, as in a failed guarding loop
+            log.exception("node %s: etcd resume failed", self.node_id)
+            if session is self._session and not session.lost:
+                self._lose_session(session, "resuming the lease failed")
+        finally:
+            self._resuming = False
 
     async def _watchdog_loop(self) -> None:
         """Suspend every shard once the local lease deadline passes without a keep-alive."""
@@ -717,19 +834,25 @@ class EtcdOwnership:
                 await asyncio.sleep(RETRY_BACKOFF_S_MIN)
                 continue
             if now >= session.deadline:
-                if session.suspended_at is None:
-                    self._suspend(session, now)
+                if session.suspended_at is None and not self._suspend(session, now):
+                    continue  # the keep-alive thread extended the deadline meanwhile
                 # Until the keep-alive loop resumes the session, or loses it.
                 await self._lease_ok.wait()
                 continue
             await asyncio.sleep(session.deadline - now)
 
-    def _suspend(self, session: _Session, now: float) -> None:
-        session.suspended_at = now
+    def _suspend(self, session: _Session, now: float) -> bool:
+        """Suspend ``session`` if its deadline has passed (the keep-alive thread may have
+        just extended it); say whether it did."""
+        with self._lease_lock:
+            if now < session.deadline:
+                return False
+            session.suspended_at = now
         self._lease_ok.clear()
         self.suspensions += 1
         log.warning("node %s suspends %d shards: keep-alives late, the lease may expire; "
                     "they serve again if etcd confirms it", self.node_id, len(self._owned))
+        return True
 
     async def _resume(self, session: _Session, deadline: float) -> None:
         """The lease of a suspended session is alive at etcd: serve again every shard whose
@@ -752,8 +875,9 @@ class EtcdOwnership:
             self._owned.pop(shard, None)
             self._notify(shard, 0)
         suspended_s = time.monotonic() - session.suspended_at
-        session.suspended_at = None
-        session.deadline = max(session.deadline, deadline)
+        with self._lease_lock:
+            session.suspended_at = None
+            session.deadline = max(session.deadline, deadline)
         self.resumptions += 1
         self.longest_suspension_s = max(self.longest_suspension_s, suspended_s)
         self._lease_ok.set()
@@ -765,7 +889,7 @@ class EtcdOwnership:
     def lease_valid_for(self, seconds: float) -> bool:
         """``lease_valid()`` now and for ``seconds`` more, without another keep-alive."""
         session = self._session
-        return (session is not None and not session.lost
+        return (session is not None and not session.lost and session.suspended_at is None
                 and time.monotonic() + seconds < session.deadline)
 
     async def confirm_held(self, shard: int, epoch: int) -> bool:
@@ -803,7 +927,8 @@ class EtcdOwnership:
         must not answer as owner after it resumes, even before the watchdog reports the loss.
         """
         session = self._session
-        return session is not None and not session.lost and time.monotonic() < session.deadline
+        return (session is not None and not session.lost and session.suspended_at is None
+                and time.monotonic() < session.deadline)
 
     def _lose_session(self, session: _Session, reason: str) -> None:
         session.lost = True
@@ -811,6 +936,7 @@ class EtcdOwnership:
             log.warning("node %s gives up %d shards: %s", self.node_id, len(self._owned), reason)
         self._lose_all()
         self._changed.set()
+        self._need_session.set()
         self._lease_ok.set()  # wakes the watchdog; owners waiting on it are being stopped
 
     def _lose_all(self) -> None:
@@ -876,7 +1002,8 @@ class EtcdOwnership:
             absent_for_s=now - absent_since if absent_since is not None and not rec else 0.0,
             my_epoch=self._owned.get(shard, 0),
             since_rebalance_s=math.inf if rebalanced_at is None else now - rebalanced_at,
-            held=self._hold_until.get(shard, 0.0) > now)
+            held=self._hold_until.get(shard, 0.0) > now,
+            served_at_home=self._last_owner_region.get(shard) == self._home(shard))
 
     # -- Election steps ----------------------------------------------------------------------
 
@@ -1006,6 +1133,7 @@ class EtcdOwnership:
         if self._closed:
             return
         self._closed = True
+        self._keepalive_stop.set()
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -1029,15 +1157,16 @@ class EtcdOwnership:
                 except _ETCD_ERRORS as exc:
                     log.warning("node %s could not revoke its lease: %r", self.node_id, exc)
             executor, self._executor = self._executor, None
-            keepalive, self._keepalive_executor = self._keepalive_executor, None
+            keepalive, self._keepalive_thread = self._keepalive_thread, None
             await asyncio.get_running_loop().run_in_executor(
                 None, functools.partial(self._close_clients, executor, keepalive))
 
     def _close_clients(self, executor: concurrent.futures.ThreadPoolExecutor,
-                       keepalive: concurrent.futures.ThreadPoolExecutor | None) -> None:
+                       keepalive: threading.Thread | None) -> None:
         executor.shutdown(wait=True)
         if keepalive is not None:
-            keepalive.shutdown(wait=True)
+            # Its keep-alive call gives up within ETCD_RPC_TIMEOUT_S; it sends no other.
+            keepalive.join(timeout=ETCD_RPC_TIMEOUT_S + 1.0)
         for client in (self._watcher, self._kv):
             if client is not None:
                 try:

@@ -14,9 +14,15 @@ The rules, in the order a shard meets them:
   rendezvous rank (``node_rank``: a stable hash of shard and node id) campaigns first
   (``preferred_node``), so shards spread evenly and every node agrees who is preferred.
 * **Grace before takeover.** Other nodes of the home region campaign only after the shard
-  has been unowned for ``grace_s``; when the home region has no live node, nodes of other
-  regions campaign after ``grace_s`` (the best ranked of them) or ``2 * grace_s`` (any).
-  etcd's compare-and-swap makes every race safe; the grace only keeps races rare.
+  has been unowned for ``grace_s``. When the home region has no live node, nodes of other
+  regions campaign: for a failover (the shard was last served in its home region) the best
+  ranked of them at once, any other after ``grace_s`` - the successor is chosen before it is
+  needed: a dead node's owner keys and node key go in one lease expiry, so nobody of the home
+  region can still come back within a grace; for a shard its home region has not served yet
+  (a deployment starting) the best ranked after ``grace_s`` and any after ``2 * grace_s``, so
+  a region that starts a moment later is not raced for its shards. etcd's compare-and-swap
+  makes every race safe; the grace only keeps races rare. (Before, a failover waited one grace
+  too: one grace of every failover out of a region, README "Failover at load".)
 * **Sticky failover.** A shard won outside its home region, having last been served at home,
   was failed over: its home moves to the winner's region, and the old home is kept as its
   origin, so a flapping region does not drag shards back and forth (``is_failover``).
@@ -102,6 +108,7 @@ class ShardView:
     my_epoch: int              # epoch this node serves the shard with, 0 if it does not
     since_rebalance_s: float   # time since this node last handed the shard on for balance
     held: bool                 # this node was asked to release the shard and holds off
+    served_at_home: bool = False  # its last owner seen was of its home region (a failover)
 
 
 def plan_shard(view: ShardView, *, me: str, my_region: str,
@@ -150,10 +157,11 @@ def plan_shard(view: ShardView, *, me: str, my_region: str,
         return Action.NONE
     if home_nodes:
         return Action.NONE  # The home region is up; its nodes claim their own shards.
-    if view.absent_for_s >= grace_s:
-        others = [n for n, (region, _) in live_for_s.items() if region != view.home_region]
-        if preferred_node(view.shard, others) == me or view.absent_for_s >= 2 * grace_s:
-            return Action.CAMPAIGN
+    others = [n for n, (region, _) in live_for_s.items() if region != view.home_region]
+    first_s = 0.0 if view.served_at_home else grace_s
+    if view.absent_for_s >= first_s + grace_s or (
+            view.absent_for_s >= first_s and preferred_node(view.shard, others) == me):
+        return Action.CAMPAIGN
     return Action.NONE
 
 

@@ -6,6 +6,8 @@ Proves:
     shards it owns;
   * ``abandon()`` (a crash: no revoke) hands the node's shards to the other node only after the
     lease TTL, each with a higher epoch;
+  * a node whose event loop is blocked past the TTL keeps its lease (keep-alives come from their
+    own thread), unless the loop has not run for ``LOOP_STALL_MAX_S``;
   * a node whose keep-alives stop (its link to etcd blackholed) stops serving (suspends) before
     any other node gains one of its shards, and reports their loss once etcd answers that its
     lease is gone (``test_lease_suspension.py``: etcd restarted, the shards serve again);
@@ -214,17 +216,21 @@ def all_owned_once(*nodes: EtcdOwnership) -> bool:
     return sorted(seen) == list(range(SHARDS))
 
 
+def settled(a: EtcdOwnership, b: EtcdOwnership) -> bool:
+    """Every shard owned once, by the node of the two the rendezvous policy prefers (no
+    rebalance left to come)."""
+    ids = [a.node_id, b.node_id]
+    return (all_owned_once(a, b)
+            and all(s in (a if preferred_node(s, ids) == a.node_id else b).owned()
+                    for s in range(SHARDS)))
+
+
 @pytest.mark.real
 async def test_two_nodes_one_region_split_the_shards(cluster):
     a, b = await asyncio.gather(cluster.node("a", "r1", ["r1"]), cluster.node("b", "r1", ["r1"]))
     rec = cluster.recorder
-
-    def settled() -> bool:
-        return (all_owned_once(a, b)
-                and all(s in (a if preferred_node(s, ["a", "b"]) == "a" else b).owned()
-                        for s in range(SHARDS)))
-
-    await wait_until(rec, settled, SETTLE_TIMEOUT_S + 2 * GRACE_S, "rendezvous placement")
+    await wait_until(rec, lambda: settled(a, b), SETTLE_TIMEOUT_S + 2 * GRACE_S,
+                     "rendezvous placement")
     assert set(a.owned()).isdisjoint(b.owned())
     assert rec.owned("a") == a.owned() and rec.owned("b") == b.owned()
     for n in (a, b):
@@ -263,8 +269,9 @@ async def test_stalled_keepalives_report_loss_before_anyone_gains(cluster):
     a = await cluster.node("a", "r1", ["r1"], endpoint=link.endpoint)
     b = await cluster.node("b", "r1", ["r1"])
     rec = cluster.recorder
-    await wait_until(rec, lambda: all_owned_once(a, b) and a.owned() and b.owned(),
-                     SETTLE_TIMEOUT_S + 2 * GRACE_S, "both nodes to own shards")
+    # Settled: a shard rebalanced to b after ``before`` is taken would be gained before the cut.
+    await wait_until(rec, lambda: settled(a, b), SETTLE_TIMEOUT_S + 2 * GRACE_S,
+                     "rendezvous placement")
     before = a.owned()
     # a stops serving at its local deadline: it suspends its shards (it cannot tell a cut
     # link from an etcd outage) and reports their loss once etcd says the lease is gone.
@@ -294,6 +301,50 @@ async def test_stalled_keepalives_report_loss_before_anyone_gains(cluster):
     await wait_until(rec, lambda: all(rec.first("a", s, True, healed_at) for s in before),
                      SETTLE_TIMEOUT_S, "a to report every loss once etcd answers again")
     assert a.resumptions == 0  # the lease had expired at etcd: nothing served again
+
+
+@pytest.mark.real
+async def test_a_node_whose_event_loop_is_blocked_past_the_ttl_keeps_its_lease(cluster):
+    """Keep-alives come from their own thread: a node whose event loop runs nothing for the
+    TTL plus a second (a long synchronous step, a loaded machine) keeps its lease, its
+    shards and their epochs, reports no loss and is not even suspended; the stall is
+    counted. Renewed from the loop, as before, the lease expired and every shard was lost."""
+    a = await cluster.node("a", "r1", ["r1"])
+    rec = cluster.recorder
+    await wait_until(rec, lambda: len(a.owned()) == SHARDS, SETTLE_TIMEOUT_S, "a to own all")
+    before = a.owned()
+    blocked_at = time.monotonic()
+    time.sleep(LEASE_TTL_S + 1.0)  # noqa: ASYNC251 - the point: the event loop is blocked
+    assert a.lease_valid(), "the lease lapsed while the loop was blocked"
+    # The loop's beat notes the stall once it runs again.
+    await wait_until(rec, lambda: a.loop_stalls >= 1, SETTLE_TIMEOUT_S, "the stall noted")
+    assert a.longest_loop_stall_s >= LEASE_TTL_S
+    assert a.owned() == before and a.suspensions == 0
+    assert not [e for e in rec.events if e[0] >= blocked_at and e[3] == 0]
+    assert etcd_owners(cluster.etcd, cluster.prefix) == {s: ("a", e) for s, e in before.items()}
+
+
+@pytest.mark.real
+async def test_a_wedged_event_loop_stops_the_keepalives(cluster, monkeypatch):
+    """The bound on that: once the loop has not run for ``LOOP_STALL_MAX_S`` (0.5 s here),
+    the keep-alive thread stops renewing, so a wedged process loses its shards at the TTL
+    (they are won again, with higher epochs, once the loop runs)."""
+    from shard_router import etcd as etcd_module
+
+    monkeypatch.setattr(etcd_module, "LOOP_STALL_MAX_S", 0.5)
+    a = await cluster.node("a", "r1", ["r1"])
+    rec = cluster.recorder
+    await wait_until(rec, lambda: len(a.owned()) == SHARDS, SETTLE_TIMEOUT_S, "a to own all")
+    before = a.owned()
+    blocked_at = time.monotonic()
+    # Blocked, as above; etcd checks for expired leases every 0.5 s.
+    time.sleep(LEASE_TTL_S + 2.5)  # noqa: ASYNC251
+    # etcd expired the lease meanwhile: its owner keys are gone or already won again.
+    assert all(etcd_owners(cluster.etcd, cluster.prefix).get(s, ("", 0))[1] != e
+               for s, e in before.items())
+    await wait_until(rec, lambda: all(a.owned().get(s, 0) > e for s, e in before.items()),
+                     TAKEOVER_TIMEOUT_S, "every shard won again under a new lease")
+    assert all(rec.first("a", s, True, blocked_at) is not None for s in before)
 
 
 @pytest.mark.real

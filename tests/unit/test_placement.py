@@ -2,7 +2,8 @@
 
 Proves: home region first; rank order (the preferred node campaigns at once, others wait);
 grace before takeover (backups of the home region after one grace, other regions only when
-the home region has no live node, the best ranked after one grace and any after two); sticky
+the home region has no live node: after a failover the best ranked at once and any after one
+grace, for a region not started yet the best ranked after one grace and any after two); sticky
 failover; failback (an owner outside the home hands over only to a stable home node, and
 ``failback_moves`` returns failed-over shards to their origin); rebalance (to a better-ranked
 stable node, at most once per cooldown); losses, stale keys and release holds; the lease
@@ -97,12 +98,23 @@ def test_a_backup_of_the_home_region_campaigns_after_one_grace():
     assert decide(view(absent_for_s=GRACE_S), second, live) is Action.CAMPAIGN
 
 
-def test_other_regions_take_over_after_grace_when_the_home_region_is_down():
+def test_other_regions_take_over_at_once_when_the_home_region_dies():
+    live = {"x": ("r2", 10.0), "y": ("r3", 10.0)}
+    first, second = ranked(SHARD, ["x", "y"])
+    # A failover (last served at home): the best ranked of the other regions at once (a
+    # failover out of a region costs the lease, not the lease and a grace), any after one.
+    dead = dict(served_at_home=True)
+    assert decide(view(absent_for_s=0.0, **dead), first, live) is Action.CAMPAIGN
+    assert decide(view(absent_for_s=GRACE_S * 0.99, **dead), second, live) is Action.NONE
+    assert decide(view(absent_for_s=GRACE_S, **dead), second, live) is Action.CAMPAIGN
+
+
+def test_other_regions_wait_for_a_home_region_that_has_not_started():
     live = {"x": ("r2", 10.0), "y": ("r3", 10.0)}
     first, second = ranked(SHARD, ["x", "y"])
     for me in (first, second):
         assert decide(view(absent_for_s=GRACE_S * 0.99), me, live) is Action.NONE
-    # The best ranked of the other regions after one grace, any after two.
+    # Never served at home: the best ranked after one grace, any after two.
     assert decide(view(absent_for_s=GRACE_S), first, live) is Action.CAMPAIGN
     assert decide(view(absent_for_s=GRACE_S), second, live) is Action.NONE
     assert decide(view(absent_for_s=2 * GRACE_S), second, live) is Action.CAMPAIGN
