@@ -22,7 +22,9 @@ Families (names and units by Prometheus conventions; ``_total`` counters, ``_sec
   times etcd then confirmed the lease and the shards served again without a takeover);
 * the event loop of a node with an etcd lease: ``ledger_event_loop_stalls_total`` (its beat
   ran more than 0.5 s late) and ``ledger_event_loop_longest_stall_seconds``: the pauses a
-  lease must ride out (keep-alives come from their own thread, ``shard_router.etcd``);
+  lease must ride out (keep-alives come from their own thread, ``shard_router.etcd``), and
+  ``ledger_lease_keepalive_longest_gap_seconds``, the longest time between two keep-alives
+  sent under one lease (a lease is lost when it reaches the TTL);
 * ``ledger_owner_lease_waits_total``: an owner held its queue for the lease (a keep-alive
   late by more than the append headroom, or the node suspended);
 * the store: ``ledger_store_errors_total{op,kind}`` and the work counters below.
@@ -326,6 +328,10 @@ class NodeCollector(Collector):
         longest_stall = GaugeMetricFamily(
             "ledger_event_loop_longest_stall_seconds", "The longest the node's event loop "
             "ran late since the process started.", labels=["node"])
+        keepalive_gap = GaugeMetricFamily(
+            "ledger_lease_keepalive_longest_gap_seconds", "The longest time between two "
+            "keep-alives the node sent under one lease (a lease is lost at the TTL).",
+            labels=["node"])
         now_ms = int(time.time() * 1000)
         for node in list(self._nodes):
             try:
@@ -341,6 +347,7 @@ class NodeCollector(Collector):
             if hasattr(node.ownership, "loop_stalls"):
                 stalls.add_metric([node_id], node.ownership.loop_stalls)
                 longest_stall.add_metric([node_id], node.ownership.longest_loop_stall_s)
+                keepalive_gap.add_metric([node_id], node.ownership.longest_keepalive_gap_s)
             info.add_metric([node_id, str(getattr(node.ownership, "region", ""))], 1.0)
             for shard in sorted(shards):
                 key = [node_id, str(shard)]
@@ -359,7 +366,8 @@ class NodeCollector(Collector):
                 commands.add_metric(key, st.commands)
                 seconds.add_metric(key, st.append_seconds)
         yield from (owned, epoch, queue, outbox, lag, keys, appends, commands, seconds,
-                    failovers, suspensions, resumptions, stalls, longest_stall, info)
+                    failovers, suspensions, resumptions, stalls, longest_stall,
+                    keepalive_gap, info)
 
 
 _NODES = NodeCollector()

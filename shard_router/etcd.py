@@ -130,6 +130,9 @@ LOOP_BEAT_S = 0.1
 LOOP_STALL_MAX_S = 5.0
 # A beat this much later than due counts as a loop stall (``loop_stalls``, /metrics).
 LOOP_STALL_REPORT_S = 0.5
+# Two keep-alives further apart than this many TTLs are logged (a near miss: at one TTL the
+# lease is gone).
+KEEPALIVE_GAP_REPORT_TTLS = 0.5
 # Grace timers are checked at least this often even when the watch reports nothing.
 RECONCILE_TICK_S_MAX = 0.5
 # Backoff between retries of a failed etcd step (watch setup, new lease, reconcile round).
@@ -279,6 +282,10 @@ class EtcdOwnership:
         # Beats later than LOOP_STALL_REPORT_S, and the longest lateness seen (/metrics).
         self.loop_stalls = 0
         self.longest_loop_stall_s = 0.0
+        # The longest time between two keep-alives sent under one lease (the keep-alive
+        # thread's own lateness included: a stalled process, a starved thread): how close
+        # the node came to losing a lease it should have kept (/metrics).
+        self.longest_keepalive_gap_s = 0.0
         # Set when the session is lost: the session loop opens a new one.
         self._need_session = asyncio.Event()
         self._resuming = False
@@ -740,6 +747,7 @@ class EtcdOwnership:
         stop = self._keepalive_stop
         backoff_s = RETRY_BACKOFF_S_MIN
         wedged = False
+        last: tuple[int, float] | None = None  # (lease, send time) of the last keep-alive
         while not stop.is_set():
             session = self._session
             if session is None or session.lost:
@@ -758,6 +766,13 @@ class EtcdOwnership:
             # The deadline counts from the send time: etcd received the keep-alive later, so
             # its lease expiry is later than ours.
             sent_at = time.monotonic()
+            if last is not None and last[0] == session.lease_id:
+                gap_s = sent_at - last[1]
+                self.longest_keepalive_gap_s = max(self.longest_keepalive_gap_s, gap_s)
+                if gap_s > KEEPALIVE_GAP_REPORT_TTLS * self._ttl_s:
+                    log.warning("node %s: keep-alive sent %.2f s after the previous one "
+                                "(lease %.1f s)", self.node_id, gap_s, self._ttl_s)
+            last = (session.lease_id, sent_at)
             ttl: int | None = None
             error: BaseException | None = None
             try:
@@ -1134,6 +1149,12 @@ class EtcdOwnership:
             return
         self._closed = True
         self._keepalive_stop.set()
+        if self._campaign_enabled and self._loop is not None:
+            log.info("node %s: longest keep-alive gap %.2f s (lease %.1f s), longest event loop "
+                     "stall %.2f s (%d over %.1f s), %d suspensions, %d resumed",
+                     self.node_id, self.longest_keepalive_gap_s, self._ttl_s,
+                     self.longest_loop_stall_s, self.loop_stalls, LOOP_STALL_REPORT_S,
+                     self.suspensions, self.resumptions)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
