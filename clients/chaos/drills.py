@@ -21,9 +21,9 @@ from clients.chaos import ledgerctl
 from clients.chaos.constants import (DRAIN_LIBRARY_CALLERS, DRAIN_LOAD_RATE,
                                      DROP_KEYSPACE_TIMEOUT_S, FAULTS, HOT_ENVELOPE_STEPS,
                                      NODE_RESTART_PAUSE_S, NODE_RESTART_TIMEOUT_S,
-                                     PROBE_CALL_TIMEOUT_S, PROBE_PERIOD_S, RANDOM_GAP_S,
+                                     PROBE_CALL_TIMEOUT_S, RANDOM_GAP_S,
                                      RANDOM_STEPS, RECOVERY_MIN_S, REFUND_TIMEOUT_S,
-                                     SERVED_TIMEOUT_S, SETTLE_TIMEOUT_S, STEP_DOWN_LINES_MAX,
+                                     SERVED_POLL_S, SERVED_TIMEOUT_S, SETTLE_TIMEOUT_S, STEP_DOWN_LINES_MAX,
                                      STEP_DOWN_RE)
 from clients.chaos.envelope import HotEnvelope
 from clients.chaos.model import DrillConfig, FaultWindow, ScenarioReport
@@ -113,43 +113,64 @@ class Drill:
                           timeout_s: float = SERVED_TIMEOUT_S) -> dict:
         """Wait until every shard answers GetWallet through a surviving node while etcd shows
         an owner outside ``exclude_nodes``/``exclude_regions`` (with a higher epoch than in
-        ``epochs_above``). Returns when each shard was first seen so, and the slowest."""
+        ``epochs_above``). Returns when each shard was first seen so, and the slowest.
+
+        Each shard is probed on its own (one task per shard: a probe as soon as etcd, read
+        every SERVED_POLL_S, shows an eligible owner, again SERVED_POLL_S after a failed one),
+        and is served at the moment its own probe answered: a slow or failed probe of one
+        shard does not delay the time noted for another, nor a whole round.
+        """
         assert self.watcher is not None
+        watcher = self.watcher
         served: dict[int, float] = {}
         owners: dict[int, list] = {}
         deadline = time.monotonic() + timeout_s
-        pending = list(shards)
-        while pending and time.monotonic() < deadline:
-            await self.watcher.poll_once()
-            via = [n for n in self.live_nodes(exclude_nodes)
-                   if n.region not in exclude_regions]
-            if not via:
-                await asyncio.sleep(PROBE_PERIOD_S)
-                continue
-            ready = []
-            for shard in pending:
-                owner = self.watcher.owners.get(shard)
-                if owner is None or owner[0] in exclude_nodes or owner[1] in exclude_regions:
+
+        def eligible(shard: int) -> tuple | None:
+            owner = watcher.owners.get(shard)
+            if owner is None or owner[0] in exclude_nodes or owner[1] in exclude_regions:
+                return None
+            if epochs_above and owner[2] <= epochs_above.get(shard, 0):
+                return None
+            if want_regions and owner[1] != want_regions.get(shard, owner[1]):
+                return None
+            return owner
+
+        polled = asyncio.Condition()
+
+        async def poll() -> None:
+            while time.monotonic() < deadline:
+                await watcher.poll_once()
+                async with polled:
+                    polled.notify_all()
+                await asyncio.sleep(SERVED_POLL_S)
+
+        async def probe(shard: int) -> None:
+            while time.monotonic() < deadline:
+                owner = eligible(shard)
+                via = [n for n in self.live_nodes(exclude_nodes)
+                       if n.region not in exclude_regions]
+                if owner is None or not via:
+                    async with polled:  # until etcd is read again
+                        await polled.wait()
                     continue
-                if epochs_above and owner[2] <= epochs_above.get(shard, 0):
-                    continue
-                if want_regions and owner[1] != want_regions.get(shard, owner[1]):
-                    continue
-                ready.append((shard, owner))
-            if ready:
                 # Round robin over the surviving nodes (not the seeded rng: the faults'
-                # targets must not depend on how many probe rounds ran).
+                # targets must not depend on how many probes ran).
                 self._probe_turn += 1
-                node = via[self._probe_turn % len(via)]
-                oks = await asyncio.gather(*(self._probe(node, s) for s, _ in ready))
-                now = self.t()
-                for (shard, owner), ok in zip(ready, oks):
-                    if ok:
-                        served[shard] = now
-                        owners[shard] = list(owner)
-                pending = [s for s in pending if s not in served]
-            if pending:
-                await asyncio.sleep(PROBE_PERIOD_S)
+                if await self._probe(via[self._probe_turn % len(via)], shard):
+                    served[shard] = self.t()
+                    owners[shard] = list(owner)
+                    return
+                await asyncio.sleep(SERVED_POLL_S)
+
+        await watcher.poll_once()
+        poller = asyncio.ensure_future(poll())
+        try:
+            await asyncio.gather(*(probe(s) for s in shards))
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+        pending = [s for s in shards if s not in served]
         return {"served_at": served, "owners": owners, "pending": pending,
                 "slowest_s": (round(max(served.values()) - since, 3)
                               if served and not pending else None)}
