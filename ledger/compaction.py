@@ -9,7 +9,9 @@ it covers. Decoding, folding and encoding (``build_snapshot``) run in a worker p
 (``COMPACTION_IN_PROCESS``; a worker thread otherwise): the event loop only does the store
 I/O. A thread was measured first: it shares the GIL and the garbage collector with the loop
 and stalled it for 60-100 ms at the 99th percentile on this 2-core box; a process for about
-what an idle loop shows (README "Snapshots and replay").
+what an idle loop shows (README "Snapshots and replay"). The workers run at lower CPU
+priority (``K.COMPACTION_NICE``): at the node's own, two of them took the CPU its keep-alive
+thread needed (keep-alives 1.91 s apart at a 2 s lease, README "Failover at load").
 
 ``replay`` is the same fold for a new owner's takeover (snapshot + batches after it, with the
 rows of the replayed batches), in a worker thread: the state must end up in this process.
@@ -34,6 +36,7 @@ import asyncio
 import gc
 import logging
 import multiprocessing
+import os
 import time
 import weakref
 from concurrent.futures import ProcessPoolExecutor
@@ -222,8 +225,18 @@ def _pool() -> ProcessPoolExecutor:
     if _POOL is None:
         _POOL = ProcessPoolExecutor(max_workers=K.COMPACTIONS_CONCURRENT_MAX,
                                     mp_context=multiprocessing.get_context("spawn"),
-                                    max_tasks_per_child=1)
+                                    max_tasks_per_child=1, initializer=background_priority)
     return _POOL
+
+
+def background_priority() -> None:
+    """Lower this (worker) process's CPU priority by ``K.COMPACTION_NICE``: snapshots are
+    background work, and must not take the CPU the node's keep-alives and event loop need
+    on a contended machine. Raising one's own niceness needs no privilege."""
+    try:
+        os.nice(K.COMPACTION_NICE)
+    except OSError as exc:  # not on this platform: the worker runs at the node's priority
+        log.warning("compaction worker: niceness not raised: %r", exc)
 
 
 async def _build(shard: int, base_seq: int, snapshot: bytes | None,
