@@ -62,8 +62,9 @@ class Node:
         # The latest epoch reported per shard (0: lost). A gain that waited for a takeover slot
         # while a later report came in is void: the later one decides.
         self._latest: dict[int, int] = {}
-        # When the latest gain or loss of each shard was reported (takeover time, /metrics).
-        self._reported_at: dict[int, float] = {}
+        # When each gain (shard, epoch) was reported, until its takeover ran (takeover time,
+        # /metrics: a wait for a takeover slot counts too).
+        self._gain_reported_at: dict[tuple[int, int], float] = {}
         # Per shard being taken over: set once that takeover ended (serving, or failed).
         # Calls for the shard wait on it (``serving_owner``) instead of being sent back.
         self._taking_over: dict[int, asyncio.Event] = {}
@@ -83,7 +84,8 @@ class Node:
         # transitions of one shard stay in order behind its lock.
         self._transitions += 1
         self._latest[shard] = epoch
-        self._reported_at[shard] = time.monotonic()
+        if epoch:
+            self._gain_reported_at[(shard, epoch)] = time.monotonic()
         if epoch == 0:
             await self._transition(shard, 0)  # a loss must be complete before we return
         else:
@@ -127,6 +129,9 @@ class Node:
         return owner if owner is not None and owner.serving else None
 
     async def _transition_locked(self, lock: asyncio.Lock, shard: int, epoch: int) -> None:
+        # When this gain was reported (a later report of the shard, a loss or another gain,
+        # has its own entry: taking the shard's latest one made a takeover's wait negative).
+        reported_at = self._gain_reported_at.pop((shard, epoch), None) if epoch else None
         async with lock:
             if epoch and self._latest.get(shard, epoch) != epoch:
                 return  # superseded while it waited: a later loss or gain of the shard decides
@@ -166,7 +171,7 @@ class Node:
                     took_s = time.monotonic() - started
                     metrics.TAKEOVERS.inc()
                     # From the report of the gain: a wait for a takeover slot counts too.
-                    reported = self._reported_at.get(shard, started)
+                    reported = started if reported_at is None else reported_at
                     metrics.TAKEOVER_SECONDS.observe(time.monotonic() - reported)
                     t = owner.takeover_timings
                     # A takeover is rare and is what a failover or a drain costs: one line

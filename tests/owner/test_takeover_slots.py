@@ -91,3 +91,29 @@ async def test_takeovers_run_a_few_at_a_time_and_a_lost_gain_starts_nothing():
     assert lost not in store.loaded
     assert all(node.owners[s].serving and node.owners[s].epoch == 7 for s in shards[:-1])
     await node.close()
+
+
+async def test_a_takeover_superseded_while_it_runs_reports_its_own_wait(caplog):
+    """The takeover's log line and ``ledger_takeover_duration_seconds`` count from the report
+    of *its* gain. A loss of the shard reported while the takeover ran (a node shutting
+    down mid-takeover) was taken for its start: the line said "waited -625 ms for a slot"."""
+    import logging
+    import re
+
+    store, ownership = HeldLoads(), CalledOwnership()
+    node = Node(store, ownership)
+    await node.start()
+    await ownership.listener(0, 7)
+    await settle()
+    assert store.loading == 1
+    loss = asyncio.ensure_future(ownership.listener(0, 0))  # waits for the takeover's lock
+    await settle()
+    with caplog.at_level(logging.INFO, logger="ledger.node"):
+        store.release.set()
+        await asyncio.wait_for(loss, 5.0)
+    waits = [int(m.group(1)) for r in caplog.records
+             if (m := re.search(r"shard 0 epoch 7 serving after .*waited (-?\d+) ms for a slot",
+                                r.getMessage()))]
+    assert waits and all(w >= 0 for w in waits), waits
+    assert 0 not in node.owners
+    await node.close()
