@@ -206,6 +206,25 @@ def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
         yield items[start:start + size]
 
 
+class _Backoff:
+    """The pause between retries of a failed etcd step: RETRY_BACKOFF_S_MIN, doubling up to
+    RETRY_BACKOFF_S_MAX, back to the minimum after a success (``reset``)."""
+
+    def __init__(self) -> None:
+        self.s = RETRY_BACKOFF_S_MIN
+
+    def reset(self) -> None:
+        self.s = RETRY_BACKOFF_S_MIN
+
+    def grow(self) -> float:
+        """The pause to take now; the next one is twice as long (up to the maximum)."""
+        pause, self.s = self.s, min(self.s * 2, RETRY_BACKOFF_S_MAX)
+        return pause
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.grow())
+
+
 class EtcdOwnership:
     """Elects shard owners through etcd leases and keeps the shard map in etcd.
 
@@ -512,13 +531,10 @@ class EtcdOwnership:
         return etcd_client(self._endpoints, ETCD_RPC_TIMEOUT_S, self._credentials)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await self._run_on(self._executor, fn, *args, **kwargs)
-
-    async def _run_on(self, executor: concurrent.futures.ThreadPoolExecutor | None,
-                      fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self._loop is None or executor is None:
+        if self._loop is None or self._executor is None:
             raise RuntimeError("EtcdOwnership used before start() or after close()")
-        return await self._loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+        return await self._loop.run_in_executor(self._executor,
+                                                functools.partial(fn, *args, **kwargs))
 
     def _apply_kv(self, key: bytes, value: bytes, create_rev: int, lease: int, deleted: bool,
                   now: float) -> None:
@@ -643,7 +659,7 @@ class EtcdOwnership:
         down, so this node first gives up every shard (the lease is renewed under a new
         session and the shards are won again), exactly as if its keep-alives had been late.
         """
-        backoff_s = RETRY_BACKOFF_S_MIN
+        backoff = _Backoff()
         while not self._closed:
             try:
                 await body()
@@ -652,26 +668,24 @@ class EtcdOwnership:
                 raise
             except Exception:
                 log.exception("node %s: etcd %s loop failed; restarting it in %.1f s",
-                              self.node_id, what, backoff_s)
+                              self.node_id, what, backoff.s)
                 session = self._session
                 if guards_lease and session is not None and not session.lost:
                     self._lose_session(session, f"the {what} loop failed")
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+            await backoff.sleep()
 
     async def _watch_loop(self) -> None:
         while not self._closed:
             await self._watch_broken.wait()
             self._watch_broken.clear()
-            backoff_s = RETRY_BACKOFF_S_MIN
+            backoff = _Backoff()
             while not self._closed:
                 try:
                     await self._relist_and_watch()
                     break
                 except _ETCD_ERRORS as exc:
                     log.warning("etcd re-list failed for %s: %r", self.node_id, exc)
-                    await asyncio.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+                    await backoff.sleep()
 
     async def _open_session(self) -> None:
         """Revoke the previous lease (best effort), take a new one and register this node."""
@@ -706,7 +720,7 @@ class EtcdOwnership:
 
     async def _session_loop(self) -> None:
         """Open a new session whenever there is none (at start, or after a loss)."""
-        backoff_s = RETRY_BACKOFF_S_MIN
+        backoff = _Backoff()
         while not self._closed:
             self._need_session.clear()
             session = self._session
@@ -715,11 +729,10 @@ class EtcdOwnership:
                 continue
             try:
                 await self._open_session()
-                backoff_s = RETRY_BACKOFF_S_MIN
+                backoff.reset()
             except _ETCD_ERRORS as exc:
                 log.warning("node %s cannot get a lease: %r", self.node_id, exc)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+                await backoff.sleep()
 
     async def _beat_loop(self) -> None:
         """Note every LOOP_BEAT_S that the event loop runs, and how late each note was
@@ -745,8 +758,8 @@ class EtcdOwnership:
         unexpected error is handed to the loop like an answer.
         """
         stop = self._keepalive_stop
-        backoff_s = RETRY_BACKOFF_S_MIN
         wedged = False
+        backoff = _Backoff()
         last: tuple[int, float] | None = None  # (lease, send time) of the last keep-alive
         while not stop.is_set():
             session = self._session
@@ -798,13 +811,12 @@ class EtcdOwnership:
             if session.suspended_at is not None and not session.lost:
                 stop.wait(SUSPENDED_RETRY_S)
             elif ttl:
-                backoff_s = RETRY_BACKOFF_S_MIN
+                backoff.reset()
                 stop.wait(self._keepalive_period_s)
             else:
                 # Retry soon, so one lost keep-alive does not cost the lease, but back off so a
                 # long etcd outage does not become a busy loop.
-                stop.wait(min(backoff_s, self._keepalive_period_s))
-                backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+                stop.wait(min(backoff.grow(), self._keepalive_period_s))
 
     def _keepalive_answered(self, session: _Session, ttl: int | None, deadline: float,
                             error: BaseException | None) -> None:
@@ -961,7 +973,7 @@ class EtcdOwnership:
 
     async def _reconcile_loop(self) -> None:
         tick_s = min(RECONCILE_TICK_S_MAX, self._grace_s / 4)
-        backoff_s = RETRY_BACKOFF_S_MIN
+        backoff = _Backoff()
         while not self._closed:
             # asyncio.timeout rather than wait_for: on Python 3.11, wait_for can swallow a
             # cancellation that arrives as the inner wait completes, and close() would hang.
@@ -973,11 +985,10 @@ class EtcdOwnership:
             self._changed.clear()
             try:
                 await self._reconcile_once()
-                backoff_s = RETRY_BACKOFF_S_MIN
+                backoff.reset()
             except _ETCD_ERRORS as exc:
                 log.warning("node %s reconcile failed: %r", self.node_id, exc)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, RETRY_BACKOFF_S_MAX)
+                await backoff.sleep()
 
     async def _reconcile_once(self) -> None:
         session = self._session
