@@ -15,6 +15,9 @@ thread needed (keep-alives 1.91 s apart at a 2 s lease, README "Failover at load
 
 ``replay`` is the same fold for a new owner's takeover (snapshot + batches after it, with the
 rows of the replayed batches), in a worker thread: the state must end up in this process.
+``warm`` is that fold without rows, for a node that is about to be handed a shard another node
+still serves (``ledger.node.Node``, "warm standbys"): its takeover then replays only the
+batches appended since (``JournalStore.load_after``), onto the warm state.
 
 Why from the journal and not from the live state: the live state may already hold a batch
 whose append is in flight (the owner applies a batch, then awaits its append); a snapshot of
@@ -33,6 +36,7 @@ until a snapshot covers it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -106,9 +110,46 @@ def _fold_rows(state: ShardState, batches: list[JournalBatch], rows: list) -> in
     return step.fold(state, batches, rows, rows_max=K.REPLAY_ROWS_FLUSH)
 
 
+@dataclass(slots=True)
+class WarmShard:
+    """A shard's state folded from the journal while another node still serves it.
+
+    ``state`` is what a takeover's replay of the same load would build (no rows written:
+    the serving owner writes them); ``basis`` is the load's, for ``load_after``; ``loaded_at``
+    is when the load started (monotonic), so that a holder can tell a stale one.
+    """
+
+    state: ShardState
+    basis: tuple[tuple[int, int], ...]
+    loaded_at: float
+    took_s: float = 0.0
+
+
+async def warm(store: JournalStore, shard: int,
+               fold_slots: asyncio.Semaphore | None = None) -> WarmShard:
+    """Load ``shard`` and fold it, without writing anything: a takeover made ready ahead.
+    The fold holds one of ``fold_slots`` (the node's replay slots) while it runs.
+
+    Raises:
+        StoreUnavailable: the load failed. CompactionError, InvariantViolation: as ``replay``.
+    """
+    started = time.monotonic()
+    loaded = await store.load(shard)
+    async with fold_slots or contextlib.nullcontext():
+        state = await asyncio.to_thread(decode, shard, loaded.snapshot, loaded.snapshot_seq)
+        batches = loaded.batches
+        for position in range(0, len(batches), K.REPLAY_SLICE_BATCHES):
+            await asyncio.to_thread(fold, state,
+                                    batches[position:position + K.REPLAY_SLICE_BATCHES])
+    return WarmShard(state, loaded.basis, started, time.monotonic() - started)
+
+
 async def replay(store: JournalStore, shard: int, loaded: LoadedShard,
-                 timings: dict | None = None) -> ShardState:
+                 timings: dict | None = None, state: ShardState | None = None) -> ShardState:
     """What ``ShardOwner._replay`` does with a loaded shard, off the event loop.
+
+    ``state``, if given, is a warm state (``warm``) at ``loaded.snapshot_seq`` that a
+    ``load_after`` continued: the batches are folded onto it (and it is the result).
 
     Decodes the snapshot and folds the batches after it in a worker thread, a slice at a
     time, writing the rows of the replayed batches (as of the last batch folded, like the
@@ -129,7 +170,11 @@ async def replay(store: JournalStore, shard: int, loaded: LoadedShard,
         CompactionError: the snapshot is not the one the load named.
         StoreUnavailable: rows could not be written.
     """
-    state = await asyncio.to_thread(decode, shard, loaded.snapshot, loaded.snapshot_seq)
+    if state is None:
+        state = await asyncio.to_thread(decode, shard, loaded.snapshot, loaded.snapshot_seq)
+    elif loaded.snapshot is not None or state.seq != loaded.snapshot_seq:
+        raise CompactionError(f"shard {shard}: a warm state at batch {state.seq} cannot "
+                              f"continue a load from batch {loaded.snapshot_seq}")
     batches = loaded.batches
     # Batches whose rows are written already: the first ``written`` of them.
     written = sum(1 for b in batches if b.seq <= loaded.rows_seq)

@@ -57,6 +57,16 @@ REPLAY_ROW_WRITE_BACKOFF_MAX_S = 4.0
 TAKEOVERS_CONCURRENT_MAX = 8
 REPLAYS_CONCURRENT_MAX = 2
 
+# Warm standbys (ledger.node.Node): a node about to be handed shards by a planned move loads
+# and folds at most this many at once, besides its takeovers (mostly reads: their folds take
+# the takeovers' REPLAYS_CONCURRENT_MAX slots).
+WARMS_CONCURRENT_MAX = 8
+# A warm state older than this is dropped and loaded again: the journal has run on since, and
+# the tail a takeover would read grows with it (s).
+WARM_KEEP_S = 10.0
+# After a warm-up failed (the store unreachable), the shard is not warmed again for this long.
+WARM_RETRY_S = 5.0
+
 # A node that stops serving a shard waits up to this long for the shard's rows to be written
 # and marked (``JournalStore.flush_rows``) before it lets etcd hand the shard on, so that the
 # next owner's replay writes none of them again (``ledger.compaction.replay``). Bounded: a

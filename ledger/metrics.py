@@ -151,6 +151,12 @@ LEASE_WAITS = Counter(
     "ledger_owner_lease_waits",
     "Times an owner held its queue because its node's lease had under "
     "APPEND_LEASE_HEADROOM_S left (keep-alives late, or the node suspended).")
+WARM_STANDBYS = Counter(
+    "ledger_warm_standbys",
+    "Warm standbys of shards a planned move hands to this node, by outcome: ready (loaded and "
+    "folded while the old owner served), failed (the load failed), used (a takeover replayed "
+    "only the batches after it), discarded (the journal no longer continued it: full replay).",
+    ["outcome"])
 TAKEOVER_FAILURES = Counter(
     "ledger_takeover_failures",
     "Gains of a shard whose owner failed to start (fenced, store unreachable): given up, "

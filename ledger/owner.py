@@ -246,8 +246,13 @@ class ShardOwner:
 
     # --- life cycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, warm: compaction.WarmShard | None = None) -> None:
         """Fence the journal with our epoch, replay it, then serve.
+
+        ``warm``: the shard folded ahead (``ledger.node.Node``, "warm standbys"). If the
+        journal still continues it (``JournalStore.load_after``) and the rows of its batches
+        are written, only the batches after it are read and replayed, onto it; else the
+        journal is loaded afresh. It is consumed either way (folded onto, or dropped).
 
         Raises:
             Fenced: a newer owner exists. StoreUnavailable, UnknownOutcome.
@@ -255,7 +260,7 @@ class ShardOwner:
         started = time.monotonic()
         head = await self._store.fence(self.shard, self.epoch)
         self.takeover_timings["fence_s"] = time.monotonic() - started
-        await self._replay()
+        await self._replay(warm)
         if self.state.seq != head:
             raise Fenced(f"shard {self.shard}: journal head moved from {head} to "
                          f"{self.state.seq} during takeover")
@@ -283,17 +288,29 @@ class ShardOwner:
             if self._serving:
                 await self._abdicate(f"{what} failed: {exc!r}")
 
-    async def _replay(self) -> None:
+    async def _replay(self, warm: compaction.WarmShard | None = None) -> None:
         # The fold runs in a worker thread, a slice at a time (ledger.compaction.replay): a
         # takeover replay of thousands of batches must not stall this node's other owners
         # and its lease keep-alives, or the node loses every shard while taking one over.
         started = time.monotonic()
-        loaded = await self._store.load(self.shard)
         timings = self.takeover_timings
+        loaded, base = None, None
+        if warm is not None:
+            loaded = await self._store.load_after(self.shard, warm.state.seq, warm.basis)
+            # The warm fold wrote no rows: usable only if the rows of its batches are written
+            # (the old owner flushed them before it let go), else a full replay writes them.
+            if loaded is not None and loaded.rows_seq >= warm.state.seq:
+                base = warm.state
+                timings["warm_seq"] = warm.state.seq
+            else:
+                loaded = None
+                timings["warm_seq"] = -1  # discarded: the journal no longer continues it
+        if loaded is None:
+            loaded = await self._store.load(self.shard)
         timings["load_s"] = time.monotonic() - started
         started = time.monotonic()
         async with self._replay_slots or contextlib.nullcontext():
-            state = await compaction.replay(self._store, self.shard, loaded, timings)
+            state = await compaction.replay(self._store, self.shard, loaded, timings, base)
         timings["replay_s"] = time.monotonic() - started
         self.state = state
         self._delivered = {}

@@ -18,3 +18,10 @@ SHARD_RETRY_BACKOFF_MAX_MS = 500
 # planned drain under load (README, "Planned drain"): a takeover served 0.1-0.9 s after it was
 # named; a call held that long is answered the moment the shard serves.
 TAKEOVER_WAIT_S_MAX = 3.0
+
+# The longest an owner waits for its successor's warm standby before a planned hand-over
+# (failback, ``ledgerctl failover``; s): a region just back from a crash loaded and folded a
+# shard's 1,000-1,400 batches in 6-8 s (README, "Heal without stalls"); past this the shard is
+# handed over anyway (its takeover then loads the whole journal, as without a standby).
+# ``ledgerd node --warm-wait-s``.
+WARM_WAIT_S = 20.0

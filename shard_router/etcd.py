@@ -4,7 +4,12 @@ Key layout (all under ``prefix``, default ``/redledger``)::
 
     {prefix}/map/{shard:05d}    {"home_region": "r1", "origin": .., "change": ..}  no lease
     {prefix}/owner/{shard:05d}  {"node_id": .., "region": .., "address": ..}  owner's lease
-    {prefix}/nodes/{node_id}    {"region": .., "address": ..}                node's lease
+    {prefix}/nodes/{node_id}    {"region": .., "address": .., "warms": ..}   node's lease
+    {prefix}/warm/{shard:05d}   {"node_id": ..}                              that node's lease
+
+A warm key says that its node, next in line for a shard a planned move hands to its region,
+holds a warm standby of it (``ledger.node``, "warm standbys"); the owner hands the shard over
+once it appears, or after ``warm_wait_s`` (``shard_router.placement``, "Warm successor first").
 
 A map entry written by a move carries ``changes``, the latest ``HOME_CHANGES_KEPT`` changes of
 the shard's home (``shard_router.ownership.HomeChange``: who moved it, how, why, when); the
@@ -90,6 +95,7 @@ from pyetcd import exceptions as etcd_exceptions
 from pyetcd import transactions as etcd_txn
 
 from ledger.runtime.tasks import spawn
+from shard_router.constants import WARM_WAIT_S
 from shard_router.endpoints import parse_endpoints
 from shard_router.ownership import (HOME_CHANGES_KEPT, HomeChange, OwnerInfo,
                                     OwnershipListener, ShardPlacement)
@@ -199,6 +205,7 @@ class _NodeRecord:
     region: str
     address: str
     first_seen: float  # monotonic, local
+    warms: bool = False  # keeps warm standbys of shards moving to it (announces warm keys)
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
@@ -253,7 +260,7 @@ class EtcdOwnership:
                  regions: list[str], shard_count: int = 256, lease_ttl_s: float = 5.0,
                  takeover_grace_s: float = 2.0, prefix: str = "/redledger", *,
                  rebalance: bool = True, campaign: bool = True,
-                 sticky_failover: bool = True,
+                 sticky_failover: bool = True, warm_wait_s: float = WARM_WAIT_S,
                  credentials: grpc.ChannelCredentials | None = None,
                  principal: str | None = None) -> None:
         if not regions:
@@ -281,6 +288,10 @@ class EtcdOwnership:
         self._campaign_enabled = campaign
         # sticky_failover: shards taken over from a dead region stay (failback on command).
         self._sticky_failover = sticky_failover
+        # How long an owner waits for its successor's warm standby before a planned hand-over
+        # (0: no warm standbys); ``set_warmer`` gives this node's own.
+        self._warm_wait_s = float(warm_wait_s)
+        self._warmer: Callable[[set[int]], set[int]] | None = None
         self._root = prefix.rstrip("/") + "/"
         self._credentials = credentials
         self.principal = principal or f"node:{node_id}"
@@ -326,6 +337,10 @@ class EtcdOwnership:
         self._owners: dict[int, _OwnerRecord] = {}
         self._nodes: dict[str, _NodeRecord] = {}
         self._absent_since: dict[int, float] = {}
+        # Warm keys: shard -> the node holding a warm standby of it.
+        self._warm_keys: dict[int, str] = {}
+        # Shards this node owns and would release but for a successor not warm yet: since when.
+        self._release_due_since: dict[int, float] = {}
         self._cache_rev = 0
         self._watch_gen = 0
         self._watch_id: int | None = None
@@ -406,6 +421,13 @@ class EtcdOwnership:
         is not told anything. Used by tests and chaos drills.
         """
         await self._shutdown(revoke=False)
+
+    def set_warmer(self, warmer: Callable[[set[int]], set[int]]) -> None:
+        """``warmer(shards)`` keeps warm standbys of exactly ``shards`` (the ones this node is
+        next in line for) and returns those ready (``ledger.node.Node.warm_targets``); called
+        on the event loop at every reconcile. Without one, this node warms nothing and its
+        shards' old owners hand them over after ``warm_wait_s``."""
+        self._warmer = warmer
 
     def on_owner_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the event loop) whenever the cache sees a shard's owner key
@@ -514,6 +536,9 @@ class EtcdOwnership:
     def _owner_key(self, shard: int) -> str:
         return f"{self._root}owner/{shard:05d}"
 
+    def _warm_key(self, shard: int) -> str:
+        return f"{self._root}warm/{shard:05d}"
+
     def _node_key(self) -> str:
         return f"{self._root}nodes/{self.node_id}"
 
@@ -551,10 +576,17 @@ class EtcdOwnership:
                 doc = json.loads(value)
                 known = self._nodes.get(rest)
                 self._nodes[rest] = _NodeRecord(str(doc["region"]), str(doc.get("address", "")),
-                                                known.first_seen if known else now)
+                                                known.first_seen if known else now,
+                                                bool(doc.get("warms", False)))
                 return
             shard = int(rest)
             if not 0 <= shard < self._shard_count:
+                return
+            if kind == "warm":
+                if deleted:
+                    self._warm_keys.pop(shard, None)
+                else:
+                    self._warm_keys[shard] = str(json.loads(value)["node_id"])
                 return
             if kind == "map":
                 if deleted:
@@ -699,7 +731,8 @@ class EtcdOwnership:
         lease = await self._call(self._kv.lease, math.ceil(self._ttl_s))
         session = _Session(lease.id, opened_at=sent_at, deadline=lease_deadline(
             sent_at=sent_at, ttl_granted_s=float(lease.ttl), ttl_s=self._ttl_s))
-        node_doc = json.dumps({"region": self.region, "address": self.address})
+        node_doc = json.dumps({"region": self.region, "address": self.address,
+                               "warms": self._warmer is not None})
         try:
             await self._call(self._kv.put, self._node_key(), node_doc, lease=lease.id)
         except _ETCD_ERRORS:
@@ -999,7 +1032,16 @@ class EtcdOwnership:
         live[self.node_id] = (self.region, now - session.opened_at)
         actions = plan((self._view(shard, now) for shard in range(self._shard_count)),
                        me=self.node_id, my_region=self.region, live_for_s=live,
-                       grace_s=self._grace_s, rebalance=self._rebalance)
+                       grace_s=self._grace_s, rebalance=self._rebalance,
+                       warm_wait_s=self._warm_wait_s,
+                       warming_nodes={n for n, rec in self._nodes.items() if rec.warms}
+                       | ({self.node_id} if self._warmer is not None else set()))
+        waiting = set(actions[Action.WAIT_WARM])
+        for shard in [s for s in self._release_due_since if s not in waiting]:
+            del self._release_due_since[shard]
+        for shard in waiting:
+            self._release_due_since.setdefault(shard, now)
+        await self._announce_warm(set(actions[Action.WARM]), session)
         # Epochs of stale keys are taken now: the cache may change during the awaits below.
         stale_epochs = {shard: self._owners[shard].epoch for shard in actions[Action.CLEAN_STALE]
                         if shard in self._owners}
@@ -1029,7 +1071,23 @@ class EtcdOwnership:
             my_epoch=self._owned.get(shard, 0),
             since_rebalance_s=math.inf if rebalanced_at is None else now - rebalanced_at,
             held=self._hold_until.get(shard, 0.0) > now,
-            served_at_home=self._last_owner_region.get(shard) == self._home(shard))
+            served_at_home=self._last_owner_region.get(shard) == self._home(shard),
+            owner_region=rec.region if rec else "",
+            warm_node_id=self._warm_keys.get(shard),
+            release_due_for_s=(now - self._release_due_since[shard]
+                               if shard in self._release_due_since else 0.0))
+
+    async def _announce_warm(self, targets: set[int], session: _Session) -> None:
+        """Have this node's warmer keep standbys of ``targets``; put a warm key (on our
+        lease) for each one ready, and delete ours of shards no longer warm here."""
+        ready = self._warmer(targets) if self._warmer is not None else set()
+        mine = {s for s, n in self._warm_keys.items() if n == self.node_id}
+        doc = json.dumps({"node_id": self.node_id})
+        ops = [etcd_txn.Put(self._warm_key(s), doc, lease=session.lease_id)
+               for s in sorted(ready - mine)]
+        ops += [etcd_txn.Delete(self._warm_key(s)) for s in sorted(mine - ready)]
+        for chunk in _chunks(ops, TXN_OPS_MAX):
+            await self._call(self._kv.transaction, compare=[], success=list(chunk), failure=[])
 
     # -- Election steps ----------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from coordinator.envelopes import EnvelopeRules
 from ledger import constants as K
 from ledger import logs, metrics, server, tracing
 from ledger.core import constants as C
+from shard_router.constants import WARM_WAIT_S
 from shard_router.endpoints import etcd_endpoints
 
 # Exit status of a ledgerd that refused to start (port in use, data directory locked).
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="coordinator: serve the API and route, own no shards")
     node.add_argument("--lease-ttl-s", type=float, default=5.0)
     node.add_argument("--takeover-grace-s", type=float, default=2.0)
+    node.add_argument("--warm-wait-s", type=float, default=WARM_WAIT_S,
+                      help="a planned move (failback, failover --to) waits up to this long "
+                           "for the new owner's warm standby, so that its takeover replays "
+                           "only a tail (0: hand over at once, no warm standbys)")
     node.add_argument("--etcd-tls", action="store_true",
                       help="talk to etcd over mutual TLS with this node's certificate "
                            "(--tls-dir/--tls-name); see ledgerctl etcd-auth")
@@ -333,7 +338,8 @@ async def _node(args) -> None:
     ownership = EtcdOwnership(args.etcd, node_id, args.region, f"{args.host}:{args.port}",
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
                               takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix,
-                              campaign=args.role == "full", credentials=_etcd_tls(args),
+                              campaign=args.role == "full", warm_wait_s=args.warm_wait_s,
+                              credentials=_etcd_tls(args),
                               principal=_principal(args))
     # Appends are plain writes: the store acknowledges one only while this node's lease holds
     # (coordinator/PROTOCOL.md, "Fencing").

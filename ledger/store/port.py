@@ -68,6 +68,12 @@ class LoadedShard:
     # (``ledger.store.cassandra.views``); SQLite answers 0: its rows are written in each
     # append's own transaction, and its replay writes only audit rows an older build left out.
     rows_seq: int = 0
+    # What decided which journal rows count when this load read them: Cassandra's fenced
+    # epochs, each with the batch its run starts after, as sorted (epoch, start) pairs; ()
+    # where every stored batch counts (SQLite). ``load_after`` compares it with the basis of
+    # the moment: a caller that folded these batches may continue from them only if no run
+    # starting below its last batch appeared since.
+    basis: tuple[tuple[int, int], ...] = ()
 
 
 class JournalStore(Protocol):
@@ -103,6 +109,27 @@ class JournalStore(Protocol):
         Raises:
             StoreUnavailable: the store could not be reached, or the read kept racing
                 truncations, or came back incomplete.
+        """
+        ...
+
+    async def load_after(self, shard: int, seq: int,
+                         basis: tuple[tuple[int, int], ...]) -> LoadedShard | None:
+        """The batches after ``seq``, for a caller that folded an earlier ``load`` (whose
+        ``basis`` it passes) up to batch ``seq``: a warm standby (``ledger.node.Node``,
+        "warm standbys") that takes the shard over and replays only the tail.
+
+        Returns ``LoadedShard(None, seq, batches, rows_seq, basis)`` with the batches from
+        ``seq + 1`` to the journal head, without gaps, and the basis of this read; or None
+        when the caller's fold is no longer a prefix of the journal, and it must ``load``
+        afresh: a run of an epoch now starts below ``seq`` (a fence since then read a lower
+        head: a batch the caller folded may not count), the head is below ``seq``, or the
+        batches after ``seq`` are truncated (a newer snapshot covers them). ``rows_seq`` as
+        for ``load``, except that SQLite answers the last batch: its rows were written in
+        each append's own transaction.
+
+        Raises:
+            StoreUnavailable: the store could not be reached, or the read came back
+                incomplete.
         """
         ...
 

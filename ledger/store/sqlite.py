@@ -287,6 +287,13 @@ class SqliteStore:
     async def load(self, shard: int) -> LoadedShard:
         return await self._call(_load, shard)
 
+    async def load_after(self, shard: int, seq: int,
+                         basis: tuple[tuple[int, int], ...]) -> LoadedShard | None:
+        """See the port. Every stored batch counts here (an append checks the epoch in its
+        own transaction), so ``basis`` is always (); the rows of every batch were written by
+        its append, so ``rows_seq`` is the last batch."""
+        return await self._call(_load_after, shard, seq)
+
     async def append(self, shard: int, epoch: int, seq: int, events: bytes,
                      rows: Iterable[Row]) -> None:
         await self._call(_append, shard, epoch, seq, events, list(rows))
@@ -515,6 +522,18 @@ def _load(db: sqlite3.Connection, shard: int) -> LoadedShard:
         "SELECT seq, epoch, events FROM journal WHERE shard = ? AND seq > ? ORDER BY seq",
         (shard, snapshot_seq))]
     return LoadedShard(snapshot, snapshot_seq, batches)
+
+
+def _load_after(db: sqlite3.Connection, shard: int, seq: int) -> LoadedShard | None:
+    _, head, _ = _journal_position(db, shard)
+    if head < seq:
+        return None
+    batches = [JournalBatch(seq_, epoch, bytes(events)) for seq_, epoch, events in db.execute(
+        "SELECT seq, epoch, events FROM journal WHERE shard = ? AND seq > ? ORDER BY seq",
+        (shard, seq))]
+    if len(batches) != head - seq or (batches and batches[0].seq != seq + 1):
+        return None  # truncated after seq: a newer snapshot covers what follows it
+    return LoadedShard(None, seq, batches, head)
 
 
 def _read_journal(db: sqlite3.Connection, shard: int, after_seq: int,

@@ -367,6 +367,58 @@ async def test_a_journal_compacted_through_its_head_keeps_its_head(case):
     assert [b.seq for b in (await case.store.load(shard)).batches] == [6]
 
 
+async def test_load_after_continues_a_load_across_appends_and_a_newer_fence(case):
+    """A warm standby (``ledger.node``) folded a load up to its last batch; its takeover
+    reads only what followed (``load_after``): the same batches a full load would give
+    after that point, whoever appended them, or None where it must load afresh."""
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 5)
+    warm = await case.store.load(shard)
+    await append_run(case.store, shard, 1, 6, 8)
+    await case.store.flush_rows(shard, 8)
+    tail = await case.store.load_after(shard, 5, warm.basis)
+    assert (tail.snapshot, tail.snapshot_seq) == (None, 5)
+    assert tail.batches == [JournalBatch(s, 1, events(shard, s)) for s in (6, 7, 8)]
+    assert tail.rows_seq == 8  # every row of them is written (flushed, or in the append)
+    # A newer fence at a head at or above the warm batch: the warm prefix still counts.
+    assert await case.store.fence(shard, 2) == 8
+    await case.store.append(shard, 2, 9, events(shard, 9), [])
+    tail = await case.store.load_after(shard, 5, warm.basis)
+    assert [(b.seq, b.epoch) for b in tail.batches] == [(6, 1), (7, 1), (8, 1), (9, 2)]
+    full = await case.store.load(shard)
+    assert full.batches[5:] == tail.batches
+    assert (await case.store.load_after(shard, 9, tail.basis)).batches == []
+    # A head below the warm batch, or batches after it truncated: load afresh.
+    assert await case.store.load_after(shard, 10, tail.basis) is None
+    await case.store.save_snapshot(shard, 7, b"after 7")
+    await case.store.truncate_journal(shard, 7)
+    assert await case.store.load_after(shard, 5, warm.basis) is None
+    assert [b.seq for b in (await case.store.load_after(shard, 7, tail.basis)).batches] == [
+        8, 9]
+
+
+async def test_load_after_refuses_a_fold_a_newer_run_cuts_into(case):
+    """Cassandra: a fence whose head read was below a batch the warm load had folded (a
+    deposed owner's unacknowledged write) starts a run there; that batch no longer counts,
+    so the warm fold is not a prefix of the journal any more. The basis says so."""
+    shard = case.shard()
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 4)
+    await case.store.fence(shard, 2)
+    await append_run(case.store, shard, 2, 5, 6)
+    now = (await case.store.load(shard)).basis
+    if case.adapter == "sqlite":
+        assert now == ()  # every stored batch counts: a run never cuts into one
+        return
+    assert dict(now) == {1: 0, 2: 4}
+    # A fold of epoch 1's rows up to batch 5 (the basis it was read under had no epoch 2).
+    assert await case.store.load_after(shard, 5, ((1, 0),)) is None
+    # A fold up to batch 4 is a prefix under both bases.
+    tail = await case.store.load_after(shard, 4, ((1, 0),))
+    assert [(b.seq, b.epoch) for b in tail.batches] == [(5, 2), (6, 2)]
+
+
 async def test_truncation_past_the_latest_snapshot_is_refused(case):
     shard = case.shard()
     await case.store.fence(shard, 1)

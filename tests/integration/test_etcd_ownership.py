@@ -154,11 +154,13 @@ async def cluster(etcd_endpoint):
     proxies: list[BlackholeProxy] = []
 
     async def node(node_id: str, region: str, regions: list[str], *, start: bool = True,
-                   endpoint: str | None = None) -> EtcdOwnership:
+                   endpoint: str | None = None, warmer=None, **options) -> EtcdOwnership:
         n = EtcdOwnership(endpoint or etcd_endpoint, node_id, region, f"{node_id}.test:1",
                           regions, shard_count=SHARDS, lease_ttl_s=LEASE_TTL_S,
-                          takeover_grace_s=GRACE_S, prefix=prefix)
+                          takeover_grace_s=GRACE_S, prefix=prefix, **options)
         nodes.append(n)
+        if warmer is not None:
+            n.set_warmer(warmer)
         if start:
             await n.start(recorder.listener(node_id))
         return n
@@ -410,6 +412,61 @@ async def test_failover_across_regions_and_planned_moves(cluster):
     assert all(a2.origin(s) is None for s in range(SHARDS))
     await wait_until(rec, lambda: cache_matches_etcd(b, cluster.etcd, cluster.prefix),
                      SETTLE_TIMEOUT_S, "b's cache to match etcd")
+
+
+def etcd_warm_keys(client, prefix: str) -> dict[int, str]:
+    return {int(meta.key.decode().rsplit("/", 1)[1]): json.loads(value)["node_id"]
+            for value, meta in client.get_prefix(f"{prefix}/warm/")}
+
+
+@pytest.mark.real
+async def test_a_planned_move_waits_for_the_successors_warm_standby(cluster):
+    """r1's shards, served in r2 (r1 started later), go home to r1's node only once it says
+    it holds warm standbys of them (``ledger.node``, "warm standbys"), or after
+    ``warm_wait_s``; a node that keeps none is not waited for (the test above)."""
+    regions = ["r1", "r2"]
+    rec = cluster.recorder
+    r1_shards = {s for s in range(SHARDS) if s % 2 == 0}
+    b = await cluster.node("b", "r2", regions, warm_wait_s=60.0)
+    await wait_until(rec, lambda: len(b.owned()) == SHARDS, SETTLE_TIMEOUT_S,
+                     "b (r2) to take r1's shards while r1 has no node")
+    asked: list[set[int]] = []
+    ready: set[int] = set()
+
+    def warmer(shards: set[int]) -> set[int]:
+        asked.append(set(shards))
+        return ready & shards
+
+    a = await cluster.node("a", "r1", regions, warmer=warmer)
+    # a is live and stable, asked to warm exactly r1's shards; b holds them meanwhile.
+    await wait_until(rec, lambda: bool(asked) and asked[-1] == r1_shards, SETTLE_TIMEOUT_S,
+                     "a to be asked for standbys of r1's shards")
+    await asyncio.sleep(3 * GRACE_S)
+    assert len(b.owned()) == SHARDS and not a.owned()
+    assert etcd_warm_keys(cluster.etcd, cluster.prefix) == {}
+    # Warm: a says so (its warm keys), b lets go, a takes them.
+    ready.update(r1_shards)
+    await wait_until(rec, lambda: set(a.owned()) == r1_shards, SETTLE_TIMEOUT_S,
+                     "r1's shards to move once a is warm")
+    assert set(b.owned()) == set(range(SHARDS)) - r1_shards
+    # Moved: nothing left to warm, the warm keys are withdrawn.
+    await wait_until(rec, lambda: not etcd_warm_keys(cluster.etcd, cluster.prefix)
+                     and asked[-1] == set(), SETTLE_TIMEOUT_S, "the warm keys to go")
+
+
+@pytest.mark.real
+async def test_a_planned_move_waits_for_a_warm_standby_no_longer_than_its_bound(cluster):
+    regions = ["r1", "r2"]
+    rec = cluster.recorder
+    b = await cluster.node("b", "r2", regions, warm_wait_s=2.0)
+    await wait_until(rec, lambda: len(b.owned()) == SHARDS, SETTLE_TIMEOUT_S,
+                     "b (r2) to take r1's shards while r1 has no node")
+    a = await cluster.node("a", "r1", regions, warmer=lambda shards: set())  # never warm
+    started = time.monotonic()
+    await wait_until(rec, lambda: len(a.owned()) == SHARDS // 2, SETTLE_TIMEOUT_S,
+                     "r1's shards to move after the bound")
+    # The grace (a stable for GRACE_S) plus the bound, at least.
+    assert time.monotonic() - started >= GRACE_S + 2.0 - 0.2
 
 
 @pytest.mark.real

@@ -51,6 +51,12 @@ class MemStore:
         batches = [b for b in self.journals.get(shard, []) if b.seq > snap_seq]
         return LoadedShard(snap, snap_seq, batches)
 
+    async def load_after(self, shard: int, seq: int, basis) -> LoadedShard | None:
+        journal = self.journals.get(shard, [])
+        if len(journal) < seq:
+            return None
+        return LoadedShard(None, seq, journal[seq:], len(journal))
+
     def _write(self, shard: int, epoch: int, seq: int, events: bytes, rows) -> None:
         journal = self.journals.setdefault(shard, [])
         if self.epochs.get(shard) != epoch or len(journal) != seq - 1:

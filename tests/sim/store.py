@@ -170,6 +170,21 @@ class FaultyStore:
         return LoadedShard(snapshot, snapshot_seq, [journal.batches[s] for s in range(
             snapshot_seq + 1, journal.head + 1)])
 
+    async def load_after(self, shard: int, seq: int,
+                         basis: tuple[tuple[int, int], ...]) -> LoadedShard | None:
+        """The port's ``load_after``: every stored batch counts (as in SQLite)."""
+        with self._busy(shard):
+            await self._delay(self._rng.uniform(0, self.faults.delay_s_max))
+            if self._down() or self._roll(self.faults.load_unavailable):
+                self._count("load_unavailable")
+                raise StoreUnavailable("simulated: load failed")
+            journal = self._journal(shard)
+            if journal.head < seq or any(s not in journal.batches
+                                         for s in range(seq + 1, journal.head + 1)):
+                return None
+            return LoadedShard(None, seq, [journal.batches[s] for s in range(
+                seq + 1, journal.head + 1)], journal.head)
+
     async def load_snapshot(self, shard: int) -> tuple[int, bytes | None]:
         await self._delay(self._rng.uniform(0, self.faults.delay_s_max))
         if self._down():

@@ -151,6 +151,55 @@ def test_an_owner_outside_home_hands_over_only_to_a_stable_home_node():
     assert decide(mine, me, stable) is Action.RELEASE
 
 
+WARM_WAIT_S = 20.0
+
+
+def test_an_owner_outside_home_waits_for_its_successors_warm_standby():
+    """A planned hand-over waits (bounded) until the node that will campaign first holds a
+    warm standby, so its takeover replays only a tail (README "Heal without stalls")."""
+    me = "x"
+    first, second = ranked(SHARD, ["a", "b"])
+    live = {me: ("r2", 10.0), first: ("r1", GRACE_S), second: ("r1", GRACE_S)}
+
+    def owner_decides(warming: frozenset = frozenset({first, second}), **fields) -> Action:
+        v = view(owner_node_id=me, owner_epoch=9, my_epoch=9, owner_region="r2", **fields)
+        return plan_shard(v, me=me, my_region="r2", live_for_s=live, grace_s=GRACE_S,
+                          rebalance=True, warm_wait_s=WARM_WAIT_S, warming_nodes=warming)
+
+    assert owner_decides() is Action.WAIT_WARM
+    assert owner_decides(warm_node_id=second) is Action.WAIT_WARM  # not the one campaigning
+    assert owner_decides(warm_node_id=first) is Action.RELEASE
+    assert owner_decides(release_due_for_s=WARM_WAIT_S * 0.9) is Action.WAIT_WARM
+    assert owner_decides(release_due_for_s=WARM_WAIT_S) is Action.RELEASE  # waited enough
+    # A successor that keeps no warm standbys (its node key says so) is not waited for.
+    assert owner_decides(warming={second}) is Action.RELEASE
+    # Without warm standbys (warm_wait_s 0) the hand-over is immediate, as before.
+    assert decide(view(owner_node_id=me, owner_epoch=9, my_epoch=9), me, live) is (
+        Action.RELEASE)
+
+
+def test_the_successor_of_a_shard_moving_to_its_region_warms_a_standby():
+    first, second = ranked(SHARD, ["a", "b"])
+    live = {"x": ("r2", 10.0), first: ("r1", 0.1), second: ("r1", GRACE_S)}
+    held_elsewhere = view(owner_node_id="x", owner_epoch=9, owner_region="r2")
+
+    def decides(me: str, v: ShardView, wait_s: float = WARM_WAIT_S,
+                warming: frozenset = frozenset(live)) -> Action:
+        return plan_shard(v, me=me, my_region=live[me][0], live_for_s=live, grace_s=GRACE_S,
+                          rebalance=True, warm_wait_s=wait_s, warming_nodes=warming)
+
+    # Only the node that will campaign first (stable or not yet), and only when warm
+    # standbys are on.
+    assert decides(first, held_elsewhere) is Action.WARM
+    assert decides(second, held_elsewhere) is Action.NONE
+    assert decides(first, held_elsewhere, 0.0) is Action.NONE
+    assert decides(first, held_elsewhere, warming=frozenset({second})) is Action.NONE
+    # Not for a shard served in its home region (a rebalance is not waited for) or unowned.
+    assert decides(first, view(owner_node_id=second, owner_epoch=9,
+                                owner_region="r1")) is Action.NONE
+    assert decides(first, view()) is Action.CAMPAIGN
+
+
 def test_failover_and_failback_moves():
     homes = {0: "r1", 1: "r2", 2: "r1", 3: "r3"}
     moved, origins = failover_moves(homes, "r1", "r2")

@@ -92,6 +92,17 @@ def epoch_runs(starts: dict[int, int] | None) -> dict[int, tuple[int, int]]:
     return runs
 
 
+def basis_of(starts: dict[int, int] | None) -> tuple[tuple[int, int], ...]:
+    """``starts`` as ``LoadedShard.basis``: sorted (epoch, start) pairs."""
+    return tuple(sorted((starts or {}).items()))
+
+
+def basis_below(basis: tuple[tuple[int, int], ...], seq: int) -> tuple[tuple[int, int], ...]:
+    """The runs of ``basis`` that start below ``seq``: they alone decide which rows of the
+    batches up to ``seq`` count (a run starting at ``seq`` or above owns only later ones)."""
+    return tuple(pair for pair in basis if pair[1] < seq)
+
+
 def counts(runs: dict[int, tuple[int, int]], seq: int, writer_epoch: int) -> bool:
     """True if batch ``seq`` written by ``writer_epoch`` is part of the journal."""
     run = runs.get(writer_epoch)
@@ -485,9 +496,43 @@ class Journal:
             if expected - 1 < head:
                 raise StoreUnavailable(f"shard {shard}: journal read ended at batch "
                                        f"{expected - 1}, head is {head}")
-            return LoadedShard(snapshot, snapshot_seq, batches, min(rows_mark, expected - 1))
+            return LoadedShard(snapshot, snapshot_seq, batches, min(rows_mark, expected - 1),
+                               basis_of(starts))
         raise StoreUnavailable(f"shard {shard}: the journal was truncated under every one of "
                                f"{SNAPSHOT_LOAD_ATTEMPTS_MAX} loads")
+
+    async def load_after(self, shard: int, seq: int,
+                         basis: tuple[tuple[int, int], ...]) -> LoadedShard | None:
+        """See ``JournalStore.load_after``: ``load``'s reads, from batch ``seq`` on.
+
+        The caller's batches up to ``seq`` count now as they did when it read them if and
+        only if the runs starting below ``seq`` are the same (``epoch_runs``: a batch belongs
+        to the run of the latest start below it), and a fence since then, whose run starts at
+        the head it read, read a head of at least ``seq``.
+        """
+        rows_mark = await self._views.read_mark(shard)
+        writer = self._writers.get(shard)
+        if (writer is not None and not writer.broken
+                and writer.next_seq == writer.fenced_head + 1):
+            starts, head = writer.starts, writer.fenced_head  # right after our own fence
+        else:
+            recorded, starts = await self._fence_state(shard)
+            head = await self._head(shard, recorded, starts)
+        if head < seq or basis_below(basis_of(starts), seq) != basis_below(basis, seq):
+            return None
+        batches = await self._read_spans(shard, seq, head, epoch_runs(starts))
+        if (not batches and head > seq) or (batches and batches[0].seq != seq + 1):
+            return None  # truncated after seq: a newer snapshot covers what follows it
+        expected = seq + 1
+        for batch in batches:
+            if batch.seq != expected:
+                raise StoreUnavailable(f"shard {shard}: journal read has a gap before "
+                                       f"batch {batch.seq} (expected {expected})")
+            expected += 1
+        if expected - 1 < head:
+            raise StoreUnavailable(f"shard {shard}: journal read ended at batch "
+                                   f"{expected - 1}, head is {head}")
+        return LoadedShard(None, seq, batches, min(rows_mark, expected - 1), basis_of(starts))
 
     async def _read_spans(self, shard: int, after_seq: int, head: int,
                           runs: dict[int, tuple[int, int]]) -> list[JournalBatch]:

@@ -187,6 +187,11 @@ class CassandraStore:
         """See ``JournalStore.load`` and ``Journal.load``."""
         return await self._journal.load(shard)
 
+    async def load_after(self, shard: int, seq: int,
+                         basis: tuple[tuple[int, int], ...]) -> LoadedShard | None:
+        """See ``JournalStore.load_after`` and ``Journal.load_after``."""
+        return await self._journal.load_after(shard, seq, basis)
+
     async def load_snapshot(self, shard: int) -> tuple[int, bytes | None]:
         """See ``JournalStore.load_snapshot`` and ``Journal.load_snapshot``."""
         return await self._journal.load_snapshot(shard)

@@ -1,0 +1,156 @@
+"""Warm standbys: a node handed a shard by a planned move replays only what followed its
+warm-up (``ledger.node``, "warm standbys"; ``JournalStore.load_after``).
+
+Why: on a region just back from a crash, a failback's takeover loaded 1,000-1,400 batches in
+6-8 s while no node served the shard, and every transfer touching it waited (kill-region
+drill at load, README "Heal without stalls"). Here two nodes share one SQLite store (the real
+adapter); the test plays both elections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ledger import compaction
+from ledger import constants as K
+from ledger import metrics
+from ledger.core import codec
+from ledger.core.model import CreateWallet
+from ledger.node import Node
+from ledger.store.sqlite import SqliteStore
+from tests.owner.test_takeover_slots import CalledOwnership
+
+SHARD = 3
+NO_HANG_S = 10.0
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await SqliteStore.open(tmp_path / "ledger.db")
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def _ownership(node_id: str) -> CalledOwnership:
+    ownership = CalledOwnership()
+    ownership.node_id = node_id
+    return ownership
+
+
+async def _wallets(node: Node, first: int, count: int) -> None:
+    owner = node.owners[SHARD]
+    for i in range(first, first + count):  # one batch each
+        made = await owner.submit(CreateWallet("t", f"k{i}", f"w{i}", "CNY", False, 1))
+        assert made.ok, made
+
+
+async def _warmed(node: Node, shards: set[int]) -> set[int]:
+    """Ask for warm standbys of ``shards``, wait for their warm-ups, return those ready."""
+    node.warm_targets(shards)
+    running = list(node._warming.values())
+    assert running, "no warm-up started"
+    await asyncio.wait_for(asyncio.gather(*running), NO_HANG_S)
+    return node.warm_targets(shards)
+
+
+async def _hand_over(old: Node, new: Node, epoch: int):
+    await old.ownership.listener(SHARD, 0)
+    await new.ownership.listener(SHARD, epoch)
+    assert await new.wait_serving(1, timeout_s=NO_HANG_S)
+    return new.owners[SHARD]
+
+
+async def _full_replay(store, shard: int) -> bytes:
+    """The state a takeover without a standby builds, encoded."""
+    state = await compaction.replay(store, shard, await store.load(shard))
+    return codec.snapshot_dumps(state)
+
+
+def _count(outcome: str) -> float:
+    return metrics.WARM_STANDBYS.labels(outcome)._value.get()
+
+
+async def test_a_takeover_with_a_warm_standby_replays_only_the_tail(store):
+    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
+    await old.start()
+    await new.start()
+    try:
+        await old.ownership.listener(SHARD, 1)
+        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
+        await _wallets(old, 0, 30)
+        assert await _warmed(new, {SHARD}) == {SHARD}
+        used = _count("used")
+        await _wallets(old, 30, 4)  # appended after the warm-up: the tail
+        owner = await _hand_over(old, new, 2)
+        t = owner.takeover_timings
+        assert t["warm_seq"] == 30 and t["batches"] == 4, t
+        assert owner.state.seq == 34 and len(owner.state.wallets) == 34
+        assert _count("used") == used + 1
+        # Exactly the state a replay of the whole journal builds.
+        assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
+        await _wallets(new, 34, 1)  # and it serves
+    finally:
+        await new.close()
+        await old.close()
+
+
+async def test_a_warm_standby_the_journal_no_longer_continues_is_discarded(store):
+    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
+    await old.start()
+    await new.start()
+    try:
+        await old.ownership.listener(SHARD, 1)
+        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
+        await _wallets(old, 0, 10)
+        await _warmed(new, {SHARD})
+        await _wallets(old, 10, 5)
+        # A snapshot past the warm batch, and the journal it covers truncated.
+        assert (await compaction.compact(store, SHARD, 12)).seq == 12
+        discarded = _count("discarded")
+        owner = await _hand_over(old, new, 2)
+        t = owner.takeover_timings
+        assert t["warm_seq"] == -1 and t["batches"] == 3, t  # loaded afresh: 13, 14, 15
+        assert _count("discarded") == discarded + 1
+        assert owner.state.seq == 15 and len(owner.state.wallets) == 15
+    finally:
+        await new.close()
+        await old.close()
+
+
+async def test_a_standby_not_asked_for_any_more_or_too_old_is_not_used(store, monkeypatch):
+    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
+    await old.start()
+    await new.start()
+    try:
+        await old.ownership.listener(SHARD, 1)
+        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
+        await _wallets(old, 0, 5)
+        await _warmed(new, {SHARD})
+        assert new.warm_targets(set()) == set()  # the move was called off: dropped
+        owner = await _hand_over(old, new, 2)
+        assert "warm_seq" not in owner.takeover_timings
+        assert owner.takeover_timings["batches"] == 5
+        # Back to the first node, whose standby is older than WARM_KEEP_S by then.
+        await _warmed(old, {SHARD})
+        monkeypatch.setattr(K, "WARM_KEEP_S", 0.0)
+        owner = await _hand_over(new, old, 3)
+        assert "warm_seq" not in owner.takeover_timings
+        assert owner.state.seq == 5
+    finally:
+        await new.close()
+        await old.close()
+
+
+async def test_a_node_does_not_warm_a_shard_it_serves(store):
+    node = Node(store, _ownership("a"))
+    await node.start()
+    try:
+        await node.ownership.listener(SHARD, 1)
+        assert await node.wait_serving(1, timeout_s=NO_HANG_S)
+        assert node.warm_targets({SHARD}) == set() and not node._warming
+    finally:
+        await node.close()
