@@ -87,6 +87,8 @@ class Node:
         self._warm: dict[int, WarmShard] = {}
         self._warming: dict[int, asyncio.Task] = {}
         self._warm_failed_at: dict[int, float] = {}
+        # A gain's standby, from its report until its takeover runs.
+        self._standby_for: dict[tuple[int, int], WarmShard] = {}
         self._warm_slots = asyncio.Semaphore(K.WARMS_CONCURRENT_MAX)
 
     async def start(self) -> None:
@@ -95,19 +97,21 @@ class Node:
             set_warmer(self.warm_targets)
         await self.ownership.start(self._on_ownership)
 
-    def warm_targets(self, shards: set[int]) -> set[int]:
-        """Keep a warm standby of each of ``shards`` (and of no other); return those ready.
+    def warm_targets(self, shards: set[int], keep: set[int] = frozenset()) -> set[int]:
+        """Keep a warm standby of each of ``shards``; return those ready.
 
-        Called by the ownership adapter with the shards this node is next in line for. A
-        shard not asked for any more is dropped (a running warm-up cancelled); a warm state
-        older than ``K.WARM_KEEP_S`` is loaded again. A shard this node serves or is taking
-        over is not warmed.
+        Called by the ownership adapter at every reconcile with the shards this node is next
+        in line for, and ``keep``: those it is campaigning for (released: their standbys
+        are kept, not started). Any other standby is dropped (a running warm-up cancelled);
+        a warm state older than ``K.WARM_KEEP_S`` is loaded again. A shard this node serves
+        or is taking over is not warmed; a gain takes its standby at once (``_on_ownership``).
         """
         now = time.monotonic()
         for shard in [s for s, w in self._warm.items()
-                      if s not in shards or now - w.loaded_at > K.WARM_KEEP_S]:
+                      if (s not in shards and s not in keep)
+                      or now - w.loaded_at > K.WARM_KEEP_S]:
             del self._warm[shard]
-        for shard in [s for s in self._warming if s not in shards]:
+        for shard in [s for s in self._warming if s not in shards and s not in keep]:
             self._warming.pop(shard).cancel()
         for shard in sorted(shards):
             if (shard in self._warm or shard in self._warming or shard in self.owners
@@ -155,6 +159,7 @@ class Node:
             task.cancel()
         self._warming.clear()
         self._warm.clear()
+        self._standby_for.clear()
         for shard in list(self.owners):
             self._transitions += 1
             await self._transition(shard, 0)
@@ -166,6 +171,11 @@ class Node:
         self._latest[shard] = epoch
         if epoch:
             self._gain_reported_at[(shard, epoch)] = time.monotonic()
+            # Its warm standby, if any, goes with this gain (a reconcile meanwhile, which no
+            # longer lists the shard, must not drop it).
+            standby = self._take_warm(shard)
+            if standby is not None:
+                self._standby_for[(shard, epoch)] = standby
         if epoch == 0:
             await self._transition(shard, 0)  # a loss must be complete before we return
         else:
@@ -212,6 +222,7 @@ class Node:
         # When this gain was reported (a later report of the shard, a loss or another gain,
         # has its own entry: taking the shard's latest one made a takeover's wait negative).
         reported_at = self._gain_reported_at.pop((shard, epoch), None) if epoch else None
+        standby = self._standby_for.pop((shard, epoch), None) if epoch else None
         async with lock:
             if epoch and self._latest.get(shard, epoch) != epoch:
                 return  # superseded while it waited: a later loss or gain of the shard decides
@@ -239,7 +250,6 @@ class Node:
                                    confirm_held=getattr(self.ownership, "confirm_held", None),
                                    **self._owner_options)
                 started = time.monotonic()
-                standby = self._take_warm(shard)
                 try:
                     await owner.start(standby)
                 except Exception:

@@ -291,7 +291,7 @@ class EtcdOwnership:
         # How long an owner waits for its successor's warm standby before a planned hand-over
         # (0: no warm standbys); ``set_warmer`` gives this node's own.
         self._warm_wait_s = float(warm_wait_s)
-        self._warmer: Callable[[set[int]], set[int]] | None = None
+        self._warmer: Callable[[set[int], set[int]], set[int]] | None = None
         self._root = prefix.rstrip("/") + "/"
         self._credentials = credentials
         self.principal = principal or f"node:{node_id}"
@@ -422,11 +422,12 @@ class EtcdOwnership:
         """
         await self._shutdown(revoke=False)
 
-    def set_warmer(self, warmer: Callable[[set[int]], set[int]]) -> None:
-        """``warmer(shards)`` keeps warm standbys of exactly ``shards`` (the ones this node is
-        next in line for) and returns those ready (``ledger.node.Node.warm_targets``); called
-        on the event loop at every reconcile. Without one, this node warms nothing and its
-        shards' old owners hand them over after ``warm_wait_s``."""
+    def set_warmer(self, warmer: Callable[[set[int], set[int]], set[int]]) -> None:
+        """``warmer(shards, keep)`` keeps warm standbys of ``shards`` (the ones this node is
+        next in line for) and of ``keep`` (those it campaigns for: released to it), drops
+        the others, and returns those ready (``ledger.node.Node.warm_targets``); called on the
+        event loop at every reconcile. Without one, this node warms nothing, and the owners
+        of shards moving to it do not wait for it."""
         self._warmer = warmer
 
     def on_owner_change(self, callback: Callable[[], None]) -> None:
@@ -1041,7 +1042,8 @@ class EtcdOwnership:
             del self._release_due_since[shard]
         for shard in waiting:
             self._release_due_since.setdefault(shard, now)
-        await self._announce_warm(set(actions[Action.WARM]), session)
+        await self._announce_warm(set(actions[Action.WARM]), set(actions[Action.CAMPAIGN]),
+                                  session)
         # Epochs of stale keys are taken now: the cache may change during the awaits below.
         stale_epochs = {shard: self._owners[shard].epoch for shard in actions[Action.CLEAN_STALE]
                         if shard in self._owners}
@@ -1077,10 +1079,13 @@ class EtcdOwnership:
             release_due_for_s=(now - self._release_due_since[shard]
                                if shard in self._release_due_since else 0.0))
 
-    async def _announce_warm(self, targets: set[int], session: _Session) -> None:
-        """Have this node's warmer keep standbys of ``targets``; put a warm key (on our
-        lease) for each one ready, and delete ours of shards no longer warm here."""
-        ready = self._warmer(targets) if self._warmer is not None else set()
+    async def _announce_warm(self, targets: set[int], campaigning: set[int],
+                             session: _Session) -> None:
+        """Have this node's warmer keep standbys of ``targets`` (and keep those of shards it
+        is about to campaign for); put a warm key (on our lease) for each target ready, and
+        delete ours of shards no longer warm here."""
+        ready = (self._warmer(targets, campaigning) & targets if self._warmer is not None
+                 else set())
         mine = {s for s, n in self._warm_keys.items() if n == self.node_id}
         doc = json.dumps({"node_id": self.node_id})
         ops = [etcd_txn.Put(self._warm_key(s), doc, lease=session.lease_id)

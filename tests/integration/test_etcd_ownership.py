@@ -433,7 +433,7 @@ async def test_a_planned_move_waits_for_the_successors_warm_standby(cluster):
     asked: list[set[int]] = []
     ready: set[int] = set()
 
-    def warmer(shards: set[int]) -> set[int]:
+    def warmer(shards: set[int], keep: set[int]) -> set[int]:
         asked.append(set(shards))
         return ready & shards
 
@@ -461,7 +461,7 @@ async def test_a_planned_move_waits_for_a_warm_standby_no_longer_than_its_bound(
     b = await cluster.node("b", "r2", regions, warm_wait_s=2.0)
     await wait_until(rec, lambda: len(b.owned()) == SHARDS, SETTLE_TIMEOUT_S,
                      "b (r2) to take r1's shards while r1 has no node")
-    a = await cluster.node("a", "r1", regions, warmer=lambda shards: set())  # never warm
+    a = await cluster.node("a", "r1", regions, warmer=lambda shards, keep: set())  # never warm
     started = time.monotonic()
     await wait_until(rec, lambda: len(a.owned()) == SHARDS // 2, SETTLE_TIMEOUT_S,
                      "r1's shards to move after the bound")

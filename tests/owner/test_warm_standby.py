@@ -98,6 +98,31 @@ async def test_a_takeover_with_a_warm_standby_replays_only_the_tail(store):
         await old.close()
 
 
+async def test_a_standby_survives_the_reconciles_between_the_release_and_the_takeover(store):
+    """Once the old owner lets go, the shard is no longer one to warm but one to campaign
+    for (``keep``), and once won, a gain whose takeover has not run yet: a reconcile in
+    either window must not drop the standby. (A kill-region drill's failback took the full
+    load in every takeover before: the standby was dropped by the reconcile that campaigned.)"""
+    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
+    await old.start()
+    await new.start()
+    try:
+        await old.ownership.listener(SHARD, 1)
+        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
+        await _wallets(old, 0, 8)
+        await _warmed(new, {SHARD})
+        await old.ownership.listener(SHARD, 0)
+        assert new.warm_targets(set(), keep={SHARD}) == {SHARD}  # campaigning: kept
+        await new.ownership.listener(SHARD, 2)  # won: its takeover is spawned
+        new.warm_targets(set(), keep=set())  # the next reconcile lists it nowhere
+        assert await new.wait_serving(1, timeout_s=NO_HANG_S)
+        t = new.owners[SHARD].takeover_timings
+        assert t["warm_seq"] == 8 and t["batches"] == 0, t
+    finally:
+        await new.close()
+        await old.close()
+
+
 async def test_a_warm_standby_the_journal_no_longer_continues_is_discarded(store):
     old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
     await old.start()
