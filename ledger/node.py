@@ -32,7 +32,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import Callable
+from typing import AbstractSet as Set, Callable
 
 from ledger import constants as K
 from ledger import metrics
@@ -97,7 +97,7 @@ class Node:
             set_warmer(self.warm_targets)
         await self.ownership.start(self._on_ownership)
 
-    def warm_targets(self, shards: set[int], keep: set[int] = frozenset()) -> set[int]:
+    def warm_targets(self, shards: Set[int], keep: Set[int] = frozenset()) -> set[int]:
         """Keep a warm standby of each of ``shards``; return those ready.
 
         Called by the ownership adapter at every reconcile with the shards this node is next
