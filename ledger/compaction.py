@@ -116,7 +116,8 @@ class WarmShard:
 
     ``state`` is what a takeover's replay of the same load would build (no rows written:
     the serving owner writes them); ``basis`` is the load's, for ``load_after``; ``loaded_at``
-    is when the load started (monotonic), so that a holder can tell a stale one.
+    is when its last read started (monotonic): the journal has run on since, so a holder can
+    tell a stale one.
     """
 
     state: ShardState
@@ -128,20 +129,38 @@ class WarmShard:
 async def warm(store: JournalStore, shard: int,
                fold_slots: asyncio.Semaphore | None = None) -> WarmShard:
     """Load ``shard`` and fold it, without writing anything: a takeover made ready ahead.
-    The fold holds one of ``fold_slots`` (the node's replay slots) while it runs.
+    The fold holds one of ``fold_slots`` (the node's replay slots) while it runs. If the
+    owner appended more than ``K.WARM_CATCH_UP_BATCHES`` meanwhile, they are read and folded
+    too (``load_after``), up to ``K.WARM_CATCH_UP_ROUNDS_MAX`` reads in all.
 
     Raises:
         StoreUnavailable: the load failed. CompactionError, InvariantViolation: as ``replay``.
     """
-    started = time.monotonic()
-    loaded = await store.load(shard)
-    async with fold_slots or contextlib.nullcontext():
-        state = await asyncio.to_thread(decode, shard, loaded.snapshot, loaded.snapshot_seq)
-        batches = loaded.batches
-        for position in range(0, len(batches), K.REPLAY_SLICE_BATCHES):
-            await asyncio.to_thread(fold, state,
-                                    batches[position:position + K.REPLAY_SLICE_BATCHES])
-    return WarmShard(state, loaded.basis, started, time.monotonic() - started)
+    started = read_at = time.monotonic()
+    loaded: LoadedShard | None = await store.load(shard)
+    state: ShardState | None = None
+    basis: tuple[tuple[int, int], ...] = ()
+    for _ in range(K.WARM_CATCH_UP_ROUNDS_MAX):
+        assert loaded is not None
+        async with fold_slots or contextlib.nullcontext():
+            if state is None:
+                state = await asyncio.to_thread(decode, shard, loaded.snapshot,
+                                                loaded.snapshot_seq)
+            batches = loaded.batches
+            for position in range(0, len(batches), K.REPLAY_SLICE_BATCHES):
+                await asyncio.to_thread(fold, state,
+                                        batches[position:position + K.REPLAY_SLICE_BATCHES])
+        basis = loaded.basis
+        if len(batches) <= K.WARM_CATCH_UP_BATCHES:
+            break
+        # A slow load (a store just restarted) let the owner append many batches meanwhile:
+        # read them too, so the takeover's tail is short.
+        read_at = time.monotonic()
+        loaded = await store.load_after(shard, state.seq, basis)
+        if loaded is None:
+            break  # no longer continued: the takeover will find so too, and load afresh
+    assert state is not None
+    return WarmShard(state, basis, read_at, time.monotonic() - started)
 
 
 async def replay(store: JournalStore, shard: int, loaded: LoadedShard,

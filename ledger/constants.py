@@ -61,9 +61,14 @@ REPLAYS_CONCURRENT_MAX = 2
 # and folds at most this many at once, besides its takeovers (mostly reads: their folds take
 # the takeovers' REPLAYS_CONCURRENT_MAX slots).
 WARMS_CONCURRENT_MAX = 8
-# A warm state older than this is dropped and loaded again: the journal has run on since, and
-# the tail a takeover would read grows with it (s).
+# A warm state whose last read is older than this is dropped and loaded again: the journal has
+# run on since, and the tail a takeover would read grows with it (s).
 WARM_KEEP_S = 10.0
+# A warm-up whose load found more than this many batches reads what was appended meanwhile
+# (at most WARM_CATCH_UP_ROUNDS_MAX reads in all): a first load through a Cassandra node just
+# back from a crash took 8-15 s, time in which the serving owner appended hundreds of batches.
+WARM_CATCH_UP_BATCHES = 64
+WARM_CATCH_UP_ROUNDS_MAX = 3
 # After a warm-up failed (the store unreachable), the shard is not warmed again for this long.
 WARM_RETRY_S = 5.0
 

@@ -123,6 +123,42 @@ async def test_a_standby_survives_the_reconciles_between_the_release_and_the_tak
         await old.close()
 
 
+async def test_a_slow_warm_up_catches_up_with_what_was_appended_meanwhile(store,
+                                                                          monkeypatch):
+    """A first load through a Cassandra node just back from a crash took 8-15 s, while the
+    owner appended hundreds of batches: the warm-up reads those too (``load_after``), so
+    the takeover's tail stays short."""
+    monkeypatch.setattr(K, "WARM_CATCH_UP_BATCHES", 3)
+    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
+    await old.start()
+    await new.start()
+    real_load = store.load
+    appended = 0
+
+    async def slow_load(shard: int):
+        nonlocal appended
+        loaded = await real_load(shard)
+        await _wallets(old, 20, 10)  # appended while the load "took long"
+        appended += 10
+        return loaded
+
+    try:
+        await old.ownership.listener(SHARD, 1)
+        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
+        await _wallets(old, 0, 20)
+        monkeypatch.setattr(store, "load", slow_load)
+        await _warmed(new, {SHARD})
+        assert appended == 10 and new._warm[SHARD].state.seq == 30  # caught up
+        monkeypatch.setattr(store, "load", real_load)
+        owner = await _hand_over(old, new, 2)
+        assert owner.takeover_timings["warm_seq"] == 30
+        assert owner.takeover_timings["batches"] == 0
+        assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
+    finally:
+        await new.close()
+        await old.close()
+
+
 async def test_a_warm_standby_the_journal_no_longer_continues_is_discarded(store):
     old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
     await old.start()
