@@ -58,9 +58,11 @@ TAKEOVERS_CONCURRENT_MAX = 8
 REPLAYS_CONCURRENT_MAX = 2
 
 # Warm standbys (ledger.node.Node): a node about to be handed shards by a planned move loads
-# and folds at most this many at once, besides its takeovers (mostly reads: their folds take
-# the takeovers' REPLAYS_CONCURRENT_MAX slots).
-WARMS_CONCURRENT_MAX = 8
+# and folds at most this many at once, besides its takeovers (their folds take the
+# takeovers' REPLAYS_CONCURRENT_MAX slots). Few: nobody waits on a warm-up but the move, and
+# the store may be a node just back from a crash: five warm-ups at once there (8 journal
+# spans in flight each) timed out on reads ("received only 1 responses").
+WARMS_CONCURRENT_MAX = 2
 # A warm state whose last read is older than this is dropped and loaded again: the journal has
 # run on since, and the tail a takeover would read grows with it (s).
 WARM_KEEP_S = 10.0
@@ -69,8 +71,10 @@ WARM_KEEP_S = 10.0
 # back from a crash took 8-15 s, time in which the serving owner appended hundreds of batches.
 WARM_CATCH_UP_BATCHES = 64
 WARM_CATCH_UP_ROUNDS_MAX = 3
-# After a warm-up failed (the store unreachable), the shard is not warmed again for this long.
-WARM_RETRY_S = 5.0
+# After a warm-up failed (the store unreachable, a read timed out), the shard is warmed again
+# after this long (s): the reads that did complete were repaired meanwhile, so a retry on a
+# store that is catching up goes further.
+WARM_RETRY_S = 2.0
 
 # A node that stops serving a shard waits up to this long for the shard's rows to be written
 # and marked (``JournalStore.flush_rows``) before it lets etcd hand the shard on, so that the

@@ -20,8 +20,10 @@ SHARD_RETRY_BACKOFF_MAX_MS = 500
 TAKEOVER_WAIT_S_MAX = 3.0
 
 # The longest an owner waits for its successor's warm standby before a planned hand-over
-# (failback, ``ledgerctl failover``; s): a region just back from a crash loaded and folded a
-# shard's 1,000-1,400 batches in 6-8 s (README, "Heal without stalls"); past this the shard is
+# (failback, ``ledgerctl failover``; s). Waiting costs the clients nothing (the old owner
+# serves meanwhile); handing over unwarmed costs them the whole takeover. A region just back
+# from a crash took 8-15 s to load and fold a shard's 1,000-1,600 batches, and its first
+# reads timed out for about 15 s (README, "Heal without stalls"). Past this the shard is
 # handed over anyway (its takeover then loads the whole journal, as without a standby).
 # ``ledgerd node --warm-wait-s``.
-WARM_WAIT_S = 20.0
+WARM_WAIT_S = 45.0

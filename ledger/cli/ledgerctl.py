@@ -224,8 +224,10 @@ async def _audit(args) -> int:
 
 # --- shard map and ownership ------------------------------------------------------------
 
-# How long failover / failback / move-shard wait for the new owners (s).
-MOVE_TIMEOUT_S = 60.0
+# How long failover / failback / move-shard wait for the new owners (s): longer than an old
+# owner waits for its successor's warm standby (``shard_router.constants.WARM_WAIT_S``, 45 s)
+# plus a takeover.
+MOVE_TIMEOUT_S = 120.0
 # How often they look at etcd's owner keys while they wait (s); the time they report is
 # accurate to this.
 MOVE_POLL_S = 0.05
