@@ -131,7 +131,9 @@ async def warm(store: JournalStore, shard: int,
     """Load ``shard`` and fold it, without writing anything: a takeover made ready ahead.
     The fold holds one of ``fold_slots`` (the node's replay slots) while it runs. If the
     owner appended more than ``K.WARM_CATCH_UP_BATCHES`` meanwhile, they are read and folded
-    too (``load_after``), up to ``K.WARM_CATCH_UP_ROUNDS_MAX`` reads in all.
+    too (``load_after``), up to ``K.WARM_CATCH_UP_ROUNDS_MAX`` reads in all. Last, the reads
+    a fence starts with (``JournalStore.probe_fence``): a standby is ready only if its node
+    could take the shard over now.
 
     Raises:
         StoreUnavailable: the load failed. CompactionError, InvariantViolation: as ``replay``.
@@ -160,6 +162,8 @@ async def warm(store: JournalStore, shard: int,
         if loaded is None:
             break  # no longer continued: the takeover will find so too, and load afresh
     assert state is not None
+    # Ready only if the store can fence the shard now, not only read its journal.
+    await store.probe_fence(shard)
     return WarmShard(state, basis, read_at, time.monotonic() - started)
 
 

@@ -21,9 +21,10 @@ TAKEOVER_WAIT_S_MAX = 3.0
 
 # The longest an owner waits for its successor's warm standby before a planned hand-over
 # (failback, ``ledgerctl failover``; s). Waiting costs the clients nothing (the old owner
-# serves meanwhile); handing over unwarmed costs them the whole takeover. A region just back
-# from a crash took 8-15 s to load and fold a shard's 1,000-1,600 batches, and its first
-# reads timed out for about 15 s (README, "Heal without stalls"). Past this the shard is
-# handed over anyway (its takeover then loads the whole journal, as without a standby).
-# ``ledgerd node --warm-wait-s``.
-WARM_WAIT_S = 45.0
+# serves meanwhile); handing over to a node that cannot yet read its journal costs them the
+# whole takeover, or more: on a region just back from a crash (its Cassandra node restarted
+# on this loaded 2-core machine) reads timed out for up to 2 minutes, and a takeover whose
+# fence failed gave the shard up and won it again every 3.5 s, unserved for 80 s (README,
+# "Heal without stalls"). So the bound is long: it is only there so that a successor that
+# never says it is warm (a bug) cannot hold a move forever. ``ledgerd node --warm-wait-s``.
+WARM_WAIT_S = 300.0

@@ -31,6 +31,10 @@ DRAIN_LOAD_RATE = 60.0
 DRAIN_LIBRARY_CALLERS = 6
 # How long a drill waits for shards to be served again before it reports a problem (s).
 SERVED_TIMEOUT_S = 90.0
+# How long the failback after a heal may take (s): the old owners hand shards over only once
+# the returning node holds warm standbys (it can read its store: after a region's Cassandra
+# node restarted on this machine, up to about 2 minutes), and serve them meanwhile.
+FAILBACK_TIMEOUT_S = 300.0
 # Poll period of the etcd owner watcher (s).
 WATCH_PERIOD_S = 0.2
 # While shards are waited for (``wait_served``): etcd's owner keys are read this often, and a

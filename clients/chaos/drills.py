@@ -19,12 +19,12 @@ from clients.bank import BankConfig, BankWorkload
 from clients.chaos import checks
 from clients.chaos import ledgerctl
 from clients.chaos.constants import (DRAIN_LIBRARY_CALLERS, DRAIN_LOAD_RATE,
-                                     DROP_KEYSPACE_TIMEOUT_S, FAULTS, HOT_ENVELOPE_STEPS,
-                                     NODE_RESTART_PAUSE_S, NODE_RESTART_TIMEOUT_S,
-                                     PROBE_CALL_TIMEOUT_S, RANDOM_GAP_S,
-                                     RANDOM_STEPS, RECOVERY_MIN_S, REFUND_TIMEOUT_S,
-                                     SERVED_POLL_S, SERVED_TIMEOUT_S, SETTLE_TIMEOUT_S, STEP_DOWN_LINES_MAX,
-                                     STEP_DOWN_RE)
+                                     DROP_KEYSPACE_TIMEOUT_S, FAILBACK_TIMEOUT_S, FAULTS,
+                                     HOT_ENVELOPE_STEPS, NODE_RESTART_PAUSE_S,
+                                     NODE_RESTART_TIMEOUT_S, PROBE_CALL_TIMEOUT_S,
+                                     RANDOM_GAP_S, RANDOM_STEPS, RECOVERY_MIN_S,
+                                     REFUND_TIMEOUT_S, SERVED_POLL_S, SERVED_TIMEOUT_S,
+                                     SETTLE_TIMEOUT_S, STEP_DOWN_LINES_MAX, STEP_DOWN_RE)
 from clients.chaos.envelope import HotEnvelope
 from clients.chaos.model import DrillConfig, FaultWindow, ScenarioReport
 from clients.chaos.observe import OwnerWatcher
@@ -197,10 +197,11 @@ class Drill:
                                                   self.deployment.prefix, self.regions,
                                                   self.config.shards)])
         homes = {int(shard): region for shard, region in placed["homes"].items()}
-        result = await self.wait_served(list(homes), since=since, want_regions=homes)
+        result = await self.wait_served(list(homes), since=since, want_regions=homes,
+                                        timeout_s=FAILBACK_TIMEOUT_S)
         if result["pending"]:
             self.problem(f"{what}: shards {result['pending']} not back in their home regions "
-                         f"within {SERVED_TIMEOUT_S:.0f} s")
+                         f"within {FAILBACK_TIMEOUT_S:.0f} s")
             return None
         return result["slowest_s"]
 

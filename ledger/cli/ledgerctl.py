@@ -224,9 +224,10 @@ async def _audit(args) -> int:
 
 # --- shard map and ownership ------------------------------------------------------------
 
-# How long failover / failback / move-shard wait for the new owners (s): longer than an old
-# owner waits for its successor's warm standby (``shard_router.constants.WARM_WAIT_S``, 45 s)
-# plus a takeover.
+# How long failover / failback / move-shard wait for the new owners (s). An old owner hands a
+# shard over once its successor holds a warm standby (up to ``WARM_WAIT_S``): a move onto a
+# region that cannot read its store yet completes later, by itself; this only bounds the wait
+# of the command, which then names the shards still pending.
 MOVE_TIMEOUT_S = 120.0
 # How often they look at etcd's owner keys while they wait (s); the time they report is
 # accurate to this.
@@ -446,8 +447,9 @@ async def _move(args, mapping: dict[int, str], origins: dict[int, str] | None,
                           "served_after_s": None if pending else took_s,
                           "pending": sorted(pending)}))
     elif pending:
-        print(f"timeout: {len(pending)} shards not yet served by their new region "
-              f"(no live node there?): {pending[:20]}")
+        print(f"timeout: {len(pending)} shards not yet served by their new region (no live "
+              f"node there, or its node cannot read its store yet: their owners keep serving "
+              f"them until it can): {pending[:20]}")
     else:
         print(f"done: {len(mapping)} shards served by their new home regions after "
               f"{took_s:.1f} s")

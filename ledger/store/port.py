@@ -133,6 +133,20 @@ class JournalStore(Protocol):
         """
         ...
 
+    async def probe_fence(self, shard: int) -> None:
+        """The reads a ``fence`` of ``shard`` starts with, writing nothing: return if the store
+        can do them now. A warm standby (``ledger.node``) checks so before it says it is ready:
+        a store just back from a crash served the journal's plain reads before its Paxos
+        reads, and a takeover whose fence failed gave the shard up, won it again and failed
+        again, the shard unserved for 80 s. (Cassandra: the SERIAL read of the fence state, a
+        Paxos round that completes any fencing CAS in flight and harms no owner, whose
+        appends are plain writes; SQLite: a read of the head.)
+
+        Raises:
+            StoreUnavailable: a read failed or timed out.
+        """
+        ...
+
     async def load_snapshot(self, shard: int) -> tuple[int, bytes | None]:
         """(seq, bytes) of the latest complete snapshot, or (0, None) if there is none.
 

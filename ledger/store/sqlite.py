@@ -294,6 +294,10 @@ class SqliteStore:
         its append, so ``rows_seq`` is the last batch."""
         return await self._call(_load_after, shard, seq)
 
+    async def probe_fence(self, shard: int) -> None:
+        """See the port: a read of the shard's head."""
+        await self._call(_journal_position, shard)
+
     async def append(self, shard: int, epoch: int, seq: int, events: bytes,
                      rows: Iterable[Row]) -> None:
         await self._call(_append, shard, epoch, seq, events, list(rows))

@@ -398,6 +398,16 @@ async def test_load_after_continues_a_load_across_appends_and_a_newer_fence(case
         8, 9]
 
 
+async def test_probe_fence_reads_and_changes_nothing(case):
+    shard = case.shard()
+    await case.store.probe_fence(shard)  # a shard never fenced
+    await case.store.fence(shard, 1)
+    await append_run(case.store, shard, 1, 1, 3)
+    await case.store.probe_fence(shard)
+    assert await case.store.journal_position(shard) == (1, 3, 0)
+    await case.store.append(shard, 1, 4, events(shard, 4), [])  # the owner appends on
+
+
 async def test_load_after_refuses_a_fold_a_newer_run_cuts_into(case):
     """Cassandra: a fence whose head read was below a batch the warm load had folded (a
     deposed owner's unacknowledged write) starts a run there; that batch no longer counts,

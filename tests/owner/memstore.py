@@ -51,6 +51,9 @@ class MemStore:
         batches = [b for b in self.journals.get(shard, []) if b.seq > snap_seq]
         return LoadedShard(snap, snap_seq, batches)
 
+    async def probe_fence(self, shard: int) -> None:
+        return None
+
     async def load_after(self, shard: int, seq: int, basis) -> LoadedShard | None:
         journal = self.journals.get(shard, [])
         if len(journal) < seq:

@@ -206,6 +206,35 @@ async def test_a_standby_not_asked_for_any_more_or_too_old_is_not_used(store, mo
         await old.close()
 
 
+async def test_a_standby_is_not_ready_while_its_store_cannot_fence(store, monkeypatch):
+    """A store just back from a crash served plain reads before its Paxos reads: a standby
+    is ready only once the reads a fence starts with succeed (``probe_fence``)."""
+    from ledger.store.port import StoreUnavailable
+
+    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
+    await old.start()
+    await new.start()
+
+    async def cannot(shard: int) -> None:
+        raise StoreUnavailable("simulated: the SERIAL read timed out")
+
+    try:
+        await old.ownership.listener(SHARD, 1)
+        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
+        await _wallets(old, 0, 3)
+        failed = _count("failed")
+        monkeypatch.setattr(store, "probe_fence", cannot)
+        assert await _warmed(new, {SHARD}) == set()
+        assert _count("failed") == failed + 1
+        assert new.warm_targets({SHARD}) == set() and not new._warming  # retried later
+        monkeypatch.undo()  # the store can fence again; and retry at once
+        monkeypatch.setattr(K, "WARM_RETRY_S", 0.0)
+        assert await _warmed(new, {SHARD}) == {SHARD}
+    finally:
+        await new.close()
+        await old.close()
+
+
 async def test_a_node_does_not_warm_a_shard_it_serves(store):
     node = Node(store, _ownership("a"))
     await node.start()

@@ -185,6 +185,11 @@ class FaultyStore:
             return LoadedShard(None, seq, [journal.batches[s] for s in range(
                 seq + 1, journal.head + 1)], journal.head)
 
+    async def probe_fence(self, shard: int) -> None:
+        await self._delay(self._rng.uniform(0, self.faults.delay_s_max))
+        if self._down():
+            raise StoreUnavailable("simulated: store outage")
+
     async def load_snapshot(self, shard: int) -> tuple[int, bytes | None]:
         await self._delay(self._rng.uniform(0, self.faults.delay_s_max))
         if self._down():

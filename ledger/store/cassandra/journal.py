@@ -291,6 +291,10 @@ class Journal:
         raise StoreUnavailable(f"fence of shard {shard}: still contended after "
                                f"{FENCE_ATTEMPTS_MAX} attempts")
 
+    async def probe_fence(self, shard: int) -> None:
+        """See ``JournalStore.probe_fence``: the SERIAL read of the fence state."""
+        await self._fence_state(shard, serial=True)
+
     async def _fence_state(self, shard: int, *,
                            serial: bool = False) -> tuple[int | None, dict[int, int]]:
         """(recorded epoch or None, starts) of a shard."""

@@ -192,6 +192,10 @@ class CassandraStore:
         """See ``JournalStore.load_after`` and ``Journal.load_after``."""
         return await self._journal.load_after(shard, seq, basis)
 
+    async def probe_fence(self, shard: int) -> None:
+        """See ``JournalStore.probe_fence`` and ``Journal.probe_fence``."""
+        await self._journal.probe_fence(shard)
+
     async def load_snapshot(self, shard: int) -> tuple[int, bytes | None]:
         """See ``JournalStore.load_snapshot`` and ``Journal.load_snapshot``."""
         return await self._journal.load_snapshot(shard)
