@@ -1042,8 +1042,10 @@ class EtcdOwnership:
             del self._release_due_since[shard]
         for shard in waiting:
             self._release_due_since.setdefault(shard, now)
-        await self._announce_warm(set(actions[Action.WARM]), set(actions[Action.CAMPAIGN]),
-                                  session)
+        # Standbys of shards we campaign for, and of those just won (their gain is delivered
+        # to the node by a task of its own, maybe after the next reconcile), are kept.
+        await self._announce_warm(set(actions[Action.WARM]),
+                                  set(actions[Action.CAMPAIGN]) | set(self._owned), session)
         # Epochs of stale keys are taken now: the cache may change during the awaits below.
         stale_epochs = {shard: self._owners[shard].epoch for shard in actions[Action.CLEAN_STALE]
                         if shard in self._owners}
