@@ -31,10 +31,11 @@ DRAIN_LOAD_RATE = 60.0
 DRAIN_LIBRARY_CALLERS = 6
 # How long a drill waits for shards to be served again before it reports a problem (s).
 SERVED_TIMEOUT_S = 90.0
-# How long the failback after a heal may take (s): the old owners hand shards over only once
-# the returning node holds warm standbys (it can read its store: after a region's Cassandra
-# node restarted on this machine, up to about 2 minutes), and serve them meanwhile.
-FAILBACK_TIMEOUT_S = 300.0
+# How long the failback after a heal may take (s): the old owners hand shards over once the
+# returning node holds warm standbys (it can read and fence through its store: after a
+# region's Cassandra node restarted on this machine, 8-16 s for most shards, minutes for
+# some), and serve them meanwhile; at the latest after ``WARM_WAIT_S`` (120 s) and a takeover.
+FAILBACK_TIMEOUT_S = 240.0
 # Poll period of the etcd owner watcher (s).
 WATCH_PERIOD_S = 0.2
 # While shards are waited for (``wait_served``): etcd's owner keys are read this often, and a
