@@ -7,7 +7,18 @@ import pytest
 from coordinator import Coordinator
 from ledger.core.model import CreateWallet, Post, settlement_wallet_id
 from ledger.owner import ShardOwner
+from ledger.store.sqlite import SqliteStore
 from tests.owner.memstore import Gate, MemStore
+
+
+@pytest.fixture
+async def store(tmp_path):
+    """The embedded default's real store, in a fresh file (tests that need SQLite itself)."""
+    s = await SqliteStore.open(tmp_path / "ledger.db")
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 class Peers:

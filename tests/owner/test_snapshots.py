@@ -20,7 +20,6 @@ from ledger.compaction import compact
 from ledger.core import codec
 from ledger.core.model import Post, settlement_wallet_id
 from ledger.reconcile import reconcile
-from ledger.store.sqlite import SqliteStore
 from tests.owner.conftest import Ledger
 from tests.owner.test_idempotency_claims import SHARDS, wallet_on
 
@@ -55,15 +54,6 @@ class GatedStore:
 
     def __getattr__(self, name):
         return getattr(self._store, name)
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = await SqliteStore.open(tmp_path / "ledger.db")
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture

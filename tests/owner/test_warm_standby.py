@@ -19,20 +19,10 @@ from ledger import metrics
 from ledger.core import codec
 from ledger.core.model import CreateWallet
 from ledger.node import Node
-from ledger.store.sqlite import SqliteStore
 from tests.owner.test_takeover_slots import CalledOwnership
 
 SHARD = 3
 NO_HANG_S = 10.0
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = await SqliteStore.open(tmp_path / "ledger.db")
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def _ownership(node_id: str) -> CalledOwnership:
@@ -57,6 +47,21 @@ async def _warmed(node: Node, shards: set[int]) -> set[int]:
     return node.warm_targets(shards)
 
 
+@pytest.fixture
+async def pair(store):
+    """Two nodes on one store: ``old`` serves the shard (epoch 1), ``new`` is to take it."""
+    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
+    await old.start()
+    await new.start()
+    try:
+        await old.ownership.listener(SHARD, 1)
+        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
+        yield old, new
+    finally:
+        await new.close()
+        await old.close()
+
+
 async def _hand_over(old: Node, new: Node, epoch: int):
     await old.ownership.listener(SHARD, 0)
     await new.ownership.listener(SHARD, epoch)
@@ -74,64 +79,46 @@ def _count(outcome: str) -> float:
     return metrics.WARM_STANDBYS.labels(outcome)._value.get()
 
 
-async def test_a_takeover_with_a_warm_standby_replays_only_the_tail(store):
-    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
-    await old.start()
-    await new.start()
-    try:
-        await old.ownership.listener(SHARD, 1)
-        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
-        await _wallets(old, 0, 30)
-        assert await _warmed(new, {SHARD}) == {SHARD}
-        used = _count("used")
-        await _wallets(old, 30, 4)  # appended after the warm-up: the tail
-        owner = await _hand_over(old, new, 2)
-        t = owner.takeover_timings
-        assert t["warm_seq"] == 30 and t["batches"] == 4, t
-        assert owner.state.seq == 34 and len(owner.state.wallets) == 34
-        assert _count("used") == used + 1
-        # Exactly the state a replay of the whole journal builds.
-        assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
-        await _wallets(new, 34, 1)  # and it serves
-    finally:
-        await new.close()
-        await old.close()
+async def test_a_takeover_with_a_warm_standby_replays_only_the_tail(store, pair):
+    old, new = pair
+    await _wallets(old, 0, 30)
+    assert await _warmed(new, {SHARD}) == {SHARD}
+    used = _count("used")
+    await _wallets(old, 30, 4)  # appended after the warm-up: the tail
+    owner = await _hand_over(old, new, 2)
+    t = owner.takeover_timings
+    assert t["warm_seq"] == 30 and t["batches"] == 4, t
+    assert owner.state.seq == 34 and len(owner.state.wallets) == 34
+    assert _count("used") == used + 1
+    # Exactly the state a replay of the whole journal builds.
+    assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
+    await _wallets(new, 34, 1)  # and it serves
 
 
-async def test_a_standby_survives_the_reconciles_between_the_release_and_the_takeover(store):
+async def test_a_standby_survives_the_reconciles_between_the_release_and_the_takeover(store, pair):
     """Once the old owner lets go, the shard is no longer one to warm but one to campaign
     for (``keep``), and once won, a gain whose takeover has not run yet: a reconcile in
     either window must not drop the standby. (A kill-region drill's failback took the full
     load in every takeover before: the standby was dropped by the reconcile that campaigned.)"""
-    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
-    await old.start()
-    await new.start()
-    try:
-        await old.ownership.listener(SHARD, 1)
-        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
-        await _wallets(old, 0, 8)
-        await _warmed(new, {SHARD})
-        await old.ownership.listener(SHARD, 0)
-        assert new.warm_targets(set(), keep={SHARD}) == {SHARD}  # campaigning: kept
-        await new.ownership.listener(SHARD, 2)  # won: its takeover is spawned
-        new.warm_targets(set(), keep=set())  # the next reconcile lists it nowhere
-        assert await new.wait_serving(1, timeout_s=NO_HANG_S)
-        t = new.owners[SHARD].takeover_timings
-        assert t["warm_seq"] == 8 and t["batches"] == 0, t
-    finally:
-        await new.close()
-        await old.close()
+    old, new = pair
+    await _wallets(old, 0, 8)
+    await _warmed(new, {SHARD})
+    await old.ownership.listener(SHARD, 0)
+    assert new.warm_targets(set(), keep={SHARD}) == {SHARD}  # campaigning: kept
+    await new.ownership.listener(SHARD, 2)  # won: its takeover is spawned
+    new.warm_targets(set(), keep=set())  # the next reconcile lists it nowhere
+    assert await new.wait_serving(1, timeout_s=NO_HANG_S)
+    t = new.owners[SHARD].takeover_timings
+    assert t["warm_seq"] == 8 and t["batches"] == 0, t
 
 
-async def test_a_slow_warm_up_catches_up_with_what_was_appended_meanwhile(store,
+async def test_a_slow_warm_up_catches_up_with_what_was_appended_meanwhile(store, pair,
                                                                           monkeypatch):
     """A first load through a Cassandra node just back from a crash took 8-15 s, while the
     owner appended hundreds of batches: the warm-up reads those too (``load_after``), so
     the takeover's tail stays short."""
     monkeypatch.setattr(K, "WARM_CATCH_UP_BATCHES", 3)
-    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
-    await old.start()
-    await new.start()
+    old, new = pair
     real_load = store.load
     appended = 0
 
@@ -142,97 +129,67 @@ async def test_a_slow_warm_up_catches_up_with_what_was_appended_meanwhile(store,
         appended += 10
         return loaded
 
-    try:
-        await old.ownership.listener(SHARD, 1)
-        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
-        await _wallets(old, 0, 20)
-        monkeypatch.setattr(store, "load", slow_load)
-        await _warmed(new, {SHARD})
-        assert appended == 10 and new._warm[SHARD].state.seq == 30  # caught up
-        monkeypatch.setattr(store, "load", real_load)
-        owner = await _hand_over(old, new, 2)
-        assert owner.takeover_timings["warm_seq"] == 30
-        assert owner.takeover_timings["batches"] == 0
-        assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
-    finally:
-        await new.close()
-        await old.close()
+    await _wallets(old, 0, 20)
+    monkeypatch.setattr(store, "load", slow_load)
+    await _warmed(new, {SHARD})
+    assert appended == 10 and new._warm[SHARD].state.seq == 30  # caught up
+    monkeypatch.setattr(store, "load", real_load)
+    owner = await _hand_over(old, new, 2)
+    assert owner.takeover_timings["warm_seq"] == 30
+    assert owner.takeover_timings["batches"] == 0
+    assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
 
 
-async def test_a_warm_standby_the_journal_no_longer_continues_is_discarded(store):
-    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
-    await old.start()
-    await new.start()
-    try:
-        await old.ownership.listener(SHARD, 1)
-        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
-        await _wallets(old, 0, 10)
-        await _warmed(new, {SHARD})
-        await _wallets(old, 10, 5)
-        # A snapshot past the warm batch, and the journal it covers truncated.
-        assert (await compaction.compact(store, SHARD, 12)).seq == 12
-        discarded = _count("discarded")
-        owner = await _hand_over(old, new, 2)
-        t = owner.takeover_timings
-        assert t["warm_seq"] == -1 and t["batches"] == 3, t  # loaded afresh: 13, 14, 15
-        assert _count("discarded") == discarded + 1
-        assert owner.state.seq == 15 and len(owner.state.wallets) == 15
-    finally:
-        await new.close()
-        await old.close()
+async def test_a_warm_standby_the_journal_no_longer_continues_is_discarded(store, pair):
+    old, new = pair
+    await _wallets(old, 0, 10)
+    await _warmed(new, {SHARD})
+    await _wallets(old, 10, 5)
+    # A snapshot past the warm batch, and the journal it covers truncated.
+    assert (await compaction.compact(store, SHARD, 12)).seq == 12
+    discarded = _count("discarded")
+    owner = await _hand_over(old, new, 2)
+    t = owner.takeover_timings
+    assert t["warm_seq"] == -1 and t["batches"] == 3, t  # loaded afresh: 13, 14, 15
+    assert _count("discarded") == discarded + 1
+    assert owner.state.seq == 15 and len(owner.state.wallets) == 15
 
 
-async def test_a_standby_not_asked_for_any_more_or_too_old_is_not_used(store, monkeypatch):
-    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
-    await old.start()
-    await new.start()
-    try:
-        await old.ownership.listener(SHARD, 1)
-        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
-        await _wallets(old, 0, 5)
-        await _warmed(new, {SHARD})
-        assert new.warm_targets(set()) == set()  # the move was called off: dropped
-        owner = await _hand_over(old, new, 2)
-        assert "warm_seq" not in owner.takeover_timings
-        assert owner.takeover_timings["batches"] == 5
-        # Back to the first node, whose standby is older than WARM_KEEP_S by then.
-        await _warmed(old, {SHARD})
-        monkeypatch.setattr(K, "WARM_KEEP_S", 0.0)
-        owner = await _hand_over(new, old, 3)
-        assert "warm_seq" not in owner.takeover_timings
-        assert owner.state.seq == 5
-    finally:
-        await new.close()
-        await old.close()
+async def test_a_standby_not_asked_for_any_more_or_too_old_is_not_used(store, pair, monkeypatch):
+    old, new = pair
+    await _wallets(old, 0, 5)
+    await _warmed(new, {SHARD})
+    assert new.warm_targets(set()) == set()  # the move was called off: dropped
+    owner = await _hand_over(old, new, 2)
+    assert "warm_seq" not in owner.takeover_timings
+    assert owner.takeover_timings["batches"] == 5
+    # Back to the first node, whose standby is older than WARM_KEEP_S by then.
+    await _warmed(old, {SHARD})
+    monkeypatch.setattr(K, "WARM_KEEP_S", 0.0)
+    owner = await _hand_over(new, old, 3)
+    assert "warm_seq" not in owner.takeover_timings
+    assert owner.state.seq == 5
 
 
-async def test_a_standby_is_not_ready_while_its_store_cannot_fence(store, monkeypatch):
+async def test_a_standby_is_not_ready_while_its_store_cannot_fence(store, pair, monkeypatch):
     """A store just back from a crash served plain reads before its Paxos reads: a standby
     is ready only once the reads a fence starts with succeed (``probe_fence``)."""
     from ledger.store.port import StoreUnavailable
 
-    old, new = Node(store, _ownership("a")), Node(store, _ownership("b"))
-    await old.start()
-    await new.start()
+    old, new = pair
 
     async def cannot(shard: int) -> None:
         raise StoreUnavailable("simulated: the SERIAL read timed out")
 
-    try:
-        await old.ownership.listener(SHARD, 1)
-        assert await old.wait_serving(1, timeout_s=NO_HANG_S)
-        await _wallets(old, 0, 3)
-        failed = _count("failed")
-        monkeypatch.setattr(store, "probe_fence", cannot)
-        assert await _warmed(new, {SHARD}) == set()
-        assert _count("failed") == failed + 1
-        assert new.warm_targets({SHARD}) == set() and not new._warming  # retried later
-        monkeypatch.undo()  # the store can fence again; and retry at once
-        monkeypatch.setattr(K, "WARM_RETRY_S", 0.0)
-        assert await _warmed(new, {SHARD}) == {SHARD}
-    finally:
-        await new.close()
-        await old.close()
+    await _wallets(old, 0, 3)
+    failed = _count("failed")
+    monkeypatch.setattr(store, "probe_fence", cannot)
+    assert await _warmed(new, {SHARD}) == set()
+    assert _count("failed") == failed + 1
+    assert new.warm_targets({SHARD}) == set() and not new._warming  # retried later
+    monkeypatch.undo()  # the store can fence again; and retry at once
+    monkeypatch.setattr(K, "WARM_RETRY_S", 0.0)
+    assert await _warmed(new, {SHARD}) == {SHARD}
 
 
 async def test_a_node_does_not_warm_a_shard_it_serves(store):

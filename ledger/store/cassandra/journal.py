@@ -103,6 +103,26 @@ def basis_below(basis: tuple[tuple[int, int], ...], seq: int) -> tuple[tuple[int
     return tuple(pair for pair in basis if pair[1] < seq)
 
 
+def _gapless_to_head(shard: int, batches: list[JournalBatch], after_seq: int,
+                     head: int) -> int:
+    """The last batch number of ``batches``, checked to run from ``after_seq + 1`` without
+    gaps up to at least ``head`` (``after_seq`` if there are none).
+
+    Raises:
+        StoreUnavailable: a gap, or a read that ended before the head.
+    """
+    expected = after_seq + 1
+    for batch in batches:
+        if batch.seq != expected:
+            raise StoreUnavailable(f"shard {shard}: journal read has a gap before "
+                                   f"batch {batch.seq} (expected {expected})")
+        expected += 1
+    if expected - 1 < head:
+        raise StoreUnavailable(f"shard {shard}: journal read ended at batch "
+                               f"{expected - 1}, head is {head}")
+    return expected - 1
+
+
 def counts(runs: dict[int, tuple[int, int]], seq: int, writer_epoch: int) -> bool:
     """True if batch ``seq`` written by ``writer_epoch`` is part of the journal."""
     run = runs.get(writer_epoch)
@@ -491,16 +511,8 @@ class Journal:
                 newer, _ = await self._latest_mark_seq(shard)
                 if newer > snapshot_seq:
                     continue
-            expected = snapshot_seq + 1
-            for batch in batches:
-                if batch.seq != expected:
-                    raise StoreUnavailable(f"shard {shard}: journal read has a gap before "
-                                           f"batch {batch.seq} (expected {expected})")
-                expected += 1
-            if expected - 1 < head:
-                raise StoreUnavailable(f"shard {shard}: journal read ended at batch "
-                                       f"{expected - 1}, head is {head}")
-            return LoadedShard(snapshot, snapshot_seq, batches, min(rows_mark, expected - 1),
+            last = _gapless_to_head(shard, batches, snapshot_seq, head)
+            return LoadedShard(snapshot, snapshot_seq, batches, min(rows_mark, last),
                                basis_of(starts))
         raise StoreUnavailable(f"shard {shard}: the journal was truncated under every one of "
                                f"{SNAPSHOT_LOAD_ATTEMPTS_MAX} loads")
@@ -527,16 +539,8 @@ class Journal:
         batches = await self._read_spans(shard, seq, head, epoch_runs(starts))
         if (not batches and head > seq) or (batches and batches[0].seq != seq + 1):
             return None  # truncated after seq: a newer snapshot covers what follows it
-        expected = seq + 1
-        for batch in batches:
-            if batch.seq != expected:
-                raise StoreUnavailable(f"shard {shard}: journal read has a gap before "
-                                       f"batch {batch.seq} (expected {expected})")
-            expected += 1
-        if expected - 1 < head:
-            raise StoreUnavailable(f"shard {shard}: journal read ended at batch "
-                                   f"{expected - 1}, head is {head}")
-        return LoadedShard(None, seq, batches, min(rows_mark, expected - 1), basis_of(starts))
+        last = _gapless_to_head(shard, batches, seq, head)
+        return LoadedShard(None, seq, batches, min(rows_mark, last), basis_of(starts))
 
     async def _read_spans(self, shard: int, after_seq: int, head: int,
                           runs: dict[int, tuple[int, int]]) -> list[JournalBatch]:
