@@ -110,6 +110,15 @@ def _fold_rows(state: ShardState, batches: list[JournalBatch], rows: list) -> in
     return step.fold(state, batches, rows, rows_max=K.REPLAY_ROWS_FLUSH)
 
 
+async def _fold_in_slices(state: ShardState, batches: list[JournalBatch],
+                          fold_batches=fold) -> None:
+    """Fold ``batches`` into ``state`` in a worker thread, ``REPLAY_SLICE_BATCHES`` at a time
+    (the event loop runs between slices), without collecting rows."""
+    for position in range(0, len(batches), K.REPLAY_SLICE_BATCHES):
+        await asyncio.to_thread(fold_batches, state,
+                                batches[position:position + K.REPLAY_SLICE_BATCHES])
+
+
 @dataclass(slots=True)
 class WarmShard:
     """A shard's state folded from the journal while another node still serves it.
@@ -149,9 +158,7 @@ async def warm(store: JournalStore, shard: int,
                 state = await asyncio.to_thread(decode, shard, loaded.snapshot,
                                                 loaded.snapshot_seq)
             batches = loaded.batches
-            for position in range(0, len(batches), K.REPLAY_SLICE_BATCHES):
-                await asyncio.to_thread(fold, state,
-                                        batches[position:position + K.REPLAY_SLICE_BATCHES])
+            await _fold_in_slices(state, batches)
         basis = loaded.basis
         if len(batches) <= K.WARM_CATCH_UP_BATCHES:
             break
@@ -201,11 +208,8 @@ async def replay(store: JournalStore, shard: int, loaded: LoadedShard,
     batches = loaded.batches
     # Batches whose rows are written already: the first ``written`` of them.
     written = sum(1 for b in batches if b.seq <= loaded.rows_seq)
-    position = 0
-    while position < written:
-        chunk = batches[position:min(position + K.REPLAY_SLICE_BATCHES, written)]
-        await asyncio.to_thread(step.fold, state, chunk)
-        position += len(chunk)
+    await _fold_in_slices(state, batches[:written], step.fold)
+    position = written
     rows: list = []
     wrote, rows_count, rows_s = False, 0, 0.0
     while position < len(batches):
