@@ -144,12 +144,18 @@ RECONCILE_TICK_S_MAX = 0.5
 # Backoff between retries of a failed etcd step (watch setup, new lease, reconcile round).
 RETRY_BACKOFF_S_MIN = 0.1
 RETRY_BACKOFF_S_MAX = 2.0
+# ``start()`` retries a join that failed with etcd unreachable or too slow (a member down, a
+# leader election on a loaded machine: both answer UNAVAILABLE for a moment) for this long,
+# moving over the endpoints, before it gives up. A refusal (permissions, bad request) is final.
+JOIN_TIMEOUT_S = 15.0
 # ``close()`` waits at most this long for loss callbacks before revoking the lease anyway.
 CLOSE_LISTENER_TIMEOUT_S = 5.0
 # ``close()`` waits at most this long for its background loops to stop after cancelling them.
 TASK_STOP_TIMEOUT_S = 5.0
 
 _ETCD_ERRORS = (etcd_exceptions.Etcd3Exception, grpc.RpcError, ValueError)
+# The errors of an etcd that is away for a moment rather than one that refuses.
+_ETCD_TRANSIENT = (etcd_exceptions.ConnectionFailedError, etcd_exceptions.ConnectionTimeoutError)
 _CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", ETCD_RECONNECT_BACKOFF_MS_MIN),
                     ("grpc.min_reconnect_backoff_ms", ETCD_RECONNECT_BACKOFF_MS_MIN),
                     ("grpc.max_reconnect_backoff_ms", ETCD_RECONNECT_BACKOFF_MS_MAX)]
@@ -254,6 +260,7 @@ class EtcdOwnership:
             certificates use the map); None: plaintext.
         principal: Who this process is, as recorded with the shard map changes it makes
             (``HomeChange.principal``): its certificate's identity; default ``node:<node_id>``.
+        join_timeout_s: How long ``start`` retries while etcd is unreachable or slow.
     """
 
     def __init__(self, endpoint: str, node_id: str, region: str, address: str,
@@ -261,6 +268,7 @@ class EtcdOwnership:
                  takeover_grace_s: float = 2.0, prefix: str = "/redledger", *,
                  rebalance: bool = True, campaign: bool = True,
                  sticky_failover: bool = True, warm_wait_s: float = WARM_WAIT_S,
+                 join_timeout_s: float = JOIN_TIMEOUT_S,
                  credentials: grpc.ChannelCredentials | None = None,
                  principal: str | None = None) -> None:
         if not regions:
@@ -292,6 +300,7 @@ class EtcdOwnership:
         # (0: no warm standbys); ``set_warmer`` gives this node's own.
         self._warm_wait_s = float(warm_wait_s)
         self._warmer: Callable[[set[int], set[int]], set[int]] | None = None
+        self._join_timeout_s = float(join_timeout_s)
         self._root = prefix.rstrip("/") + "/"
         self._credentials = credentials
         self.principal = principal or f"node:{node_id}"
@@ -386,11 +395,7 @@ class EtcdOwnership:
         self._kv = self._client()
         self._watcher = self._client()
         try:
-            await self._init_map()
-            await self._relist_and_watch()
-            if self._campaign_enabled:
-                await self._open_session()
-                await self._reconcile_once()
+            await self._join()
         except _ETCD_ERRORS as exc:
             await self._shutdown(revoke=True)
             raise EtcdOwnershipError(f"cannot join etcd at {self._where()}") from exc
@@ -409,6 +414,30 @@ class EtcdOwnership:
             self._spawn_loop("watch", self._watch_loop, guards_lease=False),
             self._spawn_loop("reconcile", self._reconcile_loop, guards_lease=False),
         ]
+
+    async def _join(self) -> None:
+        """The steps of ``start``, each safe to repeat, retried for ``JOIN_TIMEOUT_S`` while
+        etcd is unreachable or slow. One failed call was enough to fail an operator's command
+        (``ledgerctl restore-homes`` in a CI drill, with every member up)."""
+        deadline = time.monotonic() + self._join_timeout_s
+        backoff = _Backoff()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._init_map()
+                await self._relist_and_watch()
+                if self._campaign_enabled:
+                    await self._open_session()
+                    await self._reconcile_once()
+                return
+            except _ETCD_TRANSIENT as exc:
+                pause = backoff.grow()
+                if time.monotonic() + pause >= deadline:
+                    raise
+                log.warning("%s: joining etcd at %s failed (attempt %d: %s); retrying in %.1f s",
+                            self.node_id, self._where(), attempt, type(exc).__name__, pause)
+                await asyncio.sleep(pause)
 
     async def close(self) -> None:
         """Report the loss of every shard, then revoke the lease so others take over at once."""

@@ -33,7 +33,7 @@ import sys
 import time
 
 from ledger.store.port import StoreError
-from shard_router.etcd import EtcdOwnershipError
+from shard_router.etcd import JOIN_TIMEOUT_S, EtcdOwnershipError
 from ledger.core.constants import RECOVERY_TIMEOUT_MS
 from ledger.reconcile import CHECKS, Report, envelope_report, reconcile
 from shard_router.placement import failback_moves, failover_moves
@@ -243,6 +243,9 @@ def _etcd_args(p: argparse.ArgumentParser) -> None:
                            "member (one per region), and a member's loss moves the calls to "
                            "the next")
     p.add_argument("--etcd-prefix", default="/redledger")
+    p.add_argument("--etcd-join-timeout-s", type=float, default=JOIN_TIMEOUT_S,
+                   help="how long to keep trying while etcd is unreachable or slow (a member "
+                        "down, a leader election) before giving up")
     p.add_argument("--etcd-tls-dir", default=os.environ.get("LEDGER_ETCD_TLS_DIR"),
                    help="mutual TLS to etcd: ca.pem and the operator's certificate")
     p.add_argument("--etcd-tls-name", default="operator-ops",
@@ -316,6 +319,7 @@ async def _view(args):
     view = EtcdOwnership(args.etcd, f"ledgerctl-{os.getpid()}", "-", "",
                          args.regions.split(","), shard_count=args.shards,
                          prefix=args.etcd_prefix, campaign=False,
+                         join_timeout_s=args.etcd_join_timeout_s,
                          credentials=_etcd_tls(args), principal=_operator(args))
 
     async def ignore(shard: int, epoch: int) -> None:
