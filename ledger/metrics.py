@@ -98,6 +98,11 @@ STORE_STATEMENTS = Counter(
     "ledger_store_statements",
     "Requests sent to the store: Cassandra, every statement or batch handed to the driver; "
     "SQLite, every call queued to the writer thread (each runs in its own savepoint).")
+STORE_HEDGED = Counter(
+    "ledger_store_hedged_statements",
+    "Cassandra statements of takeovers and warm-ups (their reads and fence) that were sent to "
+    "more than one node: no answer within HEDGE_DELAY_S, so a node of another region was "
+    "asked too (a region's node just back from an outage is slow to answer).")
 STORE_TRANSACTIONS = Counter(
     "ledger_store_transactions",
     "SQLite transactions committed by the writer thread (one fsync each: group commit of "

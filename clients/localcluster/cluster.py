@@ -292,6 +292,21 @@ class LocalCluster:
         if etcd and self.etcd_per_region:
             self._etcds[region].kill()
 
+    def pause_cassandra(self, region: str) -> None:
+        """SIGSTOP the Cassandra node of ``region``: it keeps its connections and answers
+        nothing (a node that is up but far too slow) until ``resume_cassandra``."""
+        self._signal_node(region, signal.SIGSTOP)
+
+    def resume_cassandra(self, region: str) -> None:
+        """SIGCONT the Cassandra node of ``region`` (after ``pause_cassandra``)."""
+        self._signal_node(region, signal.SIGCONT)
+
+    def _signal_node(self, region: str, sig: int) -> None:
+        pid = self._nodes[region].pid()
+        if pid is None or not self._nodes[region].running():
+            raise LocalClusterError(f"cassandra {region} is not running")
+        os.kill(pid, sig)
+
     def stop_region(self, region: str, timeout: float = CASSANDRA_STOP_TIMEOUT_S) -> None:
         """SIGTERM the node of ``region``, SIGKILL after ``timeout`` seconds; data stays."""
         self._nodes[region].stop(timeout)

@@ -31,7 +31,7 @@ class FlakyProxy:
     """A TCP proxy to etcd that closes its first ``drop`` connections at once."""
 
     def __init__(self, target: str, drop: int) -> None:
-        [(self.host, self.port)] = parse_endpoints(target)
+        self.host, self.port = parse_endpoints(target)[0]  # one member is enough
         self.drop = drop
         self.dropped = 0
         self.forwarded = 0

@@ -50,6 +50,14 @@ FENCE_ATTEMPTS_MAX = 16
 APPEND_SENDS_MAX = 3
 # Largest CQL bigint: the open end of the (seq, writer_epoch) ranges the journal reads page by.
 BIGINT_MAX = (1 << 63) - 1
+# A takeover's or a warm-up's reads and its fence (``driver.hedged``) are sent again to a node
+# of another region when the first has not answered within this long (s), and once more after
+# as long again (at most HEDGE_EXTRA_MAX extra sends). A region's node restarted a minute
+# earlier lacks what was written while it was down and took 10 s and more to answer these
+# reads in the kill-region drill (its coordinator repairing what it reads); the other regions
+# hold a quorum without it. A takeover's reads take 20-500 ms under load otherwise.
+HEDGE_DELAY_S = 0.5
+HEDGE_EXTRA_MAX = 2
 # Delay between attempts to reconnect to a Cassandra node that went away (s).
 RECONNECT_DELAY_S = 1.0
 # Journal batches of one shard whose rows may wait for the materializer. An append past it

@@ -15,22 +15,25 @@ received it: a CAS cannot have been proposed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import socket
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from cassandra import ConsistencyLevel, OperationTimedOut, RequestExecutionException
 from cassandra import protocol as cql_protocol
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
 from cassandra.connection import ConnectionBusy, ConnectionException
 from cassandra.pool import NoConnectionsAvailable
-from cassandra.policies import (ConstantReconnectionPolicy, DCAwareRoundRobinPolicy,
-                                RetryPolicy, TokenAwarePolicy)
+from cassandra.policies import (ConstantReconnectionPolicy, ConstantSpeculativeExecutionPolicy,
+                                DCAwareRoundRobinPolicy, RetryPolicy, TokenAwarePolicy)
 from cassandra.query import PreparedStatement, Statement, dict_factory
 
 from ledger import metrics
 from ledger.store.bridge import settle as _settle
-from ledger.store.cassandra.constants import RECONNECT_DELAY_S, ROWS_IN_FLIGHT_MAX
+from ledger.store.cassandra.constants import (HEDGE_DELAY_S, HEDGE_EXTRA_MAX,
+                                               RECONNECT_DELAY_S, ROWS_IN_FLIGHT_MAX)
 from ledger.store.port import StoreUnavailable
 
 # Driver errors that say "the request did not (or may not) complete": coordinator-side
@@ -46,6 +49,31 @@ def consistency(value: int | str) -> int:
     if isinstance(value, str):
         return ConsistencyLevel.name_to_value[value.upper()]
     return value
+
+
+# The execution profile of hedged statements (``hedged``): the default one, plus speculative
+# sends to the next nodes of the query plan, which are the other regions' nodes.
+PROFILE_HEDGED = "hedged"
+_hedged: contextvars.ContextVar[bool] = contextvars.ContextVar("hedged", default=False)
+
+
+@contextlib.contextmanager
+def hedged() -> Iterator[None]:
+    """Within it (this task and the tasks it starts), idempotent statements are hedged: sent
+    again to a node of another region after ``HEDGE_DELAY_S`` without an answer, and the first
+    answer wins (the driver's speculative execution).
+
+    For a takeover's and a warm-up's reads and fence, which a node of the local region that
+    has just come back (and lacks what was written meanwhile) answered only after 10 s and
+    more, while no node served the shard. Not for the commit path: an append is never sent
+    twice by the driver (``NoBlindRetryPolicy``), and hedging reads under load would add load
+    when the cluster is slowest.
+    """
+    token = _hedged.set(True)
+    try:
+        yield
+    finally:
+        _hedged.reset(token)
 
 
 def new_cluster(contact_points: Sequence[str], port: int, local_dc: str,
@@ -65,8 +93,17 @@ def new_cluster(contact_points: Sequence[str], port: int, local_dc: str,
         row_factory=dict_factory,
         request_timeout=request_timeout_s,
     )
+    hedged_profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(
+            local_dc=local_dc, used_hosts_per_remote_dc=1)),
+        retry_policy=NoBlindRetryPolicy(), row_factory=dict_factory,
+        request_timeout=request_timeout_s,
+        # The plan is the local node, then one node of each other region.
+        speculative_execution_policy=ConstantSpeculativeExecutionPolicy(
+            HEDGE_DELAY_S, HEDGE_EXTRA_MAX))
     return Cluster(contact_points=list(contact_points), port=port,
-                   execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+                   execution_profiles={EXEC_PROFILE_DEFAULT: profile,
+                                       PROFILE_HEDGED: hedged_profile},
                    # A restarted node is tried again every second, not after the
                    # driver's exponential backoff (which kept a healed region away
                    # for ~30 s in the drills).
@@ -283,7 +320,16 @@ class Driver:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         metrics.STORE_STATEMENTS.inc()
-        response = self.session.execute_async(statement, params, timeout=self.timeout_s)
+        # (A plain CQL string, as tools send, is never idempotent to the driver.)
+        profile = (PROFILE_HEDGED if _hedged.get() and getattr(statement, "is_idempotent", False)
+                   else EXEC_PROFILE_DEFAULT)
+        response = self.session.execute_async(statement, params, timeout=self.timeout_s,
+                                              execution_profile=profile)
+        if profile is PROFILE_HEDGED:
+            def count_hedge(_: Any) -> None:
+                if len(response.attempted_hosts) > 1:
+                    metrics.STORE_HEDGED.inc()
+            response.add_callbacks(count_hedge, count_hedge)
         response.add_callbacks(
             lambda rows: call_threadsafe(loop, _settle, future, rows, None),
             lambda exc: call_threadsafe(loop, _settle, future, None, exc))

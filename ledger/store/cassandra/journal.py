@@ -28,10 +28,11 @@ still this writer's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from cassandra import ConsistencyLevel
 
@@ -43,7 +44,7 @@ from ledger.store.cassandra.constants import (APPEND_SENDS_MAX, BIGINT_MAX,
                                               SNAPSHOT_LOAD_ATTEMPTS_MAX,
                                               SNAPSHOT_PART_BYTES, SNAPSHOT_PARTS_IN_FLIGHT,
                                               SNAPSHOT_PARTS_PER_READ)
-from ledger.store.cassandra.driver import DRIVER_ERRORS, Driver, never_sent
+from ledger.store.cassandra.driver import DRIVER_ERRORS, Driver, hedged, never_sent
 from ledger.store.cassandra.views import Views
 from ledger.store.port import (Fenced, JournalBatch, LoadedShard, StoreUnavailable,
                                UnknownOutcome)
@@ -128,6 +129,18 @@ def counts(runs: dict[int, tuple[int, int]], seq: int, writer_epoch: int) -> boo
     run = runs.get(writer_epoch)
     return run is not None and run[0] < seq <= run[1]
 
+
+
+_R = TypeVar("_R")
+
+
+def _hedging(method: Callable[..., Awaitable[_R]]) -> Callable[..., Awaitable[_R]]:
+    """Run a takeover's or warm-up's step with its statements hedged (``driver.hedged``)."""
+    @functools.wraps(method)
+    async def run(*args: Any, **kwargs: Any) -> _R:
+        with hedged():
+            return await method(*args, **kwargs)
+    return run
 
 @dataclass(slots=True)
 class _Writer:
@@ -253,6 +266,7 @@ class Journal:
 
     # --- fencing ----------------------------------------------------------------------
 
+    @_hedging
     async def fence(self, shard: int, epoch: int) -> int:
         """Make ``epoch`` the shard's writer epoch; return the last batch number.
 
@@ -295,6 +309,9 @@ class Journal:
             statement = (self._q_fence_new.bind((epoch, {epoch: head}, shard))
                          if recorded is None else
                          self._q_fence.bind((epoch, {epoch: head}, shard, recorded)))
+            # Sent twice (hedged, or by a retry), one CAS applies and the other finds the
+            # new epoch: the loop reads it and returns, as after a fencer that won.
+            statement.is_idempotent = True
             metrics.STORE_LWT.inc()
             try:
                 result = await self._driver.run(statement)
@@ -311,6 +328,7 @@ class Journal:
         raise StoreUnavailable(f"fence of shard {shard}: still contended after "
                                f"{FENCE_ATTEMPTS_MAX} attempts")
 
+    @_hedging
     async def probe_fence(self, shard: int) -> None:
         """See ``JournalStore.probe_fence``: the SERIAL read of the fence state."""
         await self._fence_state(shard, serial=True)
@@ -472,6 +490,7 @@ class Journal:
         head = await self._head(shard, recorded, starts)
         return recorded or 0, head, (snaps[0]["seq"] if snaps else 0)
 
+    @_hedging
     async def load(self, shard: int) -> LoadedShard:
         """Read the latest complete snapshot and every batch after it that counts, in order.
 
@@ -517,6 +536,7 @@ class Journal:
         raise StoreUnavailable(f"shard {shard}: the journal was truncated under every one of "
                                f"{SNAPSHOT_LOAD_ATTEMPTS_MAX} loads")
 
+    @_hedging
     async def load_after(self, shard: int, seq: int,
                          basis: tuple[tuple[int, int], ...]) -> LoadedShard | None:
         """See ``JournalStore.load_after``: ``load``'s reads, from batch ``seq`` on.

@@ -1,0 +1,76 @@
+"""A takeover does not wait for a slow node of its own region (``driver.hedged``).
+
+In the kill-region drill the region came back with a Cassandra node that lacked everything
+written while it was down; the returning ledger node fenced and loaded its shards through
+it, and one fence took 11.8 s while nobody served that shard. A takeover's reads and its
+fence are now sent again to a node of another region when the local one has not answered
+within ``HEDGE_DELAY_S``: the other two regions hold a quorum.
+
+Here r1's Cassandra node is paused (SIGSTOP: connected, answering nothing) while a new
+owner connected through r1 fences and loads a shard of a keyspace with a replica in each of
+three regions. Without hedging the fence's first read waits for r1 until the request
+timeout and the takeover fails; with it, the takeover gets the whole journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from clients.localcluster import cql_query
+from ledger import metrics
+from ledger.store.cassandra import CassandraStore
+from ledger.store.port import JournalBatch
+from tests.conftest import TEST_REGIONS
+
+pytestmark = [pytest.mark.real,
+              pytest.mark.skipif(len(TEST_REGIONS) < 3, reason="needs three regions")]
+
+SHARD = 3
+BATCHES = 12
+# Longer than a hedged takeover needs (a few hedge delays), far shorter than the suite's
+# patience for a paused node: the test fails, rather than waits, if hedging is gone.
+REQUEST_TIMEOUT_S = 6.0
+
+
+def _events(seq: int) -> bytes:
+    return f"hedge:{SHARD}:{seq}".encode() * 8
+
+
+async def test_a_takeover_through_a_paused_local_node_is_served_by_the_other_regions(
+        local_cluster):
+    regions = list(local_cluster.regions)[:3]
+    keyspace = f"hedge_{uuid.uuid4().hex[:8]}"
+    points = [local_cluster.contact_points[r] for r in regions]
+
+    async def connect() -> CassandraStore:
+        return await CassandraStore.connect(
+            points, local_cluster.cql_port, local_dc=regions[0], keyspace=keyspace,
+            replication={r: 1 for r in regions}, request_timeout_s=REQUEST_TIMEOUT_S)
+
+    old = await connect()
+    new = await connect()
+    try:
+        await old.fence(SHARD, 1)
+        for seq in range(1, BATCHES + 1):
+            await old.append(SHARD, 1, seq, _events(seq), [])
+        hedged_before = metrics.STORE_HEDGED._value.get()
+        await asyncio.to_thread(local_cluster.pause_cassandra, regions[0])
+        try:
+            head = await new.fence(SHARD, 2)
+            loaded = await new.load(SHARD)
+        finally:
+            await asyncio.to_thread(local_cluster.resume_cassandra, regions[0])
+        assert head == BATCHES
+        assert loaded.batches == [JournalBatch(s, 1, _events(s)) for s in range(1, BATCHES + 1)]
+        assert metrics.STORE_HEDGED._value.get() > hedged_before
+        # The new owner appends through r1 again once it answers.
+        await new.append(SHARD, 2, BATCHES + 1, _events(BATCHES + 1), [])
+    finally:
+        await old.close()
+        await new.close()
+        await asyncio.to_thread(cql_query, local_cluster.contact_points[regions[0]],
+                                local_cluster.cql_port, f"DROP KEYSPACE IF EXISTS {keyspace}",
+                                60.0)
