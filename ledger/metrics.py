@@ -343,6 +343,10 @@ class NodeCollector(Collector):
             "ledger_lease_keepalive_longest_gap_seconds", "The longest time between two "
             "keep-alives the node sent under one lease (a lease is lost at the TTL).",
             labels=["node"])
+        dead = CounterMetricFamily(
+            "ledger_dead_owner_revocations", "Leases of other nodes this node revoked because "
+            "their address refused every probe connection (a crashed process): their shards "
+            "were granted again at once instead of after the lease TTL.", labels=["node"])
         now_ms = int(time.time() * 1000)
         for node in list(self._nodes):
             try:
@@ -355,6 +359,7 @@ class NodeCollector(Collector):
             failovers.add_metric([node_id], getattr(node.ownership, "failovers", 0))
             suspensions.add_metric([node_id], getattr(node.ownership, "suspensions", 0))
             resumptions.add_metric([node_id], getattr(node.ownership, "resumptions", 0))
+            dead.add_metric([node_id], getattr(node.ownership, "dead_owner_revocations", 0))
             if hasattr(node.ownership, "loop_stalls"):
                 stalls.add_metric([node_id], node.ownership.loop_stalls)
                 longest_stall.add_metric([node_id], node.ownership.longest_loop_stall_s)
@@ -377,7 +382,7 @@ class NodeCollector(Collector):
                 commands.add_metric(key, st.commands)
                 seconds.add_metric(key, st.append_seconds)
         yield from (owned, epoch, queue, outbox, lag, keys, appends, commands, seconds,
-                    failovers, suspensions, resumptions, stalls, longest_stall,
+                    failovers, suspensions, resumptions, dead, stalls, longest_stall,
                     keepalive_gap, info)
 
 

@@ -148,6 +148,16 @@ RETRY_BACKOFF_S_MAX = 2.0
 # leader election on a loaded machine: both answer UNAVAILABLE for a moment) for this long,
 # moving over the endpoints, before it gives up. A refusal (permissions, bad request) is final.
 JOIN_TIMEOUT_S = 15.0
+# A node whose call to a shard's owner failed probes the owner's address (``report_unreachable``):
+# DEAD_PROBES TCP connections, DEAD_PROBE_GAP_S apart, each refused at once (the host is up
+# and nothing listens on the port: the owner's process is gone), and it revokes the owner's
+# lease then instead of waiting out its TTL. Anything else (a connection made, a timeout, an
+# unreachable host) proves nothing and leaves it to the lease; that address is then not
+# probed again for DEAD_PROBE_QUIET_S.
+DEAD_PROBES = 2
+DEAD_PROBE_GAP_S = 0.1
+DEAD_PROBE_CONNECT_TIMEOUT_S = 0.5
+DEAD_PROBE_QUIET_S = 1.0
 # ``close()`` waits at most this long for loss callbacks before revoking the lease anyway.
 CLOSE_LISTENER_TIMEOUT_S = 5.0
 # ``close()`` waits at most this long for its background loops to stop after cancelling them.
@@ -214,6 +224,21 @@ class _NodeRecord:
     warms: bool = False  # keeps warm standbys of shards moving to it (announces warm keys)
 
 
+async def _refused(host: str, port: int) -> bool:
+    """True if a TCP connection to ``host:port`` is refused (nothing listens there)."""
+    if port <= 0:
+        return False  # not an address anyone listens on: proves nothing
+    try:
+        async with asyncio.timeout(DEAD_PROBE_CONNECT_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(host, port)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError):
+        return False  # unreachable, reset, slow: a partition or a pause looks like this
+    writer.close()
+    return False
+
+
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -261,6 +286,9 @@ class EtcdOwnership:
         principal: Who this process is, as recorded with the shard map changes it makes
             (``HomeChange.principal``): its certificate's identity; default ``node:<node_id>``.
         join_timeout_s: How long ``start`` retries while etcd is unreachable or slow.
+        dead_owner_probe: Revoke the lease of an owner whose address refuses connections
+            (``report_unreachable``): a crashed process's shards are taken over at once,
+            not after its lease's TTL.
     """
 
     def __init__(self, endpoint: str, node_id: str, region: str, address: str,
@@ -268,7 +296,7 @@ class EtcdOwnership:
                  takeover_grace_s: float = 2.0, prefix: str = "/redledger", *,
                  rebalance: bool = True, campaign: bool = True,
                  sticky_failover: bool = True, warm_wait_s: float = WARM_WAIT_S,
-                 join_timeout_s: float = JOIN_TIMEOUT_S,
+                 join_timeout_s: float = JOIN_TIMEOUT_S, dead_owner_probe: bool = True,
                  credentials: grpc.ChannelCredentials | None = None,
                  principal: str | None = None) -> None:
         if not regions:
@@ -301,6 +329,12 @@ class EtcdOwnership:
         self._warm_wait_s = float(warm_wait_s)
         self._warmer: Callable[[set[int], set[int]], set[int]] | None = None
         self._join_timeout_s = float(join_timeout_s)
+        self._dead_owner_probe = dead_owner_probe
+        # Addresses being probed, and until when (monotonic) each is left alone after a probe.
+        self._probing: set[str] = set()
+        self._probe_quiet_until: dict[str, float] = {}
+        # Leases of other nodes revoked because their address refused connections (/metrics).
+        self.dead_owner_revocations = 0
         self._root = prefix.rstrip("/") + "/"
         self._credentials = credentials
         self.principal = principal or f"node:{node_id}"
@@ -463,6 +497,57 @@ class EtcdOwnership:
         """Call ``callback()`` (on the event loop) whenever the cache sees a shard's owner key
         appear or go: the router's retries wake on it (``shard_router.router``)."""
         self._owner_listeners.append(callback)
+
+    def report_unreachable(self, address: str) -> asyncio.Task[bool] | None:
+        """A call to the owner at ``address`` failed (the router saw a connection error).
+
+        Probes the address (``DEAD_PROBES`` TCP connections): if every one is refused, the
+        process that owned shards there is gone, and the lease of those owner keys is
+        revoked, so that their shards are granted again at once, as after a clean shutdown,
+        instead of after the TTL (fencing makes this as safe as any lease loss: a deposed
+        owner that lives after all can append nothing). A connection made, a timeout or an
+        unreachable host (a partition, a paused process: cases only the lease can judge)
+        revokes nothing. Returns the probe's task (True: revoked), or None when no probe
+        started: no owner there, this node's own address, one probe at a time per address,
+        and none for ``DEAD_PROBE_QUIET_S`` after the last.
+        """
+        if (self._closed or not self._dead_owner_probe or self._loop is None
+                or address == self.address or address in self._probing
+                or time.monotonic() < self._probe_quiet_until.get(address, 0.0)):
+            return None
+        leases = {rec.lease for rec in self._owners.values() if rec.address == address}
+        if not leases:
+            return None
+        self._probing.add(address)
+        return spawn(self._probe_dead(address, leases), f"etcd-probe-{self.node_id}")
+
+    async def _probe_dead(self, address: str, leases: set[int]) -> bool:
+        try:
+            host, port = parse_endpoints(address)[0]
+            for attempt in range(DEAD_PROBES):
+                if attempt:
+                    await asyncio.sleep(DEAD_PROBE_GAP_S)  # a second look, not a wait
+                if not await _refused(host, port):
+                    return False
+            current = {rec.lease for rec in self._owners.values() if rec.address == address}
+            revoked = False
+            for lease in sorted(leases & current):
+                try:
+                    await self._call(self._kv.revoke_lease, lease)
+                except _ETCD_ERRORS as exc:
+                    log.warning("node %s: could not revoke lease %x of the owner at %s, "
+                                "which refuses connections: %s (its TTL will)",
+                                self.node_id, lease, address, exc)
+                    continue
+                revoked = True
+                self.dead_owner_revocations += 1
+                log.warning("node %s: revoked lease %x of the owner at %s: %d connections "
+                            "refused (its process is gone); its shards are granted again now",
+                            self.node_id, lease, address, DEAD_PROBES)
+            return revoked
+        finally:
+            self._probing.discard(address)
+            self._probe_quiet_until[address] = time.monotonic() + DEAD_PROBE_QUIET_S
 
     def _owner_changed(self) -> None:
         for callback in self._owner_listeners:

@@ -11,7 +11,9 @@ it), and this node's takeovers report when they serve, so a call waiting out a s
 hand-over tries again the moment a new owner is named. A node named owner that is still
 taking the shard over holds the call until it serves (``await_takeover``) instead of sending
 it back. The backoff stays the bound of each wait. (A planned drain under load, before:
-the router slept 25, 50, ... 500 ms between attempts whatever happened meanwhile.)
+the router slept 25, 50, ... 500 ms between attempts whatever happened meanwhile.) A call
+that could not reach a remote owner is reported to the ownership (``report_unreachable``),
+which frees the shards of an owner whose process is gone without waiting out its lease.
 
 Deadlines are points on the event loop's clock (``loop.time()``, monotonic; a simulation runs
 it virtually). A call's deadline bounds every attempt: the wait for a local owner's answer,
@@ -125,6 +127,10 @@ class Router:
         hook = getattr(ownership, "on_owner_change", None)
         if hook is not None:
             hook(self.route_changed)
+        # Told of an owner that a call could not reach, an ownership that can (etcd) probes
+        # it and frees the shards of a crashed process at once (``report_unreachable``).
+        self._report_unreachable: Callable[[str], object] | None = getattr(
+            ownership, "report_unreachable", None)
 
     def route_changed(self) -> None:
         """A shard's owner changed (named, gone, or now serving here): wake the retries."""
@@ -243,7 +249,11 @@ class Router:
         try:
             outcomes = await self._transport.execute(info.address, shard, commands,
                                                      wait_credit, deadline)
-        except (NotOwner, ConnectionError):
+        except NotOwner:
+            return None
+        except ConnectionError:
+            if self._report_unreachable is not None:
+                self._report_unreachable(info.address)
             return None
         if all(o.status is Status.SHARD_UNAVAILABLE for o in outcomes):
             return None  # that owner stopped under us: route again

@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="a planned move (failback, failover --to) waits up to this long "
                            "for the new owner's warm standby, so that its takeover replays "
                            "only a tail (0: hand over at once, no warm standbys)")
+    node.add_argument("--no-dead-owner-probe", dest="dead_owner_probe", action="store_false",
+                      help="do not revoke the lease of an owner whose address refuses "
+                           "connections (a crashed process): wait for its TTL instead")
     node.add_argument("--etcd-tls", action="store_true",
                       help="talk to etcd over mutual TLS with this node's certificate "
                            "(--tls-dir/--tls-name); see ledgerctl etcd-auth")
@@ -339,6 +342,7 @@ async def _node(args) -> None:
                               regions, shard_count=args.shards, lease_ttl_s=args.lease_ttl_s,
                               takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix,
                               campaign=args.role == "full", warm_wait_s=args.warm_wait_s,
+                              dead_owner_probe=args.dead_owner_probe,
                               credentials=_etcd_tls(args),
                               principal=_principal(args))
     # Appends are plain writes: the store acknowledges one only while this node's lease holds
