@@ -174,6 +174,12 @@ async def fail(context: grpc.aio.ServicerContext, method: str, exc: Exception) -
 
 UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
+try:
+    # grpc's "could not send on this call" (the caller reset the stream): the call is over.
+    from grpc._cython.cygrpc import ExecuteBatchError as _SendFailed
+except ImportError:  # pragma: no cover - another grpc build: the checks below still hold
+    _SendFailed = ()  # type: ignore[assignment,misc]
+
 
 def _guarded(method: str, handler: UnaryHandler) -> UnaryHandler:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -184,10 +190,13 @@ def _guarded(method: str, handler: UnaryHandler) -> UnaryHandler:
             # the servicer already answered with a refusal: both stand as they are.
             raise
         except Exception as exc:
-            if _deadline_passed(context) or context.cancelled():
+            if (isinstance(exc, _SendFailed) or _deadline_passed(context)
+                    or context.cancelled()):
                 # The caller is gone: its deadline passed (the servicer's own abort then
-                # fails to send, ExecuteBatchError) or it cancelled. Nothing can be answered
-                # and a second abort would only fail again; end the call as cancelled.
+                # fails to send, ExecuteBatchError), it cancelled, or it reset the stream
+                # before either shows on the context (the send failed all the same). Nothing
+                # can be answered and a second abort would only fail again ("Abort already
+                # called!"); end the call as cancelled.
                 log.info("%s: the call ended before its answer was sent (%s)", method,
                          type(exc).__name__)
                 raise asyncio.CancelledError() from exc

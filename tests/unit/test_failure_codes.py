@@ -89,3 +89,37 @@ async def test_a_call_whose_caller_is_gone_is_not_reported_as_an_internal_error(
             raise AssertionError("the call should end as cancelled")
     assert context.aborts == 1  # no second abort
     assert "INTERNAL" not in caplog.text and "ended before its answer" in caplog.text
+
+
+class _ResetContext(_GoneContext):
+    """A call the caller reset (RST_STREAM) a moment before its deadline: the context says
+    neither cancelled nor past its deadline yet, but sending the answer fails with grpc's own
+    ExecuteBatchError (seen in a kill-region drill: logged as INTERNAL, then "Abort already
+    called!" from the second abort)."""
+
+    def time_remaining(self):
+        return 0.4
+
+    async def abort(self, code, message):
+        from grpc._cython.cygrpc import ExecuteBatchError
+
+        self.aborts += 1
+        if self.aborts > 1:
+            raise RuntimeError("Abort already called!")
+        raise ExecuteBatchError("Failed \"execute_batch\"")
+
+
+async def test_a_call_reset_before_its_deadline_is_not_reported_as_an_internal_error(caplog):
+    import asyncio
+
+    from ledger.api.errors import _guarded
+
+    async def servicer(request, context):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "insufficient funds")
+
+    context = _ResetContext()
+    with caplog.at_level("INFO", logger="ledger.api"):
+        with pytest.raises(asyncio.CancelledError):
+            await _guarded("/ledger.v1.LedgerService/Transfer", servicer)(None, context)
+    assert context.aborts == 1  # no second abort
+    assert "INTERNAL" not in caplog.text and "ended before its answer" in caplog.text

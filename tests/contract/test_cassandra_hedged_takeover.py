@@ -15,62 +15,53 @@ timeout and the takeover fails; with it, the takeover gets the whole journal.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
-from clients.localcluster import cql_query
 from ledger import metrics
 from ledger.store.cassandra import CassandraStore
 from ledger.store.port import JournalBatch
 from tests.conftest import TEST_REGIONS
+from tests.contract.conftest import _SHARD_NUMBERS
 
 pytestmark = [pytest.mark.real,
               pytest.mark.skipif(len(TEST_REGIONS) < 3, reason="needs three regions")]
 
-SHARD = 3
 BATCHES = 12
 # Longer than a hedged takeover needs (a few hedge delays), far shorter than the suite's
 # patience for a paused node: the test fails, rather than waits, if hedging is gone.
 REQUEST_TIMEOUT_S = 6.0
 
 
-def _events(seq: int) -> bytes:
-    return f"hedge:{SHARD}:{seq}".encode() * 8
+def _events(shard: int, seq: int) -> bytes:
+    return f"hedge:{shard}:{seq}".encode() * 8
 
 
 async def test_a_takeover_through_a_paused_local_node_is_served_by_the_other_regions(
-        local_cluster):
+        local_cluster, cassandra_3dc_store):
     regions = list(local_cluster.regions)[:3]
-    keyspace = f"hedge_{uuid.uuid4().hex[:8]}"
-    points = [local_cluster.contact_points[r] for r in regions]
-
-    async def connect() -> CassandraStore:
-        return await CassandraStore.connect(
-            points, local_cluster.cql_port, local_dc=regions[0], keyspace=keyspace,
-            replication={r: 1 for r in regions}, request_timeout_s=REQUEST_TIMEOUT_S)
-
-    old = await connect()
-    new = await connect()
+    old = cassandra_3dc_store  # connected through r1, a replica in each region
+    shard = next(_SHARD_NUMBERS)
+    new = await CassandraStore.connect(
+        [local_cluster.contact_points[r] for r in regions], local_cluster.cql_port,
+        local_dc=regions[0], keyspace=old._keyspace, create_schema=False,
+        request_timeout_s=REQUEST_TIMEOUT_S)
     try:
-        await old.fence(SHARD, 1)
+        await old.fence(shard, 1)
         for seq in range(1, BATCHES + 1):
-            await old.append(SHARD, 1, seq, _events(seq), [])
+            await old.append(shard, 1, seq, _events(shard, seq), [])
         hedged_before = metrics.STORE_HEDGED._value.get()
         await asyncio.to_thread(local_cluster.pause_cassandra, regions[0])
         try:
-            head = await new.fence(SHARD, 2)
-            loaded = await new.load(SHARD)
+            head = await new.fence(shard, 2)
+            loaded = await new.load(shard)
         finally:
             await asyncio.to_thread(local_cluster.resume_cassandra, regions[0])
         assert head == BATCHES
-        assert loaded.batches == [JournalBatch(s, 1, _events(s)) for s in range(1, BATCHES + 1)]
+        assert loaded.batches == [JournalBatch(s, 1, _events(shard, s))
+                                  for s in range(1, BATCHES + 1)]
         assert metrics.STORE_HEDGED._value.get() > hedged_before
         # The new owner appends through r1 again once it answers.
-        await new.append(SHARD, 2, BATCHES + 1, _events(BATCHES + 1), [])
+        await new.append(shard, 2, BATCHES + 1, _events(shard, BATCHES + 1), [])
     finally:
-        await old.close()
         await new.close()
-        await asyncio.to_thread(cql_query, local_cluster.contact_points[regions[0]],
-                                local_cluster.cql_port, f"DROP KEYSPACE IF EXISTS {keyspace}",
-                                60.0)
