@@ -159,7 +159,8 @@ LEASE_WAITS = Counter(
 WARM_STANDBYS = Counter(
     "ledger_warm_standbys",
     "Warm standbys of shards a planned move hands to this node, by outcome: ready (loaded and "
-    "folded while the old owner served), failed (the load failed), used (a takeover replayed "
+    "folded while the old owner served), failed (the load failed), waiting (not tried: this "
+    "region's store is catching up with the others), used (a takeover replayed "
     "only the batches after it), discarded (the journal no longer continued it: full replay).",
     ["outcome"])
 TAKEOVER_FAILURES = Counter(

@@ -90,6 +90,9 @@ class Node:
         # A gain's standby, from its report until its takeover runs.
         self._standby_for: dict[tuple[int, int], WarmShard] = {}
         self._warm_slots = asyncio.Semaphore(K.WARMS_CONCURRENT_MAX)
+        # Why this node's store is catching up with the other regions, as last checked
+        # (None: caught up). Warm-ups wait while it is (``_store_caught_up``).
+        self._catching_up: str | None = None
 
     async def start(self) -> None:
         set_warmer = getattr(self.ownership, "set_warmer", None)
@@ -121,10 +124,34 @@ class Node:
             self._warming[shard] = spawn(self._warm_one(shard), f"warm-{shard}")
         return set(self._warm)
 
+    async def _store_caught_up(self) -> bool:
+        """Whether this node's store has caught up with the other regions (a store without
+        ``catching_up``: always). The ownership is told either way (``set_catching_up``): an
+        owner handing a shard to this node waits longer for a store that is catching up
+        than for a warm-up that is merely slow."""
+        check = getattr(self.store, "catching_up", None)
+        reason = await check() if check is not None else None
+        if reason != self._catching_up:
+            if reason:
+                log.warning("warm standbys wait: this region's store is catching up (%s)",
+                            reason)
+            else:
+                log.info("warm standbys: this region's store has caught up")
+            self._catching_up = reason
+            tell = getattr(self.ownership, "set_catching_up", None)
+            if tell is not None:
+                await tell(reason is not None)
+        return reason is None
+
     async def _warm_one(self, shard: int) -> None:
         task = asyncio.current_task()
         try:
             async with self._warm_slots:
+                if not await self._store_caught_up():
+                    # Not a failure of the warm-up: tried again after K.WARM_RETRY_S.
+                    self._warm_failed_at[shard] = time.monotonic()
+                    metrics.WARM_STANDBYS.labels("waiting").inc()
+                    return
                 ready = await warm(self.store, shard, self._replay_slots)
         except asyncio.CancelledError:
             raise

@@ -32,3 +32,11 @@ TAKEOVER_WAIT_S_MAX = 3.0
 # restarted Cassandra node here took 8-24 s; at 120 s the suite's hot-envelope drill took
 # 138 s longer (its failback waited out the bound), so 45 s. ``ledgerd node --warm-wait-s``.
 WARM_WAIT_S = 45.0
+# How long an owner waits for the warm standby of a successor whose store says it is catching
+# up with the other regions (its node key's ``catching_up``: another region's Cassandra still
+# holds hints for it, ``CassandraStore.catching_up``) before it hands the shard over anyway.
+# Longer than WARM_WAIT_S because handing over then makes things worse, not merely slower: in
+# the kill-region drill a failback onto a node whose Cassandra was replaying hints (dropping
+# most mutations sent to it) stopped every acknowledgement for 20 s, while the old owners
+# served on. ``ledgerd node --catch-up-wait-s``.
+CATCH_UP_WAIT_S = 300.0

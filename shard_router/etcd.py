@@ -4,7 +4,8 @@ Key layout (all under ``prefix``, default ``/redledger``)::
 
     {prefix}/map/{shard:05d}    {"home_region": "r1", "origin": .., "change": ..}  no lease
     {prefix}/owner/{shard:05d}  {"node_id": .., "region": .., "address": ..}  owner's lease
-    {prefix}/nodes/{node_id}    {"region": .., "address": .., "warms": ..}   node's lease
+    {prefix}/nodes/{node_id}    {"region": .., "address": .., "warms": .., "catching_up": ..}
+                                                                  node's lease
     {prefix}/warm/{shard:05d}   {"node_id": ..}                              that node's lease
 
 A warm key says that its node, next in line for a shard a planned move hands to its region,
@@ -95,7 +96,7 @@ from pyetcd import exceptions as etcd_exceptions
 from pyetcd import transactions as etcd_txn
 
 from ledger.runtime.tasks import spawn
-from shard_router.constants import WARM_WAIT_S
+from shard_router.constants import CATCH_UP_WAIT_S, WARM_WAIT_S
 from shard_router.endpoints import parse_endpoints
 from shard_router.ownership import (HOME_CHANGES_KEPT, HomeChange, OwnerInfo,
                                     OwnershipListener, ShardPlacement)
@@ -222,6 +223,7 @@ class _NodeRecord:
     address: str
     first_seen: float  # monotonic, local
     warms: bool = False  # keeps warm standbys of shards moving to it (announces warm keys)
+    catching_up: bool = False  # its store is catching up with the other regions
 
 
 async def _refused(host: str, port: int) -> bool:
@@ -286,6 +288,9 @@ class EtcdOwnership:
         principal: Who this process is, as recorded with the shard map changes it makes
             (``HomeChange.principal``): its certificate's identity; default ``node:<node_id>``.
         join_timeout_s: How long ``start`` retries while etcd is unreachable or slow.
+        catch_up_wait_s: How long an owner waits for the warm standby of a successor whose
+            store is catching up (its node key says so) before it hands the shard over
+            anyway (``warm_wait_s`` otherwise).
         dead_owner_probe: Revoke the lease of an owner whose address refuses connections
             (``report_unreachable``): a crashed process's shards are taken over at once,
             not after its lease's TTL.
@@ -297,6 +302,7 @@ class EtcdOwnership:
                  rebalance: bool = True, campaign: bool = True,
                  sticky_failover: bool = True, warm_wait_s: float = WARM_WAIT_S,
                  join_timeout_s: float = JOIN_TIMEOUT_S, dead_owner_probe: bool = True,
+                 catch_up_wait_s: float = CATCH_UP_WAIT_S,
                  credentials: grpc.ChannelCredentials | None = None,
                  principal: str | None = None) -> None:
         if not regions:
@@ -329,6 +335,8 @@ class EtcdOwnership:
         self._warm_wait_s = float(warm_wait_s)
         self._warmer: Callable[[set[int], set[int]], set[int]] | None = None
         self._join_timeout_s = float(join_timeout_s)
+        self._catch_up_wait_s = float(catch_up_wait_s)
+        self._catching_up = False  # what this node's key says (``set_catching_up``)
         self._dead_owner_probe = dead_owner_probe
         # Addresses being probed, and until when (monotonic) each is left alone after a probe.
         self._probing: set[str] = set()
@@ -497,6 +505,11 @@ class EtcdOwnership:
         """Call ``callback()`` (on the event loop) whenever the cache sees a shard's owner key
         appear or go: the router's retries wake on it (``shard_router.router``)."""
         self._owner_listeners.append(callback)
+
+    def catching_up_nodes(self) -> list[str]:
+        """Live nodes whose key says their store is catching up with the other regions
+        (moves to them wait: ``set_catching_up``), as last seen."""
+        return sorted(n for n, rec in self._nodes.items() if rec.catching_up)
 
     def report_unreachable(self, address: str) -> asyncio.Task[bool] | None:
         """A call to the owner at ``address`` failed (the router saw a connection error).
@@ -692,7 +705,8 @@ class EtcdOwnership:
                 known = self._nodes.get(rest)
                 self._nodes[rest] = _NodeRecord(str(doc["region"]), str(doc.get("address", "")),
                                                 known.first_seen if known else now,
-                                                bool(doc.get("warms", False)))
+                                                bool(doc.get("warms", False)),
+                                                bool(doc.get("catching_up", False)))
                 return
             shard = int(rest)
             if not 0 <= shard < self._shard_count:
@@ -846,10 +860,8 @@ class EtcdOwnership:
         lease = await self._call(self._kv.lease, math.ceil(self._ttl_s))
         session = _Session(lease.id, opened_at=sent_at, deadline=lease_deadline(
             sent_at=sent_at, ttl_granted_s=float(lease.ttl), ttl_s=self._ttl_s))
-        node_doc = json.dumps({"region": self.region, "address": self.address,
-                               "warms": self._warmer is not None})
         try:
-            await self._call(self._kv.put, self._node_key(), node_doc, lease=lease.id)
+            await self._call(self._kv.put, self._node_key(), self._node_doc(), lease=lease.id)
         except _ETCD_ERRORS:
             try:
                 await self._call(self._kv.revoke_lease, lease.id)
@@ -860,6 +872,31 @@ class EtcdOwnership:
         self._changed.set()
         self._lease_ok.set()
         log.info("node %s holds lease %x", self.node_id, lease.id)
+
+    def _node_doc(self) -> str:
+        return json.dumps({"region": self.region, "address": self.address,
+                           "warms": self._warmer is not None,
+                           "catching_up": self._catching_up})
+
+    async def set_catching_up(self, catching_up: bool) -> None:
+        """Say in this node's key whether its store is catching up with the other regions
+        (``ledger.node``): an owner that would hand a shard to this node then waits up to
+        ``catch_up_wait_s`` for its warm standby instead of ``warm_wait_s``, so that a
+        failback does not land on a region whose Cassandra still replays what it missed.
+        Best effort: etcd unreachable leaves the key as it was until the next change."""
+        if catching_up == self._catching_up:
+            return
+        self._catching_up = catching_up
+        session = self._session
+        if session is None or session.lost or self._closed:
+            return  # the next session's node key says it
+        try:
+            await self._call(self._kv.put, self._node_key(), self._node_doc(),
+                             lease=session.lease_id)
+        except _ETCD_ERRORS as exc:
+            log.warning("node %s: could not say catching_up=%s in etcd: %s", self.node_id,
+                        catching_up, exc)
+            self._catching_up = not catching_up  # so that the next call tries again
 
     def _refresh(self, lease_id: int) -> int | None:
         for response in self._kv.refresh_lease(lease_id):
@@ -1150,7 +1187,10 @@ class EtcdOwnership:
                        grace_s=self._grace_s, rebalance=self._rebalance,
                        warm_wait_s=self._warm_wait_s,
                        warming_nodes={n for n, rec in self._nodes.items() if rec.warms}
-                       | ({self.node_id} if self._warmer is not None else set()))
+                       | ({self.node_id} if self._warmer is not None else set()),
+                       catch_up_wait_s=self._catch_up_wait_s,
+                       catching_up_nodes={n for n, rec in self._nodes.items()
+                                          if rec.catching_up})
         waiting = set(actions[Action.WAIT_WARM])
         for shard in [s for s in self._release_due_since if s not in waiting]:
             del self._release_due_since[shard]

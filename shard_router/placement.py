@@ -38,7 +38,10 @@ The rules, in the order a shard meets them:
   whole journal while no node serves the shard. A region just back from a crash loaded
   1,000-1,400 batches in 6-8 s (README, "Heal without stalls"). Only nodes that keep warm
   standbys (``warming_nodes``: their node key says so) are waited for; ``warm_wait_s`` 0
-  (the default) hands over at once.
+  (the default) hands over at once. A successor whose store is still catching up with the
+  other regions (``catching_up_nodes``: Cassandra replaying the hints of what it missed)
+  warms nothing until it has, and is waited for up to ``catch_up_wait_s``: a hand-over onto
+  it would stall the shard, not just replay more.
 * **Rebalance.** An owner in the home region hands a shard to a better-ranked node of that
   region once that node has been live for ``grace_s``, at most once per
   ``REBALANCE_COOLDOWN_GRACES`` grace periods per shard.
@@ -128,7 +131,9 @@ class ShardView:
 def plan_shard(view: ShardView, *, me: str, my_region: str,
                live_for_s: Mapping[str, tuple[str, float]], grace_s: float,
                rebalance: bool, warm_wait_s: float = 0.0,
-               warming_nodes: Collection[str] = frozenset()) -> Action:
+               warming_nodes: Collection[str] = frozenset(),
+               catch_up_wait_s: float = 0.0,
+               catching_up_nodes: Collection[str] = frozenset()) -> Action:
     """Decide what this node does about one shard.
 
     Args:
@@ -141,6 +146,9 @@ def plan_shard(view: ShardView, *, me: str, my_region: str,
         rebalance: Whether owners hand shards to better-ranked nodes of the home region.
         warm_wait_s: How long an owner outside the home region waits for its successor's
             warm standby before it hands the shard over anyway; 0: no warm standbys.
+        catch_up_wait_s: The wait instead of ``warm_wait_s`` (if longer) when the successor
+            is in ``catching_up_nodes``: its store still catches up with the other regions,
+            and a hand-over now would stall the shard rather than merely replay more.
         warming_nodes: The live nodes that keep warm standbys (this one included if it
             does); a successor not among them is not waited for.
 
@@ -160,8 +168,10 @@ def plan_shard(view: ShardView, *, me: str, my_region: str,
             if not stable_home:
                 return Action.NONE
             successor = preferred_node(view.shard, home_nodes)
+            bound = (max(warm_wait_s, catch_up_wait_s)
+                     if warm_wait_s > 0 and successor in catching_up_nodes else warm_wait_s)
             if (successor not in warming_nodes or view.warm_node_id == successor
-                    or view.release_due_for_s >= warm_wait_s):
+                    or view.release_due_for_s >= bound):
                 return Action.RELEASE
             return Action.WAIT_WARM
         if (rebalance and view.since_rebalance_s >= REBALANCE_COOLDOWN_GRACES * grace_s
@@ -198,7 +208,9 @@ def plan_shard(view: ShardView, *, me: str, my_region: str,
 def plan(views: Iterable[ShardView], *, me: str, my_region: str,
          live_for_s: Mapping[str, tuple[str, float]], grace_s: float,
          rebalance: bool, warm_wait_s: float = 0.0,
-         warming_nodes: Collection[str] = frozenset()) -> dict[Action, list[int]]:
+         warming_nodes: Collection[str] = frozenset(),
+         catch_up_wait_s: float = 0.0,
+         catching_up_nodes: Collection[str] = frozenset()) -> dict[Action, list[int]]:
     """``plan_shard`` for many shards: action -> shards, in the order of ``views``.
 
     Every action is a key of the result (with an empty list if no shard needs it).
@@ -207,7 +219,8 @@ def plan(views: Iterable[ShardView], *, me: str, my_region: str,
     for view in views:
         out[plan_shard(view, me=me, my_region=my_region, live_for_s=live_for_s,
                        grace_s=grace_s, rebalance=rebalance, warm_wait_s=warm_wait_s,
-                       warming_nodes=warming_nodes)].append(view.shard)
+                       warming_nodes=warming_nodes, catch_up_wait_s=catch_up_wait_s,
+                       catching_up_nodes=catching_up_nodes)].append(view.shard)
     return out
 
 

@@ -34,8 +34,10 @@ SERVED_TIMEOUT_S = 90.0
 # How long the failback after a heal may take (s): the old owners hand shards over once the
 # returning node holds warm standbys (it can read and fence through its store: after a
 # region's Cassandra node restarted on this machine, 8-16 s for most shards, minutes for
-# some), and serve them meanwhile; at the latest after ``WARM_WAIT_S`` (45 s) and a takeover.
-FAILBACK_TIMEOUT_S = 240.0
+# some), and serve them meanwhile; at the latest after ``WARM_WAIT_S`` (45 s) and a takeover,
+# or, while the returning region's Cassandra still replays hints of what it missed, after
+# ``CATCH_UP_WAIT_S`` (300 s) and a takeover.
+FAILBACK_TIMEOUT_S = 420.0
 # Poll period of the etcd owner watcher (s).
 WATCH_PERIOD_S = 0.2
 # While shards are waited for (``wait_served``): etcd's owner keys are read this often, and a

@@ -449,11 +449,15 @@ async def _move(args, mapping: dict[int, str], origins: dict[int, str] | None,
         print(json.dumps({"action": action, "change_id": change_id,
                           "moved": {str(s): r for s, r in sorted(mapping.items())},
                           "served_after_s": None if pending else took_s,
-                          "pending": sorted(pending)}))
+                          "pending": sorted(pending),
+                          "catching_up": view.catching_up_nodes()}))
     elif pending:
+        behind = view.catching_up_nodes()
         print(f"timeout: {len(pending)} shards not yet served by their new region (no live "
               f"node there, or its node cannot read its store yet: their owners keep serving "
-              f"them until it can): {pending[:20]}")
+              f"them until it can): {pending[:20]}"
+              + (f"; nodes whose store is still catching up with the other regions: "
+                 f"{', '.join(behind)}" if behind else ""))
     else:
         print(f"done: {len(mapping)} shards served by their new home regions after "
               f"{took_s:.1f} s")

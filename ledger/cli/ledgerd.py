@@ -38,7 +38,7 @@ from coordinator.envelopes import EnvelopeRules
 from ledger import constants as K
 from ledger import logs, metrics, server, tracing
 from ledger.core import constants as C
-from shard_router.constants import WARM_WAIT_S
+from shard_router.constants import CATCH_UP_WAIT_S, WARM_WAIT_S
 from shard_router.endpoints import etcd_endpoints
 
 # Exit status of a ledgerd that refused to start (port in use, data directory locked).
@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="a planned move (failback, failover --to) waits up to this long "
                            "for the new owner's warm standby, so that its takeover replays "
                            "only a tail (0: hand over at once, no warm standbys)")
+    node.add_argument("--catch-up-wait-s", type=float, default=CATCH_UP_WAIT_S,
+                      help="a planned move waits up to this long for the new owner's warm "
+                           "standby when the new owner's store is catching up with the other "
+                           "regions (Cassandra replaying hints to it)")
     node.add_argument("--no-dead-owner-probe", dest="dead_owner_probe", action="store_false",
                       help="do not revoke the lease of an owner whose address refuses "
                            "connections (a crashed process): wait for its TTL instead")
@@ -343,6 +347,7 @@ async def _node(args) -> None:
                               takeover_grace_s=args.takeover_grace_s, prefix=args.etcd_prefix,
                               campaign=args.role == "full", warm_wait_s=args.warm_wait_s,
                               dead_owner_probe=args.dead_owner_probe,
+                              catch_up_wait_s=args.catch_up_wait_s,
                               credentials=_etcd_tls(args),
                               principal=_principal(args))
     # Appends are plain writes: the store acknowledges one only while this node's lease holds

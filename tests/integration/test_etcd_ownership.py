@@ -470,6 +470,31 @@ async def test_a_planned_move_waits_for_a_warm_standby_no_longer_than_its_bound(
 
 
 @pytest.mark.real
+async def test_a_planned_move_waits_longer_for_a_successor_whose_store_is_catching_up(cluster):
+    """A successor whose store is still catching up with the other regions (its node key
+    says so: ``set_catching_up``) is waited for past ``warm_wait_s``, up to
+    ``catch_up_wait_s``: a hand-over onto it stalled the shard (kill-region drill)."""
+    regions = ["r1", "r2"]
+    rec = cluster.recorder
+    b = await cluster.node("b", "r2", regions, warm_wait_s=1.0, catch_up_wait_s=120.0)
+    await wait_until(rec, lambda: len(b.owned()) == SHARDS, SETTLE_TIMEOUT_S,
+                     "b (r2) to take r1's shards while r1 has no node")
+    a = await cluster.node("a", "r1", regions, warmer=lambda shards, keep: set(),
+                           start=False)
+    await a.set_catching_up(True)  # before it joins: its first node key says so
+    await a.start(rec.listener("a"))
+    await wait_until(rec, lambda: b.catching_up_nodes() == ["a"], SETTLE_TIMEOUT_S,
+                     "b to see that a's store is catching up")
+    await asyncio.sleep(3 * GRACE_S + 1.0)  # the grace and the warm bound, passed
+    assert len(b.owned()) == SHARDS and not a.owned()
+    # Caught up (still not warm): now the ordinary bound applies, long passed.
+    await a.set_catching_up(False)
+    await wait_until(rec, lambda: len(a.owned()) == SHARDS // 2, SETTLE_TIMEOUT_S,
+                     "r1's shards to move once a has caught up")
+    assert b.catching_up_nodes() == []
+
+
+@pytest.mark.real
 async def test_release_hands_a_shard_to_the_other_node(cluster):
     a = await cluster.node("a", "r1", ["r1"])
     b = await cluster.node("b", "r1", ["r1"])

@@ -192,6 +192,36 @@ async def test_a_standby_is_not_ready_while_its_store_cannot_fence(store, pair, 
     assert await _warmed(new, {SHARD}) == {SHARD}
 
 
+async def test_a_node_warms_nothing_while_its_store_catches_up_and_says_so(store, pair,
+                                                                          monkeypatch):
+    """A region whose Cassandra still replays the hints of what it missed dropped most
+    writes sent to it, and a failback onto it stopped every acknowledgement for 20 s
+    (kill-region drill): its node warms nothing until the store has caught up, and tells
+    its ownership (the owners then wait longer for it: ``catch_up_wait_s``)."""
+    old, new = pair
+    await _wallets(old, 0, 3)
+    told: list[bool] = []
+
+    async def tell(catching_up: bool) -> None:
+        told.append(catching_up)
+
+    behind: list[str | None] = ["r1 holds 3 hint file(s) for 127.0.0.2"]
+
+    async def catching_up() -> str | None:
+        return behind[0]
+
+    new.ownership.set_catching_up = tell  # type: ignore[attr-defined]
+    monkeypatch.setattr(store, "catching_up", catching_up, raising=False)
+    waiting, failed = _count("waiting"), _count("failed")
+    assert await _warmed(new, {SHARD}) == set()
+    assert (_count("waiting"), _count("failed")) == (waiting + 1, failed)
+    assert told == [True]
+    behind[0] = None  # caught up: the next warm-up runs
+    monkeypatch.setattr(K, "WARM_RETRY_S", 0.0)
+    assert await _warmed(new, {SHARD}) == {SHARD}
+    assert told == [True, False]
+
+
 async def test_a_node_does_not_warm_a_shard_it_serves(store):
     node = Node(store, _ownership("a"))
     await node.start()

@@ -178,6 +178,34 @@ def test_an_owner_outside_home_waits_for_its_successors_warm_standby():
         Action.RELEASE)
 
 
+def test_an_owner_waits_longer_for_a_successor_whose_store_is_catching_up():
+    """A successor whose store still replays what it missed (its node key: catching_up) is
+    waited for up to catch_up_wait_s, not warm_wait_s: handing over then stalled the shard
+    (README "Heal without stalls")."""
+    me = "x"
+    first, second = ranked(SHARD, ["a", "b"])
+    live = {me: ("r2", 10.0), first: ("r1", GRACE_S), second: ("r1", GRACE_S)}
+    catch_up_s = WARM_WAIT_S * 4
+
+    def owner_decides(behind: frozenset, waited_s: float, warm_node_id=None,
+                      warm_wait_s: float = WARM_WAIT_S) -> Action:
+        v = view(owner_node_id=me, owner_epoch=9, my_epoch=9, owner_region="r2",
+                 release_due_for_s=waited_s, warm_node_id=warm_node_id)
+        return plan_shard(v, me=me, my_region="r2", live_for_s=live, grace_s=GRACE_S,
+                          rebalance=True, warm_wait_s=warm_wait_s,
+                          warming_nodes=frozenset({first, second}),
+                          catch_up_wait_s=catch_up_s, catching_up_nodes=behind)
+
+    assert owner_decides(frozenset({first}), WARM_WAIT_S) is Action.WAIT_WARM
+    assert owner_decides(frozenset({first}), catch_up_s * 0.9) is Action.WAIT_WARM
+    assert owner_decides(frozenset({first}), catch_up_s) is Action.RELEASE  # bounded
+    # Only the successor's own state counts; a warm successor is handed the shard at once.
+    assert owner_decides(frozenset({second}), WARM_WAIT_S) is Action.RELEASE
+    assert owner_decides(frozenset({first}), 0.0, warm_node_id=first) is Action.RELEASE
+    # Without warm standbys nothing waits, catching up or not.
+    assert owner_decides(frozenset({first}), 0.0, warm_wait_s=0.0) is Action.RELEASE
+
+
 def test_the_successor_of_a_shard_moving_to_its_region_warms_a_standby():
     first, second = ranked(SHARD, ["a", "b"])
     live = {"x": ("r2", 10.0), first: ("r1", 0.1), second: ("r1", GRACE_S)}

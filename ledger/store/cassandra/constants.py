@@ -58,6 +58,10 @@ BIGINT_MAX = (1 << 63) - 1
 # hold a quorum without it. A takeover's reads take 20-500 ms under load otherwise.
 HEDGE_DELAY_S = 0.5
 HEDGE_EXTRA_MAX = 2
+# ``CassandraStore.catching_up`` reads the other datacenters' pending hints at most this often
+# (s), each read bounded by the timeout (s).
+CATCH_UP_CHECK_S = 1.0
+CATCH_UP_CHECK_TIMEOUT_S = 2.0
 # Delay between attempts to reconnect to a Cassandra node that went away (s).
 RECONNECT_DELAY_S = 1.0
 # Journal batches of one shard whose rows may wait for the materializer. An append past it

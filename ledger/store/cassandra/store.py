@@ -10,15 +10,20 @@ answers the port by delegating.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, Iterable
+import logging
+import math
+import time
+from typing import Any, Awaitable, Callable, Iterable
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import Cluster, Session
 
 from ledger.core.audit import AuditRow
 from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
-from ledger.store.cassandra.constants import REQUEST_TIMEOUT_S_DEFAULT
-from ledger.store.cassandra.driver import Driver, consistency as _consistency, new_cluster
+from ledger.store.cassandra.constants import (CATCH_UP_CHECK_S, CATCH_UP_CHECK_TIMEOUT_S,
+                                               REQUEST_TIMEOUT_S_DEFAULT)
+from ledger.store.cassandra.driver import (DRIVER_ERRORS, Driver, consistency as _consistency,
+                                           new_cluster)
 from ledger.store.cassandra.journal import Journal
 from ledger.store.cassandra.schema import (MissingKeyspace, OldJournalFormat,
                                            create_and_read_replication,
@@ -27,6 +32,15 @@ from ledger.store.cassandra.views import Views
 from ledger.store.port import JournalBatch, LoadedShard, StoreUnavailable
 from ledger.store.replication import ReplicationVerdict, UnsafeReplication
 from ledger.store.rows import PositionedRow, Row
+
+
+log = logging.getLogger("ledger.store.cassandra")
+
+
+def _pending_hints(holder_dc: str, row: dict[str, Any]) -> str:
+    """One ``system_views.pending_hints`` row, as ``catching_up`` says it."""
+    since = f" since {row['oldest']:%H:%M:%S}" if row.get("oldest") is not None else ""
+    return f"{holder_dc} holds {row['files']} hint file(s) for {row['address']}{since}"
 
 
 class CassandraStore:
@@ -71,6 +85,8 @@ class CassandraStore:
             raise ValueError("serial_consistency must be SERIAL or LOCAL_SERIAL")
         write_cl, read_cl = _consistency(write_consistency), _consistency(read_consistency)
         self._timeout_s = request_timeout_s
+        self._local_dc = local_dc
+        self._caught_up_check: tuple[float, str | None] = (-math.inf, None)
         self._shut = False
         self._driver = Driver(session, keyspace, serial_cl, request_timeout_s)
         self._views = Views(self._driver, cluster, local_dc, write_consistency=write_cl,
@@ -153,6 +169,42 @@ class CassandraStore:
                 raise StoreUnavailable(str(exc)) from None
             raise StoreUnavailable(f"cannot connect to Cassandra at {contact_points}:{port}: "
                                    f"{exc}") from exc
+
+    # --- health of this region's Cassandra ------------------------------------------
+
+    async def catching_up(self) -> str | None:
+        """Why this region's Cassandra nodes are not caught up with the others, or None.
+
+        Another node holding hints for a node of ``local_dc`` (``system_views.pending_hints``,
+        read on each node of the other datacenters) means writes it missed (it was down, or
+        dropped them while overloaded) are still to be replayed to it: such a node answered
+        reads after 10 s and more and dropped most mutations sent to it in the kill-region
+        drill, so a failback onto it stopped every acknowledgement. A planned move waits for
+        it (``ledger.node``, warm standbys). A node that cannot be asked counts as not
+        holding hints: this only ever delays a move. Cached for ``CATCH_UP_CHECK_S``.
+        """
+        checked_at, reason = self._caught_up_check
+        if time.monotonic() - checked_at < CATCH_UP_CHECK_S:
+            return reason
+        hosts = [h for h in self._cluster.metadata.all_hosts()
+                 if h.is_up and h.datacenter != self._local_dc]
+
+        def ask(host) -> list[str]:
+            rows = self._session.execute(
+                "SELECT address, dc, files, oldest FROM system_views.pending_hints",
+                host=host, timeout=CATCH_UP_CHECK_TIMEOUT_S)
+            return [_pending_hints(host.datacenter, r) for r in rows
+                    if r["dc"] == self._local_dc and (r["files"] or 0) > 0]
+
+        found: list[str] = []
+        for host in hosts:
+            try:
+                found += await asyncio.to_thread(ask, host)
+            except DRIVER_ERRORS as exc:
+                log.debug("pending hints not read on %s: %s", host, exc)
+        reason = "; ".join(found) or None
+        self._caught_up_check = (time.monotonic(), reason)
+        return reason
 
     # --- the journal (``journal.py``) ---------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""A takeover does not wait for a slow node of its own region (``driver.hedged``).
+"""A region's Cassandra node back from an outage: a takeover does not wait for it
+(``driver.hedged``).
 
 In the kill-region drill the region came back with a Cassandra node that lacked everything
 written while it was down; the returning ledger node fenced and loaded its shards through
@@ -6,10 +7,10 @@ it, and one fence took 11.8 s while nobody served that shard. A takeover's reads
 fence are now sent again to a node of another region when the local one has not answered
 within ``HEDGE_DELAY_S``: the other two regions hold a quorum.
 
-Here r1's Cassandra node is paused (SIGSTOP: connected, answering nothing) while a new
+Here a region's Cassandra node is paused (SIGSTOP: connected, answering nothing). A new
 owner connected through r1 fences and loads a shard of a keyspace with a replica in each of
-three regions. Without hedging the fence's first read waits for r1 until the request
-timeout and the takeover fails; with it, the takeover gets the whole journal.
+three regions while r1 is paused: without hedging the fence's first read waits for r1 until
+the request timeout and the takeover fails; with it, the takeover gets the whole journal.
 """
 
 from __future__ import annotations
@@ -65,3 +66,4 @@ async def test_a_takeover_through_a_paused_local_node_is_served_by_the_other_reg
         await new.append(shard, 2, BATCHES + 1, _events(shard, BATCHES + 1), [])
     finally:
         await new.close()
+
