@@ -37,10 +37,16 @@ from ledger.store.rows import PositionedRow, Row
 log = logging.getLogger("ledger.store.cassandra")
 
 
-def _pending_hints(holder_dc: str, row: dict[str, Any]) -> str:
-    """One ``system_views.pending_hints`` row, as ``catching_up`` says it."""
-    since = f" since {row['oldest']:%H:%M:%S}" if row.get("oldest") is not None else ""
-    return f"{holder_dc} holds {row['files']} hint file(s) for {row['address']}{since}"
+def hints_for(local_dc: str, holder_dc: str, rows: Iterable[dict[str, Any]]) -> list[str]:
+    """What ``catching_up`` says of one node's ``system_views.pending_hints`` rows: the hint
+    files it holds for nodes of ``local_dc``, one line per node they are for."""
+    out = []
+    for row in rows:
+        if row.get("dc") != local_dc or not row.get("files"):
+            continue
+        since = f" since {row['oldest']:%H:%M:%S}" if row.get("oldest") is not None else ""
+        out.append(f"{holder_dc} holds {row['files']} hint file(s) for {row['address']}{since}")
+    return out
 
 
 class CassandraStore:
@@ -193,8 +199,7 @@ class CassandraStore:
             rows = self._session.execute(
                 "SELECT address, dc, files, oldest FROM system_views.pending_hints",
                 host=host, timeout=CATCH_UP_CHECK_TIMEOUT_S)
-            return [_pending_hints(host.datacenter, r) for r in rows
-                    if r["dc"] == self._local_dc and (r["files"] or 0) > 0]
+            return hints_for(self._local_dc, host.datacenter, rows)
 
         found: list[str] = []
         for host in hosts:
