@@ -178,7 +178,7 @@ try:
     # grpc's "could not send on this call" (the caller reset the stream): the call is over.
     from grpc._cython.cygrpc import ExecuteBatchError as _SendFailed
 except ImportError:  # pragma: no cover - another grpc build: the checks below still hold
-    _SendFailed = ()  # type: ignore[assignment,misc]
+    _SendFailed = ()
 
 
 def _guarded(method: str, handler: UnaryHandler) -> UnaryHandler:
