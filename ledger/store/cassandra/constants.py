@@ -62,6 +62,12 @@ HEDGE_EXTRA_MAX = 2
 # (s), each read bounded by the timeout (s).
 CATCH_UP_CHECK_S = 1.0
 CATCH_UP_CHECK_TIMEOUT_S = 2.0
+# Hint files count as a backlog (the region is catching up) once their oldest is this old (s).
+# Under load a healthy node drops a mutation now and then, and its hint is delivered within a
+# dispatch or two (files are flushed every 10 s); an outage leaves files minutes old, and they
+# stay that old while they are replayed (watched in a kill-region drill: 4-6 files, the
+# oldest 1-3 min old, for about a minute after the node was back).
+CATCH_UP_BACKLOG_S = 30.0
 # Delay between attempts to reconnect to a Cassandra node that went away (s).
 RECONNECT_DELAY_S = 1.0
 # Journal batches of one shard whose rows may wait for the materializer. An append past it

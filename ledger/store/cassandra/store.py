@@ -10,6 +10,7 @@ answers the port by delegating.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import math
 import time
@@ -20,7 +21,8 @@ from cassandra.cluster import Cluster, Session
 
 from ledger.core.audit import AuditRow
 from ledger.core.model import Entry, Envelope, Grab, Transfer, Wallet
-from ledger.store.cassandra.constants import (CATCH_UP_CHECK_S, CATCH_UP_CHECK_TIMEOUT_S,
+from ledger.store.cassandra.constants import (CATCH_UP_BACKLOG_S, CATCH_UP_CHECK_S,
+                                               CATCH_UP_CHECK_TIMEOUT_S,
                                                REQUEST_TIMEOUT_S_DEFAULT)
 from ledger.store.cassandra.driver import (DRIVER_ERRORS, Driver, consistency as _consistency,
                                            new_cluster)
@@ -37,12 +39,19 @@ from ledger.store.rows import PositionedRow, Row
 log = logging.getLogger("ledger.store.cassandra")
 
 
-def hints_for(local_dc: str, holder_dc: str, rows: Iterable[dict[str, Any]]) -> list[str]:
+def hints_for(local_dc: str, holder_dc: str, rows: Iterable[dict[str, Any]],
+              now: datetime.datetime) -> list[str]:
     """What ``catching_up`` says of one node's ``system_views.pending_hints`` rows: the hint
-    files it holds for nodes of ``local_dc``, one line per node they are for."""
+    files it holds for nodes of ``local_dc`` whose oldest is ``CATCH_UP_BACKLOG_S`` old or
+    more (a backlog of an outage, not a mutation dropped a moment ago under load, which the
+    next hint dispatch delivers), one line per node they are for. ``now``: UTC, naive, as
+    Cassandra's timestamps come."""
     out = []
+    backlog_from = now - datetime.timedelta(seconds=CATCH_UP_BACKLOG_S)
     for row in rows:
         if row.get("dc") != local_dc or not row.get("files"):
+            continue
+        if row.get("oldest") is not None and row["oldest"] > backlog_from:
             continue
         since = f" since {row['oldest']:%H:%M:%S}" if row.get("oldest") is not None else ""
         out.append(f"{holder_dc} holds {row['files']} hint file(s) for {row['address']}{since}")
@@ -199,7 +208,8 @@ class CassandraStore:
             rows = self._session.execute(
                 "SELECT address, dc, files, oldest FROM system_views.pending_hints",
                 host=host, timeout=CATCH_UP_CHECK_TIMEOUT_S)
-            return hints_for(self._local_dc, host.datacenter, rows)
+            now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+            return hints_for(self._local_dc, host.datacenter, rows, now)
 
         found: list[str] = []
         for host in hosts:
