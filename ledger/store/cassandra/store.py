@@ -201,8 +201,12 @@ class CassandraStore:
         checked_at, reason = self._caught_up_check
         if time.monotonic() - checked_at < CATCH_UP_CHECK_S:
             return reason
+        # ``is_up`` is None for a host the driver has not connected to yet: a node started
+        # with its own region's contact point alone sees the other regions' nodes so at
+        # first (and its checks said "caught up" in the drills). Only a host known down is
+        # skipped; a host that does not answer is skipped below.
         hosts = [h for h in self._cluster.metadata.all_hosts()
-                 if h.is_up and h.datacenter != self._local_dc]
+                 if h.is_up is not False and h.datacenter != self._local_dc]
 
         def ask(host) -> list[str]:
             rows = self._session.execute(
