@@ -67,3 +67,31 @@ async def test_a_takeover_through_a_paused_local_node_is_served_by_the_other_reg
     finally:
         await new.close()
 
+
+
+async def test_catching_up_asks_every_node_of_the_other_regions(local_cluster,
+                                                                cassandra_3dc_store):
+    """A node of a returning region connects through its own region's Cassandra node alone
+    (``ledgerd node --cassandra``); the driver has not connected to the other regions' nodes
+    yet (``is_up`` None). ``catching_up`` must ask them all the same: it skipped them, and
+    said "caught up" while they held minutes of hints for it (kill-region drill)."""
+    regions = list(local_cluster.regions)[:3]
+    store = await CassandraStore.connect(
+        [local_cluster.contact_points[regions[1]]], local_cluster.cql_port,
+        local_dc=regions[1], keyspace=cassandra_3dc_store._keyspace, create_schema=False,
+        request_timeout_s=REQUEST_TIMEOUT_S)
+    asked: list[str] = []
+    execute = store._session.execute
+
+    def spy(query, *args, host=None, **kwargs):
+        if host is not None:
+            asked.append(host.datacenter)
+        return execute(query, *args, host=host, **kwargs)
+
+    store._session.execute = spy
+    try:
+        reason = await store.catching_up()
+        assert sorted(asked) == sorted(r for r in regions if r != regions[1])
+        assert reason is None or regions[1] not in reason.split(" holds ")[0]
+    finally:
+        await store.close()
