@@ -206,3 +206,7 @@ RECONCILE_HOLD_GRACE_MS = 5_000
 # ...and how many times the read of one shard starts again because a compaction truncated
 # its journal meanwhile; after that the shard's finding says "run again".
 RECONCILE_SHARD_READ_ATTEMPTS_MAX = 5
+
+# While this node's store is catching up with the other regions (warm standbys wait), the
+# warning that says so is repeated at most this often (s); the change back is logged at once.
+CATCH_UP_LOG_S = 30.0

@@ -93,6 +93,7 @@ class Node:
         # Why this node's store is catching up with the other regions, as last checked
         # (None: caught up). Warm-ups wait while it is (``_store_caught_up``).
         self._catching_up: str | None = None
+        self._catching_up_said_at = -math.inf  # when it was last logged
 
     async def start(self) -> None:
         set_warmer = getattr(self.ownership, "set_warmer", None)
@@ -131,16 +132,19 @@ class Node:
         than for a warm-up that is merely slow."""
         check = getattr(self.store, "catching_up", None)
         reason = await check() if check is not None else None
-        if reason != self._catching_up:
+        now = time.monotonic()
+        if (reason is None) != (self._catching_up is None) or (
+                reason is not None and now - self._catching_up_said_at >= K.CATCH_UP_LOG_S):
             if reason:
                 log.warning("warm standbys wait: this region's store is catching up (%s)",
                             reason)
             else:
                 log.info("warm standbys: this region's store has caught up")
-            self._catching_up = reason
+            self._catching_up_said_at = now
             tell = getattr(self.ownership, "set_catching_up", None)
             if tell is not None:
                 await tell(reason is not None)
+        self._catching_up = reason
         return reason is None
 
     async def _warm_one(self, shard: int) -> None:
