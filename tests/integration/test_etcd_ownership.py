@@ -473,25 +473,34 @@ async def test_a_planned_move_waits_for_a_warm_standby_no_longer_than_its_bound(
 async def test_a_planned_move_waits_longer_for_a_successor_whose_store_is_catching_up(cluster):
     """A successor whose store is still catching up with the other regions (its node key
     says so: ``set_catching_up``) is waited for past ``warm_wait_s``, up to
-    ``catch_up_wait_s``: a hand-over onto it stalled the shard (kill-region drill)."""
+    ``catch_up_wait_s``: a hand-over onto it stalled the shard (kill-region drill). Once it
+    has caught up, it gets the whole ``warm_wait_s`` from then on to warm up (the shards
+    went to it cold 2 s after it caught up, before)."""
     regions = ["r1", "r2"]
     rec = cluster.recorder
-    b = await cluster.node("b", "r2", regions, warm_wait_s=1.0, catch_up_wait_s=120.0)
+    r1_shards = {s for s in range(SHARDS) if s % 2 == 0}
+    warm_wait_s = 2.0
+    b = await cluster.node("b", "r2", regions, warm_wait_s=warm_wait_s, catch_up_wait_s=120.0)
     await wait_until(rec, lambda: len(b.owned()) == SHARDS, SETTLE_TIMEOUT_S,
                      "b (r2) to take r1's shards while r1 has no node")
-    a = await cluster.node("a", "r1", regions, warmer=lambda shards, keep: set(),
+    ready: set[int] = set()
+    a = await cluster.node("a", "r1", regions, warmer=lambda shards, keep: ready & shards,
                            start=False)
     await a.set_catching_up(True)  # before it joins: its first node key says so
     await a.start(rec.listener("a"))
     await wait_until(rec, lambda: b.catching_up_nodes() == ["a"], SETTLE_TIMEOUT_S,
                      "b to see that a's store is catching up")
-    await asyncio.sleep(3 * GRACE_S + 1.0)  # the grace and the warm bound, passed
+    await asyncio.sleep(3 * GRACE_S + warm_wait_s)  # the grace and the warm bound, passed
     assert len(b.owned()) == SHARDS and not a.owned()
-    # Caught up (still not warm): now the ordinary bound applies, long passed.
+    # Caught up, not warm yet: the warm bound starts again now.
     await a.set_catching_up(False)
-    await wait_until(rec, lambda: len(a.owned()) == SHARDS // 2, SETTLE_TIMEOUT_S,
-                     "r1's shards to move once a has caught up")
-    assert b.catching_up_nodes() == []
+    await wait_until(rec, lambda: b.catching_up_nodes() == [], SETTLE_TIMEOUT_S,
+                     "b to see that a has caught up")
+    await asyncio.sleep(warm_wait_s / 2)
+    assert len(b.owned()) == SHARDS and not a.owned()
+    ready.update(r1_shards)  # warm: a says so, b lets go, a takes them
+    await wait_until(rec, lambda: set(a.owned()) == r1_shards, SETTLE_TIMEOUT_S,
+                     "r1's shards to move once a is warm")
 
 
 @pytest.mark.real
