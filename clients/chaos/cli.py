@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--takeover-grace-s", type=float,
                         default=DrillConfig.takeover_grace_s,
                         help="ledgerd node --takeover-grace-s")
+    parser.add_argument("--catch-up-wait-s", type=float, default=None,
+                        help="ledgerd node --catch-up-wait-s (default: ledgerd's, 300): how "
+                             "long a failback waits for a region whose Cassandra is catching "
+                             "up")
     parser.add_argument("--load", type=float, default=0.0, metavar="RATE",
                         help="transfer load beside the bank: RATE transfers/s through "
                              "Transfer and BatchTransfer, every acknowledged one checked "
@@ -118,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                          coordinators=args.coordinators, shards=args.shards,
                          lease_ttl_s=args.lease_ttl_s,
                          takeover_grace_s=args.takeover_grace_s,
+                         catch_up_wait_s=args.catch_up_wait_s,
                          keep_data=args.keep_data, load_rate=args.load,
                          load_single_share=args.load_single_share,
                          load_single_concurrency=args.load_singles,

@@ -54,6 +54,8 @@ class Drill:
         node_args = (["--envelope-shares-max", str(config.envelope_shares),
                       "--envelope-total-max-minor", str(config.envelope_total_minor)]
                      if self.hot else [])
+        if config.catch_up_wait_s is not None:
+            node_args += ["--catch-up-wait-s", str(config.catch_up_wait_s)]
         self.deployment = Deployment(
             cluster, self.regions, nodes_per_region=config.nodes_per_region,
             shards=config.shards, lease_ttl_s=config.lease_ttl_s,

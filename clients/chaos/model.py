@@ -23,6 +23,8 @@ class DrillConfig:
     # load").
     lease_ttl_s: float = 3.0
     takeover_grace_s: float = 1.0
+    # ``ledgerd node --catch-up-wait-s``; None: ledgerd's default (300 s).
+    catch_up_wait_s: float | None = None
     wallets: int = 24
     workers: int = 8
     seed: int = 1

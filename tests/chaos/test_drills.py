@@ -61,7 +61,10 @@ async def drill(cluster, name: str, out_dir, seed: int, load_rate: float = 0.0,
                 charts: int | None = None, **config):
     # Lease 3 s, grace 1 s (ledger-chaos's default too): the suite's drills share the machine
     # with the rest of the suite; what they prove does not depend on the failover's speed.
-    config = {"lease_ttl_s": 3.0, "takeover_grace_s": 1.0, **config}
+    # A failback waits at most 60 s for a region whose Cassandra is catching up (300 s in
+    # ledgerd): that wait is tested on etcd (test_etcd_ownership.py) and measured with
+    # ledger-chaos (README, "Heal without stalls"); here it would only lengthen the suite.
+    config = {"lease_ttl_s": 3.0, "takeover_grace_s": 1.0, "catch_up_wait_s": 60.0, **config}
     run = await run_drills(cluster, [name], DrillConfig(
         out_dir=out_dir, seconds=SECONDS, warmup_s=4.0, seed=seed, load_rate=load_rate,
         load_batch=LOAD_BATCH, load_wallets=64, **config))
