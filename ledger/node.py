@@ -133,8 +133,10 @@ class Node:
         check = getattr(self.store, "catching_up", None)
         reason = await check() if check is not None else None
         now = time.monotonic()
-        if (reason is None) != (self._catching_up is None) or (
-                reason is not None and now - self._catching_up_said_at >= K.CATCH_UP_LOG_S):
+        flipped = (reason is None) != (self._catching_up is None)
+        self._catching_up = reason  # before the await: concurrent warm-ups see it
+        if flipped or (reason is not None
+                       and now - self._catching_up_said_at >= K.CATCH_UP_LOG_S):
             if reason:
                 log.warning("warm standbys wait: this region's store is catching up (%s)",
                             reason)
@@ -144,7 +146,6 @@ class Node:
             tell = getattr(self.ownership, "set_catching_up", None)
             if tell is not None:
                 await tell(reason is not None)
-        self._catching_up = reason
         return reason is None
 
     async def _warm_one(self, shard: int) -> None:
