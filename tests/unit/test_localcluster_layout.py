@@ -47,14 +47,20 @@ def test_a_recorded_pid_counts_only_if_its_command_line_names_the_service(tmp_pa
     # This test's own process: alive, but not the node (a reused PID).
     node.pid_file.write_text(f"{os.getpid()}\n")
     assert not node.running()
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()",
-                             str(node.dir)], stdin=subprocess.PIPE)
+    # The child says it runs before the check: Popen returns once exec has closed the
+    # child's copy of its error pipe, which the kernel does before it sets up the new
+    # command line, so /proc/PID/cmdline can still be empty then (failed once in CI).
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import sys; print('up', flush=True); sys.stdin.read()",
+                             str(node.dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert proc.stdout.readline() == b"up\n"
         node.pid_file.write_text(f"{proc.pid}\n")
         assert node.running()
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+        proc.stdout.close()
     assert not node.running()
 
 
