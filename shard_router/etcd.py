@@ -338,8 +338,7 @@ class EtcdOwnership:
         self._catch_up_wait_s = float(catch_up_wait_s)
         self._catching_up = False  # what this node's key says (``set_catching_up``)
         self._dead_owner_probe = dead_owner_probe
-        # Addresses being probed, and until when (monotonic) each is left alone after a probe.
-        self._probing: set[str] = set()
+        # Until when (monotonic) each probed address is left alone: inf while its probe runs.
         self._probe_quiet_until: dict[str, float] = {}
         # Leases of other nodes revoked because their address refused connections (/metrics).
         self.dead_owner_revocations = 0
@@ -525,13 +524,13 @@ class EtcdOwnership:
         and none for ``DEAD_PROBE_QUIET_S`` after the last.
         """
         if (self._closed or not self._dead_owner_probe or self._loop is None
-                or address == self.address or address in self._probing
+                or address == self.address
                 or time.monotonic() < self._probe_quiet_until.get(address, 0.0)):
             return None
         leases = {rec.lease for rec in self._owners.values() if rec.address == address}
         if not leases:
             return None
-        self._probing.add(address)
+        self._probe_quiet_until[address] = math.inf
         return spawn(self._probe_dead(address, leases), f"etcd-probe-{self.node_id}")
 
     async def _probe_dead(self, address: str, leases: set[int]) -> bool:
@@ -559,7 +558,6 @@ class EtcdOwnership:
                             self.node_id, lease, address, DEAD_PROBES)
             return revoked
         finally:
-            self._probing.discard(address)
             self._probe_quiet_until[address] = time.monotonic() + DEAD_PROBE_QUIET_S
 
     def _owner_changed(self) -> None:

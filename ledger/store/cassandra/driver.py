@@ -79,31 +79,29 @@ def hedged() -> Iterator[None]:
 def new_cluster(contact_points: Sequence[str], port: int, local_dc: str,
                 request_timeout_s: float) -> Cluster:
     """A driver ``Cluster`` with the adapter's policies (not connected yet)."""
-    profile = ExecutionProfile(
-        # Requests go to the local datacenter; when its node is down they fall back to one
-        # node of each other datacenter. The commit path is a cross-region quorum anyway,
-        # so a region whose Cassandra died can keep serving through its neighbours
-        # (measured in the kill-cassandra-node drill: without this, the region's shards
-        # were unavailable for the whole outage).
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(
-            local_dc=local_dc, used_hosts_per_remote_dc=1)),
-        retry_policy=NoBlindRetryPolicy(),
-        # Rows come back as dicts because the answer to a CAS that was not applied has
-        # columns that depend on what was found; reads then map names to dataclasses.
-        row_factory=dict_factory,
-        request_timeout=request_timeout_s,
-    )
-    hedged_profile = ExecutionProfile(
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(
-            local_dc=local_dc, used_hosts_per_remote_dc=1)),
-        retry_policy=NoBlindRetryPolicy(), row_factory=dict_factory,
-        request_timeout=request_timeout_s,
-        # The plan is the local node, then one node of each other region.
-        speculative_execution_policy=ConstantSpeculativeExecutionPolicy(
-            HEDGE_DELAY_S, HEDGE_EXTRA_MAX))
+    def profile(**extra: Any) -> ExecutionProfile:
+        return ExecutionProfile(
+            # Requests go to the local datacenter; when its node is down they fall back to
+            # one node of each other datacenter. The commit path is a cross-region quorum
+            # anyway, so a region whose Cassandra died can keep serving through its
+            # neighbours (measured in the kill-cassandra-node drill: without this, the
+            # region's shards were unavailable for the whole outage).
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(
+                local_dc=local_dc, used_hosts_per_remote_dc=1)),
+            retry_policy=NoBlindRetryPolicy(),
+            # Rows come back as dicts because the answer to a CAS that was not applied has
+            # columns that depend on what was found; reads then map names to dataclasses.
+            row_factory=dict_factory,
+            request_timeout=request_timeout_s,
+            **extra)
+
     return Cluster(contact_points=list(contact_points), port=port,
-                   execution_profiles={EXEC_PROFILE_DEFAULT: profile,
-                                       PROFILE_HEDGED: hedged_profile},
+                   execution_profiles={
+                       EXEC_PROFILE_DEFAULT: profile(),
+                       # The plan is the local node, then one node of each other region.
+                       PROFILE_HEDGED: profile(speculative_execution_policy=(
+                           ConstantSpeculativeExecutionPolicy(HEDGE_DELAY_S,
+                                                              HEDGE_EXTRA_MAX)))},
                    # A restarted node is tried again every second, not after the
                    # driver's exponential backoff (which kept a healed region away
                    # for ~30 s in the drills).

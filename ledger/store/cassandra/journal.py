@@ -204,12 +204,15 @@ class Journal:
         self._q_fence_state = prepare(
             "SELECT epoch, starts FROM {ks}.epoch_journal WHERE shard = ? LIMIT 1", r,
             idempotent=True)
+        # Idempotent to the driver (hedged, or resent by a retry): of two identical CAS
+        # rounds one applies and the other finds the new epoch, which ``fence``'s loop reads
+        # and returns, as after a fencer that won.
         self._q_fence_new = prepare(
             "UPDATE {ks}.epoch_journal SET epoch = ?, starts = ? WHERE shard = ? "
-            "IF epoch = null", w, idempotent=False)
+            "IF epoch = null", w, idempotent=True)
         self._q_fence = prepare(
             "UPDATE {ks}.epoch_journal SET epoch = ?, starts = starts + ? WHERE shard = ? "
-            "IF epoch = ?", w, idempotent=False)
+            "IF epoch = ?", w, idempotent=True)
         # --- appends: plain writes; the identical row sent again changes nothing, and
         # _write_row sends it again itself. Marked non-idempotent only so that the driver
         # never moves a request that may have reached a node to another node on its own:
@@ -309,9 +312,6 @@ class Journal:
             statement = (self._q_fence_new.bind((epoch, {epoch: head}, shard))
                          if recorded is None else
                          self._q_fence.bind((epoch, {epoch: head}, shard, recorded)))
-            # Sent twice (hedged, or by a retry), one CAS applies and the other finds the
-            # new epoch: the loop reads it and returns, as after a fencer that won.
-            statement.is_idempotent = True
             metrics.STORE_LWT.inc()
             try:
                 result = await self._driver.run(statement)
