@@ -90,6 +90,19 @@ async def wait_until(recorder: Recorder, predicate, timeout_s: float, what: str)
             pass
     return time.monotonic() - started
 
+async def recorded(recorder: Recorder, node_id: str, shard: int, epoch_is_loss: bool,
+                   after: float) -> float:
+    """When ``node_id``'s listener was told of the gain (or loss) of ``shard`` after
+    ``after``, waiting for that call. A node's ``owned()`` changes first and its listener is
+    called from a task after that, so a wait on ``owned()`` can end before the call."""
+    await wait_until(recorder, lambda: recorder.first(node_id, shard, epoch_is_loss, after)
+                     is not None, SETTLE_TIMEOUT_S,
+                     f"{node_id}'s listener to hear of shard {shard}")
+    at = recorder.first(node_id, shard, epoch_is_loss, after)
+    assert at is not None
+    return at
+
+
 
 class BlackholeProxy:
     """A TCP proxy to etcd that can be told to drop every byte, in both directions, while
@@ -259,8 +272,7 @@ async def test_abandoned_node_loses_its_shards_after_the_ttl(cluster):
     assert took_s >= LEASE_TTL_S * (2 / 3) - 0.1
     for shard, epoch in before.items():
         assert b.owned()[shard] > epoch
-        gained = rec.first("b", shard, epoch_is_loss=False, after=crashed_at)
-        assert gained is not None
+        await recorded(rec, "b", shard, epoch_is_loss=False, after=crashed_at)
     await wait_until(rec, lambda: cache_matches_etcd(b, cluster.etcd, cluster.prefix),
                      SETTLE_TIMEOUT_S, "b's cache to match etcd")
 
@@ -291,8 +303,7 @@ async def test_stalled_keepalives_report_loss_before_anyone_gains(cluster):
                      "b to take the cut-off node's shards")
     assert suspended and not a.lease_valid()
     for shard, epoch in before.items():
-        gained = rec.first("b", shard, epoch_is_loss=False, after=cut_at)
-        assert gained is not None
+        gained = await recorded(rec, "b", shard, epoch_is_loss=False, after=cut_at)
         print(f"\nshard {shard}: a stopped serving it {suspended[0] - cut_at:.2f}s after the "
               f"cut, b gained it {gained - cut_at:.2f}s after (epoch {epoch} -> "
               f"{b.owned()[shard]})")
@@ -346,7 +357,8 @@ async def test_a_wedged_event_loop_stops_the_keepalives(cluster, monkeypatch):
                for s, e in before.items())
     await wait_until(rec, lambda: all(a.owned().get(s, 0) > e for s, e in before.items()),
                      TAKEOVER_TIMEOUT_S, "every shard won again under a new lease")
-    assert all(rec.first("a", s, True, blocked_at) is not None for s in before)
+    for s in before:
+        await recorded(rec, "a", s, True, blocked_at)
 
 
 @pytest.mark.real
@@ -378,8 +390,9 @@ async def test_failover_across_regions_and_planned_moves(cluster):
     await wait_until(rec, by_home, SETTLE_TIMEOUT_S, "set_home moves")
     assert a.owner(1).region == "r1" and b.owner(0).region == "r2"
     assert b.owned()[0] > old[0] and a.owned()[1] > old[1]
-    lost0 = rec.first("a", 0, epoch_is_loss=True, after=0)
-    assert lost0 is not None and lost0 <= rec.first("b", 0, epoch_is_loss=False, after=lost0)
+    # a was told it lost shard 0 before b was told it gained it.
+    lost0 = await recorded(rec, "a", 0, epoch_is_loss=True, after=0)
+    await recorded(rec, "b", 0, epoch_is_loss=False, after=lost0)
     for n in (a, b):
         await wait_until(rec, lambda n=n: cache_matches_etcd(n, cluster.etcd, cluster.prefix),
                          SETTLE_TIMEOUT_S, f"{n.node_id}'s cache to match etcd")
@@ -396,7 +409,7 @@ async def test_failover_across_regions_and_planned_moves(cluster):
     assert took_s >= LEASE_TTL_S * (2 / 3) - 0.1
     for shard, epoch in r1_epochs.items():
         assert b.owned()[shard] > epoch
-        assert rec.first("b", shard, epoch_is_loss=False, after=crashed_at) is not None
+        await recorded(rec, "b", shard, epoch_is_loss=False, after=crashed_at)
     await wait_until(rec, lambda: all(b.origin(s) == "r1" for s in r1_epochs),
                      SETTLE_TIMEOUT_S, "the failover to be recorded in the map")
     # r1 comes back: its shards stay in r2 (no flapping) until the operator fails back.
@@ -582,7 +595,8 @@ async def test_a_failed_keepalive_loop_gives_up_the_shards_and_wins_them_back(cl
     with caplog.at_level(logging.ERROR, logger="shard_router.etcd"):
         await wait_until(rec, lambda: all(a.owned().get(s, 0) > e for s, e in before.items()),
                          TAKEOVER_TIMEOUT_S, "every shard to be won again")
-    assert all(rec.first("a", s, True, 0.0) is not None for s in before)
+    for s in before:
+        await recorded(rec, "a", s, True, 0.0)
     assert any("etcd keepalive loop failed" in r.getMessage() for r in caplog.records)
 
 
