@@ -136,7 +136,8 @@ class WarmShard:
 
 
 async def warm(store: JournalStore, shard: int,
-               fold_slots: asyncio.Semaphore | None = None) -> WarmShard:
+               fold_slots: asyncio.Semaphore | None = None,
+               previous: WarmShard | None = None) -> WarmShard:
     """Load ``shard`` and fold it, without writing anything: a takeover made ready ahead.
     The fold holds one of ``fold_slots`` (the node's replay slots) while it runs. If the
     owner appended more than ``K.WARM_CATCH_UP_BATCHES`` meanwhile, they are read and folded
@@ -144,13 +145,26 @@ async def warm(store: JournalStore, shard: int,
     a fence starts with (``JournalStore.probe_fence``): a standby is ready only if its node
     could take the shard over now.
 
+    ``previous``, if given, is an earlier warm state of the shard that nobody else holds
+    now: only the batches appended since are read and folded onto its state (following the
+    journal), unless the store says that fold is no longer a prefix of the journal (a newer
+    snapshot truncated the batches after it, or a fence read a lower head): then the shard
+    is loaded afresh.
+
     Raises:
         StoreUnavailable: the load failed. CompactionError, InvariantViolation: as ``replay``.
     """
     started = read_at = time.monotonic()
-    loaded: LoadedShard | None = await store.load(shard)
     state: ShardState | None = None
     basis: tuple[tuple[int, int], ...] = ()
+    loaded: LoadedShard | None = None
+    if previous is not None:
+        loaded = await store.load_after(shard, previous.state.seq, previous.basis)
+        if loaded is not None:
+            state, basis = previous.state, previous.basis
+    followed = loaded is not None
+    if loaded is None:
+        loaded = await store.load(shard)
     for _ in range(K.WARM_CATCH_UP_ROUNDS_MAX):
         assert loaded is not None
         async with fold_slots or contextlib.nullcontext():
@@ -169,8 +183,10 @@ async def warm(store: JournalStore, shard: int,
         if loaded is None:
             break  # no longer continued: the takeover will find so too, and load afresh
     assert state is not None
-    # Ready only if the store can fence the shard now, not only read its journal.
-    await store.probe_fence(shard)
+    if not followed:
+        # Ready only if the store can fence the shard now, not only read its journal. (Not
+        # asked again at every follow: on Cassandra it is a SERIAL read, a Paxos round.)
+        await store.probe_fence(shard)
     return WarmShard(state, basis, read_at, time.monotonic() - started)
 
 

@@ -66,6 +66,10 @@ WARMS_CONCURRENT_MAX = 2
 # A warm state whose last read is older than this is dropped and loaded again: the journal has
 # run on since, and the tail a takeover would read grows with it (s).
 WARM_KEEP_S = 10.0
+# A warm state older than this is brought up to date: the batches appended since its last
+# read are read and folded onto it (``load_after``), so a standby follows the journal and a
+# takeover replays at most about this long a tail (s). A read per standby per period.
+WARM_FOLLOW_S = 2.0
 # A warm-up whose load found more than this many batches reads what was appended meanwhile
 # (at most WARM_CATCH_UP_ROUNDS_MAX reads in all): a first load through a Cassandra node just
 # back from a crash took 8-15 s, time in which the serving owner appended hundreds of batches.

@@ -158,10 +158,12 @@ LEASE_WAITS = Counter(
     "APPEND_LEASE_HEADROOM_S left (keep-alives late, or the node suspended).")
 WARM_STANDBYS = Counter(
     "ledger_warm_standbys",
-    "Warm standbys of shards a planned move hands to this node, by outcome: ready (loaded and "
-    "folded while the old owner served), failed (the load failed), waiting (not tried: this "
-    "region's store is catching up with the others), used (a takeover replayed "
-    "only the batches after it), discarded (the journal no longer continued it: full replay).",
+    "Warm standbys of shards a planned move hands to this node, or that it would take over if "
+    "their owner failed, by outcome: ready (loaded and folded while the old owner served), "
+    "followed (brought up to date: the batches appended since read and folded), failed (the "
+    "load failed), waiting (not tried: this region's store is catching up with the others), "
+    "used (a takeover replayed only the batches after it), discarded (the journal no longer "
+    "continued it: full replay).",
     ["outcome"])
 TAKEOVER_FAILURES = Counter(
     "ledger_takeover_failures",

@@ -29,6 +29,7 @@ batches' rows are not all written is dropped, and the takeover loads the journal
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -87,6 +88,8 @@ class Node:
         self._warm: dict[int, WarmShard] = {}
         self._warming: dict[int, asyncio.Task] = {}
         self._warm_failed_at: dict[int, float] = {}
+        # Shards whose ready standby is being brought up to date (``warm_targets``).
+        self._following: set[int] = set()
         # A gain's standby, from its report until its takeover runs.
         self._standby_for: dict[tuple[int, int], WarmShard] = {}
         self._warm_slots = asyncio.Semaphore(K.WARMS_CONCURRENT_MAX)
@@ -105,25 +108,40 @@ class Node:
         """Keep a warm standby of each of ``shards``; return those ready.
 
         Called by the ownership adapter at every reconcile with the shards this node is next
-        in line for, and ``keep``: those it is campaigning for (released: their standbys
-        are kept, not started). Any other standby is dropped (a running warm-up cancelled);
-        a warm state older than ``K.WARM_KEEP_S`` is loaded again. A shard this node serves
-        or is taking over is not warmed; a gain takes its standby at once (``_on_ownership``).
+        in line for (a planned move's, and those it would take over if their owner failed),
+        and ``keep``: those it is campaigning for (released: their standbys are kept, not
+        started). Any other standby is dropped (a running warm-up cancelled). A standby of
+        ``shards`` follows the journal: once its last read is ``K.WARM_FOLLOW_S`` old, what
+        was appended since is read and folded onto it (it counts as ready meanwhile; a
+        takeover that comes then loads afresh). One only kept is dropped once older than
+        ``K.WARM_KEEP_S``. A shard this node serves or is taking over is not warmed; a gain
+        takes its standby at once (``_on_ownership``).
         """
         now = time.monotonic()
         for shard in [s for s, w in self._warm.items()
                       if (s not in shards and s not in keep)
-                      or now - w.loaded_at > K.WARM_KEEP_S]:
+                      or (s not in shards and now - w.loaded_at > K.WARM_KEEP_S)]:
             del self._warm[shard]
         for shard in [s for s in self._warming if s not in shards and s not in keep]:
             self._warming.pop(shard).cancel()
         for shard in sorted(shards):
-            if (shard in self._warm or shard in self._warming or shard in self.owners
+            if (shard in self._warming or shard in self.owners
                     or self._latest.get(shard, 0)
                     or now - self._warm_failed_at.get(shard, -math.inf) < K.WARM_RETRY_S):
                 continue
-            self._warming[shard] = spawn(self._warm_one(shard), f"warm-{shard}")
-        return set(self._warm)
+            previous = self._warm.get(shard)
+            if previous is not None:
+                if now - previous.loaded_at < K.WARM_FOLLOW_S:
+                    continue
+                del self._warm[shard]  # folded further by the follow, held by nobody else
+            task = self._warming[shard] = spawn(self._warm_one(shard, previous),
+                                                f"warm-{shard}")
+            if previous is not None:
+                # Counted ready until the follow ends, however it ends (even cancelled
+                # before it ran).
+                self._following.add(shard)
+                task.add_done_callback(functools.partial(_unfollow, self._following, shard))
+        return set(self._warm) | self._following
 
     async def _store_caught_up(self) -> bool:
         """Whether this node's store has caught up with the other regions (a store without
@@ -148,7 +166,7 @@ class Node:
                 await tell(reason is not None)
         return reason is None
 
-    async def _warm_one(self, shard: int) -> None:
+    async def _warm_one(self, shard: int, previous: WarmShard | None = None) -> None:
         task = asyncio.current_task()
         try:
             async with self._warm_slots:
@@ -157,7 +175,7 @@ class Node:
                     self._warm_failed_at[shard] = time.monotonic()
                     metrics.WARM_STANDBYS.labels("waiting").inc()
                     return
-                ready = await warm(self.store, shard, self._replay_slots)
+                ready = await warm(self.store, shard, self._replay_slots, previous)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store unreachable (or a bug): the takeover loads afresh
@@ -167,9 +185,12 @@ class Node:
         else:
             if self._warming.get(shard) is task and not self._latest.get(shard, 0):
                 self._warm[shard] = ready
-                metrics.WARM_STANDBYS.labels("ready").inc()
-                self._log_transition("shard %d warm standby at batch %d after %.0f ms",
-                                     shard, ready.state.seq, ready.took_s * 1000)
+                if previous is None:
+                    metrics.WARM_STANDBYS.labels("ready").inc()
+                    self._log_transition("shard %d warm standby at batch %d after %.0f ms",
+                                         shard, ready.state.seq, ready.took_s * 1000)
+                else:
+                    metrics.WARM_STANDBYS.labels("followed").inc()
         finally:
             if self._warming.get(shard) is task:
                 del self._warming[shard]
@@ -376,3 +397,7 @@ class Node:
             except asyncio.TimeoutError:
                 return False
         return True
+
+
+def _unfollow(following: set[int], shard: int, _task: asyncio.Task) -> None:
+    following.discard(shard)

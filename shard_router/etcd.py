@@ -303,6 +303,7 @@ class EtcdOwnership:
                  sticky_failover: bool = True, warm_wait_s: float = WARM_WAIT_S,
                  join_timeout_s: float = JOIN_TIMEOUT_S, dead_owner_probe: bool = True,
                  catch_up_wait_s: float = CATCH_UP_WAIT_S,
+                 failover_standbys: bool = True,
                  credentials: grpc.ChannelCredentials | None = None,
                  principal: str | None = None) -> None:
         if not regions:
@@ -338,6 +339,9 @@ class EtcdOwnership:
         self._catch_up_wait_s = float(catch_up_wait_s)
         self._catching_up = False  # what this node's key says (``set_catching_up``)
         self._dead_owner_probe = dead_owner_probe
+        # Follow the shards this node would take over if their owner failed (with a warmer
+        # only: ``shard_router.placement``, "Failover standby").
+        self._failover_standbys = failover_standbys
         # Until when (monotonic) each probed address is left alone: inf while its probe runs.
         self._probe_quiet_until: dict[str, float] = {}
         # Leases of other nodes revoked because their address refused connections (/metrics).
@@ -1195,7 +1199,8 @@ class EtcdOwnership:
                        | ({self.node_id} if self._warmer is not None else set()),
                        catch_up_wait_s=self._catch_up_wait_s,
                        catching_up_nodes={n for n, rec in self._nodes.items()
-                                          if rec.catching_up})
+                                          if rec.catching_up},
+                       failover_standbys=self._failover_standbys and self._warmer is not None)
         waiting = set(actions[Action.WAIT_WARM])
         for shard in [s for s in self._release_due_since if s not in waiting]:
             del self._release_due_since[shard]
@@ -1204,7 +1209,8 @@ class EtcdOwnership:
         # Standbys of shards we campaign for, and of those just won (their gain is delivered
         # to the node by a task of its own, maybe after the next reconcile), are kept.
         await self._announce_warm(set(actions[Action.WARM]),
-                                  set(actions[Action.CAMPAIGN]) | set(self._owned), session)
+                                  set(actions[Action.CAMPAIGN]) | set(self._owned), session,
+                                  standby=set(actions[Action.STANDBY]))
         # Epochs of stale keys are taken now: the cache may change during the awaits below.
         stale_epochs = {shard: self._owners[shard].epoch for shard in actions[Action.CLEAN_STALE]
                         if shard in self._owners}
@@ -1241,12 +1247,13 @@ class EtcdOwnership:
                                if shard in self._release_due_since else 0.0))
 
     async def _announce_warm(self, targets: set[int], campaigning: set[int],
-                             session: _Session) -> None:
-        """Have this node's warmer keep standbys of ``targets`` (and keep those of shards it
-        is about to campaign for); put a warm key (on our lease) for each target ready, and
-        delete ours of shards no longer warm here."""
-        ready = (self._warmer(targets, campaigning) & targets if self._warmer is not None
-                 else set())
+                             session: _Session, standby: set[int] = frozenset()) -> None:
+        """Have this node's warmer keep standbys of ``targets`` and ``standby`` (the shards
+        it would take over if their owner failed; nobody waits for those, so they are not
+        announced), and keep those of shards it is about to campaign for; put a warm key (on
+        our lease) for each target ready, and delete ours of shards no longer warm here."""
+        ready = (self._warmer(targets | standby, campaigning) & targets
+                 if self._warmer is not None else set())
         mine = {s for s, n in self._warm_keys.items() if n == self.node_id}
         doc = json.dumps({"node_id": self.node_id})
         ops = [etcd_txn.Put(self._warm_key(s), doc, lease=session.lease_id)

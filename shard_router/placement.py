@@ -42,6 +42,12 @@ The rules, in the order a shard meets them:
   other regions (``catching_up_nodes``: Cassandra replaying the hints of what it missed)
   warms nothing until it has, and is waited for up to ``catch_up_wait_s``: a hand-over onto
   it would stall the shard, not just replay more.
+* **Failover standby.** For a shard another node serves, the node that would campaign
+  first if that owner's node vanished (``failover_successor``: the best ranked of the home
+  region's other live nodes, else of all other live nodes) keeps a standby of it that
+  follows the journal (``Action.STANDBY``, ``ledger.node``), so that the takeover after a
+  crash or a lost lease replays a tail instead of loading the shard cold; nobody waits for
+  it. The placement rules above are unchanged: the standby only predicts who wins.
 * **Rebalance.** An owner in the home region hands a shard to a better-ranked node of that
   region once that node has been live for ``grace_s``, at most once per
   ``REBALANCE_COOLDOWN_GRACES`` grace periods per shard.
@@ -88,6 +94,18 @@ def preferred_node(shard: int, node_ids: Iterable[str]) -> str | None:
     return max(node_ids, key=lambda n: (node_rank(shard, n), n), default=None)
 
 
+def failover_successor(shard: int, owner: str, home_region: str,
+                       live: Mapping[str, str]) -> str | None:
+    """The node that campaigns first for ``shard`` once its owner's node is gone (its owner
+    and node keys share one lease, so they vanish together): the best ranked of the other
+    live nodes of the home region, or, if there is none, of every other live node (a
+    failover out of the region: the best ranked campaigns at once, ``plan_shard``). ``live``:
+    node id -> region. None when no other node is live."""
+    others = [n for n in live if n != owner]
+    home = [n for n in others if live[n] == home_region]
+    return preferred_node(shard, home or others)
+
+
 def default_home(shard: int, regions: Sequence[str]) -> str:
     """The home region a fresh shard map gives ``shard``.
 
@@ -106,6 +124,7 @@ class Action(enum.Enum):
     REBALANCE = "rebalance"  # a better-ranked node of the home region is up and stable
     WAIT_WARM = "wait-warm"  # a release is due: wait (bounded) for the successor's warm standby
     WARM = "warm"            # this node is next in line for a shard moving here: warm a standby
+    STANDBY = "standby"      # this node would take the shard over if its owner failed: follow it
     LOST = "lost"            # etcd no longer shows this node's ownership: stop serving
     CLEAN_STALE = "clean"    # an owner key of ours that we do not serve: delete it
 
@@ -133,7 +152,8 @@ def plan_shard(view: ShardView, *, me: str, my_region: str,
                rebalance: bool, warm_wait_s: float = 0.0,
                warming_nodes: Collection[str] = frozenset(),
                catch_up_wait_s: float = 0.0,
-               catching_up_nodes: Collection[str] = frozenset()) -> Action:
+               catching_up_nodes: Collection[str] = frozenset(),
+               failover_standbys: bool = False) -> Action:
     """Decide what this node does about one shard.
 
     Args:
@@ -151,6 +171,8 @@ def plan_shard(view: ShardView, *, me: str, my_region: str,
             and a hand-over now would stall the shard rather than merely replay more.
         warming_nodes: The live nodes that keep warm standbys (this one included if it
             does); a successor not among them is not waited for.
+        failover_standbys: Whether this node follows the shards it would take over if
+            their owner failed (``Action.STANDBY``).
 
     Returns:
         The one action to take now; ``Action.NONE`` when the shard is where it should be or
@@ -188,6 +210,10 @@ def plan_shard(view: ShardView, *, me: str, my_region: str,
                 and view.owner_region not in ("", view.home_region)
                 and preferred_node(view.shard, home_nodes) == me):
             return Action.WARM  # a move here is due: the owner waits for our warm standby
+        if failover_standbys and failover_successor(
+                view.shard, view.owner_node_id, view.home_region,
+                {n: region for n, (region, _) in live_for_s.items()}) == me:
+            return Action.STANDBY
         return Action.NONE
     if view.held:
         return Action.NONE
@@ -210,7 +236,8 @@ def plan(views: Iterable[ShardView], *, me: str, my_region: str,
          rebalance: bool, warm_wait_s: float = 0.0,
          warming_nodes: Collection[str] = frozenset(),
          catch_up_wait_s: float = 0.0,
-         catching_up_nodes: Collection[str] = frozenset()) -> dict[Action, list[int]]:
+         catching_up_nodes: Collection[str] = frozenset(),
+         failover_standbys: bool = False) -> dict[Action, list[int]]:
     """``plan_shard`` for many shards: action -> shards, in the order of ``views``.
 
     Every action is a key of the result (with an empty list if no shard needs it).
@@ -220,7 +247,8 @@ def plan(views: Iterable[ShardView], *, me: str, my_region: str,
         out[plan_shard(view, me=me, my_region=my_region, live_for_s=live_for_s,
                        grace_s=grace_s, rebalance=rebalance, warm_wait_s=warm_wait_s,
                        warming_nodes=warming_nodes, catch_up_wait_s=catch_up_wait_s,
-                       catching_up_nodes=catching_up_nodes)].append(view.shard)
+                       catching_up_nodes=catching_up_nodes,
+                       failover_standbys=failover_standbys)].append(view.shard)
     return out
 
 

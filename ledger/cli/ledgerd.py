@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--no-dead-owner-probe", dest="dead_owner_probe", action="store_false",
                       help="do not revoke the lease of an owner whose address refuses "
                            "connections (a crashed process): wait for its TTL instead")
+    node.add_argument("--no-failover-standbys", dest="failover_standbys",
+                      action="store_false",
+                      help="do not follow the shards this node would take over if their "
+                           "owner failed (a takeover after a crash then loads the shard cold; "
+                           "saves the memory and the reads of the standbys)")
     node.add_argument("--etcd-tls", action="store_true",
                       help="talk to etcd over mutual TLS with this node's certificate "
                            "(--tls-dir/--tls-name); see ledgerctl etcd-auth")
@@ -348,6 +353,7 @@ async def _node(args) -> None:
                               campaign=args.role == "full", warm_wait_s=args.warm_wait_s,
                               dead_owner_probe=args.dead_owner_probe,
                               catch_up_wait_s=args.catch_up_wait_s,
+                              failover_standbys=args.failover_standbys,
                               credentials=_etcd_tls(args),
                               principal=_principal(args))
     # Appends are plain writes: the store acknowledges one only while this node's lease holds

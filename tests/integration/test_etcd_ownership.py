@@ -450,7 +450,8 @@ async def test_a_planned_move_waits_for_the_successors_warm_standby(cluster):
         asked.append(set(shards))
         return ready & shards
 
-    a = await cluster.node("a", "r1", regions, warmer=warmer)
+    # (Failover standbys off: a would also be asked to follow b's own shards, the test below.)
+    a = await cluster.node("a", "r1", regions, warmer=warmer, failover_standbys=False)
     # a is live and stable, asked to warm exactly r1's shards; b holds them meanwhile.
     await wait_until(rec, lambda: bool(asked) and asked[-1] == r1_shards, SETTLE_TIMEOUT_S,
                      "a to be asked for standbys of r1's shards")
@@ -465,6 +466,41 @@ async def test_a_planned_move_waits_for_the_successors_warm_standby(cluster):
     # Moved: nothing left to warm, the warm keys are withdrawn.
     await wait_until(rec, lambda: not etcd_warm_keys(cluster.etcd, cluster.prefix)
                      and asked[-1] == set(), SETTLE_TIMEOUT_S, "the warm keys to go")
+
+
+@pytest.mark.real
+async def test_each_node_follows_the_shards_it_would_take_over_if_their_owner_died(cluster):
+    """Failover standbys (``placement``, "Failover standby"; on by default for a node with a
+    warmer): each node is asked to keep standbys of exactly the shards it would win if
+    their owner's node died, none of them is announced (nobody waits for them), and when the
+    owner dies, those are the shards the node wins."""
+    regions = ["r1", "r2"]
+    rec = cluster.recorder
+    asked: dict[str, set[int]] = {}
+
+    def warmer_of(name: str):
+        def warmer(shards: set[int], keep: set[int]) -> set[int]:
+            asked[name] = set(shards)
+            return set(shards)  # ready at once
+        return warmer
+
+    a = await cluster.node("a", "r1", regions, warmer=warmer_of("a"))
+    b = await cluster.node("b", "r2", regions, warmer=warmer_of("b"))
+    await wait_until(rec, lambda: all_owned_once(a, b) and len(a.owned()) == SHARDS // 2
+                     and len(b.owned()) == SHARDS // 2, SETTLE_TIMEOUT_S,
+                     "each region's node to serve its own shards")
+    await wait_until(rec, lambda: asked.get("a") == set(b.owned())
+                     and asked.get("b") == set(a.owned()), SETTLE_TIMEOUT_S,
+                     "each node to be asked to follow the other's shards")
+    assert etcd_warm_keys(cluster.etcd, cluster.prefix) == {}
+    followed = asked["a"]
+    await b.abandon()
+    await wait_until(rec, lambda: len(a.owned()) == SHARDS, TAKEOVER_TIMEOUT_S,
+                     "a to take over b's shards")
+    for shard in followed:
+        await recorded(rec, "a", shard, epoch_is_loss=False, after=0)
+    await wait_until(rec, lambda: asked.get("a") == set(), SETTLE_TIMEOUT_S,
+                     "a, alone, to follow nothing")
 
 
 @pytest.mark.real

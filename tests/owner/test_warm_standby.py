@@ -140,6 +140,52 @@ async def test_a_slow_warm_up_catches_up_with_what_was_appended_meanwhile(store,
     assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
 
 
+async def test_a_standby_follows_the_journal(store, pair, monkeypatch):
+    """A failover standby (``placement``, "Failover standby") is kept for as long as its
+    node is next in line: once its last read is WARM_FOLLOW_S old, only the batches appended
+    since are read and folded onto it (no reload), and the takeover after the owner's crash
+    replays nothing that was appended before the last follow."""
+    old, new = pair
+    await _wallets(old, 0, 10)
+    await _warmed(new, {SHARD})
+    await _wallets(old, 10, 5)
+    loads: list[int] = []
+    real_load = store.load
+
+    async def counted_load(shard: int):
+        loads.append(shard)
+        return await real_load(shard)
+
+    monkeypatch.setattr(store, "load", counted_load)
+    monkeypatch.setattr(K, "WARM_FOLLOW_S", 0.0)
+    followed = _count("followed")
+    assert new.warm_targets({SHARD}) == {SHARD}  # ready while it follows
+    await asyncio.wait_for(asyncio.gather(*new._warming.values()), NO_HANG_S)
+    assert new._warm[SHARD].state.seq == 15 and not loads  # the tail only
+    assert _count("followed") == followed + 1
+    await _wallets(old, 15, 2)
+    owner = await _hand_over(old, new, 2)
+    t = owner.takeover_timings
+    assert t["warm_seq"] == 15 and t["batches"] == 2, t
+    assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
+
+
+async def test_a_standby_whose_tail_a_snapshot_truncated_is_loaded_afresh(store, pair,
+                                                                          monkeypatch):
+    old, new = pair
+    await _wallets(old, 0, 10)
+    await _warmed(new, {SHARD})
+    await _wallets(old, 10, 5)
+    assert (await compaction.compact(store, SHARD, 12)).seq == 12
+    monkeypatch.setattr(K, "WARM_FOLLOW_S", 0.0)
+    new.warm_targets({SHARD})
+    await asyncio.wait_for(asyncio.gather(*new._warming.values()), NO_HANG_S)
+    assert new._warm[SHARD].state.seq == 15
+    owner = await _hand_over(old, new, 2)
+    assert owner.takeover_timings["warm_seq"] == 15
+    assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
+
+
 async def test_a_warm_standby_the_journal_no_longer_continues_is_discarded(store, pair):
     old, new = pair
     await _wallets(old, 0, 10)

@@ -3,6 +3,7 @@
     python -m tests.tools.batchcost [--seconds 8] [--wallets 5000] [--batch 2000]
                                     [--in-flight 2] [--shards 256] [--rounds 3]
     python -m tests.tools.batchcost --batch 1 --in-flight 64      # single transfers
+    python -m tests.tools.batchcost --calls 3 ...                  # a fixed workload
 
 Starts the embedded default in this process (``ledger.server.start_dev`` on a temporary
 directory), creates and funds the wallets, then per round sends ``Coordinator.batch_transfer``
@@ -59,7 +60,9 @@ async def _round(running, wallets: list[str], round_no: int, args, rng) -> dict:
 
     async def sender() -> None:
         nonlocal committed, counter
-        while time.monotonic() < deadline:
+        calls = 0
+        while (time.monotonic() < deadline if not args.calls else calls < args.calls):
+            calls += 1
             items = []
             for _ in range(args.batch):
                 a, b = rng.sample(wallets, 2)
@@ -113,6 +116,9 @@ def cli() -> None:
     parser.add_argument("--in-flight", type=int, default=2)
     parser.add_argument("--shards", type=int, default=256)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=0,
+                        help="each sender sends this many calls per round (instead of "
+                             "--seconds): a fixed workload, e.g. for instruction counts")
     asyncio.run(main(parser.parse_args()))
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from shard_router.placement import (REBALANCE_COOLDOWN_GRACES, RELEASE_HOLD_GRACES, Action,
                                     ShardView, default_home, failback_moves, failover_moves,
+                                    failover_successor,
                                     is_failover, keepalive_period_s, lease_deadline,
                                     lease_margin_s, node_rank, plan, plan_shard,
                                     preferred_node, release_hold_s)
@@ -226,6 +227,38 @@ def test_the_successor_of_a_shard_moving_to_its_region_warms_a_standby():
     assert decides(first, view(owner_node_id=second, owner_epoch=9,
                                 owner_region="r1")) is Action.NONE
     assert decides(first, view()) is Action.CAMPAIGN
+
+
+@pytest.mark.parametrize("owner_region, nodes", [
+    ("r1", {"o": "r1", "a": "r1", "b": "r1", "x": "r2", "y": "r3"}),  # backups at home
+    ("r1", {"o": "r1", "x": "r2", "y": "r3", "z": "r2"}),            # the home region's only node
+    ("r2", {"o": "r2", "x": "r2", "y": "r3"}),                       # failed over, r1 still dead
+])
+def test_the_failover_standby_is_the_node_that_campaigns_first_when_the_owner_dies(
+        owner_region, nodes):
+    """``Action.STANDBY`` goes to exactly one node per owned shard (its failover successor),
+    and once the owner's node is gone from the live set (its keys went with its lease), that
+    node is the one that campaigns at once: the standby predicts the winner."""
+    live = {n: (region, 10.0) for n, region in nodes.items()}
+    owned = view(owner_node_id="o", owner_epoch=5, owner_region=owner_region)
+    standby = [me for me in nodes if me != "o" and plan_shard(
+        owned, me=me, my_region=nodes[me], live_for_s=live, grace_s=GRACE_S, rebalance=True,
+        failover_standbys=True) is Action.STANDBY]
+    assert standby == [failover_successor(SHARD, "o", "r1", nodes)]
+    # Off by default: nobody follows.
+    assert all(decide(owned, me, live) is Action.NONE for me in nodes if me != "o")
+    # The owner dies: the successor campaigns at once (a failover, last served at home, or a
+    # backup of the home region), nobody else does yet.
+    del live["o"]
+    gone = view(absent_for_s=0.0, served_at_home=owner_region == "r1")
+    if owner_region != "r1":
+        gone = view(absent_for_s=GRACE_S, served_at_home=False)  # after its one grace
+    first = [me for me in live if decide(gone, me, live) is Action.CAMPAIGN]
+    assert first == standby
+
+
+def test_no_standby_without_another_live_node():
+    assert failover_successor(SHARD, "o", "r1", {"o": "r1"}) is None
 
 
 def test_failover_and_failback_moves():
