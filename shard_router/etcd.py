@@ -87,7 +87,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import AbstractSet, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import grpc
 import pyetcd
@@ -1247,7 +1247,7 @@ class EtcdOwnership:
                                if shard in self._release_due_since else 0.0))
 
     async def _announce_warm(self, targets: set[int], campaigning: set[int],
-                             session: _Session, standby: set[int] = frozenset()) -> None:
+                             session: _Session, standby: AbstractSet[int] = frozenset()) -> None:
         """Have this node's warmer keep standbys of ``targets`` and ``standby`` (the shards
         it would take over if their owner failed; nobody waits for those, so they are not
         announced), and keep those of shards it is about to campaign for; put a warm key (on
