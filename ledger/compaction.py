@@ -145,6 +145,10 @@ async def warm(store: JournalStore, shard: int,
     a fence starts with (``JournalStore.probe_fence``): a standby is ready only if its node
     could take the shard over now.
 
+    Only batches up to the store's rows mark are folded (the rest is read again by the
+    next follow, or by the takeover): a takeover uses a standby only if the rows of its
+    batches are written.
+
     ``previous``, if given, is an earlier warm state of the shard that nobody else holds
     now: only the batches appended since are read and folded onto its state (following the
     journal), unless the store says that fold is no longer a prefix of the journal (a newer
@@ -172,9 +176,14 @@ async def warm(store: JournalStore, shard: int,
                 state = await asyncio.to_thread(decode, shard, loaded.snapshot,
                                                 loaded.snapshot_seq)
             batches = loaded.batches
+            if loaded.rows_seq:
+                # Only batches whose rows are written: a takeover uses the standby only if
+                # the rows mark reached it (``ShardOwner._replay``), and an owner that
+                # crashed never raised it past its last second of batches.
+                batches = [b for b in batches if b.seq <= loaded.rows_seq]
             await _fold_in_slices(state, batches)
         basis = loaded.basis
-        if len(batches) <= K.WARM_CATCH_UP_BATCHES:
+        if len(loaded.batches) <= K.WARM_CATCH_UP_BATCHES:
             break
         # A slow load (a store just restarted) let the owner append many batches meanwhile:
         # read them too, so the takeover's tail is short.

@@ -10,6 +10,7 @@ adapter); the test plays both elections.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -168,6 +169,29 @@ async def test_a_standby_follows_the_journal(store, pair, monkeypatch):
     t = owner.takeover_timings
     assert t["warm_seq"] == 15 and t["batches"] == 2, t
     assert codec.snapshot_dumps(owner.state) == await _full_replay(store, SHARD)
+
+
+async def test_a_standby_folds_only_batches_whose_rows_are_written(store, pair, monkeypatch):
+    """On Cassandra rows are written behind the journal and the rows mark follows them
+    (``LoadedShard.rows_seq``); a takeover uses a standby only if the mark reached it, and a
+    crashed owner's mark lags its last second of batches. So a standby stops at the mark:
+    what the mark had not reached yet is read again by the next follow."""
+    old, new = pair
+    await _wallets(old, 0, 10)
+    real_load = store.load
+
+    async def lagging_rows(shard: int):
+        loaded = await real_load(shard)
+        return dataclasses.replace(loaded, rows_seq=7)
+
+    monkeypatch.setattr(store, "load", lagging_rows)
+    await _warmed(new, {SHARD})
+    assert new._warm[SHARD].state.seq == 7
+    monkeypatch.setattr(store, "load", real_load)
+    monkeypatch.setattr(K, "WARM_FOLLOW_S", 0.0)
+    new.warm_targets({SHARD})  # SQLite's load_after answers the last batch as its mark
+    await asyncio.wait_for(asyncio.gather(*new._warming.values()), NO_HANG_S)
+    assert new._warm[SHARD].state.seq == 10
 
 
 async def test_a_standby_whose_tail_a_snapshot_truncated_is_loaded_afresh(store, pair,
