@@ -91,7 +91,7 @@ class Node:
         # Shards whose ready standby is being brought up to date (``warm_targets``).
         self._following: set[int] = set()
         # A gain's standby, from its report until its takeover runs.
-        self._standby_for: dict[tuple[int, int], WarmShard] = {}
+        self._standby_for: dict[tuple[int, int], WarmShard | asyncio.Task] = {}
         self._warm_slots = asyncio.Semaphore(K.WARMS_CONCURRENT_MAX)
         # Why this node's store is catching up with the other regions, as last checked
         # (None: caught up). Warm-ups wait while it is (``_store_caught_up``).
@@ -166,7 +166,11 @@ class Node:
                 await tell(reason is not None)
         return reason is None
 
-    async def _warm_one(self, shard: int, previous: WarmShard | None = None) -> None:
+    async def _warm_one(self, shard: int,
+                        previous: WarmShard | None = None) -> WarmShard | None:
+        """Warm (or, from ``previous``, follow) a standby of ``shard``: kept in ``_warm``,
+        and returned (to a takeover that waits for a follow, ``_standby_of``); None if it
+        failed or must wait."""
         task = asyncio.current_task()
         try:
             async with self._warm_slots:
@@ -174,7 +178,7 @@ class Node:
                     # Not a failure of the warm-up: tried again after K.WARM_RETRY_S.
                     self._warm_failed_at[shard] = time.monotonic()
                     metrics.WARM_STANDBYS.labels("waiting").inc()
-                    return
+                    return None
                 ready = await warm(self.store, shard, self._replay_slots, previous)
         except asyncio.CancelledError:
             raise
@@ -182,6 +186,7 @@ class Node:
             metrics.WARM_STANDBYS.labels("failed").inc()
             self._warm_failed_at[shard] = time.monotonic()
             log.warning("shard %d: warm standby not ready: %r", shard, exc)
+            return None
         else:
             if self._warming.get(shard) is task and not self._latest.get(shard, 0):
                 self._warm[shard] = ready
@@ -191,14 +196,20 @@ class Node:
                                          shard, ready.state.seq, ready.took_s * 1000)
                 else:
                     metrics.WARM_STANDBYS.labels("followed").inc()
+            return ready
         finally:
             if self._warming.get(shard) is task:
                 del self._warming[shard]
 
-    def _take_warm(self, shard: int) -> WarmShard | None:
-        """The shard's warm state for its takeover, if fresh; a running warm-up stops."""
+    def _take_warm(self, shard: int) -> WarmShard | asyncio.Task | None:
+        """The shard's warm state for its takeover, if fresh; a running warm-up stops,
+        except the follow of a ready standby: that task is returned, and its result (the
+        standby brought up to date) is what the takeover waits for, briefly
+        (``_standby_of``)."""
         running = self._warming.pop(shard, None)
         if running is not None:
+            if shard in self._following:
+                return running
             running.cancel()
         ready = self._warm.pop(shard, None)
         if ready is not None and time.monotonic() - ready.loaded_at > K.WARM_KEEP_S:
@@ -212,10 +223,26 @@ class Node:
             task.cancel()
         self._warming.clear()
         self._warm.clear()
+        for standby in self._standby_for.values():
+            if isinstance(standby, asyncio.Task):
+                standby.cancel()
         self._standby_for.clear()
         for shard in list(self.owners):
             self._transitions += 1
             await self._transition(shard, 0)
+
+    @staticmethod
+    async def _standby_of(standby: WarmShard | asyncio.Task | None) -> WarmShard | None:
+        """A gain's standby: as taken, or, if its follow was running at the gain, what that
+        follow brings once it ends, waiting at most ``K.WARM_FOLLOW_WAIT_S`` (a follow is one
+        tail read and its fold; past that, the takeover loads afresh)."""
+        if not isinstance(standby, asyncio.Task):
+            return standby
+        done, _ = await asyncio.wait({standby}, timeout=K.WARM_FOLLOW_WAIT_S)
+        if not done:
+            standby.cancel()
+            return None
+        return None if standby.cancelled() else standby.result()
 
     async def _on_ownership(self, shard: int, epoch: int) -> None:
         # Owners start concurrently, up to K.TAKEOVERS_CONCURRENT_MAX replaying at once;
@@ -275,7 +302,8 @@ class Node:
         # When this gain was reported (a later report of the shard, a loss or another gain,
         # has its own entry: taking the shard's latest one made a takeover's wait negative).
         reported_at = self._gain_reported_at.pop((shard, epoch), None) if epoch else None
-        standby = self._standby_for.pop((shard, epoch), None) if epoch else None
+        standby = (await self._standby_of(self._standby_for.pop((shard, epoch), None))
+                   if epoch else None)
         async with lock:
             if epoch and self._latest.get(shard, epoch) != epoch:
                 return  # superseded while it waited: a later loss or gain of the shard decides
