@@ -24,6 +24,15 @@ minute before): a failback's takeover loaded 1,000-1,400 batches in 6.1-7.8 s wh
 served the shard (README, "Heal without stalls"). A warm state the journal no longer
 continues (a fence in between read a lower head, a snapshot truncated past it) or whose
 batches' rows are not all written is dropped, and the takeover loads the journal afresh.
+
+**Failover standbys.** A crash gives no warning, so the adapter also names the shards this
+node would win if their owner's node vanished (``placement.failover_successor``); the node
+keeps a standby of each and *follows* it: every ``K.WARM_FOLLOW_S`` the batches appended
+since (up to the rows mark) are read and folded onto it. A gain that comes while a follow
+runs waits for it, briefly (``_standby_of``). So a takeover after a crash, a lost lease or a
+paused owner replays seconds of journal, not everything since the last snapshot. The price:
+a second copy of those shards' states, a second fold of their batches, a read per standby
+every 2 s (``ledgerd node --no-failover-standbys`` turns it off).
 """
 
 from __future__ import annotations
