@@ -199,6 +199,18 @@ async def warm(store: JournalStore, shard: int,
     return WarmShard(state, basis, read_at, time.monotonic() - started)
 
 
+async def standby_of(follow: asyncio.Future) -> WarmShard | None:
+    """The standby a follow (``warm`` from a previous state, run as a task) brings once it
+    ends, waiting at most ``K.WARM_FOLLOW_WAIT_S``: a gain that came while its standby was
+    being followed continues from it (the takeover fences meanwhile). None if it failed, or
+    did not end in time (then it is cancelled, and the takeover loads afresh)."""
+    done, _ = await asyncio.wait({follow}, timeout=K.WARM_FOLLOW_WAIT_S)
+    if not done:
+        follow.cancel()
+        return None
+    return None if follow.cancelled() else follow.result()
+
+
 async def replay(store: JournalStore, shard: int, loaded: LoadedShard,
                  timings: dict | None = None, state: ShardState | None = None) -> ShardState:
     """What ``ShardOwner._replay`` does with a loaded shard, off the event loop.

@@ -70,9 +70,10 @@ WARM_KEEP_S = 10.0
 # read are read and folded onto it (``load_after``), so a standby follows the journal and a
 # takeover replays at most about this long a tail (s). A read per standby per period.
 WARM_FOLLOW_S = 2.0
-# A gain that comes while its standby's follow runs waits this long for the follow to end
-# (one tail read and its fold) before it loads the shard afresh (s).
-WARM_FOLLOW_WAIT_S = 1.0
+# A gain that comes while its standby's follow runs waits this long, after its fence, for the
+# follow to end (one tail read and its fold) before it loads the shard afresh (s). 1 s cost
+# a kill-region failover 1 s: the follow's read had gone to the region just lost.
+WARM_FOLLOW_WAIT_S = 0.5
 # A warm-up whose load found more than this many batches reads what was appended meanwhile
 # (at most WARM_CATCH_UP_ROUNDS_MAX reads in all): a first load through a Cassandra node just
 # back from a crash took 8-15 s, time in which the serving owner appended hundreds of batches.

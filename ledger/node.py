@@ -29,8 +29,9 @@ batches' rows are not all written is dropped, and the takeover loads the journal
 node would win if their owner's node vanished (``placement.failover_successor``); the node
 keeps a standby of each and *follows* it: every ``K.WARM_FOLLOW_S`` the batches appended
 since (up to the rows mark) are read and folded onto it. A gain that comes while a follow
-runs waits for it, briefly (``_standby_of``). So a takeover after a crash, a lost lease or a
-paused owner replays seconds of journal, not everything since the last snapshot. The price:
+runs waits for it, briefly, after its fence (``compaction.standby_of``). So a takeover
+after a crash, a lost lease or a paused owner replays seconds of journal, not everything
+since the last snapshot. The price:
 a second copy of those shards' states, a second fold of their batches, a read per standby
 every 2 s (``ledgerd node --no-failover-standbys`` turns it off).
 """
@@ -178,8 +179,8 @@ class Node:
     async def _warm_one(self, shard: int,
                         previous: WarmShard | None = None) -> WarmShard | None:
         """Warm (or, from ``previous``, follow) a standby of ``shard``: kept in ``_warm``,
-        and returned (to a takeover that waits for a follow, ``_standby_of``); None if it
-        failed or must wait."""
+        and returned (to a takeover that waits for a follow, ``compaction.standby_of``);
+        None if it failed or must wait."""
         task = asyncio.current_task()
         try:
             async with self._warm_slots:
@@ -213,8 +214,8 @@ class Node:
     def _take_warm(self, shard: int) -> WarmShard | asyncio.Task | None:
         """The shard's warm state for its takeover, if fresh; a running warm-up stops,
         except the follow of a ready standby: that task is returned, and its result (the
-        standby brought up to date) is what the takeover waits for, briefly
-        (``_standby_of``)."""
+        standby brought up to date) is what the takeover waits for, briefly, once it
+        has fenced (``compaction.standby_of``)."""
         running = self._warming.pop(shard, None)
         if running is not None:
             if shard in self._following:
@@ -239,19 +240,6 @@ class Node:
         for shard in list(self.owners):
             self._transitions += 1
             await self._transition(shard, 0)
-
-    @staticmethod
-    async def _standby_of(standby: WarmShard | asyncio.Task | None) -> WarmShard | None:
-        """A gain's standby: as taken, or, if its follow was running at the gain, what that
-        follow brings once it ends, waiting at most ``K.WARM_FOLLOW_WAIT_S`` (a follow is one
-        tail read and its fold; past that, the takeover loads afresh)."""
-        if not isinstance(standby, asyncio.Task):
-            return standby
-        done, _ = await asyncio.wait({standby}, timeout=K.WARM_FOLLOW_WAIT_S)
-        if not done:
-            standby.cancel()
-            return None
-        return None if standby.cancelled() else standby.result()
 
     async def _on_ownership(self, shard: int, epoch: int) -> None:
         # Owners start concurrently, up to K.TAKEOVERS_CONCURRENT_MAX replaying at once;
@@ -311,8 +299,7 @@ class Node:
         # When this gain was reported (a later report of the shard, a loss or another gain,
         # has its own entry: taking the shard's latest one made a takeover's wait negative).
         reported_at = self._gain_reported_at.pop((shard, epoch), None) if epoch else None
-        standby = (await self._standby_of(self._standby_for.pop((shard, epoch), None))
-                   if epoch else None)
+        standby = self._standby_for.pop((shard, epoch), None) if epoch else None
         async with lock:
             if epoch and self._latest.get(shard, epoch) != epoch:
                 return  # superseded while it waited: a later loss or gain of the shard decides

@@ -246,13 +246,15 @@ class ShardOwner:
 
     # --- life cycle -------------------------------------------------------------------------
 
-    async def start(self, warm: compaction.WarmShard | None = None) -> None:
+    async def start(self, warm: compaction.WarmShard | asyncio.Future | None = None) -> None:
         """Fence the journal with our epoch, replay it, then serve.
 
         ``warm``: the shard folded ahead (``ledger.node.Node``, "warm standbys"). If the
         journal still continues it (``JournalStore.load_after``) and the rows of its batches
         are written, only the batches after it are read and replayed, onto it; else the
-        journal is loaded afresh. It is consumed either way (folded onto, or dropped).
+        journal is loaded afresh. It is consumed either way (folded onto, or dropped). A
+        future instead is a follow of the standby that was running at the gain: what it
+        brings is used, waited for (briefly, ``compaction.standby_of``) after the fence.
 
         Raises:
             Fenced: a newer owner exists. StoreUnavailable, UnknownOutcome.
@@ -260,6 +262,8 @@ class ShardOwner:
         started = time.monotonic()
         head = await self._store.fence(self.shard, self.epoch)
         self.takeover_timings["fence_s"] = time.monotonic() - started
+        if isinstance(warm, asyncio.Future):
+            warm = await compaction.standby_of(warm)
         await self._replay(warm)
         if self.state.seq != head:
             raise Fenced(f"shard {self.shard}: journal head moved from {head} to "
