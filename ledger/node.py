@@ -31,9 +31,9 @@ keeps a standby of each and *follows* it: every ``K.WARM_FOLLOW_S`` the batches 
 since (up to the rows mark) are read and folded onto it. A gain that comes while a follow
 runs waits for it, briefly, after its fence (``compaction.standby_of``). So a takeover
 after a crash, a lost lease or a paused owner replays seconds of journal, not everything
-since the last snapshot. The price:
-a second copy of those shards' states, a second fold of their batches, a read per standby
-every 2 s (``ledgerd node --no-failover-standbys`` turns it off).
+since the last snapshot. The price: a second copy of those shards' states, a second fold
+of their batches, a read per standby every 2 s (``ledgerd node --no-failover-standbys``
+turns it off).
 """
 
 from __future__ import annotations
@@ -123,14 +123,13 @@ class Node:
         started). Any other standby is dropped (a running warm-up cancelled). A standby of
         ``shards`` follows the journal: once its last read is ``K.WARM_FOLLOW_S`` old, what
         was appended since is read and folded onto it (it counts as ready meanwhile; a
-        takeover that comes then loads afresh). One only kept is dropped once older than
+        takeover that comes then continues from what the follow brings). One only kept is dropped once older than
         ``K.WARM_KEEP_S``. A shard this node serves or is taking over is not warmed; a gain
         takes its standby at once (``_on_ownership``).
         """
         now = time.monotonic()
-        for shard in [s for s, w in self._warm.items()
-                      if (s not in shards and s not in keep)
-                      or (s not in shards and now - w.loaded_at > K.WARM_KEEP_S)]:
+        for shard in [s for s, w in self._warm.items() if s not in shards
+                      and (s not in keep or now - w.loaded_at > K.WARM_KEEP_S)]:
             del self._warm[shard]
         for shard in [s for s in self._warming if s not in shards and s not in keep]:
             self._warming.pop(shard).cancel()

@@ -95,14 +95,15 @@ def preferred_node(shard: int, node_ids: Iterable[str]) -> str | None:
 
 
 def failover_successor(shard: int, owner: str, home_region: str,
-                       live: Mapping[str, str]) -> str | None:
+                       live_for_s: Mapping[str, tuple[str, float]]) -> str | None:
     """The node that campaigns first for ``shard`` once its owner's node is gone (its owner
     and node keys share one lease, so they vanish together): the best ranked of the other
     live nodes of the home region, or, if there is none, of every other live node (a
-    failover out of the region: the best ranked campaigns at once, ``plan_shard``). ``live``:
-    node id -> region. None when no other node is live."""
-    others = [n for n in live if n != owner]
-    home = [n for n in others if live[n] == home_region]
+    failover out of the region: the best ranked campaigns at once, ``plan_shard``).
+    ``live_for_s`` as for ``plan_shard`` (node id -> (region, seconds live)). None when no
+    other node is live."""
+    others = [n for n in live_for_s if n != owner]
+    home = [n for n in others if live_for_s[n][0] == home_region]
     return preferred_node(shard, home or others)
 
 
@@ -211,8 +212,7 @@ def plan_shard(view: ShardView, *, me: str, my_region: str,
                 and preferred_node(view.shard, home_nodes) == me):
             return Action.WARM  # a move here is due: the owner waits for our warm standby
         if failover_standbys and failover_successor(
-                view.shard, view.owner_node_id, view.home_region,
-                {n: region for n, (region, _) in live_for_s.items()}) == me:
+                view.shard, view.owner_node_id, view.home_region, live_for_s) == me:
             return Action.STANDBY
         return Action.NONE
     if view.held:

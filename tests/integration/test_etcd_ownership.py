@@ -90,6 +90,7 @@ async def wait_until(recorder: Recorder, predicate, timeout_s: float, what: str)
             pass
     return time.monotonic() - started
 
+
 async def recorded(recorder: Recorder, node_id: str, shard: int, epoch_is_loss: bool,
                    after: float) -> float:
     """When ``node_id``'s listener was told of the gain (or loss) of ``shard`` after
@@ -101,7 +102,6 @@ async def recorded(recorder: Recorder, node_id: str, shard: int, epoch_is_loss: 
     at = recorder.first(node_id, shard, epoch_is_loss, after)
     assert at is not None
     return at
-
 
 
 class BlackholeProxy:

@@ -26,18 +26,20 @@ REGIONS = ["r1", "r2"]
 WAIT_S = 30.0
 
 
+def _node(store: SqliteStore, etcd_endpoint: str, prefix: str, node_id: str,
+          region: str) -> Node:
+    """A node of ``region`` on the shared store, under etcd ``prefix``."""
+    return Node(store, EtcdOwnership(etcd_endpoint, node_id, region, f"{node_id}.test:1",
+                                     REGIONS, shard_count=SHARDS, lease_ttl_s=3.0,
+                                     takeover_grace_s=1.0, prefix=prefix))
+
+
 @pytest.mark.real
 async def test_a_failback_takes_over_from_warm_standbys(etcd_endpoint, tmp_path):
     store = await SqliteStore.open(tmp_path / "ledger.db")
     prefix = f"/test-warm/{uuid.uuid4().hex[:12]}"
-
-    def node(node_id: str, region: str) -> Node:
-        return Node(store, EtcdOwnership(etcd_endpoint, node_id, region, f"{node_id}.test:1",
-                                         REGIONS, shard_count=SHARDS, lease_ttl_s=3.0,
-                                         takeover_grace_s=1.0, prefix=prefix))
-
-    r2 = node("b", "r2")
-    r1 = node("a", "r1")
+    r2 = _node(store, etcd_endpoint, prefix, "b", "r2")
+    r1 = _node(store, etcd_endpoint, prefix, "a", "r1")
     try:
         await r2.start()
         assert await r2.wait_serving(SHARDS, WAIT_S), "r2's node to serve every shard"
@@ -68,13 +70,8 @@ async def test_a_failover_takes_over_from_the_standbys_that_followed_the_journal
     from those standbys (a few batches) instead of loading every journal."""
     store = await SqliteStore.open(tmp_path / "ledger.db")
     prefix = f"/test-standby/{uuid.uuid4().hex[:12]}"
-
-    def node(node_id: str, region: str) -> Node:
-        return Node(store, EtcdOwnership(etcd_endpoint, node_id, region, f"{node_id}.test:1",
-                                         REGIONS, shard_count=SHARDS, lease_ttl_s=3.0,
-                                         takeover_grace_s=1.0, prefix=prefix))
-
-    r1, r2 = node("a", "r1"), node("b", "r2")
+    r1 = _node(store, etcd_endpoint, prefix, "a", "r1")
+    r2 = _node(store, etcd_endpoint, prefix, "b", "r2")
     closed = False
     try:
         await r1.start()

@@ -28,6 +28,7 @@ import time
 
 from coordinator.coordinator import TransferItem
 from ledger import metrics, server
+from tests.tools.hotgrab import owed_credits
 
 CALLER = "batchcost"
 FUND_MINOR = 10**12
@@ -45,11 +46,6 @@ async def _setup(running, wallets: list[str]) -> None:
             funded = await coordinator.deposit(CALLER, "d-" + w, w, FUND_MINOR, "CNY")
             assert funded.ok, funded
     await asyncio.gather(*(wallet(w) for w in wallets))
-
-
-def _owed(running) -> int:
-    return sum(len(items) for owner in running.node.owners.values()
-               for items in owner.state.outbox.values())
 
 
 async def _round(running, wallets: list[str], round_no: int, args, rng) -> dict:
@@ -77,7 +73,7 @@ async def _round(running, wallets: list[str], round_no: int, args, rng) -> dict:
     loop0, cpu0, t0 = time.thread_time(), time.process_time(), time.monotonic()
     await asyncio.gather(*(sender() for _ in range(args.in_flight)))
     cpu1, t1 = time.process_time(), time.monotonic()
-    while _owed(running):  # noqa: ASYNC110 - polled: no hook in the pipeline
+    while owed_credits(running):  # noqa: ASYNC110 - polled: no hook in the pipeline
         await asyncio.sleep(0.005)
     loop2, cpu2, t2 = time.thread_time(), time.process_time(), time.monotonic()
     return {"round": round_no, "committed": committed,

@@ -47,7 +47,9 @@ async def _setup(running, receivers: list[str]) -> None:
     await asyncio.gather(*(wallet(w, False) for w in receivers), wallet("sender", True))
 
 
-def _owed(running) -> int:
+def owed_credits(running) -> int:
+    """Credits still owed by every owner of ``running`` (their outboxes, polled: a
+    measurement must not add a hook to the crediting pipeline)."""
     return sum(len(items) for owner in running.node.owners.values()
                for items in owner.state.outbox.values())
 
@@ -81,7 +83,7 @@ async def _round(running, receivers: list[str], round_no: int, args) -> dict:
     await asyncio.gather(*(gateway() for _ in range(args.in_flight)))
     cpu1, t1 = time.process_time(), time.monotonic()
     # The owners' outboxes, polled: the measurement must not add a hook to the pipeline.
-    while _owed(running):  # noqa: ASYNC110
+    while owed_credits(running):  # noqa: ASYNC110
         await asyncio.sleep(0.005)
     loop2, cpu2, t2 = time.thread_time(), time.process_time(), time.monotonic()
     appends = metrics.STORE_APPENDS._value.get() - appends0

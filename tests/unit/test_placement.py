@@ -244,7 +244,7 @@ def test_the_failover_standby_is_the_node_that_campaigns_first_when_the_owner_di
     standby = [me for me in nodes if me != "o" and plan_shard(
         owned, me=me, my_region=nodes[me], live_for_s=live, grace_s=GRACE_S, rebalance=True,
         failover_standbys=True) is Action.STANDBY]
-    assert standby == [failover_successor(SHARD, "o", "r1", nodes)]
+    assert standby == [failover_successor(SHARD, "o", "r1", live)]
     # Off by default: nobody follows.
     assert all(decide(owned, me, live) is Action.NONE for me in nodes if me != "o")
     # The owner dies: the successor campaigns at once (a failover, last served at home, or a
@@ -258,7 +258,7 @@ def test_the_failover_standby_is_the_node_that_campaigns_first_when_the_owner_di
 
 
 def test_no_standby_without_another_live_node():
-    assert failover_successor(SHARD, "o", "r1", {"o": "r1"}) is None
+    assert failover_successor(SHARD, "o", "r1", {"o": ("r1", 10.0)}) is None
 
 
 def test_failover_and_failback_moves():
