@@ -59,7 +59,7 @@ import weakref
 from typing import Any, Iterable
 
 import grpc
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -107,6 +107,10 @@ STORE_TRANSACTIONS = Counter(
     "ledger_store_transactions",
     "SQLite transactions committed by the writer thread (one fsync each: group commit of "
     "every queued call).")
+STORE_ROWS_BEHIND = Gauge(
+    "ledger_store_rows_behind",
+    "SQLite: view rows of acknowledged journal batches the writer thread holds, to be written "
+    "behind the journal (at most ROWS_BEHIND_MAX, or for ROWS_BEHIND_MS; ledger.store.sqlite).")
 TRANSFERS_COMMITTED = Counter(
     "ledger_transfers_committed",
     "Transfers the API answered as committed (Transfer and BatchTransfer items), replayed "

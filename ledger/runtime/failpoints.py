@@ -22,6 +22,8 @@ does while everything else keeps running. The n-th hit and every later one until
                                  outcome (UnknownOutcome), as after an unresolved CAS timeout
 * ``store.snapshot_before_marker``  a snapshot's parts are written, its completion mark is
                                  not (StoreUnavailable): the previous snapshot stays in force
+* ``store.rows_behind``          SQLite: the transaction writing the rows behind the journal
+                                 fails; every store call fails until they are written
 """
 
 from __future__ import annotations

@@ -4,6 +4,20 @@ One connection, owned by one writer thread. Calls from the event loop are queued
 thread commits everything it finds queued in ONE transaction (group commit across shards), each
 call inside its own savepoint so that one fenced append does not undo the others. WAL mode with
 ``synchronous=FULL``: a batch is on disk when ``append`` returns.
+
+Views behind the journal. An append's transaction writes its journal batch only; the rows it
+changes (wallets, history entries, transfers, envelopes, grabs, key records, audit rows) wait
+in the writer thread and are written later, many batches in one transaction, coalesced per
+key, with each shard's rows mark (``rows_marks``: every row of its batches up to there is
+written) in the same transaction. They are written once ``ROWS_BEHIND_MAX`` rows wait, once
+the oldest has waited ``ROWS_BEHIND_MS``, and before any call other than an append or a read
+of the journal alone: every read of a view, load, snapshot, fence or key expiry sees every
+row of every batch acknowledged before it was asked. A crash loses rows, never a batch: the
+next load answers ``rows_seq`` = the mark, and the replay writes the rows of the batches
+after it (``ledger.compaction.replay``), as on Cassandra. Why: one transaction per append
+wrote each view row into its random place in the B-trees and the WAL with the append's
+fsync; the hot envelope's grabs and the single Transfers waited for that (README, "Where the
+time goes": measured with ``tests.tools.hotgrab`` and ``ledger-bench``).
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import operator
 import queue
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -27,13 +42,19 @@ from ledger.core.audit import AuditRow
 from ledger.store.rows import (AUDIT_COLS as _AUDIT_COLS, ENTRY_COLS as _ENTRY_COLS, ENVELOPE_COLS as _ENVELOPE_COLS,
                                GRAB_COLS as _GRAB_COLS, TRANSFER_COLS as _TRANSFER_COLS,
                                WALLET_COLS as _WALLET_COLS, AUDIT, CLAIM, IDEM, PositionedRow, Row,
-                               rows_at,
+                               TRANSFER, rows_at,
                                last_of_each_key)
 
 log = logging.getLogger("ledger.store.sqlite")
 
 # Calls folded into one transaction at most; the rest wait for the next one.
 GROUP_COMMIT_CALLS_MAX = 512
+
+# Rows of acknowledged batches the writer thread holds before it writes them (see the
+# module docstring), and how long the oldest of them may wait. The lag of the views (what
+# ``ledgerctl reconcile`` and another process reading the file see) is bounded by these.
+ROWS_BEHIND_MAX = 20_000
+ROWS_BEHIND_MS = 100.0
 
 # SQLite page cache (KiB).
 CACHE_KIB = 256 * 1024
@@ -86,6 +107,8 @@ CREATE TABLE IF NOT EXISTS grabs (
   idempotency_key TEXT NOT NULL, at_ms INTEGER NOT NULL,
   PRIMARY KEY (envelope_id, position)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS grabs_by_receiver ON grabs (receiver_wallet_id, at_ms, envelope_id);
+CREATE TABLE IF NOT EXISTS rows_marks (
+  shard INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
   shard INTEGER NOT NULL, seq INTEGER NOT NULL, epoch INTEGER NOT NULL, at_ms INTEGER NOT NULL,
   prev_seq INTEGER NOT NULL, prev_hash TEXT NOT NULL, records BLOB NOT NULL,
@@ -139,6 +162,15 @@ class SqliteStore:
         self._taken: list = []
         self._thread = threading.Thread(target=self._supervised, name="sqlite-store",
                                         daemon=True)
+        # Owned by the writer thread: the rows of acknowledged appends not written yet, as
+        # (shard, seq, rows) in the order of their appends, how many rows, and since when
+        # (``time.monotonic``) the oldest waits.
+        self._behind: list[tuple[int, int, list[Row]]] = []
+        self._behind_rows = 0
+        self._behind_since = 0.0
+        # Set while rows could not be written (their transaction failed): every call then
+        # waits for them to be written first, and fails if they still cannot be.
+        self._rows_error: BaseException | None = None
 
     @classmethod
     async def open(cls, path: str | Path) -> "SqliteStore":
@@ -200,8 +232,9 @@ class SqliteStore:
             return
         self._ready.set()
         while True:
-            first = self._calls.get()
+            first = self._next_call(db)
             if first is None:
+                self._write_behind(db)
                 db.close()
                 return
             calls = [first]
@@ -215,9 +248,78 @@ class SqliteStore:
                     self._calls.put(None)  # close after this group
                     break
                 calls.append(item)
-            results = self._commit_group(db, calls)
+            if (self._behind or self._rows_error) and (
+                    self._rows_error or any(fn not in _WITHOUT_ROWS for fn, *_ in calls)):
+                self._write_behind(db)
+            if self._rows_error is not None:
+                results = [(None, StoreUnavailable(
+                    f"rows of acknowledged batches cannot be written: {self._rows_error}"))
+                ] * len(calls)
+            else:
+                results = self._commit_group(db, calls)
+                self._hold_rows(calls, results)
             _settle_group(calls, results)
             self._taken = []
+            if self._behind and (self._behind_rows >= ROWS_BEHIND_MAX or time.monotonic()
+                                 - self._behind_since >= ROWS_BEHIND_MS / 1000):
+                self._write_behind(db)
+
+    def _next_call(self, db: sqlite3.Connection) -> Any:
+        """The next queued call; while rows wait, they are written once they are due."""
+        while True:
+            if not self._behind:
+                return self._calls.get()
+            due_s = self._behind_since + ROWS_BEHIND_MS / 1000 - time.monotonic()
+            try:
+                return self._calls.get(timeout=max(due_s, 0.0)) if due_s > 0 \
+                    else self._calls.get_nowait()
+            except queue.Empty:
+                self._write_behind(db)
+                if self._rows_error is not None:
+                    return self._calls.get()  # the next call tries again (and fails if so)
+
+    def _hold_rows(self, calls: list, results: list) -> None:
+        """Keep the rows of the group's committed appends, to be written behind them."""
+        for (fn, args, _, _), (_, error) in zip(calls, results):
+            if fn is _append and error is None:
+                # A batch without rows is kept too: the shard's mark passes it once written.
+                shard, _, seq, _, rows = args
+                if not self._behind:
+                    self._behind_since = time.monotonic()
+                self._behind.append((shard, seq, rows))
+                self._behind_rows += len(rows)
+        metrics.STORE_ROWS_BEHIND.set(self._behind_rows)
+
+    def _write_behind(self, db: sqlite3.Connection) -> None:
+        """Write every waiting row and the rows marks, in one transaction. On failure the
+        rows stay waiting and ``_rows_error`` says why (every call fails until they are
+        written: the views' lag stays bounded)."""
+        if not self._behind:
+            self._rows_error = None
+            return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if failpoints.fault("store.rows_behind"):
+                    raise sqlite3.OperationalError("failpoint store.rows_behind")
+                _write_batches_rows(db, self._behind)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if self._rows_error is None:
+                log.error("rows of %d acknowledged batches not written: %s; store calls fail "
+                          "until they are", len(self._behind), exc)
+            metrics.STORE_ERRORS.labels("write_rows_behind", type(exc).__name__).inc()
+            self._rows_error = exc
+            return
+        metrics.STORE_TRANSACTIONS.inc()
+        if self._rows_error is not None:
+            log.info("rows of %d acknowledged batches written after an error",
+                     len(self._behind))
+        self._behind, self._behind_rows, self._rows_error = [], 0, None
+        metrics.STORE_ROWS_BEHIND.set(0)
 
     def _commit_group(self, db: sqlite3.Connection, calls: list) -> list:
         """Run ``calls`` in ONE transaction; one (value, error) per call.
@@ -306,21 +408,23 @@ class SqliteStore:
         return await self._call(_journal_position, shard)
 
     async def flush_rows(self, shard: int, seq: int) -> None:
-        """Rows are written in the append's own transaction: nothing is ever pending."""
+        """Every waiting row is written before this call runs (see the module docstring)."""
+        await self._call(_rows_mark, shard)
 
     async def mark_rows(self, shard: int, seq: int) -> None:
-        """No rows mark: ``load`` answers ``rows_seq`` 0 (see ``LoadedShard``)."""
+        """Raise the shard's rows mark to ``seq`` (never lowers it)."""
+        await self._call(_mark_rows, shard, seq)
 
     async def write_rows(self, shard: int, rows: Iterable[Row | PositionedRow],
                          seq: int | None = None) -> None:
-        """Upsert rows of positions above the shard's journal head (see the port).
+        """Upsert rows of positions above the shard's rows mark (see the port).
 
-        The rows of every journaled batch were written by its append, in the same
-        transaction, so they are here already and at least as new as any replayed row: rows
-        at or below the head are skipped (a deposed owner's late replay cannot roll them
-        back, and a replay writes nothing), but for audit rows, which are immutable and
-        written where missing (``_write_positioned_rows``). Rows above the head only come from callers that
-        write rows without a journal (tests); they are upserted.
+        The rows of every batch up to the mark are written already (and every waiting row
+        is written before this call runs), so they are at least as new as any replayed row:
+        rows at or below the mark are skipped (a deposed owner's late replay cannot roll them
+        back), but for audit rows, which are immutable and written where missing
+        (``_write_positioned_rows``). Rows above it are those a crash lost (the replay
+        writes them again) or come from callers that write rows without a journal (tests).
         """
         await self._call(_write_positioned_rows, shard, rows_at(rows, seq))
 
@@ -438,27 +542,71 @@ def _append(db: sqlite3.Connection, shard: int, epoch: int, seq: int, events: by
     db.execute("UPDATE shard_heads SET head = ? WHERE shard = ?", (seq, shard))
     db.execute("INSERT INTO journal (shard, seq, epoch, events) VALUES (?, ?, ?, ?)",
                (shard, seq, epoch, events))
-    _write_rows(db, shard, rows)
+    # ``rows`` are written behind the journal (the writer thread keeps them once this
+    # append is committed: ``SqliteStore._hold_rows``).
     metrics.STORE_APPENDS.inc()
 
 
 def _write_positioned_rows(db: sqlite3.Connection, shard: int,
                            rows: list[PositionedRow]) -> None:
-    row = db.execute("SELECT head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
-    head = row[0] if row else 0
+    mark = _rows_mark(db, shard)
     # Audit rows are the exception: written once and never changed (INSERT OR IGNORE), and
     # identical in every replay, so a replay writes those that are missing: the rows of
-    # batches journaled before this build chained them (an upgrade), which the head would
+    # batches journaled before this build chained them (an upgrade), which the mark would
     # otherwise leave out of the chain for good.
     _write_rows(db, shard, [(kind, value) for kind, value, seq in rows  # type: ignore[misc]
-                            if seq > head or kind == AUDIT])
+                            if seq > mark or kind == AUDIT])
 
 
-def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
-    # The rows are of one append, or above the head: one position, so the last row of a key
-    # wins (as the order of the core's evolve left them).
+def _rows_mark(db: sqlite3.Connection, shard: int) -> int:
+    """The batch up to which every row of the shard is written; 0 if none is recorded (a
+    new shard, or a file of a build that wrote rows in the append: its first replay writes
+    them again, idempotently, with any audit rows that build left out)."""
+    row = db.execute("SELECT seq FROM rows_marks WHERE shard = ?", (shard,)).fetchone()
+    return row[0] if row else 0
+
+
+_UPSERT_MARK = ("INSERT INTO rows_marks (shard, seq) VALUES (?, ?) ON CONFLICT (shard) "
+                "DO UPDATE SET seq = max(seq, excluded.seq)")
+
+
+def _mark_rows(db: sqlite3.Connection, shard: int, seq: int) -> None:
+    db.execute(_UPSERT_MARK, (shard, seq))
+
+
+def _write_batches_rows(db: sqlite3.Connection,
+                        batches: list[tuple[int, int, list[Row]]]) -> None:
+    """The rows of acknowledged batches (``(shard, seq, rows)`` in append order), coalesced:
+    per shard, the last row of a key wins (its batches are in journal order); a transfer
+    row, which the debit's shard and the credit's shard both write, is the one of the latest
+    append, as if each batch had been written in its own transaction. Then each shard's mark
+    is raised to its last batch."""
+    by_shard: dict[int, list[Row]] = {}
+    marks: dict[int, int] = {}
+    for shard, seq, rows in batches:
+        by_shard.setdefault(shard, []).extend(rows)
+        marks[shard] = seq
+    # Which shard's row of each transfer is the latest: the last append that wrote one.
+    latest: dict[str, int] = {}
+    if len(by_shard) > 1:
+        for shard, _, rows in batches:
+            for kind, value in rows:
+                if kind == TRANSFER:
+                    latest[value.transfer_id] = shard  # type: ignore[union-attr]
+    for shard, rows in by_shard.items():
+        _write_rows(db, shard, rows, latest)
+    db.executemany(_UPSERT_MARK, list(marks.items()))
+
+
+def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row],
+                latest: dict[str, int] | None = None) -> None:
+    # The rows are of one shard's batches in journal order, or above the mark: the last row
+    # of a key wins (as the order of the core's evolve left them). ``latest``, if given:
+    # the shard whose row of a transfer is written (another shard's is newer).
     keyed = last_of_each_key(rows)
     wallets, entries, transfers, keys = keyed.wallets, keyed.entries, keyed.transfers, keyed.keys
+    if latest:
+        transfers = {tid: t for tid, t in transfers.items() if latest.get(tid, shard) == shard}
     metrics.STORE_ROWS_WRITTEN.inc(keyed.size())
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
@@ -525,7 +673,8 @@ def _load(db: sqlite3.Connection, shard: int) -> LoadedShard:
     batches = [JournalBatch(seq, epoch, bytes(events)) for seq, epoch, events in db.execute(
         "SELECT seq, epoch, events FROM journal WHERE shard = ? AND seq > ? ORDER BY seq",
         (shard, snapshot_seq))]
-    return LoadedShard(snapshot, snapshot_seq, batches)
+    last = batches[-1].seq if batches else snapshot_seq
+    return LoadedShard(snapshot, snapshot_seq, batches, min(_rows_mark(db, shard), last))
 
 
 def _load_after(db: sqlite3.Connection, shard: int, seq: int) -> LoadedShard | None:
@@ -537,7 +686,7 @@ def _load_after(db: sqlite3.Connection, shard: int, seq: int) -> LoadedShard | N
         (shard, seq))]
     if len(batches) != head - seq or (batches and batches[0].seq != seq + 1):
         return None  # truncated after seq: a newer snapshot covers what follows it
-    return LoadedShard(None, seq, batches, head)
+    return LoadedShard(None, seq, batches, min(_rows_mark(db, shard), head))
 
 
 def _read_journal(db: sqlite3.Connection, shard: int, after_seq: int,
@@ -639,3 +788,7 @@ def _list_grabs_received(db: sqlite3.Connection, wallet_id: str,
     return [Grab(*row) for row in db.execute(
         _SELECT_GRABS + "WHERE receiver_wallet_id = ? AND (at_ms, envelope_id) > (?, ?) "
         "ORDER BY at_ms, envelope_id LIMIT ?", (wallet_id, after_ms, after_id, limit))]
+
+
+# Calls that read the journal alone: the rows waiting behind it need not be written first.
+_WITHOUT_ROWS = frozenset({_append, _journal_position, _read_journal, _load_snapshot})

@@ -293,6 +293,14 @@ async def test_a_replay_writes_the_audit_rows_missing_behind_the_journal(case, r
             case.store._session.execute,
             f"DELETE FROM {case.store._keyspace}.rows_marks USING TIMESTAMP "
             f"{ROW_TIMESTAMP_BASE + (1 << 40)} WHERE shard = %s", (shard,))
+    else:
+        # SQLite writes rows behind the journal too: an owner whose process died before the
+        # writer thread wrote them left no mark past them (nor has a file of a build that
+        # wrote rows in the append). The flush above wrote one: take it back.
+        db = sqlite3.connect(case.store._path, timeout=10)
+        with db:
+            db.execute("DELETE FROM rows_marks WHERE shard = ?", (shard,))
+        db.close()
     report = await verify(case.store, [shard])
     assert [(p.seq, "broken link" in p.what) for p in report.problems] == [(lost + 1, True)]
 
