@@ -924,6 +924,12 @@ class ShardState:
             if differs:
                 return _key_reused(differs), []
             return ok(self.holds[cmd.hold_id].copy(), replayed=True), []
+        if cmd.amount_minor <= 0:
+            # The coordinator refuses these first; the core does not rely on it.
+            return refuse(Status.INVALID_ARGUMENT, "amount_minor", "must be positive"), []
+        if not 0 < cmd.timeout_ms <= C.HOLD_TIMEOUT_MS_MAX:
+            return refuse(Status.INVALID_ARGUMENT, "timeout_ms",
+                          f"must be between 1 and {C.HOLD_TIMEOUT_MS_MAX} ms"), []
         existing = self.holds.get(cmd.hold_id)
         if existing is not None:
             # The hold this key names is still here, its key record is not (the retry came
@@ -1008,6 +1014,10 @@ class ShardState:
         hold = self._active_hold(cmd.hold_id, cmd.now_ms)
         if isinstance(hold, Outcome):
             return hold, self._expiry_made_durable(cmd.hold_id, cmd.now_ms)
+        if cmd.to_wallet_id == hold.wallet_id:
+            # Bad input, not a decision: nothing is journaled (across shards the coordinator
+            # refuses it first; on one shard only this check can).
+            return refuse(Status.SAME_WALLET, "to_wallet_id", "is the hold's own wallet"), []
         amount = resolved
         refusal: Outcome | None = None
         if amount > hold.amount_minor:

@@ -340,12 +340,28 @@ def test_the_sweep_expires_exactly_the_holds_past_their_deadline(ledger):
     assert_replays_to_the_same_state(ledger)
 
 
-# --- known defects --------------------------------------------------------------------------
+# --- bad input the core refuses itself ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a capture into the hold's own wallet commits a "
-                   "self-transfer; the coordinator's SAME_WALLET check only runs across "
-                   "shards, where it cannot happen (the same wallet is on the same shard)")
 def test_capturing_into_the_holds_own_wallet_is_refused(ledger):
+    """Failed before the fix (kept as a strict expected failure until it was refused): the
+    capture committed a self-transfer (no money moved, two history entries)."""
     assert ledger.run(create(amount=400)).ok
+    journal, before = len(ledger.journal), ledger.wallet("alice").copy()
     refused = ledger.run(capture(to="alice"))
     assert (refused.status, refused.field) == (Status.SAME_WALLET, "to_wallet_id")
+    assert len(ledger.journal) == journal  # nothing decided, nothing journaled
+    assert ledger.wallet("alice") == before and before.held_minor == 400
+    assert ledger.run(capture(key="c2", to="bob")).ok  # the hold is still there to capture
+
+
+@pytest.mark.parametrize("amount, timeout_ms, field", [
+    (0, TIMEOUT_MS, "amount_minor"), (-5, TIMEOUT_MS, "amount_minor"),
+    (400, 0, "timeout_ms"), (400, -1, "timeout_ms"),
+    (400, C.HOLD_TIMEOUT_MS_MAX + 1, "timeout_ms")])
+def test_the_core_refuses_a_bad_hold_amount_or_timeout(ledger, amount, timeout_ms, field):
+    """The coordinator refuses these first; the core refuses them too, and changes nothing."""
+    journal = len(ledger.journal)
+    refused = ledger.run(create(amount=amount, timeout_ms=timeout_ms))
+    assert (refused.status, refused.field) == (Status.INVALID_ARGUMENT, field)
+    assert len(ledger.journal) == journal and not ledger.state.holds
+
