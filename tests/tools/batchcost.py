@@ -4,6 +4,7 @@
                                     [--in-flight 2] [--shards 256] [--rounds 3]
     python -m tests.tools.batchcost --batch 1 --in-flight 64      # single transfers
     python -m tests.tools.batchcost --calls 3 ...                  # a fixed workload
+    python -m tests.tools.batchcost --switch-interval 0.001 ...    # the GIL's switch interval
 
 Starts the embedded default in this process (``ledger.server.start_dev`` on a temporary
 directory), creates and funds the wallets, then per round sends ``Coordinator.batch_transfer``
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import json
 import random
+import sys
 import tempfile
 import time
 
@@ -115,7 +117,12 @@ def cli() -> None:
     parser.add_argument("--calls", type=int, default=0,
                         help="each sender sends this many calls per round (instead of "
                              "--seconds): a fixed workload, e.g. for instruction counts")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--switch-interval", type=float, default=0.0,
+                        help="sys.setswitchinterval for the run (s; 0: Python's default)")
+    args = parser.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    asyncio.run(main(args))
 
 
 if __name__ == "__main__":
