@@ -14,10 +14,11 @@ the oldest has waited ``ROWS_BEHIND_MS``, and before any call other than an appe
 of the journal alone: every read of a view, load, snapshot, fence or key expiry sees every
 row of every batch acknowledged before it was asked. A crash loses rows, never a batch: the
 next load answers ``rows_seq`` = the mark, and the replay writes the rows of the batches
-after it (``ledger.compaction.replay``), as on Cassandra. Why: one transaction per append
-wrote each view row into its random place in the B-trees and the WAL with the append's
-fsync; the hot envelope's grabs and the single Transfers waited for that (README, "Where the
-time goes": measured with ``tests.tools.hotgrab`` and ``ledger-bench``).
+after it (``ledger.compaction.replay``), as on Cassandra. Why: each append's transaction
+wrote every view row into its random place in the B-trees before its fsync, and the callers
+waited for that; measured over ten alternating ``ledger-bench`` pairs the gain is within the
+noise (a row costs the same wherever it is written), and the design is the step a writer in
+a process of its own needs (README, "Views behind the journal").
 """
 
 from __future__ import annotations
