@@ -608,7 +608,8 @@ def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row],
     wallets, entries, transfers, keys = keyed.wallets, keyed.entries, keyed.transfers, keyed.keys
     if latest:
         transfers = {tid: t for tid, t in transfers.items() if latest.get(tid, shard) == shard}
-    metrics.STORE_ROWS_WRITTEN.inc(keyed.size())
+    # Counted as written: the rows kept, not another shard's older row of a transfer.
+    metrics.STORE_ROWS_WRITTEN.inc(keyed.size() - len(keyed.transfers) + len(transfers))
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.

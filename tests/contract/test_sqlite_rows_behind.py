@@ -8,7 +8,9 @@ written later, many batches in one transaction, with the shard's rows mark. What
 * a crash loses rows, never a batch: the next owner's replay writes the rows after the mark,
   and the views come out as if nothing had been lost;
 * rows that cannot be written fail every later store call (the views' lag stays bounded)
-  until they are written.
+  until they are written;
+* rows of many batches written together end as if each batch had been written alone (a
+  transfer row two shards wrote is the one appended last).
 """
 
 from __future__ import annotations
@@ -170,5 +172,33 @@ async def test_rows_that_cannot_be_written_fail_later_calls_until_they_are(tmp_p
         await store.append(SHARD, 1, 2, b"batch 2", [])
         loaded = await store.load(SHARD)
         assert [b.seq for b in loaded.batches] == [1, 2] and loaded.rows_seq == 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("order, winner", [
+    # (shard, batch, memo) in append order; shards are written in the order they first
+    # appear, so in both cases the shard written last is not the one appended last.
+    ([(1, 1, "a"), (2, 1, "b"), (1, 2, "c")], "c"),
+    ([(2, 1, "b"), (1, 1, "a"), (2, 2, "d")], "d")])
+async def test_rows_written_together_keep_the_last_appended_row_of_a_transfer(
+        tmp_path, rows_wait, order, winner):
+    """Rows of many batches are written in one transaction, per shard: a transfer row that
+    two shards both wrote is the one of the latest append, as if each batch had been written
+    on its own (``_write_batches_rows``)."""
+    from ledger.core.model import Transfer
+
+    store = await SqliteStore.open(tmp_path / "ledger.db")
+    try:
+        for shard in (1, 2):
+            assert await store.fence(shard, 1) == 0
+        for shard, seq, memo in order:
+            row = Transfer("t-shared", "TRANSFER", "a", "b", 5, "CNY", memo, "svc", "k", 1)
+            await store.append(shard, 1, seq, f"batch {seq}".encode(), [("transfer", row)])
+        stored = await store.get_transfer("t-shared")  # writes the waiting rows first
+        assert stored is not None and stored.memo == winner
+        for shard in (1, 2):
+            assert (await store.load(shard)).rows_seq == max(s for sh, s, _ in order
+                                                             if sh == shard)
     finally:
         await store.close()
