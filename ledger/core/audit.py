@@ -30,8 +30,8 @@ characters, since it is what ties a record to a disputed request.
 Why rows apart from the journal: compaction truncates journal batches once a snapshot covers
 them (``ledger.compaction``), so records that lived only in batches would vanish. The rows are
 derived from the journaled events, like the materialized views, and written with the batch's
-rows (``ledger.store.rows`` kind ``audit``; SQLite in the append's transaction, Cassandra behind
-the journal and again on every replay), and compaction never truncates them. The chain head
+rows (``ledger.store.rows`` kind ``audit``; both stores behind the journal, and again on a
+replay where missing), and compaction never truncates them. The chain head
 lives in the journaled state, so a snapshot that replaced truncated batches still vouches for
 the rows those batches produced.
 

@@ -65,8 +65,8 @@ class LoadedShard:
     # A batch up to which every row of the shard's batches is known to be written, never above
     # the last batch loaded; 0 when not known. A replay writes again only the rows of the
     # batches after it (``ledger.compaction.replay``). Cassandra keeps it as the rows mark
-    # (``ledger.store.cassandra.views``); SQLite answers 0: its rows are written in each
-    # append's own transaction, and its replay writes only audit rows an older build left out.
+    # (``ledger.store.cassandra.views``), SQLite in its table ``rows_marks`` (its writer
+    # thread writes rows behind the journal too, ``ledger.store.sqlite``).
     rows_seq: int = 0
     # What decided which journal rows count when this load read them: Cassandra's fenced
     # epochs, each with the batch its run starts after, as sorted (epoch, start) pairs; ()
@@ -124,8 +124,8 @@ class JournalStore(Protocol):
         afresh: a run of an epoch now starts below ``seq`` (a fence since then read a lower
         head: a batch the caller folded may not count), the head is below ``seq``, or the
         batches after ``seq`` are truncated (a newer snapshot covers them). ``rows_seq`` as
-        for ``load``, except that SQLite answers the last batch: its rows were written in
-        each append's own transaction.
+        for ``load`` (SQLite writes every waiting row before it reads, so it answers the
+        last batch unless a crash lost rows).
 
         Raises:
             StoreUnavailable: the store could not be reached, or the read came back
@@ -162,9 +162,9 @@ class JournalStore(Protocol):
 
         The batch is durable when this returns (in the Cassandra adapter: written at QUORUM,
         a quorum spanning regions, while the node's lease held). ``rows`` are the materialized rows the batch
-        changes. They are views: an adapter may write them in the same transaction (SQLite)
-        or behind the journal, in journal order per shard and with a bounded lag
-        (Cassandra), each stamped with position ``seq`` so that a late write of an older
+        changes. They are views: an adapter may write them in the same transaction or
+        behind the journal, in journal order per shard and with a bounded lag (both
+        adapters do the latter), each stamped with position ``seq`` so that a late write of an older
         batch (a deposed owner's row writer) never replaces a newer row; ``save_snapshot``
         writes them first, and on load the rows of batches after the snapshot are written
         again. If rows cannot be written for a reason other than the store being
@@ -206,9 +206,9 @@ class JournalStore(Protocol):
         batch, which is true for every row the batches up to ``seq`` produced. An adapter
         must never let a row of an older position replace one of a newer position of the
         same key (a deposed owner's late writes, replays of older batches): Cassandra
-        stamps each upsert with its position as the write timestamp; SQLite already holds
-        the rows of every journaled batch (written in the append's own transaction) and
-        skips rows at or below the shard's journal head. Idempotent.
+        stamps each upsert with its position as the write timestamp; SQLite writes every
+        waiting row first (one writer thread, in append order) and skips rows at or below
+        the shard's rows mark. Idempotent.
 
         Raises:
             ValueError: a row has no position (neither its own nor ``seq``).

@@ -393,8 +393,8 @@ class SqliteStore:
     async def load_after(self, shard: int, seq: int,
                          basis: tuple[tuple[int, int], ...]) -> LoadedShard | None:
         """See the port. Every stored batch counts here (an append checks the epoch in its
-        own transaction), so ``basis`` is always (); the rows of every batch were written by
-        its append, so ``rows_seq`` is the last batch."""
+        own transaction), so ``basis`` is always (); every waiting row is written before the
+        read, so ``rows_seq`` is the last batch unless a crash lost rows (then the mark)."""
         return await self._call(_load_after, shard, seq)
 
     async def probe_fence(self, shard: int) -> None:
