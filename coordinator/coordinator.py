@@ -529,9 +529,9 @@ class Coordinator:
                or validate.currency(currency) or validate.device_id(device_id))
         if bad:
             return bad
-        if not 0 < timeout_ms <= C.HOLD_TIMEOUT_MS_MAX:
-            return refuse(Status.INVALID_ARGUMENT, "timeout_ms",
-                          f"must be between 1 and {C.HOLD_TIMEOUT_MS_MAX} ms")
+        bad = validate.hold_timeout(timeout_ms)
+        if bad:
+            return bad
         shard = self.shard_of(wallet_id)
         now = self._clock_ms()
         hold_id = transfer_id_for(shard, caller, idempotency_key, "h")
@@ -609,8 +609,6 @@ class Coordinator:
         if to_shard != shard:
             if hold is None:  # read above whenever the credit is on another shard
                 raise InvariantViolation("capture across shards without its hold read")
-            if hold.value.wallet_id == to_wallet_id:
-                return refuse(Status.SAME_WALLET, "to_wallet_id", "is the hold's own wallet")
             answer = (await self._executor.execute(to_shard, [ReserveCredit(
                 transfer_id, to_wallet_id, hold.value.currency, amount, now)],
                 deadline=deadline))[0]

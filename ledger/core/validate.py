@@ -60,6 +60,13 @@ def amount(value: int, field: str = "amount_minor") -> Outcome | None:
     return None
 
 
+def hold_timeout(value: int, field: str = "timeout_ms") -> Outcome | None:
+    if not 0 < value <= C.HOLD_TIMEOUT_MS_MAX:
+        return refuse(Status.INVALID_ARGUMENT, field,
+                      f"must be between 1 and {C.HOLD_TIMEOUT_MS_MAX} ms")
+    return None
+
+
 def memo(value: str, field: str = "memo") -> Outcome | None:
     if len(value.encode()) > C.MEMO_BYTES_MAX:
         return refuse(Status.INVALID_ARGUMENT, field, f"is longer than {C.MEMO_BYTES_MAX} bytes")

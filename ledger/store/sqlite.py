@@ -43,7 +43,7 @@ from ledger.core.audit import AuditRow
 from ledger.store.rows import (AUDIT_COLS as _AUDIT_COLS, ENTRY_COLS as _ENTRY_COLS, ENVELOPE_COLS as _ENVELOPE_COLS,
                                GRAB_COLS as _GRAB_COLS, TRANSFER_COLS as _TRANSFER_COLS,
                                WALLET_COLS as _WALLET_COLS, AUDIT, CLAIM, IDEM, PositionedRow, Row,
-                               TRANSFER, rows_at,
+                               rows_at,
                                last_of_each_key)
 
 log = logging.getLogger("ledger.store.sqlite")
@@ -249,8 +249,8 @@ class SqliteStore:
                     self._calls.put(None)  # close after this group
                     break
                 calls.append(item)
-            if (self._behind or self._rows_error) and (
-                    self._rows_error or any(fn not in _WITHOUT_ROWS for fn, *_ in calls)):
+            if self._rows_error or (
+                    self._behind and any(fn not in _WITHOUT_ROWS for fn, *_ in calls)):
                 self._write_behind(db)
             if self._rows_error is not None:
                 results = [(None, StoreUnavailable(
@@ -272,7 +272,7 @@ class SqliteStore:
                 return self._calls.get()
             due_s = self._behind_since + ROWS_BEHIND_MS / 1000 - time.monotonic()
             try:
-                return self._calls.get(timeout=max(due_s, 0.0)) if due_s > 0 \
+                return self._calls.get(timeout=due_s) if due_s > 0 \
                     else self._calls.get_nowait()
             except queue.Empty:
                 self._write_behind(db)
@@ -281,10 +281,10 @@ class SqliteStore:
 
     def _hold_rows(self, calls: list, results: list) -> None:
         """Keep the rows of the group's committed appends, to be written behind them."""
-        for (fn, args, _, _), (_, error) in zip(calls, results):
+        for (fn, _, _, _), (value, error) in zip(calls, results):
             if fn is _append and error is None:
                 # A batch without rows is kept too: the shard's mark passes it once written.
-                shard, _, seq, _, rows = args
+                shard, seq, rows = value
                 if not self._behind:
                     self._behind_since = time.monotonic()
                 self._behind.append((shard, seq, rows))
@@ -535,7 +535,7 @@ def _fence(db: sqlite3.Connection, shard: int, epoch: int) -> int:
 
 
 def _append(db: sqlite3.Connection, shard: int, epoch: int, seq: int, events: bytes,
-            rows: list[Row]) -> None:
+            rows: list[Row]) -> tuple[int, int, list[Row]]:
     row = db.execute("SELECT epoch, head FROM shard_heads WHERE shard = ?", (shard,)).fetchone()
     if row is None or row[0] != epoch or row[1] != seq - 1:
         found = "no fence" if row is None else f"epoch {row[0]}, head {row[1]}"
@@ -543,9 +543,10 @@ def _append(db: sqlite3.Connection, shard: int, epoch: int, seq: int, events: by
     db.execute("UPDATE shard_heads SET head = ? WHERE shard = ?", (seq, shard))
     db.execute("INSERT INTO journal (shard, seq, epoch, events) VALUES (?, ?, ?, ?)",
                (shard, seq, epoch, events))
-    # ``rows`` are written behind the journal (the writer thread keeps them once this
-    # append is committed: ``SqliteStore._hold_rows``).
     metrics.STORE_APPENDS.inc()
+    # What the writer thread keeps, once this append is committed, to write behind the
+    # journal (``SqliteStore._hold_rows``).
+    return shard, seq, rows
 
 
 def _write_positioned_rows(db: sqlite3.Connection, shard: int,
@@ -577,39 +578,29 @@ def _mark_rows(db: sqlite3.Connection, shard: int, seq: int) -> None:
 
 def _write_batches_rows(db: sqlite3.Connection,
                         batches: list[tuple[int, int, list[Row]]]) -> None:
-    """The rows of acknowledged batches (``(shard, seq, rows)`` in append order), coalesced:
-    per shard, the last row of a key wins (its batches are in journal order); a transfer
-    row, which the debit's shard and the credit's shard both write, is the one of the latest
-    append, as if each batch had been written in its own transaction. Then each shard's mark
-    is raised to its last batch."""
+    """The rows of acknowledged batches (``(shard, seq, rows)`` in append order), coalesced
+    per shard: its batches are in journal order, so the last row of a key wins, as if each
+    batch had been written in its own transaction. Grouping by shard keeps every key's order
+    because each row belongs to one shard: a wallet, its history, an envelope and its grabs,
+    key and audit rows live on their shard, and a transfer's row is written only by the
+    shard that decided it (``ShardState._evolve_transfer_decided``, ``_evolve_outbox_acked``).
+    Then each shard's mark is raised to its last batch."""
     by_shard: dict[int, list[Row]] = {}
     marks: dict[int, int] = {}
     for shard, seq, rows in batches:
         by_shard.setdefault(shard, []).extend(rows)
         marks[shard] = seq
-    # Which shard's row of each transfer is the latest: the last append that wrote one.
-    latest: dict[str, int] = {}
-    if len(by_shard) > 1:
-        for shard, _, rows in batches:
-            for kind, value in rows:
-                if kind == TRANSFER:
-                    latest[value.transfer_id] = shard  # type: ignore[union-attr]
     for shard, rows in by_shard.items():
-        _write_rows(db, shard, rows, latest)
+        _write_rows(db, shard, rows)
     db.executemany(_UPSERT_MARK, list(marks.items()))
 
 
-def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row],
-                latest: dict[str, int] | None = None) -> None:
+def _write_rows(db: sqlite3.Connection, shard: int, rows: list[Row]) -> None:
     # The rows are of one shard's batches in journal order, or above the mark: the last row
-    # of a key wins (as the order of the core's evolve left them). ``latest``, if given:
-    # the shard whose row of a transfer is written (another shard's is newer).
+    # of a key wins (as the order of the core's evolve left them).
     keyed = last_of_each_key(rows)
     wallets, entries, transfers, keys = keyed.wallets, keyed.entries, keyed.transfers, keyed.keys
-    if latest:
-        transfers = {tid: t for tid, t in transfers.items() if latest.get(tid, shard) == shard}
-    # Counted as written: the rows kept, not another shard's older row of a transfer.
-    metrics.STORE_ROWS_WRITTEN.inc(keyed.size() - len(keyed.transfers) + len(transfers))
+    metrics.STORE_ROWS_WRITTEN.inc(keyed.size())
     if wallets:
         # An upsert updates the row in place; INSERT OR REPLACE would delete and re-insert it
         # (and its index entry) on every balance change.

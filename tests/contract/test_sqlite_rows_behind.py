@@ -9,8 +9,7 @@ written later, many batches in one transaction, with the shard's rows mark. What
   and the views come out as if nothing had been lost;
 * rows that cannot be written fail every later store call (the views' lag stays bounded)
   until they are written;
-* rows of many batches written together end as if each batch had been written alone (a
-  transfer row two shards wrote is the one appended last).
+* rows of many batches written together end as if each batch had been written alone.
 """
 
 from __future__ import annotations
@@ -176,29 +175,30 @@ async def test_rows_that_cannot_be_written_fail_later_calls_until_they_are(tmp_p
         await store.close()
 
 
-@pytest.mark.parametrize("order, winner", [
-    # (shard, batch, memo) in append order; shards are written in the order they first
-    # appear, so in both cases the shard written last is not the one appended last.
-    ([(1, 1, "a"), (2, 1, "b"), (1, 2, "c")], "c"),
-    ([(2, 1, "b"), (1, 1, "a"), (2, 2, "d")], "d")])
-async def test_rows_written_together_keep_the_last_appended_row_of_a_transfer(
-        tmp_path, rows_wait, order, winner):
-    """Rows of many batches are written in one transaction, per shard: a transfer row that
-    two shards both wrote is the one of the latest append, as if each batch had been written
-    on its own (``_write_batches_rows``)."""
+
+async def test_rows_of_many_batches_written_together_keep_the_last_row_of_each_key(
+        tmp_path, rows_wait):
+    """Rows of many batches are written in one transaction, grouped by shard: each key ends
+    with the row of its shard's latest batch, as if every batch had been written alone, and
+    another shard's batches in between change nothing of it (``_write_batches_rows``)."""
     from ledger.core.model import Transfer
 
     store = await SqliteStore.open(tmp_path / "ledger.db")
     try:
         for shard in (1, 2):
             assert await store.fence(shard, 1) == 0
-        for shard, seq, memo in order:
-            row = Transfer("t-shared", "TRANSFER", "a", "b", 5, "CNY", memo, "svc", "k", 1)
-            await store.append(shard, 1, seq, f"batch {seq}".encode(), [("transfer", row)])
-        stored = await store.get_transfer("t-shared")  # writes the waiting rows first
-        assert stored is not None and stored.memo == winner
-        for shard in (1, 2):
-            assert (await store.load(shard)).rows_seq == max(s for sh, s, _ in order
-                                                             if sh == shard)
+
+        def row(tid: str, memo: str, credited: bool) -> tuple:
+            return ("transfer", Transfer(tid, "TRANSFER", "a", "b", 5, "CNY", memo, "svc",
+                                         "k-" + tid, 1, credited=credited))
+        # Shard 1 decides t1, shard 2 decides t2, shard 1 then records t1 credited.
+        await store.append(1, 1, 1, b"1:1", [row("t1", "decided", False)])
+        await store.append(2, 1, 1, b"2:1", [row("t2", "decided", False)])
+        await store.append(1, 1, 2, b"1:2", [row("t1", "credited", True)])
+        assert raw(tmp_path / "ledger.db", "SELECT count(*) FROM transfers") == [(0,)]
+        t1, t2 = await store.get_transfer("t1"), await store.get_transfer("t2")
+        assert t1 is not None and (t1.memo, t1.credited) == ("credited", True)
+        assert t2 is not None and (t2.memo, t2.credited) == ("decided", False)
+        assert [(await store.load(shard)).rows_seq for shard in (1, 2)] == [2, 1]
     finally:
         await store.close()
