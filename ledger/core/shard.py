@@ -39,6 +39,7 @@ from ledger.core.model import (
 )
 from ledger.core import risk as R
 from ledger.core import split
+from ledger.core import validate
 from ledger.core.ids import refund_key, transfer_id_for
 from ledger.core.spilled import SpilledKeys
 from ledger.core.status import Outcome, Status, ok, refuse
@@ -924,12 +925,10 @@ class ShardState:
             if differs:
                 return _key_reused(differs), []
             return ok(self.holds[cmd.hold_id].copy(), replayed=True), []
-        if cmd.amount_minor <= 0:
-            # The coordinator refuses these first; the core does not rely on it.
-            return refuse(Status.INVALID_ARGUMENT, "amount_minor", "must be positive"), []
-        if not 0 < cmd.timeout_ms <= C.HOLD_TIMEOUT_MS_MAX:
-            return refuse(Status.INVALID_ARGUMENT, "timeout_ms",
-                          f"must be between 1 and {C.HOLD_TIMEOUT_MS_MAX} ms"), []
+        # The coordinator refuses these first (the same checks); the core does not rely on it.
+        bad = validate.amount(cmd.amount_minor) or validate.hold_timeout(cmd.timeout_ms)
+        if bad:
+            return bad, []
         existing = self.holds.get(cmd.hold_id)
         if existing is not None:
             # The hold this key names is still here, its key record is not (the retry came
@@ -1015,8 +1014,8 @@ class ShardState:
         if isinstance(hold, Outcome):
             return hold, self._expiry_made_durable(cmd.hold_id, cmd.now_ms)
         if cmd.to_wallet_id == hold.wallet_id:
-            # Bad input, not a decision: nothing is journaled (across shards the coordinator
-            # refuses it first; on one shard only this check can).
+            # Bad input, not a decision: nothing is journaled. (The hold's wallet and the
+            # target are then on this shard: only the core, holding the hold, can tell.)
             return refuse(Status.SAME_WALLET, "to_wallet_id", "is the hold's own wallet"), []
         amount = resolved
         refusal: Outcome | None = None

@@ -354,14 +354,18 @@ def test_capturing_into_the_holds_own_wallet_is_refused(ledger):
     assert ledger.run(capture(key="c2", to="bob")).ok  # the hold is still there to capture
 
 
-@pytest.mark.parametrize("amount, timeout_ms, field", [
-    (0, TIMEOUT_MS, "amount_minor"), (-5, TIMEOUT_MS, "amount_minor"),
-    (400, 0, "timeout_ms"), (400, -1, "timeout_ms"),
-    (400, C.HOLD_TIMEOUT_MS_MAX + 1, "timeout_ms")])
-def test_the_core_refuses_a_bad_hold_amount_or_timeout(ledger, amount, timeout_ms, field):
-    """The coordinator refuses these first; the core refuses them too, and changes nothing."""
+@pytest.mark.parametrize("amount, timeout_ms, status, field", [
+    (0, TIMEOUT_MS, Status.INVALID_AMOUNT, "amount_minor"),
+    (-5, TIMEOUT_MS, Status.INVALID_AMOUNT, "amount_minor"),
+    (400, 0, Status.INVALID_ARGUMENT, "timeout_ms"),
+    (400, -1, Status.INVALID_ARGUMENT, "timeout_ms"),
+    (400, C.HOLD_TIMEOUT_MS_MAX + 1, Status.INVALID_ARGUMENT, "timeout_ms")])
+def test_the_core_refuses_a_bad_hold_amount_or_timeout(ledger, amount, timeout_ms, status,
+                                                       field):
+    """The coordinator refuses these first; the core refuses them too, with the same status
+    (``ledger.core.validate``), and changes nothing."""
     journal = len(ledger.journal)
     refused = ledger.run(create(amount=amount, timeout_ms=timeout_ms))
-    assert (refused.status, refused.field) == (Status.INVALID_ARGUMENT, field)
+    assert (refused.status, refused.field) == (status, field)
     assert len(ledger.journal) == journal and not ledger.state.holds
 
